@@ -1,0 +1,35 @@
+SHELL := /bin/bash
+# `make test`: set up .venv (pinned torch, triton, test tools, this package) and run pytest.
+# `make demo`: the main job (see README). Everything installs itself: CI starts from a clone.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PIP       := $(PY) -m pip
+# CUDA 13.0 builds; on the CI machines they come from a local wheelhouse.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEPS      := triton numpy pillow tqdm matplotlib mlxtend scipy pytest pytest-benchmark
+export MAX_JOBS ?= 2
+STAMP     := $(VENV)/.occam-installed
+
+.PHONY: install test bench demo clean-build
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(VENV)/.deps-installed: | $(PY)
+	$(PIP) install -q $(TORCH_PINS) $(DEPS)
+	touch $@
+
+# Rebuild the extension only when its sources or the build script change (nvcc takes minutes).
+$(STAMP): $(VENV)/.deps-installed setup.py pyproject.toml $(wildcard csrc/*)
+	$(PIP) install --no-build-isolation --no-deps -v -e . 2>&1 | tee $(VENV)/build.log \
+	  | grep -E "occam_kernels:|nvcc .*\.cu|error" ; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -c "import json, occam_kernels; print(json.dumps(occam_kernels.build_info(), indent=1))"
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+clean-build:
+	rm -rf build $(STAMP) occam_kernels/_C*.so

@@ -1,0 +1,61 @@
+"""Pure-PyTorch references of every op: the specification the kernels are tested against.
+
+They are written from the formulas of DESIGN.md sections 3 and 4, use only differentiable
+torch operations (so autograd gives the reference backward) and compute in the dtype of
+their inputs. Upcast to float64 for a precise answer.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["compact_reference", "exit_head_reference", "class_activation_maps_reference"]
+
+
+def compact_reference(x: torch.Tensor, keep: torch.Tensor,
+                      index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (and of index, default arange(B)) where keep is true, in their order."""
+    if index is None:
+        index = torch.arange(x.shape[0], device=x.device)
+    return x[keep], index[keep]
+
+
+def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
+    # A 1x1 convolution weight (K, C, 1, 1) is the same map as a (K, C) matrix.
+    return weight.reshape(weight.shape[0], weight.shape[1])
+
+
+def class_activation_maps_reference(h: torch.Tensor, weight: torch.Tensor,
+                                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """cam[b,k,y,x] = sum_c W[k,c] h[b,c,y,x] + bias[k]: the 1x1 CAM convolution."""
+    cam = torch.einsum("kc,bchw->bkhw", _flat_weight(weight), h)
+    if bias is not None:
+        cam = cam + bias[None, :, None, None]
+    return cam
+
+
+def exit_head_reference(h: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None,
+                        labels: Optional[torch.Tensor] = None):
+    """(logits, pooled, supp) of one exit, DESIGN.md section 3.
+
+    pooled (B,C) is the global average of h; logits (B,K) the global average of the CAM (equal
+    to W @ pooled + b); supp (B,) is the per-sample CAM-suppression loss: the mean over pixels
+    of KL(uniform || softmax_k cam) on the pixels whose ground-truth CAM is at or below its
+    mean (None without labels). The mask is piecewise constant and carries no gradient.
+    """
+    weight2d = _flat_weight(weight)
+    pooled = h.mean(dim=(2, 3))
+    logits = pooled @ weight2d.t()
+    if bias is not None:
+        logits = logits + bias
+    if labels is None:
+        return logits, pooled, None
+    num_classes = weight2d.shape[0]
+    cam = class_activation_maps_reference(h, weight, bias).flatten(2)       # (B, K, P)
+    threshold = logits.gather(1, labels[:, None])                          # (B, 1)
+    cam_true = cam.gather(1, labels[:, None, None].expand(-1, 1, cam.shape[2]))[:, 0]
+    mask = (cam_true <= threshold).detach().to(cam.dtype)                    # (B, P)
+    kl_to_uniform = torch.logsumexp(cam, dim=1) - cam.mean(dim=1) - math.log(num_classes)
+    supp = (mask * kl_to_uniform).mean(dim=1)
+    return logits, pooled, supp

@@ -1,0 +1,173 @@
+"""compact against its reference on every backend usable here (DESIGN.md section 4)."""
+import pytest
+import torch
+
+import occam_kernels
+from occam_kernels import compact, compact_reference
+
+CPU_BACKENDS = ["reference", "cpu", "triton"]
+CUDA_BACKENDS = ["reference", "cuda", "triton"]
+
+
+def make_input(shape, dtype, device, layout, generator):
+    if dtype.is_floating_point:
+        x = torch.randn(shape, generator=generator).to(dtype)
+    else:
+        x = torch.randint(-2**40, 2**40, shape, generator=generator, dtype=dtype)
+    x = x.to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        # Every other element of a wider tensor: rows are not dense blocks.
+        wide = torch.zeros((shape[0], *shape[1:-1], shape[-1] * 2), dtype=dtype, device=device)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+        assert not x.is_contiguous()
+    return x
+
+
+def make_keep(batch, pattern, device, generator):
+    if pattern == "random":
+        return (torch.rand(batch, generator=generator) < 0.5).to(device)
+    return torch.full((batch,), pattern == "all", dtype=torch.bool, device=device)
+
+
+def check_against_reference(x, keep, index, backend):
+    got_x, got_index = compact(x, keep, index, backend=backend)
+    want_x, want_index = compact_reference(x, keep, index)
+    assert got_x.shape == want_x.shape and got_x.dtype == x.dtype
+    assert torch.equal(got_x, want_x)
+    assert torch.equal(got_index, want_index)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] > 1:
+        assert got_x.is_contiguous(memory_format=torch.channels_last) or backend == "reference"
+
+
+def run_matrix(device, backends):
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for batch in (0, 1, 7, 33):
+        for pattern in ("random", "all", "none"):
+            cases.append(((batch, 5, 3, 4), torch.float32, "contiguous", pattern))
+    for dtype in (torch.float16, torch.bfloat16, torch.int64, torch.float32):
+        cases.append(((9, 6, 5, 3), dtype, "channels_last", "random"))
+        cases.append(((9, 7), dtype, "strided", "random"))
+        cases.append(((9,), dtype, "contiguous", "random"))
+    cases.append(((5, 3, 1, 1), torch.float16, "contiguous", "random"))   # 6-byte rows
+    cases.append(((5, 0, 2), torch.float32, "contiguous", "random"))      # empty rows
+    for shape, dtype, layout, pattern in cases:
+        x = make_input(shape, dtype, device, layout, generator)
+        keep = make_keep(shape[0], pattern, device, generator)
+        index = torch.randperm(shape[0], generator=generator).to(device) * 10 + 3
+        for backend in backends:
+            check_against_reference(x, keep, index, backend)
+            check_against_reference(x, keep, None, backend)
+
+
+def test_compact_matches_reference_on_cpu_backends():
+    run_matrix(torch.device("cpu"), CPU_BACKENDS)
+
+
+@pytest.mark.cuda
+def test_compact_matches_reference_on_cuda_backends():
+    run_matrix(torch.device("cuda"), CUDA_BACKENDS)
+
+
+@pytest.mark.cuda
+def test_compact_cuda_large_batch_and_row():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 58, 40, 40, generator=generator)[:, :, :7].cuda()
+    keep = (torch.rand(3000, generator=generator) < 0.3).cuda()
+    for backend in ("cuda", "triton"):
+        check_against_reference(x, keep, None, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compact_gradient_scatters_back(backend):
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([True, False, True, True, False, False])
+    kept, _ = compact(x, keep, backend=backend)
+    (kept * torch.arange(1, 4, dtype=torch.float64)[:, None, None]).sum().backward()
+    want = torch.zeros_like(x)
+    want[keep] = torch.arange(1, 4, dtype=torch.float64)[:, None, None].expand(3, 3, 2)
+    assert torch.equal(x.grad, want)
+
+
+@pytest.mark.parametrize("op_name", ["compact", "compact_triton"])
+def test_opcheck(op_name):
+    op = getattr(torch.ops.occam, op_name)
+    generator = torch.Generator().manual_seed(2)
+    samples = [
+        (torch.randn(7, 3, 4, 5, generator=generator), torch.rand(7, generator=generator) < 0.5),
+        (torch.randn(7, 3, 4, 5, generator=generator).contiguous(memory_format=torch.channels_last),
+         torch.rand(7, generator=generator) < 0.5),
+        (torch.randn(4, 2, dtype=torch.float64, requires_grad=True),
+         torch.tensor([True, True, False, True])),
+        (torch.randn(0, 3), torch.zeros(0, dtype=torch.bool)),
+    ]
+    for x, keep in samples:
+        torch.library.opcheck(op, (x, keep, torch.arange(x.shape[0])))
+
+
+def test_compact_compiles_with_dynamic_output():
+    def keep_positive_rows(x):
+        kept, index = compact(x, x[:, 0] > 0, backend="cpu")
+        return kept * 2, index
+
+    compiled = torch.compile(keep_positive_rows, fullgraph=True, backend="eager")
+    x = torch.randn(11, 4)
+    got, got_index = compiled(x)
+    assert torch.equal(got, x[x[:, 0] > 0] * 2)
+    assert torch.equal(got_index, torch.nonzero(x[:, 0] > 0)[:, 0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compact_rejects_bad_input(backend):
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="keep must be a bool tensor"):
+        compact(x, torch.ones(4, dtype=torch.int64), backend=backend)
+    with pytest.raises(ValueError, match=r"keep must have shape \(4,\)"):
+        compact(x, torch.ones(5, dtype=torch.bool), backend=backend)
+    with pytest.raises(ValueError, match="index must be an int64"):
+        compact(x, torch.ones(4, dtype=torch.bool), torch.arange(4.0), backend=backend)
+    with pytest.raises(ValueError, match="one device"):
+        compact(x, torch.ones(4, dtype=torch.bool, device="meta"), backend=backend)
+
+
+def test_compact_names_unavailable_backends():
+    x, keep = torch.randn(3, 2), torch.ones(3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="'cuda' backend runs on CUDA tensors"):
+        compact(x, keep, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        compact(x, keep, backend="fast")
+
+
+def test_native_op_checks_inputs_itself():
+    # The C++ op is reachable through torch.ops directly: it must validate too.
+    with pytest.raises(RuntimeError, match="keep must be a bool tensor"):
+        torch.ops.occam.compact(torch.randn(3, 2), torch.ones(3), torch.arange(3))
+    with pytest.raises(RuntimeError, match="keep must have shape"):
+        torch.ops.occam.compact(torch.randn(3, 2), torch.ones(2, dtype=torch.bool),
+                                torch.arange(3))
+
+
+def test_build_info_reports_the_build():
+    info = occam_kernels.build_info()
+    assert info["extension_built"], info.get("extension_error")
+    assert info["torch_version"] == torch.__version__
+    assert "cpu" in info["backends"]["cpu"] and "reference" in info["backends"]["cpu"]
+    if info["cuda_compiled"]:
+        assert "8.0" in info["cuda_archs"] and "9.0" in info["cuda_archs"]
+        assert info["nvcc_version"].startswith("V")
+
+
+def test_cuda_part_compiled_wherever_nvcc_is():
+    import os
+    import shutil
+    nvcc_here = (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
+                 or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"),
+                                                "bin", "nvcc")))
+    wanted = (torch.version.cuda is not None and nvcc_here
+              and os.environ.get("OCCAM_BUILD_CUDA") != "0")
+    if not wanted:
+        pytest.skip("no nvcc or a CPU-only torch here: the CPU-only build is expected")
+    assert occam_kernels.build_info()["cuda_compiled"]
