@@ -1,0 +1,142 @@
+"""OccamNet training losses with the official semantics (DESIGN.md section 5).
+
+Per exit t, each averaged over the batch:
+  supp_t: CAM suppression, weight 0.1;
+  gate_t: balanced BCE of the exit gate against "exit t predicts correctly", weight 1.0;
+  main_t: mean((w + 0.1) * CE); w = p(y|x)^3 at t=0, (1 - gate_{t-1}) later (detached),
+          divided by (running max of w within the epoch + 1e-5).
+The per-item gate targets, running maxima and per-class accuracy within the epoch are device
+tensors updated with vectorised ops: no Python loop over samples, no host sync per step.
+"""
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULT_TAUS = (0.5, 0.6, 0.7, 0.8)
+
+
+class OccamLoss(nn.Module):
+    """Total OccamNet loss and its per-exit components ("supp/E0", "gate/E0", "main/E0", ...).
+
+    Args:
+        num_items: size of the training set; item indices index the stored gate targets.
+        num_classes: K.
+        num_exits: exits of the model.
+        taus: per exit, the mean per-class training accuracy within the epoch at or below which
+            gate targets are refreshed (always in the first `min_epochs` epochs).
+    State (buffers, so it is in state_dict and moves with .to(device)):
+        gate_targets (E, N) float, has_target (E, N) bool, max_weight (E,),
+        class_correct / class_seen (E, K) within the epoch, epoch.
+    """
+
+    def __init__(self, num_items: int, num_classes: int, num_exits: int = 4,
+                 taus: Sequence[float] = DEFAULT_TAUS, supp_weight: float = 0.1,
+                 gate_weight: float = 1.0, gamma0: float = 3.0, gamma: float = 1.0,
+                 weight_offset: float = 0.1, balance_factor: float = 0.5, min_epochs: int = 1,
+                 eps: float = 1e-5):
+        super().__init__()
+        if len(taus) != num_exits:
+            raise ValueError(f"need one tau per exit: {num_exits} exits, {len(taus)} taus")
+        if num_items < 1 or num_classes < 1:
+            raise ValueError("num_items and num_classes must be positive")
+        self.num_items, self.num_classes, self.num_exits = num_items, num_classes, num_exits
+        self.supp_weight, self.gate_weight = supp_weight, gate_weight
+        self.gamma0, self.gamma, self.weight_offset = gamma0, gamma, weight_offset
+        self.balance_factor, self.min_epochs, self.eps = balance_factor, min_epochs, eps
+        self.register_buffer("taus", torch.tensor(list(taus), dtype=torch.float32))
+        self.register_buffer("gate_targets", torch.zeros(num_exits, num_items))
+        self.register_buffer("has_target", torch.zeros(num_exits, num_items, dtype=torch.bool))
+        self.register_buffer("max_weight", torch.zeros(num_exits))
+        self.register_buffer("class_correct", torch.zeros(num_exits, num_classes))
+        self.register_buffer("class_seen", torch.zeros(num_exits, num_classes))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.int64))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Start epoch `epoch` (0-based): reset the running maxima and the epoch's accuracy."""
+        self.epoch.fill_(epoch)
+        self.max_weight.zero_()
+        self.class_correct.zero_()
+        self.class_seen.zero_()
+
+    def _check(self, out: Dict, labels: Tensor, items: Tensor) -> None:
+        if len(out["logits"]) != self.num_exits:
+            raise ValueError(f"the model has {len(out['logits'])} exits, the loss {self.num_exits}")
+        if "supp" not in out:
+            raise ValueError("the model output has no 'supp': call the model with labels")
+        batch = labels.shape[0]
+        if batch == 0:
+            raise ValueError("OccamLoss got an empty batch")
+        if out["logits"][0].shape[1] != self.num_classes:
+            raise ValueError(f"the model predicts {out['logits'][0].shape[1]} classes, the loss "
+                             f"expects {self.num_classes}")
+        if items.shape != (batch,) or labels.shape != (batch,):
+            raise ValueError(f"labels and item indices must both have shape ({batch},), got "
+                             f"{tuple(labels.shape)} and {tuple(items.shape)}")
+        # On the device, no host sync: a failure raises on CPU, device-asserts on CUDA.
+        torch._assert_async(((labels >= 0) & (labels < self.num_classes)).all(),
+                            f"OccamLoss: labels must lie in [0, {self.num_classes})")
+        torch._assert_async(((items >= 0) & (items < self.num_items)).all(),
+                            f"OccamLoss: item indices must lie in [0, {self.num_items}), the "
+                            f"dataset size given to OccamLoss")
+
+    def _gate_targets(self, exit_index: int, correct: Tensor, labels: Tensor,
+                      items: Tensor) -> Tensor:
+        # Mean per-class accuracy of this exit within the epoch, this batch included.
+        self.class_correct[exit_index].index_add_(0, labels, correct)
+        self.class_seen[exit_index].index_add_(0, labels, torch.ones_like(correct))
+        seen = self.class_seen[exit_index]
+        per_class = self.class_correct[exit_index] / seen.clamp_min(1)
+        mean_accuracy = per_class.sum() / (seen > 0).sum().clamp_min(1)
+        refresh = (mean_accuracy <= self.taus[exit_index]) | (self.epoch < self.min_epochs)
+        # Items never given a target take the current one, whatever the accuracy.
+        use_current = refresh | ~self.has_target[exit_index, items]
+        targets = torch.where(use_current, correct, self.gate_targets[exit_index, items])
+        self.gate_targets[exit_index, items] = targets
+        self.has_target[exit_index, items] = True
+        return targets
+
+    def _gate_loss(self, gate: Tensor, targets: Tensor) -> Tensor:
+        exit_count, continue_count = targets.sum(), (1 - targets).sum()
+        largest = torch.maximum(exit_count, continue_count)
+        exit_weight = (1.0 / (exit_count / largest + self.eps)) ** self.balance_factor
+        continue_weight = (1.0 / (continue_count / largest + self.eps)) ** self.balance_factor
+        weights = torch.where(targets > 0, exit_weight, continue_weight)
+        bce = F.binary_cross_entropy(gate.float(), targets, reduction="none")
+        return (weights * bce).mean()
+
+    def _main_loss(self, exit_index: int, logits: Tensor, previous_gate: Optional[Tensor],
+                   labels: Tensor) -> Tensor:
+        cross_entropy = F.cross_entropy(logits, labels, reduction="none")
+        if exit_index == 0:
+            p_true = torch.softmax(logits.detach(), dim=1).gather(1, labels[:, None])[:, 0]
+            weight = p_true ** self.gamma0
+        else:
+            weight = (1 - previous_gate.detach().float()) ** self.gamma
+        self.max_weight[exit_index] = torch.maximum(self.max_weight[exit_index], weight.max())
+        weight = weight / (self.max_weight[exit_index] + self.eps)
+        return ((weight + self.weight_offset) * cross_entropy).mean()
+
+    def forward(self, out: Dict, labels: Tensor, items: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """(total loss, {"supp/E0": ..., "gate/E0": ..., "main/E0": ..., ...}) for one batch.
+
+        `out` is an OccamNet output computed with labels; `items` are dataset item indices.
+        Updates the state (call in training only).
+        """
+        self._check(out, labels, items)
+        total = torch.zeros((), device=labels.device)
+        parts: Dict[str, Tensor] = {}
+        with torch.no_grad():
+            predictions = [logits.argmax(dim=1) for logits in out["logits"]]
+        for t in range(self.num_exits):
+            logits = out["logits"][t].float()
+            supp = self.supp_weight * out["supp"][t].float().mean()
+            with torch.no_grad():
+                targets = self._gate_targets(t, (predictions[t] == labels).float(), labels, items)
+            gate = self.gate_weight * self._gate_loss(out["gates"][t], targets)
+            main = self._main_loss(t, logits, out["gates"][t - 1] if t else None, labels)
+            total = total + supp + gate + main
+            parts[f"supp/E{t}"], parts[f"gate/E{t}"], parts[f"main/E{t}"] = (
+                supp.detach(), gate.detach(), main.detach())
+        return total, parts

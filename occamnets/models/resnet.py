@@ -1,0 +1,86 @@
+"""Variable-width ResNet-18 trunk (the OccamResNet backbone) and its plain classifier."""
+from typing import List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .exits import conv3x3
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def resnet18_trunk(width: int = 58, input_size: int = 160,
+                   blocks=(2, 2, 2, 2)) -> Tuple[nn.Module, List[nn.Module], List[int]]:
+    """(stem, stages, stage channels) of the variable-width ResNet-18.
+
+    160 px inputs: 7x7/2 stem and a max-pool (stage 1 at 40x40); 64 px: 3x3/1, no max-pool.
+    """
+    if input_size >= 128:
+        stem = nn.Sequential(nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
+                             nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                             nn.MaxPool2d(3, stride=2, padding=1))
+    else:
+        stem = nn.Sequential(conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+    channels = [width * 2 ** i for i in range(len(blocks))]
+    stages, previous = [], width
+    for index, (count, out_channels) in enumerate(zip(blocks, channels)):
+        layers = []
+        for block in range(count):
+            stride = 2 if (index > 0 and block == 0) else 1
+            layers.append(BasicBlock(previous, out_channels, stride))
+            previous = out_channels
+        stages.append(nn.Sequential(*layers))
+    return stem, stages, channels
+
+
+def init_weights(module: nn.Module) -> None:
+    """Conv weights ~ N(0, sqrt(2 / (k*k*out))), BN weight 1 and bias 0 (official init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ResNet(nn.Module):
+    """The plain baseline: the same trunk, global average pooling and one linear classifier."""
+
+    def __init__(self, num_classes: int, width: int = 58, input_size: int = 160):
+        super().__init__()
+        stem, stages, channels = resnet18_trunk(width, input_size)
+        self.stem, self.stages = stem, nn.ModuleList(stages)
+        self.fc = nn.Linear(channels[-1], num_classes)
+        self.num_classes = num_classes
+        init_weights(self)
+
+    def forward(self, x: Tensor, labels=None) -> Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18(num_classes: int, width: int = 58, input_size: int = 160) -> ResNet:
+    return ResNet(num_classes, width, input_size)

@@ -1,0 +1,95 @@
+"""Early-exit inference with compaction equals full-depth evaluation (DESIGN.md section 6)."""
+import pytest
+import torch
+
+from occamnets.inference import predict
+from occamnets.models import occam_resnet18
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = occam_resnet18(num_classes=5, width=8, input_size=64, backend="reference")
+    return model.eval()
+
+
+class PseudoRandomGate(torch.nn.Module):
+    """A gate that is a fixed function of each sample's own features, far from 0.5: random
+    data gives nearly equal pooled features, so a trained-looking gate would not mix."""
+
+    def forward(self, pooled):
+        return torch.sigmoid(50 * torch.sin(pooled.sum(1) * 1e4))
+
+
+def force_gates(model, pattern):
+    """'all_e1' (everyone exits at E1), 'none' (nobody exits early), 'mixed' (per sample)."""
+    for t, exit_module in enumerate(model.exits):
+        last = exit_module.gate.net[-1]
+        with torch.no_grad():
+            if pattern == "all_e1":
+                last.weight.zero_(), last.bias.fill_(20.0 if t == 1 else -20.0)
+            elif pattern == "none":
+                last.weight.zero_(), last.bias.fill_(-20.0)
+            else:
+                exit_module.gate = PseudoRandomGate()
+
+
+def select_after_full_evaluation(model, x, threshold=0.5):
+    """Independent baseline: every exit on every sample, then the first E1.. gate that fires."""
+    out = model(x)
+    last = model.num_exits - 1
+    exit_index = torch.full((x.shape[0],), last)
+    for i in range(x.shape[0]):
+        for t in range(1, last):
+            if out["gates"][t][i] >= threshold:
+                exit_index[i] = t
+                break
+    logits = torch.stack([out["logits"][int(t)][i] for i, t in enumerate(exit_index)]) \
+        if x.shape[0] else torch.zeros(0, model.num_classes)
+    return logits, exit_index
+
+
+@pytest.mark.parametrize("pattern", ["all_e1", "none", "mixed"])
+@pytest.mark.parametrize("batch", [0, 1, 7])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_compaction_equals_full_evaluation(pattern, batch, backend):
+    model = small_model()
+    force_gates(model, pattern)
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+    want_logits, want_exit = select_after_full_evaluation(model, x)
+    for compaction in (True, False):
+        got = predict(model, x, compaction=compaction, backend=backend)
+        assert torch.equal(got.exit_index, want_exit)
+        assert torch.equal(got.logits.argmax(1), want_logits.argmax(1))
+        torch.testing.assert_close(got.logits, want_logits, rtol=1e-5, atol=1e-6)
+        assert got.exit_counts.tolist() == torch.bincount(want_exit, minlength=4).tolist()
+        assert got.exit_counts[0] == 0
+    if pattern == "all_e1" and batch:
+        assert (got.exit_index == 1).all()
+    if pattern == "none" and batch:
+        assert (got.exit_index == 3).all()
+
+
+def test_mixed_pattern_really_mixes():
+    model = small_model()
+    force_gates(model, "mixed")
+    got = predict(model, torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
+    assert (got.exit_counts > 0).sum() >= 2, got.exit_counts
+
+
+def test_compaction_skips_exit_zero_and_later_stages_when_all_exit():
+    model = small_model()
+    force_gates(model, "all_e1")
+    calls = []
+    for t, module in enumerate(list(model.stages) + list(model.exits)):
+        module.register_forward_hook(lambda m, i, o, t=t: calls.append(t))
+    predict(model, torch.randn(3, 3, 32, 32))
+    # stages 0 and 1 (ids 0, 1) and exit 1 (id 5): no exit 0 (id 4), no stage 2/3.
+    assert sorted(calls) == [0, 1, 5]
+
+
+def test_predict_refuses_train_mode_and_bad_shapes():
+    model = small_model().train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        predict(model, torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"images \(B, C, H, W\)"):
+        predict(model.eval(), torch.randn(3, 32, 32))

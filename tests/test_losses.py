@@ -1,0 +1,166 @@
+"""OccamLoss against hand-computed values, and its state over batches and epochs (DESIGN.md 5)."""
+import math
+
+import pytest
+import torch
+
+from occamnets.losses import OccamLoss
+
+
+def output(logits, gates, supp):
+    return {"logits": [torch.tensor(l, dtype=torch.float32) for l in logits],
+            "gates": [torch.tensor(g, dtype=torch.float32) for g in gates],
+            "supp": [torch.tensor(s, dtype=torch.float32) for s in supp]}
+
+
+def test_components_equal_hand_computed_values():
+    loss = OccamLoss(num_items=10, num_classes=2, num_exits=2, taus=(0.5, 0.6))
+    loss.on_epoch_start(0)
+    out = output(logits=[[[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [3.0, 0.0]]],
+                 gates=[[0.7, 0.4], [0.2, 0.9]], supp=[[0.3, 0.5], [0.1, 0.2]])
+    labels, items = torch.tensor([0, 0]), torch.tensor([3, 7])
+    total, parts = loss(out, labels, items)
+
+    # Exit 0: w = p(y|x)^3 normalised by the running max (this batch's max).
+    p = [math.exp(2) / (math.exp(2) + 1), 1 / (1 + math.e)]
+    ce = [-math.log(q) for q in p]
+    w = [q ** 3 for q in p]
+    w = [v / (max(w) + 1e-5) for v in w]
+    main0 = sum((wi + 0.1) * c for wi, c in zip(w, ce)) / 2
+    # Gate 0: predictions [0, 1] -> targets [1, 0]; one of each, so equal balanced weights.
+    balanced = (1 / (1 + 1e-5)) ** 0.5
+    gate0 = balanced * (-math.log(0.7) - math.log(1 - 0.4)) / 2
+    supp0 = 0.1 * (0.3 + 0.5) / 2
+    # Exit 1: w = 1 - gate_0, normalised by its max; targets [1, 1] (both predict class 0).
+    p1 = [math.exp(1) / (math.exp(1) + 1), math.exp(3) / (math.exp(3) + 1)]
+    ce1 = [-math.log(q) for q in p1]
+    w1 = [1 - 0.7, 1 - 0.4]
+    w1 = [v / (max(w1) + 1e-5) for v in w1]
+    main1 = sum((wi + 0.1) * c for wi, c in zip(w1, ce1)) / 2
+    # All targets are "exit": continue count 0 -> its weight never applies; exit weight 1/(1+eps).
+    gate1 = balanced * (-math.log(0.2) - math.log(0.9)) / 2
+    supp1 = 0.1 * (0.1 + 0.2) / 2
+    want = {"main/E0": main0, "gate/E0": gate0, "supp/E0": supp0,
+            "main/E1": main1, "gate/E1": gate1, "supp/E1": supp1}
+    for name, value in want.items():
+        assert parts[name].item() == pytest.approx(value, rel=1e-5), name
+    assert total.item() == pytest.approx(sum(want.values()), rel=1e-5)
+
+
+def test_unbalanced_gate_targets_are_reweighted():
+    loss = OccamLoss(num_items=4, num_classes=2, num_exits=1, taus=(0.5,))
+    loss.on_epoch_start(0)
+    # Predictions [0, 0, 0, 1] against labels all 0: targets [1, 1, 1, 0].
+    out = output(logits=[[[1.0, 0.0]] * 3 + [[0.0, 1.0]]], gates=[[0.5] * 4], supp=[[0.0] * 4])
+    _, parts = loss(out, torch.zeros(4, dtype=torch.long), torch.arange(4))
+    exit_weight = (1 / (1 + 1e-5)) ** 0.5
+    continue_weight = (1 / (1 / 3 + 1e-5)) ** 0.5
+    want = (3 * exit_weight + continue_weight) * math.log(2) / 4
+    assert parts["gate/E0"].item() == pytest.approx(want, rel=1e-5)
+
+
+def run_batch(loss, correct_pattern, items, gate=0.5, num_classes=2):
+    """One batch for a single-exit loss where exit 0 is correct exactly where the pattern says."""
+    labels = torch.zeros(len(items), dtype=torch.long)
+    logits = [[1.0, 0.0] if ok else [0.0, 1.0] for ok in correct_pattern]
+    out = output(logits=[logits], gates=[[gate] * len(items)], supp=[[0.0] * len(items)])
+    return loss(out, labels, torch.tensor(items))
+
+
+def test_targets_refresh_in_first_epoch_and_while_accuracy_is_low_then_freeze():
+    loss = OccamLoss(num_items=6, num_classes=2, num_exits=1, taus=(0.5,))
+    loss.on_epoch_start(0)
+    run_batch(loss, [True, True, True], [0, 1, 2])          # accuracy 1.0 but first epoch
+    assert loss.gate_targets[0, :3].tolist() == [1, 1, 1]
+    run_batch(loss, [False, False, False], [0, 1, 2])       # still first epoch: refreshed
+    assert loss.gate_targets[0, :3].tolist() == [0, 0, 0]
+
+    loss.on_epoch_start(1)
+    run_batch(loss, [True, True, True], [0, 1, 2])          # accuracy 1.0 > 0.5: frozen
+    assert loss.gate_targets[0, :3].tolist() == [0, 0, 0]
+    run_batch(loss, [True], [3])                            # a new item gets its target anyway
+    assert loss.gate_targets[0, 3].item() == 1
+    # Within the epoch: 4 correct of 4 so far; 6 wrong more -> 4/10 = 0.4 <= 0.5: refreshed.
+    run_batch(loss, [False] * 6, [0, 1, 2, 3, 4, 5])
+    assert loss.gate_targets[0].tolist() == [0] * 6
+
+    loss.on_epoch_start(2)                                  # accuracy counts start again
+    run_batch(loss, [True, True], [0, 1])                   # 1.0 > 0.5: frozen at 0
+    assert loss.gate_targets[0, :2].tolist() == [0, 0]
+    run_batch(loss, [False, False, True], [0, 1, 2])        # 3/5 = 0.6 > 0.5: still frozen
+    assert loss.gate_targets[0, :3].tolist() == [0, 0, 0]
+
+
+def test_mean_per_class_accuracy_decides_refresh():
+    # Class 0 all correct, class 1 all wrong: mean per class 0.5 <= 0.5 refreshes, although
+    # the plain accuracy (3 of 4) is 0.75.
+    loss = OccamLoss(num_items=4, num_classes=2, num_exits=1, taus=(0.5,))
+    loss.on_epoch_start(0)
+    run_batch(loss, [False] * 4, [0, 1, 2, 3])
+    loss.on_epoch_start(1)
+    labels = torch.tensor([0, 0, 0, 1])
+    out = output(logits=[[[1.0, 0.0]] * 3 + [[1.0, 0.0]]], gates=[[0.5] * 4], supp=[[0.0] * 4])
+    loss(out, labels, torch.arange(4))
+    assert loss.gate_targets[0].tolist() == [1, 1, 1, 0]
+
+
+def test_running_max_is_kept_within_an_epoch_and_reset_at_the_next():
+    loss = OccamLoss(num_items=4, num_classes=2, num_exits=2, taus=(0.5, 0.5))
+    loss.on_epoch_start(0)
+    out = output(logits=[[[0.0, 0.0]] * 2] * 2, gates=[[0.2, 0.6], [0.5, 0.5]], supp=[[0.0] * 2] * 2)
+    loss(out, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert loss.max_weight.tolist() == pytest.approx([0.125, 0.8])   # 0.5^3, 1 - 0.2
+    out["gates"][0] = torch.tensor([0.9, 0.9])
+    _, parts = loss(out, torch.tensor([0, 1]), torch.tensor([2, 3]))
+    assert loss.max_weight.tolist() == pytest.approx([0.125, 0.8])   # 0.1 < 0.8: kept
+    ce = math.log(2)
+    assert parts["main/E1"].item() == pytest.approx((0.1 / (0.8 + 1e-5) + 0.1) * ce, rel=1e-5)
+    loss.on_epoch_start(1)
+    assert loss.max_weight.tolist() == [0.0, 0.0]
+    loss(out, torch.tensor([0, 1]), torch.tensor([2, 3]))
+    assert loss.max_weight.tolist() == pytest.approx([0.125, 0.1])
+
+
+def test_state_round_trips_through_state_dict():
+    loss = OccamLoss(num_items=5, num_classes=2, num_exits=1, taus=(0.5,))
+    loss.on_epoch_start(3)
+    run_batch(loss, [True, False], [1, 4])
+    restored = OccamLoss(num_items=5, num_classes=2, num_exits=1, taus=(0.5,))
+    restored.load_state_dict(loss.state_dict())
+    for name, buffer in loss.named_buffers():
+        assert torch.equal(buffer, dict(restored.named_buffers())[name]), name
+    assert restored.epoch.item() == 3
+
+
+def test_errors_are_named():
+    loss = OccamLoss(num_items=4, num_classes=2, num_exits=1, taus=(0.5,))
+    out = output(logits=[[[1.0, 0.0]] * 2], gates=[[0.5] * 2], supp=[[0.0] * 2])
+    with pytest.raises(RuntimeError, match=r"item indices must lie in \[0, 4\)"):
+        loss(out, torch.tensor([0, 1]), torch.tensor([0, 4]))
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 2\)"):
+        loss(out, torch.tensor([0, 2]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="predicts 2 classes, the loss expects 3"):
+        OccamLoss(num_items=4, num_classes=3, num_exits=1, taus=(0.5,))(
+            out, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one tau per exit"):
+        OccamLoss(num_items=4, num_classes=2, num_exits=2, taus=(0.5,))
+    with pytest.raises(ValueError, match="call the model with labels"):
+        loss({"logits": out["logits"], "gates": out["gates"]}, torch.tensor([0, 1]),
+             torch.tensor([0, 1]))
+
+
+def test_no_python_loop_over_samples_and_no_host_sync():
+    """The state update is vectorised: a large batch costs a handful of ops, no .item()."""
+    loss = OccamLoss(num_items=10000, num_classes=10, num_exits=1, taus=(0.5,))
+    loss.on_epoch_start(1)
+    batch = 4096
+    out = {"logits": [torch.randn(batch, 10)], "gates": [torch.rand(batch)],
+           "supp": [torch.rand(batch)]}
+    calls = []
+    original = torch.Tensor.item
+    torch.Tensor.item = lambda self: calls.append(1) or original(self)
+    try:
+        loss(out, torch.randint(0, 10, (batch,)), torch.randperm(10000)[:batch])
+    finally:
+        torch.Tensor.item = original
+    assert not calls
