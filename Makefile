@@ -10,7 +10,7 @@ DEPS      := triton numpy pillow tqdm matplotlib mlxtend scipy pytest pytest-ben
 export MAX_JOBS ?= 2
 STAMP     := $(VENV)/.occam-installed
 
-.PHONY: install test bench demo clean-build
+.PHONY: install test bench clean-build
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,7 +29,15 @@ $(STAMP): $(VENV)/.deps-installed setup.py pyproject.toml $(wildcard csrc/*)
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --benchmark-disable
 
 clean-build:
 	rm -rf build $(STAMP) occam_kernels/_C*.so
+
+# Time every suite (GPU: section-8 shapes; CPU: the scaled-down smoke shapes) and render
+# bench/RESULTS.md. The JSON is kept per device under bench/results/.
+bench: install
+	mkdir -p bench/results
+	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-max-time=0.2 \
+	  --benchmark-json=bench/results/$$($(PY) -c "import torch,platform,re;print(re.sub('[^A-Za-z0-9]+','_',torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu_'+platform.machine()))").json
+	$(PY) bench/report.py bench/results/*.json --out bench

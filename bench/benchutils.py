@@ -1,0 +1,81 @@
+"""Helpers shared by the benchmark suites.
+
+On a GPU every case is timed at the shapes of DESIGN.md section 8. Without one (CI, `make
+test`) each case runs once at scaled-down shapes, with Triton under its interpreter, so the
+suites cannot rot; run them with --benchmark-disable there.
+"""
+import platform
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if ON_GPU else "cpu")
+
+
+def synchronize() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def environment() -> dict:
+    import triton
+    return {
+        "device": torch.cuda.get_device_name() if ON_GPU else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def run_case(benchmark, fn, extra: dict) -> None:
+    """Time `fn` (which synchronises) after a warm-up, and record the environment and the
+    peak memory of one call in extra_info."""
+    fn()  # warm-up: compilation and autotuning stay out of the timing
+    synchronize()
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = None
+    benchmark.extra_info.update(environment())
+    benchmark.extra_info.update(extra)
+    benchmark.extra_info["peak_memory_bytes"] = peak
+    benchmark(fn)
+
+
+class ForcedGate(torch.nn.Module):
+    """A gate that fires (1.0) when the sum of a sample's pooled features reaches a threshold.
+
+    Thresholds are set from a full-depth pass so the exits take a chosen share of the batch;
+    the decision is a function of the sample alone, so compaction sees the same choice.
+    """
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, pooled):
+        return (pooled.float().sum(1) >= self.threshold).float()
+
+
+@torch.no_grad()
+def force_exit_distribution(model, x, shares):
+    """Replace the gates of E1..E(last-1) so that exit t takes about shares[t-1] of x."""
+    pooled = model(x)["pooled"]
+    remaining = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    left = 1.0
+    for t, share in enumerate(shares[:-1], start=1):
+        score = pooled[t].float().sum(1)
+        if share <= 0 or not remaining.any():
+            threshold = float("inf")
+        else:
+            fraction = min(1.0, share / left)
+            threshold = torch.quantile(score[remaining], 1 - fraction).item()
+        model.exits[t].gate = ForcedGate(threshold)
+        remaining &= score < threshold
+        left -= share
