@@ -1,0 +1,89 @@
+"""Pictures: CAM heatmaps of every exit, and the exit distribution of early-exit inference."""
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _to_image(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) uint8 or float -> (H, W, 3) float in [0, 1] for imshow."""
+    array = image.detach().float().cpu()
+    if image.dtype == torch.uint8:
+        array = array / 255.0
+    else:
+        array = (array - array.min()) / (array.max() - array.min() + 1e-8)
+    return array.permute(1, 2, 0).numpy()
+
+
+def save_cam_grid(path: str, images: torch.Tensor, cams: Sequence[torch.Tensor],
+                  labels: torch.Tensor, predictions: torch.Tensor, exit_taken: torch.Tensor,
+                  first_exit: int = 0, class_names: Optional[Sequence[str]] = None) -> str:
+    """One row per image: the image, then the CAM of each exit for its predicted class,
+    upsampled onto the image; the exit the sample took is framed in red.
+
+    images (N,3,H,W); cams[t] (N,K,h,w) for exits first_exit..; predictions[t] (N,) per exit;
+    exit_taken (N,) exit index; labels (N,).
+    """
+    plt = _pyplot()
+    count, columns = images.shape[0], 1 + len(cams)
+    fig, axes = plt.subplots(count, columns, figsize=(1.9 * columns, 1.9 * count),
+                             squeeze=False)
+    name = (lambda k: class_names[k]) if class_names else str
+    for row in range(count):
+        picture = _to_image(images[row])
+        axes[row, 0].imshow(picture)
+        axes[row, 0].set_title(f"label {name(int(labels[row]))}", fontsize=8)
+        for column, cam in enumerate(cams, start=1):
+            exit_index = first_exit + column - 1
+            predicted = int(predictions[column - 1][row])
+            heat = cam[row, predicted][None, None].float()
+            heat = torch.nn.functional.interpolate(heat, size=picture.shape[:2], mode="bilinear",
+                                                   align_corners=False)[0, 0]
+            heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
+            axis = axes[row, column]
+            axis.imshow(picture)
+            axis.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5)
+            taken = int(exit_taken[row]) == exit_index
+            axis.set_title(f"E{exit_index}: {name(predicted)}" + (" (exit)" if taken else ""),
+                           fontsize=8, color="red" if taken else "black")
+            if taken:
+                for spine in axis.spines.values():
+                    spine.set_edgecolor("red"), spine.set_linewidth(3)
+        for axis in axes[row]:
+            axis.set_xticks([]), axis.set_yticks([])
+    fig.suptitle("Class activation maps of each exit for its predicted class", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_exit_distribution(path: str, exit_counts: Sequence[int],
+                           exit_accuracy: Optional[Sequence[float]] = None,
+                           title: str = "Where samples exit") -> str:
+    """Bar chart of the share of samples per exit, with each exit's accuracy on its samples."""
+    plt = _pyplot()
+    counts = np.asarray(exit_counts, dtype=float)
+    shares = counts / max(counts.sum(), 1)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bars = ax.bar([f"E{t}" for t in range(len(counts))], 100 * shares, color="tab:blue")
+    for t, bar in enumerate(bars):
+        text = f"{100 * shares[t]:.0f}%"
+        if exit_accuracy is not None and counts[t] > 0:
+            text += f"\nacc {100 * exit_accuracy[t]:.0f}%"
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("% of samples")
+    ax.set_ylim(0, 115)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
