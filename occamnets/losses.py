@@ -11,8 +11,19 @@ tensors updated with vectorised ops: no Python loop over samples, no host sync p
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather(tensor: Tensor) -> Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 DEFAULT_TAUS = (0.5, 0.6, 0.7, 0.8)
 
@@ -26,6 +37,9 @@ class OccamLoss(nn.Module):
         num_exits: exits of the model.
         taus: per exit, the mean per-class training accuracy within the epoch at or below which
             gate targets are refreshed (always in the first `min_epochs` epochs).
+    Under torch.distributed every process updates its state with the whole global batch
+    (per-class accuracy summed, targets of every process's items gathered, maxima reduced),
+    so the state stays identical on all processes. Batches must have one size on all of them.
     State (buffers, so it is in state_dict and moves with .to(device)):
         gate_targets (E, N) float, has_target (E, N) bool, max_weight (E,),
         class_correct / class_seen (E, K) within the epoch, epoch.
@@ -84,8 +98,14 @@ class OccamLoss(nn.Module):
     def _gate_targets(self, exit_index: int, correct: Tensor, labels: Tensor,
                       items: Tensor) -> Tensor:
         # Mean per-class accuracy of this exit within the epoch, this batch included.
-        self.class_correct[exit_index].index_add_(0, labels, correct)
-        self.class_seen[exit_index].index_add_(0, labels, torch.ones_like(correct))
+        batch_correct = torch.zeros_like(self.class_correct[exit_index]).index_add_(0, labels, correct)
+        batch_seen = torch.zeros_like(batch_correct).index_add_(0, labels, torch.ones_like(correct))
+        if _distributed():
+            counts = torch.stack([batch_correct, batch_seen])
+            dist.all_reduce(counts)
+            batch_correct, batch_seen = counts[0], counts[1]
+        self.class_correct[exit_index] += batch_correct
+        self.class_seen[exit_index] += batch_seen
         seen = self.class_seen[exit_index]
         per_class = self.class_correct[exit_index] / seen.clamp_min(1)
         mean_accuracy = per_class.sum() / (seen > 0).sum().clamp_min(1)
@@ -93,8 +113,10 @@ class OccamLoss(nn.Module):
         # Items never given a target take the current one, whatever the accuracy.
         use_current = refresh | ~self.has_target[exit_index, items]
         targets = torch.where(use_current, correct, self.gate_targets[exit_index, items])
-        self.gate_targets[exit_index, items] = targets
-        self.has_target[exit_index, items] = True
+        all_items, all_targets = ((_all_gather(items), _all_gather(targets)) if _distributed()
+                                  else (items, targets))
+        self.gate_targets[exit_index, all_items] = all_targets
+        self.has_target[exit_index, all_items] = True
         return targets
 
     def _gate_loss(self, gate: Tensor, targets: Tensor) -> Tensor:
@@ -114,7 +136,10 @@ class OccamLoss(nn.Module):
             weight = p_true ** self.gamma0
         else:
             weight = (1 - previous_gate.detach().float()) ** self.gamma
-        self.max_weight[exit_index] = torch.maximum(self.max_weight[exit_index], weight.max())
+        batch_max = weight.max()
+        if _distributed():
+            dist.all_reduce(batch_max, op=dist.ReduceOp.MAX)
+        self.max_weight[exit_index] = torch.maximum(self.max_weight[exit_index], batch_max)
         weight = weight / (self.max_weight[exit_index] + self.eps)
         return ((weight + self.weight_offset) * cross_entropy).mean()
 

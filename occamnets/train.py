@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .inference import predict
@@ -100,10 +101,17 @@ def epoch_order(num_items: int, seed: int, epoch: int, device) -> torch.Tensor:
     return torch.randperm(num_items, generator=generator).to(device)
 
 
-def batches(order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator[Tuple[int, torch.Tensor]]:
-    steps = len(order) // batch_size  # drop the ragged tail: BatchNorm and gate balance need a batch
-    for step in range(start, steps):
-        yield step, order[step * batch_size:(step + 1) * batch_size]
+def steps_per_epoch(num_items: int, batch_size: int, world: int = 1) -> int:
+    # The ragged tail is dropped: BatchNorm, the gate balance and all_gather want full batches.
+    return num_items // (batch_size * world)
+
+
+def batches(order: torch.Tensor, batch_size: int, start: int = 0, rank: int = 0,
+            world: int = 1) -> Iterator[Tuple[int, torch.Tensor]]:
+    """This process's batches of an epoch: step s of process r takes slice s * world + r."""
+    for step in range(start, steps_per_epoch(len(order), batch_size, world)):
+        first = (step * world + rank) * batch_size
+        yield step, order[first:first + batch_size]
 
 
 def rng_state() -> Dict:
@@ -178,6 +186,14 @@ class Trainer:
     def __init__(self, config: TrainConfig, splits: Optional[Dict[str, Split]] = None):
         self.config = config
         self.device = resolve_device(config.device)
+        # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (NCCL), or gloo on CPU.
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
@@ -190,7 +206,12 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=config.bf16 and on_gpu)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.forward = self.model
+        if self.world > 1:
+            self.forward = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:
+            self.forward = torch.compile(self.forward)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -214,7 +235,11 @@ class Trainer:
                 "config_identity": self.config.identity(), "num_classes": self.num_classes}
 
     def save_checkpoint(self) -> str:
-        save_atomic(self.state_dict(), self.checkpoint_path)
+        # Every process holds the same state (DDP, OccamLoss sync): the first one writes it.
+        if self.rank == 0:
+            save_atomic(self.state_dict(), self.checkpoint_path)
+        if self.world > 1:
+            dist.barrier()
         return self.checkpoint_path
 
     def load_checkpoint(self, path: str) -> None:
@@ -257,11 +282,12 @@ class Trainer:
                     self.loss_fn.on_epoch_start(self.epoch)
                 self.model.train()
                 order = epoch_order(len(train), config.seed, self.epoch, self.device)
-                steps = len(train) // config.batch_size
+                steps = steps_per_epoch(len(train), config.batch_size, self.world)
                 bar = _progress(steps, self.step_in_epoch, f"epoch {self.epoch + 1}/{config.epochs}",
-                                config.progress)
+                                config.progress and self.rank == 0)
                 started, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
-                for step, rows in batches(order, config.batch_size, self.step_in_epoch):
+                for step, rows in batches(order, config.batch_size, self.step_in_epoch,
+                                          self.rank, self.world):
                     loss, _ = self._train_step(rows)
                     loss_sum += loss
                     seen += rows.numel()
@@ -287,8 +313,9 @@ class Trainer:
                 record.update({f"val_{k}": v for k, v in
                                self.evaluate("val", per_factor=False).items()
                                if not isinstance(v, (list, dict))})
-                with open(self.metrics_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                if self.rank == 0:
+                    with open(self.metrics_path, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.save_checkpoint()
         finally:
@@ -351,7 +378,8 @@ class Trainer:
             return None  # interrupted
         report = {"model": self.config.model, "config": dataclasses.asdict(self.config),
                   "test": self.evaluate("test"), "val": self.evaluate("val", per_factor=False)}
-        write_report(report, self.config.out_dir)
+        if self.rank == 0:
+            write_report(report, self.config.out_dir)
         return report
 
 

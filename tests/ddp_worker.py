@@ -1,0 +1,29 @@
+"""Run by tests/test_distributed.py under torchrun: a few DDP training steps on gloo, then
+each process saves its OccamLoss state and the items it trained on."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train import config, synthetic_splits  # noqa: E402
+
+from occamnets.train import Trainer, batches, epoch_order  # noqa: E402
+
+
+def main(out_dir):
+    trainer = Trainer(config(out_dir, max_steps=5, batch_size=4), synthetic_splits(n=48))
+    trainer.train()
+    seen = []
+    for epoch in range(trainer.epoch + 1):
+        order = epoch_order(48, trainer.config.seed, epoch, "cpu")
+        for step, rows in batches(order, 4, 0, trainer.rank, trainer.world):
+            if epoch * 6 + step < 5:
+                seen.append(rows)
+    torch.save({"loss": trainer.loss_fn.state_dict(), "items": torch.cat(seen),
+                "params": {k: v.detach() for k, v in trainer.model.named_parameters()}},
+               os.path.join(out_dir, f"rank{trainer.rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
