@@ -1,0 +1,201 @@
+"""The public exit_head / class_activation_maps ops against the reference (DESIGN.md section 3).
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py): shapes are small.
+"""
+import pytest
+import torch
+
+from occam_kernels import (class_activation_maps, class_activation_maps_reference, exit_head,
+                           exit_head_reference)
+
+TOLERANCES = {  # (rtol, atol) against the fp64 reference of the same (rounded) inputs
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def make_inputs(batch, channels, height, width, num_classes, dtype, layout="contiguous",
+                seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.relu(torch.randn(batch, channels, height, width, generator=generator))
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        wide = torch.zeros(batch, channels * 2, height, width + 3)
+        wide[:, ::2, :, 1:width + 1] = h
+        h = wide[:, ::2, :, 1:width + 1]
+        assert not h.is_contiguous()
+    weight = torch.randn(num_classes, channels, generator=generator) / channels ** 0.5
+    bias = torch.randn(num_classes, generator=generator) * 0.1
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    cast = dict(dtype=dtype, device=device)
+    return h.to(**cast), weight.to(**cast), bias.to(**cast), labels.to(device)
+
+
+def forward_backward(h, weight, bias, labels, backend, seed=1):
+    h = h.detach().requires_grad_(True)
+    weight = weight.detach().requires_grad_(True)
+    bias = bias.detach().requires_grad_(True)
+    out = exit_head(h, weight, bias, labels, backend=backend)
+    generator = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(t.shape, generator=generator).to(t.device, t.dtype) for t in out
+             if t is not None]
+    torch.autograd.backward([t for t in out if t is not None], grads)
+    return [t for t in out if t is not None], (h.grad, weight.grad, bias.grad), grads
+
+
+def compare_with_reference(shape, dtype, layout="contiguous", with_labels=True, device="cpu"):
+    h, weight, bias, labels = make_inputs(*shape, dtype=dtype, layout=layout, device=device)
+    labels = labels if with_labels else None
+    outs, grads, upstream = forward_backward(h, weight, bias, labels, "triton")
+    # The reference in fp64 on the same (rounded) inputs is the specification.
+    h64, w64, b64 = (t.double() for t in (h, weight, bias))
+    h64.requires_grad_(True), w64.requires_grad_(True), b64.requires_grad_(True)
+    want = [t for t in exit_head_reference(h64, w64, b64, labels) if t is not None]
+    torch.autograd.backward(want, [g.double() for g in upstream])
+    rtol, atol = TOLERANCES[dtype]
+    for got, ref in zip(outs, want):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), ref.detach(), rtol=rtol, atol=atol)
+    for got, ref in zip(grads, (h64.grad, w64.grad, b64.grad)):
+        assert got.dtype == dtype
+        scale = max(1.0, ref.abs().max().item())  # low-precision sums: relative to magnitude
+        torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol * scale)
+    assert grads[0].stride() == h.stride() or layout == "strided"
+
+
+@pytest.mark.parametrize("shape", [
+    (3, 5, 3, 5, 7),      # odd everything
+    (2, 4, 3, 3, 1),      # K = 1
+    (2, 3, 1, 1, 5),      # H = W = 1
+    (2, 3, 2, 2, 1000),   # K = 1000
+    (2, 20, 4, 4, 17),    # several channel and class blocks
+])
+def test_fused_matches_reference_fp32(shape):
+    compare_with_reference(shape, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_fused_matches_reference_layouts(layout):
+    compare_with_reference((3, 6, 4, 5, 4), torch.float32, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_fused_matches_reference_dtypes(dtype):
+    compare_with_reference((3, 6, 3, 5, 4), dtype)
+
+
+def test_fused_without_labels():
+    compare_with_reference((3, 6, 3, 5, 4), torch.float32, with_labels=False)
+    h, weight, bias, _ = make_inputs(2, 3, 2, 2, 4, torch.float32)
+    assert exit_head(h, weight, bias, backend="triton").supp is None
+
+
+def test_fused_gradcheck_fp64():
+    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float64)
+    inputs = [t.requires_grad_(True) for t in (h, weight, bias)]
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: tuple(exit_head(h, w, b, labels, backend="triton")), inputs)
+
+
+def test_fused_is_bitwise_deterministic():
+    h, weight, bias, labels = make_inputs(4, 6, 3, 3, 5, torch.float32, seed=3)
+    first = forward_backward(h, weight, bias, labels, "triton")
+    second = forward_backward(h, weight, bias, labels, "triton")
+    for a, b in zip(first[0] + list(first[1]), second[0] + list(second[1])):
+        assert torch.equal(a, b)
+
+
+def test_conv_weight_and_no_bias():
+    h, weight, _, labels = make_inputs(2, 3, 2, 2, 4, torch.float32)
+    conv = weight[:, :, None, None]
+    for got, want in zip(exit_head(h, conv, None, labels, backend="triton"),
+                         exit_head_reference(h, weight, None, labels)):
+        torch.testing.assert_close(got, want)
+
+
+def test_training_saves_no_cam_sized_tensor():
+    """Autograd keeps h, weights, labels, logits and pooled: nothing of shape (B, K, H, W)."""
+    batch, channels, height, width, num_classes = 3, 4, 5, 6, 7
+    h, weight, bias, labels = make_inputs(batch, channels, height, width, num_classes,
+                                          torch.float32)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    h.requires_grad_(True), weight.requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = exit_head(h, weight, bias, labels, backend="triton")
+        (out.logits.sum() + out.supp.sum()).backward()
+    assert saved, "the fused op saved nothing: the hook did not see it"
+    cam_numel = batch * num_classes * height * width
+    assert all(torch.Size(s).numel() < cam_numel or s == tuple(h.shape) for s in saved), saved
+    # The same check catches the reference, which does keep the CAM.
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        exit_head(h, weight, bias, labels, backend="reference")
+    assert any(torch.Size(s).numel() >= cam_numel and s != tuple(h.shape) for s in saved)
+
+
+def test_opcheck_fused_ops():
+    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32)
+    weight.requires_grad_(True)
+    torch.library.opcheck(torch.ops.occam.exit_head_fused, (h, weight, bias, labels))
+    torch.library.opcheck(torch.ops.occam.exit_head_fused, (h, weight, bias, None))
+    logits, pooled, _ = exit_head(h, weight.detach(), bias, labels, backend="triton")
+    grads = (torch.randn_like(logits), torch.randn_like(pooled), torch.randn(2))
+    torch.library.opcheck(torch.ops.occam.exit_head_fused_backward,
+                          (h, weight.detach(), bias, labels, logits, pooled, *grads))
+    torch.library.opcheck(torch.ops.occam.class_activation_maps_fused, (h, weight, bias))
+
+
+def test_compiles_fullgraph():
+    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32)
+
+    def loss(h, weight, bias, labels):
+        out = exit_head(h, weight, bias, labels, backend="triton")
+        return out.logits.logsumexp(1).mean() + 0.1 * out.supp.mean() + out.pooled.mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(h, weight, bias, labels), loss(h, weight, bias, labels))
+
+
+def test_class_activation_maps_match_reference():
+    for shape, layout in (((2, 5, 3, 4, 6), "contiguous"), ((2, 3, 1, 1, 1), "channels_last")):
+        h, weight, bias, _ = make_inputs(*shape, torch.float32, layout=layout)
+        got = class_activation_maps(h, weight, bias, backend="triton")
+        torch.testing.assert_close(got, class_activation_maps_reference(h, weight, bias))
+        torch.testing.assert_close(class_activation_maps(h, weight, bias),
+                                   class_activation_maps_reference(h, weight, bias))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_input_is_named(backend):
+    h, weight, bias, labels = make_inputs(2, 3, 2, 2, 4, torch.float32)
+    cases = [
+        ((h[0], weight, bias, labels), ValueError, "4-D"),
+        ((h, weight[:, :2], bias, labels), ValueError, "input channels"),
+        ((h, weight, bias[:3], labels), ValueError, "bias must have shape"),
+        ((h, weight.double(), bias, labels), TypeError, "weight is torch.float64"),
+        ((h, weight, bias, labels.int()), TypeError, "labels must be int64"),
+        ((h, weight, bias, labels[:1]), ValueError, r"labels must have shape \(2,\)"),
+        ((h, weight, bias, torch.tensor([0, 4])), RuntimeError, r"labels must lie in \[0, 4\)"),
+        ((h, weight, bias, torch.tensor([-1, 0])), RuntimeError, r"labels must lie in \[0, 4\)"),
+        ((h, weight.to("meta"), bias, labels), ValueError, "weight is on meta"),
+        ((h.long(), weight, bias, labels), TypeError, "h must be float"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            exit_head(*args, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_matches_reference_on_gpu(dtype):
+    for shape in ((128, 58, 40, 40, 10), (5, 7, 3, 5, 1000), (3, 464, 1, 1, 10)):
+        for layout in ("contiguous", "channels_last", "strided"):
+            compare_with_reference(shape, dtype, layout=layout, device="cuda")
