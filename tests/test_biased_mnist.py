@@ -1,0 +1,170 @@
+"""Biased MNIST (DESIGN.md section 7): factor statistics, the unbiased test set, determinism,
+the cache, the digit sources and the errors."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from occamnets.data import biased_mnist as bm
+from occamnets.data.loaders import BiasedMNISTDataset, DeviceSplit
+from occamnets.data.mnist_sources import load_digits, load_mnist_idx, read_idx
+
+SMALL = dict(cell_size=6, train_size=300, val_size=50, test_size=200)
+
+
+@pytest.mark.parametrize("p_bias", [0.95, 0.5])
+def test_tied_fraction_per_factor_is_p_bias(p_bias):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 5000)
+    factors = bm.sample_factors(labels, {n: p_bias for n in bm.FACTOR_NAMES}, rng)
+    for column, name in enumerate(bm.FACTOR_NAMES):
+        tied = (factors[:, column] == labels).mean()
+        assert abs(tied - p_bias) < 0.03, (name, tied)
+        # The untied values spread over the nine others.
+        others = factors[factors[:, column] != labels, column] - labels[factors[:, column] != labels]
+        assert len(np.unique(others % 10)) == 9
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return bm.generate(bm.BiasedMNISTConfig(p_bias=0.5, **SMALL))
+
+
+def test_generated_split_records_factors_and_follows_p_bias(splits):
+    train = splits["train"]
+    assert train.images.shape == (300, 3, 30, 30) and train.images.dtype == torch.uint8
+    assert train.factors.shape == (300, 7) and train.factor_names == bm.FACTOR_NAMES
+    tied = (train.factors == train.labels[:, None]).float().mean().item()
+    assert abs(tied - 0.5) < 0.05      # 2,100 factor draws
+
+
+def test_test_set_is_uniform_over_every_factor():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, 3000)
+    factors = bm.sample_factors(labels, {n: bm.UNBIASED for n in bm.FACTOR_NAMES}, rng)
+    for column, name in enumerate(bm.FACTOR_NAMES):
+        counts = np.bincount(factors[:, column], minlength=10)
+        assert chisquare(counts).pvalue > 1e-3, (name, counts)
+        joint = np.bincount(factors[:, column] * 10 + labels, minlength=100).reshape(10, 10)
+        tied_share = np.trace(joint) / joint.sum()
+        assert abs(tied_share - 0.1) < 0.02, name
+
+
+def test_generated_test_split_is_uniform(splits):
+    test = splits["test"].factors.numpy()
+    for column in range(7):
+        assert chisquare(np.bincount(test[:, column], minlength=10)).pvalue > 1e-3
+
+
+def test_test_digits_are_never_training_digits():
+    train_images, _ = load_digits("train")
+    test_images, _ = load_digits("test")
+    train_hashes = {image.tobytes() for image in train_images}
+    assert not any(image.tobytes() in train_hashes for image in test_images)
+    assert train_images.shape[0] == 4000 and test_images.shape[0] == 1000
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not():
+    config = bm.BiasedMNISTConfig(cell_size=5, train_size=40, val_size=10, test_size=20)
+    a, b = bm.generate(config), bm.generate(config)
+    for split in a:
+        for field in ("images", "labels", "factors", "digit_ids"):
+            assert torch.equal(getattr(a[split], field), getattr(b[split], field))
+    c = bm.generate(bm.BiasedMNISTConfig(cell_size=5, train_size=40, val_size=10, test_size=20,
+                                         seed=1))
+    assert not torch.equal(a["train"].images, c["train"].images)
+
+
+def test_cache_reloads_regenerates_on_change_and_detects_truncation(tmp_path, capsys):
+    config = bm.BiasedMNISTConfig(cell_size=5, train_size=40, val_size=10, test_size=20)
+    first = bm.load(config, str(tmp_path))
+    assert bm.cache_problem(config, str(tmp_path)) is None
+    again = bm.load(config, str(tmp_path))
+    assert torch.equal(first["train"].images, again["train"].images)
+
+    changed = bm.BiasedMNISTConfig(cell_size=5, train_size=40, val_size=10, test_size=20,
+                                   p_bias=0.7)
+    assert bm.cache_problem(changed, str(tmp_path)) == "the config changed"
+    regenerated = bm.load(changed, str(tmp_path))
+    assert "the config changed; regenerating" in capsys.readouterr().out
+    assert bm.cache_problem(changed, str(tmp_path)) is None
+    assert not torch.equal(regenerated["train"].factors, first["train"].factors)
+
+    path = tmp_path / "train_images.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    assert "wrong size" in bm.cache_problem(changed, str(tmp_path))
+    repaired = bm.load(changed, str(tmp_path))
+    assert torch.equal(repaired["train"].images, regenerated["train"].images)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert "corrupt" in bm.cache_problem(changed, str(tmp_path))
+    (tmp_path / "meta.json").unlink()       # as an interrupted first write leaves it
+    assert bm.cache_problem(changed, str(tmp_path)) == "no cache"
+    assert not any(name.endswith(".tmp") or ".tmp-" in name for name in os.listdir(tmp_path))
+
+
+def write_idx(path, array, compress):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    with (gzip.open if compress else open)(path, "wb") as handle:
+        handle.write(data)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_idx_directory(tmp_path, compress):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 255, (12, 28, 28))
+    labels = np.arange(12) % 10
+    suffix = ".gz" if compress else ""
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress)
+    got_images, got_labels = load_mnist_idx(str(tmp_path), "train")
+    assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+    splits = bm.generate(bm.BiasedMNISTConfig(cell_size=5, train_size=8, val_size=2, test_size=6,
+                                              mnist_dir=str(tmp_path)))
+    assert len(splits["train"]) == 8
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_mnist_idx(str(tmp_path / "nowhere"), "train")
+    with pytest.raises(FileNotFoundError, match="lacks train-images-idx3-ubyte"):
+        load_mnist_idx(str(tmp_path), "train")
+    with pytest.raises(ValueError, match=r"p_bias for digit_color must lie in \[0, 1\]"):
+        bm.BiasedMNISTConfig(p_bias=1.5)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        bm.BiasedMNISTConfig(p_bias={"texture": -0.1})
+    with pytest.raises(ValueError, match="cell_size 3 is too small"):
+        bm.BiasedMNISTConfig(cell_size=3)
+    with pytest.raises(ValueError, match="unknown factors"):
+        bm.BiasedMNISTConfig(p_bias={"shape": 0.5}).p_bias_per_factor()
+    bad = tmp_path / "bad.idx"
+    bad.write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(str(bad))
+    with pytest.raises(ValueError, match="only 3990 digits x 1 renders"):
+        bm.generate(bm.BiasedMNISTConfig(cell_size=5, train_size=10 ** 5, val_size=10))
+
+
+def test_dataset_and_device_loader(splits):
+    train = splits["train"]
+    dataset = BiasedMNISTDataset(train.images, train.labels, train.factors)
+    image, label, index, factors = dataset[7]
+    assert image.shape == (3, 30, 30) and index == 7 and label == int(train.labels[7])
+    loader = DeviceSplit(train.images, train.labels, train.factors, train.factor_names)
+    batches = list(loader.batches(64, shuffle=True, generator=torch.Generator().manual_seed(0),
+                                  drop_last=True))
+    assert len(batches) == 300 // 64
+    first = batches[0]
+    assert first["x"].dtype == torch.float32 and first["x"].shape == (64, 3, 30, 30)
+    assert -1.0 <= first["x"].min() and first["x"].max() <= 1.0
+    assert torch.equal(first["labels"], train.labels[first["items"]])
+    seen = torch.cat([b["items"] for b in batches])
+    assert len(set(seen.tolist())) == len(seen)
