@@ -10,7 +10,7 @@ DEPS      := triton numpy pillow tqdm matplotlib mlxtend scipy pytest pytest-ben
 export MAX_JOBS ?= 2
 STAMP     := $(VENV)/.occam-installed
 
-.PHONY: install test bench clean-build
+.PHONY: install test bench demo clean-build
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest --benchmark-disable
+
+# The main job: Biased MNIST, the ResNet baseline and OccamResNet-18 side by side (a quick
+# preset on CPU, a larger one on GPU); pictures land in runs/demo and docs/.
+demo: install
+	$(PY) -m occamnets.cli demo --out runs/demo --docs docs
 
 clean-build:
 	rm -rf build $(STAMP) occam_kernels/_C*.so
