@@ -158,12 +158,19 @@ def _time_inference(model, split, batch_size: int, compaction: bool, channels_la
     return len(split) / elapsed, torch.cat(exits)
 
 
-def _run_predict(args) -> int:
-    import torch
+def _occam_trainer(args, purpose: str):
+    """The checkpoint's trainer, or None (after saying why) when it is not an OccamNet."""
     trainer = load_trainer(args.checkpoint, args.device)
     if trainer.config.model != "occam":
-        print("predict runs early-exit inference: it needs an OccamNet checkpoint",
-              file=sys.stderr)
+        print(f"{args.command} {purpose}: it needs an OccamNet checkpoint", file=sys.stderr)
+        return None
+    return trainer
+
+
+def _run_predict(args) -> int:
+    import torch
+    trainer = _occam_trainer(args, "runs early-exit inference")
+    if trainer is None:
         return 2
     model, split = trainer.model.eval(), trainer.splits[args.split]
     with torch.no_grad(), trainer.autocast:
@@ -200,10 +207,8 @@ def save_pictures(trainer, cams_path: str, exits_path: Optional[str], count: int
 
 
 def _run_viz(args) -> int:
-    trainer = load_trainer(args.checkpoint, args.device)
-    if trainer.config.model != "occam":
-        print("viz draws the CAMs of OccamNet exits: it needs an OccamNet checkpoint",
-              file=sys.stderr)
+    trainer = _occam_trainer(args, "draws the CAMs of OccamNet exits")
+    if trainer is None:
         return 2
     save_pictures(trainer, args.out, args.exits_plot, args.count, args.split)
     print(f"CAM picture written to {args.out}" +

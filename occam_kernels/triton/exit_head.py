@@ -111,11 +111,13 @@ def _pool_kernel(h_ptr, pooled_ptr, C, P, width, stride_hb, stride_hc, stride_hh
 
 
 @triton.jit
-def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K, C, P, width,
-                 num_p_blocks, stride_hb, stride_hc, stride_hh, stride_hw, log_k,
-                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-              UPCAST: tl.constexpr):
+def _pixel_block_statistics(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, K, C, P, width,
+                            stride_hb, stride_hc, stride_hh, stride_hw,
+                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                            USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                            UPCAST: tl.constexpr):
+    """What forward and backward both need of this program's (sample, pixel block): logsumexp
+    and sum over classes per pixel, and the suppression mask cam[y] <= threshold."""
     pid_b, pid_p = tl.program_id(0), tl.program_id(1)
     offs_p, p_ok, p_offset = _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P)
     sample = h_ptr + pid_b.to(tl.int64) * stride_hb
@@ -123,9 +125,21 @@ def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K,
     lse, cam_total, cam_true = _logsumexp_over_classes(
         sample, w_ptr, b_ptr, label, K, C, p_offset, p_ok, stride_hc,
         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
+    suppressed = p_ok & (cam_true <= tl.load(threshold_ptr + pid_b))
+    return pid_b, pid_p, offs_p, p_ok, p_offset, sample, lse, cam_total, suppressed
+
+
+@triton.jit
+def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K, C, P, width,
+                 num_p_blocks, stride_hb, stride_hc, stride_hh, stride_hw, log_k,
+                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    pid_b, pid_p, offs_p, p_ok, p_offset, sample, lse, cam_total, suppressed = \
+        _pixel_block_statistics(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, K, C, P, width,
+                                stride_hb, stride_hc, stride_hh, stride_hw, BLOCK_K, BLOCK_C,
+                                BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
     kl_to_uniform = lse - cam_total / K - log_k
-    threshold = tl.load(threshold_ptr + pid_b)
-    suppressed = p_ok & (cam_true <= threshold)
     tl.store(partial_ptr + pid_b * num_p_blocks + pid_p,
              tl.sum(tl.where(suppressed, kl_to_uniform, 0.0), axis=0))
 
@@ -139,17 +153,13 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
                    SINGLE_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
                    ACC: tl.constexpr, UPCAST: tl.constexpr):
     """dh[c, p] = sum_k W[k, c] dcam[k, p] + dense[b, c], dense = (W^T g_logits + g_pooled) / P."""
-    pid_b, pid_p = tl.program_id(0), tl.program_id(1)
-    offs_p, p_ok, p_offset = _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P)
-    sample = h_ptr + pid_b.to(tl.int64) * stride_hb
-    label = tl.load(labels_ptr + pid_b)
-    lse, cam_total, cam_true = _logsumexp_over_classes(
-        sample, w_ptr, b_ptr, label, K, C, p_offset, p_ok, stride_hc,
-        BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-    threshold = tl.load(threshold_ptr + pid_b)
+    pid_b, pid_p, offs_p, p_ok, p_offset, sample, lse, cam_total, suppressed = \
+        _pixel_block_statistics(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, K, C, P, width,
+                                stride_hb, stride_hc, stride_hh, stride_hw, BLOCK_K, BLOCK_C,
+                                BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
     grad_supp = tl.load(grad_supp_ptr + pid_b).to(ACC)
     # dcam[k, p] = coef[p] * (softmax_k cam[:, p] - 1/K), coef = g_supp / P * mask.
-    coef = tl.where(p_ok & (cam_true <= threshold), grad_supp / P, 0.0)
+    coef = tl.where(suppressed, grad_supp / P, 0.0)
     tl.store(lse_ptr + pid_b * P + offs_p, lse, mask=p_ok)
     tl.store(coef_ptr + pid_b * P + offs_p, coef, mask=p_ok)
     grad_sample = grad_h_ptr + pid_b.to(tl.int64) * stride_gb
