@@ -45,4 +45,4 @@ bench: install
 	mkdir -p bench/results
 	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-max-time=0.2 \
 	  --benchmark-json=bench/results/$$($(PY) -c "import torch,platform,re;print(re.sub('[^A-Za-z0-9]+','_',torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu_'+platform.machine()))").json
-	$(PY) bench/report.py bench/results/*.json --out bench
+	$(PY) bench/report.py bench/results/*.json --out bench --trim

@@ -1,6 +1,9 @@
 """End to end: an OccamResNet-18 training step (fused against reference exit heads, fp32 and
 bf16 autocast) and early-exit inference (compaction against every exit on every sample) at
 forced exit distributions. Images per second = batch / mean time (bench/report.py)."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -14,8 +17,28 @@ from benchutils import ON_GPU, device, force_exit_distribution, run_case, synchr
 WIDTH, SIZE, BATCH = (58, 160, 128) if ON_GPU else (4, 16, 4)
 INPUT_SIZE = 160 if ON_GPU else 64
 NUM_CLASSES = 10
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def trained_distribution():
+    """Exit shares (E1, E2, E3) of a trained OccamResNet on the unbiased test set: from the
+    report named by OCCAM_BENCH_REPORT, else the demo's, else the copy kept in the repo
+    (bench/trained_exit_distribution.json, written by `python bench/bench_end_to_end.py
+    REPORT`)."""
+    for path in (os.environ.get("OCCAM_BENCH_REPORT"),
+                 os.path.join(HERE, "..", "runs", "demo", "occam", "report.json"),
+                 os.path.join(HERE, "trained_exit_distribution.json")):
+        if path and os.path.isfile(path):
+            with open(path) as handle:
+                data = json.load(handle)
+            shares = data["test"]["exit_share"] if "test" in data else data["exit_share"]
+            return tuple(shares[1:]), path
+    raise FileNotFoundError("no trained exit distribution: run `make demo` or set "
+                            "OCCAM_BENCH_REPORT to a report.json")
+
+
 DISTRIBUTIONS = {"all_E1": (1.0, 0.0, 0.0), "50_30_20": (0.5, 0.3, 0.2),
-                 "none_early": (0.0, 0.0, 1.0)}
+                 "none_early": (0.0, 0.0, 1.0), "trained": None}
 
 
 def images_and_labels(batch=BATCH):
@@ -62,7 +85,10 @@ def test_inference(benchmark, compaction, distribution):
     torch.manual_seed(0)
     model = occam_resnet18(NUM_CLASSES, width=WIDTH, input_size=INPUT_SIZE).to(device()).eval()
     x, _ = images_and_labels()
-    force_exit_distribution(model, x, DISTRIBUTIONS[distribution])
+    shares, source = DISTRIBUTIONS[distribution], "forced"
+    if shares is None:
+        shares, source = trained_distribution()
+    force_exit_distribution(model, x, shares)
     counts = predict(model, x).exit_counts.tolist()
 
     def step():
@@ -72,4 +98,19 @@ def test_inference(benchmark, compaction, distribution):
     benchmark.group = f"inference {distribution}"
     run_case(benchmark, step, {"impl": "compaction" if compaction else "full_depth",
                                "images": BATCH, "exit_counts": counts,
+                               "target_shares": list(shares),
+                               "distribution_source": os.path.relpath(source, HERE)
+                               if source != "forced" else source,
                                "model": f"occam_resnet18 width={WIDTH} {SIZE}px"})
+
+
+if __name__ == "__main__":
+    # Keep a trained model's exit distribution in the repo: python bench/bench_end_to_end.py REPORT
+    import sys
+    with open(sys.argv[1]) as handle:
+        report = json.load(handle)
+    kept = {"exit_share": report["test"]["exit_share"], "source": sys.argv[1],
+            "preset": report["config"]["preset"], "model": report["model"]}
+    with open(os.path.join(HERE, "trained_exit_distribution.json"), "w") as handle:
+        json.dump(kept, handle, indent=1)
+    print(f"wrote bench/trained_exit_distribution.json from {sys.argv[1]}")

@@ -45,6 +45,7 @@ def run_case(benchmark, fn, extra: dict) -> None:
     benchmark.extra_info.update(environment())
     benchmark.extra_info.update(extra)
     benchmark.extra_info["peak_memory_bytes"] = peak
+    benchmark.extra_info["smoke"] = not ON_GPU
     benchmark(fn)
 
 

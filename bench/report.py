@@ -57,6 +57,10 @@ def render(runs, out_dir):
                   f"torch {first['torch']}, triton {first['triton']}, run {first['date']} "
                   f"({first['source']})" + (f"; measured copy bandwidth "
                                             f"{copy_bw / 1e9:.1f} GB/s" if copy_bw else ""), ""]
+        if first["extra"].get("smoke"):
+            lines += ["No GPU: every case ran at scaled-down smoke shapes, Triton under its "
+                      "interpreter. These timings show that the suites run; they are not "
+                      "speed claims.", ""]
         groups = defaultdict(list)
         for run in device_runs:
             if run["impl"] != "copy":
@@ -119,12 +123,27 @@ def plot_ratios(device, suite, baseline, ratios, out_dir):
     return name
 
 
+def trim(path: str) -> None:
+    """Drop the per-round timings (megabytes) from a result file; the statistics stay."""
+    with open(path) as handle:
+        data = json.load(handle)
+    for bench in data["benchmarks"]:
+        bench["stats"].pop("data", None)
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=1)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="pytest-benchmark JSON files")
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
                         help="folder for RESULTS.md and the plots")
+    parser.add_argument("--trim", action="store_true",
+                        help="rewrite the result files without per-round timings")
     args = parser.parse_args(argv)
+    if args.trim:
+        for path in args.results:
+            trim(path)
     os.makedirs(args.out, exist_ok=True)
     text = render(load(args.results), args.out)
     with open(os.path.join(args.out, "RESULTS.md"), "w") as handle:
