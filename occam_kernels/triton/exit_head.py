@@ -9,19 +9,32 @@ Forward, two launches:
   _supp_kernel      grid (B, P blocks): per pixel block, the CAM over all K (online
                     logsumexp over K blocks), KL to uniform, the mask cam[y] <= threshold;
                     writes one partial sum per (b, P block)                 (reads h once)
-Backward, two launches:
+Backward, two launches (the terms without the CAM, W^T g_logits, g_logits^T pooled, are torch
+matmuls on (B, K) and (B, C) tensors):
   _grad_h_kernel    grid (B, P blocks): recomputes the CAM tile, writes dh once and the
-                    per-pixel logsumexp and mask coefficient (B, P) for the next kernel
+                    per-pixel logsumexp and mask coefficient (B, P) for the next kernel.
+                    K <= BLOCK_K: one CAM tile gives the statistics and dcam. K > BLOCK_K: a
+                    logsumexp pass over the class blocks, then each dcam block is recomputed
+                    once and W^T dcam is added into the program's own (C, BLOCK_P) slice of an
+                    fp32 buffer (grad_h itself for fp32/fp64), cast into grad_h at the end.
   _grad_weight_kernel grid (K blocks, C blocks, splits of B): dW and db partial sums per
-                    split, reduced afterwards with torch.sum in a fixed order
-No float atomics anywhere, so equal inputs give bitwise equal outputs. Accumulation is fp32
-(fp64 for fp64 inputs; that path uses broadcast-multiply-sum instead of tl.dot, which has no
-fp64 form on every GPU, so gradcheck can run on the kernels).
+                    split (a fixed range of samples), written to a (splits, K, C) buffer and
+                    reduced afterwards with torch.sum
+No float atomics anywhere and every reduction has a fixed order, so equal inputs give bitwise
+equal outputs. Accumulation is fp32 (fp64 for fp64 inputs; that path uses
+broadcast-multiply-sum instead of tl.dot, which has no fp64 form on every GPU, so gradcheck
+can run on the kernels). fp32 dots use input_precision="ieee" (no TF32).
+
+The mask threshold is logits[b, y_b] as rounded to h's dtype (what forward returns and the
+caller saves), so forward and backward mask the same pixels; with P = 1 the mask is all ones
+(the ground-truth CAM equals its own mean: a tie, decided exactly rather than by rounding).
 
 Block sizes (a heuristic, not autotuned, so the interpreter and the GPU run the same code):
 BLOCK_K = next power of two of K clamped to [16, 64] (K = 10 is one block); BLOCK_C likewise
-clamped to [16, 64] (16 for fp64); BLOCK_P = 32 when P >= 32 else 16. tl.dot needs every
-dimension >= 16, which these bounds guarantee; padding lanes are masked.
+clamped to [16, 64] (16 for fp64); BLOCK_P = 32 when P >= 32 else 16 (16 for fp64). tl.dot
+needs every dimension >= 16, which these bounds guarantee; padding lanes are masked.
+num_warps = 8 for 64 x 64 (K x C) tiles (4 otherwise), and for the dW kernel from 16 x 64 up:
+chosen from the register counts of sm_90 cubins compiled ahead of time, not from timings.
 """
 import math
 from typing import Optional, Tuple
@@ -68,11 +81,25 @@ def _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P: tl.constexpr)
 
 
 @triton.jit
+def _class_block_update(cam, offs_k, k_ok, label, running_max, running_sum, cam_total, cam_true):
+    """Folds one (BLOCK_K, BLOCK_P) CAM block into the per-pixel online logsumexp (running max
+    and rescaled sum of exponentials), the sum over classes and the ground-truth row."""
+    cam_for_max = tl.where(k_ok[:, None], cam, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(cam_for_max, axis=0))
+    running_sum = (running_sum * tl.exp(running_max - new_max)
+                   + tl.sum(tl.exp(cam_for_max - new_max[None, :]), axis=0))
+    cam_total += tl.sum(tl.where(k_ok[:, None], cam, 0.0), axis=0)
+    cam_true += tl.sum(tl.where((offs_k == label)[:, None], cam, 0.0), axis=0)
+    return new_max, running_sum, cam_total, cam_true
+
+
+@triton.jit
 def _logsumexp_over_classes(h_sample_ptr, w_ptr, b_ptr, label, K, C, p_offset, p_ok, stride_hc,
                             BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                             USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                             UPCAST: tl.constexpr):
-    """Per pixel: logsumexp_k cam, sum_k cam and the ground-truth row cam[label], over K blocks."""
+    """Per pixel: logsumexp_k cam, sum_k cam and the ground-truth row cam[label], over K blocks
+    (only one CAM block of BLOCK_K classes lives in registers at a time)."""
     running_max = tl.full((BLOCK_P,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_P,), dtype=ACC)
     cam_total = tl.zeros((BLOCK_P,), dtype=ACC)
@@ -82,13 +109,8 @@ def _logsumexp_over_classes(h_sample_ptr, w_ptr, b_ptr, label, K, C, p_offset, p
         k_ok = offs_k < K
         cam = _cam_tile(h_sample_ptr, w_ptr, b_ptr, offs_k, k_ok, p_offset, p_ok, C, stride_hc,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-        cam_for_max = tl.where(k_ok[:, None], cam, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(cam_for_max, axis=0))
-        running_sum = (running_sum * tl.exp(running_max - new_max)
-                       + tl.sum(tl.exp(cam_for_max - new_max[None, :]), axis=0))
-        running_max = new_max
-        cam_total += tl.sum(tl.where(k_ok[:, None], cam, 0.0), axis=0)
-        cam_true += tl.sum(tl.where((offs_k == label)[:, None], cam, 0.0), axis=0)
+        running_max, running_sum, cam_total, cam_true = _class_block_update(
+            cam, offs_k, k_ok, label, running_max, running_sum, cam_total, cam_true)
     return running_max + tl.log(running_sum), cam_total, cam_true
 
 
@@ -111,13 +133,12 @@ def _pool_kernel(h_ptr, pooled_ptr, C, P, width, stride_hb, stride_hc, stride_hh
 
 
 @triton.jit
-def _pixel_block_statistics(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, K, C, P, width,
-                            stride_hb, stride_hc, stride_hh, stride_hw,
-                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                            USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                            UPCAST: tl.constexpr):
-    """What forward and backward both need of this program's (sample, pixel block): logsumexp
-    and sum over classes per pixel, and the suppression mask cam[y] <= threshold."""
+def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K, C, P, width,
+                 num_p_blocks, stride_hb, stride_hc, stride_hh, stride_hw,
+                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """One partial sum per (sample, pixel block): sum_p m[p] (lse_k cam - mean_k cam - log K)."""
     pid_b, pid_p = tl.program_id(0), tl.program_id(1)
     offs_p, p_ok, p_offset = _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P)
     sample = h_ptr + pid_b.to(tl.int64) * stride_hb
@@ -126,81 +147,115 @@ def _pixel_block_statistics(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, K, C
         sample, w_ptr, b_ptr, label, K, C, p_offset, p_ok, stride_hc,
         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
     suppressed = p_ok & (cam_true <= tl.load(threshold_ptr + pid_b))
-    return pid_b, pid_p, offs_p, p_ok, p_offset, sample, lse, cam_total, suppressed
-
-
-@triton.jit
-def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K, C, P, width,
-                 num_p_blocks, stride_hb, stride_hc, stride_hh, stride_hw, log_k,
-                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    pid_b, pid_p, offs_p, p_ok, p_offset, sample, lse, cam_total, suppressed = \
-        _pixel_block_statistics(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, K, C, P, width,
-                                stride_hb, stride_hc, stride_hh, stride_hw, BLOCK_K, BLOCK_C,
-                                BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-    kl_to_uniform = lse - cam_total / K - log_k
+    num_classes = tl.zeros((BLOCK_P,), dtype=ACC) + K  # K in ACC: 1/K and log K exact to ACC
+    kl_to_uniform = lse - cam_total / num_classes - tl.log(num_classes)
     tl.store(partial_ptr + pid_b * num_p_blocks + pid_p,
              tl.sum(tl.where(suppressed, kl_to_uniform, 0.0), axis=0))
 
 
 @triton.jit
+def _accumulate_w_t_dcam(acc, w_ptr, offs_k, k_ok, offs_c, c_ok, C, dcam,
+                         USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc[c, p] += sum_k W[k, c] dcam[k, p] for one (BLOCK_K, BLOCK_C) block of W."""
+    w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :],
+                mask=k_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+    if USE_DOT:
+        acc += tl.dot(tl.trans(w), dcam, input_precision=PRECISION, out_dtype=ACC)
+    else:
+        acc += tl.sum(w[:, :, None] * dcam[:, None, :], axis=0)
+    return acc
+
+
+@triton.jit
 def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr, dense_ptr,
-                   grad_h_ptr, lse_ptr, coef_ptr, K, C, P, width,
+                   grad_h_ptr, scratch_ptr, lse_ptr, coef_ptr, K, C, P, width,
                    stride_hb, stride_hc, stride_hh, stride_hw,
                    stride_gb, stride_gc, stride_gh, stride_gw,
                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                   SINGLE_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                   ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """dh[c, p] = sum_k W[k, c] dcam[k, p] + dense[b, c], dense = (W^T g_logits + g_pooled) / P."""
-    pid_b, pid_p, offs_p, p_ok, p_offset, sample, lse, cam_total, suppressed = \
-        _pixel_block_statistics(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, K, C, P, width,
-                                stride_hb, stride_hc, stride_hh, stride_hw, BLOCK_K, BLOCK_C,
-                                BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-    grad_supp = tl.load(grad_supp_ptr + pid_b).to(ACC)
-    # dcam[k, p] = coef[p] * (softmax_k cam[:, p] - 1/K), coef = g_supp / P * mask.
-    coef = tl.where(suppressed, grad_supp / P, 0.0)
-    tl.store(lse_ptr + pid_b * P + offs_p, lse, mask=p_ok)
-    tl.store(coef_ptr + pid_b * P + offs_p, coef, mask=p_ok)
-    grad_sample = grad_h_ptr + pid_b.to(tl.int64) * stride_gb
-    g_offset = (offs_p // width).to(tl.int64) * stride_gh + (offs_p % width).to(tl.int64) * stride_gw
+                   SINGLE_K: tl.constexpr, SCRATCH: tl.constexpr, USE_DOT: tl.constexpr,
+                   PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """dh[c, p] = sum_k W[k, c] dcam[k, p] + dense[b, c], dense = (W^T g_logits + g_pooled) / P,
+    dcam[k, p] = coef[p] * (softmax_k cam[:, p] - 1/K), coef = g_supp / P * mask.
+
+    SINGLE_K (K <= BLOCK_K): the CAM tile is computed once, gives the statistics and dcam, and
+    dh is written one channel block at a time. Otherwise a first pass over the class blocks
+    gives the logsumexp, a second recomputes each dcam block once and adds W^T dcam into the
+    program's own (C, BLOCK_P) slice of an ACC buffer (grad_h itself when it is in ACC, else
+    `scratch`, laid out like grad_h), which SCRATCH then converts into grad_h."""
+    pid_b, pid_p = tl.program_id(0), tl.program_id(1)
+    offs_p, p_ok, p_offset = _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P)
+    sample = h_ptr + pid_b.to(tl.int64) * stride_hb
+    label = tl.load(labels_ptr + pid_b)
+    inv_k = 1.0 / (tl.zeros((BLOCK_P,), dtype=ACC) + K)
     if SINGLE_K:
-        # All classes fit one block: the CAM tile (hence dcam) is computed once for all of C.
         offs_k = tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, p_offset, p_ok, C, stride_hc,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-        dcam = tl.where(k_ok[:, None], coef[None, :] * (tl.exp(cam - lse[None, :]) - 1.0 / K), 0.0)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        dense = tl.load(dense_ptr + pid_b * C + offs_c, mask=c_ok, other=0.0).to(ACC)
-        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None]
-        if SINGLE_K:
-            w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :],
-                        mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            if USE_DOT:
-                acc += tl.dot(tl.trans(w.to(ACC)), dcam, input_precision=PRECISION, out_dtype=ACC)
-            else:
-                acc += tl.sum(w.to(ACC)[:, :, None] * dcam[:, None, :], axis=0)
-        else:
-            # Many class blocks: recompute each dcam block per channel block (rare: K > 64).
-            for k0 in range(0, K, BLOCK_K):
-                offs_kb = k0 + tl.arange(0, BLOCK_K)
-                kb_ok = offs_kb < K
-                cam_b = _cam_tile(sample, w_ptr, b_ptr, offs_kb, kb_ok, p_offset, p_ok, C,
-                                  stride_hc, BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-                dcam_b = tl.where(kb_ok[:, None],
-                                  coef[None, :] * (tl.exp(cam_b - lse[None, :]) - 1.0 / K), 0.0)
-                w = tl.load(w_ptr + offs_kb[:, None] * C + offs_c[None, :],
-                            mask=kb_ok[:, None] & c_ok[None, :], other=0.0)
-                if USE_DOT:
-                    acc += tl.dot(tl.trans(w.to(ACC)), dcam_b, input_precision=PRECISION,
-                                  out_dtype=ACC)
-                else:
-                    acc += tl.sum(w.to(ACC)[:, :, None] * dcam_b[:, None, :], axis=0)
-        tl.store(grad_sample + offs_c[:, None] * stride_gc + g_offset[None, :],
-                 acc.to(grad_h_ptr.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
+        running_max, running_sum, cam_total, cam_true = _class_block_update(
+            cam, offs_k, k_ok, label, tl.full((BLOCK_P,), float("-inf"), dtype=ACC),
+            tl.zeros((BLOCK_P,), dtype=ACC), tl.zeros((BLOCK_P,), dtype=ACC),
+            tl.zeros((BLOCK_P,), dtype=ACC))
+        lse = running_max + tl.log(running_sum)
+    else:
+        lse, cam_total, cam_true = _logsumexp_over_classes(
+            sample, w_ptr, b_ptr, label, K, C, p_offset, p_ok, stride_hc,
+            BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
+    suppressed = p_ok & (cam_true <= tl.load(threshold_ptr + pid_b))
+    grad_supp = tl.load(grad_supp_ptr + pid_b).to(ACC)
+    coef = tl.where(suppressed, grad_supp / P, 0.0)
+    tl.store(lse_ptr + pid_b * P + offs_p, lse, mask=p_ok)
+    tl.store(coef_ptr + pid_b * P + offs_p, coef, mask=p_ok)
+    g_offset = (pid_b.to(tl.int64) * stride_gb + (offs_p // width).to(tl.int64) * stride_gh
+                + (offs_p % width).to(tl.int64) * stride_gw)
+    if SINGLE_K:
+        dcam = tl.where(k_ok[:, None], coef[None, :] * (tl.exp(cam - lse[None, :]) - inv_k[None, :]),
+                        0.0)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < C
+            dense = tl.load(dense_ptr + pid_b * C + offs_c, mask=c_ok, other=0.0).to(ACC)
+            acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None]
+            acc = _accumulate_w_t_dcam(acc, w_ptr, offs_k, k_ok, offs_c, c_ok, C, dcam,
+                                       USE_DOT, PRECISION, ACC)
+            tl.store(grad_h_ptr + offs_c[:, None] * stride_gc + g_offset[None, :],
+                     acc.to(grad_h_ptr.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
+    else:
+        # The ACC accumulator: starts at dense, then one read-add-write per class block. Only
+        # this program touches these addresses, so no atomics; barriers order its own threads.
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < C
+            dense = tl.load(dense_ptr + pid_b * C + offs_c, mask=c_ok, other=0.0).to(ACC)
+            tl.store(scratch_ptr + offs_c[:, None] * stride_gc + g_offset[None, :],
+                     tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None],
+                     mask=c_ok[:, None] & p_ok[None, :])
+        tl.debug_barrier()
+        for k0 in range(0, K, BLOCK_K):
+            offs_kb = k0 + tl.arange(0, BLOCK_K)
+            kb_ok = offs_kb < K
+            cam_b = _cam_tile(sample, w_ptr, b_ptr, offs_kb, kb_ok, p_offset, p_ok, C, stride_hc,
+                              BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
+            dcam_b = tl.where(kb_ok[:, None],
+                              coef[None, :] * (tl.exp(cam_b - lse[None, :]) - inv_k[None, :]), 0.0)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                c_ok = offs_c < C
+                tile = scratch_ptr + offs_c[:, None] * stride_gc + g_offset[None, :]
+                tile_ok = c_ok[:, None] & p_ok[None, :]
+                acc = tl.load(tile, mask=tile_ok, other=0.0)
+                acc = _accumulate_w_t_dcam(acc, w_ptr, offs_kb, kb_ok, offs_c, c_ok, C, dcam_b,
+                                           USE_DOT, PRECISION, ACC)
+                tl.store(tile, acc, mask=tile_ok)
+            tl.debug_barrier()
+        if SCRATCH:
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                c_ok = offs_c < C
+                offsets = offs_c[:, None] * stride_gc + g_offset[None, :]
+                tile_ok = c_ok[:, None] & p_ok[None, :]
+                acc = tl.load(scratch_ptr + offsets, mask=tile_ok, other=0.0)
+                tl.store(grad_h_ptr + offsets, acc.to(grad_h_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -209,7 +264,7 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
                         stride_hb, stride_hc, stride_hh, stride_hw,
                         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                         USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-              UPCAST: tl.constexpr):
+                        UPCAST: tl.constexpr):
     """Partial sums over one split of the batch: dW[k, c] = sum dcam[k, p] h[c, p], db = sum dcam."""
     pid_k, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -218,6 +273,7 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
     c_ok = offs_c < C
     acc_w = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC)
     acc_b = tl.zeros((BLOCK_K,), dtype=ACC)
+    inv_k = 1.0 / (tl.zeros((BLOCK_K, BLOCK_P), dtype=ACC) + K)  # 1/K in ACC
     first = pid_s * samples_per_split
     for b in range(first, tl.minimum(first + samples_per_split, B)):
         sample = h_ptr + tl.cast(b, tl.int64) * stride_hb
@@ -229,7 +285,7 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
             cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, p_offset, p_ok, C, stride_hc,
                             BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
             dcam = tl.where(k_ok[:, None] & p_ok[None, :],
-                            coef[None, :] * (tl.exp(cam - lse[None, :]) - 1.0 / K), 0.0)
+                            coef[None, :] * (tl.exp(cam - lse[None, :]) - inv_k), 0.0)
             h = tl.load(sample + offs_c[:, None] * stride_hc + p_offset[None, :],
                         mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
             if USE_DOT:
@@ -256,6 +312,11 @@ def _config(h: Tensor, num_classes: int):
     block_p = 16 if (fp64 or pixels < 32) else 32
     return dict(
         block_k=block_k, block_c=block_c, block_p=block_p,
+        # Register use read from sm_90 cubins compiled ahead of time (fp16, 4 warps): 64-class
+        # tiles reach 254-255 registers per thread, 16-class tiles 70-146; the dW kernel holds
+        # a (BLOCK_K, BLOCK_C) accumulator besides the CAM tile (216 at 16 x 64). 8 warps there.
+        num_warps=8 if block_k * block_c >= 64 * 64 else 4,
+        num_warps_dw=8 if block_k * block_c >= 16 * 64 else 4,
         use_dot=not fp64,
         # fp32 stays fp32 in the dot (no TF32) so results match the reference closely.
         precision="ieee" if h.dtype == torch.float32 else "tf32",
@@ -274,9 +335,19 @@ def _pool(h: Tensor, cfg) -> Tensor:
     return pooled
 
 
-def _threshold(logits: Tensor, labels: Tensor) -> Tensor:
-    """logits[b, y_b] (the GAP of the ground-truth CAM), contiguous, in the accumulation dtype."""
-    return logits.gather(1, labels[:, None])[:, 0].contiguous()
+def _threshold(logits: Tensor, labels: Tensor, dtype: torch.dtype, pixels: int) -> Tensor:
+    """The mask threshold logits[b, y_b] (the GAP of the ground-truth CAM) in the accumulation
+    dtype, contiguous.
+
+    It is taken from the logits as rounded to h's dtype (the tensor forward returns and the
+    caller saves for backward), so forward and backward suppress exactly the same pixels. With
+    one pixel the ground-truth CAM equals its mean exactly, a tie the rounding of two different
+    summation orders would decide at random: the threshold is +inf there (every pixel counts).
+    """
+    threshold = logits.gather(1, labels[:, None])[:, 0].to(dtype).to(logits.dtype)
+    if pixels == 1:
+        threshold = torch.full_like(threshold, math.inf)
+    return threshold.contiguous()
 
 
 def exit_head_forward(h: Tensor, weight: Tensor, bias: Tensor,
@@ -295,11 +366,11 @@ def exit_head_forward(h: Tensor, weight: Tensor, bias: Tensor,
         num_p_blocks = triton.cdiv(pixels, cfg["block_p"])
         partial = torch.empty(batch, num_p_blocks, device=h.device, dtype=cfg["acc_dtype"])
         _supp_kernel[(batch, num_p_blocks)](
-            h, weight, bias, labels, _threshold(logits, labels), partial, num_classes, channels,
-            pixels, width, num_p_blocks, *h.stride(), math.log(num_classes),
+            h, weight, bias, labels, _threshold(logits, labels, h.dtype, pixels), partial,
+            num_classes, channels, pixels, width, num_p_blocks, *h.stride(),
             BLOCK_K=cfg["block_k"], BLOCK_C=cfg["block_c"], BLOCK_P=cfg["block_p"],
             USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"], ACC=cfg["acc"],
-            UPCAST=cfg["upcast"])
+            UPCAST=cfg["upcast"], num_warps=cfg["num_warps"])
         supp = (partial.sum(dim=1) / pixels).to(h.dtype)
     return logits.to(h.dtype), pooled.to(h.dtype), supp
 
@@ -345,10 +416,16 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     common = dict(BLOCK_K=cfg["block_k"], BLOCK_C=cfg["block_c"], BLOCK_P=cfg["block_p"],
                   USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"], ACC=cfg["acc"],
                   UPCAST=cfg["upcast"])
+    single_k = num_classes <= cfg["block_k"]
+    # K > BLOCK_K accumulates dh over class blocks in an ACC buffer laid out like grad_h.
+    use_scratch = not single_k and grad_h.dtype != acc
+    scratch = torch.empty_like(h, dtype=acc) if use_scratch else grad_h
+    assert scratch.stride() == grad_h.stride()
     _grad_h_kernel[(batch, num_p_blocks)](
-        h, weight, bias, labels, _threshold(logits32, labels), grad_supp.to(acc).contiguous(),
-        dense, grad_h, lse, coef, num_classes, channels, pixels, width, *h.stride(),
-        *grad_h.stride(), SINGLE_K=num_classes <= cfg["block_k"], **common)
+        h, weight, bias, labels, _threshold(logits32, labels, h.dtype, pixels),
+        grad_supp.to(acc).contiguous(), dense, grad_h, scratch, lse, coef, num_classes, channels,
+        pixels, width, *h.stride(), *grad_h.stride(), SINGLE_K=single_k, SCRATCH=use_scratch,
+        num_warps=cfg["num_warps"], **common)
     k_blocks = triton.cdiv(num_classes, cfg["block_k"])
     c_blocks = triton.cdiv(channels, cfg["block_c"])
     # Enough programs to fill a GPU; each split is a fixed range of samples (deterministic).
@@ -359,7 +436,7 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     partial_b = torch.empty(splits, num_classes, device=h.device, dtype=acc)
     _grad_weight_kernel[(k_blocks, c_blocks, splits)](
         h, weight, bias, lse, coef, partial_w, partial_b, batch, num_classes, channels, pixels,
-        width, samples_per_split, *h.stride(), **common)
+        width, samples_per_split, *h.stride(), num_warps=cfg["num_warps_dw"], **common)
     grad_weight += partial_w.sum(dim=0)
     grad_bias += partial_b.sum(dim=0)
     return grad_h, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
@@ -370,7 +447,7 @@ def _cam_kernel(h_ptr, w_ptr, b_ptr, cam_ptr, K, C, P, width,
                 stride_hb, stride_hc, stride_hh, stride_hw,
                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-              UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr):
     pid_b, pid_k, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_p, p_ok, p_offset = _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -394,5 +471,6 @@ def class_activation_maps(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     _cam_kernel[grid](h, weight, bias, cam, num_classes, channels, height * width, width,
                       *h.stride(), BLOCK_K=cfg["block_k"], BLOCK_C=cfg["block_c"],
                       BLOCK_P=cfg["block_p"], USE_DOT=cfg["use_dot"],
-                      PRECISION=cfg["precision"], ACC=cfg["acc"], UPCAST=cfg["upcast"])
+                      PRECISION=cfg["precision"], ACC=cfg["acc"], UPCAST=cfg["upcast"],
+                      num_warps=cfg["num_warps"])
     return cam
