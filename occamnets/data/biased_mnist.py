@@ -130,7 +130,7 @@ def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
                                            align_corners=False, antialias=True)[:, 0].numpy()
 
 
-def render(digits: np.ndarray, labels: np.ndarray, factors: np.ndarray, cell: int,
+def render(digits: np.ndarray, factors: np.ndarray, cell: int,
            letter_glyphs: np.ndarray, rng: np.random.Generator, progress: bool = False,
            chunk: int = 1000, description: str = "render") -> np.ndarray:
     """(N, 3, S, S) uint8 images of the given digits with the given factor values."""
@@ -152,13 +152,11 @@ def render(digits: np.ndarray, labels: np.ndarray, factors: np.ndarray, cell: in
         anchor = np.array(POSITIONS)[f[:, 2]] * cell
         top = np.minimum(anchor[:, 0], size - digit_size)
         left = np.minimum(anchor[:, 1], size - digit_size)
-        resized = {}
+        # Digits resized one scale at a time (a batch each), as per-sample intensity maps.
+        alphas = [None] * (stop - start)
         for scale in np.unique(f[:, 1]):
             rows = np.flatnonzero(f[:, 1] == scale)
-            resized[scale] = (rows, _resize_batch(digits[start + rows], scales[scale]))
-        alphas = [None] * (stop - start)
-        for scale, (rows, batch) in resized.items():
-            for row, alpha in zip(rows, batch):
+            for row, alpha in zip(rows, _resize_batch(digits[start + rows], scales[scale])):
                 alphas[row] = alpha
         letter_ids = (3 * f[:, 5][:, None] + np.arange(3)[None, :]) % 26
         for i in range(stop - start):
@@ -242,7 +240,7 @@ def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, Bia
         chosen = chosen[:count]
         split_labels = labels[chosen].astype(np.int64)
         factors = sample_factors(split_labels, p_bias, rng)
-        images = render(digits[chosen], split_labels, factors, cell, glyphs, rng, progress,
+        images = render(digits[chosen], factors, cell, glyphs, rng, progress,
                         description=f"biased-mnist {name}")
         splits[name] = BiasedMNISTSplit(torch.from_numpy(images),
                                         torch.from_numpy(split_labels),

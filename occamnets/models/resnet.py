@@ -8,8 +8,6 @@ from .exits import conv3x3
 
 
 class BasicBlock(nn.Module):
-    expansion = 1
-
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
         self.conv1 = conv3x3(in_channels, out_channels, stride)
