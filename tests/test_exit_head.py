@@ -1,12 +1,15 @@
 """The public exit_head / class_activation_maps ops against the reference (DESIGN.md section 3).
 
-On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py): shapes are small.
+Every test runs its kernels on the `device` fixture: CPU under the Triton interpreter when no
+GPU is visible (so shapes are small), CUDA natively when one is (conftest.py).
 """
 import pytest
 import torch
 
 from occam_kernels import (class_activation_maps, class_activation_maps_reference, exit_head,
                            exit_head_reference)
+
+pytestmark = pytest.mark.triton
 
 TOLERANCES = {  # (rtol, atol) against the fp64 reference of the same (rounded) inputs
     torch.float64: (1e-10, 1e-12),
@@ -19,19 +22,20 @@ TOLERANCES = {  # (rtol, atol) against the fp64 reference of the same (rounded) 
 def make_inputs(batch, channels, height, width, num_classes, dtype, layout="contiguous",
                 seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
-    h = torch.relu(torch.randn(batch, channels, height, width, generator=generator))
+    cast = dict(dtype=dtype, device=device)
+    # The layout is made on the target device: .to(device) of a strided view is contiguous.
+    h = torch.relu(torch.randn(batch, channels, height, width, generator=generator)).to(**cast)
     if layout == "channels_last":
         h = h.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
-        wide = torch.zeros(batch, channels * 2, height, width + 3)
+        wide = torch.zeros(batch, channels * 2, height, width + 3, **cast)
         wide[:, ::2, :, 1:width + 1] = h
         h = wide[:, ::2, :, 1:width + 1]
         assert not h.is_contiguous()
     weight = torch.randn(num_classes, channels, generator=generator) / channels ** 0.5
     bias = torch.randn(num_classes, generator=generator) * 0.1
     labels = torch.randint(0, num_classes, (batch,), generator=generator)
-    cast = dict(dtype=dtype, device=device)
-    return h.to(**cast), weight.to(**cast), bias.to(**cast), labels.to(device)
+    return h, weight.to(**cast), bias.to(**cast), labels.to(device)
 
 
 def forward_backward(h, weight, bias, labels, backend, seed=1):
@@ -73,54 +77,54 @@ def compare_with_reference(shape, dtype, layout="contiguous", with_labels=True, 
     (2, 3, 2, 2, 1000),   # K = 1000
     (2, 20, 4, 4, 17),    # several channel and class blocks
 ])
-def test_fused_matches_reference_fp32(shape):
-    compare_with_reference(shape, torch.float32)
+def test_fused_matches_reference_fp32(shape, device):
+    compare_with_reference(shape, torch.float32, device=device)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
-def test_fused_matches_reference_layouts(layout):
-    compare_with_reference((3, 6, 4, 5, 4), torch.float32, layout=layout)
+def test_fused_matches_reference_layouts(layout, device):
+    compare_with_reference((3, 6, 4, 5, 4), torch.float32, layout=layout, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_fused_matches_reference_dtypes(dtype):
-    compare_with_reference((3, 6, 3, 5, 4), dtype)
+def test_fused_matches_reference_dtypes(dtype, device):
+    compare_with_reference((3, 6, 3, 5, 4), dtype, device=device)
 
 
-def test_fused_without_labels():
-    compare_with_reference((3, 6, 3, 5, 4), torch.float32, with_labels=False)
-    h, weight, bias, _ = make_inputs(2, 3, 2, 2, 4, torch.float32)
+def test_fused_without_labels(device):
+    compare_with_reference((3, 6, 3, 5, 4), torch.float32, with_labels=False, device=device)
+    h, weight, bias, _ = make_inputs(2, 3, 2, 2, 4, torch.float32, device=device)
     assert exit_head(h, weight, bias, backend="triton").supp is None
 
 
-def test_fused_gradcheck_fp64():
-    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float64)
+def test_fused_gradcheck_fp64(device):
+    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float64, device=device)
     inputs = [t.requires_grad_(True) for t in (h, weight, bias)]
     assert torch.autograd.gradcheck(
         lambda h, w, b: tuple(exit_head(h, w, b, labels, backend="triton")), inputs)
 
 
-def test_fused_is_bitwise_deterministic():
-    h, weight, bias, labels = make_inputs(4, 6, 3, 3, 5, torch.float32, seed=3)
+def test_fused_is_bitwise_deterministic(device):
+    h, weight, bias, labels = make_inputs(4, 6, 3, 3, 5, torch.float32, seed=3, device=device)
     first = forward_backward(h, weight, bias, labels, "triton")
     second = forward_backward(h, weight, bias, labels, "triton")
     for a, b in zip(first[0] + list(first[1]), second[0] + list(second[1])):
         assert torch.equal(a, b)
 
 
-def test_conv_weight_and_no_bias():
-    h, weight, _, labels = make_inputs(2, 3, 2, 2, 4, torch.float32)
+def test_conv_weight_and_no_bias(device):
+    h, weight, _, labels = make_inputs(2, 3, 2, 2, 4, torch.float32, device=device)
     conv = weight[:, :, None, None]
     for got, want in zip(exit_head(h, conv, None, labels, backend="triton"),
                          exit_head_reference(h, weight, None, labels)):
         torch.testing.assert_close(got, want)
 
 
-def test_training_saves_no_cam_sized_tensor():
+def test_training_saves_no_cam_sized_tensor(device):
     """Autograd keeps h, weights, labels, logits and pooled: nothing of shape (B, K, H, W)."""
     batch, channels, height, width, num_classes = 3, 4, 5, 6, 7
     h, weight, bias, labels = make_inputs(batch, channels, height, width, num_classes,
-                                          torch.float32)
+                                          torch.float32, device=device)
     saved = []
 
     def pack(tensor):
@@ -141,20 +145,20 @@ def test_training_saves_no_cam_sized_tensor():
     assert any(torch.Size(s).numel() >= cam_numel and s != tuple(h.shape) for s in saved)
 
 
-def test_opcheck_fused_ops():
-    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32)
+def test_opcheck_fused_ops(device):
+    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32, device=device)
     weight.requires_grad_(True)
     torch.library.opcheck(torch.ops.occam.exit_head_fused, (h, weight, bias, labels))
     torch.library.opcheck(torch.ops.occam.exit_head_fused, (h, weight, bias, None))
     logits, pooled, _ = exit_head(h, weight.detach(), bias, labels, backend="triton")
-    grads = (torch.randn_like(logits), torch.randn_like(pooled), torch.randn(2))
+    grads = (torch.randn_like(logits), torch.randn_like(pooled), torch.randn(2, device=device))
     torch.library.opcheck(torch.ops.occam.exit_head_fused_backward,
                           (h, weight.detach(), bias, labels, logits, pooled, *grads))
     torch.library.opcheck(torch.ops.occam.class_activation_maps_fused, (h, weight, bias))
 
 
-def test_compiles_fullgraph():
-    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32)
+def test_compiles_fullgraph(device):
+    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32, device=device)
 
     def loss(h, weight, bias, labels):
         out = exit_head(h, weight, bias, labels, backend="triton")
@@ -164,9 +168,9 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(compiled(h, weight, bias, labels), loss(h, weight, bias, labels))
 
 
-def test_class_activation_maps_match_reference():
+def test_class_activation_maps_match_reference(device):
     for shape, layout in (((2, 5, 3, 4, 6), "contiguous"), ((2, 3, 1, 1, 1), "channels_last")):
-        h, weight, bias, _ = make_inputs(*shape, torch.float32, layout=layout)
+        h, weight, bias, _ = make_inputs(*shape, torch.float32, layout=layout, device=device)
         got = class_activation_maps(h, weight, bias, backend="triton")
         torch.testing.assert_close(got, class_activation_maps_reference(h, weight, bias))
         torch.testing.assert_close(class_activation_maps(h, weight, bias),
@@ -174,8 +178,8 @@ def test_class_activation_maps_match_reference():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_bad_input_is_named(backend):
-    h, weight, bias, labels = make_inputs(2, 3, 2, 2, 4, torch.float32)
+def test_bad_input_is_named(backend, device):
+    h, weight, bias, labels = make_inputs(2, 3, 2, 2, 4, torch.float32, device=device)
     cases = [
         ((h[0], weight, bias, labels), ValueError, "4-D"),
         ((h, weight[:, :2], bias, labels), ValueError, "input channels"),
@@ -183,11 +187,14 @@ def test_bad_input_is_named(backend):
         ((h, weight.double(), bias, labels), TypeError, "weight is torch.float64"),
         ((h, weight, bias, labels.int()), TypeError, "labels must be int64"),
         ((h, weight, bias, labels[:1]), ValueError, r"labels must have shape \(2,\)"),
-        ((h, weight, bias, torch.tensor([0, 4])), RuntimeError, r"labels must lie in \[0, 4\)"),
-        ((h, weight, bias, torch.tensor([-1, 0])), RuntimeError, r"labels must lie in \[0, 4\)"),
         ((h, weight.to("meta"), bias, labels), ValueError, "weight is on meta"),
         ((h.long(), weight, bias, labels), TypeError, "h must be float"),
     ]
+    if device.type == "cpu":
+        # On CUDA the range check is a device-side assert (no host sync), which ends the
+        # process's CUDA context: it cannot be caught in-process, so it is checked on CPU.
+        cases += [((h, weight, bias, torch.tensor(v)), RuntimeError, r"labels must lie in \[0, 4\)")
+                  for v in ([0, 4], [-1, 0])]
     for args, error, message in cases:
         with pytest.raises(error, match=message):
             exit_head(*args, backend=backend)
@@ -195,7 +202,26 @@ def test_bad_input_is_named(backend):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_matches_reference_on_gpu(dtype):
+def test_fused_matches_reference_at_a_design_shape(dtype, device):
+    """B=128 at the first exit's shape, K=1000, a 1x1 map; bench/gpu_check.sh covers the rest."""
     for shape in ((128, 58, 40, 40, 10), (5, 7, 3, 5, 1000), (3, 464, 1, 1, 10)):
         for layout in ("contiguous", "channels_last", "strided"):
-            compare_with_reference(shape, dtype, layout=layout, device="cuda")
+            compare_with_reference(shape, dtype, layout=layout, device=device)
+
+
+def test_strided_labels_are_read_as_values(device):
+    """labels[::2] is a view with stride 2: the kernels must see the values, not the storage
+    (reading it as dense once gave supp [0.59, 0.95, 0.0, 0.51] against [0.59, 0.27, 0.68, 1.01])."""
+    h, weight, bias, labels = make_inputs(4, 5, 3, 4, 6, torch.float32, seed=7, device=device)
+    wide = torch.stack([labels, (labels + 3) % 6], dim=1).flatten()   # labels at even positions
+    strided = wide[::2]
+    assert strided.stride() == (2,) and torch.equal(strided, labels)
+    got = exit_head(h, weight, bias, strided, backend="triton")
+    want = exit_head_reference(h, weight, bias, labels)
+    torch.testing.assert_close(got.supp, want[2], rtol=1e-4, atol=1e-5)
+    h.requires_grad_(True)
+    exit_head(h, weight, bias, strided, backend="triton").supp.sum().backward()
+    grad_strided = h.grad.clone()
+    h.grad = None
+    exit_head_reference(h, weight, bias, labels)[2].sum().backward()
+    torch.testing.assert_close(grad_strided, h.grad, rtol=1e-4, atol=1e-5)

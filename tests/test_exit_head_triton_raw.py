@@ -1,24 +1,20 @@
 """The raw Triton launchers of occam_kernels/triton/exit_head.py (no autograd, no custom op)
 against an explicit PyTorch version of DESIGN.md section 3, written here.
 
-Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1 is set before triton is
-imported), so shapes are small. The explicit version materialises the CAM with einsum and
-differentiates it with autograd in float64; the kernels must agree with it without ever
-writing the CAM.
+Every test runs on the `device` fixture (conftest.py): CPU under the Triton interpreter when
+no GPU is visible, so shapes are small; CUDA natively when one is. The explicit version
+materialises the CAM with einsum and differentiates it with autograd in float64; the kernels
+must agree with it without ever writing the CAM.
 """
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton
+import pytest
+import torch
 
-import math  # noqa: E402
+from occam_kernels.triton.exit_head import (class_activation_maps, exit_head_backward,
+                                            exit_head_forward)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from occam_kernels.triton.exit_head import (  # noqa: E402
-    class_activation_maps, exit_head_backward, exit_head_forward)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.triton
 
 # (rtol, atol) against the float64 formulas of the same (already rounded) inputs. Gradients
 # are compared with atol scaled by their magnitude (low-precision sums).
@@ -45,7 +41,7 @@ def explicit_exit_head(h, weight, bias, labels):
     logits = cam.mean(dim=2)                                            # GAP of the CAM
     if labels is None:
         return logits, pooled, None
-    cam_true = cam[torch.arange(h.shape[0]), labels]                    # (B, P)
+    cam_true = cam[torch.arange(h.shape[0], device=h.device), labels]   # (B, P)
     # threshold = logits[b, y_b], the mean of the ground-truth CAM row (written as that mean
     # so that P = 1, where the two are equal, is an exact tie: every pixel is suppressed).
     threshold = cam_true.mean(dim=1, keepdim=True)
@@ -73,13 +69,15 @@ def explicit_grads(h, weight, bias, labels, g_logits, g_pooled, g_supp):
 # Inputs
 
 
-def make_inputs(batch, channels, height, width, num_classes, dtype, layout="contiguous", seed=0):
+def make_inputs(batch, channels, height, width, num_classes, dtype, device, layout="contiguous",
+                seed=0):
     gen = torch.Generator().manual_seed(seed)
-    h = torch.relu(torch.randn(batch, channels, height, width, generator=gen))
+    # The layout is made on the device: .to(device) of a strided view would be contiguous.
+    h = torch.relu(torch.randn(batch, channels, height, width, generator=gen)).to(device, dtype)
     if layout == "channels_last":
         h = h.contiguous(memory_format=torch.channels_last)
     elif layout == "sliced":
-        wide = torch.zeros(batch, 2 * channels, height, width + 3)
+        wide = torch.zeros(batch, 2 * channels, height, width + 3, device=device, dtype=dtype)
         wide[:, ::2, :, 1:width + 1] = h
         h = wide[:, ::2, :, 1:width + 1]
     elif layout == "transposed":
@@ -88,9 +86,7 @@ def make_inputs(batch, channels, height, width, num_classes, dtype, layout="cont
     weight = torch.randn(num_classes, channels, generator=gen) / channels ** 0.5
     bias = torch.randn(num_classes, generator=gen) * 0.1
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
-    # .to keeps the strides of h (the layout under test) on the same device
-    return (h.to(DEVICE, dtype), weight.to(DEVICE, dtype), bias.to(DEVICE, dtype),
-            labels.to(DEVICE))
+    return h, weight.to(device, dtype), bias.to(device, dtype), labels.to(device)
 
 
 def upstream(batch, channels, num_classes, seed=1):
@@ -107,10 +103,11 @@ def assert_close(got, want, dtype, scale_by_magnitude=False):
                                atol=atol)
 
 
-def check_against_explicit(shape, dtype, layout="contiguous", give_saved=True,
+def check_against_explicit(shape, dtype, device, layout="contiguous", give_saved=True,
                            drop=(), seed=0):
     batch, channels, height, width, num_classes = shape
-    h, weight, bias, labels = make_inputs(*shape, dtype=dtype, layout=layout, seed=seed)
+    h, weight, bias, labels = make_inputs(*shape, dtype=dtype, device=device, layout=layout,
+                                          seed=seed)
     h64, w64, b64 = (t.double() for t in (h, weight, bias))
     # forward
     logits, pooled, supp = exit_head_forward(h, weight, bias, labels)
@@ -123,7 +120,7 @@ def check_against_explicit(shape, dtype, layout="contiguous", give_saved=True,
     grads = {"logits": g_logits, "pooled": g_pooled, "supp": g_supp}
     for name in drop:
         grads[name] = None
-    grads = {k: (None if g is None else g.to(DEVICE, dtype)) for k, g in grads.items()}
+    grads = {k: (None if g is None else g.to(device, dtype)) for k, g in grads.items()}
     saved = dict(logits=logits, pooled=pooled) if give_saved else {}
     dh, dw, db = exit_head_backward(h, weight, bias, labels, grads["logits"], grads["pooled"],
                                     grads["supp"], **saved)
@@ -147,49 +144,49 @@ def check_against_explicit(shape, dtype, layout="contiguous", give_saved=True,
     (2, 4, 1, 1, 6),        # H = W = 1: every pixel ties with the threshold
     (2, 70, 5, 8, 70),      # C and K over one block (64) each, P = 40 over one pixel block (32)
 ])
-def test_fp32_shapes(shape):
-    check_against_explicit(shape, torch.float32)
+def test_fp32_shapes(shape, device):
+    check_against_explicit(shape, torch.float32, device)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
-def test_fp32_layouts(layout):
-    check_against_explicit((3, 5, 3, 5, 7), torch.float32, layout=layout)
+def test_fp32_layouts(layout, device):
+    check_against_explicit((3, 5, 3, 5, 7), torch.float32, device, layout=layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision(dtype):
-    check_against_explicit((3, 5, 3, 5, 7), dtype)
-    check_against_explicit((2, 6, 4, 3, 9), dtype, layout="channels_last", seed=3)
+def test_low_precision(dtype, device):
+    check_against_explicit((3, 5, 3, 5, 7), dtype, device)
+    check_against_explicit((2, 6, 4, 3, 9), dtype, device, layout="channels_last", seed=3)
     # K > 64: dh accumulates over class blocks in an fp32 buffer, then is cast to dtype.
-    check_against_explicit((2, 6, 3, 3, 70), dtype, layout="channels_last", seed=4)
+    check_against_explicit((2, 6, 3, 3, 70), dtype, device, layout="channels_last", seed=4)
 
 
-def test_fp64_tight_and_multi_block():
+def test_fp64_tight_and_multi_block(device):
     # fp64 takes the broadcast-multiply path (BLOCK_C = 16): C = 20 is two channel blocks.
-    check_against_explicit((3, 5, 3, 5, 7), torch.float64)
-    check_against_explicit((2, 20, 3, 7, 70), torch.float64, layout="sliced")
+    check_against_explicit((3, 5, 3, 5, 7), torch.float64, device)
+    check_against_explicit((2, 20, 3, 7, 70), torch.float64, device, layout="sliced")
 
 
-def test_backward_without_saved_logits_and_pooled():
-    check_against_explicit((3, 5, 3, 5, 7), torch.float32, give_saved=False)
-    check_against_explicit((3, 5, 3, 5, 7), torch.float16, give_saved=False)
+def test_backward_without_saved_logits_and_pooled(device):
+    check_against_explicit((3, 5, 3, 5, 7), torch.float32, device, give_saved=False)
+    check_against_explicit((3, 5, 3, 5, 7), torch.float16, device, give_saved=False)
 
 
 @pytest.mark.parametrize("drop", [("logits",), ("pooled",), ("logits", "pooled"),
                                   ("supp",), ("logits", "pooled", "supp")])
-def test_absent_gradients(drop):
-    check_against_explicit((2, 5, 3, 3, 7), torch.float32, drop=drop)
+def test_absent_gradients(drop, device):
+    check_against_explicit((2, 5, 3, 3, 7), torch.float32, device, drop=drop)
 
 
-def test_without_labels():
-    h, weight, bias, _ = make_inputs(2, 5, 3, 4, 6, torch.float32)
+def test_without_labels(device):
+    h, weight, bias, _ = make_inputs(2, 5, 3, 4, 6, torch.float32, device)
     logits, pooled, supp = exit_head_forward(h, weight, bias, None)
     assert supp is None
     want_logits, want_pooled, _ = explicit_exit_head(h.double(), weight.double(), bias.double(),
                                                      None)
     assert_close(logits, want_logits, torch.float32)
     assert_close(pooled, want_pooled, torch.float32)
-    g_logits, g_pooled, _ = upstream(2, 5, 6)
+    g_logits, g_pooled, _ = (g.to(device) for g in upstream(2, 5, 6))
     dh, dw, db = exit_head_backward(h, weight, bias, None, g_logits, g_pooled, None)
     want = explicit_grads(h, weight, bias, None, g_logits, g_pooled, None)
     for got, ref in zip((dh, dw, db), want):
@@ -213,22 +210,22 @@ class _KernelExitHead(torch.autograd.Function):
         return dh, dw, db, None
 
 
-def test_gradcheck_fp64():
-    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float64, seed=5)
+def test_gradcheck_fp64(device):
+    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float64, device, seed=5)
     inputs = tuple(t.detach().requires_grad_(True) for t in (h, weight, bias))
     # eps well below the gap between any ground-truth CAM value and its threshold: the mask
     # is piecewise constant and must not flip under the finite differences.
-    cam_true = explicit_cam(h, weight, bias).flatten(2)[torch.arange(2), labels]
+    cam_true = explicit_cam(h, weight, bias).flatten(2)[torch.arange(2, device=device), labels]
     gap = (cam_true - cam_true.mean(dim=1, keepdim=True)).abs().min().item()
     assert gap > 1e-4
     assert torch.autograd.gradcheck(
         lambda h, w, b: _KernelExitHead.apply(h, w, b, labels), inputs, eps=1e-6, atol=1e-7)
 
 
-def test_backward_is_bitwise_deterministic():
-    h, weight, bias, labels = make_inputs(5, 6, 3, 4, 70, torch.float32, seed=2)
+def test_backward_is_bitwise_deterministic(device):
+    h, weight, bias, labels = make_inputs(5, 6, 3, 4, 70, torch.float32, device, seed=2)
     logits, pooled, _ = exit_head_forward(h, weight, bias, labels)
-    g_logits, g_pooled, g_supp = upstream(5, 6, 70)
+    g_logits, g_pooled, g_supp = (g.to(device) for g in upstream(5, 6, 70))
     runs = [exit_head_backward(h, weight, bias, labels, g_logits, g_pooled, g_supp,
                                logits=logits, pooled=pooled) for _ in range(2)]
     for first, second in zip(*runs):
@@ -246,8 +243,8 @@ def test_backward_is_bitwise_deterministic():
     ((2, 5, 3, 4, 7), torch.bfloat16, "contiguous"),
     ((2, 20, 3, 4, 7), torch.float64, "transposed"),
 ])
-def test_class_activation_maps(shape, dtype, layout):
-    h, weight, bias, _ = make_inputs(*shape, dtype=dtype, layout=layout)
+def test_class_activation_maps(shape, dtype, layout, device):
+    h, weight, bias, _ = make_inputs(*shape, dtype=dtype, device=device, layout=layout)
     cam = class_activation_maps(h, weight, bias)
     assert cam.dtype == dtype and cam.shape == (shape[0], shape[4], shape[2], shape[3])
     assert_close(cam, explicit_cam(h.double(), weight.double(), bias.double()), dtype)

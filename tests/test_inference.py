@@ -6,10 +6,10 @@ from occamnets.inference import predict
 from occamnets.models import occam_resnet18
 
 
-def small_model(seed=0):
+def small_model(seed=0, device="cpu"):
     torch.manual_seed(seed)
     model = occam_resnet18(num_classes=5, width=8, input_size=64, backend="reference")
-    return model.eval()
+    return model.to(device).eval()
 
 
 class PseudoRandomGate(torch.nn.Module):
@@ -37,31 +37,34 @@ def select_after_full_evaluation(model, x, threshold=0.5):
     """Independent baseline: every exit on every sample, then the first E1.. gate that fires."""
     out = model(x)
     last = model.num_exits - 1
-    exit_index = torch.full((x.shape[0],), last)
+    exit_index = torch.full((x.shape[0],), last, device=x.device)
     for i in range(x.shape[0]):
         for t in range(1, last):
             if out["gates"][t][i] >= threshold:
                 exit_index[i] = t
                 break
     logits = torch.stack([out["logits"][int(t)][i] for i, t in enumerate(exit_index)]) \
-        if x.shape[0] else torch.zeros(0, model.num_classes)
+        if x.shape[0] else torch.zeros(0, model.num_classes, device=x.device)
     return logits, exit_index
 
 
 @pytest.mark.parametrize("pattern", ["all_e1", "none", "mixed"])
 @pytest.mark.parametrize("batch", [0, 1, 7])
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-def test_compaction_equals_full_evaluation(pattern, batch, backend):
-    model = small_model()
+@pytest.mark.parametrize("backend", ["native", pytest.param("triton", marks=pytest.mark.triton),
+                                     "reference"])
+def test_compaction_equals_full_evaluation(pattern, batch, backend, device):
+    """Compaction backends: the extension's for the device ("native"), Triton, the reference."""
+    model = small_model(device=device)
     force_gates(model, pattern)
-    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch)).to(device)
     want_logits, want_exit = select_after_full_evaluation(model, x)
+    backend = device.type if backend == "native" else backend
     for compaction in (True, False):
         got = predict(model, x, compaction=compaction, backend=backend)
         assert torch.equal(got.exit_index, want_exit)
         assert torch.equal(got.logits.argmax(1), want_logits.argmax(1))
         torch.testing.assert_close(got.logits, want_logits, rtol=1e-5, atol=1e-6)
-        assert got.exit_counts.tolist() == torch.bincount(want_exit, minlength=4).tolist()
+        assert got.exit_counts.tolist() == torch.bincount(want_exit.cpu(), minlength=4).tolist()
         assert got.exit_counts[0] == 0
     if pattern == "all_e1" and batch:
         assert (got.exit_index == 1).all()

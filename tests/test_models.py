@@ -43,7 +43,7 @@ def test_gate_sees_detached_features():
 
 
 def training_step(model, x, labels, items):
-    loss_fn = OccamLoss(num_items=8, num_classes=model.num_classes)
+    loss_fn = OccamLoss(num_items=8, num_classes=model.num_classes).to(x.device)
     loss_fn.on_epoch_start(0)
     loss, parts = loss_fn(model(x, labels), labels, items)
     loss.backward()
@@ -51,16 +51,17 @@ def training_step(model, x, labels, items):
                                   if p.grad is not None}
 
 
-def test_fused_and_reference_training_steps_agree():
-    """A full-width OccamResNet-18 step on small images: Triton (interpreter) vs reference."""
+@pytest.mark.triton
+def test_fused_and_reference_training_steps_agree(device):
+    """A full-width OccamResNet-18 step on small images: Triton vs reference exit heads."""
     torch.manual_seed(0)
-    reference = occam_resnet18(10, width=58, input_size=64, backend="reference")
+    reference = occam_resnet18(10, width=58, input_size=64, backend="reference").to(device)
     fused = copy.deepcopy(reference)
     fused.set_backend("triton")
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3, 16, 16, generator=generator)
-    labels = torch.tensor([1, 7, 3])
-    items = torch.tensor([0, 5, 2])
+    x = torch.randn(3, 3, 16, 16, generator=generator).to(device)
+    labels = torch.tensor([1, 7, 3], device=device)
+    items = torch.tensor([0, 5, 2], device=device)
     loss_r, parts_r, grads_r = training_step(reference, x, labels, items)
     loss_f, parts_f, grads_f = training_step(fused, x, labels, items)
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-4, atol=1e-5)
@@ -74,16 +75,18 @@ def test_fused_and_reference_training_steps_agree():
                                    msg=lambda text, name=name: f"{name}: {text}")
 
 
-def test_training_step_compiles_without_graph_breaks():
+@pytest.mark.triton
+def test_training_step_compiles_without_graph_breaks(device):
     """torch._dynamo.explain counts graph breaks in forward + OccamLoss; fullgraph compiles."""
-    model = occam_resnet18(4, width=8, input_size=64, backend="triton")
-    loss_fn = OccamLoss(num_items=8, num_classes=4)
+    model = occam_resnet18(4, width=8, input_size=64, backend="triton").to(device)
+    loss_fn = OccamLoss(num_items=8, num_classes=4).to(device)
     loss_fn.on_epoch_start(0)
 
     def forward_and_loss(x, labels, items):
         return loss_fn(model(x, labels), labels, items)[0]
 
-    x, labels, items = torch.randn(2, 3, 16, 16), torch.tensor([0, 3]), torch.tensor([1, 6])
+    x = torch.randn(2, 3, 16, 16, device=device)
+    labels, items = torch.tensor([0, 3], device=device), torch.tensor([1, 6], device=device)
     explanation = torch._dynamo.explain(forward_and_loss)(x, labels, items)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch._dynamo.reset()

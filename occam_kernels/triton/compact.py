@@ -67,8 +67,11 @@ def compact(x: torch.Tensor, keep: torch.Tensor, index: torch.Tensor):
         dst = _rows_as_integers(out_dense, rows)
         count = torch.zeros(1, dtype=torch.int64, device=x.device)
         row_elems = src.shape[1]
-        block_e = min(1024, triton.next_power_of_2(row_elems))
-        block_r = min(16 if block_e >= 512 else 64, triton.next_power_of_2(rows))
+        # A tile of at most 4,096 integers (32 per thread at 4 warps): 16 x 1,024 int64 tiles
+        # spilled at the stage shapes (bench/CODEGEN.md). Narrower column slices also mean
+        # more programs for wide rows.
+        block_e = min(256, triton.next_power_of_2(row_elems))
+        block_r = min(triton.next_power_of_2(rows), max(16, 4096 // block_e))
         grid = (triton.cdiv(row_elems, block_e),)
         _compact_kernel[grid](src, keep.contiguous(), index.contiguous(), dst, index_out,
                               count, rows, row_elems, BLOCK_R=block_r, BLOCK_E=block_e)

@@ -4,26 +4,36 @@ Training never materialises the (B, K, H, W) CAM: every kernel recomputes the CA
 needs, cam[k, p] = W[k, :] @ h[:, p] + b[k], from a (C, BLOCK_P) slice of h.
 
 Forward, two launches:
-  _pool_kernel      grid (B, C blocks): pooled[b, c] = mean_p h[b, c, p]     (reads h once)
+  _pool_kernel      grid (B, C blocks, pixel splits): per split, the sum of h over a fixed
+                    pixel range; the splits are summed in torch (reads h once)
   logits = pooled @ W.T + b and the threshold logits[b, y_b]: a (B, C) x (C, K) matmul in torch
-  _supp_kernel      grid (B, P blocks): per pixel block, the CAM over all K (online
+  _supp_kernel      grid (B * P blocks,): per pixel block, the CAM over all K (online
                     logsumexp over K blocks), KL to uniform, the mask cam[y] <= threshold;
                     writes one partial sum per (b, P block)                 (reads h once)
 Backward, two launches (the terms without the CAM, W^T g_logits, g_logits^T pooled, are torch
 matmuls on (B, K) and (B, C) tensors):
-  _grad_h_kernel    grid (B, P blocks): recomputes the CAM tile, writes dh once and the
+  _grad_h_kernel    grid (B * P blocks,): recomputes the CAM tile, writes dh once and the
                     per-pixel logsumexp and mask coefficient (B, P) for the next kernel.
                     K <= BLOCK_K: one CAM tile gives the statistics and dcam. K > BLOCK_K: a
                     logsumexp pass over the class blocks, then each dcam block is recomputed
                     once and W^T dcam is added into the program's own (C, BLOCK_P) slice of an
                     fp32 buffer (grad_h itself for fp32/fp64), cast into grad_h at the end.
-  _grad_weight_kernel grid (K blocks, C blocks, splits of B): dW and db partial sums per
-                    split (a fixed range of samples), written to a (splits, K, C) buffer and
-                    reduced afterwards with torch.sum
+  _grad_weight_kernel grid (K blocks, C blocks, splits): dW and db partial sums over a fixed
+                    range of (sample, pixel block) units per split, written to a
+                    (splits, K, C) buffer and reduced afterwards with torch.sum
 No float atomics anywhere and every reduction has a fixed order, so equal inputs give bitwise
 equal outputs. Accumulation is fp32 (fp64 for fp64 inputs; that path uses
 broadcast-multiply-sum instead of tl.dot, which has no fp64 form on every GPU, so gradcheck
 can run on the kernels). fp32 dots use input_precision="ieee" (no TF32).
+
+Memory access: the launcher classifies h (and dh) per sample as PIXELS_DENSE (NCHW: the
+pixels of a channel are one run), CHANNELS_DENSE (NHWC, channels_last: the channels of a pixel
+are one run) or STRIDED, and passes the largest power of two (<= 16 elements) dividing the
+strides that start the runs. Offsets are then plain `run start + arange`, which the compiler
+can prove contiguous and aligned, so loads and stores become 16-byte vectors where the shape
+allows (bench/CODEGEN.md lists the widths per kernel and shape). Offsets that scale with the
+batch or the pixel count are int64: B * H * W and K * H * W may pass 2^31. Grids put every
+dimension that grows with B or P on axis 0 (axes 1 and 2 stop at 65,535).
 
 The mask threshold is logits[b, y_b] as rounded to h's dtype (what forward returns and the
 caller saves), so forward and backward mask the same pixels; with P = 1 the mask is all ones
@@ -33,8 +43,10 @@ Block sizes (a heuristic, not autotuned, so the interpreter and the GPU run the 
 BLOCK_K = next power of two of K clamped to [16, 64] (K = 10 is one block); BLOCK_C likewise
 clamped to [16, 64] (16 for fp64); BLOCK_P = 32 when P >= 32 else 16 (16 for fp64). tl.dot
 needs every dimension >= 16, which these bounds guarantee; padding lanes are masked.
-num_warps = 8 for 64 x 64 (K x C) tiles (4 otherwise), and for the dW kernel from 16 x 64 up:
-chosen from the register counts of sm_90 cubins compiled ahead of time, not from timings.
+num_warps = 8 for 64 x 64 (K x C) tiles (4 otherwise), 2 pipeline stages: chosen from the
+registers and spills of sm_90 cubins compiled ahead of time (bench/CODEGEN.md), not timings.
+The pool and dW kernels split their pixel loops so that about _TARGET_PROGRAMS programs run
+(a few per SM of an H100), each over a fixed range: more parallelism, same summation order.
 """
 import math
 from typing import Optional, Tuple
@@ -47,8 +59,42 @@ from torch import Tensor
 from ..ops import _backends
 
 
+# Layouts of a (B, C, H, W) tensor within one sample (see the module docstring).
+PIXELS_DENSE = tl.constexpr(0)
+CHANNELS_DENSE = tl.constexpr(1)
+STRIDED = tl.constexpr(2)
+
+
 @triton.jit
-def _cam_tile(h_sample_ptr, w_ptr, b_ptr, offs_k, k_ok, p_offset, p_ok, C, stride_hc,
+def _sample_start(sample, stride_b, ALIGN: tl.constexpr):
+    """Element offset of a sample: int64 (B * C * H * W may pass 2^31), a multiple of ALIGN."""
+    return tl.multiple_of(sample.to(tl.int64) * stride_b, ALIGN)
+
+
+@triton.jit
+def _tile_offsets(offs_c, offs_p, width, stride_c, stride_h, stride_w,
+                  LAYOUT: tl.constexpr, ALIGN: tl.constexpr):
+    """(BLOCK_C, BLOCK_P) int64 element offsets of x[c, p] within one sample.
+
+    PIXELS_DENSE: c * stride_c + p, CHANNELS_DENSE: c + p * stride_w (stride_w is the pixel
+    stride), STRIDED: c * stride_c + (p // W) * stride_h + (p % W) * stride_w. In the dense
+    layouts every run starts at a multiple of ALIGN and the run itself is an arange, which is
+    what lets the compiler vectorise the access."""
+    c = offs_c.to(tl.int64)
+    p = offs_p.to(tl.int64)
+    if LAYOUT == PIXELS_DENSE:
+        offsets = tl.multiple_of(c * stride_c, ALIGN)[:, None] + p[None, :]
+    elif LAYOUT == CHANNELS_DENSE:
+        offsets = c[:, None] + tl.multiple_of(p * stride_w, ALIGN)[None, :]
+    else:
+        pixel = (p // width) * stride_h + (p % width) * stride_w
+        offsets = c[:, None] * stride_c + pixel[None, :]
+    return offsets
+
+
+@triton.jit
+def _cam_tile(sample_ptr, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
+              stride_c, stride_h, stride_w, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
               BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
               USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
               UPCAST: tl.constexpr):
@@ -57,9 +103,11 @@ def _cam_tile(h_sample_ptr, w_ptr, b_ptr, offs_k, k_ok, p_offset, p_ok, C, strid
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
+        # K * C stays far below 2^31 (the weight is a (K, C) matrix in memory): int32 is safe.
         w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :],
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        h = tl.load(h_sample_ptr + offs_c[:, None] * stride_hc + p_offset[None, :],
+        h = tl.load(sample_ptr + _tile_offsets(offs_c, offs_p, width, stride_c, stride_h,
+                                               stride_w, LAYOUT, ALIGN),
                     mask=c_ok[:, None] & p_ok[None, :], other=0.0)
         if USE_DOT:
             if UPCAST:
@@ -69,15 +117,6 @@ def _cam_tile(h_sample_ptr, w_ptr, b_ptr, offs_k, k_ok, p_offset, p_ok, C, strid
             acc += tl.sum(w.to(ACC)[:, :, None] * h.to(ACC)[None, :, :], axis=1)
     bias = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0).to(ACC)
     return acc + bias[:, None]
-
-
-@triton.jit
-def _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P: tl.constexpr):
-    """Pixel indices of a block and their memory offsets (h may be strided or channels_last)."""
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < P
-    p_offset = (offs_p // width).to(tl.int64) * stride_hh + (offs_p % width).to(tl.int64) * stride_hw
-    return offs_p, p_ok, p_offset
 
 
 @triton.jit
@@ -94,10 +133,11 @@ def _class_block_update(cam, offs_k, k_ok, label, running_max, running_sum, cam_
 
 
 @triton.jit
-def _logsumexp_over_classes(h_sample_ptr, w_ptr, b_ptr, label, K, C, p_offset, p_ok, stride_hc,
-                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                            USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                            UPCAST: tl.constexpr):
+def _logsumexp_over_classes(sample_ptr, w_ptr, b_ptr, label, K, C, offs_p, p_ok, width,
+                            stride_c, stride_h, stride_w, LAYOUT: tl.constexpr,
+                            ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_P: tl.constexpr, USE_DOT: tl.constexpr,
+                            PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """Per pixel: logsumexp_k cam, sum_k cam and the ground-truth row cam[label], over K blocks
     (only one CAM block of BLOCK_K classes lives in registers at a time)."""
     running_max = tl.full((BLOCK_P,), float("-inf"), dtype=ACC)
@@ -107,7 +147,8 @@ def _logsumexp_over_classes(h_sample_ptr, w_ptr, b_ptr, label, K, C, p_offset, p
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        cam = _cam_tile(h_sample_ptr, w_ptr, b_ptr, offs_k, k_ok, p_offset, p_ok, C, stride_hc,
+        cam = _cam_tile(sample_ptr, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
+                        stride_c, stride_h, stride_w, LAYOUT, ALIGN,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
         running_max, running_sum, cam_total, cam_true = _class_block_update(
             cam, offs_k, k_ok, label, running_max, running_sum, cam_total, cam_true)
@@ -115,42 +156,50 @@ def _logsumexp_over_classes(h_sample_ptr, w_ptr, b_ptr, label, K, C, p_offset, p
 
 
 @triton.jit
-def _pool_kernel(h_ptr, pooled_ptr, C, P, width, stride_hb, stride_hc, stride_hh, stride_hw,
-                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
-    pid_b, pid_c = tl.program_id(0), tl.program_id(1)
+def _pool_kernel(h_ptr, partial_ptr, C, P, width, blocks_per_split, num_splits,
+                 stride_hb, stride_hc, stride_hh, stride_hw,
+                 LAYOUT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """partial[b, s, c] = sum of h[b, c, p] over the pixel blocks of split s (a fixed range)."""
+    pid_b, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    sample = h_ptr + pid_b.to(tl.int64) * stride_hb
+    sample = h_ptr + _sample_start(pid_b, stride_hb, ALIGN)
     acc = tl.zeros((BLOCK_C,), dtype=ACC)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+    for i in range(0, blocks_per_split):
+        # block index * BLOCK_P: the compiler sees every run start at a multiple of BLOCK_P
+        offs_p = (pid_s * blocks_per_split + i) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
-        p_offset = (offs_p // width).to(tl.int64) * stride_hh + (offs_p % width).to(tl.int64) * stride_hw
-        h = tl.load(sample + offs_c[:, None] * stride_hc + p_offset[None, :],
+        h = tl.load(sample + _tile_offsets(offs_c, offs_p, width, stride_hc, stride_hh,
+                                           stride_hw, LAYOUT, ALIGN),
                     mask=c_ok[:, None] & p_ok[None, :], other=0.0)
         acc += tl.sum(h.to(ACC), axis=1)
-    tl.store(pooled_ptr + pid_b * C + offs_c, acc / P, mask=c_ok)
+    out = partial_ptr + (pid_b.to(tl.int64) * num_splits + pid_s) * C + offs_c
+    tl.store(out, acc, mask=c_ok)
 
 
 @triton.jit
 def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K, C, P, width,
                  num_p_blocks, stride_hb, stride_hc, stride_hh, stride_hw,
+                 LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                  USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                  UPCAST: tl.constexpr):
     """One partial sum per (sample, pixel block): sum_p m[p] (lse_k cam - mean_k cam - log K)."""
-    pid_b, pid_p = tl.program_id(0), tl.program_id(1)
-    offs_p, p_ok, p_offset = _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P)
-    sample = h_ptr + pid_b.to(tl.int64) * stride_hb
+    pid = tl.program_id(0)
+    pid_b, pid_p = pid // num_p_blocks, pid % num_p_blocks
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
+    sample = h_ptr + _sample_start(pid_b, stride_hb, ALIGN)
     label = tl.load(labels_ptr + pid_b)
     lse, cam_total, cam_true = _logsumexp_over_classes(
-        sample, w_ptr, b_ptr, label, K, C, p_offset, p_ok, stride_hc,
-        BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
+        sample, w_ptr, b_ptr, label, K, C, offs_p, p_ok, width, stride_hc, stride_hh, stride_hw,
+        LAYOUT, ALIGN, BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
     suppressed = p_ok & (cam_true <= tl.load(threshold_ptr + pid_b))
     num_classes = tl.zeros((BLOCK_P,), dtype=ACC) + K  # K in ACC: 1/K and log K exact to ACC
     kl_to_uniform = lse - cam_total / num_classes - tl.log(num_classes)
-    tl.store(partial_ptr + pid_b * num_p_blocks + pid_p,
-             tl.sum(tl.where(suppressed, kl_to_uniform, 0.0), axis=0))
+    # partial is (B, P blocks) row-major: program pid owns element pid
+    tl.store(partial_ptr + pid.to(tl.int64), tl.sum(tl.where(suppressed, kl_to_uniform, 0.0), axis=0))
 
 
 @triton.jit
@@ -168,9 +217,11 @@ def _accumulate_w_t_dcam(acc, w_ptr, offs_k, k_ok, offs_c, c_ok, C, dcam,
 
 @triton.jit
 def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr, dense_ptr,
-                   grad_h_ptr, scratch_ptr, lse_ptr, coef_ptr, K, C, P, width,
+                   grad_h_ptr, scratch_ptr, lse_ptr, coef_ptr, K, C, P, width, num_p_blocks,
                    stride_hb, stride_hc, stride_hh, stride_hw,
                    stride_gb, stride_gc, stride_gh, stride_gw,
+                   LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+                   G_LAYOUT: tl.constexpr, G_ALIGN: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                    SINGLE_K: tl.constexpr, SCRATCH: tl.constexpr, USE_DOT: tl.constexpr,
                    PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
@@ -182,15 +233,18 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
     gives the logsumexp, a second recomputes each dcam block once and adds W^T dcam into the
     program's own (C, BLOCK_P) slice of an ACC buffer (grad_h itself when it is in ACC, else
     `scratch`, laid out like grad_h), which SCRATCH then converts into grad_h."""
-    pid_b, pid_p = tl.program_id(0), tl.program_id(1)
-    offs_p, p_ok, p_offset = _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P)
-    sample = h_ptr + pid_b.to(tl.int64) * stride_hb
+    pid = tl.program_id(0)
+    pid_b, pid_p = pid // num_p_blocks, pid % num_p_blocks
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
+    sample = h_ptr + _sample_start(pid_b, stride_hb, ALIGN)
     label = tl.load(labels_ptr + pid_b)
     inv_k = 1.0 / (tl.zeros((BLOCK_P,), dtype=ACC) + K)
     if SINGLE_K:
         offs_k = tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, p_offset, p_ok, C, stride_hc,
+        cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
+                        stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
         running_max, running_sum, cam_total, cam_true = _class_block_update(
             cam, offs_k, k_ok, label, tl.full((BLOCK_P,), float("-inf"), dtype=ACC),
@@ -199,49 +253,56 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
         lse = running_max + tl.log(running_sum)
     else:
         lse, cam_total, cam_true = _logsumexp_over_classes(
-            sample, w_ptr, b_ptr, label, K, C, p_offset, p_ok, stride_hc,
+            sample, w_ptr, b_ptr, label, K, C, offs_p, p_ok, width,
+            stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
             BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
     suppressed = p_ok & (cam_true <= tl.load(threshold_ptr + pid_b))
     grad_supp = tl.load(grad_supp_ptr + pid_b).to(ACC)
     coef = tl.where(suppressed, grad_supp / P, 0.0)
-    tl.store(lse_ptr + pid_b * P + offs_p, lse, mask=p_ok)
-    tl.store(coef_ptr + pid_b * P + offs_p, coef, mask=p_ok)
-    g_offset = (pid_b.to(tl.int64) * stride_gb + (offs_p // width).to(tl.int64) * stride_gh
-                + (offs_p % width).to(tl.int64) * stride_gw)
+    pixel_row = pid_b.to(tl.int64) * P + offs_p  # (B, P) statistics: B * P may pass 2^31
+    tl.store(lse_ptr + pixel_row, lse, mask=p_ok)
+    tl.store(coef_ptr + pixel_row, coef, mask=p_ok)
+    g_sample = _sample_start(pid_b, stride_gb, G_ALIGN)
+    dense_row = dense_ptr + pid_b.to(tl.int64) * C
     if SINGLE_K:
         dcam = tl.where(k_ok[:, None], coef[None, :] * (tl.exp(cam - lse[None, :]) - inv_k[None, :]),
                         0.0)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < C
-            dense = tl.load(dense_ptr + pid_b * C + offs_c, mask=c_ok, other=0.0).to(ACC)
+            dense = tl.load(dense_row + offs_c, mask=c_ok, other=0.0).to(ACC)
             acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None]
             acc = _accumulate_w_t_dcam(acc, w_ptr, offs_k, k_ok, offs_c, c_ok, C, dcam,
                                        USE_DOT, PRECISION, ACC)
-            tl.store(grad_h_ptr + offs_c[:, None] * stride_gc + g_offset[None, :],
-                     acc.to(grad_h_ptr.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
+            offsets = g_sample + _tile_offsets(offs_c, offs_p, width, stride_gc, stride_gh,
+                                               stride_gw, G_LAYOUT, G_ALIGN)
+            tl.store(grad_h_ptr + offsets, acc.to(grad_h_ptr.dtype.element_ty),
+                     mask=c_ok[:, None] & p_ok[None, :])
     else:
         # The ACC accumulator: starts at dense, then one read-add-write per class block. Only
         # this program touches these addresses, so no atomics; barriers order its own threads.
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < C
-            dense = tl.load(dense_ptr + pid_b * C + offs_c, mask=c_ok, other=0.0).to(ACC)
-            tl.store(scratch_ptr + offs_c[:, None] * stride_gc + g_offset[None, :],
-                     tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None],
+            dense = tl.load(dense_row + offs_c, mask=c_ok, other=0.0).to(ACC)
+            offsets = g_sample + _tile_offsets(offs_c, offs_p, width, stride_gc, stride_gh,
+                                               stride_gw, G_LAYOUT, G_ALIGN)
+            tl.store(scratch_ptr + offsets, tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None],
                      mask=c_ok[:, None] & p_ok[None, :])
         tl.debug_barrier()
         for k0 in range(0, K, BLOCK_K):
             offs_kb = k0 + tl.arange(0, BLOCK_K)
             kb_ok = offs_kb < K
-            cam_b = _cam_tile(sample, w_ptr, b_ptr, offs_kb, kb_ok, p_offset, p_ok, C, stride_hc,
+            cam_b = _cam_tile(sample, w_ptr, b_ptr, offs_kb, kb_ok, offs_p, p_ok, C, width,
+                              stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
                               BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
             dcam_b = tl.where(kb_ok[:, None],
                               coef[None, :] * (tl.exp(cam_b - lse[None, :]) - inv_k[None, :]), 0.0)
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 c_ok = offs_c < C
-                tile = scratch_ptr + offs_c[:, None] * stride_gc + g_offset[None, :]
+                tile = scratch_ptr + g_sample + _tile_offsets(
+                    offs_c, offs_p, width, stride_gc, stride_gh, stride_gw, G_LAYOUT, G_ALIGN)
                 tile_ok = c_ok[:, None] & p_ok[None, :]
                 acc = tl.load(tile, mask=tile_ok, other=0.0)
                 acc = _accumulate_w_t_dcam(acc, w_ptr, offs_kb, kb_ok, offs_c, c_ok, C, dcam_b,
@@ -252,7 +313,8 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 c_ok = offs_c < C
-                offsets = offs_c[:, None] * stride_gc + g_offset[None, :]
+                offsets = g_sample + _tile_offsets(offs_c, offs_p, width, stride_gc, stride_gh,
+                                                   stride_gw, G_LAYOUT, G_ALIGN)
                 tile_ok = c_ok[:, None] & p_ok[None, :]
                 acc = tl.load(scratch_ptr + offsets, mask=tile_ok, other=0.0)
                 tl.store(grad_h_ptr + offsets, acc.to(grad_h_ptr.dtype.element_ty), mask=tile_ok)
@@ -260,12 +322,14 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
 
 @triton.jit
 def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, partial_b_ptr,
-                        B, K, C, P, width, samples_per_split,
+                        K, C, P, width, num_p_blocks, num_units, units_per_split,
                         stride_hb, stride_hc, stride_hh, stride_hw,
+                        LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                         USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                         UPCAST: tl.constexpr):
-    """Partial sums over one split of the batch: dW[k, c] = sum dcam[k, p] h[c, p], db = sum dcam."""
+    """Partial sums over one split, a fixed range of (sample, pixel block) units:
+    dW[k, c] = sum dcam[k, p] h[c, p], db[k] = sum dcam[k, p]."""
     pid_k, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
@@ -274,34 +338,67 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
     acc_w = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC)
     acc_b = tl.zeros((BLOCK_K,), dtype=ACC)
     inv_k = 1.0 / (tl.zeros((BLOCK_K, BLOCK_P), dtype=ACC) + K)  # 1/K in ACC
-    first = pid_s * samples_per_split
-    for b in range(first, tl.minimum(first + samples_per_split, B)):
-        sample = h_ptr + tl.cast(b, tl.int64) * stride_hb
-        for p0 in range(0, P, BLOCK_P):
-            offs_p, p_ok, p_offset = _pixel_offsets(p0 // BLOCK_P, P, width, stride_hh, stride_hw,
-                                                    BLOCK_P)
-            coef = tl.load(coef_ptr + b * P + offs_p, mask=p_ok, other=0.0)
-            lse = tl.load(lse_ptr + b * P + offs_p, mask=p_ok, other=0.0)
-            cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, p_offset, p_ok, C, stride_hc,
-                            BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-            dcam = tl.where(k_ok[:, None] & p_ok[None, :],
-                            coef[None, :] * (tl.exp(cam - lse[None, :]) - inv_k), 0.0)
-            h = tl.load(sample + offs_c[:, None] * stride_hc + p_offset[None, :],
-                        mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
-            if USE_DOT:
-                acc_w += tl.dot(dcam, tl.trans(h), input_precision=PRECISION, out_dtype=ACC)
-            else:
-                acc_w += tl.sum(dcam[:, None, :] * h[None, :, :], axis=2)
-            acc_b += tl.sum(dcam, axis=1)
+    first = pid_s * units_per_split
+    for unit in range(first, tl.minimum(first + units_per_split, num_units)):
+        b = unit // num_p_blocks
+        offs_p = (unit % num_p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        sample = h_ptr + _sample_start(b, stride_hb, ALIGN)
+        pixel_row = b.to(tl.int64) * P + offs_p
+        coef = tl.load(coef_ptr + pixel_row, mask=p_ok, other=0.0)
+        lse = tl.load(lse_ptr + pixel_row, mask=p_ok, other=0.0)
+        cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
+                        stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
+                        BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
+        dcam = tl.where(k_ok[:, None] & p_ok[None, :],
+                        coef[None, :] * (tl.exp(cam - lse[None, :]) - inv_k), 0.0)
+        h = tl.load(sample + _tile_offsets(offs_c, offs_p, width, stride_hc, stride_hh,
+                                           stride_hw, LAYOUT, ALIGN),
+                    mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
+        if USE_DOT:
+            acc_w += tl.dot(dcam, tl.trans(h), input_precision=PRECISION, out_dtype=ACC)
+        else:
+            acc_w += tl.sum(dcam[:, None, :] * h[None, :, :], axis=2)
+        acc_b += tl.sum(dcam, axis=1)
     base = pid_s.to(tl.int64) * K * C
     tl.store(partial_w_ptr + base + offs_k[:, None] * C + offs_c[None, :], acc_w,
              mask=k_ok[:, None] & c_ok[None, :])
     if pid_c == 0:
-        tl.store(partial_b_ptr + pid_s * K + offs_k, acc_b, mask=k_ok)
+        tl.store(partial_b_ptr + pid_s.to(tl.int64) * K + offs_k, acc_b, mask=k_ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
+
+# About this many programs for the pool and dW kernels: a few per SM of an H100 (132 SMs).
+_TARGET_PROGRAMS = 1024
+_MAX_ALIGN = 16  # elements: 16 bytes and more for every dtype here
+
+
+def _pow2_divisor(*values: int) -> int:
+    """The largest power of two, at most _MAX_ALIGN, dividing every value (0 counts as any)."""
+    align = _MAX_ALIGN
+    for value in values:
+        while align > 1 and value % align:
+            align //= 2
+    return align
+
+
+def _layout(x: Tensor) -> Tuple[int, int, Tuple[int, int, int, int]]:
+    """(LAYOUT, ALIGN, strides) of a (B, C, H, W) tensor for _tile_offsets.
+
+    PIXELS_DENSE when pixel (y, x) sits at y * W + x, CHANNELS_DENSE when channels are
+    adjacent and pixel p sits at p * S (the strides' last entry becomes S), else STRIDED."""
+    _, channels, height, width = x.shape
+    stride_b, stride_c, stride_h, stride_w = x.stride()
+    if (width == 1 or stride_w == 1) and (height == 1 or stride_h == width):
+        return PIXELS_DENSE.value, _pow2_divisor(stride_b, stride_c), x.stride()
+    pixel_stride = stride_w if width > 1 else stride_h
+    if ((channels == 1 or stride_c == 1) and (width == 1 or stride_w == pixel_stride)
+            and (height == 1 or stride_h == width * pixel_stride)):
+        return (CHANNELS_DENSE.value, _pow2_divisor(stride_b, pixel_stride),
+                (stride_b, stride_c, stride_h, pixel_stride))
+    return STRIDED.value, 1, x.stride()
 
 
 def _config(h: Tensor, num_classes: int):
@@ -310,13 +407,16 @@ def _config(h: Tensor, num_classes: int):
     block_k = min(64, max(16, triton.next_power_of_2(num_classes)))
     block_c = 16 if fp64 else min(64, max(16, triton.next_power_of_2(channels)))
     block_p = 16 if (fp64 or pixels < 32) else 32
+    layout, align, strides = _layout(h)
     return dict(
         block_k=block_k, block_c=block_c, block_p=block_p,
-        # Register use read from sm_90 cubins compiled ahead of time (fp16, 4 warps): 64-class
-        # tiles reach 254-255 registers per thread, 16-class tiles 70-146; the dW kernel holds
-        # a (BLOCK_K, BLOCK_C) accumulator besides the CAM tile (216 at 16 x 64). 8 warps there.
+        layout=layout, align=align, strides=strides,
+        # From sm_90 cubins compiled ahead of time (bench/codegen.py, bench/CODEGEN.md), not
+        # from timings: 64 x 64 (K x C) tiles need 8 warps to fit in registers; the default 3
+        # pipeline stages made ptxas spill 4-16 bytes in fp32 at several design shapes, while
+        # the C loop has at most 8 iterations there, so double buffering is enough.
         num_warps=8 if block_k * block_c >= 64 * 64 else 4,
-        num_warps_dw=8 if block_k * block_c >= 16 * 64 else 4,
+        num_stages=2,
         use_dot=not fp64,
         # fp32 stays fp32 in the dot (no TF32) so results match the reference closely.
         precision="ieee" if h.dtype == torch.float32 else "tf32",
@@ -326,13 +426,33 @@ def _config(h: Tensor, num_classes: int):
         upcast=h.dtype == torch.bfloat16 and _backends.triton_interpreted())
 
 
+def _tile_args(cfg):
+    """The constexprs and launch options every CAM-tile kernel takes."""
+    return dict(BLOCK_K=cfg["block_k"], BLOCK_C=cfg["block_c"], BLOCK_P=cfg["block_p"],
+                USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"], ACC=cfg["acc"],
+                UPCAST=cfg["upcast"], LAYOUT=cfg["layout"], ALIGN=cfg["align"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _splits(work_items: int, programs_per_split: int) -> Tuple[int, int]:
+    """(splits, items per split) so that about _TARGET_PROGRAMS programs run, each over a fixed
+    contiguous range of work items (a deterministic split)."""
+    splits = max(1, min(work_items, triton.cdiv(_TARGET_PROGRAMS, programs_per_split)))
+    per_split = triton.cdiv(work_items, splits)
+    return triton.cdiv(work_items, per_split), per_split
+
+
 def _pool(h: Tensor, cfg) -> Tensor:
     batch, channels, height, width = h.shape
-    pooled = torch.empty(batch, channels, device=h.device, dtype=cfg["acc_dtype"])
-    grid = (batch, triton.cdiv(channels, cfg["block_c"]))
-    _pool_kernel[grid](h, pooled, channels, height * width, width, *h.stride(),
-                       BLOCK_C=cfg["block_c"], BLOCK_P=cfg["block_p"], ACC=cfg["acc"])
-    return pooled
+    pixels = height * width
+    c_blocks = triton.cdiv(channels, cfg["block_c"])
+    splits, blocks_per_split = _splits(triton.cdiv(pixels, cfg["block_p"]), batch * c_blocks)
+    partial = torch.empty(batch, splits, channels, device=h.device, dtype=cfg["acc_dtype"])
+    _pool_kernel[(batch, c_blocks, splits)](
+        h, partial, channels, pixels, width, blocks_per_split, splits, *cfg["strides"],
+        LAYOUT=cfg["layout"], ALIGN=cfg["align"], BLOCK_C=cfg["block_c"],
+        BLOCK_P=cfg["block_p"], ACC=cfg["acc"])
+    return partial.sum(dim=1) / pixels
 
 
 def _threshold(logits: Tensor, labels: Tensor, dtype: torch.dtype, pixels: int) -> Tensor:
@@ -352,25 +472,28 @@ def _threshold(logits: Tensor, labels: Tensor, dtype: torch.dtype, pixels: int) 
 
 def exit_head_forward(h: Tensor, weight: Tensor, bias: Tensor,
                       labels: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(logits (B,K), pooled (B,C), supp (B,) or None) in h's dtype; inputs checked by the caller."""
+    """(logits (B,K), pooled (B,C), supp (B,) or None) in h's dtype; inputs checked by the caller.
+
+    The kernels index weight, bias and labels as dense vectors, so those are made contiguous
+    here (a no-op when they are); h may have any strides."""
     batch, channels, height, width = h.shape
     num_classes, pixels = weight.shape[0], height * width
     if batch == 0:
         empty = h.new_empty
         return empty(0, num_classes), empty(0, channels), (empty(0) if labels is not None else None)
+    weight, bias = weight.contiguous(), bias.contiguous()
     cfg = _config(h, num_classes)
     pooled = _pool(h, cfg)
     logits = torch.addmm(bias.to(cfg["acc_dtype"]), pooled, weight.to(cfg["acc_dtype"]).t())
     supp = None
     if labels is not None:
+        labels = labels.contiguous()
         num_p_blocks = triton.cdiv(pixels, cfg["block_p"])
         partial = torch.empty(batch, num_p_blocks, device=h.device, dtype=cfg["acc_dtype"])
-        _supp_kernel[(batch, num_p_blocks)](
+        _supp_kernel[(batch * num_p_blocks,)](
             h, weight, bias, labels, _threshold(logits, labels, h.dtype, pixels), partial,
-            num_classes, channels, pixels, width, num_p_blocks, *h.stride(),
-            BLOCK_K=cfg["block_k"], BLOCK_C=cfg["block_c"], BLOCK_P=cfg["block_p"],
-            USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"], ACC=cfg["acc"],
-            UPCAST=cfg["upcast"], num_warps=cfg["num_warps"])
+            num_classes, channels, pixels, width, num_p_blocks, *cfg["strides"],
+            **_tile_args(cfg))
         supp = (partial.sum(dim=1) / pixels).to(h.dtype)
     return logits.to(h.dtype), pooled.to(h.dtype), supp
 
@@ -382,6 +505,7 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     """(grad_h in h's layout, grad_weight (K,C), grad_bias (K,)); None gradients mean zero."""
     batch, channels, height, width = h.shape
     num_classes, pixels = weight.shape[0], height * width
+    weight, bias = weight.contiguous(), bias.contiguous()
     cfg = _config(h, num_classes)
     acc = cfg["acc_dtype"]
     w32 = weight.to(acc)
@@ -410,52 +534,57 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
         return grad_h, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
     if labels is None:
         raise ValueError("exit_head_backward: grad_supp needs the labels")
+    labels = labels.contiguous()
     lse = torch.empty(batch, pixels, device=h.device, dtype=acc)
     coef = torch.empty_like(lse)
     num_p_blocks = triton.cdiv(pixels, cfg["block_p"])
-    common = dict(BLOCK_K=cfg["block_k"], BLOCK_C=cfg["block_c"], BLOCK_P=cfg["block_p"],
-                  USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"], ACC=cfg["acc"],
-                  UPCAST=cfg["upcast"])
     single_k = num_classes <= cfg["block_k"]
     # K > BLOCK_K accumulates dh over class blocks in an ACC buffer laid out like grad_h.
     use_scratch = not single_k and grad_h.dtype != acc
     scratch = torch.empty_like(h, dtype=acc) if use_scratch else grad_h
     assert scratch.stride() == grad_h.stride()
-    _grad_h_kernel[(batch, num_p_blocks)](
+    g_layout, g_align, g_strides = _layout(grad_h)
+    _grad_h_kernel[(batch * num_p_blocks,)](
         h, weight, bias, labels, _threshold(logits32, labels, h.dtype, pixels),
         grad_supp.to(acc).contiguous(), dense, grad_h, scratch, lse, coef, num_classes, channels,
-        pixels, width, *h.stride(), *grad_h.stride(), SINGLE_K=single_k, SCRATCH=use_scratch,
-        num_warps=cfg["num_warps"], **common)
+        pixels, width, num_p_blocks, *cfg["strides"], *g_strides,
+        G_LAYOUT=g_layout, G_ALIGN=g_align, SINGLE_K=single_k, SCRATCH=use_scratch,
+        **_tile_args(cfg))
     k_blocks = triton.cdiv(num_classes, cfg["block_k"])
     c_blocks = triton.cdiv(channels, cfg["block_c"])
-    # Enough programs to fill a GPU; each split is a fixed range of samples (deterministic).
-    splits = max(1, min(batch, 256 // (k_blocks * c_blocks)))
-    samples_per_split = triton.cdiv(batch, splits)
-    splits = triton.cdiv(batch, samples_per_split)
+    # Each split is a fixed range of (sample, pixel block) units, summed in a fixed order.
+    num_units = batch * num_p_blocks
+    splits, units_per_split = _splits(num_units, k_blocks * c_blocks)
     partial_w = torch.empty(splits, num_classes, channels, device=h.device, dtype=acc)
     partial_b = torch.empty(splits, num_classes, device=h.device, dtype=acc)
     _grad_weight_kernel[(k_blocks, c_blocks, splits)](
-        h, weight, bias, lse, coef, partial_w, partial_b, batch, num_classes, channels, pixels,
-        width, samples_per_split, *h.stride(), num_warps=cfg["num_warps_dw"], **common)
+        h, weight, bias, lse, coef, partial_w, partial_b, num_classes, channels, pixels,
+        width, num_p_blocks, num_units, units_per_split, *cfg["strides"], **_tile_args(cfg))
     grad_weight += partial_w.sum(dim=0)
     grad_bias += partial_b.sum(dim=0)
     return grad_h, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 @triton.jit
-def _cam_kernel(h_ptr, w_ptr, b_ptr, cam_ptr, K, C, P, width,
+def _cam_kernel(h_ptr, w_ptr, b_ptr, cam_ptr, K, C, P, width, num_p_blocks,
                 stride_hb, stride_hc, stride_hh, stride_hw,
+                LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                 UPCAST: tl.constexpr):
-    pid_b, pid_k, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_p, p_ok, p_offset = _pixel_offsets(pid_p, P, width, stride_hh, stride_hw, BLOCK_P)
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    pid_b, pid_p = pid // num_p_blocks, pid % num_p_blocks
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    cam = _cam_tile(h_ptr + pid_b.to(tl.int64) * stride_hb, w_ptr, b_ptr, offs_k, k_ok, p_offset,
-                    p_ok, C, stride_hc, BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-    out = cam_ptr + pid_b.to(tl.int64) * K * P + offs_k[:, None] * P + offs_p[None, :]
-    tl.store(out, cam.to(cam_ptr.dtype.element_ty), mask=k_ok[:, None] & p_ok[None, :])
+    cam = _cam_tile(h_ptr + _sample_start(pid_b, stride_hb, ALIGN), w_ptr, b_ptr, offs_k, k_ok,
+                    offs_p, p_ok, C, width, stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
+                    BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
+    # (B, K, P) row-major output: K * P alone may pass 2^31, so int64 throughout
+    row = (pid_b.to(tl.int64) * K + offs_k.to(tl.int64)) * P
+    tl.store(cam_ptr + row[:, None] + offs_p[None, :], cam.to(cam_ptr.dtype.element_ty),
+             mask=k_ok[:, None] & p_ok[None, :])
 
 
 def class_activation_maps(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -465,12 +594,10 @@ def class_activation_maps(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     cam = torch.empty(batch, num_classes, height, width, device=h.device, dtype=h.dtype)
     if cam.numel() == 0:
         return cam
+    weight, bias = weight.contiguous(), bias.contiguous()
     cfg = _config(h, num_classes)
-    grid = (batch, triton.cdiv(num_classes, cfg["block_k"]),
-            triton.cdiv(height * width, cfg["block_p"]))
+    num_p_blocks = triton.cdiv(height * width, cfg["block_p"])
+    grid = (batch * num_p_blocks, triton.cdiv(num_classes, cfg["block_k"]))
     _cam_kernel[grid](h, weight, bias, cam, num_classes, channels, height * width, width,
-                      *h.stride(), BLOCK_K=cfg["block_k"], BLOCK_C=cfg["block_c"],
-                      BLOCK_P=cfg["block_p"], USE_DOT=cfg["use_dot"],
-                      PRECISION=cfg["precision"], ACC=cfg["acc"], UPCAST=cfg["upcast"],
-                      num_warps=cfg["num_warps"])
+                      num_p_blocks, *cfg["strides"], **_tile_args(cfg))
     return cam
