@@ -30,6 +30,33 @@ def environment() -> dict:
     }
 
 
+class CompiledForOneCase:
+    """torch.compile of `fn` for one benchmark case, which refuses to be timed as eager.
+
+    Each case gets a fresh compile (dynamo state reset first): one compiled object shared by
+    many shapes hits dynamo's recompile limit and silently falls back to eager. fullgraph=True
+    makes a graph break an error; after the warm-up, `timed()` runs the calls under the
+    "fail_on_recompile" stance, so a call that would recompile (or run eager) raises."""
+
+    def __init__(self, fn, backend: str):
+        torch._dynamo.reset()
+        self.compiled = torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+        self.warm = False
+
+    def __call__(self, *args, **kwargs):
+        if not self.warm:
+            from torch._dynamo.utils import counters
+            graphs = counters["stats"]["unique_graphs"]
+            out = self.compiled(*args, **kwargs)
+            if counters["stats"]["unique_graphs"] <= graphs:
+                raise RuntimeError("torch.compile produced no graph for this case: timing it "
+                                   "would report eager as compiled")
+            self.warm = True
+            return out
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return self.compiled(*args, **kwargs)
+
+
 def run_case(benchmark, fn, extra: dict) -> None:
     """Time `fn` (which synchronises) after a warm-up, and record the environment and the
     peak memory of one call in extra_info."""
