@@ -36,13 +36,17 @@ def class_activation_maps_reference(h: torch.Tensor, weight: torch.Tensor,
 
 def exit_head_reference(h: torch.Tensor, weight: torch.Tensor,
                         bias: Optional[torch.Tensor] = None,
-                        labels: Optional[torch.Tensor] = None):
+                        labels: Optional[torch.Tensor] = None,
+                        threshold: Optional[torch.Tensor] = None):
     """(logits, pooled, supp) of one exit, DESIGN.md section 3.
 
     pooled (B,C) is the global average of h; logits (B,K) the global average of the CAM (equal
     to W @ pooled + b); supp (B,) is the per-sample CAM-suppression loss: the mean over pixels
     of KL(uniform || softmax_k cam) on the pixels whose ground-truth CAM is at or below its
     mean (None without labels). The mask is piecewise constant and carries no gradient.
+
+    threshold (B,), optional, replaces logits[b, y_b] in the mask: a kernel that compares
+    against its logits rounded to a low-precision dtype is checked with that same threshold.
     """
     weight2d = _flat_weight(weight)
     pooled = h.mean(dim=(2, 3))
@@ -53,7 +57,9 @@ def exit_head_reference(h: torch.Tensor, weight: torch.Tensor,
         return logits, pooled, None
     num_classes = weight2d.shape[0]
     cam = class_activation_maps_reference(h, weight, bias).flatten(2)       # (B, K, P)
-    threshold = logits.gather(1, labels[:, None])                          # (B, 1)
+    if threshold is None:
+        threshold = logits.gather(1, labels[:, None])[:, 0]
+    threshold = threshold.detach().to(logits.dtype)[:, None]                 # (B, 1)
     cam_true = cam.gather(1, labels[:, None, None].expand(-1, 1, cam.shape[2]))[:, 0]
     mask = (cam_true <= threshold).detach().to(cam.dtype)                    # (B, P)
     kl_to_uniform = torch.logsumexp(cam, dim=1) - cam.mean(dim=1) - math.log(num_classes)

@@ -211,7 +211,7 @@ def test_fused_matches_reference_at_a_design_shape(dtype, device):
 
 def test_strided_labels_are_read_as_values(device):
     """labels[::2] is a view with stride 2: the kernels must see the values, not the storage
-    (reading it as dense once gave supp [0.59, 0.95, 0.0, 0.51] against [0.59, 0.27, 0.68, 1.01])."""
+    (read as dense it once gave supp [0.59, 0.95, 0.0, 0.51] for [0.59, 0.27, 0.68, 1.01])."""
     h, weight, bias, labels = make_inputs(4, 5, 3, 4, 6, torch.float32, seed=7, device=device)
     wide = torch.stack([labels, (labels + 3) % 6], dim=1).flatten()   # labels at even positions
     strided = wide[::2]

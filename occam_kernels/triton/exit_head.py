@@ -43,8 +43,9 @@ Block sizes (a heuristic, not autotuned, so the interpreter and the GPU run the 
 BLOCK_K = next power of two of K clamped to [16, 64] (K = 10 is one block); BLOCK_C likewise
 clamped to [16, 64] (16 for fp64); BLOCK_P = 32 when P >= 32 else 16 (16 for fp64). tl.dot
 needs every dimension >= 16, which these bounds guarantee; padding lanes are masked.
-num_warps = 8 for 64 x 64 (K x C) tiles (4 otherwise), 2 pipeline stages: chosen from the
-registers and spills of sm_90 cubins compiled ahead of time (bench/CODEGEN.md), not timings.
+Warps and pipeline stages (see _config) were chosen from the registers and spills of sm_90
+cubins compiled ahead of time (bench/CODEGEN.md), not from timings: nothing spills at the
+design shapes.
 The pool and dW kernels split their pixel loops so that about _TARGET_PROGRAMS programs run
 (a few per SM of an H100), each over a fixed range: more parallelism, same summation order.
 """
@@ -63,6 +64,14 @@ from ..ops import _backends
 PIXELS_DENSE = tl.constexpr(0)
 CHANNELS_DENSE = tl.constexpr(1)
 STRIDED = tl.constexpr(2)
+
+
+@triton.jit
+def _in_range(offsets, size, ALIGN: tl.constexpr):
+    """offsets < size, for offsets in runs starting at multiples of ALIGN with size a multiple
+    of ALIGN: written so the compiler sees the mask constant over ALIGN lanes, which keeps
+    masked loads and stores vectorised when size is not a multiple of 16."""
+    return (offsets // ALIGN) < (size // ALIGN)
 
 
 @triton.jit
@@ -95,14 +104,15 @@ def _tile_offsets(offs_c, offs_p, width, stride_c, stride_h, stride_w,
 @triton.jit
 def _cam_tile(sample_ptr, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
               stride_c, stride_h, stride_w, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
-              BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+              C_ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_P: tl.constexpr,
               USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
               UPCAST: tl.constexpr):
     """cam[k, p] for a (BLOCK_K, BLOCK_P) tile: W[k, :] @ h[:, p] + b[k], looping over C."""
     acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
+        c_ok = _in_range(offs_c, C, C_ALIGN)
         # K * C stays far below 2^31 (the weight is a (K, C) matrix in memory): int32 is safe.
         w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :],
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
@@ -135,7 +145,8 @@ def _class_block_update(cam, offs_k, k_ok, label, running_max, running_sum, cam_
 @triton.jit
 def _logsumexp_over_classes(sample_ptr, w_ptr, b_ptr, label, K, C, offs_p, p_ok, width,
                             stride_c, stride_h, stride_w, LAYOUT: tl.constexpr,
-                            ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                            ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_P: tl.constexpr, USE_DOT: tl.constexpr,
                             PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """Per pixel: logsumexp_k cam, sum_k cam and the ground-truth row cam[label], over K blocks
@@ -148,7 +159,7 @@ def _logsumexp_over_classes(sample_ptr, w_ptr, b_ptr, label, K, C, offs_p, p_ok,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         cam = _cam_tile(sample_ptr, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
-                        stride_c, stride_h, stride_w, LAYOUT, ALIGN,
+                        stride_c, stride_h, stride_w, LAYOUT, ALIGN, C_ALIGN,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
         running_max, running_sum, cam_total, cam_true = _class_block_update(
             cam, offs_k, k_ok, label, running_max, running_sum, cam_total, cam_true)
@@ -158,18 +169,19 @@ def _logsumexp_over_classes(sample_ptr, w_ptr, b_ptr, label, K, C, offs_p, p_ok,
 @triton.jit
 def _pool_kernel(h_ptr, partial_ptr, C, P, width, blocks_per_split, num_splits,
                  stride_hb, stride_hc, stride_hh, stride_hw,
-                 LAYOUT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                 LAYOUT: tl.constexpr, ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
+                 P_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     """partial[b, s, c] = sum of h[b, c, p] over the pixel blocks of split s (a fixed range)."""
     pid_b, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    c_ok = _in_range(offs_c, C, C_ALIGN)
     sample = h_ptr + _sample_start(pid_b, stride_hb, ALIGN)
     acc = tl.zeros((BLOCK_C,), dtype=ACC)
     for i in range(0, blocks_per_split):
         # block index * BLOCK_P: the compiler sees every run start at a multiple of BLOCK_P
         offs_p = (pid_s * blocks_per_split + i) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < P
+        p_ok = _in_range(offs_p, P, P_ALIGN)
         h = tl.load(sample + _tile_offsets(offs_c, offs_p, width, stride_hc, stride_hh,
                                            stride_hw, LAYOUT, ALIGN),
                     mask=c_ok[:, None] & p_ok[None, :], other=0.0)
@@ -181,7 +193,8 @@ def _pool_kernel(h_ptr, partial_ptr, C, P, width, blocks_per_split, num_splits,
 @triton.jit
 def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K, C, P, width,
                  num_p_blocks, stride_hb, stride_hc, stride_hh, stride_hw,
-                 LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+                 LAYOUT: tl.constexpr, ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
+                 P_ALIGN: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                  USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                  UPCAST: tl.constexpr):
@@ -189,17 +202,18 @@ def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K,
     pid = tl.program_id(0)
     pid_b, pid_p = pid // num_p_blocks, pid % num_p_blocks
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < P
+    p_ok = _in_range(offs_p, P, P_ALIGN)
     sample = h_ptr + _sample_start(pid_b, stride_hb, ALIGN)
     label = tl.load(labels_ptr + pid_b)
     lse, cam_total, cam_true = _logsumexp_over_classes(
         sample, w_ptr, b_ptr, label, K, C, offs_p, p_ok, width, stride_hc, stride_hh, stride_hw,
-        LAYOUT, ALIGN, BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
+        LAYOUT, ALIGN, C_ALIGN, BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
     suppressed = p_ok & (cam_true <= tl.load(threshold_ptr + pid_b))
     num_classes = tl.zeros((BLOCK_P,), dtype=ACC) + K  # K in ACC: 1/K and log K exact to ACC
     kl_to_uniform = lse - cam_total / num_classes - tl.log(num_classes)
     # partial is (B, P blocks) row-major: program pid owns element pid
-    tl.store(partial_ptr + pid.to(tl.int64), tl.sum(tl.where(suppressed, kl_to_uniform, 0.0), axis=0))
+    partial = tl.sum(tl.where(suppressed, kl_to_uniform, 0.0), axis=0)
+    tl.store(partial_ptr + pid.to(tl.int64), partial)
 
 
 @triton.jit
@@ -220,7 +234,8 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
                    grad_h_ptr, scratch_ptr, lse_ptr, coef_ptr, K, C, P, width, num_p_blocks,
                    stride_hb, stride_hc, stride_hh, stride_hw,
                    stride_gb, stride_gc, stride_gh, stride_gw,
-                   LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+                   LAYOUT: tl.constexpr, ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
+                   P_ALIGN: tl.constexpr,
                    G_LAYOUT: tl.constexpr, G_ALIGN: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                    SINGLE_K: tl.constexpr, SCRATCH: tl.constexpr, USE_DOT: tl.constexpr,
@@ -236,7 +251,7 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
     pid = tl.program_id(0)
     pid_b, pid_p = pid // num_p_blocks, pid % num_p_blocks
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < P
+    p_ok = _in_range(offs_p, P, P_ALIGN)
     sample = h_ptr + _sample_start(pid_b, stride_hb, ALIGN)
     label = tl.load(labels_ptr + pid_b)
     inv_k = 1.0 / (tl.zeros((BLOCK_P,), dtype=ACC) + K)
@@ -244,7 +259,7 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
         offs_k = tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
-                        stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
+                        stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
         running_max, running_sum, cam_total, cam_true = _class_block_update(
             cam, offs_k, k_ok, label, tl.full((BLOCK_P,), float("-inf"), dtype=ACC),
@@ -254,12 +269,13 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
     else:
         lse, cam_total, cam_true = _logsumexp_over_classes(
             sample, w_ptr, b_ptr, label, K, C, offs_p, p_ok, width,
-            stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
+            stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
             BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
     suppressed = p_ok & (cam_true <= tl.load(threshold_ptr + pid_b))
     grad_supp = tl.load(grad_supp_ptr + pid_b).to(ACC)
     coef = tl.where(suppressed, grad_supp / P, 0.0)
-    pixel_row = pid_b.to(tl.int64) * P + offs_p  # (B, P) statistics: B * P may pass 2^31
+    # (B, P) statistics: B * P may pass 2^31; rows start at multiples of P_ALIGN
+    pixel_row = tl.multiple_of(pid_b.to(tl.int64) * P, P_ALIGN) + offs_p
     tl.store(lse_ptr + pixel_row, lse, mask=p_ok)
     tl.store(coef_ptr + pixel_row, coef, mask=p_ok)
     g_sample = _sample_start(pid_b, stride_gb, G_ALIGN)
@@ -269,7 +285,7 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
                         0.0)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = offs_c < C
+            c_ok = _in_range(offs_c, C, C_ALIGN)
             dense = tl.load(dense_row + offs_c, mask=c_ok, other=0.0).to(ACC)
             acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None]
             acc = _accumulate_w_t_dcam(acc, w_ptr, offs_k, k_ok, offs_c, c_ok, C, dcam,
@@ -283,24 +299,24 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
         # this program touches these addresses, so no atomics; barriers order its own threads.
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = offs_c < C
+            c_ok = _in_range(offs_c, C, C_ALIGN)
             dense = tl.load(dense_row + offs_c, mask=c_ok, other=0.0).to(ACC)
             offsets = g_sample + _tile_offsets(offs_c, offs_p, width, stride_gc, stride_gh,
                                                stride_gw, G_LAYOUT, G_ALIGN)
-            tl.store(scratch_ptr + offsets, tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None],
-                     mask=c_ok[:, None] & p_ok[None, :])
+            start = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None]
+            tl.store(scratch_ptr + offsets, start, mask=c_ok[:, None] & p_ok[None, :])
         tl.debug_barrier()
         for k0 in range(0, K, BLOCK_K):
             offs_kb = k0 + tl.arange(0, BLOCK_K)
             kb_ok = offs_kb < K
             cam_b = _cam_tile(sample, w_ptr, b_ptr, offs_kb, kb_ok, offs_p, p_ok, C, width,
-                              stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
+                              stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
                               BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
             dcam_b = tl.where(kb_ok[:, None],
                               coef[None, :] * (tl.exp(cam_b - lse[None, :]) - inv_k[None, :]), 0.0)
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
-                c_ok = offs_c < C
+                c_ok = _in_range(offs_c, C, C_ALIGN)
                 tile = scratch_ptr + g_sample + _tile_offsets(
                     offs_c, offs_p, width, stride_gc, stride_gh, stride_gw, G_LAYOUT, G_ALIGN)
                 tile_ok = c_ok[:, None] & p_ok[None, :]
@@ -312,7 +328,7 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
         if SCRATCH:
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
-                c_ok = offs_c < C
+                c_ok = _in_range(offs_c, C, C_ALIGN)
                 offsets = g_sample + _tile_offsets(offs_c, offs_p, width, stride_gc, stride_gh,
                                                    stride_gw, G_LAYOUT, G_ALIGN)
                 tile_ok = c_ok[:, None] & p_ok[None, :]
@@ -324,7 +340,8 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
 def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, partial_b_ptr,
                         K, C, P, width, num_p_blocks, num_units, units_per_split,
                         stride_hb, stride_hc, stride_hh, stride_hw,
-                        LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+                        LAYOUT: tl.constexpr, ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
+                   P_ALIGN: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                         USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                         UPCAST: tl.constexpr):
@@ -334,7 +351,7 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    c_ok = _in_range(offs_c, C, C_ALIGN)
     acc_w = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC)
     acc_b = tl.zeros((BLOCK_K,), dtype=ACC)
     inv_k = 1.0 / (tl.zeros((BLOCK_K, BLOCK_P), dtype=ACC) + K)  # 1/K in ACC
@@ -342,13 +359,13 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
     for unit in range(first, tl.minimum(first + units_per_split, num_units)):
         b = unit // num_p_blocks
         offs_p = (unit % num_p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < P
+        p_ok = _in_range(offs_p, P, P_ALIGN)
         sample = h_ptr + _sample_start(b, stride_hb, ALIGN)
-        pixel_row = b.to(tl.int64) * P + offs_p
+        pixel_row = tl.multiple_of(b.to(tl.int64) * P, P_ALIGN) + offs_p
         coef = tl.load(coef_ptr + pixel_row, mask=p_ok, other=0.0)
         lse = tl.load(lse_ptr + pixel_row, mask=p_ok, other=0.0)
         cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
-                        stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
+                        stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
         dcam = tl.where(k_ok[:, None] & p_ok[None, :],
                         coef[None, :] * (tl.exp(cam - lse[None, :]) - inv_k), 0.0)
@@ -411,12 +428,17 @@ def _config(h: Tensor, num_classes: int):
     return dict(
         block_k=block_k, block_c=block_c, block_p=block_p,
         layout=layout, align=align, strides=strides,
+        # powers of two dividing C and P, for masks the compiler can see are run-constant
+        c_align=_pow2_divisor(channels), p_align=_pow2_divisor(pixels),
         # From sm_90 cubins compiled ahead of time (bench/codegen.py, bench/CODEGEN.md), not
-        # from timings: 64 x 64 (K x C) tiles need 8 warps to fit in registers; the default 3
-        # pipeline stages made ptxas spill 4-16 bytes in fp32 at several design shapes, while
-        # the C loop has at most 8 iterations there, so double buffering is enough.
-        num_warps=8 if block_k * block_c >= 64 * 64 else 4,
-        num_stages=2,
+        # from timings: the choices under which ptxas spills at no design shape. 64 x 64
+        # (K x C) tiles need 8 warps, and so does fp32, whose ieee dots run on FMA units with
+        # the whole product in registers. The default 3 pipeline stages spilled 4-16 bytes;
+        # the C loop has at most 8 iterations there, so double buffering is enough. The dW
+        # kernel (a (BLOCK_K, BLOCK_C) accumulator besides the CAM tile) spills unless it has
+        # 8 warps and no pipelining of its loop over (sample, pixel block) units.
+        num_warps=8 if block_k * block_c >= 64 * 64 or h.dtype == torch.float32 else 4,
+        num_stages=2, num_warps_dw=8, num_stages_dw=1,
         use_dot=not fp64,
         # fp32 stays fp32 in the dot (no TF32) so results match the reference closely.
         precision="ieee" if h.dtype == torch.float32 else "tf32",
@@ -426,12 +448,15 @@ def _config(h: Tensor, num_classes: int):
         upcast=h.dtype == torch.bfloat16 and _backends.triton_interpreted())
 
 
-def _tile_args(cfg):
-    """The constexprs and launch options every CAM-tile kernel takes."""
+def _tile_args(cfg, weight_grad: bool = False):
+    """The constexprs and launch options every CAM-tile kernel takes (the dW kernel's own)."""
+    launch = ((cfg["num_warps_dw"], cfg["num_stages_dw"]) if weight_grad
+              else (cfg["num_warps"], cfg["num_stages"]))
     return dict(BLOCK_K=cfg["block_k"], BLOCK_C=cfg["block_c"], BLOCK_P=cfg["block_p"],
                 USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"], ACC=cfg["acc"],
                 UPCAST=cfg["upcast"], LAYOUT=cfg["layout"], ALIGN=cfg["align"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                C_ALIGN=cfg["c_align"], P_ALIGN=cfg["p_align"],
+                num_warps=launch[0], num_stages=launch[1])
 
 
 def _splits(work_items: int, programs_per_split: int) -> Tuple[int, int]:
@@ -450,8 +475,8 @@ def _pool(h: Tensor, cfg) -> Tensor:
     partial = torch.empty(batch, splits, channels, device=h.device, dtype=cfg["acc_dtype"])
     _pool_kernel[(batch, c_blocks, splits)](
         h, partial, channels, pixels, width, blocks_per_split, splits, *cfg["strides"],
-        LAYOUT=cfg["layout"], ALIGN=cfg["align"], BLOCK_C=cfg["block_c"],
-        BLOCK_P=cfg["block_p"], ACC=cfg["acc"])
+        LAYOUT=cfg["layout"], ALIGN=cfg["align"], C_ALIGN=cfg["c_align"],
+        P_ALIGN=cfg["p_align"], BLOCK_C=cfg["block_c"], BLOCK_P=cfg["block_p"], ACC=cfg["acc"])
     return partial.sum(dim=1) / pixels
 
 
@@ -559,7 +584,8 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     partial_b = torch.empty(splits, num_classes, device=h.device, dtype=acc)
     _grad_weight_kernel[(k_blocks, c_blocks, splits)](
         h, weight, bias, lse, coef, partial_w, partial_b, num_classes, channels, pixels,
-        width, num_p_blocks, num_units, units_per_split, *cfg["strides"], **_tile_args(cfg))
+        width, num_p_blocks, num_units, units_per_split, *cfg["strides"],
+        **_tile_args(cfg, weight_grad=True))
     grad_weight += partial_w.sum(dim=0)
     grad_bias += partial_b.sum(dim=0)
     return grad_h, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
@@ -568,21 +594,22 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
 @triton.jit
 def _cam_kernel(h_ptr, w_ptr, b_ptr, cam_ptr, K, C, P, width, num_p_blocks,
                 stride_hb, stride_hc, stride_hh, stride_hw,
-                LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+                LAYOUT: tl.constexpr, ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
+                P_ALIGN: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                 UPCAST: tl.constexpr):
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     pid_b, pid_p = pid // num_p_blocks, pid % num_p_blocks
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < P
+    p_ok = _in_range(offs_p, P, P_ALIGN)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     cam = _cam_tile(h_ptr + _sample_start(pid_b, stride_hb, ALIGN), w_ptr, b_ptr, offs_k, k_ok,
                     offs_p, p_ok, C, width, stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN,
-                    BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
+                    C_ALIGN, BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
     # (B, K, P) row-major output: K * P alone may pass 2^31, so int64 throughout
-    row = (pid_b.to(tl.int64) * K + offs_k.to(tl.int64)) * P
+    row = tl.multiple_of((pid_b.to(tl.int64) * K + offs_k.to(tl.int64)) * P, P_ALIGN)
     tl.store(cam_ptr + row[:, None] + offs_p[None, :], cam.to(cam_ptr.dtype.element_ty),
              mask=k_ok[:, None] & p_ok[None, :])
 

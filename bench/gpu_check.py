@@ -1,0 +1,585 @@
+"""The Python side of bench/gpu_check.sh: one subcommand per step of a GPU window.
+
+    python bench/gpu_check.py environment  --out OUT [--smoke]
+    python bench/gpu_check.py correctness  --out OUT [--smoke] [--jobs N]
+    python bench/gpu_check.py sanitize-target [--triton] [--smoke]
+    python bench/gpu_check.py profile      --out OUT [--smoke]
+    python bench/gpu_check.py summary      --out OUT
+
+On a GPU every check runs at the DESIGN.md section 8 shapes; with --smoke (CPU, Triton
+interpreted, what `make test` runs) the same code runs at tiny shapes, so it cannot rot
+between GPU windows. Each step writes JSON under OUT; `summary` prints the short table last.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXIT_SHAPES = [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5),
+               (58, 64, 64), (116, 32, 32), (232, 16, 16), (464, 8, 8)]
+STAGE_SHAPES = EXIT_SHAPES[:4]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Largest error over the largest reference value, per dtype: fp32 accumulates in fp32 with
+# ieee dots; bf16/fp16 outputs are rounded to 8/11 mantissa bits (2^-8, 2^-11) after fp32 sums.
+TOLERANCE = {"fp32": 1e-4, "bf16": 1.6e-2, "fp16": 2e-3}
+
+
+@dataclass
+class Check:
+    group: str
+    case: str
+    passed: bool
+    errors: Dict[str, float] = field(default_factory=dict)  # output -> max err / max |ref|
+    notes: str = ""
+
+
+def device_for(smoke: bool) -> torch.device:
+    if smoke:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device is visible; use --smoke on a CPU machine")
+    return torch.device("cuda")
+
+
+def shrink(shape, smoke: bool):
+    """A section-8 (C, H, W) shape, or a tiny one with the same aspect for the smoke run."""
+    if not smoke:
+        return shape
+    channels, height, width = shape
+    return max(1, channels // 29), max(1, height // 8), max(1, width // 8)
+
+
+def poison(device: torch.device) -> None:
+    """Fill the free blocks of the CUDA caching allocator with NaN, so an output element a
+    kernel never writes reads as NaN (torch.empty hands out recycled memory). Both pools: large
+    blocks (> 1 MB) and small ones. A no-op on CPU, whose allocator does not cache."""
+    if device.type != "cuda":
+        return
+    free = torch.cuda.mem_get_info(device)[0]
+    large = torch.full((min(2 << 30, free // 8) // 4,), math.nan, device=device)
+    small = [torch.full((1 << 18,), math.nan, device=device) for _ in range(64)]
+    del large, small
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| in fp64; inf when got has a NaN or inf (poison read)."""
+    got, want = got.detach().double(), want.detach().double()
+    if not torch.isfinite(got).all():
+        return math.inf
+    scale = want.abs().max().item() if want.numel() else 0.0
+    diff = (got - want).abs().max().item() if want.numel() else 0.0
+    return diff / max(scale, 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness: exit head
+
+
+def _exit_head_inputs(batch, shape, num_classes, dtype, layout, device, seed):
+    channels, height, width = shape
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.relu(torch.randn(batch, channels, height, width, generator=generator))
+    h = h.to(device, dtype)
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(num_classes, channels, generator=generator) / channels ** 0.5)
+    bias = torch.randn(num_classes, generator=generator) * 0.1
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    upstream = (torch.randn(batch, num_classes, generator=generator),
+                torch.randn(batch, channels, generator=generator),
+                torch.rand(batch, generator=generator) + 0.5)
+    return (h, weight.to(device, dtype), bias.to(device, dtype), labels.to(device),
+            [g.to(device, dtype) for g in upstream])
+
+
+def _fused_forward_backward(h, weight, bias, labels, upstream, device):
+    import occam_kernels
+    poison(device)
+    leaves = [t.detach().requires_grad_(True) for t in (h, weight, bias)]
+    out = occam_kernels.exit_head(*leaves, labels, backend="triton")
+    torch.autograd.backward(list(out), upstream)
+    return [t.detach() for t in out] + [t.grad for t in leaves]
+
+
+def _mask_ties(h64, weight64, bias64, labels, threshold):
+    """Pixels whose ground-truth CAM lies within fp32 rounding of the threshold (the kernel's
+    fp32 CAM may put them on either side), and per sample the KL / P those pixels carry."""
+    from occam_kernels import class_activation_maps_reference
+    cam = class_activation_maps_reference(h64, weight64, bias64).flatten(2)     # (B, K, P)
+    cam_true = cam[torch.arange(cam.shape[0], device=cam.device), labels]        # (B, P)
+    finite = torch.where(torch.isfinite(threshold), threshold, torch.zeros_like(threshold))
+    scale = finite.abs()[:, None] + cam_true.abs().amax(dim=1, keepdim=True)
+    ties = torch.isfinite(threshold)[:, None] & ((cam_true - finite[:, None]).abs() <= 1e-5 * scale)
+    kl = torch.logsumexp(cam, dim=1) - cam.mean(dim=1) - math.log(cam.shape[1])
+    return ties, (ties * kl).sum(dim=1) / cam.shape[2]
+
+
+def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=0) -> Check:
+    """Fused forward+backward against the fp64 reference, twice (bitwise equal), poisoned."""
+    from occam_kernels import exit_head_reference
+    dtype = DTYPES[dtype_name]
+    h, weight, bias, labels, upstream = _exit_head_inputs(batch, shape, num_classes, dtype,
+                                                          layout, device, seed)
+    first = _fused_forward_backward(h, weight, bias, labels, upstream, device)
+    second = _fused_forward_backward(h, weight, bias, labels, upstream, device)
+    bitwise = all(torch.equal(a, b) for a, b in zip(first, second))
+    # The kernels mask against their own logits rounded to h's dtype (+inf for one pixel): the
+    # reference is given that threshold, so a rounding-level difference cannot flip pixels.
+    pixels = shape[1] * shape[2]
+    threshold = first[0].gather(1, labels[:, None])[:, 0].double()
+    if pixels == 1:
+        threshold = torch.full_like(threshold, math.inf)
+    leaves = [t.detach().double().requires_grad_(True) for t in (h, weight, bias)]
+    want = exit_head_reference(*leaves, labels, threshold=threshold)
+    torch.autograd.backward(list(want), [g.double() for g in upstream])
+    want = [t.detach() for t in want] + [t.grad for t in leaves]
+    ties, supp_slack = _mask_ties(*(t.detach() for t in leaves), labels, threshold)
+    got = list(first)
+    # A tied pixel may fall either way in fp32: its dh column is not compared, and supp may
+    # differ by that pixel's KL / P.
+    got[3], want[3] = (t.masked_fill(ties.view(t.shape[0], 1, *t.shape[2:]), 0.0)
+                       for t in (got[3].double(), want[3]))
+    excess = ((got[2].double() - want[2]).abs() - supp_slack).clamp(min=0)
+    got[2] = want[2] + excess
+    names = ["logits", "pooled", "supp", "dh", "dW", "db"]
+    errors = {name: relative_error(g, ref) for name, g, ref in zip(names, got, want)}
+    strides_kept = first[3].stride() == h.stride()
+    passed = bitwise and strides_kept and all(e <= TOLERANCE[dtype_name] for e in errors.values())
+    notes = ("" if bitwise else "not bitwise repeatable; ") + \
+        ("" if strides_kept else "dh lost h's layout; ") + \
+        (f"{int(ties.sum())} tied pixels" if ties.any() else "")
+    case = f"B={batch} {'x'.join(map(str, shape))} K={num_classes} {dtype_name} {layout}"
+    return Check("exit_head", case, passed, errors, notes.strip("; "))
+
+
+def check_cams(batch, shape, num_classes, dtype_name, layout, device) -> Check:
+    import occam_kernels
+    from occam_kernels import class_activation_maps_reference
+    h, weight, bias, _, _ = _exit_head_inputs(batch, shape, num_classes, DTYPES[dtype_name],
+                                              layout, device, seed=1)
+    poison(device)
+    got = occam_kernels.class_activation_maps(h, weight, bias, backend="triton")
+    want = class_activation_maps_reference(h.double(), weight.double(), bias.double())
+    error = relative_error(got, want)
+    case = f"B={batch} {'x'.join(map(str, shape))} K={num_classes} {dtype_name} {layout}"
+    return Check("cam", case, error <= TOLERANCE[dtype_name], {"cam": error})
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness: compaction and early-exit inference
+
+
+def check_compact(x, keep, backend, label, device) -> Check:
+    import occam_kernels
+    index = torch.arange(x.shape[0], device=device) * 3 + 1
+    poison(device)
+    got, got_index = occam_kernels.compact(x, keep, index, backend=backend)
+    want, want_index = x[keep], index[keep]
+    same = (got.shape == want.shape and torch.equal(got, want)
+            and torch.equal(got_index, want_index))
+    layout_kept = (not x.is_contiguous(memory_format=torch.channels_last) or x.dim() != 4
+                   or x.is_contiguous() or backend == "reference"
+                   or got.is_contiguous(memory_format=torch.channels_last))
+    return Check("compact", f"{backend} {label}", same and layout_kept,
+                 notes="" if layout_kept else "channels_last lost")
+
+
+def compaction_checks(device, smoke) -> List[Check]:
+    backends = ["reference", "triton"] + (["cpu"] if device.type == "cpu" else ["cuda"])
+    generator = torch.Generator().manual_seed(2)
+    checks = []
+    batch = 8 if smoke else 256
+    for shape in STAGE_SHAPES:
+        shape = shrink(shape, smoke)
+        for dtype_name in ("fp32", "bf16"):
+            for layout in ("contiguous", "channels_last"):
+                x = torch.randn(batch, *shape, generator=generator).to(device, DTYPES[dtype_name])
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                keep = (torch.rand(batch, generator=generator) < 0.5).to(device)
+                label = f"B={batch} {'x'.join(map(str, shape))} {dtype_name} {layout}"
+                checks += [check_compact(x, keep, b, label, device) for b in backends]
+    rows = 600 if smoke else 70_001  # more rows than a CUDA grid's y dimension holds
+    for trailing, dtype_name in (((3,), "fp32"), ((8, 2, 2), "bf16")):
+        x = torch.randn(rows, *trailing, generator=generator).to(device, DTYPES[dtype_name])
+        if len(trailing) == 3:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for pattern, keep in (("random", torch.rand(rows, generator=generator) < 0.3),
+                              ("all", torch.ones(rows, dtype=torch.bool)),
+                              ("none", torch.zeros(rows, dtype=torch.bool))):
+            label = f"{rows} rows {'x'.join(map(str, trailing))} {dtype_name} keep={pattern}"
+            checks += [check_compact(x, keep.to(device), b, label, device) for b in backends]
+    return checks
+
+
+class _PseudoRandomGate(torch.nn.Module):
+    """A gate that is a fixed function of each sample's own features, far from 0.5, so that
+    the exits take a mix of samples (an untrained gate sends everyone the same way)."""
+
+    def forward(self, pooled):
+        return torch.sigmoid(50 * torch.sin(pooled.float().sum(1) * 1e4))
+
+
+def predict_checks(device, smoke) -> List[Check]:
+    """predict() with compaction equals every exit on every sample, then selection."""
+    from occamnets.inference import predict
+    from occamnets.models import occam_resnet18
+    torch.manual_seed(0)
+    width, size, batch = (4, 32, 16) if smoke else (58, 160, 64)
+    model = occam_resnet18(10, width=width, input_size=64 if smoke else 160).to(device).eval()
+    for exit_module in model.exits:
+        exit_module.gate = _PseudoRandomGate()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
+    full = predict(model, x, compaction=False)
+    checks = []
+    for backend in (["cpu", "triton"] if device.type == "cpu" else ["cuda", "triton"]):
+        got = predict(model, x, compaction=True, backend=backend)
+        same_exits = torch.equal(got.exit_index, full.exit_index)
+        error = relative_error(got.logits, full.logits)
+        counts = got.exit_counts.tolist()
+        checks.append(Check("predict", f"{backend} compaction B={batch} exits {counts}",
+                            same_exits and error <= 1e-5 and sum(c > 0 for c in counts) >= 2,
+                            {"logits": error}, "" if same_exits else "exit indices differ"))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness: offsets past 2^31
+
+
+def large_index_checks(device, smoke) -> List[Check]:
+    """B*H*W and K*H*W beyond 2^31 (int32 offsets would wrap): the last samples and the last
+    classes, where the offsets are largest, against the fp64 reference of just those."""
+    import occam_kernels
+    from occam_kernels import class_activation_maps_reference, exit_head_reference
+    checks = []
+    # exit head: B * P = 520 * 2048^2 > 2^31, fp16 (4.4 GB of h, 17 GB of fp32 statistics)
+    batch, side = (3, 5) if smoke else (520, 2048)
+    generator = torch.Generator(device=device).manual_seed(4)
+    h = torch.rand(batch, 1, side, side, device=device, generator=generator,
+                   dtype=torch.float16)
+    weight = torch.randn(10, 1, device=device, dtype=torch.float16)
+    bias = torch.randn(10, device=device, dtype=torch.float16) * 0.1
+    labels = torch.arange(batch, device=device) % 10
+    grad_supp = torch.zeros(batch, device=device, dtype=torch.float16)
+    grad_supp[-2:] = 1.0  # only the last two samples reach dW: their reference is the whole dW
+    leaves = [t.requires_grad_(True) for t in (h, weight, bias)]
+    out = occam_kernels.exit_head(*leaves, labels, backend="triton")
+    out.supp.backward(grad_supp)
+    tail = slice(batch - 2, batch)
+    ref_leaves = [t.detach()[tail].double().requires_grad_(True) if i == 0 else
+                  t.detach().double().requires_grad_(True) for i, t in enumerate((h, weight, bias))]
+    threshold = out.logits.detach()[tail].gather(1, labels[tail, None])[:, 0].double()
+    want = exit_head_reference(*ref_leaves, labels[tail], threshold=threshold)
+    want[2].backward(grad_supp[tail].double())
+    errors = {"supp": relative_error(out.supp[tail], want[2]),
+              "logits": relative_error(out.logits[tail], want[0]),
+              "dh": relative_error(leaves[0].grad[tail], ref_leaves[0].grad),
+              "dW": relative_error(leaves[1].grad, ref_leaves[1].grad),
+              "db": relative_error(leaves[2].grad, ref_leaves[2].grad)}
+    span = batch * side * side
+    checks.append(Check("large_index", f"exit_head B*H*W={span:,} fp16",
+                        all(e <= TOLERANCE["fp16"] for e in errors.values()), errors,
+                        "" if span > 2 ** 31 else "smoke: stays below 2^31"))
+    del h, leaves, out, grad_supp
+    # CAM: K * P = 1000 * 1470^2 > 2^31 in one sample
+    classes, side = (7, 5) if smoke else (1000, 1470)
+    h = torch.rand(1, 16, side, side, device=device, dtype=torch.float16)
+    weight = torch.randn(classes, 16, device=device, dtype=torch.float16) / 4
+    bias = torch.randn(classes, device=device, dtype=torch.float16)
+    cam = occam_kernels.class_activation_maps(h, weight, bias, backend="triton")
+    want = class_activation_maps_reference(h.double(), weight[-3:].double(), bias[-3:].double())
+    error = relative_error(cam[:, -3:], want)
+    span = classes * side * side
+    checks.append(Check("large_index", f"cam K*H*W={span:,} fp16", error <= TOLERANCE["fp16"],
+                        {"cam": error}, "" if span > 2 ** 31 else "smoke: stays below 2^31"))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# The correctness step: cases in worker processes (Triton compiles in parallel on a GPU host)
+
+
+def _exit_head_group(args):
+    """One (dtype, layout, K) group of exit-head and CAM cases: the kernels' specialisations
+    are shared inside a group, so one process compiles each once."""
+    dtype_name, layout, num_classes, smoke = args
+    device = device_for(smoke)
+    batch = 2 if smoke else 128
+    shapes = EXIT_SHAPES if num_classes == 10 else [EXIT_SHAPES[0], EXIT_SHAPES[2]]
+    checks = []
+    for shape in shapes:
+        shape = shrink(shape, smoke)
+        checks.append(check_exit_head(batch, shape, num_classes, dtype_name, layout, device))
+        checks.append(check_cams(batch, shape, num_classes, dtype_name, layout, device))
+    return [asdict(c) for c in checks]
+
+
+def _other_group(args):
+    name, smoke = args
+    device = device_for(smoke)
+    run = compaction_checks if name == "compact" else predict_checks
+    checks = run(device, smoke)
+    return [asdict(c) for c in checks]
+
+
+def _guarded(function, args):
+    try:
+        return function(args)
+    except Exception as error:  # a crash is a failed check with its reason, not a lost step
+        return [asdict(Check("crash", f"{function.__name__}{args}", False,
+                             notes=f"{type(error).__name__}: {error}"[:500]))]
+
+
+def _run_guarded(task):
+    return _guarded(*task)
+
+
+def correctness(out: str, smoke: bool, jobs: int) -> int:
+    tasks = [(_exit_head_group, (d, layout, k, smoke)) for k in (10, 1000) for d in DTYPES
+             for layout in ("contiguous", "channels_last")]
+    tasks += [(_other_group, ("compact", smoke)), (_other_group, ("predict", smoke))]
+    results = []
+    if jobs > 1:
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            for found in pool.map(_run_guarded, tasks):
+                results += found
+    else:
+        for task in tasks:
+            results += _run_guarded(task)
+    # Run alone: it needs ~30 GB and the whole GPU's attention.
+    results += _guarded(lambda smoke: [asdict(c) for c in large_index_checks(
+        device_for(smoke), smoke)], smoke)
+    with open(os.path.join(out, "correctness.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    failed = [r for r in results if not r["passed"]]
+    for result in results:
+        worst = max(result["errors"].values(), default=0.0)
+        print(f"{'ok  ' if result['passed'] else 'FAIL'} {result['group']:<11} "
+              f"{result['case']:<48} worst err {worst:.1e} {result['notes']}")
+    print(f"correctness: {len(results) - len(failed)}/{len(results)} passed")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# compute-sanitizer target, profile, environment, summary
+
+
+def sanitize_target(smoke: bool, triton: bool) -> int:
+    """A small run for compute-sanitizer: every compaction pattern on the CUDA op (or, with
+    --triton, the Triton exit head and compaction), checked against the reference."""
+    import occam_kernels
+    device = device_for(smoke)
+    checks = []
+    generator = torch.Generator().manual_seed(5)
+    for batch, shape, layout in ((37, (5, 3, 4), "contiguous"), (9, (6, 5, 3), "channels_last"),
+                                 (1, (3,), "contiguous"), (0, (4,), "contiguous"),
+                                 (3000, (7,), "contiguous")):
+        x = torch.randn(batch, *shape, generator=generator).to(device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        for keep in (torch.rand(batch, generator=generator) < 0.5,
+                     torch.ones(batch, dtype=torch.bool), torch.zeros(batch, dtype=torch.bool)):
+            backend = "triton" if triton else ("cpu" if smoke else "cuda")
+            checks.append(check_compact(x, keep.to(device), backend, f"{batch} rows", device))
+    if triton:
+        for shape, classes, dtype_name in (((5, 3, 7), 10, "fp32"), ((6, 4, 3), 70, "bf16")):
+            checks.append(check_exit_head(3, shape, classes, dtype_name, "contiguous", device))
+    failed = [c for c in checks if not c.passed]
+    what = "Triton" if triton else "CUDA compaction"
+    print(f"sanitize target: {len(checks) - len(failed)}/{len(checks)} checks passed ({what}, "
+          f"backends {occam_kernels.build_info()['backends']})")
+    return 1 if failed else 0
+
+
+def profile(out: str, smoke: bool) -> int:
+    """Per-kernel device times of the fused exit head, forward+backward, from torch.profiler."""
+    import occam_kernels
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    device = device_for(smoke)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    results = {}
+    for shape in (EXIT_SHAPES[0], EXIT_SHAPES[4]):
+        for dtype_name in ("bf16", "fp32"):
+            batch, small = (2, shrink(shape, True)) if smoke else (128, shape)
+            h, weight, bias, labels, upstream = _exit_head_inputs(
+                batch, small, 10, DTYPES[dtype_name], "channels_last", device, seed=6)
+            leaves = [t.requires_grad_(True) for t in (h, weight, bias)]
+
+            def step():
+                out = occam_kernels.exit_head(*leaves, labels, backend="triton")
+                torch.autograd.backward(list(out), upstream)
+                for leaf in leaves:
+                    leaf.grad = None
+
+            for _ in range(3):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            iterations = 2 if smoke else 20
+            with torch_profile(activities=activities) as prof:
+                for _ in range(iterations):
+                    step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            rows = []
+            for event in prof.key_averages():
+                device_us = getattr(event, "device_time_total", None)
+                if device_us is None:
+                    device_us = getattr(event, "cuda_time_total", 0)
+                total = device_us if device.type == "cuda" else event.cpu_time_total
+                # GPU: every kernel; CPU (smoke): the custom ops, the kernels being interpreted
+                if total > 0 and (device.type == "cuda" or event.key.startswith("occam::")):
+                    rows.append({"kernel": event.key, "calls": event.count // iterations,
+                                 "us_per_step": total / iterations})
+            rows.sort(key=lambda r: -r["us_per_step"])
+            name = f"B={batch} {'x'.join(map(str, small))} {dtype_name} channels_last fwd+bwd"
+            results[name] = rows[:12]
+            print(f"-- {name} ({'device' if device.type == 'cuda' else 'CPU'} time per step)")
+            for row in rows[:12]:
+                print(f"   {row['us_per_step']:10.1f} us  x{row['calls']:<3} {row['kernel'][:80]}")
+    with open(os.path.join(out, "profile.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    return 0
+
+
+def environment(out: str, smoke: bool) -> int:
+    import triton
+    import occam_kernels
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "smoke": smoke, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "triton": triton.__version__, "python": platform.python_version(),
+            "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+            "build": occam_kernels.build_info()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, capability=list(torch.cuda.get_device_capability()),
+                    memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    multiprocessors=props.multi_processor_count)
+    else:
+        info.update(device=f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
+    with open(os.path.join(out, "environment.json"), "w") as handle:
+        json.dump(info, handle, indent=1)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def _read_json(path, default):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return default
+
+
+def _headlines(bench_paths) -> List[str]:
+    """One line per benchmark group: each implementation's median and its ratio to the
+    group's baseline (bench/report.py's choice of baseline)."""
+    sys.path.insert(0, HERE)
+    from report import BASELINES, load, suite_of
+    runs = load([p for p in bench_paths if os.path.exists(p)])
+    groups: Dict[str, list] = {}
+    for run in runs:
+        groups.setdefault(run["group"], []).append(run)
+    lines = []
+    for group, members in sorted(groups.items()):
+        baseline = next((r for r in members if r["impl"] == BASELINES.get(suite_of(group))), None)
+        parts = []
+        for run in sorted(members, key=lambda r: r["impl"]):
+            text = f"{run['impl']} {run['median'] * 1e3:.3f} ms"
+            if run["extra"].get("images"):
+                text += f" ({run['extra']['images'] / run['median']:.0f} img/s)"
+            if run["impl"] == "copy":
+                text += f" ({run['extra']['floor_bytes'] / run['median'] / 1e9:.0f} GB/s)"
+            if baseline is not None and run is not baseline:
+                text += f" {baseline['median'] / run['median']:.2f}x"
+            parts.append(text)
+        lines.append(f"{group}: " + " | ".join(parts))
+    return lines
+
+
+def summary(out: str) -> int:
+    """The short table, printed last, and OUT/summary.json with everything it was made from."""
+    env = _read_json(os.path.join(out, "environment.json"), {})
+    steps = []
+    if os.path.exists(os.path.join(out, "steps.tsv")):
+        with open(os.path.join(out, "steps.tsv")) as handle:
+            for line in handle:
+                name, status, seconds, limit = line.rstrip("\n").split("\t")
+                steps.append({"step": name, "status": status, "seconds": int(seconds),
+                              "limit": int(limit)})
+    checks = _read_json(os.path.join(out, "correctness.json"), [])
+    by_group: Dict[str, List[int]] = {}
+    for check in checks:
+        passed_total = by_group.setdefault(check["group"], [0, 0])
+        passed_total[0] += check["passed"]
+        passed_total[1] += 1
+    bench_paths = [os.path.join(out, name) for name in sorted(os.listdir(out))
+                   if name.startswith("bench_") and name.endswith(".json")]
+    headlines = _headlines(bench_paths)
+    record = {"environment": env, "steps": steps,
+              "correctness": {g: {"passed": p, "total": t} for g, (p, t) in by_group.items()},
+              "failed_checks": [c for c in checks if not c["passed"]],
+              "headlines": headlines, "profile": _read_json(os.path.join(out, "profile.json"), {})}
+    with open(os.path.join(out, "summary.json"), "w") as handle:
+        json.dump(record, handle, indent=1)
+    print(f"\n== gpu_check on {env.get('device', '?')}: torch {env.get('torch', '?')}, triton "
+          f"{env.get('triton', '?')}, {env.get('date', '?')}"
+          f"{' (smoke: CPU, tiny shapes, not speed claims)' if env.get('smoke') else ''}")
+    print(f"{'step':<18}{'status':<10}{'seconds':>8}{'limit':>7}")
+    for step in steps:
+        print(f"{step['step']:<18}{step['status']:<10}{step['seconds']:>8}{step['limit']:>7}")
+    print("correctness: " + (", ".join(f"{g} {p}/{t}" for g, (p, t) in sorted(by_group.items()))
+                             or "no results"))
+    for check in record["failed_checks"][:10]:
+        print(f"  FAILED {check['group']} {check['case']} {check['errors']} {check['notes']}")
+    for line in headlines:
+        print(line)
+    bad = [s for s in steps if s["status"] != "pass"]
+    print(f"{len(steps) - len(bad)}/{len(steps)} steps passed"
+          + (f"; not passed: {', '.join(s['step'] + ' (' + s['status'] + ')' for s in bad)}"
+             if bad else ""))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["environment", "correctness", "sanitize-target",
+                                         "profile", "summary"])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="correctness worker processes (default: 8 on GPU, 1 on CPU)")
+    parser.add_argument("--triton", action="store_true",
+                        help="sanitize-target: the Triton kernels instead of the CUDA op")
+    args = parser.parse_args(argv)
+    started = time.time()
+    if args.step == "environment":
+        code = environment(args.out, args.smoke)
+    elif args.step == "correctness":
+        jobs = args.jobs or (1 if args.smoke else min(8, os.cpu_count() or 1))
+        code = correctness(args.out, args.smoke, jobs)
+    elif args.step == "sanitize-target":
+        code = sanitize_target(args.smoke, args.triton)
+    elif args.step == "profile":
+        code = profile(args.out, args.smoke)
+    else:
+        return summary(args.out)  # the table is the last thing printed
+    print(f"[{args.step}: {time.time() - started:.1f} s]")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

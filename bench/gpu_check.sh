@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The whole use of a GPU window (DESIGN.md 8.1), in at most 8 minutes:
+#   build for this GPU only, correctness of every GPU path against the fp64 reference,
+#   compute-sanitizer on the CUDA compaction (and memcheck on the Triton kernels), the headline
+#   timings, torch.profiler per-kernel times, the kernel tests on CUDA, a short table last.
+# Every step runs under its own `timeout`, clipped to what is left of the budget; a failed step
+# is recorded and the script goes on. Logs and JSON land in OUT (trimmed: small enough to
+# come back from a device machine).
+#
+#   bash bench/gpu_check.sh OUT           a GPU host with torch/triton preinstalled, no network
+#   bash bench/gpu_check.sh --smoke OUT   CPU: tiny shapes, Triton interpreted (`make test`)
+#
+# PYTHON (default python3) is the interpreter; OCCAM_GPU_CHECK_BUDGET the seconds for all steps.
+set -uo pipefail
+smoke=0
+if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
+out=${1:?usage: bash bench/gpu_check.sh [--smoke] OUT}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+budget=${OCCAM_GPU_CHECK_BUDGET:-$([ $smoke = 1 ] && echo 170 || echo 465)}
+reserve=15  # seconds kept for the summary
+start=$SECONDS
+: > "$out/steps.tsv"
+export PYTHONUNBUFFERED=1
+if [ $smoke = 1 ]; then
+  export TRITON_INTERPRET=1     # no GPU: Triton runs under its interpreter
+  smoke_flag=--smoke
+else
+  unset TRITON_INTERPRET        # a GPU: never the interpreter (conftest.py refuses it too)
+  smoke_flag=
+fi
+
+# run_step NAME LIMIT_SECONDS COMMAND...: log to OUT/NAME.log, one line in OUT/steps.tsv.
+run_step() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( budget - (SECONDS - start) - reserve ))
+  if (( left < 5 )); then
+    printf '%s\tno time\t0\t0\n' "$name" >> "$out/steps.tsv"
+    echo "[gpu_check] $name: skipped, the budget is spent"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  local t0=$SECONDS status
+  echo "[gpu_check] $name (limit ${limit}s) ..."
+  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+  case $? in
+    0) status=pass ;;
+    124|137) status=timeout ;;
+    *) status=fail ;;
+  esac
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( SECONDS - t0 ))" "$limit" >> "$out/steps.tsv"
+  echo "[gpu_check] $name: $status in $(( SECONDS - t0 ))s (log: $out/$name.log)"
+  [ $status = pass ] || tail -5 "$out/$name.log" | sed 's/^/    /'
+}
+
+# 1. Build for the local GPU only (one architecture: the fastest nvcc run that proves it).
+if [ $smoke = 1 ]; then
+  run_step build 30 "$PY" -c "import json, occam_kernels; print(json.dumps(occam_kernels.build_info()))"
+else
+  arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+  export OCCAM_CUDA_ARCHS=$arch MAX_JOBS=${MAX_JOBS:-16}
+  run_step build 200 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+fi
+run_step environment 40 "$PY" bench/gpu_check.py environment --out "$out" $smoke_flag
+
+# 2. Correctness of every GPU path against the fp64 reference (outputs poisoned before runs).
+run_step correctness 150 "$PY" bench/gpu_check.py correctness --out "$out" $smoke_flag
+
+# 3. compute-sanitizer: memcheck and racecheck on the CUDA compaction, memcheck on Triton.
+if command -v compute-sanitizer > /dev/null && [ $smoke = 0 ]; then
+  # Without the caching allocator every tensor is its own allocation: memcheck sees its bounds.
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  run_step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PY" bench/gpu_check.py sanitize-target
+  run_step racecheck 40 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    "$PY" bench/gpu_check.py sanitize-target
+  run_step memcheck_triton 45 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PY" bench/gpu_check.py sanitize-target --triton
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+else
+  # No sanitizer here (or no GPU): the targets still run, so they cannot rot.
+  run_step sanitize_target 60 "$PY" bench/gpu_check.py sanitize-target $smoke_flag
+  run_step sanitize_triton 60 "$PY" bench/gpu_check.py sanitize-target --triton $smoke_flag
+fi
+
+# 4. Headline timings (pytest-benchmark JSON, trimmed by report.py). The inductor baselines
+#    compile for a while, so they run last and apart: a timeout there keeps the rest.
+bench_args=(-q -p no:cacheprovider --benchmark-warmup=off)
+if [ $smoke = 1 ]; then
+  bench_args+=(--benchmark-min-rounds=1 --benchmark-max-time=0)
+else
+  bench_args+=(--benchmark-min-rounds=5 --benchmark-max-time=0.1)
+fi
+headline_exit_head="test_exit_head and forward_backward and (58x64x64 or 464x5x5)"
+run_step timings 120 "$PY" -m pytest bench "${bench_args[@]}" \
+  -k "test_copy or test_training_step or test_inference or (test_compact and 0.5) or ($headline_exit_head and not compiled)" \
+  --benchmark-json="$out/bench_main.json"
+run_step timings_compiled 120 "$PY" -m pytest bench "${bench_args[@]}" \
+  -k "$headline_exit_head and compiled" --benchmark-json="$out/bench_compiled.json"
+run_step report 40 bash -c "ls '$out'/bench_*.json > /dev/null 2>&1 && \
+  '$PY' bench/report.py '$out'/bench_*.json --out '$out' --trim"
+run_step profile 60 "$PY" bench/gpu_check.py profile --out "$out" $smoke_flag
+
+# 5. The kernel tests on this device (CUDA natively on a GPU; the full suite runs in CI).
+if [ $smoke = 0 ]; then
+  run_step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_exit_head.py \
+    tests/test_exit_head_triton_raw.py tests/test_compact.py tests/test_inference.py \
+    tests/test_models.py --junitxml="$out/tests.xml"
+fi
+
+# 6. The short table, last.
+echo "[gpu_check] steps took $(( SECONDS - start ))s of a ${budget}s budget"
+"$PY" bench/gpu_check.py summary --out "$out" 2>&1 | tee "$out/summary.txt"
+! grep -qv $'\tpass\t' "$out/steps.tsv"

@@ -1,0 +1,38 @@
+"""bench/gpu_check.sh in its CPU smoke mode: every step of a GPU window runs (tiny shapes, Triton
+interpreted), so the script a GPU window depends on cannot rot between windows."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ["build", "environment", "correctness", "sanitize_target", "sanitize_triton", "timings",
+         "timings_compiled", "report", "profile"]
+
+
+def test_gpu_check_smoke_runs_every_step(tmp_path):
+    out = tmp_path / "gpu_check"
+    done = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--smoke",
+                           str(out)], cwd=ROOT, env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=600)
+    log = done.stdout[-4000:] + done.stderr[-2000:]
+    assert done.returncode == 0, log
+    steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+    assert [s[0] for s in steps] == STEPS, log
+    assert all(s[1] == "pass" for s in steps), steps
+    # The table comes last.
+    assert done.stdout.splitlines()[-1] == "9/9 steps passed", done.stdout[-800:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["correctness"]) == {"exit_head", "cam", "compact", "predict",
+                                           "large_index"}
+    assert all(g["passed"] == g["total"] > 0 for g in summary["correctness"].values())
+    assert summary["environment"]["smoke"] is True
+    assert any(line.startswith("exit_head forward_backward 58x64x64") and "compiled" in line
+               for line in summary["headlines"]), summary["headlines"]
+    assert any(line.startswith("copy") for line in summary["headlines"])
+    # The timings JSON comes back trimmed (no per-round data) and the profile names the op.
+    bench = json.loads((out / "bench_main.json").read_text())
+    assert bench["benchmarks"] and all("data" not in b["stats"] for b in bench["benchmarks"])
+    profile = json.loads((out / "profile.json").read_text())
+    assert any(row["kernel"].startswith("occam::exit_head_fused")
+               for rows in profile.values() for row in rows), profile
