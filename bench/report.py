@@ -8,6 +8,7 @@ copy bandwidth measured in the same run on the same device, peak memory, images/
 Results from different devices stay in separate sections. Nothing here is typed by hand.
 """
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -93,11 +94,18 @@ def render(runs, out_dir):
                         f"{peak / 2 ** 20:.1f}" if peak is not None else "-",
                         f"{images / run['median']:.0f}" if images else "-"]) + " |")
             lines.append("")
-            if ratios:
+            if ratios and _HAS_MATPLOTLIB:
                 plots.append((device, suite, ratios))
                 name = plot_ratios(device, suite, baseline, ratios, out_dir)
                 lines += [f"![{suite} speed-ups on {device}]({name})", ""]
+            elif ratios:
+                lines += ["(No plot: matplotlib is not installed here; the table has the "
+                          "numbers.)", ""]
     return "\n".join(lines)
+
+
+# A GPU host may have no matplotlib (bench/gpu_check.sh runs there): tables still render.
+_HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_ratios(device, suite, baseline, ratios, out_dir):
