@@ -225,3 +225,17 @@ def test_strided_labels_are_read_as_values(device):
     h.grad = None
     exit_head_reference(h, weight, bias, labels)[2].sum().backward()
     torch.testing.assert_close(grad_strided, h.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_offsets_past_2_31(device):
+    """B*H*W and K*H*W beyond 2^31 (int32 offsets would wrap): bench/gpu_check.py's check,
+    which compares the last samples and classes with the fp64 reference. About 30 GB."""
+    import os
+    import sys
+    if torch.cuda.get_device_properties(device).total_memory < 48 * 2 ** 30:
+        pytest.skip("needs a GPU with 48 GB or more (about 30 GB of tensors)")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    from gpu_check import large_index_checks
+    checks = large_index_checks(device, smoke=False)
+    assert len(checks) == 2 and all(check.passed for check in checks), checks

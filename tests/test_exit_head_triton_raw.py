@@ -248,3 +248,45 @@ def test_class_activation_maps(shape, dtype, layout, device):
     cam = class_activation_maps(h, weight, bias)
     assert cam.dtype == dtype and cam.shape == (shape[0], shape[4], shape[2], shape[3])
     assert_close(cam, explicit_cam(h.double(), weight.double(), bias.double()), dtype)
+
+
+def test_split_reductions_cover_every_pixel_once(device, monkeypatch):
+    """The pool and dW kernels split their pixel loops over programs (fixed ranges, summed in
+    a fixed order). A small program target forces several pixel blocks per pool split and
+    several (sample, pixel block) units per dW split, which small shapes never reach."""
+    import occam_kernels.triton.exit_head as kernels
+    monkeypatch.setattr(kernels, "_TARGET_PROGRAMS", 3)
+    for layout in ("contiguous", "channels_last"):
+        h, *_ = check_against_explicit((3, 5, 9, 11, 7), torch.float32, device, layout=layout)
+    # 99 pixels = 4 blocks of 32. Pool: 3 samples x 1 channel block already reach the target,
+    # so one split runs all 4 blocks. dW: 3 x 4 units over 3 splits of 4.
+    assert kernels._splits(4, 3) == (1, 4) and kernels._splits(12, 1) == (3, 4)
+
+
+def test_design_shape_launches_enough_programs(device, monkeypatch):
+    """At the first exit (B=128, C=58, 40x40) the pool and dW kernels ran 128 programs each,
+    one per sample, looping over all 1,600 pixels; now about _TARGET_PROGRAMS. The grids are
+    read from the launchers without running the kernels (a recording stand-in)."""
+    import occam_kernels.triton.exit_head as kernels
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids[self.name] = grid
+            return launch
+
+    for name in ("_pool_kernel", "_supp_kernel", "_grad_h_kernel", "_grad_weight_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(name))
+    h = torch.zeros(128, 58, 40, 40, device=device)
+    weight, bias = torch.zeros(10, 58, device=device), torch.zeros(10, device=device)
+    labels = torch.zeros(128, dtype=torch.long, device=device)
+    kernels.exit_head_forward(h, weight, bias, labels)
+    kernels.exit_head_backward(h, weight, bias, labels, None, None, torch.ones(128, device=device))
+    programs = {name: math.prod(grid) for name, grid in grids.items()}
+    assert programs["_pool_kernel"] >= 512 and programs["_grad_weight_kernel"] >= 512, programs
+    assert programs["_supp_kernel"] == programs["_grad_h_kernel"] == 128 * 50   # B x P blocks
+    assert all(len(grid) == 1 or max(grid[1:]) <= 65535 for grid in grids.values()), grids
