@@ -91,19 +91,43 @@ class ForcedGate(torch.nn.Module):
         return (pooled.float().sum(1) >= self.threshold).float()
 
 
+def gate_scores(model, x):
+    """Per exit, each sample's ForcedGate score (the sum of its pooled features)."""
+    with torch.no_grad():
+        return [pooled.float().sum(1) for pooled in model(x)["pooled"]]
+
+
 @torch.no_grad()
 def force_exit_distribution(model, x, shares):
-    """Replace the gates of E1..E(last-1) so that exit t takes about shares[t-1] of x."""
-    pooled = model(x)["pooled"]
+    """Replace the gates of E1..E(last-1) so that exit t takes round(shares[t-1] * B) of x.
+
+    Each threshold lies halfway between the scores of the last sample taken and the first one
+    left, so no sample sits near a threshold: a compacted batch, whose features may differ
+    from the full batch's in the last bits, makes the same decisions."""
+    scores = gate_scores(model, x)
     remaining = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     left = 1.0
     for t, share in enumerate(shares[:-1], start=1):
-        score = pooled[t].float().sum(1)
-        if share <= 0 or not remaining.any():
+        candidates = scores[t][remaining].sort(descending=True).values
+        count = int(round(min(1.0, share / left) * len(candidates))) if left > 0 else 0
+        if count == 0:
             threshold = float("inf")
+        elif count == len(candidates):
+            threshold = float("-inf")
         else:
-            fraction = min(1.0, share / left)
-            threshold = torch.quantile(score[remaining], 1 - fraction).item()
+            threshold = ((candidates[count - 1] + candidates[count]) / 2).item()
         model.exits[t].gate = ForcedGate(threshold)
-        remaining &= score < threshold
+        remaining &= scores[t] < threshold
         left -= share
+
+
+def near_a_threshold(model, x, relative=1e-4):
+    """(B,) bool: samples whose score lies within `relative` of a forced threshold, whose
+    decision rounding could flip (there should be none)."""
+    scores = gate_scores(model, x)
+    near = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for t in range(1, model.num_exits - 1):
+        threshold = model.exits[t].gate.threshold
+        if abs(threshold) != float("inf"):
+            near |= (scores[t] - threshold).abs() <= relative * (abs(threshold) + 1)
+    return near

@@ -61,14 +61,15 @@ def shrink(shape, smoke: bool):
 
 
 def poison(device: torch.device) -> None:
-    """Fill the free blocks of the CUDA caching allocator with NaN, so an output element a
-    kernel never writes reads as NaN (torch.empty hands out recycled memory). Both pools: large
-    blocks (> 1 MB) and small ones. A no-op on CPU, whose allocator does not cache."""
+    """Fill the free blocks of the CUDA caching allocator with 0xFF bytes, NaN in fp16, bf16,
+    fp32 and fp64 alike (and -1 as an integer), so an output element a kernel never writes
+    reads as NaN (torch.empty hands out recycled memory). Both pools: large blocks (> 1 MB)
+    and small ones. A no-op on CPU, whose allocator does not cache."""
     if device.type != "cuda":
         return
     free = torch.cuda.mem_get_info(device)[0]
-    large = torch.full((min(2 << 30, free // 8) // 4,), math.nan, device=device)
-    small = [torch.full((1 << 18,), math.nan, device=device) for _ in range(64)]
+    large = torch.full((min(2 << 30, free // 8),), 255, dtype=torch.uint8, device=device)
+    small = [torch.full((1 << 20,), 255, dtype=torch.uint8, device=device) for _ in range(64)]
     del large, small
 
 
@@ -154,7 +155,10 @@ def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=
     got[2] = want[2] + excess
     names = ["logits", "pooled", "supp", "dh", "dW", "db"]
     errors = {name: relative_error(g, ref) for name, g, ref in zip(names, got, want)}
-    strides_kept = first[3].stride() == h.stride()
+    # Autograd hands h.grad the strides of h whatever the op returns: ask the op itself.
+    grad_h = torch.ops.occam.exit_head_fused_backward(
+        h, weight, bias, labels, first[0], first[1], *upstream)[0]
+    strides_kept = grad_h.stride() == h.stride()
     passed = bitwise and strides_kept and all(e <= TOLERANCE[dtype_name] for e in errors.values())
     notes = ("" if bitwise else "not bitwise repeatable; ") + \
         ("" if strides_kept else "dh lost h's layout; ") + \
@@ -223,34 +227,39 @@ def compaction_checks(device, smoke) -> List[Check]:
     return checks
 
 
-class _PseudoRandomGate(torch.nn.Module):
-    """A gate that is a fixed function of each sample's own features, far from 0.5, so that
-    the exits take a mix of samples (an untrained gate sends everyone the same way)."""
-
-    def forward(self, pooled):
-        return torch.sigmoid(50 * torch.sin(pooled.float().sum(1) * 1e4))
-
-
 def predict_checks(device, smoke) -> List[Check]:
-    """predict() with compaction equals every exit on every sample, then selection."""
+    """predict() with compaction equals every exit on every sample, then selection, with the
+    exits forced to take 40/30/30% of the batch (thresholds far from every sample)."""
+    from benchutils import force_exit_distribution, near_a_threshold
     from occamnets.inference import predict
     from occamnets.models import occam_resnet18
     torch.manual_seed(0)
     width, size, batch = (4, 32, 16) if smoke else (58, 160, 64)
     model = occam_resnet18(10, width=width, input_size=64 if smoke else 160).to(device).eval()
-    for exit_module in model.exits:
-        exit_module.gate = _PseudoRandomGate()
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
-    full = predict(model, x, compaction=False)
-    checks = []
-    for backend in (["cpu", "triton"] if device.type == "cpu" else ["cuda", "triton"]):
-        got = predict(model, x, compaction=True, backend=backend)
-        same_exits = torch.equal(got.exit_index, full.exit_index)
-        error = relative_error(got.logits, full.logits)
-        counts = got.exit_counts.tolist()
-        checks.append(Check("predict", f"{backend} compaction B={batch} exits {counts}",
-                            same_exits and error <= 1e-5 and sum(c > 0 for c in counts) >= 2,
-                            {"logits": error}, "" if same_exits else "exit indices differ"))
+    # A compacted batch may run other cuDNN algorithms; with TF32 their fp32 results would
+    # differ by ~1e-3, without it by rounding only.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        force_exit_distribution(model, x, (0.4, 0.3, 0.3))
+        near = near_a_threshold(model, x)
+        full = predict(model, x, compaction=False)
+        checks = []
+        for backend in (["cpu", "triton"] if device.type == "cpu" else ["cuda", "triton"]):
+            got = predict(model, x, compaction=True, backend=backend)
+            differ = got.exit_index != full.exit_index
+            same = ~differ
+            error = relative_error(got.logits[same], full.logits[same])
+            counts = got.exit_counts.tolist()
+            passed = (not (differ & ~near).any() and error <= 1e-4
+                      and all(c > 0 for c in counts[1:]))
+            notes = (f"{int(differ.sum())} exit indices differ" if differ.any() else "") + \
+                (f"; {int(near.sum())} samples near a threshold" if near.any() else "")
+            checks.append(Check("predict", f"{backend} compaction B={batch} exits {counts}",
+                                passed, {"logits": error}, notes.strip("; ")))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return checks
 
 
@@ -273,7 +282,9 @@ def large_index_checks(device, smoke) -> List[Check]:
     bias = torch.randn(10, device=device, dtype=torch.float16) * 0.1
     labels = torch.arange(batch, device=device) % 10
     grad_supp = torch.zeros(batch, device=device, dtype=torch.float16)
-    grad_supp[-2:] = 1.0  # only the last two samples reach dW: their reference is the whole dW
+    # Only the last two samples reach dW, so their reference is the whole dW. Scaled with P:
+    # dh is about g_supp / P, and at 1 / 2048^2 it would be below fp16's smallest step.
+    grad_supp[-2:] = max(1.0, side * side / 1024)
     leaves = [t.requires_grad_(True) for t in (h, weight, bias)]
     out = occam_kernels.exit_head(*leaves, labels, backend="triton")
     out.supp.backward(grad_supp)
@@ -323,27 +334,43 @@ def _exit_head_group(args):
         shape = shrink(shape, smoke)
         checks.append(check_exit_head(batch, shape, num_classes, dtype_name, layout, device))
         checks.append(check_cams(batch, shape, num_classes, dtype_name, layout, device))
-    return [asdict(c) for c in checks]
+    return checks
 
 
 def _other_group(args):
     name, smoke = args
-    device = device_for(smoke)
     run = compaction_checks if name == "compact" else predict_checks
-    checks = run(device, smoke)
-    return [asdict(c) for c in checks]
+    return run(device_for(smoke), smoke)
 
 
-def _guarded(function, args):
-    try:
-        return function(args)
-    except Exception as error:  # a crash is a failed check with its reason, not a lost step
-        return [asdict(Check("crash", f"{function.__name__}{args}", False,
-                             notes=f"{type(error).__name__}: {error}"[:500]))]
+def _large_index_group(smoke):
+    return large_index_checks(device_for(smoke), smoke)
 
 
 def _run_guarded(task):
-    return _guarded(*task)
+    """A task's checks as dicts; a crash is a failed check with its reason, not a lost step.
+    The task's cached GPU memory is released: up to 8 workers share one GPU."""
+    function, args = task
+    try:
+        checks = function(args)
+    except Exception as error:
+        checks = [Check("crash", f"{function.__name__}{args}", False,
+                        notes=f"{type(error).__name__}: {error}"[:500])]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [asdict(check) for check in checks]
+
+
+def _report(results, out, final=False) -> None:
+    """Rewrite correctness.json (after every task: a timeout keeps what finished)."""
+    with open(os.path.join(out, "correctness.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    if not final:
+        return
+    for result in results:
+        worst = max(result["errors"].values(), default=0.0)
+        print(f"{'ok  ' if result['passed'] else 'FAIL'} {result['group']:<11} "
+              f"{result['case']:<48} worst err {worst:.1e} {result['notes']}")
 
 
 def correctness(out: str, smoke: bool, jobs: int) -> int:
@@ -354,21 +381,18 @@ def correctness(out: str, smoke: bool, jobs: int) -> int:
     if jobs > 1:
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            for found in pool.map(_run_guarded, tasks):
-                results += found
+            futures = [pool.submit(_run_guarded, task) for task in tasks]
+            for done in concurrent.futures.as_completed(futures):
+                results += done.result()
+                _report(results, out)
     else:
         for task in tasks:
             results += _run_guarded(task)
-    # Run alone: it needs ~30 GB and the whole GPU's attention.
-    results += _guarded(lambda smoke: [asdict(c) for c in large_index_checks(
-        device_for(smoke), smoke)], smoke)
-    with open(os.path.join(out, "correctness.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
+            _report(results, out)
+    # Alone, after the workers have gone: it needs about 30 GB.
+    results += _run_guarded((_large_index_group, smoke))
+    _report(results, out, final=True)
     failed = [r for r in results if not r["passed"]]
-    for result in results:
-        worst = max(result["errors"].values(), default=0.0)
-        print(f"{'ok  ' if result['passed'] else 'FAIL'} {result['group']:<11} "
-              f"{result['case']:<48} worst err {worst:.1e} {result['notes']}")
     print(f"correctness: {len(results) - len(failed)}/{len(results)} passed")
     return 1 if failed else 0
 
@@ -407,6 +431,7 @@ def sanitize_target(smoke: bool, triton: bool) -> int:
 def profile(out: str, smoke: bool) -> int:
     """Per-kernel device times of the fused exit head, forward+backward, from torch.profiler."""
     import occam_kernels
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
     device = device_for(smoke)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -436,12 +461,17 @@ def profile(out: str, smoke: bool) -> int:
                     torch.cuda.synchronize()
             rows = []
             for event in prof.key_averages():
-                device_us = getattr(event, "device_time_total", None)
-                if device_us is None:
-                    device_us = getattr(event, "cuda_time_total", 0)
-                total = device_us if device.type == "cuda" else event.cpu_time_total
-                # GPU: every kernel; CPU (smoke): the custom ops, the kernels being interpreted
-                if total > 0 and (device.type == "cuda" or event.key.startswith("occam::")):
+                if device.type == "cuda":
+                    # Kernels only: a CPU op's device time includes its children's kernels.
+                    if event.device_type != DeviceType.CUDA:
+                        continue
+                    total = getattr(event, "device_time_total", None)
+                    if total is None:
+                        total = getattr(event, "cuda_time_total", 0)
+                else:
+                    # CPU (smoke): the custom ops, which run the interpreted kernels
+                    total = event.cpu_time_total if event.key.startswith("occam::") else 0
+                if total > 0:
                     rows.append({"kernel": event.key, "calls": event.count // iterations,
                                  "us_per_step": total / iterations})
             rows.sort(key=lambda r: -r["us_per_step"])
@@ -487,7 +517,6 @@ def _read_json(path, default):
 def _headlines(bench_paths) -> List[str]:
     """One line per benchmark group: each implementation's median and its ratio to the
     group's baseline (bench/report.py's choice of baseline)."""
-    sys.path.insert(0, HERE)
     from report import BASELINES, load, suite_of
     runs = load([p for p in bench_paths if os.path.exists(p)])
     groups: Dict[str, list] = {}
@@ -528,6 +557,10 @@ def summary(out: str) -> int:
         passed_total[1] += 1
     bench_paths = [os.path.join(out, name) for name in sorted(os.listdir(out))
                    if name.startswith("bench_") and name.endswith(".json")]
+    sys.path.insert(0, HERE)
+    from report import trim
+    for path in bench_paths:
+        trim(path)  # per-round timings would make the JSON too large to come back
     headlines = _headlines(bench_paths)
     record = {"environment": env, "steps": steps,
               "correctness": {g: {"passed": p, "total": t} for g, (p, t) in by_group.items()},

@@ -22,7 +22,9 @@ budget=${OCCAM_GPU_CHECK_BUDGET:-$([ $smoke = 1 ] && echo 170 || echo 465)}
 reserve=15  # seconds kept for the summary
 start=$SECONDS
 : > "$out/steps.tsv"
-export PYTHONUNBUFFERED=1
+# The repository itself is importable even if the build step fails (the extension is then
+# missing, and the checks that need it say so).
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ $smoke = 1 ]; then
   export TRITON_INTERPRET=1     # no GPU: Triton runs under its interpreter
   smoke_flag=--smoke
@@ -67,7 +69,20 @@ run_step environment 40 "$PY" bench/gpu_check.py environment --out "$out" $smoke
 # 2. Correctness of every GPU path against the fp64 reference (outputs poisoned before runs).
 run_step correctness 150 "$PY" bench/gpu_check.py correctness --out "$out" $smoke_flag
 
-# 3. compute-sanitizer: memcheck and racecheck on the CUDA compaction, memcheck on Triton.
+# 3. Headline timings (pytest-benchmark JSON; summary trims it) and the per-kernel profile.
+bench_args=(-q -p no:cacheprovider --benchmark-warmup=off)
+if [ $smoke = 1 ]; then
+  bench_args+=(--benchmark-min-rounds=1 --benchmark-max-time=0)
+else
+  bench_args+=(--benchmark-min-rounds=5 --benchmark-max-time=0.1)
+fi
+headline_exit_head="test_exit_head and forward_backward and (58x64x64 or 464x5x5)"
+run_step timings 120 "$PY" -m pytest bench "${bench_args[@]}" \
+  -k "test_copy or test_training_step or test_inference or (test_compact and 0.5) or ($headline_exit_head and not compiled)" \
+  --benchmark-json="$out/bench_main.json"
+run_step profile 60 "$PY" bench/gpu_check.py profile --out "$out" $smoke_flag
+
+# 4. compute-sanitizer: memcheck and racecheck on the CUDA compaction, memcheck on Triton.
 if command -v compute-sanitizer > /dev/null && [ $smoke = 0 ]; then
   # Without the caching allocator every tensor is its own allocation: memcheck sees its bounds.
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
@@ -84,28 +99,17 @@ else
   run_step sanitize_triton 60 "$PY" bench/gpu_check.py sanitize-target --triton $smoke_flag
 fi
 
-# 4. Headline timings (pytest-benchmark JSON, trimmed by report.py). The inductor baselines
-#    compile for a while, so they run last and apart: a timeout there keeps the rest.
-bench_args=(-q -p no:cacheprovider --benchmark-warmup=off)
-if [ $smoke = 1 ]; then
-  bench_args+=(--benchmark-min-rounds=1 --benchmark-max-time=0)
-else
-  bench_args+=(--benchmark-min-rounds=5 --benchmark-max-time=0.1)
-fi
-headline_exit_head="test_exit_head and forward_backward and (58x64x64 or 464x5x5)"
-run_step timings 120 "$PY" -m pytest bench "${bench_args[@]}" \
-  -k "test_copy or test_training_step or test_inference or (test_compact and 0.5) or ($headline_exit_head and not compiled)" \
-  --benchmark-json="$out/bench_main.json"
+# The inductor baselines compile for a while: apart, after the rest, so a timeout there
+# loses only them.
 run_step timings_compiled 120 "$PY" -m pytest bench "${bench_args[@]}" \
   -k "$headline_exit_head and compiled" --benchmark-json="$out/bench_compiled.json"
-run_step report 40 bash -c "ls '$out'/bench_*.json > /dev/null 2>&1 && \
+run_step report 30 bash -c "ls '$out'/bench_*.json > /dev/null 2>&1 && \
   '$PY' bench/report.py '$out'/bench_*.json --out '$out' --trim"
-run_step profile 60 "$PY" bench/gpu_check.py profile --out "$out" $smoke_flag
 
 # 5. The kernel tests on this device (CUDA natively on a GPU; the full suite runs in CI). The
 #    >2^31 test is the correctness step's large_index check, already run.
 if [ $smoke = 0 ]; then
-  run_step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_exit_head.py \
+  run_step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_exit_head.py \
     tests/test_exit_head_triton_raw.py tests/test_compact.py tests/test_inference.py \
     tests/test_models.py -k "not offsets_past_2_31" --junitxml="$out/tests.xml"
 fi

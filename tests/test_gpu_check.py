@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["build", "environment", "correctness", "sanitize_target", "sanitize_triton", "timings",
-         "timings_compiled", "report", "profile"]
+STEPS = ["build", "environment", "correctness", "timings", "profile", "sanitize_target",
+         "sanitize_triton", "timings_compiled", "report"]
 
 
 def test_gpu_check_smoke_runs_every_step(tmp_path):

@@ -1,9 +1,16 @@
 """Early-exit inference with compaction equals full-depth evaluation (DESIGN.md section 6)."""
+import os
+import sys
+
 import pytest
 import torch
 
 from occamnets.inference import predict
 from occamnets.models import occam_resnet18
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+from benchutils import force_exit_distribution  # noqa: E402
 
 
 def small_model(seed=0, device="cpu"):
@@ -12,25 +19,20 @@ def small_model(seed=0, device="cpu"):
     return model.to(device).eval()
 
 
-class PseudoRandomGate(torch.nn.Module):
-    """A gate that is a fixed function of each sample's own features, far from 0.5: random
-    data gives nearly equal pooled features, so a trained-looking gate would not mix."""
-
-    def forward(self, pooled):
-        return torch.sigmoid(50 * torch.sin(pooled.sum(1) * 1e4))
-
-
-def force_gates(model, pattern):
-    """'all_e1' (everyone exits at E1), 'none' (nobody exits early), 'mixed' (per sample)."""
+def force_gates(model, pattern, x):
+    """'all_e1' (everyone exits at E1), 'none' (nobody exits early), 'mixed' (40/30/30% of x
+    at E1/E2/E3, by thresholds halfway between samples: features computed on a compacted
+    batch may differ in the last bits, which must not flip a decision)."""
+    if pattern == "mixed":
+        force_exit_distribution(model, x, (0.4, 0.3, 0.3))
+        return
     for t, exit_module in enumerate(model.exits):
         last = exit_module.gate.net[-1]
         with torch.no_grad():
             if pattern == "all_e1":
                 last.weight.zero_(), last.bias.fill_(20.0 if t == 1 else -20.0)
-            elif pattern == "none":
-                last.weight.zero_(), last.bias.fill_(-20.0)
             else:
-                exit_module.gate = PseudoRandomGate()
+                last.weight.zero_(), last.bias.fill_(-20.0)
 
 
 def select_after_full_evaluation(model, x, threshold=0.5):
@@ -55,8 +57,8 @@ def select_after_full_evaluation(model, x, threshold=0.5):
 def test_compaction_equals_full_evaluation(pattern, batch, backend, device):
     """Compaction backends: the extension's for the device ("native"), Triton, the reference."""
     model = small_model(device=device)
-    force_gates(model, pattern)
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch)).to(device)
+    force_gates(model, pattern, x)
     want_logits, want_exit = select_after_full_evaluation(model, x)
     backend = device.type if backend == "native" else backend
     for compaction in (True, False):
@@ -72,16 +74,17 @@ def test_compaction_equals_full_evaluation(pattern, batch, backend, device):
         assert (got.exit_index == 3).all()
 
 
-def test_mixed_pattern_really_mixes():
+def test_forced_distribution_takes_the_asked_shares():
     model = small_model()
-    force_gates(model, "mixed")
-    got = predict(model, torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
-    assert (got.exit_counts > 0).sum() >= 2, got.exit_counts
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    force_gates(model, "mixed", x)
+    # round(0.4 * 64) = 26 at E1, then 0.3 / 0.6 of the 38 left at E2, the rest at E3
+    assert predict(model, x).exit_counts.tolist() == [0, 26, 19, 19]
 
 
 def test_compaction_skips_exit_zero_and_later_stages_when_all_exit():
     model = small_model()
-    force_gates(model, "all_e1")
+    force_gates(model, "all_e1", None)
     calls = []
     for t, module in enumerate(list(model.stages) + list(model.exits)):
         module.register_forward_hook(lambda m, i, o, t=t: calls.append(t))
