@@ -26,7 +26,12 @@ start=$SECONDS
 # missing, and the checks that need it say so).
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ $smoke = 1 ]; then
-  export TRITON_INTERPRET=1     # no GPU: Triton runs under its interpreter
+  # The interpreter only where no GPU is visible (the rule conftest.py enforces for pytest).
+  if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: --smoke is the CPU mode and a GPU is visible here; run without --smoke" >&2
+    exit 2
+  fi
+  export TRITON_INTERPRET=1
   smoke_flag=--smoke
 else
   unset TRITON_INTERPRET        # a GPU: never the interpreter (conftest.py refuses it too)

@@ -5,16 +5,31 @@ Loaded with -p, it runs before conftest.py, so the conftest's decision (no inter
 CUDA is visible) is the one a GPU host makes. After collection it writes, to the path in
 FAKE_GPU_REPORT, which Triton kernels were defined and how, and every collected test with its
 markers and device.
+
+FAKE_GPU_SCENARIO plays, in that child process only, the two mistakes conftest.py must stop:
+"interpreter-exported" (the user exported the interpreter switch before the run) and
+"interpreter-set-in-a-module" (a test module switches it on at import, the original defect).
 """
 import importlib
 import json
 import os
 import pkgutil
 
+import pytest
 import torch
 
 torch.cuda.is_available = lambda: True
 torch.cuda.device_count = lambda: 1
+
+_SCENARIO = os.environ.get("FAKE_GPU_SCENARIO", "")
+if _SCENARIO == "interpreter-exported":
+    os.environ["TRITON_INTERPRET"] = "1"  # the mistake under test, in this child process only
+
+
+def pytest_collectstart(collector):
+    # Before the first test module is imported, as that module's own first line would.
+    if _SCENARIO == "interpreter-set-in-a-module" and isinstance(collector, pytest.Module):
+        os.environ["TRITON_INTERPRET"] = "1"  # the mistake under test, in this child only
 
 
 def pytest_collection_finish(session):

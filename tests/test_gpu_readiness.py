@@ -9,13 +9,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def collect_with_fake_gpu(tmp_path, paths=(), **env_overrides):
+def collect_with_fake_gpu(tmp_path, paths=(), scenario=""):
+    """Collect in a child pytest with a faked visible GPU (tests/fake_gpu_plugin.py). The
+    child starts without the interpreter switch; `scenario` asks the plugin to misuse it."""
     report = tmp_path / "collected.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(FAKE_GPU_REPORT=str(report),
+    env.update(FAKE_GPU_REPORT=str(report), FAKE_GPU_SCENARIO=scenario,
                PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"),
-                                           env.get("PYTHONPATH", "")]),
-               **env_overrides)
+                                           env.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                            "-p", "fake_gpu_plugin", "-p", "no:cacheprovider", *paths],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -41,17 +42,15 @@ def test_fake_gpu_collection_has_no_interpreted_kernel_and_no_triton_on_cpu(tmp_
 
 
 def test_forced_interpreter_on_a_gpu_host_stops_the_run(tmp_path):
-    done, data = collect_with_fake_gpu(tmp_path, TRITON_INTERPRET="1")
+    done, data = collect_with_fake_gpu(tmp_path, scenario="interpreter-exported")
     assert done.returncode != 0 and data is None
     assert "TRITON_INTERPRET=1" in done.stdout + done.stderr
 
 
 def test_a_module_that_turns_the_interpreter_on_stops_the_run(tmp_path):
-    """The defect this guards against: a test module setting TRITON_INTERPRET at import made
-    every kernel of a GPU run interpreted."""
-    rogue = tmp_path / "test_rogue.py"
-    rogue.write_text("import os\nos.environ['TRITON_INTERPRET'] = '1'\n\n\n"
-                     "def test_nothing():\n    pass\n")
-    done, data = collect_with_fake_gpu(tmp_path, paths=[str(rogue), "tests/test_exit_head.py"])
+    """The defect this guards against: a test module switching the interpreter on at import
+    made every kernel of a GPU run interpreted."""
+    done, data = collect_with_fake_gpu(tmp_path, paths=["tests/test_exit_head.py"],
+                                       scenario="interpreter-set-in-a-module")
     assert done.returncode == 3 and data is None, done.stdout[-2000:] + done.stderr[-2000:]
     assert "defined under the interpreter" in done.stdout + done.stderr
