@@ -35,8 +35,9 @@ class CompiledForOneCase:
 
     Each case gets a fresh compile (dynamo state reset first): one compiled object shared by
     many shapes hits dynamo's recompile limit and silently falls back to eager. fullgraph=True
-    makes a graph break an error; after the warm-up, `timed()` runs the calls under the
-    "fail_on_recompile" stance, so a call that would recompile (or run eager) raises."""
+    makes a graph break an error; the first call must add a graph, and every later call runs
+    under the "fail_on_recompile" stance, so a call that would recompile (or run eager)
+    raises."""
 
     def __init__(self, fn, backend: str):
         torch._dynamo.reset()
@@ -103,7 +104,8 @@ def force_exit_distribution(model, x, shares):
 
     Each threshold lies halfway between the scores of the last sample taken and the first one
     left, so no sample sits near a threshold: a compacted batch, whose features may differ
-    from the full batch's in the last bits, makes the same decisions."""
+    from the full batch's in the last bits, makes the same decisions. Returns the full-depth
+    scores, which near_a_threshold reads."""
     scores = gate_scores(model, x)
     remaining = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     left = 1.0
@@ -119,13 +121,13 @@ def force_exit_distribution(model, x, shares):
         model.exits[t].gate = ForcedGate(threshold)
         remaining &= scores[t] < threshold
         left -= share
+    return scores
 
 
-def near_a_threshold(model, x, relative=1e-4):
-    """(B,) bool: samples whose score lies within `relative` of a forced threshold, whose
-    decision rounding could flip (there should be none)."""
-    scores = gate_scores(model, x)
-    near = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+def near_a_threshold(model, scores, relative=1e-4):
+    """(B,) bool: samples whose score (from force_exit_distribution) lies within `relative` of
+    a forced threshold, whose decision rounding could flip (there should be none)."""
+    near = torch.zeros_like(scores[0], dtype=torch.bool)
     for t in range(1, model.num_exits - 1):
         threshold = model.exits[t].gate.threshold
         if abs(threshold) != float("inf"):

@@ -18,6 +18,7 @@ import argparse
 import ast
 import collections
 import datetime
+import functools
 import json
 import os
 import re
@@ -209,6 +210,7 @@ class _Statement:
     pointer: str
 
 
+@functools.lru_cache(maxsize=None)
 def _statements(path: str) -> List[_Statement]:
     with open(path) as handle:
         source = handle.read()
@@ -223,13 +225,11 @@ def _statements(path: str) -> List[_Statement]:
     return sorted(out, key=lambda s: s.first_line)
 
 
-def _attribute(path: str, line: int, kind: str, cache={}) -> str:
+def _attribute(path: str, line: int, kind: str) -> str:
     """The load/store statement an instruction at `line` comes from: the nearest such
     statement at or above it (software pipelining moves loads under the next statement)."""
-    if path not in cache:
-        cache[path] = _statements(path) if os.path.isfile(path) else []
     best = None
-    for statement in cache[path]:
+    for statement in (_statements(path) if os.path.isfile(path) else []):
         if statement.first_line > line:
             break
         if statement.kind == kind:
