@@ -4,7 +4,7 @@ from typing import Any, Dict
 
 import torch
 
-from .ops import _backends
+from . import _backends
 
 
 def build_info() -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from . import _backends
+from .. import _backends
 
 __all__ = ["compact"]
 

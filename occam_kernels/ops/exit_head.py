@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _backends
+from .. import _backends
 
 __all__ = ["ExitHeadOutput", "exit_head", "class_activation_maps"]
 

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops import _backends
+from .. import _backends
 
 
 # Layouts of a (B, C, H, W) tensor within one sample (see the module docstring).
