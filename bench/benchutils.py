@@ -95,12 +95,13 @@ class ForcedGate(torch.nn.Module):
 def gate_scores(model, x):
     """Per exit, each sample's ForcedGate score (the sum of its pooled features)."""
     with torch.no_grad():
-        return [pooled.float().sum(1) for pooled in model(x)["pooled"]]
+        return [e.pooled.float().sum(1) for e in model(x).exits]
 
 
 @torch.no_grad()
 def force_exit_distribution(model, x, shares):
-    """Replace the gates of E1..E(last-1) so that exit t takes round(shares[t-1] * B) of x.
+    """Replace the gates of the inference exits before the last (E1..E(last-1) by default) so
+    that the i-th of them takes round(shares[i] * B) of x.
 
     Each threshold lies halfway between the scores of the last sample taken and the first one
     left, so no sample sits near a threshold: a compacted batch, whose features may differ
@@ -109,7 +110,7 @@ def force_exit_distribution(model, x, shares):
     scores = gate_scores(model, x)
     remaining = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     left = 1.0
-    for t, share in enumerate(shares[:-1], start=1):
+    for t, share in enumerate(shares[:-1], start=model.first_inference_exit):
         candidates = scores[t][remaining].sort(descending=True).values
         count = int(round(min(1.0, share / left) * len(candidates))) if left > 0 else 0
         if count == 0:
@@ -128,7 +129,7 @@ def near_a_threshold(model, scores, relative=1e-4):
     """(B,) bool: samples whose score (from force_exit_distribution) lies within `relative` of
     a forced threshold, whose decision rounding could flip (there should be none)."""
     near = torch.zeros_like(scores[0], dtype=torch.bool)
-    for t in range(1, model.num_exits - 1):
+    for t in range(model.first_inference_exit, model.num_exits - 1):
         threshold = model.exits[t].gate.threshold
         if abs(threshold) != float("inf"):
             near |= (scores[t] - threshold).abs() <= relative * (abs(threshold) + 1)

@@ -227,14 +227,13 @@ def compaction_checks(device, smoke) -> List[Check]:
 
 
 def predict_checks(device, smoke) -> List[Check]:
-    """predict() with compaction equals every exit on every sample, then selection, with the
+    """early_exit() with compaction equals every exit on every sample, then selection, with the
     exits forced to take 40/30/30% of the batch (thresholds far from every sample)."""
     from benchutils import force_exit_distribution, near_a_threshold
-    from occamnets.inference import predict
     from occamnets.models import occam_resnet18
     torch.manual_seed(0)
     width, size, batch = (4, 32, 16) if smoke else (58, 160, 64)
-    model = occam_resnet18(10, width=width, input_size=64 if smoke else 160).to(device).eval()
+    model = occam_resnet18(10, width=width, stem="3x3" if smoke else "7x7").to(device).eval()
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
     # A compacted batch may run other cuDNN algorithms; with TF32 their fp32 results would
     # differ by ~1e-3, without it by rounding only.
@@ -242,16 +241,16 @@ def predict_checks(device, smoke) -> List[Check]:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         near = near_a_threshold(model, force_exit_distribution(model, x, (0.4, 0.3, 0.3)))
-        full = predict(model, x, compaction=False)
+        full = model.early_exit(x, compaction=False)
         checks = []
         for backend in (["cpu", "triton"] if device.type == "cpu" else ["cuda", "triton"]):
-            got = predict(model, x, compaction=True, backend=backend)
+            got = model.early_exit(x, compaction=True, compaction_backend=backend)
             differ = got.exit_index != full.exit_index
             same = ~differ
             error = relative_error(got.logits[same], full.logits[same])
             counts = got.exit_counts.tolist()
             passed = (not (differ & ~near).any() and error <= 1e-4
-                      and all(c > 0 for c in counts[1:]))
+                      and all(c > 0 for c in counts[model.first_inference_exit:]))
             notes = (f"{int(differ.sum())} exit indices differ" if differ.any() else "") + \
                 (f"; {int(near.sum())} samples near a threshold" if near.any() else "")
             checks.append(Check("predict", f"{backend} compaction B={batch} exits {counts}",

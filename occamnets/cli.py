@@ -1,11 +1,15 @@
-"""The `occamnets` command: data, train, eval, predict, viz and demo."""
+"""The `occamnets` command: data, train, eval, predict, viz and demo. It parses arguments and
+calls the library (config, train, evaluate, viz, demo); nothing imports it."""
 import argparse
 import dataclasses
 import os
 import sys
 import time
+import typing
 from typing import List, Optional
 
+
+# -- data --------------------------------------------------------------------------------------
 
 def _add_data(subparsers) -> None:
     data = subparsers.add_parser("data", help="generate datasets")
@@ -13,7 +17,10 @@ def _add_data(subparsers) -> None:
     biased = kinds.add_parser("biased-mnist", help="generate and cache Biased MNIST")
     biased.add_argument("--p-bias", type=float, default=0.95,
                         help="probability that each factor takes its class's value")
-    biased.add_argument("--out", required=True, help="cache directory")
+    biased.add_argument("--out", default=None,
+                        help="the dataset's directory (default: data/biased-mnist-<hash of the "
+                             "settings>, where `occamnets train` with the same settings looks); "
+                             "train on it with `occamnets train --data-dir DIR`")
     biased.add_argument("--cell-size", type=int, default=32, help="5x5 grid cell (32: 160 px)")
     biased.add_argument("--train-size", type=int, default=None, help="default: every digit")
     biased.add_argument("--val-size", type=int, default=None,
@@ -31,6 +38,7 @@ def _add_data(subparsers) -> None:
 
 
 def _run_data(args) -> int:
+    from .config import default_dataset_dir
     from .data import biased_mnist
     from .viz import save_sample_grid
     config = biased_mnist.BiasedMNISTConfig(
@@ -38,11 +46,13 @@ def _run_data(args) -> int:
         val_size=args.val_size, test_size=args.test_size,
         renders_per_digit=args.renders_per_digit, seed=args.seed, mnist_dir=args.mnist_dir,
         emnist_dir=args.emnist_dir)
+    out = args.out or default_dataset_dir(config)
     started = time.perf_counter()
-    splits = biased_mnist.load(config, args.out, progress=True)
+    splits = biased_mnist.load(config, out, progress=True)
     sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
-    print(f"Biased MNIST in {args.out}: {sizes} images of {config.image_size} px "
-          f"({time.perf_counter() - started:.1f} s)")
+    print(f"Biased MNIST in {out}: {sizes} images of {config.image_size} px "
+          f"({time.perf_counter() - started:.1f} s); train on it with "
+          f"`occamnets train --data-dir {out}`")
     if args.preview:
         train = splits["train"]
         save_sample_grid(args.preview, train.images[:24], train.labels, train.factors,
@@ -51,168 +61,196 @@ def _run_data(args) -> int:
     return 0
 
 
+# -- train: one option per RunConfig field -----------------------------------------------------
+
+_HELP = {
+    "model": "occam (OccamResNet-18) or resnet (the ResNet-18 baseline)",
+    "stem": "7x7 (7x7/2 conv + max-pool, for 160 px) or 3x3 (3x3/1, small images)",
+    "data_dir": "the dataset's directory: one written by `occamnets data` is used as it is "
+                "(its settings become the run's); an empty one is filled",
+    "out_dir": "run directory (default runs/<model>)",
+    "backend": "exit-head implementation",
+    "max_steps": "stop with a checkpoint after this many steps in total",
+    "compile": "torch.compile the model",
+    "bf16": "bf16 autocast (GPU only)",
+}
+_CHOICES = {"model": ("occam", "resnet"), "stem": ("7x7", "3x3"),
+            "backend": ("auto", "triton", "reference"), "preset": None}
+
+
+def _option_type(hint):
+    """(argparse type, nargs) for a RunConfig field's annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return args[0], "+"
+    if typing.get_origin(hint) is typing.Union:
+        return (float if dict in [typing.get_origin(a) or a for a in args] else args[0]), None
+    return hint, None
+
+
 def _add_train_options(parser) -> None:
-    parser.add_argument("--model", choices=["occam", "resnet"], default="occam")
-    parser.add_argument("--preset", choices=["quick", "gpu", "paper"], default=None,
-                        help="default: gpu with a GPU, quick without")
-    parser.add_argument("--out", default=None, help="run directory (default runs/<model>)")
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--p-bias", type=float, default=None)
-    parser.add_argument("--train-size", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--backend", choices=["auto", "triton", "reference"], default=None,
-                        help="exit-head implementation")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop with a checkpoint after this many steps")
+    from .config import PRESETS, RunConfig
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="starting values (default: gpu with a GPU, quick without)")
+    parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint in --out")
+                        help="continue the run in --out with its checkpoint's settings")
+    hints = typing.get_type_hints(RunConfig)
+    for field in dataclasses.fields(RunConfig):
+        if field.name == "preset":
+            continue
+        flags = ["--" + field.name.replace("_", "-")] + (["--out"] if field.name == "out_dir" else [])
+        common = dict(dest=field.name, default=argparse.SUPPRESS,
+                      help=_HELP.get(field.name, "") + f" (default {field.default!r})")
+        kind, nargs = _option_type(hints[field.name])
+        if kind is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
+        else:
+            parser.add_argument(*flags, type=kind, nargs=nargs,
+                                choices=_CHOICES.get(field.name), **common)
 
 
-def _train_config(args):
-    import torch
-    from .train import TrainConfig
-    preset = args.preset or ("gpu" if torch.cuda.is_available() else "quick")
-    overrides = dict(model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                     lr=args.lr, p_bias=args.p_bias, train_size=args.train_size, seed=args.seed,
-                     device=args.device, backend=args.backend, data_dir=args.data_dir,
-                     out_dir=args.out or os.path.join("runs", args.model),
-                     max_steps=args.max_steps)
-    config = TrainConfig.from_preset(preset, **overrides)
-    return dataclasses.replace(config, compile=args.compile, bf16=not args.no_bf16)
+def _explicit_settings(args) -> dict:
+    from .config import RunConfig
+    names = {f.name for f in dataclasses.fields(RunConfig)} - {"preset"}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    for name in ("milestones", "taus"):
+        if name in values:
+            values[name] = tuple(values[name])
+    return values
+
+
+def _with_cached_dataset(config, explicit: dict):
+    """The config training on the dataset cached in an explicit --data-dir, if it holds one."""
+    from .config import DATA_FIELDS
+    from .data.biased_mnist import read_cached_config
+    if "data_dir" not in explicit:
+        return config
+    cached = read_cached_config(explicit["data_dir"])
+    if cached is None or cached.identity() == config.biased_mnist().identity():
+        return config
+    adopted = config.with_dataset(cached)
+    conflicts = [f"--{name.replace('_', '-')} {explicit[name]!r} (it has {getattr(adopted, name)!r})"
+                 for name in DATA_FIELDS if name in explicit
+                 and explicit[name] != getattr(adopted, name)]
+    if conflicts:
+        raise ValueError(f"{explicit['data_dir']} holds another Biased MNIST than asked for: "
+                         f"{'; '.join(conflicts)}; drop those options to train on it, or "
+                         f"choose another --data-dir")
+    print(f"training on the Biased MNIST in {explicit['data_dir']}: "
+          f"{', '.join(f'{n}={getattr(adopted, n)}' for n in DATA_FIELDS)}")
+    return adopted
 
 
 def _run_train(args) -> int:
+    from .config import RunConfig, default_preset, describe_presets
+    from .evaluate import checkpoint_config
     from .train import Trainer
-    config = _train_config(args)
-    trainer = Trainer(config)
-    checkpoint = os.path.join(config.out_dir, "checkpoint.pt")
-    if args.resume and not os.path.exists(checkpoint):
-        print(f"--resume: no checkpoint at {checkpoint}", file=sys.stderr)
-        return 2
-    if not args.resume and os.path.exists(checkpoint):
+    if args.list_presets:
+        print(describe_presets())
+        return 0
+    explicit = _explicit_settings(args)
+    config = RunConfig.from_preset(args.preset or default_preset(), **explicit)
+    checkpoint = config.checkpoint_path
+    if args.resume:
+        if not os.path.exists(checkpoint):
+            print(f"--resume: no checkpoint at {checkpoint}", file=sys.stderr)
+            return 2
+        # The run's own settings, with what was given now on top (the trainer refuses a change
+        # of what the checkpoint was trained with).
+        # A step cap is for one invocation: it is not inherited.
+        config = dataclasses.replace(checkpoint_config(checkpoint),
+                                     **dict(dict(max_steps=None), **explicit))
+    elif os.path.exists(checkpoint):
         print(f"{checkpoint} exists: pass --resume to continue it, or choose another --out",
               file=sys.stderr)
         return 2
+    else:
+        config = _with_cached_dataset(config, explicit)
+    trainer = Trainer(config)
     report = trainer.run(resume=checkpoint if args.resume else None)
     if report is None:
-        return 130 if trainer._interrupted else 0
-    print(open(os.path.join(config.out_dir, "report.md")).read())
+        return 130 if trainer.interrupted else 0
+    print(report.to_markdown())
     return 0
 
 
-def load_trainer(checkpoint: str, device: Optional[str] = None):
-    """A Trainer rebuilt from a checkpoint's config, with its weights and state loaded."""
-    import torch
-    from .train import TrainConfig, Trainer
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    values = dict(saved["config"])
-    values["milestones"] = tuple(values["milestones"])
-    values.update(progress=False, max_steps=None)
-    if device:
-        values["device"] = device
-    trainer = Trainer(TrainConfig(**values))
-    trainer.load_checkpoint(checkpoint)
-    return trainer
-
+# -- eval, predict, viz: a checkpoint, no training state ----------------------------------------
 
 def _add_checkpoint_command(subparsers, name, help_text, handler):
     parser = subparsers.add_parser(name, help=help_text)
     parser.add_argument("checkpoint")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="default: the GPU when there is one")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--data-dir", default=None,
+                        help="where the run's dataset is now (default: where it was trained)")
     parser.set_defaults(handler=handler)
     return parser
 
 
+def _model_and_split(args, need_exits: bool = False):
+    from .evaluate import load_model, load_splits
+    model, config = load_model(args.checkpoint, args.device)
+    if need_exits and not hasattr(model, "early_exit"):
+        raise ValueError(f"{args.command} needs an OccamNet checkpoint; this one is a "
+                         f"{config.model} model")
+    if args.data_dir:
+        config = dataclasses.replace(config, data_dir=args.data_dir)
+    device = next(model.parameters()).device
+    return model, config, load_splits(config, device, (args.split,))[args.split]
+
+
 def _run_eval(args) -> int:
-    from .train import report_markdown
-    trainer = load_trainer(args.checkpoint, args.device)
-    report = {"model": trainer.config.model, "test": trainer.evaluate(args.split)}
-    print(report_markdown(report))
+    from .evaluate import evaluate
+    model, config, split = _model_and_split(args)
+    result = evaluate(model, split, args.split, threshold=config.exit_threshold,
+                      batch_size=args.batch_size, channels_last=config.channels_last,
+                      bf16=config.bf16)
+    print(f"# {config.model} from {args.checkpoint}\n\n{result.to_markdown()}")
     return 0
-
-
-def _time_inference(model, split, batch_size: int, compaction: bool, channels_last: bool):
-    import torch
-    from .inference import predict
-    device = split.labels.device
-    exits = []
-    for warmup in (True, False):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for start in range(0, len(split), batch_size):
-            rows = torch.arange(start, min(start + batch_size, len(split)), device=device)
-            result = predict(model, split.batch(rows, channels_last), compaction=compaction)
-            if not warmup:
-                exits.append(result.exit_index)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-    return len(split) / elapsed, torch.cat(exits)
-
-
-def _occam_trainer(args, purpose: str):
-    """The checkpoint's trainer, or None (after saying why) when it is not an OccamNet."""
-    trainer = load_trainer(args.checkpoint, args.device)
-    if trainer.config.model != "occam":
-        print(f"{args.command} {purpose}: it needs an OccamNet checkpoint", file=sys.stderr)
-        return None
-    return trainer
 
 
 def _run_predict(args) -> int:
     import torch
-    trainer = _occam_trainer(args, "runs early-exit inference")
-    if trainer is None:
-        return 2
-    model, split = trainer.model.eval(), trainer.splits[args.split]
-    with torch.no_grad(), trainer.autocast:
-        fast, exits = _time_inference(model, split, args.batch_size, True, trainer.channels_last)
-        full, _ = _time_inference(model, split, args.batch_size, False, trainer.channels_last)
-    counts = torch.bincount(exits, minlength=model.num_exits).tolist()
-    shares = ", ".join(f"E{t} {100 * c / len(split):.1f}%" for t, c in enumerate(counts))
-    print(f"{len(split)} {args.split} images on {trainer.device}: early exit with compaction "
-          f"{fast:.0f} images/s, every exit on every sample {full:.0f} images/s "
-          f"({fast / full:.2f}x); exits: {shares}")
+    from .evaluate import classify, evaluate, load_model
+    if not args.images:
+        model, config, split = _model_and_split(args, need_exits=True)
+        result = evaluate(model, split, args.split, threshold=args.threshold,
+                          batch_size=args.batch_size, channels_last=config.channels_last,
+                          bf16=config.bf16, per_factor=False, time_full_depth=True)
+        shares = ", ".join(f"E{t} {100 * s:.1f}%" for t, s in enumerate(result.exit_share))
+        print(f"{result.images} {args.split} images on {split.device}: early exit with "
+              f"compaction {result.images_per_s:.0f} images/s, every exit on every sample "
+              f"{result.full_depth_images_per_s:.0f} images/s "
+              f"({result.images_per_s / result.full_depth_images_per_s:.2f}x); exits: {shares}")
+        return 0
+    from .data.loaders import normalise, read_images
+    model, config = load_model(args.checkpoint, args.device)
+    device = next(model.parameters()).device
+    size = config.biased_mnist().image_size
+    images = read_images(args.images, size)
+    for start in range(0, len(images), args.batch_size):
+        chunk = images[start:start + args.batch_size].to(device)
+        with torch.no_grad():
+            logits, taken = classify(model, normalise(chunk), args.threshold)
+        probabilities = torch.softmax(logits.float(), 1)
+        for i, path in enumerate(args.images[start:start + args.batch_size]):
+            exit_text = f"  exit E{int(taken[i])}" if taken is not None else ""
+            print(f"{path}: class {int(probabilities[i].argmax())} "
+                  f"(p={float(probabilities[i].max()):.2f}){exit_text}")
     return 0
 
 
-def save_pictures(trainer, cams_path: str, exits_path: Optional[str], count: int = 6,
-                  split_name: str = "test") -> None:
-    """The CAM grid for the first `count` images of a split, and the exit-distribution plot."""
-    import torch
-    from .inference import predict
-    from .viz import save_cam_grid, save_exit_distribution
-    model, split = trainer.model.eval(), trainer.splits[split_name]
-    rows = torch.arange(min(count, len(split)), device=split.labels.device)
-    x = split.batch(rows)
-    with torch.no_grad():
-        out = model(x, return_cams=True)
-        taken = predict(model, x).exit_index
-    first = 1  # exit 0 is not used at inference
-    save_cam_grid(cams_path, split.images[rows], out["cams"][first:], split.labels[rows],
-                  [logits.argmax(1) for logits in out["logits"][first:]], taken, first_exit=first)
-    if exits_path:
-        everything = trainer.evaluate(split_name, per_factor=False)
-        counts = [round(share * len(split)) for share in everything["exit_share"]]
-        save_exit_distribution(exits_path, counts, everything["exit_accuracy_taken"],
-                               title=f"Exits on {split_name} ({len(split)} images)")
-
-
 def _run_viz(args) -> int:
-    trainer = _occam_trainer(args, "draws the CAMs of OccamNet exits")
-    if trainer is None:
-        return 2
-    save_pictures(trainer, args.out, args.exits_plot, args.count, args.split)
+    from .evaluate import cam_picture_data, evaluate
+    from .viz import save_cam_grid, save_exit_distribution
+    model, config, split = _model_and_split(args, need_exits=True)
+    save_cam_grid(args.out, cam_picture_data(model, split, args.count, config.exit_threshold))
+    if args.exits_plot:
+        result = evaluate(model, split, args.split, threshold=config.exit_threshold,
+                          channels_last=config.channels_last, bf16=config.bf16, per_factor=False)
+        save_exit_distribution(args.exits_plot, result.exit_counts, result.exit_accuracy_taken,
+                               title=f"Exits on {args.split} ({len(split)} images)")
     print(f"CAM picture written to {args.out}" +
           (f", exit distribution to {args.exits_plot}" if args.exits_plot else ""))
     return 0
@@ -224,24 +262,31 @@ def _run_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
     parser = argparse.ArgumentParser(prog="occamnets", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_data(subparsers)
     train = subparsers.add_parser("train", help="train OccamResNet-18 or the ResNet baseline")
     _add_train_options(train)
     train.set_defaults(handler=_run_train)
-    _add_checkpoint_command(subparsers, "eval", "evaluate a checkpoint", _run_eval)
-    predict = _add_checkpoint_command(subparsers, "predict",
-                                      "early-exit inference with compaction, images/s",
-                                      _run_predict)
+    evaluation = _add_checkpoint_command(subparsers, "eval", "evaluate a checkpoint", _run_eval)
+    evaluation.add_argument("--batch-size", type=int, default=256)
+    predict = _add_checkpoint_command(
+        subparsers, "predict", "classify image files, or time early-exit inference on a split",
+        _run_predict)
+    predict.add_argument("images", nargs="*",
+                         help="PNG/JPEG files to classify (resized to the training size); "
+                              "none: time inference on --split")
     predict.add_argument("--batch-size", type=int, default=256)
+    predict.add_argument("--threshold", type=float, default=0.5,
+                         help="leave at the first exit whose gate is at least this")
     viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit", _run_viz)
     viz.add_argument("--out", default="cams.png")
     viz.add_argument("--exits-plot", default=None, help="also save the exit distribution")
     viz.add_argument("--count", type=int, default=6)
     demo = subparsers.add_parser("demo", help="train both models and compare them")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--preset", choices=["quick", "gpu", "paper"], default=None)
+    demo.add_argument("--preset", choices=list(PRESETS), default=None)
     demo.add_argument("--docs", default=None, help="also copy the pictures here")
     demo.set_defaults(handler=_run_demo)
     return parser

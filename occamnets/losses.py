@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models.outputs import OccamOutput
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -74,16 +76,17 @@ class OccamLoss(nn.Module):
         self.class_correct.zero_()
         self.class_seen.zero_()
 
-    def _check(self, out: Dict, labels: Tensor, items: Tensor) -> None:
-        if len(out["logits"]) != self.num_exits:
-            raise ValueError(f"the model has {len(out['logits'])} exits, the loss {self.num_exits}")
-        if "supp" not in out:
-            raise ValueError("the model output has no 'supp': call the model with labels")
+    def _check(self, out: OccamOutput, labels: Tensor, items: Tensor) -> None:
+        if len(out.exits) != self.num_exits:
+            raise ValueError(f"the model has {len(out.exits)} exits, the loss {self.num_exits}")
+        if any(e.supp is None for e in out.exits):
+            raise ValueError("the model output has no suppression loss: call the model with labels")
         batch = labels.shape[0]
         if batch == 0:
             raise ValueError("OccamLoss got an empty batch")
-        if out["logits"][0].shape[1] != self.num_classes:
-            raise ValueError(f"the model predicts {out['logits'][0].shape[1]} classes, the loss "
+        classes = out.exits[0].logits.shape[1]
+        if classes != self.num_classes:
+            raise ValueError(f"the model predicts {classes} classes, the loss "
                              f"expects {self.num_classes}")
         if items.shape != (batch,) or labels.shape != (batch,):
             raise ValueError(f"labels and item indices must both have shape ({batch},), got "
@@ -143,7 +146,8 @@ class OccamLoss(nn.Module):
         weight = weight / (self.max_weight[exit_index] + self.eps)
         return ((weight + self.weight_offset) * cross_entropy).mean()
 
-    def forward(self, out: Dict, labels: Tensor, items: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, out: OccamOutput, labels: Tensor,
+                items: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
         """(total loss, {"supp/E0": ..., "gate/E0": ..., "main/E0": ..., ...}) for one batch.
 
         `out` is an OccamNet output computed with labels; `items` are dataset item indices.
@@ -153,14 +157,14 @@ class OccamLoss(nn.Module):
         total = torch.zeros((), device=labels.device)
         parts: Dict[str, Tensor] = {}
         with torch.no_grad():
-            predictions = [logits.argmax(dim=1) for logits in out["logits"]]
-        for t in range(self.num_exits):
-            logits = out["logits"][t].float()
-            supp = self.supp_weight * out["supp"][t].float().mean()
+            predictions = [e.logits.argmax(dim=1) for e in out.exits]
+        for t, exit_out in enumerate(out.exits):
+            logits = exit_out.logits.float()
+            supp = self.supp_weight * exit_out.supp.float().mean()
             with torch.no_grad():
                 targets = self._gate_targets(t, (predictions[t] == labels).float(), labels, items)
-            gate = self.gate_weight * self._gate_loss(out["gates"][t], targets)
-            main = self._main_loss(t, logits, out["gates"][t - 1] if t else None, labels)
+            gate = self.gate_weight * self._gate_loss(exit_out.gate, targets)
+            main = self._main_loss(t, logits, out.exits[t - 1].gate if t else None, labels)
             total = total + supp + gate + main
             parts[f"supp/E{t}"], parts[f"gate/E{t}"], parts[f"main/E{t}"] = (
                 supp.detach(), gate.detach(), main.detach())

@@ -1,100 +1,82 @@
 """Trainer for OccamResNet and the ResNet baseline on Biased MNIST.
 
-Resumable exactly: a checkpoint holds the model, optimiser, scheduler, OccamLoss state, RNG
-states, the epoch and the batch within it; the batch order of an epoch is a function of
-(seed, epoch), so a resumed run sees the same batches. Ctrl-C writes a checkpoint first.
+Resumable exactly: a checkpoint holds the model, optimiser, scheduler, the objective's state
+(OccamLoss's), RNG states, the epoch and the batch within it; the batch order of an epoch is
+a function of (seed, epoch), so a resumed run sees the same batches. Ctrl-C writes a
+checkpoint first. What is trained is decided once, by the objective (`make_objective`).
 """
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor, nn
 
+from .config import RunConfig, resolve_device
 from .data.loaders import DeviceSplit
-from .inference import predict
+from .evaluate import Evaluation, evaluate, load_splits
 from .losses import OccamLoss
-from .models import occam_resnet18, resnet18
+from .models import build_model
 
-PRESETS = {
-    # The paper's Biased MNIST settings (DESIGN.md section 5 and the official configs).
-    "paper": dict(epochs=90, lr=1e-3, weight_decay=5e-4, milestones=(50, 70), lr_gamma=0.1,
-                  batch_size=128, cell_size=32, width=58, input_size=160, p_bias=0.95,
-                  train_size=50000, val_size=10000, test_size=10000),
-    # Minutes on a GPU.
-    "gpu": dict(epochs=12, lr=1e-3, weight_decay=5e-4, milestones=(8, 11), lr_gamma=0.1,
-                batch_size=128, cell_size=16, width=32, input_size=64, p_bias=0.95,
-                train_size=8000, val_size=1000, test_size=2000),
-    # A few minutes on a 2-core CPU: 40 px images, a narrow network, and p_bias 0.9 rather
-    # than 0.95 so that so little data and training still leaves some digit signal.
-    "quick": dict(epochs=8, lr=2e-3, weight_decay=5e-4, milestones=(6,), lr_gamma=0.1,
-                  batch_size=64, cell_size=8, width=12, input_size=64, p_bias=0.9,
-                  train_size=3500, val_size=250, test_size=1000),
-}
+# -- what is trained: one objective per model kind ---------------------------------------------
+
+Forward = Callable[..., object]
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    model: str = "occam"             # "occam" (OccamResNet-18) or "resnet" (baseline)
-    preset: str = "quick"
-    epochs: int = 4
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    milestones: Tuple[int, ...] = (3,)
-    lr_gamma: float = 0.1
-    batch_size: int = 64
-    cell_size: int = 8
-    width: int = 12
-    input_size: int = 64             # which stem: 160 (7x7/2 + max-pool) or 64 (3x3/1)
-    p_bias: float = 0.95
-    train_size: int = 2000
-    val_size: int = 250
-    test_size: int = 500
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = True                # autocast on GPU only
-    channels_last: bool = True       # GPU only
-    compile: bool = False
-    backend: str = "auto"            # exit-head backend
-    data_dir: str = "data"
-    out_dir: str = "runs/occam"
-    max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in total
-    progress: bool = True
+class CrossEntropyObjective:
+    """The baseline: cross-entropy on the plain classifier's logits."""
 
-    @classmethod
-    def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        values = dict(PRESETS[preset], preset=preset)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
 
-    def identity(self) -> Dict:
-        """What a checkpoint must agree on to be resumed (not paths, devices or step caps)."""
-        skip = {"device", "out_dir", "data_dir", "max_steps", "progress", "compile", "epochs"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+    def __call__(self, forward: Forward, x: Tensor, labels: Tensor,
+                 items: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return F.cross_entropy(forward(x).float(), labels), {}
+
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        pass
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+class OccamObjective:
+    """OccamLoss (DESIGN.md section 5) on every exit of an OccamNet called with labels."""
+
+    def __init__(self, loss: OccamLoss):
+        self.loss = loss
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.loss.on_epoch_start(epoch)
+
+    def __call__(self, forward: Forward, x: Tensor, labels: Tensor,
+                 items: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return self.loss(forward(x, labels), labels, items)
+
+    def state_dict(self) -> Dict:
+        return self.loss.state_dict()
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.loss.load_state_dict(state)
 
 
-def build_model(config: TrainConfig, num_classes: int):
-    if config.model == "occam":
-        return occam_resnet18(num_classes, width=config.width, input_size=config.input_size,
-                              backend=config.backend)
+def make_objective(config: RunConfig, model: nn.Module, num_items: int, num_classes: int,
+                   device) -> "CrossEntropyObjective | OccamObjective":
     if config.model == "resnet":
-        return resnet18(num_classes, width=config.width, input_size=config.input_size)
-    raise ValueError(f"unknown model {config.model!r}; choose 'occam' or 'resnet'")
+        return CrossEntropyObjective()
+    loss = OccamLoss(num_items, num_classes, num_exits=model.num_exits, taus=config.taus,
+                     supp_weight=config.supp_weight, gate_weight=config.gate_weight,
+                     gamma0=config.gamma0, gamma=config.gamma,
+                     weight_offset=config.weight_offset, balance_factor=config.balance_factor,
+                     min_epochs=config.min_epochs)
+    return OccamObjective(loss.to(device))
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, device) -> torch.Tensor:
@@ -142,7 +124,7 @@ class CheckpointMismatch(ValueError):
     pass
 
 
-def check_checkpoint(checkpoint: Dict, config: TrainConfig) -> None:
+def check_checkpoint(checkpoint: Dict, config: RunConfig) -> None:
     theirs, ours = checkpoint.get("config_identity", {}), config.identity()
     differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differing:
@@ -153,24 +135,47 @@ def check_checkpoint(checkpoint: Dict, config: TrainConfig) -> None:
                                  f"with the same settings")
 
 
-# A split on the training device (the trainer's view of a dataset).
-Split = DeviceSplit
+@dataclasses.dataclass
+class RunReport:
+    """The end of a run: its config, the test and validation evaluations, the training speed
+    (mean images/s over the epochs in metrics.jsonl)."""
+    model: str
+    config: RunConfig
+    test: Evaluation
+    val: Evaluation
+    train_images_per_s: float
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    def to_markdown(self) -> str:
+        name = {"occam": "OccamResNet-18", "resnet": "ResNet-18"}.get(self.model, self.model)
+        return (f"# {name} on Biased MNIST\n\nTraining {self.train_images_per_s:.0f} images/s.\n\n"
+                f"## Unbiased test split\n\n{self.test.to_markdown()}\n"
+                f"## Validation split (biased like training)\n\n{self.val.to_markdown()}")
 
 
-def load_splits(config: TrainConfig, device) -> Dict[str, Split]:
-    from .data import biased_mnist
-    splits = biased_mnist.load_splits(
-        cache_dir=config.data_dir, cell_size=config.cell_size, p_bias=config.p_bias,
-        train_size=config.train_size, val_size=config.val_size, test_size=config.test_size,
-        seed=config.seed, progress=config.progress)
-    return {name: Split(s.images, s.labels, s.factors, s.factor_names, device)
-            for name, s in splits.items()}
+def write_report(report: RunReport, run_dir: str) -> None:
+    with open(os.path.join(run_dir, "report.json"), "w") as handle:
+        json.dump(report.to_dict(), handle, indent=1, default=str)
+    with open(os.path.join(run_dir, "report.md"), "w") as handle:
+        handle.write(report.to_markdown())
+
+
+def mean_train_rate(metrics_path: str) -> float:
+    with open(metrics_path) as handle:
+        rates = [json.loads(line)["train_images_per_s"] for line in handle if line.strip()]
+    return sum(rates) / max(1, len(rates))
 
 
 class Trainer:
-    """Trains one model; `run()` returns the final report (also written as JSON and Markdown)."""
+    """Trains one model; `run()` returns the final report (also written as JSON and Markdown).
 
-    def __init__(self, config: TrainConfig, splits: Optional[Dict[str, Split]] = None):
+    `splits` (train, val, test DeviceSplits) default to the config's dataset, loaded or
+    generated into its dataset directory.
+    """
+
+    def __init__(self, config: RunConfig, splits: Optional[Dict[str, DeviceSplit]] = None):
         self.config = config
         self.device = resolve_device(config.device)
         # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (NCCL), or gloo on CPU.
@@ -184,9 +189,15 @@ class Trainer:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        self.splits = splits if splits is not None else load_splits(config, self.device)
+        self.splits = (splits if splits is not None else
+                       load_splits(config, self.device, progress=config.progress))
+        if len(self.splits["train"]) < config.batch_size * self.world:
+            raise ValueError(f"the training split has {len(self.splits['train'])} images, fewer "
+                             f"than one batch of {config.batch_size}"
+                             + (f" on each of {self.world} processes" if self.world > 1 else ""))
         self.num_classes = int(self.splits["train"].labels.max().item()) + 1
-        self.model = build_model(config, self.num_classes).to(self.device)
+        self.model = build_model(config.model, self.num_classes, config.width, config.stem,
+                                 config.backend).to(self.device)
         on_gpu = self.device.type == "cuda"
         self.channels_last = config.channels_last and on_gpu
         if self.channels_last:
@@ -203,22 +214,21 @@ class Trainer:
                                           weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(config.milestones), gamma=config.lr_gamma)
-        self.loss_fn = (OccamLoss(len(self.splits["train"]), self.num_classes,
-                                  num_exits=self.model.num_exits).to(self.device)
-                        if config.model == "occam" else None)
+        self.objective = make_objective(config, self.model, len(self.splits["train"]),
+                                        self.num_classes, self.device)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        os.makedirs(config.out_dir, exist_ok=True)
-        self.checkpoint_path = os.path.join(config.out_dir, "checkpoint.pt")
-        self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
-        self._interrupted = False
+        os.makedirs(config.run_dir, exist_ok=True)
+        self.checkpoint_path = config.checkpoint_path
+        self.metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
+        self.interrupted = False
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "loss": self.loss_fn.state_dict() if self.loss_fn is not None else None,
+                "objective": self.objective.state_dict(),
                 "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "config": dataclasses.asdict(self.config),
+                "global_step": self.global_step, "config": self.config.to_dict(),
                 "config_identity": self.config.identity(), "num_classes": self.num_classes}
 
     def save_checkpoint(self) -> str:
@@ -235,8 +245,7 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if self.loss_fn is not None:
-            self.loss_fn.load_state_dict(checkpoint["loss"])
+        self.objective.load_state_dict(checkpoint["objective"])
         set_rng_state(checkpoint["rng"])
         self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
         self.global_step = checkpoint["global_step"]
@@ -246,18 +255,14 @@ class Trainer:
         train = self.splits["train"]
         x, labels = train.batch(rows, self.channels_last), train.labels[rows]
         with self.autocast:
-            if self.loss_fn is None:
-                loss = F.cross_entropy(self.forward(x).float(), labels)
-                parts = {}
-            else:
-                loss, parts = self.loss_fn(self.forward(x, labels), labels, rows)
+            loss, parts = self.objective(self.forward, x, labels, rows)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.detach(), parts
 
     def _on_sigint(self, signum, frame):
-        self._interrupted = True  # finish the step, write a checkpoint, then stop
+        self.interrupted = True  # finish the step, write a checkpoint, then stop
 
     def train(self) -> None:
         config = self.config
@@ -265,8 +270,8 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             while self.epoch < config.epochs:
-                if self.step_in_epoch == 0 and self.loss_fn is not None:
-                    self.loss_fn.on_epoch_start(self.epoch)
+                if self.step_in_epoch == 0:
+                    self.objective.on_epoch_start(self.epoch)
                 self.model.train()
                 order = epoch_order(len(train), config.seed, self.epoch, self.device)
                 steps = steps_per_epoch(len(train), config.batch_size, self.world)
@@ -283,7 +288,7 @@ class Trainer:
                         rate = seen / (time.perf_counter() - started)
                         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
                         bar.update(min(10, steps - bar.n) if step % 10 == 0 else steps - bar.n)
-                    if self._interrupted or (config.max_steps and self.global_step >= config.max_steps):
+                    if self.interrupted or (config.max_steps and self.global_step >= config.max_steps):
                         if bar is not None:
                             bar.close()
                         path = self.save_checkpoint()
@@ -297,9 +302,8 @@ class Trainer:
                 record = {"epoch": self.epoch + 1, "train_loss": (loss_sum / max(1, steps)).item(),
                           "train_images_per_s": seen / max(elapsed, 1e-9),
                           "lr": self.optimizer.param_groups[0]["lr"]}
-                record.update({f"val_{k}": v for k, v in
-                               self.evaluate("val", per_factor=False).items()
-                               if not isinstance(v, (list, dict))})
+                val = self.evaluate("val", per_factor=False)
+                record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
                 if self.rank == 0:
                     with open(self.metrics_path, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
@@ -309,70 +313,28 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
     # -- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, split_name: str = "test", per_factor: bool = True,
-                 batch_size: int = 256) -> Dict:
-        split = self.splits[split_name]
-        self.model.eval()
-        chunks = [torch.arange(start, min(start + batch_size, len(split)), device=self.device)
-                  for start in range(0, len(split), batch_size)]
-        predictions, exits, per_exit_correct = [], [], []
-        # Timed: what a user's inference does (early exit with compaction for an OccamNet).
-        started = time.perf_counter()
-        for rows in chunks:
-            x = split.batch(rows, self.channels_last)
-            with self.autocast:
-                if self.loss_fn is None:
-                    logits = self.model(x)
-                    exit_index = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-                else:
-                    result = predict(self.model, x)
-                    logits, exit_index = result.logits, result.exit_index
-            predictions.append(logits.argmax(1))
-            exits.append(exit_index)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        if self.loss_fn is not None:
-            # Untimed: every exit on every sample, for the per-exit accuracies.
-            for rows in chunks:
-                with self.autocast:
-                    every = self.model(split.batch(rows, self.channels_last))["logits"]
-                per_exit_correct.append(torch.stack(
-                    [l.argmax(1) == split.labels[rows] for l in every], 1))
-        predicted, exit_index = torch.cat(predictions), torch.cat(exits)
-        correct = (predicted == split.labels).float()
-        report = {"accuracy": correct.mean().item(),
-                  "eval_images_per_s": len(split) / max(elapsed, 1e-9)}
-        if per_exit_correct:
-            every_correct = torch.cat(per_exit_correct).float()
-            num_exits = every_correct.shape[1]
-            counts = torch.bincount(exit_index, minlength=num_exits)
-            report["exit_accuracy_all_samples"] = every_correct.mean(0).tolist()
-            report["exit_share"] = (counts.float() / len(split)).tolist()
-            report["exit_accuracy_taken"] = [
-                correct[exit_index == t].mean().item() if counts[t] else None
-                for t in range(num_exits)]
-        if per_factor:
-            # A sample is bias-aligned for a factor when the factor takes its class's value.
-            report["factors"] = {}
-            for column, name in enumerate(split.factor_names):
-                aligned = split.factors[:, column] == split.labels
-                report["factors"][name] = {
-                    "aligned": correct[aligned].mean().item() if aligned.any() else None,
-                    "conflicting": correct[~aligned].mean().item() if (~aligned).any() else None}
-        return report
+                 time_full_depth: bool = False) -> Evaluation:
+        return evaluate(self.model, self.splits[split_name], split_name,
+                        threshold=self.config.exit_threshold, channels_last=self.channels_last,
+                        bf16=self.config.bf16, per_factor=per_factor,
+                        time_full_depth=time_full_depth)
 
-    def run(self, resume: Optional[str] = None) -> Optional[Dict]:
+    def run(self, resume: Optional[str] = None) -> Optional[RunReport]:
+        """Train (from `resume`, a checkpoint path, if given) and evaluate; None if stopped
+        before the last epoch (interrupted, or max_steps reached)."""
         if resume:
             self.load_checkpoint(resume)
         self.train()
         if self.epoch < self.config.epochs:
-            return None  # interrupted
-        report = {"model": self.config.model, "config": dataclasses.asdict(self.config),
-                  "test": self.evaluate("test"), "val": self.evaluate("val", per_factor=False)}
+            return None
+        # Full-depth timing on the test split too: what early exit saves (OccamNets only).
+        report = RunReport(self.config.model, self.config,
+                           self.evaluate("test", time_full_depth=True),
+                           self.evaluate("val", per_factor=False),
+                           mean_train_rate(self.metrics_path))
         if self.rank == 0:
-            write_report(report, self.config.out_dir)
+            write_report(report, self.config.run_dir)
         return report
 
 
@@ -381,33 +343,3 @@ def _progress(total: int, initial: int, description: str, enabled: bool):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True)
-
-
-def write_report(report: Dict, out_dir: str) -> None:
-    with open(os.path.join(out_dir, "report.json"), "w") as handle:
-        json.dump(report, handle, indent=1, default=str)
-    with open(os.path.join(out_dir, "report.md"), "w") as handle:
-        handle.write(report_markdown(report))
-
-
-def _pct(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else f"{100 * value:.1f}"
-
-
-def report_markdown(report: Dict) -> str:
-    test = report["test"]
-    lines = [f"# {report['model']} on Biased MNIST", "",
-             f"Unbiased test accuracy: **{_pct(test['accuracy'])}%**; "
-             f"inference {test['eval_images_per_s']:.0f} images/s", ""]
-    if "exit_share" in test:
-        lines += ["| exit | share of samples % | accuracy of its samples % | accuracy on all % |",
-                  "|---|---|---|---|"]
-        for t, share in enumerate(test["exit_share"]):
-            lines.append(f"| E{t} | {_pct(share)} | {_pct(test['exit_accuracy_taken'][t])} | "
-                         f"{_pct(test['exit_accuracy_all_samples'][t])} |")
-        lines.append("")
-    lines += ["| factor | bias-aligned % | bias-conflicting % |", "|---|---|---|"]
-    for name, values in test.get("factors", {}).items():
-        lines.append(f"| {name} | {_pct(values['aligned'])} | {_pct(values['conflicting'])} |")
-    return "\n".join(lines) + "\n"

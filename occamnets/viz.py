@@ -4,6 +4,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .evaluate import CamPictureData
+
 
 def _pyplot():
     import matplotlib
@@ -22,15 +24,13 @@ def _to_image(image: torch.Tensor) -> np.ndarray:
     return array.permute(1, 2, 0).numpy()
 
 
-def save_cam_grid(path: str, images: torch.Tensor, cams: Sequence[torch.Tensor],
-                  labels: torch.Tensor, predictions: torch.Tensor, exit_taken: torch.Tensor,
-                  first_exit: int = 0, class_names: Optional[Sequence[str]] = None) -> str:
-    """One row per image: the image, then the CAM of each exit for its predicted class,
-    upsampled onto the image; the exit the sample took is framed in red.
-
-    images (N,3,H,W); cams[t] (N,K,h,w) for exits first_exit..; predictions[t] (N,) per exit;
-    exit_taken (N,) exit index; labels (N,).
-    """
+def save_cam_grid(path: str, data: CamPictureData,
+                  class_names: Optional[Sequence[str]] = None) -> str:
+    """One row per image: the image, then the CAM of each exit used at inference for its
+    predicted class, upsampled onto the image; the exit the sample took is framed in red.
+    `data` comes from occamnets.evaluate.cam_picture_data."""
+    images, cams, labels = data.images, data.cams, data.labels
+    predictions, exit_taken, first_exit = data.predictions, data.exit_taken, data.first_exit
     plt = _pyplot()
     count, columns = images.shape[0], 1 + len(cams)
     fig, axes = plt.subplots(count, columns, figsize=(1.9 * columns, 1.9 * count),

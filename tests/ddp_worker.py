@@ -20,7 +20,7 @@ def main(out_dir):
         for step, rows in batches(order, 4, 0, trainer.rank, trainer.world):
             if epoch * 6 + step < 5:
                 seen.append(rows)
-    torch.save({"loss": trainer.loss_fn.state_dict(), "items": torch.cat(seen),
+    torch.save({"loss": trainer.objective.state_dict(), "items": torch.cat(seen),
                 "params": {k: v.detach() for k, v in trainer.model.named_parameters()}},
                os.path.join(out_dir, f"rank{trainer.rank}.pt"))
 

@@ -9,7 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from occamnets.data import biased_mnist as bm
-from occamnets.data.loaders import BiasedMNISTDataset, DeviceSplit
+from occamnets.data.loaders import DeviceSplit, read_images
 from occamnets.data.mnist_sources import load_digits, load_mnist_idx, read_idx
 
 SMALL = dict(cell_size=6, train_size=300, val_size=50, test_size=200)
@@ -89,7 +89,7 @@ def test_cache_reloads_regenerates_on_change_and_detects_truncation(tmp_path, ca
                                    p_bias=0.7)
     assert bm.cache_problem(changed, str(tmp_path)) == "the config changed"
     regenerated = bm.load(changed, str(tmp_path))
-    assert "the config changed; regenerating" in capsys.readouterr().out
+    assert "the config changed; generating it" in capsys.readouterr().out
     assert bm.cache_problem(changed, str(tmp_path)) is None
     assert not torch.equal(regenerated["train"].factors, first["train"].factors)
 
@@ -105,6 +105,27 @@ def test_cache_reloads_regenerates_on_change_and_detects_truncation(tmp_path, ca
     (tmp_path / "meta.json").unlink()       # as an interrupted first write leaves it
     assert bm.cache_problem(changed, str(tmp_path)) == "no cache"
     assert not any(name.endswith(".tmp") or ".tmp-" in name for name in os.listdir(tmp_path))
+
+
+def test_cache_loads_some_splits_and_never_replaces_another_dataset_unasked(tmp_path):
+    config = bm.BiasedMNISTConfig(cell_size=5, train_size=40, val_size=10, test_size=20)
+    full = bm.load(config, str(tmp_path))
+    assert bm.read_cached_config(str(tmp_path)) == config
+    for name in ("train", "val"):
+        for field in ("images", "labels", "factors", "digit_ids"):
+            (tmp_path / f"{name}_{field}.npy").unlink()
+    # Only the test split's files are read and checked.
+    assert bm.cache_problem(config, str(tmp_path), ["test"]) is None
+    assert "train_images.npy is missing" in bm.cache_problem(config, str(tmp_path))
+    test = bm.load(config, str(tmp_path), ["test"])
+    assert list(test) == ["test"] and torch.equal(test["test"].images, full["test"].images)
+    other = bm.BiasedMNISTConfig(cell_size=5, train_size=30, val_size=10, test_size=20)
+    with pytest.raises(ValueError, match="train_size: cached 40 vs asked 30"):
+        bm.load(other, str(tmp_path), ["test"], replace_other=False)
+    assert bm.read_cached_config(str(tmp_path)) == config  # untouched
+    with pytest.raises(ValueError, match="unknown splits"):
+        bm.load(config, str(tmp_path), ["tset"])
+    assert bm.read_cached_config(str(tmp_path / "nowhere")) is None
 
 
 def write_idx(path, array, compress):
@@ -153,21 +174,27 @@ def test_errors_name_the_problem(tmp_path):
         bm.generate(bm.BiasedMNISTConfig(cell_size=5, train_size=10 ** 5, val_size=10))
 
 
-def test_dataset_and_device_loader(splits):
+def test_device_split_batches_and_image_files(splits, tmp_path):
     train = splits["train"]
-    dataset = BiasedMNISTDataset(train.images, train.labels, train.factors)
-    image, label, index, factors = dataset[7]
-    assert image.shape == (3, 30, 30) and index == 7 and label == int(train.labels[7])
     loader = DeviceSplit(train.images, train.labels, train.factors, train.factor_names)
-    batches = list(loader.batches(64, shuffle=True, generator=torch.Generator().manual_seed(0),
-                                  drop_last=True))
-    assert len(batches) == 300 // 64
-    first = batches[0]
-    assert first["x"].dtype == torch.float32 and first["x"].shape == (64, 3, 30, 30)
-    assert -1.0 <= first["x"].min() and first["x"].max() <= 1.0
-    assert torch.equal(first["labels"], train.labels[first["items"]])
-    seen = torch.cat([b["items"] for b in batches])
-    assert len(set(seen.tolist())) == len(seen)
+    rows = torch.tensor([7, 3, 64])
+    x = loader.batch(rows)
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 30, 30)
+    assert -1.0 <= x.min() and x.max() <= 1.0
+    torch.testing.assert_close(x, train.images[rows].float() / 127.5 - 1)
+    assert loader.batch(rows, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="one length"):
+        DeviceSplit(train.images, train.labels[:5], train.factors, train.factor_names)
+    # An image file read back at another size: resized, uint8, RGB.
+    from PIL import Image
+    path = tmp_path / "seven.png"
+    Image.fromarray(train.images[7].permute(1, 2, 0).numpy()).save(path)
+    read = read_images([str(path)], 30)
+    assert read.dtype == torch.uint8 and torch.equal(read[0], train.images[7])
+    assert read_images([str(path)], 12).shape == (1, 3, 12, 12)
+    (tmp_path / "not_an_image.png").write_text("hello")
+    with pytest.raises(ValueError, match="cannot read .*not_an_image.png as an image"):
+        read_images([str(tmp_path / "not_an_image.png")], 12)
 
 
 def test_default_val_size_fits_the_bundled_digits_and_sizes_fail_before_rendering(monkeypatch):

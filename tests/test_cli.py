@@ -1,7 +1,19 @@
 """The occamnets command end to end on tiny settings: data, train, resume, eval, predict, viz."""
+import json
 import os
+import shutil
+
+import pytest
+import torch
 
 from occamnets.cli import main
+from occamnets.config import PRESETS, RunConfig
+from occamnets.data import biased_mnist
+from occamnets.evaluate import load_model
+
+TINY_DATA = ["--cell-size", "6", "--train-size", "64", "--val-size", "10", "--test-size", "20"]
+TINY_RUN = ["--preset", "quick", "--epochs", "1", "--batch-size", "32", "--width", "4",
+            "--device", "cpu", "--no-progress"]
 
 
 def test_data_command_writes_cache_and_preview(tmp_path, capsys):
@@ -11,7 +23,8 @@ def test_data_command_writes_cache_and_preview(tmp_path, capsys):
                  "--test-size", "20", "--preview", str(preview)])
     assert code == 0
     assert (tmp_path / "bm" / "meta.json").exists() and preview.stat().st_size > 10000
-    assert "train 60, val 10, test 20" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train 60, val 10, test 20" in out and f"--data-dir {tmp_path / 'bm'}" in out
 
 
 def test_data_command_reports_bad_input(tmp_path, capsys):
@@ -22,6 +35,29 @@ def test_data_command_reports_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_train_reuses_the_data_that_data_generated(tmp_path, capsys, monkeypatch):
+    data = str(tmp_path / "bm")
+    assert main(["data", "biased-mnist", "--out", data, "--p-bias", "0.8",
+                 "--seed", "3"] + TINY_DATA) == 0
+    written = biased_mnist.read_cached_config(data)
+    cached = {name: (tmp_path / "bm" / name).read_bytes() for name in os.listdir(data)}
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("train regenerated the data")
+    monkeypatch.setattr(biased_mnist, "generate", no_generation)
+    out = str(tmp_path / "run")
+    assert main(["train", "--data-dir", data, "--out", out] + TINY_RUN) == 0
+    assert f"training on the Biased MNIST in {data}" in capsys.readouterr().out
+    _, config = load_model(os.path.join(out, "checkpoint.pt"))
+    assert config.biased_mnist() == written and config.dataset_dir == data
+    assert (config.p_bias, config.data_seed, config.train_size) == (0.8, 3, 64)
+    assert {name: (tmp_path / "bm" / name).read_bytes() for name in os.listdir(data)} == cached
+    # Asking for other data than the directory holds is refused, naming the difference.
+    assert main(["train", "--data-dir", data, "--out", str(tmp_path / "run2"),
+                 "--p-bias", "0.9"] + TINY_RUN) == 2
+    assert "--p-bias 0.9 (it has 0.8)" in capsys.readouterr().err
+
+
 def test_train_resume_eval_predict_viz(tmp_path, capsys):
     out, data = str(tmp_path / "run"), str(tmp_path / "data")
     common = ["train", "--preset", "quick", "--epochs", "2", "--train-size", "128",
@@ -30,8 +66,11 @@ def test_train_resume_eval_predict_viz(tmp_path, capsys):
     assert "continue with --resume" in capsys.readouterr().out
     assert main(common) == 2                       # refuses to overwrite the run
     assert "pass --resume" in capsys.readouterr().err
-    assert main(common + ["--resume"]) == 0
-    assert "Unbiased test accuracy" in capsys.readouterr().out
+    # Resuming takes the run's settings from its checkpoint; a changed one is refused.
+    assert main(["train", "--out", out, "--resume", "--width", "8"]) == 2
+    assert "width: checkpoint 12 vs now 8" in capsys.readouterr().err
+    assert main(["train", "--out", out, "--resume"]) == 0
+    assert "Unbiased test split" in capsys.readouterr().out
     checkpoint = os.path.join(out, "checkpoint.pt")
     assert main(["eval", checkpoint]) == 0
     assert "| digit_color |" in capsys.readouterr().out
@@ -41,3 +80,78 @@ def test_train_resume_eval_predict_viz(tmp_path, capsys):
     assert main(["viz", checkpoint, "--out", str(cams), "--exits-plot", str(exits),
                  "--count", "3"]) == 0
     assert cams.stat().st_size > 10000 and exits.stat().st_size > 5000
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny OccamNet run whose dataset lives in its own directory."""
+    root = tmp_path_factory.mktemp("trained")
+    data, out = str(root / "data"), str(root / "run")
+    assert main(["train", "--out", out, "--data-dir", data] + TINY_DATA + TINY_RUN) == 0
+    return os.path.join(out, "checkpoint.pt"), data
+
+
+def test_eval_and_predict_work_after_the_data_directory_is_deleted(trained, capsys,
+                                                                   tmp_path):
+    checkpoint, data = trained
+    assert main(["eval", checkpoint]) == 0
+    before = capsys.readouterr().out
+    shutil.rmtree(data)
+    # Image files: no dataset at all.
+    from PIL import Image
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"image{i}.png"))
+        Image.new("RGB", (50, 50), (40 * i, 200, 90)).save(paths[-1])
+    assert main(["predict", checkpoint] + paths) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all("class" in l and "exit E" in l for l in lines)
+    assert not os.path.exists(data)
+    # A split: regenerated from the checkpoint's config, identical to what was trained on.
+    assert main(["eval", checkpoint]) == 0
+    after = capsys.readouterr().out
+    assert "does not exist; generating it" in after
+    accuracy = [l for l in before.splitlines() if l.startswith("Accuracy")][0]
+    assert accuracy.split("**")[1] in after
+    assert main(["predict", checkpoint]) == 0
+    assert "early exit with compaction" in capsys.readouterr().out
+
+
+def test_a_split_that_cannot_be_regenerated_is_named(trained, tmp_path, capsys):
+    checkpoint, _ = trained
+    model, config = load_model(checkpoint)
+    # The same weights, but the run's digits came from an MNIST directory that is gone.
+    state = torch.load(checkpoint, weights_only=False)
+    moved = dict(config.to_dict(), mnist_dir=str(tmp_path / "mnist"),
+                 data_dir=str(tmp_path / "gone"))
+    state["config"] = moved
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    assert main(["eval", str(other)]) == 2
+    error = capsys.readouterr().err
+    assert "the test split of this run's Biased MNIST is not in" in error
+    assert "MNIST directory" in error and "does not exist" in error
+
+
+def test_list_presets_and_bad_settings(capsys):
+    assert main(["train", "--list-presets"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in PRESETS)
+    with pytest.raises(SystemExit):
+        main(["train", "--stem", "5x5"])          # argparse rejects unknown choices
+    assert main(["train", "--width", "0", "--device", "cpu"]) == 2
+    assert "width must be at least 1" in capsys.readouterr().err
+    assert main(["eval", "nowhere.pt"]) == 2
+    assert "no checkpoint at nowhere.pt" in capsys.readouterr().err
+
+
+def test_every_setting_that_changes_results_is_an_option():
+    from occamnets.cli import build_parser
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    options = {action.dest for action in train._actions}
+    assert {f for f in RunConfig.__dataclass_fields__} - {"preset"} <= options
+    args = train.parse_args(["--taus", "0.1", "0.2", "0.3", "0.4", "--milestones", "3", "5",
+                             "--no-bf16", "--stem", "7x7", "--train-size", "9"])
+    assert (args.taus, args.milestones, args.bf16, args.stem, args.train_size) == (
+        [0.1, 0.2, 0.3, 0.4], [3, 5], False, "7x7", 9)
+    json.dumps(RunConfig().to_dict())  # saved in reports as JSON

@@ -5,12 +5,16 @@ import pytest
 import torch
 
 from occamnets.losses import OccamLoss
+from occamnets.models import ExitOutput, OccamOutput
 
 
 def output(logits, gates, supp):
-    return {"logits": [torch.tensor(l, dtype=torch.float32) for l in logits],
-            "gates": [torch.tensor(g, dtype=torch.float32) for g in gates],
-            "supp": [torch.tensor(s, dtype=torch.float32) for s in supp]}
+    def exit_output(l, g, s):
+        l = torch.as_tensor(l, dtype=torch.float32)
+        s = None if s is None else torch.as_tensor(s, dtype=torch.float32)
+        return ExitOutput(l, torch.as_tensor(g, dtype=torch.float32),
+                          torch.zeros(l.shape[0], 1), s, None)
+    return OccamOutput(tuple(exit_output(*values) for values in zip(logits, gates, supp)))
 
 
 def test_components_equal_hand_computed_values():
@@ -110,7 +114,8 @@ def test_running_max_is_kept_within_an_epoch_and_reset_at_the_next():
     out = output(logits=[[[0.0, 0.0]] * 2] * 2, gates=[[0.2, 0.6], [0.5, 0.5]], supp=[[0.0] * 2] * 2)
     loss(out, torch.tensor([0, 1]), torch.tensor([0, 1]))
     assert loss.max_weight.tolist() == pytest.approx([0.125, 0.8])   # 0.5^3, 1 - 0.2
-    out["gates"][0] = torch.tensor([0.9, 0.9])
+    out = output(logits=[[[0.0, 0.0]] * 2] * 2, gates=[[0.9, 0.9], [0.5, 0.5]],
+                 supp=[[0.0] * 2] * 2)
     _, parts = loss(out, torch.tensor([0, 1]), torch.tensor([2, 3]))
     assert loss.max_weight.tolist() == pytest.approx([0.125, 0.8])   # 0.1 < 0.8: kept
     ce = math.log(2)
@@ -145,8 +150,8 @@ def test_errors_are_named():
     with pytest.raises(ValueError, match="one tau per exit"):
         OccamLoss(num_items=4, num_classes=2, num_exits=2, taus=(0.5,))
     with pytest.raises(ValueError, match="call the model with labels"):
-        loss({"logits": out["logits"], "gates": out["gates"]}, torch.tensor([0, 1]),
-             torch.tensor([0, 1]))
+        loss(output(logits=[[[1.0, 0.0]] * 2], gates=[[0.5] * 2], supp=[None]),
+             torch.tensor([0, 1]), torch.tensor([0, 1]))
 
 
 def test_no_python_loop_over_samples_and_no_host_sync():
@@ -154,8 +159,7 @@ def test_no_python_loop_over_samples_and_no_host_sync():
     loss = OccamLoss(num_items=10000, num_classes=10, num_exits=1, taus=(0.5,))
     loss.on_epoch_start(1)
     batch = 4096
-    out = {"logits": [torch.randn(batch, 10)], "gates": [torch.rand(batch)],
-           "supp": [torch.rand(batch)]}
+    out = output([torch.randn(batch, 10)], [torch.rand(batch)], [torch.rand(batch)])
     calls = []
     original = torch.Tensor.item
     torch.Tensor.item = lambda self: calls.append(1) or original(self)

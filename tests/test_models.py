@@ -1,7 +1,5 @@
 """OccamResNet-18: shapes of section 8, fused against reference on a full training step, and
 torch.compile of a training step without graph breaks."""
-import copy
-
 import pytest
 import torch
 
@@ -9,35 +7,36 @@ from occamnets.losses import OccamLoss
 from occamnets.models import OccamNet, occam_resnet18, resnet18
 
 
-@pytest.mark.parametrize("input_size,shapes", [
-    (160, [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5)]),
-    (64, [(58, 64, 64), (116, 32, 32), (232, 16, 16), (464, 8, 8)]),
+@pytest.mark.parametrize("stem,input_size,shapes", [
+    ("7x7", 160, [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5)]),
+    ("3x3", 64, [(58, 64, 64), (116, 32, 32), (232, 16, 16), (464, 8, 8)]),
 ])
-def test_exit_shapes_are_those_of_design_section_8(input_size, shapes):
-    model = occam_resnet18(10, input_size=input_size, backend="reference").eval()
+def test_exit_shapes_are_those_of_design_section_8(stem, input_size, shapes):
+    model = occam_resnet18(10, stem=stem, backend="reference").eval()
     seen = []
     for exit_module in model.exits:
         exit_module.features.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[1:])))
     with torch.no_grad():
         out = model(torch.randn(1, 3, input_size, input_size), return_cams=True)
     assert seen == shapes
-    assert [tuple(c.shape[1:]) for c in out["cams"]] == [(10, h, w) for _, h, w in shapes]
-    assert [tuple(l.shape) for l in out["logits"]] == [(1, 10)] * 4
-    assert resnet18(10, input_size=input_size)(torch.randn(2, 3, input_size, input_size)).shape == (2, 10)
+    assert [tuple(e.cam.shape[1:]) for e in out.exits] == [(10, h, w) for _, h, w in shapes]
+    assert [tuple(l.shape) for l in out.logits] == [(1, 10)] * 4
+    assert all(e.supp is None for e in out.exits)  # no labels, no suppression loss
+    assert resnet18(10, stem=stem)(torch.randn(2, 3, input_size, input_size)).shape == (2, 10)
 
 
 def test_first_exit_does_not_train_the_trunk():
-    model = occam_resnet18(4, width=8, input_size=64, backend="reference")
+    model = occam_resnet18(4, width=8, stem="3x3", backend="reference")
     out = model(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
-    (out["logits"][0].sum() + out["supp"][0].sum()).backward()
+    (out.exits[0].logits.sum() + out.exits[0].supp.sum()).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.stem.parameters())
     assert model.exits[0].cam.weight.grad.abs().sum() > 0
 
 
 def test_gate_sees_detached_features():
-    model = occam_resnet18(4, width=8, input_size=64, backend="reference")
+    model = occam_resnet18(4, width=8, stem="3x3", backend="reference")
     out = model(torch.randn(2, 3, 16, 16))
-    out["gates"][2].sum().backward()
+    out.exits[2].gate.sum().backward()
     assert model.exits[2].gate.net[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.exits[2].features.parameters())
 
@@ -55,9 +54,9 @@ def training_step(model, x, labels, items):
 def test_fused_and_reference_training_steps_agree(device):
     """A full-width OccamResNet-18 step on small images: Triton vs reference exit heads."""
     torch.manual_seed(0)
-    reference = occam_resnet18(10, width=58, input_size=64, backend="reference").to(device)
-    fused = copy.deepcopy(reference)
-    fused.set_backend("triton")
+    reference = occam_resnet18(10, width=58, stem="3x3", backend="reference").to(device)
+    fused = occam_resnet18(10, width=58, stem="3x3", backend="triton").to(device)
+    fused.load_state_dict(reference.state_dict())
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(3, 3, 16, 16, generator=generator).to(device)
     labels = torch.tensor([1, 7, 3], device=device)
@@ -78,7 +77,7 @@ def test_fused_and_reference_training_steps_agree(device):
 @pytest.mark.triton
 def test_training_step_compiles_without_graph_breaks(device):
     """torch._dynamo.explain counts graph breaks in forward + OccamLoss; fullgraph compiles."""
-    model = occam_resnet18(4, width=8, input_size=64, backend="triton").to(device)
+    model = occam_resnet18(4, width=8, stem="3x3", backend="triton").to(device)
     loss_fn = OccamLoss(num_items=8, num_classes=4).to(device)
     loss_fn.on_epoch_start(0)
 
@@ -103,4 +102,5 @@ def test_generic_occamnet_on_torchvision_backbones():
         model = OccamNet.from_torchvision(backbone, num_classes=5, backend="reference")
         assert [e.cam.in_channels for e in model.exits] == channels
         out = model(torch.randn(2, 3, 64, 64), torch.tensor([0, 4]))
-        assert len(out["supp"]) == 4 and out["logits"][3].shape == (2, 5)
+        assert len(out.exits) == 4 and out.exits[3].logits.shape == (2, 5)
+        assert all(e.supp.shape == (2,) for e in out.exits)

@@ -1,8 +1,12 @@
 """Trainer: a stopped and resumed run ends with exactly the parameters of an uninterrupted one."""
+import json
+
 import pytest
 import torch
 
-from occamnets.train import CheckpointMismatch, Split, TrainConfig, Trainer
+from occamnets.config import RunConfig
+from occamnets.data import DeviceSplit
+from occamnets.train import CheckpointMismatch, Trainer
 
 
 def synthetic_splits(n=48, size=16, classes=4, factors=2):
@@ -13,16 +17,17 @@ def synthetic_splits(n=48, size=16, classes=4, factors=2):
         labels = torch.arange(count) % classes
         factor_values = torch.stack([labels, torch.randint(0, classes, (count,),
                                                            generator=generator)], 1)
-        return Split(images, labels, factor_values[:, :factors], ["colour", "texture"], "cpu")
+        return DeviceSplit(images, labels, factor_values[:, :factors], ["colour", "texture"],
+                           "cpu")
     return {"train": split(n), "val": split(16), "test": split(16)}
 
 
 def config(tmp_path, model="occam", **overrides):
-    values = dict(model=model, epochs=2, batch_size=8, width=4, input_size=64, lr=1e-2,
+    values = dict(model=model, epochs=2, batch_size=8, width=4, stem="3x3", lr=1e-2,
                   milestones=(1,), device="cpu", backend="reference", progress=False,
                   out_dir=str(tmp_path))
     values.update(overrides)
-    return TrainConfig(**values)
+    return RunConfig(**values)
 
 
 @pytest.mark.parametrize("model", ["occam", "resnet"])
@@ -45,10 +50,10 @@ def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path, model):
 
     for (name, a), b in zip(full.model.state_dict().items(), third.model.state_dict().values()):
         assert torch.equal(a, b), name
-    if model == "occam":
-        for (name, a), b in zip(full.loss_fn.state_dict().items(),
-                                third.loss_fn.state_dict().values()):
-            assert torch.equal(a, b), name
+    objective_state = full.objective.state_dict()
+    assert bool(objective_state) == (model == "occam")  # OccamLoss's state; none for CE
+    for (name, a), b in zip(objective_state.items(), third.objective.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):
@@ -65,11 +70,16 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
 def test_report_has_exits_and_bias_groups(tmp_path):
     trainer = Trainer(config(tmp_path, epochs=1), synthetic_splits())
     report = trainer.run()
-    test = report["test"]
-    assert 0 <= test["accuracy"] <= 1
-    assert len(test["exit_share"]) == 4 and abs(sum(test["exit_share"]) - 1) < 1e-6
-    assert test["exit_share"][0] == 0
-    assert set(test["factors"]) == {"colour", "texture"}
-    assert (tmp_path / "report.md").read_text().startswith("# occam on Biased MNIST")
+    test = report.test
+    assert 0 <= test.accuracy <= 1
+    assert len(test.exit_share) == 4 and abs(sum(test.exit_share) - 1) < 1e-6
+    assert test.exit_share[0] == 0 and sum(test.exit_counts) == 16
+    assert test.full_depth_images_per_s > 0
+    assert set(test.factors) == {"colour", "texture"}
+    assert report.val.factors == {} and report.val.full_depth_images_per_s is None
+    assert (tmp_path / "report.md").read_text().startswith("# OccamResNet-18 on Biased MNIST")
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert RunConfig.from_dict(saved["config"]) == trainer.config
+    assert saved["test"]["exit_share"] == test.exit_share
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"val_accuracy"' in lines[0]

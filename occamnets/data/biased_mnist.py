@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Dict, NamedTuple, Optional, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ GRID = 5
 # The smallest digit is one cell: below 4 px a 28 px MNIST stroke does not survive resizing.
 MIN_CELL_SIZE = 4
 UNBIASED = 0.1  # p_bias at which the tied value is as likely as any other: uniform
+SPLITS = ("train", "val", "test")
+CACHE_FORMAT = 1
 
 DIGIT_COLORS = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
                          (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
@@ -88,8 +90,16 @@ class BiasedMNISTConfig:
     def identity(self) -> Dict:
         values = dataclasses.asdict(self)
         values["p_bias"] = self.p_bias_per_factor()
-        values["format"] = 1
+        values["format"] = CACHE_FORMAT
         return values
+
+    @classmethod
+    def from_identity(cls, values: Dict) -> "BiasedMNISTConfig":
+        values = {k: v for k, v in values.items() if k != "format"}
+        p_bias = values.get("p_bias")
+        if isinstance(p_bias, dict) and len(set(p_bias.values())) == 1:
+            values["p_bias"] = next(iter(p_bias.values()))  # one value for every factor
+        return cls(**values)
 
 
 def sample_factors(labels: np.ndarray, p_bias: Dict[str, float],
@@ -291,9 +301,23 @@ def save(splits: Dict[str, BiasedMNISTSplit], config: BiasedMNISTConfig, directo
     os.replace(tmp, meta_path)
 
 
-def cache_problem(config: BiasedMNISTConfig, directory: str) -> Optional[str]:
-    """None when `directory` holds a complete cache of `config`, else what is wrong with it."""
+def read_cached_config(directory: str) -> Optional[BiasedMNISTConfig]:
+    """The config of the dataset cached in `directory`, None when it holds no readable cache."""
+    try:
+        with open(os.path.join(directory, "meta.json")) as handle:
+            meta = json.load(handle)
+        return BiasedMNISTConfig.from_identity(meta["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cache_problem(config: BiasedMNISTConfig, directory: str,
+                  splits: Sequence[str] = SPLITS) -> Optional[str]:
+    """None when `directory` holds a complete cache of `config` for `splits` (only their files
+    are checked), else what is wrong with it."""
     meta_path = os.path.join(directory, "meta.json")
+    if not os.path.isdir(directory):
+        return f"{directory} does not exist"
     if not os.path.isfile(meta_path):
         return "no cache"
     try:
@@ -304,6 +328,8 @@ def cache_problem(config: BiasedMNISTConfig, directory: str) -> Optional[str]:
     if meta.get("config") != json.loads(json.dumps(config.identity())):
         return "the config changed"
     for name, expected in meta.get("files", {}).items():
+        if name.split("_")[0] not in splits:
+            continue
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
@@ -314,37 +340,34 @@ def cache_problem(config: BiasedMNISTConfig, directory: str) -> Optional[str]:
     return None
 
 
-def load(config: BiasedMNISTConfig, directory: str, progress: bool = False,
-         verbose: bool = True) -> Dict[str, BiasedMNISTSplit]:
-    """The splits of `config` from the cache in `directory`, generated (and cached) when the
-    cache is missing, stale, partial or corrupt."""
-    problem = cache_problem(config, directory)
+def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLITS,
+         progress: bool = False, verbose: bool = True,
+         replace_other: bool = True) -> Dict[str, BiasedMNISTSplit]:
+    """The `splits` of `config` from the cache in `directory`, generated (and cached) when the
+    cache is missing, partial or corrupt. A complete cache of another config is regenerated
+    when `replace_other`, else refused (a ValueError naming the differences)."""
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown splits {sorted(unknown)}; Biased MNIST has {', '.join(SPLITS)}")
+    problem = cache_problem(config, directory, splits)
     if problem is None:
-        splits = {}
-        for split in ("train", "val", "test"):
+        loaded = {}
+        for split in splits:
             arrays = [torch.from_numpy(np.load(os.path.join(directory, f"{split}_{f}.npy")))
                       for f in _ARRAYS]
-            splits[split] = BiasedMNISTSplit(*arrays)
-        return splits
+            loaded[split] = BiasedMNISTSplit(*arrays)
+        return loaded
+    if problem == "the config changed" and not replace_other:
+        cached = read_cached_config(directory)
+        theirs = cached.identity() if cached is not None else {}
+        ours = json.loads(json.dumps(config.identity()))
+        differing = ", ".join(f"{k}: cached {theirs.get(k)!r} vs asked {ours.get(k)!r}"
+                              for k in sorted(set(theirs) | set(ours))
+                              if theirs.get(k) != ours.get(k))
+        raise ValueError(f"{directory} holds another Biased MNIST ({differing}); use its "
+                         f"settings, or another data directory")
     if verbose and problem != "no cache":
-        print(f"biased-mnist cache in {directory}: {problem}; regenerating")
-    splits = generate(config, progress=progress)
-    save(splits, config, directory)
-    return splits
-
-
-def load_splits(cache_dir: str, cell_size: int, p_bias: float, train_size: Optional[int],
-                val_size: int, test_size: Optional[int], seed: int = 0, progress: bool = True,
-                mnist_dir: Optional[str] = None,
-                renders_per_digit: Optional[int] = None) -> Dict[str, BiasedMNISTSplit]:
-    """Convenience for the trainer: picks enough renders per digit for the sizes asked."""
-    if renders_per_digit is None:
-        pool = 60000 if mnist_dir else 5000 - 1000
-        wanted = (train_size or 0) + val_size
-        renders_per_digit = max(1, -(-wanted // max(1, pool - val_size)))
-    config = BiasedMNISTConfig(cell_size=cell_size, p_bias=p_bias, train_size=train_size,
-                               val_size=val_size, test_size=test_size,
-                               renders_per_digit=renders_per_digit, seed=seed,
-                               mnist_dir=mnist_dir)
-    directory = os.path.join(cache_dir, f"biased_mnist_c{cell_size}_p{p_bias}_s{seed}")
-    return load(config, directory, progress=progress)
+        print(f"biased-mnist in {directory}: {problem}; generating it")
+    generated = generate(config, progress=progress)
+    save(generated, config, directory)
+    return {split: generated[split] for split in splits}

@@ -1,10 +1,12 @@
 """An OccamNet exit: a small CAM network, the fused exit head and the exit gate (DESIGN.md 5)."""
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 import occam_kernels
+
+from .outputs import ExitOutput
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -26,8 +28,8 @@ class ExitGate(nn.Module):
 class OccamExit(nn.Module):
     """conv3x3(C->C/4)+BN+ReLU, conv3x3(C/4->C)+ReLU, then the exit head (1x1 conv to K).
 
-    forward(x, labels) -> dict(logits, gate, pooled, supp[, cam]); the gate sees the pooled
-    CAM input detached, so it does not train the features it judges.
+    forward(x, labels) -> ExitOutput; the gate sees the pooled CAM input detached, so it does
+    not train the features it judges.
     """
 
     def __init__(self, in_channels: int, num_classes: int, backend: str = "auto"):
@@ -41,16 +43,12 @@ class OccamExit(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, labels: Optional[Tensor] = None,
-                return_cam: bool = False) -> Dict[str, Tensor]:
+                return_cam: bool = False) -> ExitOutput:
         h = self.features(x)
         # Under autocast h is bf16/fp16 while the parameters stay fp32: the op wants one dtype.
         weight, bias = self.cam.weight.to(h.dtype), self.cam.bias.to(h.dtype)
         head = occam_kernels.exit_head(h, weight, bias, labels, backend=self.backend)
-        out = {"logits": head.logits, "pooled": head.pooled,
-               "gate": self.gate(head.pooled.detach().to(self.cam.weight.dtype))}
-        if head.supp is not None:
-            out["supp"] = head.supp
-        if return_cam:
-            out["cam"] = occam_kernels.class_activation_maps(h, weight, bias,
-                                                             backend=self.backend)
-        return out
+        gate = self.gate(head.pooled.detach().to(self.cam.weight.dtype))
+        cam = (occam_kernels.class_activation_maps(h, weight, bias, backend=self.backend)
+               if return_cam else None)
+        return ExitOutput(head.logits, gate, head.pooled, head.supp, cam)

@@ -1,24 +1,30 @@
-"""OccamNet: exits with CAM-based heads and gates attached to the stages of any backbone."""
-from typing import Dict, List, Optional, Sequence
+"""OccamNet: exits with CAM-based heads and gates attached to the stages of any backbone, and
+early-exit inference (DESIGN.md section 6)."""
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+import occam_kernels
+
 from .exits import OccamExit
+from .outputs import EarlyExitOutput, ExitOutput, OccamOutput
 from .resnet import init_weights, resnet18_trunk
 
 
 class OccamNet(nn.Module):
     """A backbone given as a stem and a list of stages, with one exit after every stage.
 
-    forward(x, labels=None, return_cams=False) returns a dict of per-exit lists:
-    "logits" (B,K), "gates" (B,), "pooled" (B,C), "supp" (B,) when labels are given, and
-    "cams" (B,K,H,W) on request. Exit 0 sees a detached input: it does not train the trunk.
+    forward(x, labels=None, return_cams=False) -> OccamOutput, every exit on every sample (for
+    training and analysis); early_exit(x) -> EarlyExitOutput, what inference runs. Exit 0 sees
+    a detached input, so it does not train the trunk; exits before `first_inference_exit`
+    (exit 0 by default) train but are not used at inference.
     """
 
     def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], num_classes: int,
                  stage_channels: Optional[Sequence[int]] = None, backend: str = "auto",
-                 detach_first_exit: bool = True, probe_size: int = 64):
+                 detach_first_exit: bool = True, probe_size: int = 64,
+                 first_inference_exit: int = 1):
         super().__init__()
         self.stem = stem
         self.stages = nn.ModuleList(stages)
@@ -26,9 +32,13 @@ class OccamNet(nn.Module):
             stage_channels = self._probe_channels(probe_size)
         if len(stage_channels) != len(self.stages):
             raise ValueError(f"{len(self.stages)} stages but {len(stage_channels)} channel counts")
+        if not 0 <= first_inference_exit < len(self.stages):
+            raise ValueError(f"first_inference_exit must lie in [0, {len(self.stages)}), got "
+                             f"{first_inference_exit}")
         self.exits = nn.ModuleList(OccamExit(c, num_classes, backend) for c in stage_channels)
         self.num_classes = num_classes
         self.detach_first_exit = detach_first_exit
+        self.first_inference_exit = first_inference_exit
 
     @torch.no_grad()
     def _probe_channels(self, size: int) -> List[int]:
@@ -47,39 +57,84 @@ class OccamNet(nn.Module):
     def num_exits(self) -> int:
         return len(self.exits)
 
-    def set_backend(self, backend: str) -> None:
-        for exit_module in self.exits:
-            exit_module.backend = backend
+    def _check_images(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"OccamNet expects images (B, C, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"OccamNet expects float images, got {x.dtype}: convert uint8 "
+                            f"images with x.float() / 255 and normalise them first")
+        weight = self.exits[0].cam.weight
+        if x.device != weight.device:
+            raise ValueError(f"the images are on {x.device}, the model on {weight.device}")
 
-    def run_exit(self, index: int, features: Tensor, labels: Optional[Tensor] = None,
-                 return_cam: bool = False) -> Dict[str, Tensor]:
+    def _exit(self, index: int, features: Tensor, labels: Optional[Tensor] = None,
+              return_cam: bool = False) -> ExitOutput:
         if index == 0 and self.detach_first_exit:
             features = features.detach()
         return self.exits[index](features, labels, return_cam)
 
     def forward(self, x: Tensor, labels: Optional[Tensor] = None,
-                return_cams: bool = False) -> Dict[str, List[Tensor]]:
-        if x.dim() != 4:
-            raise ValueError(f"OccamNet expects images (B, C, H, W), got {tuple(x.shape)}")
+                return_cams: bool = False) -> OccamOutput:
+        self._check_images(x)
         if labels is not None and labels.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
-        out: Dict[str, List[Tensor]] = {"logits": [], "gates": [], "pooled": []}
-        if labels is not None:
-            out["supp"] = []
-        if return_cams:
-            out["cams"] = []
+        exits = []
         features = self.stem(x)
         for index, stage in enumerate(self.stages):
             features = stage(features)
-            exit_out = self.run_exit(index, features, labels, return_cams)
-            out["logits"].append(exit_out["logits"])
-            out["gates"].append(exit_out["gate"])
-            out["pooled"].append(exit_out["pooled"])
-            if labels is not None:
-                out["supp"].append(exit_out["supp"])
-            if return_cams:
-                out["cams"].append(exit_out["cam"])
-        return out
+            exits.append(self._exit(index, features, labels, return_cams))
+        return OccamOutput(tuple(exits))
+
+    @torch.no_grad()
+    def early_exit(self, x: Tensor, threshold: float = 0.5, compaction: bool = True,
+                   compaction_backend: str = "auto") -> EarlyExitOutput:
+        """Each sample stops at the first exit from `first_inference_exit` on whose gate is
+        >= threshold, otherwise at the last exit.
+
+        With compaction each later stage runs only on the samples still active:
+        `occam_kernels.compact` gathers them after every exit (one host read of the count per
+        exit, which the next stage needs to launch anyway). compaction=False runs every exit
+        on every sample and selects afterwards: the same result, the check and the speed
+        baseline.
+        """
+        if self.training:
+            raise RuntimeError("early_exit needs the model in eval mode (BatchNorm must use its "
+                               "running statistics): call model.eval() first")
+        self._check_images(x)
+        first, last = self.first_inference_exit, self.num_exits - 1
+        if first >= last:
+            raise ValueError(f"early exit needs an exit before the last to leave at: exits "
+                             f"{first}..{last} are used")
+        batch = x.shape[0]
+        logits_out = torch.zeros(batch, self.num_classes, device=x.device)
+        exit_out = torch.full((batch,), last, dtype=torch.int64, device=x.device)
+        features = self.stem(x)
+        for t in range(first):
+            features = self.stages[t](features)
+        index = torch.arange(batch, device=x.device)
+        for t in range(first, last + 1):
+            if features.shape[0] == 0:
+                break  # everyone has exited
+            features = self.stages[t](features)
+            out = self._exit(t, features)
+            logits = out.logits.float()
+            if not compaction:
+                undecided = exit_out == last
+                take = undecided & (out.gate >= threshold) if t < last else undecided
+                logits_out = torch.where(take[:, None], logits, logits_out)
+                exit_out = torch.where(take & (t < last), torch.full_like(exit_out, t), exit_out)
+                continue
+            if t == last:
+                logits_out[index] = logits
+                break
+            done = out.gate >= threshold
+            # Write finished rows at their original positions without reading `done` on the host.
+            logits_out[index] = torch.where(done[:, None], logits, logits_out[index])
+            exit_out[index] = torch.where(done, torch.full_like(index, t), exit_out[index])
+            features, index = occam_kernels.compact(features, ~done, index,
+                                                    backend=compaction_backend)
+        return EarlyExitOutput(logits_out, exit_out,
+                               torch.bincount(exit_out, minlength=self.num_exits))
 
     @classmethod
     def from_torchvision(cls, model: nn.Module, num_classes: int, num_stages: int = 4,
@@ -114,13 +169,13 @@ class OccamNet(nn.Module):
         return cls(stem, stages, num_classes, backend=backend, probe_size=probe_size)
 
 
-def occam_resnet18(num_classes: int, width: int = 58, input_size: int = 160,
+def occam_resnet18(num_classes: int, width: int = 58, stem: str = "7x7",
                    backend: str = "auto") -> OccamNet:
     """OccamResNet-18: variable-width ResNet-18 (58/116/232/464 at width 58), an exit per stage.
 
-    input_size 160 uses the 7x7/2 stem and max-pool; 64 the 3x3/1 stem without max-pool.
+    stem "7x7" (7x7/2 conv and max-pool, for 160 px images) or "3x3" (3x3/1, small images).
     """
-    stem, stages, channels = resnet18_trunk(width, input_size)
+    stem, stages, channels = resnet18_trunk(width, stem)
     model = OccamNet(stem, stages, num_classes, stage_channels=channels, backend=backend)
     init_weights(model)
     return model

@@ -27,18 +27,28 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-def resnet18_trunk(width: int = 58, input_size: int = 160,
-                   blocks=(2, 2, 2, 2)) -> Tuple[nn.Module, List[nn.Module], List[int]]:
-    """(stem, stages, stage channels) of the variable-width ResNet-18.
+# The stems: "7x7" is ImageNet's (7x7/2 conv and a 3x3/2 max-pool: 160 px images reach
+# stage 1 at 40x40, the paper's Biased MNIST); "3x3" is CIFAR's (3x3/1 conv, no pooling),
+# for small images.
+STEMS = ("7x7", "3x3")
 
-    160 px inputs: 7x7/2 stem and a max-pool (stage 1 at 40x40); 64 px: 3x3/1, no max-pool.
-    """
-    if input_size >= 128:
-        stem = nn.Sequential(nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
+
+def make_stem(stem: str, width: int) -> nn.Module:
+    if stem == "7x7":
+        return nn.Sequential(nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
                              nn.BatchNorm2d(width), nn.ReLU(inplace=True),
                              nn.MaxPool2d(3, stride=2, padding=1))
-    else:
-        stem = nn.Sequential(conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+    if stem == "3x3":
+        return nn.Sequential(conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+    raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+
+
+def resnet18_trunk(width: int = 58, stem: str = "7x7",
+                   blocks=(2, 2, 2, 2)) -> Tuple[nn.Module, List[nn.Module], List[int]]:
+    """(stem, stages, stage channels) of the variable-width ResNet-18."""
+    if width < 1:
+        raise ValueError(f"width must be positive, got {width}")
+    stem_module = make_stem(stem, width)
     channels = [width * 2 ** i for i in range(len(blocks))]
     stages, previous = [], width
     for index, (count, out_channels) in enumerate(zip(blocks, channels)):
@@ -48,7 +58,7 @@ def resnet18_trunk(width: int = 58, input_size: int = 160,
             layers.append(BasicBlock(previous, out_channels, stride))
             previous = out_channels
         stages.append(nn.Sequential(*layers))
-    return stem, stages, channels
+    return stem_module, stages, channels
 
 
 def init_weights(module: nn.Module) -> None:
@@ -65,20 +75,20 @@ def init_weights(module: nn.Module) -> None:
 class ResNet(nn.Module):
     """The plain baseline: the same trunk, global average pooling and one linear classifier."""
 
-    def __init__(self, num_classes: int, width: int = 58, input_size: int = 160):
+    def __init__(self, num_classes: int, width: int = 58, stem: str = "7x7"):
         super().__init__()
-        stem, stages, channels = resnet18_trunk(width, input_size)
+        stem, stages, channels = resnet18_trunk(width, stem)
         self.stem, self.stages = stem, nn.ModuleList(stages)
         self.fc = nn.Linear(channels[-1], num_classes)
         self.num_classes = num_classes
         init_weights(self)
 
-    def forward(self, x: Tensor, labels=None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def resnet18(num_classes: int, width: int = 58, input_size: int = 160) -> ResNet:
-    return ResNet(num_classes, width, input_size)
+def resnet18(num_classes: int, width: int = 58, stem: str = "7x7") -> ResNet:
+    return ResNet(num_classes, width, stem)

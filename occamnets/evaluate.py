@@ -1,0 +1,231 @@
+"""Using a trained model: load it from a checkpoint, load the split to judge it on, evaluate
+it (accuracy, exits, bias groups, timed inference) and gather the data the pictures draw.
+
+The trainer, the CLI and the demo all evaluate through `evaluate`; none of this builds an
+optimiser or reads more data than the split asked for.
+"""
+import dataclasses
+import math
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import RunConfig, resolve_device
+from .data import biased_mnist
+from .data.loaders import DeviceSplit
+from .models import OccamNet, build_model
+
+
+# -- checkpoints and data ---------------------------------------------------------------------
+
+def _read_checkpoint(path: str) -> Dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    # mmap: only the parts used are read from disk (not the optimiser's moments).
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    missing = [key for key in ("config", "model", "num_classes") if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not an occamnets checkpoint (it has no {', '.join(missing)})")
+    return checkpoint
+
+
+def checkpoint_config(path: str) -> RunConfig:
+    """The config of the run that wrote the checkpoint at `path`."""
+    return RunConfig.from_dict(_read_checkpoint(path)["config"])
+
+
+def load_model(path: str, device: Optional[str] = None) -> Tuple[nn.Module, RunConfig]:
+    """(model in eval mode on `device` (default: a GPU when present), its run's config) from a
+    checkpoint written by the trainer. Reads nothing else: no data, no optimiser."""
+    checkpoint = _read_checkpoint(path)
+    config = RunConfig.from_dict(checkpoint["config"])
+    model = build_model(config.model, checkpoint["num_classes"], config.width, config.stem,
+                        config.backend)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(resolve_device(device or "auto")).eval(), config
+
+
+def load_splits(config: RunConfig, device, names: Sequence[str] = biased_mnist.SPLITS,
+                progress: bool = False) -> Dict[str, DeviceSplit]:
+    """The splits `names` of the run's dataset, on `device`. Generated into the run's dataset
+    directory when missing there (Biased MNIST is a function of its config); a directory
+    holding another dataset is never overwritten."""
+    dataset, directory = config.biased_mnist(), config.dataset_dir
+    try:
+        splits = biased_mnist.load(dataset, directory, names, progress=progress,
+                                   replace_other=False)
+    except FileNotFoundError as error:
+        problem = biased_mnist.cache_problem(dataset, directory, names)
+        raise FileNotFoundError(f"the {', '.join(names)} split of this run's Biased MNIST is "
+                                f"not in {directory} ({problem}) and cannot be regenerated: "
+                                f"{error}") from error
+    return {name: DeviceSplit(s.images, s.labels, s.factors, s.factor_names, device)
+            for name, s in splits.items()}
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FactorAccuracy:
+    """Accuracy on the samples whose factor takes their class's value, and on the others."""
+    aligned: Optional[float]
+    conflicting: Optional[float]
+
+
+@dataclasses.dataclass
+class Evaluation:
+    split: str
+    images: int
+    accuracy: float
+    images_per_s: float                             # what inference runs (early exit for OccamNets)
+    full_depth_images_per_s: Optional[float] = None  # every exit on every sample, when timed
+    # OccamNets only, one entry per exit (exits before first_inference_exit take no samples):
+    first_inference_exit: Optional[int] = None
+    exit_counts: Optional[List[int]] = None
+    exit_share: Optional[List[float]] = None
+    exit_accuracy_taken: Optional[List[Optional[float]]] = None   # on the samples it took
+    exit_accuracy_all_samples: Optional[List[float]] = None       # had every sample stopped there
+    factors: Dict[str, FactorAccuracy] = dataclasses.field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        rate = (f"{'early-exit ' if self.exit_share is not None else ''}inference "
+                f"{self.images_per_s:.0f} images/s")
+        if self.full_depth_images_per_s is not None:
+            rate = (f"early-exit inference {self.images_per_s:.0f} images/s, every exit on "
+                    f"every sample {self.full_depth_images_per_s:.0f} images/s")
+        lines = [f"Accuracy on {self.split} ({self.images} images): **{_pct(self.accuracy)}%**; "
+                 f"{rate}", ""]
+        if self.exit_share is not None:
+            lines += ["| exit | share of samples % | accuracy of its samples % | accuracy on all % |",
+                      "|---|---|---|---|"]
+            for t, share in enumerate(self.exit_share):
+                lines.append(f"| E{t} | {_pct(share)} | {_pct(self.exit_accuracy_taken[t])} | "
+                             f"{_pct(self.exit_accuracy_all_samples[t])} |")
+            lines.append("")
+        if self.factors:
+            lines += ["| factor | bias-aligned % | bias-conflicting % |", "|---|---|---|"]
+            for name, values in self.factors.items():
+                lines.append(f"| {name} | {_pct(values.aligned)} | {_pct(values.conflicting)} |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def classify(model: nn.Module, x: Tensor, threshold: float = 0.5) -> Tuple[Tensor, Optional[Tensor]]:
+    """(logits (B, K), exit taken (B,) or None) as inference runs the model: early exit for an
+    OccamNet, the forward pass for a plain classifier."""
+    if isinstance(model, OccamNet):
+        result = model.early_exit(x, threshold)
+        return result.logits, result.exit_index
+    return model(x), None
+
+
+def _timed(step: Callable[[Tensor], object], chunks: List[Tensor],
+           inputs: Callable[[Tensor], Tensor]) -> Tuple[list, float]:
+    """(step's outputs per chunk, seconds for all of them); one untimed warm-up chunk first
+    (kernel compilation, cuDNN algorithm search)."""
+    step(inputs(chunks[0]))
+    device = chunks[0].device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    outputs = [step(inputs(rows)) for rows in chunks]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return outputs, time.perf_counter() - started
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
+             threshold: float = 0.5, batch_size: int = 256, channels_last: bool = False,
+             bf16: bool = False, per_factor: bool = True,
+             time_full_depth: bool = False) -> Evaluation:
+    """Judge `model` on `split` as inference runs it: early exit with compaction for an
+    OccamNet (timed), its plain forward otherwise (timed). For an OccamNet also every exit on
+    every sample (untimed, for the per-exit accuracies; timed too with time_full_depth).
+    channels_last and bf16 autocast apply on CUDA only."""
+    if len(split) == 0:
+        raise ValueError(f"the {split_name} split is empty")
+    model.eval()
+    on_gpu = split.device.type == "cuda"
+    autocast = torch.autocast(split.device.type, dtype=torch.bfloat16, enabled=bf16 and on_gpu)
+    chunks = [torch.arange(start, min(start + batch_size, len(split)), device=split.device)
+              for start in range(0, len(split), batch_size)]
+
+    def inputs(rows: Tensor) -> Tensor:
+        return split.batch(rows, channels_last and on_gpu)
+
+    result = Evaluation(split_name, len(split), accuracy=math.nan, images_per_s=math.nan)
+    labels = split.labels
+    with autocast:
+        if isinstance(model, OccamNet):
+            every_exit = torch.cat([
+                torch.stack([logits.argmax(1) == labels[rows]
+                             for logits in model(inputs(rows)).logits], 1)
+                for rows in chunks]).float()
+            if time_full_depth:
+                _, full_seconds = _timed(lambda x: model.early_exit(x, threshold, compaction=False),
+                                         chunks, inputs)
+                result.full_depth_images_per_s = len(split) / max(full_seconds, 1e-9)
+        else:
+            every_exit = None
+        outputs, seconds = _timed(lambda x: classify(model, x, threshold), chunks, inputs)
+    predicted = torch.cat([logits.argmax(1) for logits, _ in outputs])
+    exit_index = torch.cat([taken for _, taken in outputs]) if every_exit is not None else None
+    correct = (predicted == labels).float()
+    result.accuracy = correct.mean().item()
+    result.images_per_s = len(split) / max(seconds, 1e-9)
+    if exit_index is not None:
+        counts = torch.bincount(exit_index, minlength=model.num_exits)
+        result.first_inference_exit = model.first_inference_exit
+        result.exit_counts = counts.tolist()
+        result.exit_share = (counts.float() / len(split)).tolist()
+        result.exit_accuracy_taken = [correct[exit_index == t].mean().item() if counts[t] else None
+                                      for t in range(model.num_exits)]
+        result.exit_accuracy_all_samples = every_exit.mean(0).tolist()
+    if per_factor:
+        # A sample is bias-aligned for a factor when the factor takes its class's value.
+        for column, name in enumerate(split.factor_names):
+            aligned = split.factors[:, column] == labels
+            result.factors[name] = FactorAccuracy(
+                correct[aligned].mean().item() if aligned.any() else None,
+                correct[~aligned].mean().item() if (~aligned).any() else None)
+    return result
+
+
+# -- the data behind the pictures -------------------------------------------------------------
+
+@dataclasses.dataclass
+class CamPictureData:
+    """The first images of a split and, for each exit used at inference, its CAMs and
+    predictions, with the exit each image took (viz.save_cam_grid draws it)."""
+    images: Tensor              # (N, 3, H, W) uint8
+    labels: Tensor              # (N,)
+    first_exit: int             # cams[0] belongs to this exit
+    cams: List[Tensor]          # per exit: (N, K, h, w)
+    predictions: List[Tensor]   # per exit: (N,)
+    exit_taken: Tensor          # (N,)
+
+
+@torch.no_grad()
+def cam_picture_data(model: OccamNet, split: DeviceSplit, count: int = 6,
+                     threshold: float = 0.5) -> CamPictureData:
+    if not isinstance(model, OccamNet):
+        raise TypeError("CAM pictures need an OccamNet")
+    if count < 1 or len(split) == 0:
+        raise ValueError(f"need at least one image to draw (count {count}, split of {len(split)})")
+    model.eval()
+    rows = torch.arange(min(count, len(split)), device=split.device)
+    x = split.batch(rows)
+    out = model(x, return_cams=True)
+    first = model.first_inference_exit
+    used = out.exits[first:]
+    return CamPictureData(split.images[rows], split.labels[rows], first,
+                          [e.cam for e in used], [e.logits.argmax(1) for e in used],
+                          model.early_exit(x, threshold).exit_index)

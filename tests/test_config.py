@@ -1,0 +1,58 @@
+"""RunConfig: one config, whose defaults are the quick preset's, saved and rebuilt exactly."""
+import dataclasses
+import json
+
+import pytest
+
+from occamnets.config import DATA_FIELDS, PRESETS, RunConfig, default_dataset_dir
+
+
+def test_defaults_are_the_quick_preset():
+    assert RunConfig() == RunConfig.from_preset("quick")
+    for name in PRESETS:
+        config = RunConfig.from_preset(name)
+        assert config.preset == name
+        assert all(getattr(config, k) == v for k, v in PRESETS[name].values.items())
+
+
+def test_round_trips_through_checkpoints_and_json():
+    config = RunConfig.from_preset("paper", model="resnet", taus=(0.1, 0.2, 0.3, 0.4),
+                                   p_bias={"digit_color": 0.5})
+    assert RunConfig.from_dict(config.to_dict()) == config
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="unknown model 'vit'"):
+        RunConfig(model="vit")
+    with pytest.raises(ValueError, match="unknown stem '5x5'; choose one of 7x7, 3x3"):
+        RunConfig(stem="5x5")
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        RunConfig.from_preset("fast")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        RunConfig(batch_size=0)
+    with pytest.raises(ValueError, match="p_bias for digit_color must lie in"):
+        RunConfig(p_bias=2.0)
+    with pytest.raises(ValueError, match="one tau per exit"):
+        RunConfig(taus=(0.5,))
+    with pytest.raises(ValueError, match="does not know: input_size"):
+        RunConfig.from_dict(dict(RunConfig().to_dict(), input_size=64))
+
+
+def test_dataset_directory_is_one_per_dataset():
+    config = RunConfig()
+    assert config.dataset_dir == default_dataset_dir(config.biased_mnist())
+    # Run settings do not move the data; data settings do.
+    assert dataclasses.replace(config, lr=1.0, seed=5, width=3).dataset_dir == config.dataset_dir
+    assert dataclasses.replace(config, train_size=100).dataset_dir != config.dataset_dir
+    assert dataclasses.replace(config, data_dir="here").dataset_dir == "here"
+
+
+def test_with_dataset_takes_every_data_setting():
+    config = RunConfig()
+    other = dataclasses.replace(config, cell_size=6, p_bias=0.7, train_size=None, val_size=3,
+                                test_size=9, renders_per_digit=2, data_seed=4)
+    adopted = config.with_dataset(other.biased_mnist())
+    assert adopted.biased_mnist() == other.biased_mnist()
+    assert all(getattr(adopted, f) == getattr(other, f) for f in DATA_FIELDS)
+    assert adopted.lr == config.lr and adopted.model == config.model

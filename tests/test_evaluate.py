@@ -1,0 +1,90 @@
+"""evaluate(): the numbers it reports equal ones computed independently from the model."""
+import os
+import sys
+
+import pytest
+import torch
+
+from occamnets.config import RunConfig
+from occamnets.data import DeviceSplit
+from occamnets.evaluate import cam_picture_data, evaluate, load_model
+from occamnets.models import occam_resnet18, resnet18
+from occamnets.train import Trainer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+from benchutils import force_exit_distribution  # noqa: E402
+
+
+def synthetic_split(count=37, size=16, classes=5):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, classes, (count,), generator=generator)
+    factors = torch.stack([labels, torch.randint(0, classes, (count,), generator=generator)], 1)
+    return DeviceSplit(images, labels, factors, ["colour", "texture"])
+
+
+def test_occamnet_evaluation_matches_the_model():
+    torch.manual_seed(0)
+    model = occam_resnet18(5, width=4, stem="3x3", backend="reference").eval()
+    split = synthetic_split()
+    x = split.batch(torch.arange(len(split)))
+    force_exit_distribution(model, x, (0.4, 0.3, 0.3))
+    # Batches of 8: compaction per batch must still give the whole split's decisions.
+    result = evaluate(model, split, "test", batch_size=8, time_full_depth=True)
+    with torch.no_grad():
+        early = model.early_exit(x)
+        every = model(x)
+    correct = early.logits.argmax(1) == split.labels
+    assert result.images == 37 and result.accuracy == pytest.approx(correct.float().mean().item())
+    assert result.exit_counts == early.exit_counts.tolist() and result.exit_counts[0] == 0
+    assert result.first_inference_exit == 1
+    assert sum(result.exit_share) == pytest.approx(1.0)
+    for t in range(4):
+        taken = early.exit_index == t
+        want = correct[taken].float().mean().item() if taken.any() else None
+        assert result.exit_accuracy_taken[t] == (pytest.approx(want) if want is not None else None)
+        assert result.exit_accuracy_all_samples[t] == pytest.approx(
+            (every.exits[t].logits.argmax(1) == split.labels).float().mean().item())
+    aligned = split.factors[:, 1] == split.labels
+    assert result.factors["texture"].aligned == pytest.approx(correct[aligned].float().mean().item())
+    assert result.factors["texture"].conflicting == pytest.approx(
+        correct[~aligned].float().mean().item())
+    assert result.images_per_s > 0 and result.full_depth_images_per_s > 0
+    assert "| E2 |" in result.to_markdown()
+
+
+def test_baseline_evaluation_has_no_exits_and_empty_splits_are_refused():
+    model = resnet18(5, width=4, stem="3x3")
+    split = synthetic_split()
+    result = evaluate(model, split, "val", per_factor=False, time_full_depth=True)
+    with torch.no_grad():
+        want = (model.eval()(split.batch(torch.arange(len(split)))).argmax(1) == split.labels)
+    assert result.accuracy == pytest.approx(want.float().mean().item())
+    assert result.exit_share is None and result.full_depth_images_per_s is None
+    assert result.factors == {} and "| E" not in result.to_markdown()
+    empty = DeviceSplit(split.images[:0], split.labels[:0], split.factors[:0], ["a", "b"])
+    with pytest.raises(ValueError, match="the val split is empty"):
+        evaluate(model, empty, "val")
+    with pytest.raises(TypeError, match="need an OccamNet"):
+        cam_picture_data(model, split)
+
+
+def test_cam_picture_data_and_load_model(tmp_path):
+    splits = {name: synthetic_split() for name in ("train", "val", "test")}
+    config = RunConfig(epochs=1, batch_size=8, width=4, device="cpu", backend="reference",
+                       progress=False, out_dir=str(tmp_path))
+    trainer = Trainer(config, splits)
+    trainer.run()
+    model, loaded = load_model(config.checkpoint_path)
+    assert loaded == config and not model.training
+    for (name, a), b in zip(trainer.model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    data = cam_picture_data(model, splits["test"], count=3)
+    assert data.first_exit == model.first_inference_exit == 1
+    assert len(data.cams) == len(data.predictions) == 3
+    assert data.cams[0].shape == (3, 5, 8, 8) and data.images.dtype == torch.uint8  # exit 1
+    assert ((data.exit_taken >= 1) & (data.exit_taken <= 3)).all()
+    with pytest.raises(ValueError, match="not an occamnets checkpoint"):
+        torch.save({"model": {}}, tmp_path / "bad.pt")
+        load_model(str(tmp_path / "bad.pt"))
