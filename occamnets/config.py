@@ -5,17 +5,22 @@ config is saved in checkpoints and reports, and `RunConfig.from_dict` rebuilds i
 """
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .data.biased_mnist import BiasedMNISTConfig
+from .data.biased_mnist import BiasedMNISTConfig, renders_needed
+from .losses import OccamLoss
 from .models import MODELS, STEMS
 
 DEFAULT_DATA_ROOT = "data"
 CHECKPOINT_NAME = "checkpoint.pt"
+# OccamLoss's defaults are the official values: the config takes them from there.
+_LOSS_DEFAULTS = {name: parameter.default
+                  for name, parameter in inspect.signature(OccamLoss).parameters.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +49,14 @@ class RunConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     # -- OccamLoss (DESIGN.md section 5; the official values) ------------------------------------
-    taus: Tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)
-    supp_weight: float = 0.1
-    gate_weight: float = 1.0
-    gamma0: float = 3.0
-    gamma: float = 1.0
-    weight_offset: float = 0.1
-    balance_factor: float = 0.5
-    min_epochs: int = 1
+    taus: Tuple[float, ...] = tuple(_LOSS_DEFAULTS["taus"])   # (0.5, 0.6, 0.7, 0.8)
+    supp_weight: float = _LOSS_DEFAULTS["supp_weight"]        # 0.1
+    gate_weight: float = _LOSS_DEFAULTS["gate_weight"]        # 1.0
+    gamma0: float = _LOSS_DEFAULTS["gamma0"]                  # 3.0
+    gamma: float = _LOSS_DEFAULTS["gamma"]                    # 1.0
+    weight_offset: float = _LOSS_DEFAULTS["weight_offset"]    # 0.1
+    balance_factor: float = _LOSS_DEFAULTS["balance_factor"]  # 0.5
+    min_epochs: int = _LOSS_DEFAULTS["min_epochs"]            # 1
     exit_threshold: float = 0.5        # inference: leave at the first gate >= this
     # -- how it runs -----------------------------------------------------------------------------
     preset: str = "quick"              # the preset these values started from (a label)
@@ -97,11 +102,8 @@ class RunConfig:
         """The dataset this run trains on."""
         renders = self.renders_per_digit
         if renders is None:
-            # Enough renders of each training digit for the images asked for.
-            pool = 60000 if self.mnist_dir else 5000 - 1000
-            val = self.val_size or 0
-            wanted = (self.train_size or 0) + val
-            renders = max(1, -(-wanted // max(1, pool - val)))
+            renders = renders_needed(self.train_size, self.val_size, self.test_size,
+                                     full_mnist=self.mnist_dir is not None)
         return BiasedMNISTConfig(
             cell_size=self.cell_size, p_bias=self.p_bias, train_size=self.train_size,
             val_size=self.val_size, test_size=self.test_size, renders_per_digit=renders,
@@ -111,11 +113,24 @@ class RunConfig:
     def dataset_dir(self) -> str:
         return self.data_dir or default_dataset_dir(self.biased_mnist())
 
+    def with_absolute_paths(self) -> "RunConfig":
+        """The same run with its directories made absolute, so that a checkpoint's config
+        finds them from any working directory."""
+        def absolute(path):
+            return None if path is None else os.path.abspath(path)
+        return dataclasses.replace(self, data_dir=absolute(self.dataset_dir),
+                                   out_dir=absolute(self.run_dir),
+                                   mnist_dir=absolute(self.mnist_dir),
+                                   emnist_dir=absolute(self.emnist_dir))
+
     def identity(self) -> Dict:
         """What a checkpoint must agree on to be resumed (not paths, devices or step caps)."""
-        skip = {"device", "out_dir", "data_dir", "max_steps", "progress", "compile", "epochs",
-                "backend"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        skip = {"device", "out_dir", "data_dir", "mnist_dir", "emnist_dir", "max_steps",
+                "progress", "compile", "epochs", "backend"}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        # Where the source digits and letters live may move; which source it is may not.
+        values.update(full_mnist=self.mnist_dir is not None, emnist=self.emnist_dir is not None)
+        return values
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -190,7 +205,10 @@ def resolve_device(name: str) -> torch.device:
     """"auto": the GPU when there is one, else the CPU; any other name as torch reads it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r}: {error}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
     return device

@@ -11,7 +11,8 @@ import time
 from typing import Dict, Optional
 
 from .config import RunConfig, default_preset
-from .evaluate import cam_picture_data
+from .evaluate import cam_picture_data, percent
+from .models import MODELS
 from .train import RunReport, Trainer
 from .viz import save_cam_grid, save_exit_distribution
 
@@ -48,10 +49,6 @@ def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None)
     return 0
 
 
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
 def table(baseline: RunReport, occam: RunReport) -> str:
     test = occam.test
     exits = range(test.first_inference_exit, len(test.exit_share))
@@ -59,12 +56,12 @@ def table(baseline: RunReport, occam: RunReport) -> str:
              "| model | unbiased test acc % | " + " | ".join(f"E{t} share % (acc %)" for t in exits)
              + " | train img/s | inference img/s |",
              "|---|---|" + "---|" * len(exits) + "---|---|"]
-    lines.append(f"| ResNet-18 baseline | {_pct(baseline.test.accuracy)} | "
+    lines.append(f"| {MODELS[baseline.model]} | {percent(baseline.test.accuracy)} | "
                  + " | ".join("-" for _ in exits)
                  + f" | {baseline.train_images_per_s:.0f} | {baseline.test.images_per_s:.0f} |")
-    lines.append(f"| OccamResNet-18 | {_pct(test.accuracy)} | "
-                 + " | ".join(f"{_pct(test.exit_share[t])} ({_pct(test.exit_accuracy_taken[t])})"
-                              for t in exits)
+    lines.append(f"| {MODELS[occam.model]} | {percent(test.accuracy)} | "
+                 + " | ".join(f"{percent(test.exit_share[t])} "
+                              f"({percent(test.exit_accuracy_taken[t])})" for t in exits)
                  + f" | {occam.train_images_per_s:.0f} | {test.images_per_s:.0f} early exit, "
                    f"{test.full_depth_images_per_s:.0f} full depth |")
     return "\n".join(lines) + "\n"

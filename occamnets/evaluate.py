@@ -24,8 +24,14 @@ from .models import OccamNet, build_model
 def _read_checkpoint(path: str) -> Dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    # mmap: only the parts used are read from disk (not the optimiser's moments).
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        # mmap: only the parts used are read from disk (not the optimiser's moments).
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # torch raises RuntimeError, pickle errors, EOFError, ...
+        raise ValueError(f"{path} is not a checkpoint torch can read ({error})") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not an occamnets checkpoint (it holds a "
+                         f"{type(checkpoint).__name__})")
     missing = [key for key in ("config", "model", "num_classes") if key not in checkpoint]
     if missing:
         raise ValueError(f"{path} is not an occamnets checkpoint (it has no {', '.join(missing)})")
@@ -50,9 +56,11 @@ def load_model(path: str, device: Optional[str] = None) -> Tuple[nn.Module, RunC
 
 def load_splits(config: RunConfig, device, names: Sequence[str] = biased_mnist.SPLITS,
                 progress: bool = False) -> Dict[str, DeviceSplit]:
-    """The splits `names` of the run's dataset, on `device`. Generated into the run's dataset
-    directory when missing there (Biased MNIST is a function of its config); a directory
-    holding another dataset is never overwritten."""
+    """The splits `names` of the run's dataset, on `device`; only their files are read and
+    checked. When they are missing or damaged the whole dataset is generated again into the
+    run's dataset directory (Biased MNIST is a function of its config, and one random stream
+    makes all three splits, so the others are rendered too); a directory holding another
+    dataset is never overwritten."""
     dataset, directory = config.biased_mnist(), config.dataset_dir
     try:
         splits = biased_mnist.load(dataset, directory, names, progress=progress,
@@ -96,24 +104,27 @@ class Evaluation:
         if self.full_depth_images_per_s is not None:
             rate = (f"early-exit inference {self.images_per_s:.0f} images/s, every exit on "
                     f"every sample {self.full_depth_images_per_s:.0f} images/s")
-        lines = [f"Accuracy on {self.split} ({self.images} images): **{_pct(self.accuracy)}%**; "
-                 f"{rate}", ""]
+        lines = [f"Accuracy on {self.split} ({self.images} images): "
+                 f"**{percent(self.accuracy)}%**; {rate}", ""]
         if self.exit_share is not None:
             lines += ["| exit | share of samples % | accuracy of its samples % | accuracy on all % |",
                       "|---|---|---|---|"]
             for t, share in enumerate(self.exit_share):
-                lines.append(f"| E{t} | {_pct(share)} | {_pct(self.exit_accuracy_taken[t])} | "
-                             f"{_pct(self.exit_accuracy_all_samples[t])} |")
+                lines.append(f"| E{t} | {percent(share)} | "
+                             f"{percent(self.exit_accuracy_taken[t])} | "
+                             f"{percent(self.exit_accuracy_all_samples[t])} |")
             lines.append("")
         if self.factors:
             lines += ["| factor | bias-aligned % | bias-conflicting % |", "|---|---|---|"]
             for name, values in self.factors.items():
-                lines.append(f"| {name} | {_pct(values.aligned)} | {_pct(values.conflicting)} |")
+                lines.append(f"| {name} | {percent(values.aligned)} | "
+                             f"{percent(values.conflicting)} |")
             lines.append("")
         return "\n".join(lines)
 
 
-def _pct(value: Optional[float]) -> str:
+def percent(value: Optional[float]) -> str:
+    """A share as a percentage with one decimal; "-" when there is none."""
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
@@ -152,6 +163,8 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
     channels_last and bf16 autocast apply on CUDA only."""
     if len(split) == 0:
         raise ValueError(f"the {split_name} split is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model.eval()
     on_gpu = split.device.type == "cuda"
     autocast = torch.autocast(split.device.type, dtype=torch.bfloat16, enabled=bf16 and on_gpu)

@@ -23,7 +23,7 @@ from .config import RunConfig, resolve_device
 from .data.loaders import DeviceSplit
 from .evaluate import Evaluation, evaluate, load_splits
 from .losses import OccamLoss
-from .models import build_model
+from .models import MODELS, build_model
 
 # -- what is trained: one objective per model kind ---------------------------------------------
 
@@ -124,8 +124,10 @@ class CheckpointMismatch(ValueError):
     pass
 
 
-def check_checkpoint(checkpoint: Dict, config: RunConfig) -> None:
-    theirs, ours = checkpoint.get("config_identity", {}), config.identity()
+def check_resumable(saved: RunConfig, config: RunConfig) -> None:
+    """A CheckpointMismatch naming every difference when a run saved with `saved` may not be
+    continued as `config` (paths, devices and step caps may change; results' settings not)."""
+    theirs, ours = saved.identity(), config.identity()
     differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differing:
         details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {ours.get(k)!r}"
@@ -149,8 +151,8 @@ class RunReport:
         return dataclasses.asdict(self)
 
     def to_markdown(self) -> str:
-        name = {"occam": "OccamResNet-18", "resnet": "ResNet-18"}.get(self.model, self.model)
-        return (f"# {name} on Biased MNIST\n\nTraining {self.train_images_per_s:.0f} images/s.\n\n"
+        return (f"# {MODELS[self.model]} on Biased MNIST\n\n"
+                f"Training {self.train_images_per_s:.0f} images/s.\n\n"
                 f"## Unbiased test split\n\n{self.test.to_markdown()}\n"
                 f"## Validation split (biased like training)\n\n{self.val.to_markdown()}")
 
@@ -176,7 +178,7 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, splits: Optional[Dict[str, DeviceSplit]] = None):
-        self.config = config
+        self.config = config = config.with_absolute_paths()
         self.device = resolve_device(config.device)
         # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (NCCL), or gloo on CPU.
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -229,7 +231,7 @@ class Trainer:
                 "objective": self.objective.state_dict(),
                 "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "config": self.config.to_dict(),
-                "config_identity": self.config.identity(), "num_classes": self.num_classes}
+                "num_classes": self.num_classes}
 
     def save_checkpoint(self) -> str:
         # Every process holds the same state (DDP, OccamLoss sync): the first one writes it.
@@ -241,7 +243,7 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         checkpoint = torch.load(path, map_location=self.device, weights_only=False)
-        check_checkpoint(checkpoint, self.config)
+        check_resumable(RunConfig.from_dict(checkpoint["config"]), self.config)
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])

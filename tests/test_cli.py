@@ -58,6 +58,27 @@ def test_train_reuses_the_data_that_data_generated(tmp_path, capsys, monkeypatch
     assert "--p-bias 0.9 (it has 0.8)" in capsys.readouterr().err
 
 
+def test_data_and_train_find_one_directory_and_data_never_overwrites(tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)                 # the default data/ lives in the working dir
+    assert main(["data", "biased-mnist"] + TINY_DATA) == 0
+    written = capsys.readouterr().out.split("--data-dir ")[1].split("`")[0]
+    assert written.startswith("data/biased-mnist-c6-")
+    monkeypatch.setattr(biased_mnist, "generate", lambda *a, **k: pytest.fail("regenerated"))
+    assert main(["train", "--out", "run"] + TINY_DATA + TINY_RUN) == 0
+    _, config = load_model("run/checkpoint.pt")
+    assert config.data_dir == str(tmp_path / written)
+    capsys.readouterr()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")   # relative paths were made absolute
+    assert main(["eval", "../run/checkpoint.pt"]) == 0
+    assert "Accuracy on test (20 images)" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    # Another dataset into the same directory: refused unless forced.
+    assert main(["data", "biased-mnist", "--out", written, "--p-bias", "0.5"] + TINY_DATA) == 2
+    assert "holds another Biased MNIST" in capsys.readouterr().err
+
+
 def test_train_resume_eval_predict_viz(tmp_path, capsys):
     out, data = str(tmp_path / "run"), str(tmp_path / "data")
     common = ["train", "--preset", "quick", "--epochs", "2", "--train-size", "128",
@@ -66,9 +87,13 @@ def test_train_resume_eval_predict_viz(tmp_path, capsys):
     assert "continue with --resume" in capsys.readouterr().out
     assert main(common) == 2                       # refuses to overwrite the run
     assert "pass --resume" in capsys.readouterr().err
-    # Resuming takes the run's settings from its checkpoint; a changed one is refused.
+    # Resuming takes the run's settings from its checkpoint; a changed one is refused before
+    # any data is read or generated (here it would be: the data directory is gone).
+    shutil.move(data, data + ".moved")
     assert main(["train", "--out", out, "--resume", "--width", "8"]) == 2
     assert "width: checkpoint 12 vs now 8" in capsys.readouterr().err
+    assert not os.path.exists(data)
+    shutil.move(data + ".moved", data)
     assert main(["train", "--out", out, "--resume"]) == 0
     assert "Unbiased test split" in capsys.readouterr().out
     checkpoint = os.path.join(out, "checkpoint.pt")
@@ -92,10 +117,12 @@ def trained(tmp_path_factory):
 
 
 def test_eval_and_predict_work_after_the_data_directory_is_deleted(trained, capsys,
-                                                                   tmp_path):
+                                                                   tmp_path, monkeypatch):
     checkpoint, data = trained
+    monkeypatch.chdir(tmp_path)  # paths in the checkpoint hold from any working directory
     assert main(["eval", checkpoint]) == 0
     before = capsys.readouterr().out
+    assert "generating" not in before
     shutil.rmtree(data)
     # Image files: no dataset at all.
     from PIL import Image
@@ -133,7 +160,7 @@ def test_a_split_that_cannot_be_regenerated_is_named(trained, tmp_path, capsys):
     assert "MNIST directory" in error and "does not exist" in error
 
 
-def test_list_presets_and_bad_settings(capsys):
+def test_list_presets_and_bad_settings(capsys, tmp_path):
     assert main(["train", "--list-presets"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in PRESETS)
@@ -143,6 +170,17 @@ def test_list_presets_and_bad_settings(capsys):
     assert "width must be at least 1" in capsys.readouterr().err
     assert main(["eval", "nowhere.pt"]) == 2
     assert "no checkpoint at nowhere.pt" in capsys.readouterr().err
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    assert main(["eval", str(not_a_checkpoint)]) == 2
+    assert "is not a checkpoint torch can read" in capsys.readouterr().err
+    torch.save([1, 2], tmp_path / "list.pt")
+    assert main(["eval", str(tmp_path / "list.pt")]) == 2
+    assert "not an occamnets checkpoint (it holds a list)" in capsys.readouterr().err
+    assert main(["train", "--device", "gpu0"]) == 2
+    assert "unknown device 'gpu0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "x.pt", "--batch-size", "0"])
 
 
 def test_every_setting_that_changes_results_is_an_option():

@@ -7,8 +7,12 @@ import pytest
 from occamnets.config import DATA_FIELDS, PRESETS, RunConfig, default_dataset_dir
 
 
-def test_defaults_are_the_quick_preset():
-    assert RunConfig() == RunConfig.from_preset("quick")
+def test_defaults_are_the_quick_preset_as_described():
+    quick = RunConfig.from_preset("quick")
+    assert quick == RunConfig()
+    # What `--list-presets` and the README say the quick preset is.
+    assert (5 * quick.cell_size, quick.width, quick.train_size, quick.epochs, quick.p_bias) == (
+        40, 12, 3500, 8, 0.9)
     for name in PRESETS:
         config = RunConfig.from_preset(name)
         assert config.preset == name
@@ -46,6 +50,32 @@ def test_dataset_directory_is_one_per_dataset():
     assert dataclasses.replace(config, lr=1.0, seed=5, width=3).dataset_dir == config.dataset_dir
     assert dataclasses.replace(config, train_size=100).dataset_dir != config.dataset_dir
     assert dataclasses.replace(config, data_dir="here").dataset_dir == "here"
+
+
+def test_paths_do_not_decide_results_but_sources_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative = RunConfig(mnist_dir="mnist", data_dir="d", out_dir="r")
+    absolute = relative.with_absolute_paths()
+    assert absolute.data_dir == str(tmp_path / "d") and absolute.mnist_dir == str(tmp_path / "mnist")
+    assert absolute.identity() == relative.identity()
+    assert absolute.biased_mnist().identity() == relative.biased_mnist().identity()
+    assert RunConfig().identity() != dataclasses.replace(RunConfig(), mnist_dir="m").identity()
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("full_mnist", [False, True])
+def test_renders_per_digit_cover_every_split(preset, full_mnist):
+    from occamnets.data.biased_mnist import DIGITS, _val_digits
+    config = RunConfig.from_preset(preset, mnist_dir="m" if full_mnist else None)
+    renders = config.biased_mnist().renders_per_digit
+    digits = DIGITS[full_mnist]
+    val_digits = _val_digits(digits["train"], config.val_size)
+    available = {"train": (digits["train"] - val_digits) * renders,
+                 "val": val_digits * renders, "test": digits["test"] * renders}
+    wanted = {"train": config.train_size, "val": config.val_size, "test": config.test_size}
+    assert all(available[s] >= wanted[s] for s in wanted)
+    # ... and no more renders than the neediest split asks for.
+    assert any(available[s] - wanted[s] < available[s] / renders for s in wanted)
 
 
 def test_with_dataset_takes_every_data_setting():

@@ -77,7 +77,8 @@ def test_cam_picture_data_and_load_model(tmp_path):
     trainer = Trainer(config, splits)
     trainer.run()
     model, loaded = load_model(config.checkpoint_path)
-    assert loaded == config and not model.training
+    assert loaded == trainer.config and not model.training
+    assert loaded.out_dir == str(tmp_path) and os.path.isabs(loaded.data_dir)
     for (name, a), b in zip(trainer.model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     data = cam_picture_data(model, splits["test"], count=3)

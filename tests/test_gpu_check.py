@@ -2,6 +2,7 @@
 interpreted), so the script a GPU window depends on cannot rot between windows."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -36,3 +37,10 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     profile = json.loads((out / "profile.json").read_text())
     assert any(row["kernel"].startswith("occam::exit_head_fused")
                for rows in profile.values() for row in rows), profile
+
+
+def test_every_test_file_the_gpu_check_names_exists():
+    script = open(os.path.join(ROOT, "bench", "gpu_check.sh")).read()
+    named = set(re.findall(r"tests/\w+\.py", script))
+    assert named, "the GPU check names no test files any more: update this test"
+    assert not {path for path in named if not os.path.isfile(os.path.join(ROOT, path))}

