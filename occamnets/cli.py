@@ -93,7 +93,7 @@ def _add_config_options(parser, names) -> None:
             continue
         flags = ["--" + field.name.replace("_", "-")] + (["--out"] if field.name == "out_dir" else [])
         common = dict(dest=field.name, default=argparse.SUPPRESS,
-                      help=_HELP.get(field.name, "") + f" (default {field.default!r})")
+                      help=_HELP.get(field.name, "") + f" (quick preset: {field.default!r})")
         kind, nargs = _option_type(hints[field.name])
         if kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)

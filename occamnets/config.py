@@ -221,10 +221,7 @@ def default_preset() -> str:
 def describe_presets() -> str:
     lines = []
     for name, preset in PRESETS.items():
-        config = RunConfig.from_preset(name)
         lines.append(f"{name}: {preset.description}")
         lines.append("    " + ", ".join(f"{k}={v}" for k, v in sorted(preset.values.items()))
                      if preset.values else "    (the RunConfig defaults)")
-        lines.append(f"    images {5 * config.cell_size} px, stem {config.stem}, batch "
-                     f"{config.batch_size}, lr {config.lr}")
     return "\n".join(lines)
