@@ -176,8 +176,9 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
 
     result = Evaluation(split_name, len(split), accuracy=math.nan, images_per_s=math.nan)
     labels = split.labels
+    has_exits = isinstance(model, OccamNet)
     with autocast:
-        if isinstance(model, OccamNet):
+        if has_exits:
             every_exit = torch.cat([
                 torch.stack([logits.argmax(1) == labels[rows]
                              for logits in model(inputs(rows)).logits], 1)
@@ -186,30 +187,34 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
                 _, full_seconds = _timed(lambda x: model.early_exit(x, threshold, compaction=False),
                                          chunks, inputs)
                 result.full_depth_images_per_s = len(split) / max(full_seconds, 1e-9)
-        else:
-            every_exit = None
         outputs, seconds = _timed(lambda x: classify(model, x, threshold), chunks, inputs)
-    predicted = torch.cat([logits.argmax(1) for logits, _ in outputs])
-    exit_index = torch.cat([taken for _, taken in outputs]) if every_exit is not None else None
-    correct = (predicted == labels).float()
-    result.accuracy = correct.mean().item()
+    correct = torch.cat([logits.argmax(1) for logits, _ in outputs]) == labels
+    result.accuracy = correct.float().mean().item()
     result.images_per_s = len(split) / max(seconds, 1e-9)
-    if exit_index is not None:
+    if has_exits:
+        exit_index = torch.cat([taken for _, taken in outputs])
         counts = torch.bincount(exit_index, minlength=model.num_exits)
+        right = torch.bincount(exit_index, weights=correct.double(), minlength=model.num_exits)
         result.first_inference_exit = model.first_inference_exit
         result.exit_counts = counts.tolist()
-        result.exit_share = (counts.float() / len(split)).tolist()
-        result.exit_accuracy_taken = [correct[exit_index == t].mean().item() if counts[t] else None
-                                      for t in range(model.num_exits)]
+        result.exit_share = (counts.double() / len(split)).tolist()
+        result.exit_accuracy_taken = _ratios(right, counts)
         result.exit_accuracy_all_samples = every_exit.mean(0).tolist()
     if per_factor:
         # A sample is bias-aligned for a factor when the factor takes its class's value.
-        for column, name in enumerate(split.factor_names):
-            aligned = split.factors[:, column] == labels
-            result.factors[name] = FactorAccuracy(
-                correct[aligned].mean().item() if aligned.any() else None,
-                correct[~aligned].mean().item() if (~aligned).any() else None)
+        aligned = split.factors == labels[:, None]                      # (N, factors)
+        hits = correct[:, None]
+        aligned_accuracy = _ratios((aligned & hits).sum(0), aligned.sum(0))
+        conflicting_accuracy = _ratios((~aligned & hits).sum(0), (~aligned).sum(0))
+        result.factors = {name: FactorAccuracy(a, c) for name, a, c in
+                          zip(split.factor_names, aligned_accuracy, conflicting_accuracy)}
     return result
+
+
+def _ratios(numerators: Tensor, denominators: Tensor) -> List[Optional[float]]:
+    """numerator / denominator per entry, None where the denominator is 0 (one host read)."""
+    pairs = torch.stack([numerators.double(), denominators.double()], 1).tolist()
+    return [n / d if d else None for n, d in pairs]
 
 
 # -- the data behind the pictures -------------------------------------------------------------
