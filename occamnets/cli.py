@@ -74,11 +74,10 @@ _EXIT_HEAD_BACKENDS = ("auto", "triton", "reference")
 
 def _option_type(hint):
     """(argparse type, nargs) for a RunConfig field's annotation."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is tuple:
-        return args[0], "+"
-    if typing.get_origin(hint) is typing.Union:
-        return (float if dict in [typing.get_origin(a) or a for a in args] else args[0]), None
+    if typing.get_origin(hint) is tuple:                  # Tuple[int, ...]
+        return typing.get_args(hint)[0], "+"
+    if typing.get_origin(hint) is typing.Union:           # Optional[X]; p_bias: float first
+        return typing.get_args(hint)[0], None
     return hint, None
 
 
@@ -133,9 +132,11 @@ def _with_cached_dataset(config, explicit: dict):
     if cached is None or cached.identity() == config.biased_mnist().identity():
         return config
     adopted = config.with_dataset(cached)
+    # Compared as the dataset's identity sees them (paths made absolute, p_bias per factor).
+    dataset = adopted.biased_mnist().identity()
     conflicts = [f"--{name.replace('_', '-')} {explicit[name]!r} (it has {getattr(adopted, name)!r})"
-                 for name in DATA_FIELDS if name in explicit
-                 and explicit[name] != getattr(adopted, name)]
+                 for name in DATA_FIELDS if name in explicit and dataset !=
+                 dataclasses.replace(adopted, **{name: explicit[name]}).biased_mnist().identity()]
     if conflicts:
         raise ValueError(f"{explicit['data_dir']} holds another Biased MNIST than asked for: "
                          f"{'; '.join(conflicts)}; drop those options to train on it, or "
