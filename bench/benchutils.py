@@ -78,7 +78,8 @@ def run_case(benchmark, fn, extra: dict) -> None:
 
 
 class ForcedGate(torch.nn.Module):
-    """A gate that fires (1.0) when the sum of a sample's pooled features reaches a threshold.
+    """A gate that fires (logit +30, p = 1.0 in fp32) when the sum of a sample's pooled
+    features reaches a threshold, and otherwise gives logit -30.
 
     Thresholds are set from a full-depth pass so the exits take a chosen share of the batch;
     the decision is a function of the sample alone, so compaction sees the same choice.
@@ -89,7 +90,8 @@ class ForcedGate(torch.nn.Module):
         self.threshold = threshold
 
     def forward(self, pooled):
-        return (pooled.float().sum(1) >= self.threshold).float()
+        fires = pooled.float().sum(1) >= self.threshold
+        return torch.where(fires, 30.0, -30.0)
 
 
 def gate_scores(model, x):

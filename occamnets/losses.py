@@ -2,11 +2,14 @@
 
 Per exit t, each averaged over the batch:
   supp_t: CAM suppression, weight 0.1;
-  gate_t: balanced BCE of the exit gate against "exit t predicts correctly", weight 1.0;
+  gate_t: balanced BCE of the exit gate against "exit t predicts correctly", weight 1.0,
+          taken from the gate's fp32 logit (as the official, which inverts the sigmoid);
   main_t: mean((w + 0.1) * CE); w = p(y|x)^3 at t=0, (1 - gate_{t-1}) later (detached),
           divided by (running max of w within the epoch + 1e-5).
 The per-item gate targets, running maxima and per-class accuracy within the epoch are device
-tensors updated with vectorised ops: no Python loop over samples, no host sync per step.
+tensors updated with vectorised ops: no Python loop over samples, no host sync per step. The
+per-class accuracy and the taus are float64, as the official Python floats are, so the
+refresh rule decides a tie (accuracy == tau) as the official does.
 """
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -44,7 +47,7 @@ class OccamLoss(nn.Module):
     so the state stays identical on all processes. Batches must have one size on all of them.
     State (buffers, so it is in state_dict and moves with .to(device)):
         gate_targets (E, N) float, has_target (E, N) bool, max_weight (E,),
-        class_correct / class_seen (E, K) within the epoch, epoch.
+        class_correct / class_seen (E, K) float64 within the epoch, epoch.
     """
 
     def __init__(self, num_items: int, num_classes: int, num_exits: int = 4,
@@ -61,12 +64,14 @@ class OccamLoss(nn.Module):
         self.supp_weight, self.gate_weight = supp_weight, gate_weight
         self.gamma0, self.gamma, self.weight_offset = gamma0, gamma, weight_offset
         self.balance_factor, self.min_epochs, self.eps = balance_factor, min_epochs, eps
-        self.register_buffer("taus", torch.tensor(list(taus), dtype=torch.float32))
+        self.register_buffer("taus", torch.tensor(list(taus), dtype=torch.float64))
         self.register_buffer("gate_targets", torch.zeros(num_exits, num_items))
         self.register_buffer("has_target", torch.zeros(num_exits, num_items, dtype=torch.bool))
         self.register_buffer("max_weight", torch.zeros(num_exits))
-        self.register_buffer("class_correct", torch.zeros(num_exits, num_classes))
-        self.register_buffer("class_seen", torch.zeros(num_exits, num_classes))
+        self.register_buffer("class_correct", torch.zeros(num_exits, num_classes,
+                                                          dtype=torch.float64))
+        self.register_buffer("class_seen", torch.zeros(num_exits, num_classes,
+                                                       dtype=torch.float64))
         self.register_buffer("epoch", torch.zeros((), dtype=torch.int64))
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -101,8 +106,11 @@ class OccamLoss(nn.Module):
     def _gate_targets(self, exit_index: int, correct: Tensor, labels: Tensor,
                       items: Tensor) -> Tensor:
         # Mean per-class accuracy of this exit within the epoch, this batch included.
-        batch_correct = torch.zeros_like(self.class_correct[exit_index]).index_add_(0, labels, correct)
-        batch_seen = torch.zeros_like(batch_correct).index_add_(0, labels, torch.ones_like(correct))
+        correct64 = correct.double()
+        batch_correct = torch.zeros_like(self.class_correct[exit_index]).index_add_(0, labels,
+                                                                                   correct64)
+        batch_seen = torch.zeros_like(batch_correct).index_add_(0, labels,
+                                                                torch.ones_like(correct64))
         if _distributed():
             counts = torch.stack([batch_correct, batch_seen])
             dist.all_reduce(counts)
@@ -122,13 +130,14 @@ class OccamLoss(nn.Module):
         self.has_target[exit_index, all_items] = True
         return targets
 
-    def _gate_loss(self, gate: Tensor, targets: Tensor) -> Tensor:
+    def _gate_loss(self, gate_logit: Tensor, targets: Tensor) -> Tensor:
         exit_count, continue_count = targets.sum(), (1 - targets).sum()
         largest = torch.maximum(exit_count, continue_count)
         exit_weight = (1.0 / (exit_count / largest + self.eps)) ** self.balance_factor
         continue_weight = (1.0 / (continue_count / largest + self.eps)) ** self.balance_factor
         weights = torch.where(targets > 0, exit_weight, continue_weight)
-        bce = F.binary_cross_entropy(gate.float(), targets, reduction="none")
+        # From the logit: a sigmoid rounded to 1.0 would leave a wrong gate no gradient.
+        bce = F.binary_cross_entropy_with_logits(gate_logit.float(), targets, reduction="none")
         return (weights * bce).mean()
 
     def _main_loss(self, exit_index: int, logits: Tensor, previous_gate: Optional[Tensor],
@@ -163,7 +172,7 @@ class OccamLoss(nn.Module):
             supp = self.supp_weight * exit_out.supp.float().mean()
             with torch.no_grad():
                 targets = self._gate_targets(t, (predictions[t] == labels).float(), labels, items)
-            gate = self.gate_weight * self._gate_loss(exit_out.gate, targets)
+            gate = self.gate_weight * self._gate_loss(exit_out.gate_logit, targets)
             main = self._main_loss(t, logits, out.exits[t - 1].gate if t else None, labels)
             total = total + supp + gate + main
             parts[f"supp/E{t}"], parts[f"gate/E{t}"], parts[f"main/E{t}"] = (

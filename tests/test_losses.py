@@ -3,17 +3,18 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from occamnets.losses import OccamLoss
-from occamnets.models import ExitOutput, OccamOutput
+from occamnets.models import ExitOutput, OccamOutput, occam_resnet18
 
 
 def output(logits, gates, supp):
     def exit_output(l, g, s):
         l = torch.as_tensor(l, dtype=torch.float32)
         s = None if s is None else torch.as_tensor(s, dtype=torch.float32)
-        return ExitOutput(l, torch.as_tensor(g, dtype=torch.float32),
-                          torch.zeros(l.shape[0], 1), s, None)
+        g = torch.as_tensor(g, dtype=torch.float32)
+        return ExitOutput(l, g, torch.logit(g), torch.zeros(l.shape[0], 1), s, None)
     return OccamOutput(tuple(exit_output(*values) for values in zip(logits, gates, supp)))
 
 
@@ -168,3 +169,34 @@ def test_no_python_loop_over_samples_and_no_host_sync():
     finally:
         torch.Tensor.item = original
     assert not calls
+
+
+def test_saturated_gate_keeps_its_gradient_under_bf16_autocast():
+    """A gate sure to exit (p rounds to exactly 1.0) on a sample its exit gets wrong: the BCE
+    from the fp32 logit is softplus(20) with gradient 1, where BCE on the rounded sigmoid is
+    clamped at 100 with gradient 0."""
+    torch.manual_seed(0)
+    model = occam_resnet18(4, width=8, stem="3x3", backend="reference")
+    with torch.no_grad():
+        for exit_module in model.exits:
+            exit_module.gate.net[-1].weight.zero_()
+            exit_module.gate.net[-1].bias.fill_(20.0)
+            exit_module.cam.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))  # predicts 0
+    x, labels, items = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 1]), torch.arange(4)
+    loss_fn = OccamLoss(num_items=4, num_classes=4)
+    loss_fn.on_epoch_start(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels)
+        loss, parts = loss_fn(out, labels, items)
+    assert all(e.gate_logit.dtype == torch.float32 for e in out.exits)
+    assert all(bool((e.gate == 1.0).all()) for e in out.exits)
+    loss.backward()
+    for t, exit_module in enumerate(model.exits):
+        assert parts[f"gate/E{t}"].item() == pytest.approx(20.0, abs=1e-3)
+        # d(mean BCE)/d(bias) = mean(sigmoid(20) - 0) = 1 (balance weight 1: all "continue")
+        assert exit_module.gate.net[-1].bias.grad.item() == pytest.approx(1.0, abs=1e-3)
+    # What the gate got from BCE on its bf16 probability before: no gradient, a loss of 100.
+    logit = torch.full((1,), 20.0, dtype=torch.bfloat16, requires_grad=True)
+    rounded = F.binary_cross_entropy(torch.sigmoid(logit).float(), torch.zeros(1))
+    rounded.backward()
+    assert rounded.item() == 100.0 and logit.grad.item() == 0.0

@@ -7,7 +7,8 @@ from torch import Tensor
 
 class ExitOutput(NamedTuple):
     logits: Tensor             # (B, K): GAP of the CAM
-    gate: Tensor               # (B,): p(exit | x), in [0, 1]
+    gate: Tensor               # (B,): p(exit | x) = sigmoid(gate_logit), in [0, 1]
+    gate_logit: Tensor         # (B,) fp32 even under autocast: the gate loss reads this
     pooled: Tensor             # (B, C): GAP of the CAM network's output
     supp: Optional[Tensor]     # (B,): CAM-suppression loss per sample; None without labels
     cam: Optional[Tensor]      # (B, K, H, W) when asked for (return_cams=True), else None
