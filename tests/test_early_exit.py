@@ -116,3 +116,41 @@ def test_first_inference_exit_is_where_early_exit_starts():
         module.register_forward_hook(lambda m, i, o, t=t: calls.append(t))
     got = model.early_exit(torch.randn(5, 3, 32, 32))
     assert got.exit_counts.tolist() == [0, 0, 0, 5] and sorted(set(calls)) == [2, 3]
+
+
+class _ScriptedGate(torch.nn.Module):
+    """A gate returning fixed logits, one per sample of the batch it was made for."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, pooled):
+        return self.logits[:pooled.shape[0]].to(pooled.device)
+
+
+@pytest.mark.parametrize("compaction", [True, False])
+def test_nonfinite_gates_and_logits_are_flagged_never_silently_routed(compaction):
+    """E1's gate: NaN for sample 0, fires for 1 and 2, not for 3; E2 never fires. Sample 2's
+    image is NaN, so the logits it leaves with are NaN too."""
+    model = small_model()
+    nan = float("nan")
+    model.exits[1].gate = _ScriptedGate([nan, 30.0, 30.0, -30.0])
+    model.exits[2].gate = _ScriptedGate([-30.0] * 4)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[2] = nan
+    got = model.early_exit(x, compaction=compaction)
+    assert got.exit_index.tolist() == [3, 1, 1, 3]   # a NaN gate never fires
+    assert got.nonfinite.tolist() == [True, False, True, False]
+
+
+def test_threshold_is_compared_in_float64():
+    """A gate of exactly float32(0.7) is below the threshold 0.7 (float64), as the official
+    Python comparison decides; in float32 the two would be equal and the gate would fire."""
+    model = small_model()
+    logit = torch.logit(torch.tensor(0.7))           # float32
+    model.exits[1].gate = _ScriptedGate([logit.item()])
+    model.exits[2].gate = _ScriptedGate([-30.0])
+    assert torch.sigmoid(logit) == torch.tensor(0.7)  # equal in float32: would fire there
+    got = model.early_exit(torch.randn(1, 3, 32, 32), threshold=0.7)
+    assert got.exit_index.tolist() == [3]

@@ -89,7 +89,11 @@ class OccamNet(nn.Module):
     def early_exit(self, x: Tensor, threshold: float = 0.5, compaction: bool = True,
                    compaction_backend: str = "auto") -> EarlyExitOutput:
         """Each sample stops at the first exit from `first_inference_exit` on whose gate is
-        >= threshold, otherwise at the last exit.
+        >= threshold (compared in float64), otherwise at the last exit.
+
+        A non-finite gate (NaN) never fires, so its sample goes on to a deeper exit; the
+        sample is flagged in `nonfinite`, as is one whose returned logits are not finite. (The
+        official code lets a NaN gate exit at once, without a word.)
 
         With compaction each later stage runs only on the samples still active:
         `occam_kernels.compact` gathers them after every exit (one host read of the count per
@@ -108,6 +112,7 @@ class OccamNet(nn.Module):
         batch = x.shape[0]
         logits_out = torch.zeros(batch, self.num_classes, device=x.device)
         exit_out = torch.full((batch,), last, dtype=torch.int64, device=x.device)
+        nonfinite_out = torch.zeros(batch, dtype=torch.bool, device=x.device)
         features = self.stem(x)
         for t in range(first):
             features = self.stages[t](features)
@@ -118,23 +123,31 @@ class OccamNet(nn.Module):
             features = self.stages[t](features)
             out = self._exit(t, features)
             logits = out.logits.float()
+            bad_logits = ~torch.isfinite(logits).all(1)
+            if t < last:
+                done = out.gate.double() >= threshold
+                bad = ~torch.isfinite(out.gate) | (done & bad_logits)
+            else:
+                done = torch.ones_like(bad_logits)
+                bad = bad_logits
             if not compaction:
                 undecided = exit_out == last
-                take = undecided & (out.gate >= threshold) if t < last else undecided
+                take = undecided & done
+                nonfinite_out |= undecided & bad
                 logits_out = torch.where(take[:, None], logits, logits_out)
                 exit_out = torch.where(take & (t < last), torch.full_like(exit_out, t), exit_out)
                 continue
+            nonfinite_out[index] |= bad
             if t == last:
                 logits_out[index] = logits
                 break
-            done = out.gate >= threshold
             # Write finished rows at their original positions without reading `done` on the host.
             logits_out[index] = torch.where(done[:, None], logits, logits_out[index])
             exit_out[index] = torch.where(done, torch.full_like(index, t), exit_out[index])
             features, index = occam_kernels.compact(features, ~done, index,
                                                     backend=compaction_backend)
         return EarlyExitOutput(logits_out, exit_out,
-                               torch.bincount(exit_out, minlength=self.num_exits))
+                               torch.bincount(exit_out, minlength=self.num_exits), nonfinite_out)
 
     @classmethod
     def from_torchvision(cls, model: nn.Module, num_classes: int, num_stages: int = 4,

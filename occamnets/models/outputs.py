@@ -31,3 +31,4 @@ class EarlyExitOutput(NamedTuple):
     logits: Tensor        # (B, K) float32, from the exit each sample took
     exit_index: Tensor    # (B,) int64, in first_inference_exit..num_exits-1
     exit_counts: Tensor   # (num_exits,) int64; zero below first_inference_exit
+    nonfinite: Tensor     # (B,) bool: a gate it consulted, or the logits it got, not finite
