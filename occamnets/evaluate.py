@@ -70,7 +70,8 @@ def load_splits(config: RunConfig, device, names: Sequence[str] = biased_mnist.S
         raise FileNotFoundError(f"the {', '.join(names)} split of this run's Biased MNIST is "
                                 f"not in {directory} ({problem}) and cannot be regenerated: "
                                 f"{error}") from error
-    return {name: DeviceSplit(s.images, s.labels, s.factors, s.factor_names, device)
+    return {name: DeviceSplit(s.images, s.labels, s.factors, s.factor_names, device,
+                              masks=s.digit_masks)
             for name, s in splits.items()}
 
 

@@ -180,8 +180,8 @@ def test_device_split_batches_and_image_files(splits, tmp_path):
     rows = torch.tensor([7, 3, 64])
     x = loader.batch(rows)
     assert x.dtype == torch.float32 and x.shape == (3, 3, 30, 30)
-    assert -1.0 <= x.min() and x.max() <= 1.0
-    torch.testing.assert_close(x, train.images[rows].float() / 127.5 - 1)
+    assert 0.0 <= x.min() and x.max() <= 1.0   # [0, 1], as the official code feeds it
+    torch.testing.assert_close(x, train.images[rows].float() / 255)
     assert loader.batch(rows, channels_last=True).is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="one length"):
         DeviceSplit(train.images, train.labels[:5], train.factors, train.factor_names)
@@ -208,3 +208,39 @@ def test_default_val_size_fits_the_bundled_digits_and_sizes_fail_before_renderin
     with pytest.raises(ValueError, match="val: 1000 images asked for but only 800 digits"):
         bm.generate(bm.BiasedMNISTConfig(cell_size=4, train_size=20, val_size=1000))
     assert not rendered
+
+
+def test_digit_masks_cover_the_digit_and_val_p05_split(splits):
+    """Masks: bit-packed, inside the digit's square, on pixels whose colour is the digit's;
+    val-p0.5 renders the validation digits with half of every factor tied to the class."""
+    from occamnets.data.loaders import unpack_masks
+    test = splits["test"]
+    size = test.images.shape[-1]
+    masks = unpack_masks(test.digit_masks, size)
+    assert masks.shape == (len(test), size, size) and masks.dtype == torch.bool
+    assert masks.flatten(1).any(1).all()                 # every image has digit pixels
+    assert (masks.flatten(1).float().mean(1) < 0.7).all()  # never the whole image
+    # On mask pixels the image is much nearer the digit's colour than elsewhere.
+    colours = torch.from_numpy(bm.DIGIT_COLORS)[test.factors[:, 0]]       # (N, 3)
+    distance = (test.images.float() - colours[:, :, None, None]).abs().sum(1)  # (N, S, S)
+    near, far = distance[masks].mean().item(), distance[~masks].mean().item()
+    assert near < 0.5 * far, (near, far)
+    val, mixed = splits["val"], splits[bm.VAL_MIXED]
+    assert len(mixed) == len(val)
+    assert set(mixed.digit_ids.tolist()) == set(val.digit_ids.tolist())
+    tied = (mixed.factors == mixed.labels[:, None]).float().mean().item()
+    assert 0.4 < tied < 0.6, tied
+
+
+def test_object_fraction_pools_the_mask_per_cell():
+    from occamnets.data.loaders import unpack_masks
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 12, 13)) < 0.3
+    packed = torch.from_numpy(np.packbits(masks, axis=-1))
+    assert torch.equal(unpack_masks(packed, 13), torch.from_numpy(masks))
+    images = torch.zeros(3, 3, 12, 13, dtype=torch.uint8)
+    split = DeviceSplit(images, torch.zeros(3), torch.zeros(3, 1), ["f"], masks=packed)
+    whole = split.object_fraction(torch.tensor([2, 0]), 1, 1)
+    torch.testing.assert_close(whole[:, 0, 0], torch.from_numpy(masks[[2, 0]]).float().mean((1, 2)))
+    with pytest.raises(ValueError, match="bit-packed"):
+        DeviceSplit(images, torch.zeros(3), torch.zeros(3, 1), ["f"], masks=packed[:, :, :1])

@@ -16,13 +16,16 @@ order of `factors`:
 
 Bias-aligned for a factor means its value equals the class. Train and validation come from
 MNIST's train digits (disjoint digits), test from the test digits with every value equally
-likely (p_bias = 0.1 for every factor): the unbiased test set.
+likely (p_bias = 0.1 for every factor): the unbiased test set. A second validation split,
+"val-p0.5", renders the validation digits again with p_bias 0.5 for every factor (the
+official code's second validation split). Every image carries its digit's mask (the pixels
+the digit covers), for measuring whether a CAM looks at the digit.
 """
 import dataclasses
 import hashlib
 import json
 import os
-from typing import Dict, NamedTuple, Optional, Sequence, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,8 +39,13 @@ GRID = 5
 # The smallest digit is one cell: below 4 px a 28 px MNIST stroke does not survive resizing.
 MIN_CELL_SIZE = 4
 UNBIASED = 0.1  # p_bias at which the tied value is as likely as any other: uniform
-SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 1
+VAL_MIXED = "val-p0.5"   # validation digits with p_bias 0.5 for every factor
+VAL_MIXED_P_BIAS = 0.5
+SPLITS = ("train", "val", VAL_MIXED, "test")
+CACHE_FORMAT = 2         # 2: digit masks and the val-p0.5 split
+# A pixel belongs to the digit where the resized MNIST intensity exceeds half of the digit's
+# brightest (relative: resized to a few pixels, thin strokes never reach half of 255).
+DIGIT_MASK_LEVEL = 0.5
 
 DIGIT_COLORS = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
                          (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
@@ -145,10 +153,12 @@ def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
 
 def render(digits: np.ndarray, factors: np.ndarray, cell: int,
            letter_glyphs: np.ndarray, rng: np.random.Generator, progress: bool = False,
-           chunk: int = 1000, description: str = "render") -> np.ndarray:
-    """(N, 3, S, S) uint8 images of the given digits with the given factor values."""
+           chunk: int = 1000, description: str = "render") -> Tuple[np.ndarray, np.ndarray]:
+    """(images (N, 3, S, S) uint8, digit masks (N, S, ceil(S/8)) uint8 bit-packed along rows
+    by np.packbits) of the given digits with the given factor values."""
     count, size = digits.shape[0], GRID * cell
     images = np.empty((count, 3, size, size), dtype=np.uint8)
+    digit_masks = np.zeros((count, size, size), dtype=bool)
     masks = texture_masks(size, cell)
     scales = np.round(cell * (1 + 3 * np.arange(NUM_VALUES) / 9)).astype(int)
     variants = letter_glyphs.shape[1]
@@ -189,12 +199,15 @@ def render(digits: np.ndarray, factors: np.ndarray, cell: int,
             region = canvas[i, top[i]:top[i] + digit_size[i], left[i]:left[i] + digit_size[i]]
             region *= 1 - alpha
             region += alpha * DIGIT_COLORS[f[i, 0]]
+            digit_masks[start + i, top[i]:top[i] + digit_size[i],
+                        left[i]:left[i] + digit_size[i]] = (
+                alpha[..., 0] > DIGIT_MASK_LEVEL * alpha.max())
         images[start:stop] = np.clip(canvas, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2)
         if bar is not None:
             bar.update(stop - start)
     if bar is not None:
         bar.close()
-    return images
+    return images, np.packbits(digit_masks, axis=-1)
 
 
 class BiasedMNISTSplit(NamedTuple):
@@ -202,6 +215,7 @@ class BiasedMNISTSplit(NamedTuple):
     labels: torch.Tensor      # (N,) int64
     factors: torch.Tensor     # (N, 7) int64, columns FACTOR_NAMES
     digit_ids: torch.Tensor   # (N,) int64 index of the source digit within its MNIST split
+    digit_masks: torch.Tensor  # (N, S, ceil(S/8)) uint8: the digit's pixels, np.packbits rows
     factor_names: tuple = FACTOR_NAMES
 
     def __len__(self) -> int:
@@ -237,7 +251,7 @@ def renders_needed(train_size: Optional[int], val_size: Optional[int],
     digits = DIGITS[full_mnist]
     val_digits = _val_digits(digits["train"], val_size)
     pools = {"train": (train_size, digits["train"] - val_digits), "val": (val_size, val_digits),
-             "test": (test_size, digits["test"])}
+             VAL_MIXED: (val_size, val_digits), "test": (test_size, digits["test"])}
     return max([1] + [-(-wanted // max(1, pool)) for wanted, pool in pools.values() if wanted])
 
 
@@ -256,11 +270,14 @@ def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, Bia
     train_pool = order[val_pool.shape[0]:]
     test_pool = np.arange(test_digits.shape[0])
     p_train = config.p_bias_per_factor()
+    # val-p0.5 is drawn last, so train, val and test are those of the same seed before it.
     plans = {
         "train": (train_digits, train_labels, train_pool, config.train_size, p_train),
         "val": (train_digits, train_labels, val_pool, config.val_size, p_train),
         "test": (test_digits, test_labels, test_pool, config.test_size,
                  {name: UNBIASED for name in FACTOR_NAMES}),
+        VAL_MIXED: (train_digits, train_labels, val_pool, config.val_size,
+                    {name: VAL_MIXED_P_BIAS for name in FACTOR_NAMES}),
     }
     # Check every split's size before rendering any, so a bad size fails at once.
     counts = {name: _render_counts(plan[2].shape[0], config.renders_per_digit, plan[3], name)
@@ -272,12 +289,13 @@ def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, Bia
         chosen = chosen[:count]
         split_labels = labels[chosen].astype(np.int64)
         factors = sample_factors(split_labels, p_bias, rng)
-        images = render(digits[chosen], factors, cell, glyphs, rng, progress,
-                        description=f"biased-mnist {name}")
+        images, masks = render(digits[chosen], factors, cell, glyphs, rng, progress,
+                               description=f"biased-mnist {name}")
         splits[name] = BiasedMNISTSplit(torch.from_numpy(images),
                                         torch.from_numpy(split_labels),
-                                        torch.from_numpy(factors), torch.from_numpy(chosen))
-    return splits
+                                        torch.from_numpy(factors), torch.from_numpy(chosen),
+                                        torch.from_numpy(masks))
+    return {name: splits[name] for name in SPLITS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +303,7 @@ def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, Bia
 # is written to a temporary name and renamed; meta.json goes last, so an interrupted write
 # leaves no cache that passes the check.
 
-_ARRAYS = ("images", "labels", "factors", "digit_ids")
+_ARRAYS = ("images", "labels", "factors", "digit_ids", "digit_masks")
 
 
 def _sha256(path: str) -> str:
@@ -350,7 +368,7 @@ def cache_problem(config: BiasedMNISTConfig, directory: str,
     if meta.get("config") != json.loads(json.dumps(config.identity())):
         return "the config changed"
     for name, expected in meta.get("files", {}).items():
-        if name.split("_")[0] not in splits:
+        if name.split("_")[0] not in splits:  # split names hold no "_"
             continue
         path = os.path.join(directory, name)
         if not os.path.isfile(path):

@@ -4,35 +4,52 @@ Python data loading (a worker per batch decoding and collating) would bound trai
 a GPU; Biased MNIST at 160 px is 3.8 GB of uint8 for 50,000 images, which fits on the GPU, so
 batches are gathered and converted to float there.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-
-MEAN, STD = 0.5, 0.5  # images are scaled to [-1, 1]
-
+import torch.nn.functional as F
 
 def normalise(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) -> the float input the models were trained on."""
-    x = images.float().div_(255.0).sub_(MEAN).div_(STD)
+    """uint8 images (B, 3, H, W) -> the float input the models were trained on: [0, 1], as
+    the official code feeds Biased MNIST (ToTensor and no normalisation)."""
+    x = images.float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def unpack_masks(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Bit-packed masks (..., ceil(width / 8)) uint8, as np.packbits packs rows (first pixel in
+    the high bit), -> bool (..., width); on the tensor's device."""
+    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
+    bits = (packed[..., None] >> shifts) & 1
+    return bits.flatten(-2)[..., :width].bool()
+
+
 class DeviceSplit:
-    """A split held as tensors on one device; `batch(rows)` converts uint8 images there."""
+    """A split held as tensors on one device; `batch(rows)` converts uint8 images there.
+
+    masks, optional: the object's pixels per image, bit-packed (N, H, ceil(W/8)) uint8;
+    `object_fraction(rows, h, w)` gives the share of each cell of an h x w grid they cover.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, factors: torch.Tensor,
-                 factor_names: Sequence[str], device="cpu"):
+                 factor_names: Sequence[str], device="cpu",
+                 masks: Optional[torch.Tensor] = None):
         if not images.shape[0] == labels.shape[0] == factors.shape[0]:
             raise ValueError(f"images, labels and factors must have one length, got "
                              f"{images.shape[0]}, {labels.shape[0]} and {factors.shape[0]}")
         if images.dim() != 4 or images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
+        if masks is not None and (masks.dtype != torch.uint8 or masks.shape[:2] != (
+                images.shape[0], images.shape[2]) or masks.shape[2] != -(-images.shape[3] // 8)):
+            raise ValueError(f"masks must be bit-packed uint8 (N, H, ceil(W/8)) for images "
+                             f"{tuple(images.shape)}, got {masks.dtype} {tuple(masks.shape)}")
         self.images = images.to(device)
         self.labels = labels.long().to(device)
         self.factors = factors.long().to(device)
         self.factor_names = list(factor_names)
+        self.masks = None if masks is None else masks.to(device)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -43,6 +60,14 @@ class DeviceSplit:
 
     def batch(self, rows: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         return normalise(self.images[rows], channels_last)
+
+    def object_fraction(self, rows: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, height, width) float: the share of each cell's pixels inside the object mask
+        (area pooling of the full-resolution mask)."""
+        if self.masks is None:
+            raise ValueError("this split has no object masks")
+        masks = unpack_masks(self.masks[rows], self.images.shape[3]).float()
+        return F.adaptive_avg_pool2d(masks[:, None], (height, width))[:, 0]
 
 
 def read_images(paths: Sequence[str], size: int) -> torch.Tensor:
