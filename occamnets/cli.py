@@ -183,10 +183,11 @@ def _run_train(args) -> int:
 # -- eval, predict, viz: a checkpoint, no training state ----------------------------------------
 
 def _add_checkpoint_command(subparsers, name, help_text, handler):
+    from .data.biased_mnist import SPLITS
     parser = subparsers.add_parser(name, help=help_text)
     parser.add_argument("checkpoint")
     parser.add_argument("--device", default=None, help="default: the GPU when there is one")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--split", default="test", choices=list(SPLITS))
     parser.add_argument("--data-dir", default=None,
                         help="where the run's dataset is now (default: where it was trained)")
     parser.set_defaults(handler=handler)
@@ -212,6 +213,11 @@ def _run_eval(args) -> int:
                       batch_size=args.batch_size, channels_last=config.channels_last,
                       bf16=config.bf16)
     print(f"# {config.model} from {args.checkpoint}\n\n{result.to_markdown()}")
+    if args.reliability:
+        from .viz import save_reliability_diagrams
+        save_reliability_diagrams(args.reliability, result.diagnostics,
+                                  title=f"Reliability on {args.split} ({result.images} images)")
+        print(f"reliability diagrams written to {args.reliability}")
     return 0
 
 
@@ -225,6 +231,9 @@ def _run_predict(args) -> int:
                           batch_size=args.batch_size, channels_last=config.channels_last,
                           bf16=config.bf16, per_factor=False, time_full_depth=True)
         shares = ", ".join(f"E{t} {100 * s:.1f}%" for t, s in enumerate(result.exit_share))
+        if result.nonfinite_samples:
+            print(f"warning: {result.nonfinite_samples} of {result.images} images gave "
+                  f"non-finite logits or gates", file=sys.stderr)
         print(f"{result.images} {args.split} images on {split.device}: early exit with "
               f"compaction {result.images_per_s:.0f} images/s, every exit on every sample "
               f"{result.full_depth_images_per_s:.0f} images/s "
@@ -236,15 +245,23 @@ def _run_predict(args) -> int:
     device = next(model.parameters()).device
     size = config.biased_mnist().image_size
     images = read_images(args.images, size)
+    nonfinite = 0
     for start in range(0, len(images), args.batch_size):
         chunk = images[start:start + args.batch_size].to(device)
         with torch.no_grad():
-            logits, taken = classify(model, normalise(chunk), threshold)
-        probabilities = torch.softmax(logits.float(), 1)
+            out = classify(model, normalise(chunk), threshold)
+        probabilities = torch.softmax(out.logits.float(), 1)
         for i, path in enumerate(args.images[start:start + args.batch_size]):
-            exit_text = f"  exit E{int(taken[i])}" if taken is not None else ""
+            exit_text = f"  exit E{int(out.exit_index[i])}" if out.exit_index is not None else ""
+            if out.nonfinite[i]:
+                nonfinite += 1
+                print(f"{path}: no prediction: non-finite logits or gate{exit_text}")
+                continue
             print(f"{path}: class {int(probabilities[i].argmax())} "
                   f"(p={float(probabilities[i].max()):.2f}){exit_text}")
+    if nonfinite:
+        print(f"warning: {nonfinite} of {len(images)} images gave non-finite logits or gates",
+              file=sys.stderr)
     return 0
 
 
@@ -285,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_run_train)
     evaluation = _add_checkpoint_command(subparsers, "eval", "evaluate a checkpoint", _run_eval)
     evaluation.add_argument("--batch-size", type=_positive_int, default=256)
+    evaluation.add_argument("--reliability", default=None, metavar="PNG",
+                            help="also draw each exit's reliability diagrams (class softmax "
+                                 "and gate) to this file")
     predict = _add_checkpoint_command(
         subparsers, "predict", "classify image files, or time early-exit inference on a split",
         _run_predict)

@@ -67,6 +67,7 @@ class RunConfig:
     backend: str = "auto"              # exit-head implementation
     out_dir: Optional[str] = None      # None: runs/<model>
     max_steps: Optional[int] = None    # stop (with a checkpoint) after this many steps in total
+    log_every: int = 20                # a loss-components record in metrics.jsonl every N steps
     progress: bool = True
 
     def __post_init__(self):
@@ -79,6 +80,8 @@ class RunConfig:
         for name in ("width", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.log_every < 0:
+            raise ValueError(f"log_every must be 0 (never) or positive, got {self.log_every}")
         for name in ("train_size", "val_size", "test_size", "renders_per_digit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -126,7 +129,7 @@ class RunConfig:
     def identity(self) -> Dict:
         """What a checkpoint must agree on to be resumed (not paths, devices or step caps)."""
         skip = {"device", "out_dir", "data_dir", "mnist_dir", "emnist_dir", "max_steps",
-                "progress", "compile", "epochs", "backend"}
+                "progress", "compile", "epochs", "backend", "log_every"}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         # Where the source digits and letters live may move; which source it is may not.
         values.update(full_mnist=self.mnist_dir is not None, emnist=self.emnist_dir is not None)

@@ -8,7 +8,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from .config import RunConfig, resolve_device
 from .data import biased_mnist
 from .data.loaders import DeviceSplit
+from .metrics import (CamAgreement, CamAgreementAccumulator, Reliability,
+                      ReliabilityAccumulator)
 from .models import OccamNet, build_model
 
 
@@ -85,11 +87,24 @@ class FactorAccuracy:
 
 
 @dataclasses.dataclass
+class ExitDiagnostics:
+    """One exit's (a plain classifier's: its output's) calibration and CAM agreement, over
+    every sample of the split (every exit sees every sample here, as in the official)."""
+    name: str                                   # "E0", "E1", ... or "output"
+    class_calibration: Reliability              # top-label softmax confidence vs correct
+    gate_calibration: Optional[Reliability] = None  # p(exit) vs this exit being correct
+    cam: Optional[CamAgreement] = None          # the true class's CAM vs the object mask
+    nonfinite_logits: int = 0
+
+
+@dataclasses.dataclass
 class Evaluation:
     split: str
     images: int
     accuracy: float
     images_per_s: float                             # what inference runs (early exit for OccamNets)
+    # samples inference gave non-finite logits, or whose gates were non-finite (never exited)
+    nonfinite_samples: int = 0
     full_depth_images_per_s: Optional[float] = None  # every exit on every sample, when timed
     # OccamNets only, one entry per exit (exits before first_inference_exit take no samples):
     first_inference_exit: Optional[int] = None
@@ -98,6 +113,7 @@ class Evaluation:
     exit_accuracy_taken: Optional[List[Optional[float]]] = None   # on the samples it took
     exit_accuracy_all_samples: Optional[List[float]] = None       # had every sample stopped there
     factors: Dict[str, FactorAccuracy] = dataclasses.field(default_factory=dict)
+    diagnostics: List[ExitDiagnostics] = dataclasses.field(default_factory=list)
 
     def to_markdown(self) -> str:
         rate = (f"{'early-exit ' if self.exit_share is not None else ''}inference "
@@ -107,6 +123,9 @@ class Evaluation:
                     f"every sample {self.full_depth_images_per_s:.0f} images/s")
         lines = [f"Accuracy on {self.split} ({self.images} images): "
                  f"**{percent(self.accuracy)}%**; {rate}", ""]
+        if self.nonfinite_samples:
+            lines += [f"**Warning: {self.nonfinite_samples} samples had non-finite logits or "
+                      f"gates** (a NaN gate never exits; those samples went deeper).", ""]
         if self.exit_share is not None:
             lines += ["| exit | share of samples % | accuracy of its samples % | accuracy on all % |",
                       "|---|---|---|---|"]
@@ -114,6 +133,17 @@ class Evaluation:
                 lines.append(f"| E{t} | {percent(share)} | "
                              f"{percent(self.exit_accuracy_taken[t])} | "
                              f"{percent(self.exit_accuracy_all_samples[t])} |")
+            lines.append("")
+        if self.diagnostics:
+            lines += ["| exit | ECE of the class softmax % | ECE of the gate % | CAM mass on "
+                      "the digit % (digit area %) | CAM IoU % (threshold) |",
+                      "|---|---|---|---|---|"]
+            for d in self.diagnostics:
+                gate = percent(d.gate_calibration.ece) if d.gate_calibration else "-"
+                cam = (f"{percent(d.cam.mass_in_object)} ({percent(d.cam.object_area)})",
+                       f"{percent(d.cam.iou)} ({d.cam.iou_threshold:.1f})") if d.cam else ("-", "-")
+                lines.append(f"| {d.name} | {percent(d.class_calibration.ece)} | {gate} | "
+                             f"{cam[0]} | {cam[1]} |")
             lines.append("")
         if self.factors:
             lines += ["| factor | bias-aligned % | bias-conflicting % |", "|---|---|---|"]
@@ -129,13 +159,20 @@ def percent(value: Optional[float]) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-def classify(model: nn.Module, x: Tensor, threshold: float = 0.5) -> Tuple[Tensor, Optional[Tensor]]:
-    """(logits (B, K), exit taken (B,) or None) as inference runs the model: early exit for an
-    OccamNet, the forward pass for a plain classifier."""
+class Classified(NamedTuple):
+    logits: Tensor                 # (B, K)
+    exit_index: Optional[Tensor]   # (B,) for an OccamNet, else None
+    nonfinite: Tensor              # (B,) bool: non-finite logits, or (OccamNet) gates
+
+
+def classify(model: nn.Module, x: Tensor, threshold: float = 0.5) -> Classified:
+    """What inference runs: early exit for an OccamNet, the forward pass for a plain
+    classifier."""
     if isinstance(model, OccamNet):
         result = model.early_exit(x, threshold)
-        return result.logits, result.exit_index
-    return model(x), None
+        return Classified(result.logits, result.exit_index, result.nonfinite)
+    logits = model(x)
+    return Classified(logits, None, ~torch.isfinite(logits).all(1))
 
 
 def _timed(step: Callable[[Tensor], object], chunks: List[Tensor],
@@ -156,16 +193,22 @@ def _timed(step: Callable[[Tensor], object], chunks: List[Tensor],
 @torch.no_grad()
 def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
              threshold: float = 0.5, batch_size: int = 256, channels_last: bool = False,
-             bf16: bool = False, per_factor: bool = True,
+             bf16: bool = False, per_factor: bool = True, diagnostics: bool = True,
              time_full_depth: bool = False) -> Evaluation:
     """Judge `model` on `split` as inference runs it: early exit with compaction for an
     OccamNet (timed), its plain forward otherwise (timed). For an OccamNet also every exit on
-    every sample (untimed, for the per-exit accuracies; timed too with time_full_depth).
-    channels_last and bf16 autocast apply on CUDA only."""
+    every sample (untimed, for the per-exit accuracies and diagnostics; timed too with
+    time_full_depth). diagnostics: per-exit calibration, and CAM agreement with the split's
+    object masks when it has them. channels_last and bf16 autocast apply on CUDA only."""
     if len(split) == 0:
         raise ValueError(f"the {split_name} split is empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    classes = getattr(model, "num_classes", None)
+    low, high = int(split.labels.min()), int(split.labels.max())
+    if classes is not None and not 0 <= low <= high < classes:
+        raise ValueError(f"the {split_name} split has labels in [{low}, {high}], the model "
+                         f"predicts {classes} classes")
     model.eval()
     on_gpu = split.device.type == "cuda"
     autocast = torch.autocast(split.device.type, dtype=torch.bfloat16, enabled=bf16 and on_gpu)
@@ -180,20 +223,19 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
     has_exits = isinstance(model, OccamNet)
     with autocast:
         if has_exits:
-            every_exit = torch.cat([
-                torch.stack([logits.argmax(1) == labels[rows]
-                             for logits in model(inputs(rows)).logits], 1)
-                for rows in chunks]).float()
+            every_exit, exit_diagnostics = _every_exit(model, split, chunks, inputs, diagnostics)
             if time_full_depth:
                 _, full_seconds = _timed(lambda x: model.early_exit(x, threshold, compaction=False),
                                          chunks, inputs)
                 result.full_depth_images_per_s = len(split) / max(full_seconds, 1e-9)
         outputs, seconds = _timed(lambda x: classify(model, x, threshold), chunks, inputs)
-    correct = torch.cat([logits.argmax(1) for logits, _ in outputs]) == labels
+    logits = torch.cat([out.logits for out in outputs]).float()
+    correct = logits.argmax(1) == labels
+    result.nonfinite_samples = int(torch.cat([out.nonfinite for out in outputs]).sum())
     result.accuracy = correct.float().mean().item()
     result.images_per_s = len(split) / max(seconds, 1e-9)
     if has_exits:
-        exit_index = torch.cat([taken for _, taken in outputs])
+        exit_index = torch.cat([out.exit_index for out in outputs])
         counts = torch.bincount(exit_index, minlength=model.num_exits)
         right = torch.bincount(exit_index, weights=correct.double(), minlength=model.num_exits)
         result.first_inference_exit = model.first_inference_exit
@@ -201,6 +243,12 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
         result.exit_share = (counts.double() / len(split)).tolist()
         result.exit_accuracy_taken = _ratios(right, counts)
         result.exit_accuracy_all_samples = every_exit.mean(0).tolist()
+        result.diagnostics = exit_diagnostics
+    elif diagnostics:
+        calibration = ReliabilityAccumulator(split.device)
+        calibration.add(torch.softmax(logits, 1).max(1).values, correct)
+        result.diagnostics = [ExitDiagnostics("output", calibration.result(),
+                                              nonfinite_logits=result.nonfinite_samples)]
     if per_factor:
         # A sample is bias-aligned for a factor when the factor takes its class's value.
         aligned = split.factors == labels[:, None]                      # (N, factors)
@@ -210,6 +258,44 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
         result.factors = {name: FactorAccuracy(a, c) for name, a, c in
                           zip(split.factor_names, aligned_accuracy, conflicting_accuracy)}
     return result
+
+
+def _every_exit(model: OccamNet, split: DeviceSplit, chunks: List[Tensor],
+                inputs: Callable[[Tensor], Tensor],
+                diagnostics: bool) -> Tuple[Tensor, List[ExitDiagnostics]]:
+    """(N, exits) float: each exit right on each sample; and per exit its diagnostics (an
+    empty list without diagnostics)."""
+    device, exits = split.device, model.num_exits
+    with_cams = diagnostics and split.masks is not None
+    classes = [ReliabilityAccumulator(device) for _ in range(exits)]
+    gates = [ReliabilityAccumulator(device) for _ in range(exits)]
+    cams = [CamAgreementAccumulator(device) for _ in range(exits)]
+    nonfinite = torch.zeros(exits, dtype=torch.int64, device=device)
+    right = []
+    for rows in chunks:
+        out, y = model(inputs(rows), return_cams=with_cams), split.labels[rows]
+        row = []
+        for t, exit_out in enumerate(out.exits):
+            logits = exit_out.logits.float()
+            correct = logits.argmax(1) == y
+            row.append(correct)
+            if not diagnostics:
+                continue
+            nonfinite[t] += (~torch.isfinite(logits).all(1)).sum()
+            classes[t].add(torch.softmax(logits, 1).max(1).values, correct)
+            gates[t].add(exit_out.gate.float(), correct)
+            if with_cams:
+                height, width = exit_out.cam.shape[2:]
+                true_class = y[:, None, None, None].expand(-1, 1, height, width)
+                cams[t].add(exit_out.cam.float().gather(1, true_class)[:, 0],
+                            split.object_fraction(rows, height, width))
+        right.append(torch.stack(row, 1))
+    every_exit = torch.cat(right).float()
+    if not diagnostics:
+        return every_exit, []
+    return every_exit, [ExitDiagnostics(f"E{t}", classes[t].result(), gates[t].result(),
+                                         cams[t].result() if with_cams else None, count)
+                        for t, count in enumerate(nonfinite.tolist())]
 
 
 def _ratios(numerators: Tensor, denominators: Tensor) -> List[Optional[float]]:

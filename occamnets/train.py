@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import RunConfig, resolve_device
+from .data.biased_mnist import VAL_MIXED
 from .data.loaders import DeviceSplit
 from .evaluate import Evaluation, evaluate, load_splits
 from .losses import OccamLoss
@@ -86,16 +87,25 @@ def epoch_order(num_items: int, seed: int, epoch: int, device) -> torch.Tensor:
 
 
 def steps_per_epoch(num_items: int, batch_size: int, world: int = 1) -> int:
-    # The ragged tail is dropped: BatchNorm, the gate balance and all_gather want full batches.
-    return num_items // (batch_size * world)
+    """One process: every item once, the last batch ragged as the official trainer's (a
+    single item left over joins the batch before it: BatchNorm cannot train on one sample).
+    Several processes (DDP): whole global batches only, the tail of the epoch's permutation
+    dropped (fewer than world * batch_size items, different ones every epoch), because
+    OccamLoss's all_gather and DDP's gradient averaging want one batch size everywhere."""
+    if world > 1:
+        return num_items // (batch_size * world)
+    steps = -(-num_items // batch_size)
+    return steps - 1 if steps > 1 and num_items % batch_size == 1 else steps
 
 
 def batches(order: torch.Tensor, batch_size: int, start: int = 0, rank: int = 0,
             world: int = 1) -> Iterator[Tuple[int, torch.Tensor]]:
     """This process's batches of an epoch: step s of process r takes slice s * world + r."""
-    for step in range(start, steps_per_epoch(len(order), batch_size, world)):
+    steps = steps_per_epoch(len(order), batch_size, world)
+    for step in range(start, steps):
         first = (step * world + rank) * batch_size
-        yield step, order[first:first + batch_size]
+        last = world == 1 and step == steps - 1
+        yield step, order[first:len(order) if last else first + batch_size]
 
 
 def rng_state() -> Dict:
@@ -137,36 +147,64 @@ def check_resumable(saved: RunConfig, config: RunConfig) -> None:
                                  f"with the same settings")
 
 
+# What the reported model is: no checkpoint is picked by validation accuracy, as in the
+# official trainer (PyTorch Lightning tests the weights the last epoch left).
+MODEL_SELECTION = ("the weights after the last epoch: no model selection (as the official "
+                   "trainer); the validation splits are reported, not used to choose")
+
+
 @dataclasses.dataclass
 class RunReport:
-    """The end of a run: its config, the test and validation evaluations, the training speed
-    (mean images/s over the epochs in metrics.jsonl)."""
+    """The end of a run: its config, the test and validation evaluations (val: biased like
+    training; val_mixed: p_bias 0.5, when the data has it), the training speed (mean images/s
+    over the epochs in metrics.jsonl) and how the reported model was selected."""
     model: str
     config: RunConfig
     test: Evaluation
     val: Evaluation
+    val_mixed: Optional[Evaluation]
     train_images_per_s: float
+    model_selection: str = MODEL_SELECTION
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
 
     def to_markdown(self) -> str:
-        return (f"# {MODELS[self.model]} on Biased MNIST\n\n"
-                f"Training {self.train_images_per_s:.0f} images/s.\n\n"
+        text = (f"# {MODELS[self.model]} on Biased MNIST\n\n"
+                f"Training {self.train_images_per_s:.0f} images/s. Model reported: "
+                f"{self.model_selection}.\n\n"
                 f"## Unbiased test split\n\n{self.test.to_markdown()}\n"
                 f"## Validation split (biased like training)\n\n{self.val.to_markdown()}")
+        if self.val_mixed is not None:
+            text += (f"\n## Validation split with p_bias 0.5 ({self.val_mixed.split})\n\n"
+                     f"{self.val_mixed.to_markdown()}")
+        return text
+
+
+RELIABILITY_PICTURE = "reliability.png"
 
 
 def write_report(report: RunReport, run_dir: str) -> None:
+    """report.json, report.md and the test split's reliability diagrams."""
     with open(os.path.join(run_dir, "report.json"), "w") as handle:
         json.dump(report.to_dict(), handle, indent=1, default=str)
+    text = report.to_markdown()
+    if report.test.diagnostics:
+        from .viz import save_reliability_diagrams
+        save_reliability_diagrams(os.path.join(run_dir, RELIABILITY_PICTURE),
+                                  report.test.diagnostics,
+                                  title=f"{MODELS[report.model]}: reliability on the unbiased "
+                                        f"test split")
+        text += f"\n![reliability diagrams per exit]({RELIABILITY_PICTURE})\n"
     with open(os.path.join(run_dir, "report.md"), "w") as handle:
-        handle.write(report.to_markdown())
+        handle.write(text)
 
 
 def mean_train_rate(metrics_path: str) -> float:
+    """Mean training images/s over the epoch records of metrics.jsonl."""
     with open(metrics_path) as handle:
-        rates = [json.loads(line)["train_images_per_s"] for line in handle if line.strip()]
+        records = [json.loads(line) for line in handle if line.strip()]
+    rates = [r["train_images_per_s"] for r in records if r.get("kind", "epoch") == "epoch"]
     return sum(rates) / max(1, len(rates))
 
 
@@ -197,7 +235,8 @@ class Trainer:
             raise ValueError(f"the training split has {len(self.splits['train'])} images, fewer "
                              f"than one batch of {config.batch_size}"
                              + (f" on each of {self.world} processes" if self.world > 1 else ""))
-        self.num_classes = int(self.splits["train"].labels.max().item()) + 1
+        # Every split's labels: a small training split may miss a class the test split has.
+        self.num_classes = max(int(s.labels.max()) for s in self.splits.values() if len(s)) + 1
         self.model = build_model(config.model, self.num_classes, config.width, config.stem,
                                  config.backend).to(self.device)
         on_gpu = self.device.type == "cuda"
@@ -282,10 +321,12 @@ class Trainer:
                 started, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
                 for step, rows in batches(order, config.batch_size, self.step_in_epoch,
                                           self.rank, self.world):
-                    loss, _ = self._train_step(rows)
+                    loss, parts = self._train_step(rows)
                     loss_sum += loss
                     seen += rows.numel()
                     self.step_in_epoch, self.global_step = step + 1, self.global_step + 1
+                    if config.log_every and self.global_step % config.log_every == 0:
+                        self._log_step(loss, parts, rows.numel())
                     if bar is not None and (step % 10 == 0 or step == steps - 1):
                         rate = seen / (time.perf_counter() - started)
                         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
@@ -301,25 +342,41 @@ class Trainer:
                     bar.close()
                 elapsed = time.perf_counter() - started
                 self.scheduler.step()
-                record = {"epoch": self.epoch + 1, "train_loss": (loss_sum / max(1, steps)).item(),
+                record = {"kind": "epoch", "epoch": self.epoch + 1,
+                          "train_loss": (loss_sum / max(1, steps)).item(),
                           "train_images_per_s": seen / max(elapsed, 1e-9),
                           "lr": self.optimizer.param_groups[0]["lr"]}
-                val = self.evaluate("val", per_factor=False)
+                val = self.evaluate("val", per_factor=False, diagnostics=False)
                 record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
-                if self.rank == 0:
-                    with open(self.metrics_path, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
+                if VAL_MIXED in self.splits:
+                    mixed = self.evaluate(VAL_MIXED, per_factor=False, diagnostics=False)
+                    record[f"{VAL_MIXED}_accuracy"] = mixed.accuracy
+                self._append_metrics(record)
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.save_checkpoint()
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    def _append_metrics(self, record: Dict) -> None:
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _log_step(self, loss: Tensor, parts: Dict[str, Tensor], batch: int) -> None:
+        """A "step" record: the loss and every component (per exit for OccamNets), read from
+        the device in one transfer (only every config.log_every steps)."""
+        names = ["loss"] + list(parts)
+        values = torch.stack([loss.float()] + [parts[n].float() for n in names[1:]]).tolist()
+        self._append_metrics({"kind": "step", "epoch": self.epoch + 1,
+                              "step": self.step_in_epoch, "global_step": self.global_step,
+                              "batch": batch, **dict(zip(names, values))})
+
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, split_name: str = "test", per_factor: bool = True,
-                 time_full_depth: bool = False) -> Evaluation:
+                 diagnostics: bool = True, time_full_depth: bool = False) -> Evaluation:
         return evaluate(self.model, self.splits[split_name], split_name,
                         threshold=self.config.exit_threshold, channels_last=self.channels_last,
-                        bf16=self.config.bf16, per_factor=per_factor,
+                        bf16=self.config.bf16, per_factor=per_factor, diagnostics=diagnostics,
                         time_full_depth=time_full_depth)
 
     def run(self, resume: Optional[str] = None) -> Optional[RunReport]:
@@ -334,6 +391,8 @@ class Trainer:
         report = RunReport(self.config.model, self.config,
                            self.evaluate("test", time_full_depth=True),
                            self.evaluate("val", per_factor=False),
+                           (self.evaluate(VAL_MIXED, per_factor=False)
+                            if VAL_MIXED in self.splits else None),
                            mean_train_rate(self.metrics_path))
         if self.rank == 0:
             write_report(report, self.config.run_dir)

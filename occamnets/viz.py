@@ -1,10 +1,12 @@
-"""Pictures: CAM heatmaps of every exit, and the exit distribution of early-exit inference."""
+"""Pictures: CAM heatmaps of every exit, the exit distribution of early-exit inference, and
+reliability diagrams (calibration) per exit."""
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .evaluate import CamPictureData
+from .evaluate import CamPictureData, ExitDiagnostics
+from .metrics import Reliability
 
 
 def _pyplot():
@@ -114,5 +116,49 @@ def save_sample_grid(path: str, images: torch.Tensor, labels: torch.Tensor,
     fig.suptitle(f"{title}  (* = bias-aligned: factor value equals the label)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _reliability_panel(axis, reliability: Reliability, title: str) -> None:
+    bins = len(reliability.counts)
+    centres = (np.arange(bins) + 0.5) / bins
+    frequency = np.array([np.nan if f is None else f for f in reliability.frequency])
+    confidence = np.array([np.nan if c is None else c for c in reliability.confidence])
+    axis.bar(centres, np.nan_to_num(frequency), width=1 / bins, color="tab:blue",
+             edgecolor="white", label="observed")
+    # The gap to perfect calibration, from each bin's mean confidence.
+    axis.bar(centres, np.nan_to_num(confidence - frequency), bottom=np.nan_to_num(frequency),
+             width=1 / bins, color="tab:red", alpha=0.3, label="gap")
+    axis.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
+    axis.set_xlim(0, 1), axis.set_ylim(0, 1)
+    axis.set_title(f"{title}\nECE {100 * reliability.ece:.1f}%", fontsize=8)
+    axis.tick_params(labelsize=7)
+
+
+def save_reliability_diagrams(path: str, diagnostics: Sequence[ExitDiagnostics],
+                              title: str = "Reliability per exit") -> str:
+    """Per exit (columns): the class softmax's reliability diagram, and the gate's below it
+    (p(exit) against the exit being right) when the model has gates. Bars: observed frequency
+    per confidence bin; shaded: the gap to the diagonal (perfect calibration)."""
+    plt = _pyplot()
+    if not diagnostics:
+        raise ValueError("no diagnostics to draw: evaluate with diagnostics=True")
+    has_gates = any(d.gate_calibration is not None for d in diagnostics)
+    rows, columns = (2 if has_gates else 1), len(diagnostics)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.5 * rows), squeeze=False)
+    for column, d in enumerate(diagnostics):
+        _reliability_panel(axes[0][column], d.class_calibration, f"{d.name} class softmax")
+        if has_gates:
+            if d.gate_calibration is None:
+                axes[1][column].axis("off")
+            else:
+                _reliability_panel(axes[1][column], d.gate_calibration, f"{d.name} gate")
+    axes[0][0].set_ylabel("frequency right", fontsize=8)
+    axes[-1][0].set_xlabel("confidence", fontsize=8)
+    axes[0][0].legend(fontsize=6, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

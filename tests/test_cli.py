@@ -24,7 +24,7 @@ def test_data_command_writes_cache_and_preview(tmp_path, capsys):
     assert code == 0
     assert (tmp_path / "bm" / "meta.json").exists() and preview.stat().st_size > 10000
     out = capsys.readouterr().out
-    assert "train 60, val 10, test 20" in out and f"--data-dir {tmp_path / 'bm'}" in out
+    assert "train 60, val 10, val-p0.5 10, test 20" in out and f"--data-dir {tmp_path / 'bm'}" in out
 
 
 def test_data_command_reports_bad_input(tmp_path, capsys):
@@ -97,8 +97,12 @@ def test_train_resume_eval_predict_viz(tmp_path, capsys):
     assert main(["train", "--out", out, "--resume"]) == 0
     assert "Unbiased test split" in capsys.readouterr().out
     checkpoint = os.path.join(out, "checkpoint.pt")
-    assert main(["eval", checkpoint]) == 0
-    assert "| digit_color |" in capsys.readouterr().out
+    reliability = tmp_path / "reliability.png"
+    assert main(["eval", checkpoint, "--split", "val-p0.5", "--reliability",
+                 str(reliability)]) == 0
+    printed = capsys.readouterr().out
+    assert "| digit_color |" in printed and "Accuracy on val-p0.5" in printed
+    assert "CAM mass on the digit" in printed and reliability.stat().st_size > 0
     assert main(["predict", checkpoint, "--batch-size", "200"]) == 0
     assert "images/s" in capsys.readouterr().out
     cams, exits = tmp_path / "cams.png", tmp_path / "exits.png"

@@ -2,6 +2,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,12 +17,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from benchutils import force_exit_distribution  # noqa: E402
 
 
-def synthetic_split(count=37, size=16, classes=5):
+def synthetic_split(count=37, size=16, classes=5, masks=False):
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, classes, (count,), generator=generator)
     factors = torch.stack([labels, torch.randint(0, classes, (count,), generator=generator)], 1)
-    return DeviceSplit(images, labels, factors, ["colour", "texture"])
+    packed = None
+    if masks:
+        pixels = torch.rand(count, size, size, generator=generator) < 0.3
+        packed = torch.from_numpy(np.packbits(pixels.numpy(), axis=-1))
+    return DeviceSplit(images, labels, factors, ["colour", "texture"], masks=packed)
 
 
 def test_occamnet_evaluation_matches_the_model():
@@ -62,7 +67,9 @@ def test_baseline_evaluation_has_no_exits_and_empty_splits_are_refused():
         want = (model.eval()(split.batch(torch.arange(len(split)))).argmax(1) == split.labels)
     assert result.accuracy == pytest.approx(want.float().mean().item())
     assert result.exit_share is None and result.full_depth_images_per_s is None
-    assert result.factors == {} and "| E" not in result.to_markdown()
+    assert result.factors == {} and "| E1 |" not in result.to_markdown()
+    assert [d.name for d in result.diagnostics] == ["output"]
+    assert result.diagnostics[0].gate_calibration is None and result.diagnostics[0].cam is None
     empty = DeviceSplit(split.images[:0], split.labels[:0], split.factors[:0], ["a", "b"])
     with pytest.raises(ValueError, match="the val split is empty"):
         evaluate(model, empty, "val")
@@ -89,3 +96,57 @@ def test_cam_picture_data_and_load_model(tmp_path):
     with pytest.raises(ValueError, match="not an occamnets checkpoint"):
         torch.save({"model": {}}, tmp_path / "bad.pt")
         load_model(str(tmp_path / "bad.pt"))
+
+
+def ece(confidence, outcome, bins=10):
+    """Expected calibration error written out bin by bin (the textbook definition)."""
+    confidence, outcome = confidence.double().numpy(), outcome.double().numpy()
+    total = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        inside = (confidence >= low) & ((confidence < high) if b < bins - 1 else (confidence <= high))
+        if inside.any():
+            total += inside.sum() * abs(outcome[inside].mean() - confidence[inside].mean())
+    return total / len(confidence)
+
+
+def test_per_exit_diagnostics_match_direct_computation():
+    torch.manual_seed(0)
+    model = occam_resnet18(5, width=4, stem="3x3", backend="reference").eval()
+    split = synthetic_split(masks=True)
+    result = evaluate(model, split, "test", batch_size=8)
+    with torch.no_grad():
+        out = model(split.batch(torch.arange(len(split))), return_cams=True)
+    from occamnets.data.loaders import unpack_masks
+    pixels = unpack_masks(split.masks, 16).float()
+    assert [d.name for d in result.diagnostics] == ["E0", "E1", "E2", "E3"]
+    for t, d in enumerate(result.diagnostics):
+        probabilities = torch.softmax(out.exits[t].logits, 1)
+        correct = probabilities.argmax(1) == split.labels
+        assert d.class_calibration.ece == pytest.approx(ece(probabilities.max(1).values, correct))
+        assert d.gate_calibration.ece == pytest.approx(ece(out.exits[t].gate, correct))
+        assert sum(d.class_calibration.counts) == len(split) and d.nonfinite_logits == 0
+        # CAM mass on the object, one sample at a time, the mask pooled to the CAM's cells.
+        shares = []
+        for i in range(len(split)):
+            cam = out.exits[t].cam[i, split.labels[i]]
+            weights = (cam - cam.min()) / (cam.max() - cam.min() + 1e-5)
+            h = cam.shape[0]
+            cell = pixels[i].reshape(h, 16 // h, h, 16 // h).mean((1, 3))
+            if weights.sum() > 0:  # a constant CAM has no mass to place
+                shares.append(((weights * cell).sum() / weights.sum()).item())
+        assert d.cam.mass_in_object == pytest.approx(sum(shares) / len(shares), rel=1e-5)
+        assert d.cam.object_area == pytest.approx(pixels.mean().item(), rel=1e-5)
+        assert 0 <= d.cam.iou <= 1 and d.cam.iou_threshold in [i / 10 for i in range(10)]
+    assert "| E3 |" in result.to_markdown() and "CAM mass on the digit" in result.to_markdown()
+
+
+def test_nonfinite_gates_are_counted_and_reported():
+    torch.manual_seed(0)
+    model = occam_resnet18(5, width=4, stem="3x3", backend="reference").eval()
+    with torch.no_grad():
+        model.exits[1].gate.net[-1].bias.fill_(float("nan"))
+    result = evaluate(model, synthetic_split(), "test", batch_size=8, per_factor=False)
+    assert result.nonfinite_samples == 37
+    assert result.exit_counts[1] == 0          # a NaN gate never exits
+    assert "37 samples had non-finite logits or gates" in result.to_markdown()

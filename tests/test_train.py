@@ -6,7 +6,7 @@ import torch
 
 from occamnets.config import RunConfig
 from occamnets.data import DeviceSplit
-from occamnets.train import CheckpointMismatch, Trainer
+from occamnets.train import CheckpointMismatch, Trainer, batches, steps_per_epoch
 
 
 def synthetic_splits(n=48, size=16, classes=4, factors=2):
@@ -19,7 +19,7 @@ def synthetic_splits(n=48, size=16, classes=4, factors=2):
                                                            generator=generator)], 1)
         return DeviceSplit(images, labels, factor_values[:, :factors], ["colour", "texture"],
                            "cpu")
-    return {"train": split(n), "val": split(16), "test": split(16)}
+    return {"train": split(n), "val": split(16), "val-p0.5": split(16), "test": split(16)}
 
 
 def config(tmp_path, model="occam", **overrides):
@@ -82,4 +82,45 @@ def test_report_has_exits_and_bias_groups(tmp_path):
     assert RunConfig.from_dict(saved["config"]) == trainer.config
     assert saved["test"]["exit_share"] == test.exit_share
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1 and '"val_accuracy"' in lines[0]
+    assert len(lines) == 1 and '"val_accuracy"' in lines[0] and '"val-p0.5_accuracy"' in lines[0]
+    assert report.val_mixed.split == "val-p0.5" and "no model selection" in report.model_selection
+    markdown = (tmp_path / "report.md").read_text()
+    assert "p_bias 0.5 (val-p0.5)" in markdown and "no model selection" in markdown
+    assert "ECE of the gate" in markdown and (tmp_path / "reliability.png").stat().st_size > 0
+    assert [d["name"] for d in saved["test"]["diagnostics"]] == ["E0", "E1", "E2", "E3"]
+
+
+@pytest.mark.parametrize("items,batch,sizes", [
+    (48, 8, [8] * 6), (50, 8, [8] * 6 + [2]),
+    (49, 8, [8] * 5 + [9]),           # one item left over joins the batch before it
+    (5, 8, [5]), (1, 8, [1])])
+def test_one_process_sees_every_item_once_the_last_batch_ragged(items, batch, sizes):
+    order = torch.randperm(items)
+    got = list(batches(order, batch))
+    assert [len(rows) for _, rows in got] == sizes == [len(r) for _, r in got]
+    assert steps_per_epoch(items, batch) == len(sizes)
+    assert torch.equal(torch.cat([rows for _, rows in got]), order)
+    assert [len(rows) for _, rows in batches(order, batch, start=len(sizes) - 1)] == sizes[-1:]
+
+
+def test_processes_take_equal_whole_batches_and_drop_the_tail():
+    order = torch.randperm(50)
+    per_rank = [list(batches(order, 8, rank=r, world=2)) for r in range(2)]
+    assert steps_per_epoch(50, 8, world=2) == 3
+    assert all(len(rows) == 8 for rank in per_rank for _, rows in rank)
+    seen = torch.cat([rows for rank in per_rank for _, rows in rank])
+    assert len(set(seen.tolist())) == 48  # disjoint; 2 items (this permutation's tail) dropped
+
+
+def test_metrics_log_every_loss_component(tmp_path):
+    trainer = Trainer(config(tmp_path, epochs=1, log_every=2), synthetic_splits(n=50))
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["global_step"] for r in steps] == [2, 4, 6]   # 7 steps: 6 of 8, one of 2
+    assert [r["batch"] for r in steps] == [8, 8, 8]
+    parts = [k for k in steps[0] if "/E" in k]
+    assert sorted(parts) == sorted(f"{p}/E{t}" for p in ("supp", "gate", "main") for t in range(4))
+    for r in steps:
+        assert r["loss"] == pytest.approx(sum(r[k] for k in parts), rel=1e-5)
+    assert [r["kind"] for r in records].count("epoch") == 1
