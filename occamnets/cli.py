@@ -67,7 +67,9 @@ _HELP = {
     "backend": "exit-head implementation",
     "max_steps": "stop with a checkpoint after this many steps in total",
     "compile": "torch.compile the model",
-    "bf16": "bf16 autocast (GPU only)",
+    "bf16": "bf16 autocast (GPU only; the gate and the losses stay fp32)",
+    "log_every": "write the loss and its components per exit to metrics.jsonl every N steps "
+                 "(0: never)",
 }
 _EXIT_HEAD_BACKENDS = ("auto", "triton", "reference")
 
