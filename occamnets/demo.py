@@ -13,7 +13,7 @@ from typing import Dict, Optional
 from .config import RunConfig, default_preset
 from .evaluate import cam_picture_data, percent
 from .models import MODELS
-from .train import RunReport, Trainer
+from .train import RELIABILITY_PICTURE, RunReport, Trainer
 from .viz import save_cam_grid, save_exit_distribution
 
 
@@ -41,7 +41,8 @@ def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None)
                                    title=f"Exits on test ({test.images} images)")
             if docs:
                 os.makedirs(docs, exist_ok=True)
-                for path in (cams, exits):
+                reliability = os.path.join(config.run_dir, RELIABILITY_PICTURE)
+                for path in (cams, exits, reliability):
                     shutil.copy(path, os.path.join(docs, "demo_" + os.path.basename(path)))
     print(table(reports["resnet"], reports["occam"]))
     print(f"pictures: {os.path.join(out, 'cams.png')}, {os.path.join(out, 'exits.png')}; "
