@@ -40,6 +40,17 @@ def _read_checkpoint(path: str) -> Dict:
     return checkpoint
 
 
+def load_model_state(model: nn.Module, state: Dict, path: str) -> None:
+    """The checkpoint's weights into `model`, or a ValueError saying why they do not fit (a
+    checkpoint from before the exits' convs had biases, for one)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"the weights in {path} do not fit this version's "
+                         f"{type(model).__name__} (written by an older occamnets? its exit "
+                         f"convs had no biases before 2026-11-27): {error}") from error
+
+
 def checkpoint_config(path: str) -> RunConfig:
     """The config of the run that wrote the checkpoint at `path`."""
     return RunConfig.from_dict(_read_checkpoint(path)["config"])
@@ -52,7 +63,7 @@ def load_model(path: str, device: Optional[str] = None) -> Tuple[nn.Module, RunC
     config = RunConfig.from_dict(checkpoint["config"])
     model = build_model(config.model, checkpoint["num_classes"], config.width, config.stem,
                         config.backend)
-    model.load_state_dict(checkpoint["model"])
+    load_model_state(model, checkpoint["model"], path)
     return model.to(resolve_device(device or "auto")).eval(), config
 
 

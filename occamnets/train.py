@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .config import RunConfig, resolve_device
 from .data.biased_mnist import VAL_MIXED
 from .data.loaders import DeviceSplit
-from .evaluate import Evaluation, evaluate, load_splits
+from .evaluate import Evaluation, evaluate, load_model_state, load_splits
 from .losses import OccamLoss
 from .models import MODELS, build_model
 
@@ -283,7 +283,7 @@ class Trainer:
     def load_checkpoint(self, path: str) -> None:
         checkpoint = torch.load(path, map_location=self.device, weights_only=False)
         check_resumable(RunConfig.from_dict(checkpoint["config"]), self.config)
-        self.model.load_state_dict(checkpoint["model"])
+        load_model_state(self.model, checkpoint["model"], path)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.objective.load_state_dict(checkpoint["objective"])

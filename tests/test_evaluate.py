@@ -96,6 +96,14 @@ def test_cam_picture_data_and_load_model(tmp_path):
     with pytest.raises(ValueError, match="not an occamnets checkpoint"):
         torch.save({"model": {}}, tmp_path / "bad.pt")
         load_model(str(tmp_path / "bad.pt"))
+    # A checkpoint of the exits without conv biases (before 2026-11-27): a clear refusal.
+    old = torch.load(config.checkpoint_path, weights_only=False)
+    old["model"] = {k: v for k, v in old["model"].items()
+                    if not (k.startswith("exits.") and ".features." in k and k.endswith("bias")
+                            and v.dim() == 1 and "features.1" not in k)}
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="do not fit this version's OccamNet"):
+        load_model(str(tmp_path / "old.pt"))
 
 
 def ece(confidence, outcome, bins=10):
