@@ -8,11 +8,10 @@ Per exit t, each averaged over the batch:
           divided by (running max of w within the epoch + 1e-5).
 The per-item gate targets, running maxima and per-class accuracy within the epoch are device
 tensors updated with vectorised ops: no Python loop over samples, no host sync per step. The
-per-class accuracy and the taus are float64, as the official Python floats are, so the
-refresh rule decides a tie (accuracy == tau) as the official does. One last-bit difference
-remains: the official sums the per-class accuracies in the order the classes were first seen
-in the epoch, we in class order; the two sums can round apart right at tau
-(tests/test_loss_parity.py holds a case, as a strict xfail).
+per-class accuracy and the taus are float64, as the official Python floats are, and the
+per-class accuracies are summed in the order the classes were first seen in the epoch, as the
+official's dict keeps them: the refresh rule decides a tie (accuracy == tau) to the last bit
+as the official does (tests/test_loss_parity.py).
 """
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -50,7 +49,8 @@ class OccamLoss(nn.Module):
     so the state stays identical on all processes. Batches must have one size on all of them.
     State (buffers, so it is in state_dict and moves with .to(device)):
         gate_targets (E, N) float, has_target (E, N) bool, max_weight (E,),
-        class_correct / class_seen (E, K) float64 within the epoch, epoch.
+        class_correct / class_seen (E, K) float64 within the epoch, class_first_seen (K,)
+        the epoch's sample position at which each class first appeared (inf: not yet), epoch.
     """
 
     def __init__(self, num_items: int, num_classes: int, num_exits: int = 4,
@@ -75,6 +75,8 @@ class OccamLoss(nn.Module):
                                                           dtype=torch.float64))
         self.register_buffer("class_seen", torch.zeros(num_exits, num_classes,
                                                        dtype=torch.float64))
+        self.register_buffer("class_first_seen", torch.full((num_classes,), float("inf"),
+                                                            dtype=torch.float64))
         self.register_buffer("epoch", torch.zeros((), dtype=torch.int64))
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -83,6 +85,7 @@ class OccamLoss(nn.Module):
         self.max_weight.zero_()
         self.class_correct.zero_()
         self.class_seen.zero_()
+        self.class_first_seen.fill_(float("inf"))
 
     def _check(self, out: OccamOutput, labels: Tensor, items: Tensor) -> None:
         if len(out.exits) != self.num_exits:
@@ -106,31 +109,51 @@ class OccamLoss(nn.Module):
                             f"OccamLoss: item indices must lie in [0, {self.num_items}), the "
                             f"dataset size given to OccamLoss")
 
-    def _gate_targets(self, exit_index: int, correct: Tensor, labels: Tensor,
-                      items: Tensor) -> Tensor:
-        # Mean per-class accuracy of this exit within the epoch, this batch included.
-        correct64 = correct.double()
-        batch_correct = torch.zeros_like(self.class_correct[exit_index]).index_add_(0, labels,
-                                                                                   correct64)
-        batch_seen = torch.zeros_like(batch_correct).index_add_(0, labels,
-                                                                torch.ones_like(correct64))
+    def _refresh(self, correct: Tensor, labels: Tensor) -> Tensor:
+        """(E,) bool: refresh each exit's gate targets from this batch? `correct` (E, B) is
+        each exit right on each sample. Updates the epoch's per-class accuracy (this batch
+        included) and compares its mean with tau, as the official does it: per-class
+        accuracies summed in the order the classes first appeared in the epoch, float64."""
+        batch = labels.shape[0]
+        batch_correct = torch.zeros_like(self.class_correct).index_add_(1, labels, correct)
+        batch_seen = torch.zeros_like(self.class_first_seen).index_add_(
+            0, labels, torch.ones_like(correct[0]))
+        # A class's first position: the samples before this batch in the epoch, then its
+        # first index within the batch (the global batch under DDP, process by process).
+        rank = dist.get_rank() if _distributed() else 0
+        position = (self.class_seen[0].sum() + rank * batch
+                    + torch.arange(batch, device=labels.device, dtype=torch.float64))
+        first = torch.full_like(self.class_first_seen, float("inf")).scatter_reduce_(
+            0, labels, position, "amin")
         if _distributed():
-            counts = torch.stack([batch_correct, batch_seen])
+            counts = torch.cat([batch_correct, batch_seen[None]])
             dist.all_reduce(counts)
-            batch_correct, batch_seen = counts[0], counts[1]
-        self.class_correct[exit_index] += batch_correct
-        self.class_seen[exit_index] += batch_seen
-        seen = self.class_seen[exit_index]
-        per_class = self.class_correct[exit_index] / seen.clamp_min(1)
-        mean_accuracy = per_class.sum() / (seen > 0).sum().clamp_min(1)
-        refresh = (mean_accuracy <= self.taus[exit_index]) | (self.epoch < self.min_epochs)
-        # Items never given a target take the current one, whatever the accuracy.
-        use_current = refresh | ~self.has_target[exit_index, items]
-        targets = torch.where(use_current, correct, self.gate_targets[exit_index, items])
-        all_items, all_targets = ((_all_gather(items), _all_gather(targets)) if _distributed()
-                                  else (items, targets))
-        self.gate_targets[exit_index, all_items] = all_targets
-        self.has_target[exit_index, all_items] = True
+            batch_correct, batch_seen = counts[:-1], counts[-1]
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        self.class_correct += batch_correct
+        self.class_seen += batch_seen
+        torch.minimum(self.class_first_seen, first, out=self.class_first_seen)
+        seen = self.class_seen
+        per_class = torch.where(seen > 0, self.class_correct / seen.clamp_min(1), 0.0)
+        ordered = per_class[:, torch.argsort(self.class_first_seen, stable=True)]
+        # Left to right, one class at a time: the official's rounding (a tree sum may differ
+        # in the last bit, enough to flip a tie with tau). Unseen classes, last, add 0 exactly.
+        total = torch.zeros_like(self.max_weight, dtype=torch.float64)
+        for k in range(self.num_classes):
+            total = total + ordered[:, k]
+        mean_accuracy = total / (seen[0] > 0).sum().clamp_min(1)
+        return (mean_accuracy <= self.taus) | (self.epoch < self.min_epochs)
+
+    def _gate_targets(self, correct: Tensor, labels: Tensor, items: Tensor) -> Tensor:
+        """(E, B) float gate targets: this batch's correctness where the exit refreshes (and
+        for items never given one), else the stored ones; stored back per item."""
+        refresh = self._refresh(correct, labels)
+        use_current = refresh[:, None] | ~self.has_target[:, items]
+        targets = torch.where(use_current, correct.float(), self.gate_targets[:, items])
+        all_items, all_targets = ((_all_gather(items), _all_gather(targets.t()).t())
+                                  if _distributed() else (items, targets))
+        self.gate_targets[:, all_items] = all_targets
+        self.has_target[:, all_items] = True
         return targets
 
     def _gate_loss(self, gate_logit: Tensor, targets: Tensor) -> Tensor:
@@ -169,13 +192,12 @@ class OccamLoss(nn.Module):
         total = torch.zeros((), device=labels.device)
         parts: Dict[str, Tensor] = {}
         with torch.no_grad():
-            predictions = [e.logits.argmax(dim=1) for e in out.exits]
+            correct = torch.stack([e.logits.argmax(dim=1) == labels for e in out.exits]).double()
+            targets = self._gate_targets(correct, labels, items)
         for t, exit_out in enumerate(out.exits):
             logits = exit_out.logits.float()
             supp = self.supp_weight * exit_out.supp.float().mean()
-            with torch.no_grad():
-                targets = self._gate_targets(t, (predictions[t] == labels).float(), labels, items)
-            gate = self.gate_weight * self._gate_loss(exit_out.gate_logit, targets)
+            gate = self.gate_weight * self._gate_loss(exit_out.gate_logit, targets[t])
             main = self._main_loss(t, logits, out.exits[t - 1].gate if t else None, labels)
             total = total + supp + gate + main
             parts[f"supp/E{t}"], parts[f"gate/E{t}"], parts[f"main/E{t}"] = (

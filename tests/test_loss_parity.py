@@ -18,9 +18,10 @@ Checked, at every step of a seeded 4-epoch scenario (24 items, 3 classes, 4 exit
   * that the stored targets survive a state_dict round trip into a fresh OccamLoss (and that
     without it the following epochs differ, so the check can fail).
 
-Known deviation (strict xfail below): the official sums the per-class accuracies in the order
-the classes were first seen in the epoch; OccamLoss sums them in class-index order. In float64
-the two sums can round differently, which flips the refresh decision right at tau.
+The official sums the per-class accuracies in the order the classes were first seen in the
+epoch; in float64 that sum can round differently from one in class-index order, which flips
+the refresh decision right at tau. `class_order_scenario` builds such a case and OccamLoss must
+follow the official order there.
 """
 import copy
 import io
@@ -287,7 +288,7 @@ def test_every_part_matches_the_official_style_reference_over_epochs():
                for epoch in range(1, NUM_EPOCHS) for t in range(NUM_EXITS))
     # The per-epoch reset of the running max changes the normalisation somewhere.
     assert sum(e["reset_matters"] for e in events) >= 3
-    # Guard: the class-order rounding difference (see the xfail test) is not hit here.
+    # The class-order rounding case has its own test (class_order_scenario), not hit here.
     assert not any(e["order_matters"] for e in events)
 
 
@@ -371,8 +372,5 @@ def test_class_order_scenario_hits_the_order_dependent_rounding():
     assert event["order_matters"] and event["decision_matters"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="OccamLoss sums per-class accuracies in class-index order; the official "
-                          "sums them in first-seen order, which rounds differently right at tau")
 def test_occam_loss_follows_the_official_class_order_at_tau():
     run(new_loss(), OfficialStyleReference(), class_order_scenario())
