@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .config import RunConfig, resolve_device
 from .data import biased_mnist
-from .data.loaders import DeviceSplit
+from .data.loaders import DeviceSplit, cell_fraction
 from .metrics import (CamAgreement, CamAgreementAccumulator, Reliability,
                       ReliabilityAccumulator)
 from .models import OccamNet, build_model
@@ -216,7 +216,7 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     classes = getattr(model, "num_classes", None)
-    low, high = int(split.labels.min()), int(split.labels.max())
+    low, high = torch.stack(torch.aminmax(split.labels)).tolist()  # one host read
     if classes is not None and not 0 <= low <= high < classes:
         raise ValueError(f"the {split_name} split has labels in [{low}, {high}], the model "
                          f"predicts {classes} classes")
@@ -285,6 +285,7 @@ def _every_exit(model: OccamNet, split: DeviceSplit, chunks: List[Tensor],
     right = []
     for rows in chunks:
         out, y = model(inputs(rows), return_cams=with_cams), split.labels[rows]
+        masks = split.object_masks(rows) if with_cams else None  # unpacked once for all exits
         row = []
         for t, exit_out in enumerate(out.exits):
             logits = exit_out.logits.float()
@@ -299,7 +300,7 @@ def _every_exit(model: OccamNet, split: DeviceSplit, chunks: List[Tensor],
                 height, width = exit_out.cam.shape[2:]
                 true_class = y[:, None, None, None].expand(-1, 1, height, width)
                 cams[t].add(exit_out.cam.float().gather(1, true_class)[:, 0],
-                            split.object_fraction(rows, height, width))
+                            cell_fraction(masks, height, width))
         right.append(torch.stack(row, 1))
     every_exit = torch.cat(right).float()
     if not diagnostics:

@@ -134,7 +134,7 @@ class OccamLoss(nn.Module):
         self.class_seen += batch_seen
         torch.minimum(self.class_first_seen, first, out=self.class_first_seen)
         seen = self.class_seen
-        per_class = torch.where(seen > 0, self.class_correct / seen.clamp_min(1), 0.0)
+        per_class = self.class_correct / seen.clamp_min(1)  # 0 for a class not yet seen
         ordered = per_class[:, torch.argsort(self.class_first_seen, stable=True)]
         # Left to right, one class at a time: the official's rounding (a tree sum may differ
         # in the last bit, enough to flip a tie with tau). Unseen classes, last, add 0 exactly.

@@ -42,12 +42,13 @@ class ReliabilityAccumulator:
     def add(self, confidence: Tensor, outcome: Tensor) -> None:
         """confidence (B,) in [0, 1]; outcome (B,) bool or 0/1. Non-finite confidences are
         left out (the evaluator counts them)."""
-        confidence, outcome = confidence.double(), outcome.double()
+        # Non-finite samples weigh 0 (no boolean indexing: it would read the count on the host).
         finite = torch.isfinite(confidence)
-        confidence, outcome = confidence[finite], outcome[finite]
+        confidence = torch.where(finite, confidence.double(), 0.0)
+        weight = finite.double()
         index = (confidence.clamp(0, 1) * self.bins).long().clamp_max(self.bins - 1)
-        for row, values in enumerate((torch.ones_like(confidence), confidence, outcome)):
-            self.sums[row].index_add_(0, index, values)
+        values = torch.stack([weight, confidence * weight, outcome.double() * weight])
+        self.sums.index_add_(1, index, values)
 
     def result(self) -> Reliability:
         counts, confidence, outcome = self.sums.tolist()
@@ -86,10 +87,13 @@ def normalise_cams(cams: Tensor, eps: float = 1e-5) -> Tensor:
 class CamAgreementAccumulator:
     def __init__(self, device, thresholds=IOU_THRESHOLDS):
         self.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
-        # mass share sum, samples with mass, object area sum, samples
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
-        # per threshold: true positive, false positive, false negative, true negative cells
-        self.confusion = torch.zeros(len(thresholds), 4, dtype=torch.float64, device=device)
+        # mass share sum, samples with mass, object area sum
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.samples = 0
+        # per threshold: cells both predicted and object, cells predicted; object cells, cells
+        self.hits = torch.zeros(2, len(thresholds), dtype=torch.float64, device=device)
+        self.object_cells = torch.zeros((), dtype=torch.float64, device=device)
+        self.cells = 0
 
     def add(self, cams: Tensor, object_fraction: Tensor) -> None:
         """cams (B, h, w) of the ground-truth class; object_fraction (B, h, w) in [0, 1]."""
@@ -97,20 +101,24 @@ class CamAgreementAccumulator:
         mass = weights.sum((1, 2))
         has_mass = mass > 0
         share = (weights * object_fraction).sum((1, 2)) / mass.clamp_min(1e-12)
-        self.sums += torch.stack([share[has_mass].double().sum(), has_mass.double().sum(),
-                                  object_fraction.double().mean((1, 2)).sum(),
-                                  torch.tensor(float(cams.shape[0]), device=cams.device,
-                                               dtype=torch.float64)])
+        self.sums += torch.stack([torch.where(has_mass, share, 0.0).double().sum(),
+                                  has_mass.double().sum(),
+                                  object_fraction.double().mean((1, 2)).sum()])
+        self.samples += cams.shape[0]
         obj = (object_fraction >= OBJECT_CELL_SHARE).flatten(1)[:, None]          # (B, 1, P)
         predicted = weights.flatten(1)[:, None] > self.thresholds[None, :, None]  # (B, T, P)
-        self.confusion += torch.stack([(predicted & obj).sum((0, 2)), (predicted & ~obj).sum((0, 2)),
-                                       (~predicted & obj).sum((0, 2)),
-                                       (~predicted & ~obj).sum((0, 2))], 1).double()
+        # Two reductions; the rest of the confusion matrix follows from the totals.
+        self.hits += torch.stack([(predicted & obj).sum((0, 2)), predicted.sum((0, 2))]).double()
+        self.object_cells += obj.sum()
+        self.cells += obj.numel()
 
     def result(self) -> CamAgreement:
-        (share_sum, with_mass, area_sum, samples), confusion = self.sums.tolist(), self.confusion.tolist()
-        best_iou, best_threshold = float("nan"), float("nan")
-        for threshold, (tp, fp, fn, tn) in zip(self.thresholds.tolist(), confusion):
+        share_sum, with_mass, area_sum, object_cells = torch.cat(
+            [self.sums, self.object_cells[None]]).tolist()
+        samples, best_iou, best_threshold = self.samples, float("nan"), float("nan")
+        for threshold, tp, predicted in zip(self.thresholds.tolist(), *self.hits.tolist()):
+            fp, fn = predicted - tp, object_cells - tp
+            tn = self.cells - tp - fp - fn
             parts = [tp / (tp + fp + fn) if tp + fp + fn else None,
                      tn / (tn + fn + fp) if tn + fn + fp else None]
             parts = [p for p in parts if p is not None]

@@ -25,11 +25,18 @@ def unpack_masks(packed: torch.Tensor, width: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :width].bool()
 
 
+def cell_fraction(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H, W) float masks -> (B, height, width): the share of each cell's pixels they cover
+    (area pooling)."""
+    return F.adaptive_avg_pool2d(masks[:, None], (height, width))[:, 0]
+
+
 class DeviceSplit:
     """A split held as tensors on one device; `batch(rows)` converts uint8 images there.
 
     masks, optional: the object's pixels per image, bit-packed (N, H, ceil(W/8)) uint8;
-    `object_fraction(rows, h, w)` gives the share of each cell of an h x w grid they cover.
+    `object_masks(rows)` unpacks them; `object_fraction(rows, h, w)` gives the share of each
+    cell of an h x w grid they cover.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, factors: torch.Tensor,
@@ -61,13 +68,16 @@ class DeviceSplit:
     def batch(self, rows: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         return normalise(self.images[rows], channels_last)
 
+    def object_masks(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) float: 1 on the object's pixels."""
+        if self.masks is None:
+            raise ValueError("this split has no object masks")
+        return unpack_masks(self.masks[rows], self.images.shape[3]).float()
+
     def object_fraction(self, rows: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(B, height, width) float: the share of each cell's pixels inside the object mask
         (area pooling of the full-resolution mask)."""
-        if self.masks is None:
-            raise ValueError("this split has no object masks")
-        masks = unpack_masks(self.masks[rows], self.images.shape[3]).float()
-        return F.adaptive_avg_pool2d(masks[:, None], (height, width))[:, 0]
+        return cell_fraction(self.object_masks(rows), height, width)
 
 
 def read_images(paths: Sequence[str], size: int) -> torch.Tensor:
