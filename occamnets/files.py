@@ -1,0 +1,55 @@
+"""Writing files so that nothing half-written is ever taken for whole, and nothing is left
+behind: a write goes to `<path>.tmp-<pid>` and is renamed over `path` when complete; on any
+failure (an exception, Ctrl-C, a full disk) the temporary file is removed. A process killed
+outright cannot clean up, so `remove_stale_temporaries` removes the temporaries of processes
+that no longer run (every writer calls it on the directory it writes to)."""
+import contextlib
+import glob
+import os
+import re
+from typing import Iterator, List
+
+_TEMPORARY = re.compile(r"\.tmp-(\d+)$")
+
+
+def temporary_path(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields the temporary path to write; renames it to `path` when the block succeeds,
+    removes it when the block fails."""
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it runs
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str) -> List[str]:
+    """Remove the `*.tmp-<pid>` files in `directory` whose writer no longer runs; returns
+    their paths."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "*.tmp-*")):
+        match = _TEMPORARY.search(path)
+        if match and not _running(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                removed.append(path)
+    return removed
