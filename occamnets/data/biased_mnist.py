@@ -25,11 +25,12 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..files import atomic_path, remove_stale_temporaries
 from .mnist_sources import load_digits, load_emnist_letters, render_letters
 
 FACTOR_NAMES = ("digit_color", "digit_scale", "digit_position", "texture", "texture_color",
@@ -46,6 +47,8 @@ CACHE_FORMAT = 2         # 2: digit masks and the val-p0.5 split
 # A pixel belongs to the digit where the resized MNIST intensity exceeds half of the digit's
 # brightest (relative: resized to a few pixels, thin strokes never reach half of 255).
 DIGIT_MASK_LEVEL = 0.5
+# Images rendered at once: their float32 canvas stays within this (218 images at 160 px).
+RENDER_CHUNK_BYTES = 64 << 20
 
 DIGIT_COLORS = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
                          (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
@@ -81,6 +84,10 @@ class BiasedMNISTConfig:
                 raise ValueError(f"p_bias for {name} must lie in [0, 1], got {value}")
         if self.renders_per_digit < 1:
             raise ValueError("renders_per_digit must be at least 1")
+        for name in ("train_size", "val_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None), got {value}")
 
     @property
     def image_size(self) -> int:
@@ -153,12 +160,18 @@ def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
 
 def render(digits: np.ndarray, factors: np.ndarray, cell: int,
            letter_glyphs: np.ndarray, rng: np.random.Generator, progress: bool = False,
-           chunk: int = 1000, description: str = "render") -> Tuple[np.ndarray, np.ndarray]:
+           chunk: Optional[int] = None,
+           description: str = "render") -> Tuple[np.ndarray, np.ndarray]:
     """(images (N, 3, S, S) uint8, digit masks (N, S, ceil(S/8)) uint8 bit-packed along rows
-    by np.packbits) of the given digits with the given factor values."""
+    by np.packbits) of the given digits with the given factor values. Beyond the outputs,
+    memory is proportional to `chunk` images (their float canvas and unpacked masks); None:
+    as many as keep the float canvas within RENDER_CHUNK_BYTES (at most 1,000). The images
+    do not depend on the chunk."""
     count, size = digits.shape[0], GRID * cell
+    if chunk is None:
+        chunk = max(1, min(1000, RENDER_CHUNK_BYTES // (size * size * 3 * 4)))
     images = np.empty((count, 3, size, size), dtype=np.uint8)
-    digit_masks = np.zeros((count, size, size), dtype=bool)
+    packed_masks = np.empty((count, size, -(-size // 8)), dtype=np.uint8)
     masks = texture_masks(size, cell)
     scales = np.round(cell * (1 + 3 * np.arange(NUM_VALUES) / 9)).astype(int)
     variants = letter_glyphs.shape[1]
@@ -169,6 +182,7 @@ def render(digits: np.ndarray, factors: np.ndarray, cell: int,
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
         f = factors[start:stop]
+        digit_masks = np.zeros((stop - start, size, size), dtype=bool)
         # Background: texture pattern in its colour, on black.
         canvas = masks[f[:, 3]][..., None] * TEXTURE_COLORS[f[:, 4]][:, None, None, :]
         digit_size = scales[f[:, 1]]
@@ -199,15 +213,16 @@ def render(digits: np.ndarray, factors: np.ndarray, cell: int,
             region = canvas[i, top[i]:top[i] + digit_size[i], left[i]:left[i] + digit_size[i]]
             region *= 1 - alpha
             region += alpha * DIGIT_COLORS[f[i, 0]]
-            digit_masks[start + i, top[i]:top[i] + digit_size[i],
-                        left[i]:left[i] + digit_size[i]] = (
+            digit_masks[i, top[i]:top[i] + digit_size[i], left[i]:left[i] + digit_size[i]] = (
                 alpha[..., 0] > DIGIT_MASK_LEVEL * alpha.max())
-        images[start:stop] = np.clip(canvas, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2)
+        np.clip(canvas, 0, 255, out=canvas)
+        images[start:stop] = canvas.transpose(0, 3, 1, 2)   # float -> uint8 as astype casts
+        packed_masks[start:stop] = np.packbits(digit_masks, axis=-1)
         if bar is not None:
             bar.update(stop - start)
     if bar is not None:
         bar.close()
-    return images, np.packbits(digit_masks, axis=-1)
+    return images, packed_masks
 
 
 class BiasedMNISTSplit(NamedTuple):
@@ -227,9 +242,11 @@ def _render_counts(pool: int, renders: int, wanted: Optional[int], what: str) ->
     if wanted is None:
         return available
     if wanted > available:
+        size_option = "--val-size" if what == VAL_MIXED else f"--{what}-size"
         raise ValueError(f"{what}: {wanted} images asked for but only {pool} digits x "
                          f"{renders} renders = {available} are available; raise "
-                         f"renders_per_digit or give an MNIST directory (--mnist-dir)")
+                         f"--renders-per-digit, ask for fewer with {size_option}, or give "
+                         f"the full MNIST with --mnist-dir DIR")
     return wanted
 
 
@@ -255,8 +272,33 @@ def renders_needed(train_size: Optional[int], val_size: Optional[int],
     return max([1] + [-(-wanted // max(1, pool)) for wanted, pool in pools.values() if wanted])
 
 
+def _choose(pool: np.ndarray, renders: int, count: int,
+            rng: np.random.Generator) -> np.ndarray:
+    """The first `count` rows of `renders` consecutive permutations of `pool`, concatenated.
+    Every permutation is drawn, so the random stream (and every later draw: the data) is the
+    same as concatenating them all, but only `count` rows are kept: memory proportional to
+    count + pool, not renders * pool."""
+    chosen = np.empty(count, dtype=np.int64)
+    filled = 0
+    for _ in range(renders):
+        permutation = rng.permutation(pool)
+        take = min(count - filled, permutation.shape[0])
+        chosen[filled:filled + take] = permutation[:take]
+        filled += take
+    return chosen
+
+
 def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, BiasedMNISTSplit]:
     """Generate the train, val and test splits (no cache; see `load`)."""
+    splits = dict(_generate_splits(config, progress))
+    return {name: splits[name] for name in SPLITS}
+
+
+def _generate_splits(config: BiasedMNISTConfig,
+                     progress: bool = False) -> Iterator[Tuple[str, BiasedMNISTSplit]]:
+    """(name, split) one split at a time, in the order the random stream draws them (so a
+    caller can save each and keep only those it needs). The sources are read and every size
+    is checked when this is called, before the first split is rendered."""
     rng = np.random.default_rng(config.seed)
     cell = config.cell_size
     if config.emnist_dir:
@@ -282,20 +324,26 @@ def generate(config: BiasedMNISTConfig, progress: bool = False) -> Dict[str, Bia
     # Check every split's size before rendering any, so a bad size fails at once.
     counts = {name: _render_counts(plan[2].shape[0], config.renders_per_digit, plan[3], name)
               for name, plan in plans.items()}
-    splits = {}
-    for name, (digits, labels, pool, wanted, p_bias) in plans.items():
-        count = counts[name]
-        chosen = np.concatenate([rng.permutation(pool) for _ in range(config.renders_per_digit)])
-        chosen = chosen[:count]
-        split_labels = labels[chosen].astype(np.int64)
-        factors = sample_factors(split_labels, p_bias, rng)
-        images, masks = render(digits[chosen], factors, cell, glyphs, rng, progress,
-                               description=f"biased-mnist {name}")
-        splits[name] = BiasedMNISTSplit(torch.from_numpy(images),
-                                        torch.from_numpy(split_labels),
-                                        torch.from_numpy(factors), torch.from_numpy(chosen),
-                                        torch.from_numpy(masks))
-    return {name: splits[name] for name in SPLITS}
+
+    def rendered():
+        for name, (digits, labels, pool, wanted, p_bias) in plans.items():
+            # Built in a function so that this frame holds no split once the caller lets go.
+            yield name, _render_split(digits, labels, _choose(pool, config.renders_per_digit,
+                                                              counts[name], rng),
+                                      p_bias, cell, glyphs, rng, progress, name)
+    return rendered()
+
+
+def _render_split(digits: np.ndarray, labels: np.ndarray, chosen: np.ndarray,
+                  p_bias: Dict[str, float], cell: int, glyphs: np.ndarray,
+                  rng: np.random.Generator, progress: bool, name: str) -> BiasedMNISTSplit:
+    split_labels = labels[chosen].astype(np.int64)
+    factors = sample_factors(split_labels, p_bias, rng)
+    images, masks = render(digits[chosen], factors, cell, glyphs, rng, progress,
+                           description=f"biased-mnist {name}")
+    return BiasedMNISTSplit(torch.from_numpy(images), torch.from_numpy(split_labels),
+                            torch.from_numpy(factors), torch.from_numpy(chosen),
+                            torch.from_numpy(masks))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,31 +362,42 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _atomic_save(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
-
-
-def save(splits: Dict[str, BiasedMNISTSplit], config: BiasedMNISTConfig, directory: str) -> None:
+def _start_save(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory)
     meta_path = os.path.join(directory, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the old cache is invalid from the first overwritten file on
+
+
+def _save_split(directory: str, split: str, data: BiasedMNISTSplit) -> Dict[str, Dict]:
+    """Writes the split's arrays; returns their meta.json entries (size and SHA-256)."""
+    files = {}
+    for field in _ARRAYS:
+        name = f"{split}_{field}.npy"
+        path = os.path.join(directory, name)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, getattr(data, field).numpy())
+        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    return files
+
+
+def _write_meta(directory: str, config: BiasedMNISTConfig, files: Dict[str, Dict],
+                sizes: Dict[str, int]) -> None:
+    meta = {"config": config.identity(), "factor_names": list(FACTOR_NAMES), "files": files,
+            "sizes": sizes}
+    with atomic_path(os.path.join(directory, "meta.json")) as tmp:
+        with open(tmp, "w") as handle:
+            json.dump(meta, handle, indent=1)
+
+
+def save(splits: Dict[str, BiasedMNISTSplit], config: BiasedMNISTConfig, directory: str) -> None:
+    _start_save(directory)
     files = {}
     for split, data in splits.items():
-        for field in _ARRAYS:
-            name = f"{split}_{field}.npy"
-            path = os.path.join(directory, name)
-            _atomic_save(path, getattr(data, field).numpy())
-            files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    meta = {"config": config.identity(), "factor_names": list(FACTOR_NAMES), "files": files,
-            "sizes": {split: len(data) for split, data in splits.items()}}
-    tmp = f"{meta_path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(meta, handle, indent=1)
-    os.replace(tmp, meta_path)
+        files.update(_save_split(directory, split, data))
+    _write_meta(directory, config, files, {split: len(data) for split, data in splits.items()})
 
 
 def read_cached_config(directory: str) -> Optional[BiasedMNISTConfig]:
@@ -351,52 +410,158 @@ def read_cached_config(directory: str) -> Optional[BiasedMNISTConfig]:
         return None
 
 
+def _read_meta(directory: str) -> Dict:
+    with open(os.path.join(directory, "meta.json")) as handle:
+        meta = json.load(handle)
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) \
+            or not isinstance(meta.get("sizes"), dict):
+        raise ValueError("not a Biased MNIST meta.json")
+    return meta
+
+
 def cache_problem(config: BiasedMNISTConfig, directory: str,
                   splits: Sequence[str] = SPLITS) -> Optional[str]:
     """None when `directory` holds a complete cache of `config` for `splits` (only their files
-    are checked), else what is wrong with it."""
+    are read and hashed), else what is wrong with it."""
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.isdir(directory):
         return f"{directory} does not exist"
     if not os.path.isfile(meta_path):
         return "no cache"
     try:
-        with open(meta_path) as handle:
-            meta = json.load(handle)
+        meta = _read_meta(directory)
     except (OSError, ValueError) as error:
         return f"unreadable meta.json ({error})"
     if meta.get("config") != json.loads(json.dumps(config.identity())):
         return "the config changed"
-    for name, expected in meta.get("files", {}).items():
-        if name.split("_")[0] not in splits:  # split names hold no "_"
-            continue
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != expected["bytes"]:
-            return f"{name} has the wrong size (truncated or partial)"
-        if _sha256(path) != expected["sha256"]:
-            return f"{name} is corrupt (checksum differs)"
+    for split in splits:
+        if split not in meta["sizes"]:
+            return f"meta.json lists no {split} split"
+        for field in _ARRAYS:
+            name = f"{split}_{field}.npy"
+            expected = meta["files"].get(name)
+            if not isinstance(expected, dict) or not {"bytes", "sha256"} <= set(expected):
+                return f"meta.json lists no {name}"
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                return f"{name} is missing"
+            if os.path.getsize(path) != expected["bytes"]:
+                return f"{name} has the wrong size (truncated or partial)"
+            if _sha256(path) != expected["sha256"]:
+                return f"{name} is corrupt (checksum differs)"
     return None
 
 
+_SIZE_FIELDS = {"train": "train_size", "val": "val_size", VAL_MIXED: "val_size",
+                "test": "test_size"}
+
+
+def _content_problem(config: BiasedMNISTConfig, split: str, size,
+                     arrays: Dict[str, np.ndarray]) -> Optional[str]:
+    """What makes the cached `arrays` of `split` unusable, None when nothing does: shapes and
+    dtypes, the lengths against meta.json's size and the config's, labels and factors in
+    [0, NUM_VALUES). Cheap: reads the labels, factors and digit ids, and only the headers of
+    the images and masks."""
+    wanted = getattr(config, _SIZE_FIELDS[split])
+    if not isinstance(size, int) or size < 0 or (wanted is not None and size != wanted):
+        return f"meta.json gives {split} {size!r} images where the config asks for {wanted}"
+    side = config.image_size
+    layouts = {"images": ((size, 3, side, side), np.uint8), "labels": ((size,), np.int64),
+               "factors": ((size, len(FACTOR_NAMES)), np.int64), "digit_ids": ((size,), np.int64),
+               "digit_masks": ((size, side, -(-side // 8)), np.uint8)}
+    for field, (shape, dtype) in layouts.items():
+        array = arrays[field]
+        if array.shape != shape or array.dtype != dtype:
+            return (f"{split}_{field}.npy holds {array.dtype} {array.shape} where "
+                    f"{np.dtype(dtype)} {shape} belongs")
+    if size:
+        for field in ("labels", "factors"):
+            low, high = int(arrays[field].min()), int(arrays[field].max())
+            if low < 0 or high >= NUM_VALUES:
+                return (f"{split}_{field}.npy holds values {low}..{high}, outside "
+                        f"0..{NUM_VALUES - 1}")
+        if int(arrays["digit_ids"].min()) < 0:
+            return f"{split}_digit_ids.npy holds negative digit ids"
+    return None
+
+
+def _read_cache(config: BiasedMNISTConfig, directory: str, splits: Sequence[str],
+                mmap: bool) -> Tuple[Dict[str, BiasedMNISTSplit], Optional[str]]:
+    """(the splits, None) from a cache that passed `cache_problem`, or ({}, what is wrong with
+    its content)."""
+    sizes = _read_meta(directory)["sizes"]
+    loaded = {}
+    for split in splits:
+        arrays = {}
+        for field in _ARRAYS:
+            path = os.path.join(directory, f"{split}_{field}.npy")
+            try:
+                # Copy-on-write: only the rows read come into memory, the tensors are writable
+                # (no read-only warning from torch, no crash on an in-place op) and a write
+                # stays in this process, never reaching the cache.
+                arrays[field] = np.load(path, mmap_mode="c" if mmap else None)
+            except (OSError, ValueError, EOFError) as error:
+                return {}, f"{split}_{field}.npy cannot be read as an array ({error})"
+        problem = _content_problem(config, split, sizes[split], arrays)
+        if problem is not None:
+            return {}, problem
+        loaded[split] = BiasedMNISTSplit(*(torch.from_numpy(arrays[f]) for f in _ARRAYS))
+    return loaded, None
+
+
+def _generate_and_save(config: BiasedMNISTConfig, directory: str, splits: Sequence[str],
+                       progress: bool) -> Dict[str, BiasedMNISTSplit]:
+    """Generates every split and caches it, one split at a time; keeps only `splits`. The
+    directory is first touched once the first split is rendered: a mistake in the settings,
+    or an interruption while the first split renders, leaves what it held as it was."""
+    generated = _generate_splits(config, progress)
+    files, sizes, kept = {}, {}, {}
+    for name, data in generated:
+        if not files:
+            _start_save(directory)
+        files.update(_save_split(directory, name, data))
+        sizes[name] = len(data)
+        if name in splits:
+            kept[name] = data
+        del data   # an unasked split is freed before the next one is rendered
+    files = {f"{split}_{field}.npy": files[f"{split}_{field}.npy"]
+             for split in SPLITS for field in _ARRAYS}
+    _write_meta(directory, config, files, {split: sizes[split] for split in SPLITS})
+    return {split: kept[split] for split in splits}
+
+
 def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLITS,
-         progress: bool = False, verbose: bool = True,
-         replace_other: bool = True) -> Dict[str, BiasedMNISTSplit]:
+         progress: bool = False, verbose: bool = True, replace_other: bool = True,
+         mmap: bool = False) -> Dict[str, BiasedMNISTSplit]:
     """The `splits` of `config` from the cache in `directory`, generated (and cached) when the
     cache is missing, partial or corrupt. A complete cache of another config is regenerated
-    when `replace_other`, else refused (a ValueError naming the differences)."""
+    when `replace_other`, else refused (a ValueError naming the differences); so is a cache
+    whose checksums match but whose content is inconsistent (edited by hand: labels outside
+    0..9, lengths that disagree).
+
+    mmap: open the cached arrays memory-mapped (copy-on-write), so that only the rows a caller
+    reads come into memory; the tensors are writable and writes never reach the cache. A
+    dataset generated by this call is returned in memory."""
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}; Biased MNIST has {', '.join(SPLITS)}")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory} is a file, not a directory: give the dataset a "
+                         f"directory of its own")
+    if os.path.isdir(directory):
+        remove_stale_temporaries(directory)
     problem = cache_problem(config, directory, splits)
     if problem is None:
-        loaded = {}
-        for split in splits:
-            arrays = [torch.from_numpy(np.load(os.path.join(directory, f"{split}_{f}.npy")))
-                      for f in _ARRAYS]
-            loaded[split] = BiasedMNISTSplit(*arrays)
-        return loaded
+        loaded, problem = _read_cache(config, directory, splits, mmap)
+        if problem is None:
+            return loaded
+        if not replace_other:
+            raise ValueError(
+                f"the Biased MNIST cache in {directory} is inconsistent although its checksums "
+                f"match (edited by hand?): {problem}; regenerate it with `occamnets data "
+                f"biased-mnist --force --out {directory}` and the settings it was made with, "
+                f"or delete {directory}")
+        problem = f"inconsistent content ({problem})"
     if problem == "the config changed" and not replace_other:
         cached = read_cached_config(directory)
         theirs = cached.identity() if cached is not None else {}
@@ -408,6 +573,4 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
                          f"settings, or another data directory")
     if verbose and problem != "no cache":
         print(f"biased-mnist in {directory}: {problem}; generating it")
-    generated = generate(config, progress=progress)
-    save(generated, config, directory)
-    return {split: generated[split] for split in splits}
+    return _generate_and_save(config, directory, splits, progress)
