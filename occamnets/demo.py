@@ -11,26 +11,48 @@ import time
 from typing import Dict, Optional
 
 from .config import RunConfig, default_preset
-from .evaluate import cam_picture_data, percent
+from .data.biased_mnist import read_cached_config
+from .evaluate import cam_picture_data, checkpoint_config, percent
 from .models import MODELS
-from .train import RELIABILITY_PICTURE, RunReport, Trainer
+from .train import RELIABILITY_PICTURE, RunReport, Trainer, check_resumable
 from .viz import save_cam_grid, save_exit_distribution
+
+
+def demo_configs(out: str, preset: str) -> Dict[str, RunConfig]:
+    """Both models' runs, checked before any data is made: a demo directory holding runs or
+    data of other settings (another preset) is refused at once, not after generating data."""
+    configs = {model: RunConfig.from_preset(preset, model=model,
+                                            out_dir=os.path.join(out, model),
+                                            data_dir=os.path.join(out, "data"))
+               for model in ("resnet", "occam")}
+    for config in configs.values():
+        if os.path.exists(config.checkpoint_path):
+            try:
+                check_resumable(checkpoint_config(config.checkpoint_path), config)
+            except ValueError as error:
+                raise ValueError(f"{out} holds a demo run that cannot be continued with the "
+                                 f"{preset} preset ({error}); choose another --out, or remove "
+                                 f"{config.run_dir}") from error
+    dataset = configs["occam"].biased_mnist()
+    cached = read_cached_config(configs["occam"].dataset_dir)
+    if cached is not None and cached.identity() != dataset.identity():
+        raise ValueError(f"{configs['occam'].dataset_dir} holds the data of another preset; "
+                         f"choose another --out for the {preset} preset")
+    return configs
 
 
 def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None) -> int:
     preset = preset or default_preset()
     started = time.perf_counter()
     reports: Dict[str, RunReport] = {}
-    for model in ("resnet", "occam"):
-        config = RunConfig.from_preset(preset, model=model, out_dir=os.path.join(out, model),
-                                       data_dir=os.path.join(out, "data"))
-        trainer = Trainer(config)
-        print(f"== {model}: {preset} preset on {trainer.device}")
+    for model, config in demo_configs(out, preset).items():
         resume = config.checkpoint_path if os.path.exists(config.checkpoint_path) else None
-        report = trainer.run(resume=resume)
+        trainer = Trainer(config, resume=resume)
+        print(f"== {model}: {preset} preset on {trainer.device}")
+        report = trainer.run()
         if report is None:
             print("interrupted: run the demo again to continue")
-            return 130
+            return 128 + trainer.stop_signal if trainer.interrupted else 130
         reports[model] = report
         if model == "occam":
             cams, exits = os.path.join(out, "cams.png"), os.path.join(out, "exits.png")

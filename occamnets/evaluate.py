@@ -6,13 +6,13 @@ optimiser or reads more data than the split asked for.
 """
 import dataclasses
 import math
-import os
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .checkpoints import read_checkpoint
 from .config import RunConfig, resolve_device
 from .data import biased_mnist
 from .data.loaders import DeviceSplit, cell_fraction
@@ -22,23 +22,6 @@ from .models import OccamNet, build_model
 
 
 # -- checkpoints and data ---------------------------------------------------------------------
-
-def _read_checkpoint(path: str) -> Dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        # mmap: only the parts used are read from disk (not the optimiser's moments).
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # torch raises RuntimeError, pickle errors, EOFError, ...
-        raise ValueError(f"{path} is not a checkpoint torch can read ({error})") from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not an occamnets checkpoint (it holds a "
-                         f"{type(checkpoint).__name__})")
-    missing = [key for key in ("config", "model", "num_classes") if key not in checkpoint]
-    if missing:
-        raise ValueError(f"{path} is not an occamnets checkpoint (it has no {', '.join(missing)})")
-    return checkpoint
-
 
 def load_model_state(model: nn.Module, state: Dict, path: str) -> None:
     """The checkpoint's weights into `model`, or a ValueError saying why they do not fit (a
@@ -53,13 +36,13 @@ def load_model_state(model: nn.Module, state: Dict, path: str) -> None:
 
 def checkpoint_config(path: str) -> RunConfig:
     """The config of the run that wrote the checkpoint at `path`."""
-    return RunConfig.from_dict(_read_checkpoint(path)["config"])
+    return RunConfig.from_dict(read_checkpoint(path)["config"])
 
 
 def load_model(path: str, device: Optional[str] = None) -> Tuple[nn.Module, RunConfig]:
     """(model in eval mode on `device` (default: a GPU when present), its run's config) from a
     checkpoint written by the trainer. Reads nothing else: no data, no optimiser."""
-    checkpoint = _read_checkpoint(path)
+    checkpoint = read_checkpoint(path)
     config = RunConfig.from_dict(checkpoint["config"])
     model = build_model(config.model, checkpoint["num_classes"], config.width, config.stem,
                         config.backend)
@@ -68,7 +51,7 @@ def load_model(path: str, device: Optional[str] = None) -> Tuple[nn.Module, RunC
 
 
 def load_splits(config: RunConfig, device, names: Sequence[str] = biased_mnist.SPLITS,
-                progress: bool = False) -> Dict[str, DeviceSplit]:
+                progress: bool = False, count: Optional[int] = None) -> Dict[str, DeviceSplit]:
     """The splits `names` of the run's dataset, on `device`; only their files are read and
     checked. When they are missing or damaged the whole dataset is generated again into the
     run's dataset directory (Biased MNIST is a function of its config, and one random stream
@@ -76,16 +59,27 @@ def load_splits(config: RunConfig, device, names: Sequence[str] = biased_mnist.S
     dataset is never overwritten."""
     dataset, directory = config.biased_mnist(), config.dataset_dir
     try:
+        # A few images (count): memory-mapped, so only their rows are read from disk.
         splits = biased_mnist.load(dataset, directory, names, progress=progress,
-                                   replace_other=False)
+                                   replace_other=False, mmap=count is not None)
     except FileNotFoundError as error:
         problem = biased_mnist.cache_problem(dataset, directory, names)
         raise FileNotFoundError(f"the {', '.join(names)} split of this run's Biased MNIST is "
                                 f"not in {directory} ({problem}) and cannot be regenerated: "
                                 f"{error}") from error
-    return {name: DeviceSplit(s.images, s.labels, s.factors, s.factor_names, device,
-                              masks=s.digit_masks)
+    rows = slice(0, count)  # count: the first images only (a picture needs no more)
+    return {name: DeviceSplit(s.images[rows], s.labels[rows], s.factors[rows], s.factor_names,
+                              device, masks=s.digit_masks[rows])
             for name, s in splits.items()}
+
+
+def split_description(name: str, p_bias) -> str:
+    """What a Biased MNIST split is, for the reports."""
+    return {"train": f"the training split, biased (p_bias {p_bias})",
+            "val": f"validation, biased like training (p_bias {p_bias})",
+            biased_mnist.VAL_MIXED: f"validation with p_bias {biased_mnist.VAL_MIXED_P_BIAS} "
+                                    f"for every factor",
+            "test": "the unbiased test split (every factor value equally likely)"}[name]
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -176,9 +170,27 @@ class Classified(NamedTuple):
     nonfinite: Tensor              # (B,) bool: non-finite logits, or (OccamNet) gates
 
 
-def classify(model: nn.Module, x: Tensor, threshold: float = 0.5) -> Classified:
+def check_images(x: Tensor) -> None:
+    """A ValueError unless `x` is a float batch (B, 3, H, W) in [0, 1], what the models were
+    trained on (one host read)."""
+    if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        raise ValueError(f"images must be a float (B, 3, H, W) batch, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"images must hold at least one pixel, got {tuple(x.shape)}")
+    low, high = torch.stack(torch.aminmax(x.float())).tolist()
+    if not (0.0 <= low and high <= 1.0):
+        raise ValueError(f"images must lie in [0, 1] as in training, got values in [{low:g}, "
+                         f"{high:g}]: scale uint8 images with occamnets.data.normalise")
+
+
+def classify(model: nn.Module, x: Tensor, threshold: float = 0.5,
+             check: bool = True) -> Classified:
     """What inference runs: early exit for an OccamNet, the forward pass for a plain
-    classifier."""
+    classifier. check: refuse inputs that are not images in [0, 1] (a host read; the
+    evaluator, whose inputs are its own, skips it)."""
+    if check:
+        check_images(x)
     if isinstance(model, OccamNet):
         result = model.early_exit(x, threshold)
         return Classified(result.logits, result.exit_index, result.nonfinite)
@@ -186,16 +198,30 @@ def classify(model: nn.Module, x: Tensor, threshold: float = 0.5) -> Classified:
     return Classified(logits, None, ~torch.isfinite(logits).all(1))
 
 
+def progress_bar(total: int, description: str, enabled: bool, initial: int = 0):
+    """A tqdm bar on stderr, or None; tqdm leaves it out when stderr is not a terminal."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=description, leave=False, disable=None,
+                dynamic_ncols=True)
+
+
 def _timed(step: Callable[[Tensor], object], chunks: List[Tensor],
-           inputs: Callable[[Tensor], Tensor]) -> Tuple[list, float]:
+           inputs: Callable[[Tensor], Tensor],
+           tick: Optional[Callable[[], object]] = None) -> Tuple[list, float]:
     """(step's outputs per chunk, seconds for all of them); one untimed warm-up chunk first
-    (kernel compilation, cuDNN algorithm search)."""
+    (kernel compilation, cuDNN algorithm search). tick: called after each chunk."""
     step(inputs(chunks[0]))
     device = chunks[0].device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    outputs = [step(inputs(rows)) for rows in chunks]
+    outputs = []
+    for rows in chunks:
+        outputs.append(step(inputs(rows)))
+        if tick is not None:
+            tick()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return outputs, time.perf_counter() - started
@@ -205,12 +231,13 @@ def _timed(step: Callable[[Tensor], object], chunks: List[Tensor],
 def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
              threshold: float = 0.5, batch_size: int = 256, channels_last: bool = False,
              bf16: bool = False, per_factor: bool = True, diagnostics: bool = True,
-             time_full_depth: bool = False) -> Evaluation:
+             time_full_depth: bool = False, progress: bool = False) -> Evaluation:
     """Judge `model` on `split` as inference runs it: early exit with compaction for an
     OccamNet (timed), its plain forward otherwise (timed). For an OccamNet also every exit on
     every sample (untimed, for the per-exit accuracies and diagnostics; timed too with
     time_full_depth). diagnostics: per-exit calibration, and CAM agreement with the split's
-    object masks when it has them. channels_last and bf16 autocast apply on CUDA only."""
+    object masks when it has them. channels_last and bf16 autocast apply on CUDA only.
+    progress: a progress bar on stderr (when it is a terminal)."""
     if len(split) == 0:
         raise ValueError(f"the {split_name} split is empty")
     if batch_size < 1:
@@ -232,14 +259,21 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
     result = Evaluation(split_name, len(split), accuracy=math.nan, images_per_s=math.nan)
     labels = split.labels
     has_exits = isinstance(model, OccamNet)
+    passes = 1 + has_exits + (has_exits and time_full_depth)
+    bar = progress_bar(passes * len(chunks), f"evaluating {split_name}", progress)
+    tick = bar.update if bar is not None else None
     with autocast:
         if has_exits:
-            every_exit, exit_diagnostics = _every_exit(model, split, chunks, inputs, diagnostics)
+            every_exit, exit_diagnostics = _every_exit(model, split, chunks, inputs,
+                                                       diagnostics, tick)
             if time_full_depth:
                 _, full_seconds = _timed(lambda x: model.early_exit(x, threshold, compaction=False),
-                                         chunks, inputs)
+                                         chunks, inputs, tick)
                 result.full_depth_images_per_s = len(split) / max(full_seconds, 1e-9)
-        outputs, seconds = _timed(lambda x: classify(model, x, threshold), chunks, inputs)
+        outputs, seconds = _timed(lambda x: classify(model, x, threshold, check=False), chunks,
+                                  inputs, tick)
+    if bar is not None:
+        bar.close()
     logits = torch.cat([out.logits for out in outputs]).float()
     correct = logits.argmax(1) == labels
     result.nonfinite_samples = int(torch.cat([out.nonfinite for out in outputs]).sum())
@@ -272,8 +306,9 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
 
 
 def _every_exit(model: OccamNet, split: DeviceSplit, chunks: List[Tensor],
-                inputs: Callable[[Tensor], Tensor],
-                diagnostics: bool) -> Tuple[Tensor, List[ExitDiagnostics]]:
+                inputs: Callable[[Tensor], Tensor], diagnostics: bool,
+                tick: Optional[Callable[[], object]] = None
+                ) -> Tuple[Tensor, List[ExitDiagnostics]]:
     """(N, exits) float: each exit right on each sample; and per exit its diagnostics (an
     empty list without diagnostics)."""
     device, exits = split.device, model.num_exits
@@ -302,6 +337,8 @@ def _every_exit(model: OccamNet, split: DeviceSplit, chunks: List[Tensor],
                 cams[t].add(exit_out.cam.float().gather(1, true_class)[:, 0],
                             cell_fraction(masks, height, width))
         right.append(torch.stack(row, 1))
+        if tick is not None:
+            tick()
     every_exit = torch.cat(right).float()
     if not diagnostics:
         return every_exit, []

@@ -108,6 +108,12 @@ class OccamLoss(nn.Module):
         torch._assert_async(((items >= 0) & (items < self.num_items)).all(),
                             f"OccamLoss: item indices must lie in [0, {self.num_items}), the "
                             f"dataset size given to OccamLoss")
+        # Each item's gate target is stored per item: one item twice in a batch would leave
+        # whichever write came last. Refused (sorted, neighbours differ; still no host sync).
+        ordered = items.sort().values
+        torch._assert_async((ordered[1:] != ordered[:-1]).all(),
+                            "OccamLoss: item indices must be distinct within a batch (each "
+                            "item's gate target is stored per item)")
 
     def _refresh(self, correct: Tensor, labels: Tensor) -> Tensor:
         """(E,) bool: refresh each exit's gate targets from this batch? `correct` (E, B) is

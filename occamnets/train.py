@@ -2,16 +2,19 @@
 
 Resumable exactly: a checkpoint holds the model, optimiser, scheduler, the objective's state
 (OccamLoss's), RNG states, the epoch and the batch within it; the batch order of an epoch is
-a function of (seed, epoch), so a resumed run sees the same batches. Ctrl-C writes a
-checkpoint first. What is trained is decided once, by the objective (`make_objective`).
+a function of (seed, epoch), so a resumed run sees the same batches. Ctrl-C and SIGTERM
+write a checkpoint before stopping, and `checkpoint_every` writes one every N steps. What is trained is decided once, by the objective (`make_objective`).
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
+import tempfile
+import threading
 import time
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,10 +22,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoints import read_checkpoint, write_checkpoint
 from .config import RunConfig, resolve_device
 from .data.biased_mnist import VAL_MIXED
 from .data.loaders import DeviceSplit
-from .evaluate import Evaluation, evaluate, load_model_state, load_splits
+from .evaluate import Evaluation, evaluate, load_model_state, load_splits, progress_bar
+from .files import atomic_path, remove_stale_temporaries
 from .losses import OccamLoss
 from .models import MODELS, build_model
 
@@ -109,7 +114,12 @@ def batches(order: torch.Tensor, batch_size: int, start: int = 0, rank: int = 0,
 
 
 def rng_state() -> Dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """Every generator's state as tensors and plain data (a checkpoint holds nothing else)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "position": int(position), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -118,16 +128,13 @@ def rng_state() -> Dict:
 
 def set_rng_state(state: Dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32),
+                         numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class CheckpointMismatch(ValueError):
@@ -186,7 +193,7 @@ RELIABILITY_PICTURE = "reliability.png"
 
 def write_report(report: RunReport, run_dir: str) -> None:
     """report.json, report.md and the test split's reliability diagrams."""
-    with open(os.path.join(run_dir, "report.json"), "w") as handle:
+    with atomic_path(os.path.join(run_dir, "report.json")) as tmp, open(tmp, "w") as handle:
         json.dump(report.to_dict(), handle, indent=1, default=str)
     text = report.to_markdown()
     if report.test.diagnostics:
@@ -196,26 +203,57 @@ def write_report(report: RunReport, run_dir: str) -> None:
                                   title=f"{MODELS[report.model]}: reliability on the unbiased "
                                         f"test split")
         text += f"\n![reliability diagrams per exit]({RELIABILITY_PICTURE})\n"
-    with open(os.path.join(run_dir, "report.md"), "w") as handle:
+    with atomic_path(os.path.join(run_dir, "report.md")) as tmp, open(tmp, "w") as handle:
         handle.write(text)
 
 
 def mean_train_rate(metrics_path: str) -> float:
     """Mean training images/s over the epoch records of metrics.jsonl."""
-    with open(metrics_path) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    rates = [r["train_images_per_s"] for r in records if r.get("kind", "epoch") == "epoch"]
+    rates = [r["train_images_per_s"] for r in read_metrics(metrics_path)
+             if r.get("kind", "epoch") == "epoch"]
     return sum(rates) / max(1, len(rates))
+
+
+def read_metrics(metrics_path: str) -> List[Dict]:
+    if not os.path.exists(metrics_path):
+        return []
+    with open(metrics_path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def prepare_run_dir(path: str) -> None:
+    """Create the run directory, or a ValueError saying why it cannot be written (checked
+    before any data is read or generated)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"the run directory {path} is a file: choose another --out")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write to the run directory {path} ({error.strerror}): "
+                         f"choose another --out") from error
+    remove_stale_temporaries(path)
+
+
+# Signals that stop training with a checkpoint: Ctrl-C, and what schedulers send before a kill.
+STOP_SIGNALS = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "SIGTERM received"}
+# Under DDP the processes agree on stopping every this many steps (one small all-reduce).
+STOP_SYNC_EVERY = 10
+# A batch's loss is read from the device for the progress bar every this many steps.
+PROGRESS_EVERY = 10
 
 
 class Trainer:
     """Trains one model; `run()` returns the final report (also written as JSON and Markdown).
 
     `splits` (train, val, test DeviceSplits) default to the config's dataset, loaded or
-    generated into its dataset directory.
+    generated into its dataset directory. `resume`: a checkpoint to continue; it is read and
+    checked against the config before any data is loaded.
     """
 
-    def __init__(self, config: RunConfig, splits: Optional[Dict[str, DeviceSplit]] = None):
+    def __init__(self, config: RunConfig, splits: Optional[Dict[str, DeviceSplit]] = None,
+                 resume: Optional[str] = None):
         self.config = config = config.with_absolute_paths()
         self.device = resolve_device(config.device)
         # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (NCCL), or gloo on CPU.
@@ -226,15 +264,30 @@ class Trainer:
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
+        # Cheap checks first: the batch, where the run writes, the checkpoint it continues.
+        if splits is None and config.train_size is not None and (
+                config.batch_size * self.world > config.train_size):
+            raise ValueError(f"a batch of {config.batch_size} images"
+                             + (f" on each of {self.world} processes" if self.world > 1 else "")
+                             + f" is more than the training split ({config.train_size} "
+                               f"images): lower --batch-size or raise --train-size")
+        prepare_run_dir(config.run_dir)
+        self.checkpoint_path = config.checkpoint_path
+        self.metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
+        resumed = None
+        if resume:
+            resumed = read_checkpoint(resume, mmap=False)
+            check_resumable(RunConfig.from_dict(resumed["config"]), config)
+        self.events = _open_tensorboard(config.tensorboard) if self.rank == 0 else None
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        self.splits = (splits if splits is not None else
-                       load_splits(config, self.device, progress=config.progress))
+        self.splits = splits if splits is not None else self._load_data()
         if len(self.splits["train"]) < config.batch_size * self.world:
             raise ValueError(f"the training split has {len(self.splits['train'])} images, fewer "
                              f"than one batch of {config.batch_size}"
-                             + (f" on each of {self.world} processes" if self.world > 1 else ""))
+                             + (f" on each of {self.world} processes" if self.world > 1 else "")
+                             + ": lower --batch-size")
         # Every split's labels: a small training split may miss a class the test split has.
         self.num_classes = max(int(s.labels.max()) for s in self.splits.values() if len(s)) + 1
         self.model = build_model(config.model, self.num_classes, config.width, config.stem,
@@ -258,10 +311,25 @@ class Trainer:
         self.objective = make_objective(config, self.model, len(self.splits["train"]),
                                         self.num_classes, self.device)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        os.makedirs(config.run_dir, exist_ok=True)
-        self.checkpoint_path = config.checkpoint_path
-        self.metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
-        self.interrupted = False
+        # The epoch so far (kept in checkpoints, so a resumed epoch's loss counts every step).
+        self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
+        self.stop_signal: Optional[int] = None
+        if resumed is not None:
+            self._load_state(resumed, resume)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_signal is not None
+
+    def _load_data(self) -> Dict[str, DeviceSplit]:
+        # Under DDP the first process loads (or generates and caches) the data, then the
+        # others read its cache: never two writers on one dataset directory.
+        if self.world > 1 and self.rank != 0:
+            dist.barrier()
+        splits = load_splits(self.config, self.device, progress=self.config.progress)
+        if self.world > 1 and self.rank == 0:
+            dist.barrier()
+        return splits
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict:
@@ -270,19 +338,30 @@ class Trainer:
                 "objective": self.objective.state_dict(),
                 "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "config": self.config.to_dict(),
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes,
+                "epoch_progress": {"loss_sum": self.epoch_loss_sum, "images": self.epoch_images,
+                                   "seconds": self.epoch_seconds}}
 
     def save_checkpoint(self) -> str:
         # Every process holds the same state (DDP, OccamLoss sync): the first one writes it.
         if self.rank == 0:
-            save_atomic(self.state_dict(), self.checkpoint_path)
+            write_checkpoint(self.state_dict(), self.checkpoint_path)
         if self.world > 1:
             dist.barrier()
         return self.checkpoint_path
 
     def load_checkpoint(self, path: str) -> None:
-        checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        checkpoint = read_checkpoint(path, mmap=False)
         check_resumable(RunConfig.from_dict(checkpoint["config"]), self.config)
+        self._load_state(checkpoint, path)
+
+    def _load_state(self, checkpoint: Dict, path: str) -> None:
+        missing = [k for k in ("optimizer", "scheduler", "objective", "rng", "epoch",
+                               "step_in_epoch", "global_step", "epoch_progress")
+                   if k not in checkpoint]
+        if missing:
+            raise ValueError(f"{path} holds a model but not the training state to resume "
+                             f"({', '.join(missing)} missing)")
         load_model_state(self.model, checkpoint["model"], path)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -290,6 +369,22 @@ class Trainer:
         set_rng_state(checkpoint["rng"])
         self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
         self.global_step = checkpoint["global_step"]
+        progress = checkpoint["epoch_progress"]
+        self.epoch_loss_sum, self.epoch_images = progress["loss_sum"], progress["images"]
+        self.epoch_seconds = progress["seconds"]
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """metrics.jsonl as it was when the checkpoint was written: records a run wrote after
+        its last checkpoint (before a crash) are dropped, so a resumed run never repeats a
+        step or an epoch."""
+        if self.rank != 0 or not os.path.exists(self.metrics_path):
+            return
+        kept = [r for r in read_metrics(self.metrics_path)
+                if r.get("global_step", 0) <= self.global_step
+                and (r.get("kind") != "epoch" or r["epoch"] <= self.epoch)]
+        with atomic_path(self.metrics_path) as tmp, open(tmp, "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in kept)
 
     # -- training ----------------------------------------------------------------------------
     def _train_step(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -302,65 +397,122 @@ class Trainer:
         self.optimizer.step()
         return loss.detach(), parts
 
-    def _on_sigint(self, signum, frame):
-        self.interrupted = True  # finish the step, write a checkpoint, then stop
+    def _on_stop_signal(self, signum, frame):
+        self.stop_signal = signum  # finish the step, write a checkpoint, then stop
+
+    def _should_stop(self) -> Optional[str]:
+        """Why training stops after this step, or None. Under DDP the processes agree (a
+        signal may reach them at different steps) every STOP_SYNC_EVERY steps."""
+        config = self.config
+        if config.max_steps and self.global_step >= config.max_steps:
+            return f"reached --max-steps {config.max_steps}"
+        if self.world > 1:
+            if self.global_step % STOP_SYNC_EVERY:
+                return None
+            flag = torch.tensor([self.stop_signal or 0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stop_signal = int(flag) or None
+        return STOP_SIGNALS.get(self.stop_signal) if self.stop_signal else None
+
+    def _stop(self, reason: str) -> None:
+        path = self.save_checkpoint()
+        if self.rank == 0:
+            print(f"{reason}: stopped at epoch {self.epoch + 1} step {self.step_in_epoch} "
+                  f"(step {self.global_step} in all); checkpoint written to {path}; continue "
+                  f"with `occamnets train --out {self.config.run_dir} --resume`", flush=True)
 
     def train(self) -> None:
+        """Train until the last epoch, --max-steps or a stop signal (a checkpoint is written
+        in every case; `interrupted` says whether a signal stopped it)."""
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS
+                    } if in_main_thread else {}
+        try:
+            self._train_epochs()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            if self.events is not None:
+                self.events.flush()
+
+    def _train_epochs(self) -> None:
         config = self.config
         train = self.splits["train"]
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            while self.epoch < config.epochs:
-                if self.step_in_epoch == 0:
-                    self.objective.on_epoch_start(self.epoch)
-                self.model.train()
-                order = epoch_order(len(train), config.seed, self.epoch, self.device)
-                steps = steps_per_epoch(len(train), config.batch_size, self.world)
-                bar = _progress(steps, self.step_in_epoch, f"epoch {self.epoch + 1}/{config.epochs}",
-                                config.progress and self.rank == 0)
-                started, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
-                for step, rows in batches(order, config.batch_size, self.step_in_epoch,
-                                          self.rank, self.world):
-                    loss, parts = self._train_step(rows)
-                    loss_sum += loss
-                    seen += rows.numel()
-                    self.step_in_epoch, self.global_step = step + 1, self.global_step + 1
-                    if config.log_every and self.global_step % config.log_every == 0:
-                        self._log_step(loss, parts, rows.numel())
-                    if bar is not None and (step % 10 == 0 or step == steps - 1):
-                        rate = seen / (time.perf_counter() - started)
-                        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
-                        bar.update(min(10, steps - bar.n) if step % 10 == 0 else steps - bar.n)
-                    if self.interrupted or (config.max_steps and self.global_step >= config.max_steps):
-                        if bar is not None:
-                            bar.close()
-                        path = self.save_checkpoint()
-                        print(f"stopped at epoch {self.epoch + 1} step {self.step_in_epoch}; "
-                              f"checkpoint written to {path}; continue with --resume")
-                        return
+        if self.global_step == 0 and self.rank == 0 and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)  # a new run: nothing from an earlier one
+        while self.epoch < config.epochs:
+            if self.step_in_epoch == 0:
+                self.objective.on_epoch_start(self.epoch)
+                self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
+            self.model.train()
+            order = epoch_order(len(train), config.seed, self.epoch, self.device)
+            steps = steps_per_epoch(len(train), config.batch_size, self.world)
+            bar = progress_bar(steps, f"epoch {self.epoch + 1}/{config.epochs}",
+                               config.progress and self.rank == 0, initial=self.step_in_epoch)
+            started, seen = time.perf_counter(), 0
+            loss_sum = torch.full((), self.epoch_loss_sum, device=self.device)
+            for step, rows in batches(order, config.batch_size, self.step_in_epoch,
+                                      self.rank, self.world):
+                loss, parts = self._train_step(rows)
+                loss_sum += loss
+                seen += rows.numel()
+                self.step_in_epoch, self.global_step = step + 1, self.global_step + 1
+                if config.log_every and self.global_step % config.log_every == 0:
+                    self._log_step(loss, parts, rows.numel())
                 if bar is not None:
-                    bar.close()
-                elapsed = time.perf_counter() - started
-                self.scheduler.step()
-                record = {"kind": "epoch", "epoch": self.epoch + 1,
-                          "train_loss": (loss_sum / max(1, steps)).item(),
-                          "train_images_per_s": seen / max(elapsed, 1e-9),
-                          "lr": self.optimizer.param_groups[0]["lr"]}
-                val = self.evaluate("val", per_factor=False, diagnostics=False)
-                record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
-                if VAL_MIXED in self.splits:
-                    mixed = self.evaluate(VAL_MIXED, per_factor=False, diagnostics=False)
-                    record[f"{VAL_MIXED}_accuracy"] = mixed.accuracy
-                self._append_metrics(record)
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self.save_checkpoint()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+                    if step % PROGRESS_EVERY == 0 or step == steps - 1:
+                        rate = seen / (time.perf_counter() - started)
+                        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}",
+                                        refresh=False)
+                    bar.update(1)
+                stop = self._should_stop()
+                periodic = config.checkpoint_every and (
+                    self.global_step % config.checkpoint_every == 0)
+                if stop or periodic:
+                    self.epoch_loss_sum = loss_sum.item()
+                    self.epoch_images = self.epoch_images + seen
+                    self.epoch_seconds += time.perf_counter() - started
+                    started, seen = time.perf_counter(), 0
+                if stop:
+                    if bar is not None:
+                        bar.close()
+                    self._stop(stop)
+                    return
+                if periodic:
+                    self.save_checkpoint()
+            if bar is not None:
+                bar.close()
+            elapsed = self.epoch_seconds + time.perf_counter() - started
+            images = self.epoch_images + seen
+            self.scheduler.step()
+            record = {"kind": "epoch", "epoch": self.epoch + 1, "global_step": self.global_step,
+                      "train_loss": (loss_sum / max(1, steps)).item(),
+                      "train_images_per_s": images / max(elapsed, 1e-9),
+                      "lr": self.optimizer.param_groups[0]["lr"]}
+            val = self.evaluate("val", per_factor=False, diagnostics=False)
+            record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
+            if VAL_MIXED in self.splits:
+                mixed = self.evaluate(VAL_MIXED, per_factor=False, diagnostics=False)
+                record[f"{VAL_MIXED}_accuracy"] = mixed.accuracy
+            self._append_metrics(record)
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
+            self.save_checkpoint()
+            stop = self._should_stop() if self.epoch < config.epochs else None
+            if stop:
+                self._stop(stop)
+                return
 
     def _append_metrics(self, record: Dict) -> None:
-        if self.rank == 0:
-            with open(self.metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if self.rank != 0:
+            return
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.events is not None:
+            for name, value in record.items():
+                if name not in ("kind", "epoch", "step", "global_step", "batch"):
+                    self.events.add_scalar(f"{record['kind']}/{name}", value,
+                                           record["global_step"])
 
     def _log_step(self, loss: Tensor, parts: Dict[str, Tensor], batch: int) -> None:
         """A "step" record: the loss and every component (per exit for OccamNets), read from
@@ -379,28 +531,35 @@ class Trainer:
                         bf16=self.config.bf16, per_factor=per_factor, diagnostics=diagnostics,
                         time_full_depth=time_full_depth)
 
-    def run(self, resume: Optional[str] = None) -> Optional[RunReport]:
-        """Train (from `resume`, a checkpoint path, if given) and evaluate; None if stopped
-        before the last epoch (interrupted, or max_steps reached)."""
-        if resume:
-            self.load_checkpoint(resume)
+    def run(self) -> Optional[RunReport]:
+        """Train and evaluate; None if stopped before the last epoch (a stop signal, or
+        max_steps reached). Only the first process writes the report."""
         self.train()
         if self.epoch < self.config.epochs:
             return None
         # Full-depth timing on the test split too: what early exit saves (OccamNets only).
-        report = RunReport(self.config.model, self.config,
-                           self.evaluate("test", time_full_depth=True),
-                           self.evaluate("val", per_factor=False),
-                           (self.evaluate(VAL_MIXED, per_factor=False)
-                            if VAL_MIXED in self.splits else None),
-                           mean_train_rate(self.metrics_path))
+        test = self.evaluate("test", time_full_depth=True)
+        val = self.evaluate("val", per_factor=False)
+        mixed = (self.evaluate(VAL_MIXED, per_factor=False) if VAL_MIXED in self.splits
+                 else None)
+        rate = [mean_train_rate(self.metrics_path) if self.rank == 0 else math.nan]
+        if self.world > 1:
+            dist.broadcast_object_list(rate, src=0)  # metrics.jsonl is the first process's
+        report = RunReport(self.config.model, self.config, test, val, mixed, rate[0])
         if self.rank == 0:
             write_report(report, self.config.run_dir)
+        if self.world > 1:
+            dist.barrier()  # no process leaves before the report is written
         return report
 
 
-def _progress(total: int, initial: int, description: str, enabled: bool):
-    if not enabled:
+def _open_tensorboard(directory: Optional[str]):
+    if directory is None:
         return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ValueError(f"--tensorboard needs the tensorboard package ({error}): "
+                         f"`pip install tensorboard`, or leave --tensorboard out") from error
+    return SummaryWriter(directory)
+

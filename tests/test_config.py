@@ -35,7 +35,7 @@ def test_bad_settings_are_named():
         RunConfig.from_preset("fast")
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         RunConfig(batch_size=0)
-    with pytest.raises(ValueError, match="p_bias for digit_color must lie in"):
+    with pytest.raises(ValueError, match=r"p_bias must be in \[0, 1\], got 2.0"):
         RunConfig(p_bias=2.0)
     with pytest.raises(ValueError, match="one tau per exit"):
         RunConfig(taus=(0.5,))

@@ -145,6 +145,10 @@ def test_errors_are_named():
         loss(out, torch.tensor([0, 1]), torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 2\)"):
         loss(out, torch.tensor([0, 2]), torch.tensor([0, 1]))
+    # One item twice in a batch: its stored gate target would be whichever write came last.
+    with pytest.raises(RuntimeError, match="item indices must be distinct within a batch"):
+        loss(out, torch.tensor([0, 1]), torch.tensor([3, 3]))
+    assert not loss.has_target.any()  # refused before any state changed
     with pytest.raises(ValueError, match="predicts 2 classes, the loss expects 3"):
         OccamLoss(num_items=4, num_classes=3, num_exits=1, taus=(0.5,))(
             out, torch.tensor([0, 1]), torch.tensor([0, 1]))

@@ -4,7 +4,8 @@ Python data loading (a worker per batch decoding and collating) would bound trai
 a GPU; Biased MNIST at 160 px is 3.8 GB of uint8 for 50,000 images, which fits on the GPU, so
 batches are gathered and converted to float there.
 """
-from typing import Optional, Sequence
+import os
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -80,15 +81,49 @@ class DeviceSplit:
         return cell_fraction(self.object_masks(rows), height, width)
 
 
-def read_images(paths: Sequence[str], size: int) -> torch.Tensor:
-    """Image files (anything Pillow reads) as uint8 (N, 3, size, size), resized to `size`."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_paths(paths: Sequence[str]) -> List[str]:
+    """Files as given, and the image files (by suffix, sorted) of any directory given; a
+    FileNotFoundError names a path that does not exist or a directory without images."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            inside = sorted(os.path.join(path, name) for name in os.listdir(path)
+                            if name.lower().endswith(IMAGE_SUFFIXES)
+                            and os.path.isfile(os.path.join(path, name)))
+            if not inside:
+                raise FileNotFoundError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            found.extend(inside)
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no such image file or directory: {path}")
+    return found
+
+
+class ImageFiles(NamedTuple):
+    images: torch.Tensor               # (N, 3, size, size) uint8
+    sizes: List[Tuple[int, int]]       # each file's own (width, height)
+
+
+def read_image_files(paths: Sequence[str], size: int) -> ImageFiles:
+    """Image files (anything Pillow reads) as uint8 RGB (N, 3, size, size), resized to
+    `size`, with their own sizes (to tell the user which were resized)."""
     from PIL import Image
-    images = []
+    images, sizes = [], []
     for path in paths:
         try:
             with Image.open(path) as image:
+                sizes.append(image.size)
                 rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read {path} as an image: {error}") from error
         images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
-    return torch.stack(images)
+    return ImageFiles(torch.stack(images), sizes)
+
+
+def read_images(paths: Sequence[str], size: int) -> torch.Tensor:
+    """Image files as uint8 (N, 3, size, size), resized to `size`."""
+    return read_image_files(paths, size).images

@@ -1,0 +1,75 @@
+"""The checkpoint file: written atomically, read without running code.
+
+A checkpoint is a dict of tensors and plain data (numbers, strings, lists, dicts): the run's
+config as `RunConfig.to_dict()`, the weights, and for training the optimiser, scheduler,
+objective and RNG states. It is read with `torch.load(weights_only=True)`, which builds only
+those types, so a crafted file cannot run code (users share checkpoints). Format 2 (from
+2026-11-27) is the first such format; older files held numpy objects and are refused.
+"""
+import os
+import pickle
+from typing import Dict
+
+import torch
+
+from .files import atomic_path, remove_stale_temporaries
+
+CHECKPOINT_FORMAT = 2
+# What every occamnets checkpoint holds; a training checkpoint holds more (train.py).
+REQUIRED_KEYS = ("format", "config", "model", "num_classes")
+
+
+def write_checkpoint(state: Dict, path: str) -> None:
+    """`state` (plain data and tensors) to `path` atomically, tagged with the format."""
+    directory = os.path.dirname(path) or "."
+    remove_stale_temporaries(directory)
+    with atomic_path(path) as tmp:
+        torch.save(dict(state, format=CHECKPOINT_FORMAT), tmp)
+
+
+def start_over_hint(path: str) -> str:
+    return (f"to start over, remove it (rm {path}) or train into another --out")
+
+
+def read_checkpoint(path: str, map_location="cpu", mmap: bool = True) -> Dict:
+    """The checkpoint at `path`; a ValueError saying what is wrong with the file otherwise
+    (FileNotFoundError when there is none). mmap: only the parts used are read from disk
+    (for a model; training state that is updated in place is read whole)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (a write that was cut off?)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise ValueError(f"{path} is not a checkpoint torch can read (truncated or "
+                             f"corrupt?): {_first_line(error)}") from error
+        raise ValueError(f"{path} holds objects other than tensors and plain data, so it is "
+                         f"not loaded (loading it could run code): it was written by "
+                         f"occamnets before checkpoint format {CHECKPOINT_FORMAT} "
+                         f"(2026-11-27), or by another program") from error
+    except Exception as error:  # torch raises RuntimeError, EOFError, zip errors, ...
+        raise ValueError(f"{path} is not a checkpoint torch can read (truncated or "
+                         f"corrupt?): {_first_line(error)}") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not an occamnets checkpoint (it holds a "
+                         f"{type(checkpoint).__name__})")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing == ["format"]:
+        raise ValueError(f"{path} was written by occamnets before checkpoint format "
+                         f"{CHECKPOINT_FORMAT} (2026-11-27); this version does not read it")
+    if missing:
+        raise ValueError(f"{path} is not an occamnets checkpoint (it has no "
+                         f"{', '.join(missing)})")
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {checkpoint['format']!r}; this "
+                         f"version of occamnets reads format {CHECKPOINT_FORMAT}")
+    return checkpoint
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

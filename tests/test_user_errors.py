@@ -1,0 +1,445 @@
+"""Every mistake a user can make on the command line ends in one line on stderr that names the
+problem and the fix, with exit code 2, never a traceback; nothing half-written is left
+behind; a checkpoint cannot run code; interruptions lose nothing.
+
+Each case here failed before the reliability work (issue 13): it printed a traceback, or
+worse, exited 0 having done something other than asked.
+"""
+import gzip
+import json
+import os
+import pickle
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from occamnets import train as train_module
+from occamnets.checkpoints import read_checkpoint
+from occamnets.cli import main
+from occamnets.config import RunConfig
+from occamnets.data import biased_mnist
+from occamnets.evaluate import classify, load_model
+from occamnets.models import occam_resnet18
+from occamnets.train import Trainer
+
+from test_train import config as trainer_config, synthetic_splits
+
+TINY_DATA = ["--cell-size", "6", "--train-size", "64", "--val-size", "10", "--test-size", "20"]
+TINY_RUN = ["--preset", "quick", "--epochs", "1", "--batch-size", "32", "--width", "4",
+            "--device", "cpu", "--no-progress"]
+
+
+def one_line_error(capsys, *needles):
+    """The command's stderr: a single line holding every needle, no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    out = str(root / "run")
+    assert main(["train", "--out", out, "--data-dir", str(root / "data")]
+                + TINY_DATA + TINY_RUN) == 0
+    return os.path.join(out, "checkpoint.pt")
+
+
+# -- numeric options: refused at parse time, naming the option and the allowed range ----------
+
+@pytest.mark.parametrize("argv,needle", [
+    (["data", "biased-mnist", "--train-size", "-5"], "argument --train-size: must be at least 1, got -5"),
+    (["data", "biased-mnist", "--test-size", "-1"], "argument --test-size: must be at least 1, got -1"),
+    (["data", "biased-mnist", "--val-size", "-3"], "argument --val-size: must be at least 1, got -3"),
+    (["data", "biased-mnist", "--cell-size", "2"], "argument --cell-size: must be at least 4, got 2"),
+    (["train", "--train-size", "-5"], "argument --train-size: must be at least 1, got -5"),
+    (["train", "--train-size", "0"], "argument --train-size: must be at least 1, got 0"),
+    (["train", "--epochs", "-1"], "argument --epochs: must be at least 1, got -1"),
+    (["train", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["train", "--batch-size", "-4"], "argument --batch-size: must be at least 1, got -4"),
+    (["train", "--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["train", "--lr", "0"], "argument --lr: must be above 0, got 0.0"),
+    (["train", "--p-bias", "1.5"], "argument --p-bias: must be in [0, 1], got 1.5"),
+    (["train", "--taus", "0.5", "0.6", "0.7", "2"], "argument --taus: must be in [0, 1], got 2.0"),
+    (["train", "--exit-threshold", "-0.1"], "argument --exit-threshold: must be in [0, 1]"),
+    (["train", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+    (["train", "--checkpoint-every", "-2"], "argument --checkpoint-every: must be at least 0"),
+    (["train", "--width", "x"], "argument --width: invalid int value: 'x'"),
+    (["eval", "x.pt", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["predict", "x.pt", "--threshold", "1.5"], "argument --threshold: must be in [0, 1], got 1.5"),
+    (["viz", "x.pt", "--count", "0"], "argument --count: must be at least 1, got 0"),
+])
+def test_bad_numbers_are_refused_at_parse_time(argv, needle, capsys):
+    assert main(argv) == 2
+    one_line_error(capsys, needle, "--help")
+
+
+def test_settings_that_cannot_train_are_refused_before_any_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(biased_mnist, "generate", lambda *a, **k: pytest.fail("data made"))
+    out = ["--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")]
+    # A batch larger than the training split trained zero steps and reported success.
+    assert main(["train", "--batch-size", "1000"] + out + TINY_DATA[:4] + TINY_RUN[:4]) == 2
+    one_line_error(capsys, "a batch of 1000 images is more than the training split (64 images)",
+                   "--batch-size")
+    assert main(["train", "--milestones", "5", "3"] + out + TINY_RUN) == 2
+    one_line_error(capsys, "milestones must increase, got (5, 3)")
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_a_gpu_that_is_not_there(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path)] + TINY_DATA) == 2
+    one_line_error(capsys, "device 'cuda' asked for, but torch sees no CUDA GPU here")
+
+
+def test_run_directories_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(biased_mnist, "generate", lambda *a, **k: pytest.fail("data made"))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["train", "--out", str(a_file)] + TINY_DATA + TINY_RUN) == 2
+    one_line_error(capsys, f"the run directory {a_file} is a file: choose another --out")
+    assert main(["train", "--out", str(a_file / "run")] + TINY_DATA + TINY_RUN) == 2
+    one_line_error(capsys, "cannot write to the run directory", "Not a directory",
+                   "choose another --out")
+
+    def read_only(*args, **kwargs):  # the tests run as root, which writes anywhere
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(train_module.tempfile, "TemporaryFile", read_only)
+    assert main(["train", "--out", str(tmp_path / "ro")] + TINY_DATA + TINY_RUN) == 2
+    one_line_error(capsys, "cannot write to the run directory", "Permission denied")
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+class _RunsCode:
+    """Unpickling it would call os.system: what a crafted checkpoint does."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_does_not_run_code(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"format": 2, "config": {}, "model": {}, "num_classes": 10,
+                "payload": _RunsCode(marker)}, crafted)
+    with open(tmp_path / "plain.pkl", "wb") as handle:   # the same with plain pickle
+        pickle.dump(_RunsCode(tmp_path / "control"), handle)
+    with open(tmp_path / "plain.pkl", "rb") as handle:
+        pickle.load(handle)
+    assert (tmp_path / "control").exists()               # the payload works...
+    for command in ("eval", "predict", "viz"):
+        assert main([command, str(crafted)]) == 2
+        one_line_error(capsys, "holds objects other than tensors and plain data",
+                       "could run code")
+    assert not marker.exists()                            # ...and did not run
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "is empty"),
+    (b"not a checkpoint at all", "is not a checkpoint torch can read"),
+])
+def test_empty_and_foreign_files(tmp_path, capsys, content, needle):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    assert main(["eval", str(path)]) == 2
+    one_line_error(capsys, needle)
+
+
+def test_truncated_old_and_foreign_checkpoints(trained, tmp_path, capsys):
+    data = open(trained, "rb").read()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[:len(data) // 2])
+    assert main(["eval", str(truncated)]) == 2
+    one_line_error(capsys, "is not a checkpoint torch can read (truncated or corrupt?)")
+    state = read_checkpoint(trained)
+    old = dict(state)
+    del old["format"]
+    old["rng"] = {"numpy": np.random.get_state()}       # as checkpoints held before format 2
+    torch.save(old, tmp_path / "old.pt")
+    assert main(["eval", str(tmp_path / "old.pt")]) == 2
+    one_line_error(capsys, "holds objects other than tensors and plain data")
+    del old["rng"]
+    torch.save(old, tmp_path / "old2.pt")
+    assert main(["eval", str(tmp_path / "old2.pt")]) == 2
+    one_line_error(capsys, "was written by occamnets before checkpoint format 2")
+    torch.save({"state_dict": state["model"]}, tmp_path / "foreign.pt")
+    assert main(["eval", str(tmp_path / "foreign.pt")]) == 2
+    one_line_error(capsys, "is not an occamnets checkpoint (it has no format, config, model, "
+                           "num_classes)")
+    model_only = {k: state[k] for k in ("format", "config", "model", "num_classes")}
+    run = tmp_path / "model-only"
+    run.mkdir()
+    torch.save(model_only, run / "checkpoint.pt")
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    one_line_error(capsys, "holds a model but not the training state to resume")
+
+
+def test_a_corrupt_checkpoint_in_a_run_says_how_to_start_over(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    data = open(trained, "rb").read()
+    (run / "checkpoint.pt").write_bytes(data[:1000])
+    for extra in ([], ["--resume"]):
+        assert main(["train", "--out", str(run)] + TINY_DATA + TINY_RUN + extra) == 2
+        one_line_error(capsys, "truncated or corrupt", f"rm {run / 'checkpoint.pt'}",
+                       "another --out")
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    one_line_error(capsys, "--resume: no checkpoint at", "leave --resume out")
+
+
+def test_checkpoints_hold_only_plain_data(trained):
+    state = torch.load(trained, weights_only=True)  # raises if anything else is in it
+    assert state["format"] == 2 and isinstance(state["config"], dict)
+
+
+# -- data sources -----------------------------------------------------------------------------
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def _mnist_dir(root, labels_high=10):
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 100), ("t10k", 30)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (count, 28, 28)))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % labels_high)
+    return root
+
+
+def test_broken_mnist_directories(tmp_path, capsys):
+    common = ["data", "biased-mnist", "--cell-size", "6", "--train-size", "40", "--val-size",
+              "5", "--test-size", "10"]
+    truncated = _mnist_dir(tmp_path / "truncated")
+    path = truncated / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    assert main(common + ["--mnist-dir", str(truncated), "--out", str(tmp_path / "a")]) == 2
+    one_line_error(capsys, "train-images-idx3-ubyte.gz")
+    bad_labels = _mnist_dir(tmp_path / "labels", labels_high=12)
+    assert main(common + ["--mnist-dir", str(bad_labels), "--out", str(tmp_path / "b")]) == 2
+    one_line_error(capsys, "labels-idx1-ubyte")
+
+
+def test_too_many_images_names_the_options(tmp_path, capsys):
+    assert main(["data", "biased-mnist", "--cell-size", "6", "--val-size", "10", "--test-size",
+                 "5000", "--renders-per-digit", "1", "--out", str(tmp_path / "x")]) == 2
+    one_line_error(capsys, "--renders-per-digit", "--mnist-dir")
+
+
+# -- eval and predict -------------------------------------------------------------------------
+
+def test_eval_names_the_split_it_judged(trained, capsys):
+    assert main(["eval", trained, "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "Unbiased" not in out and "unbiased" not in out
+    assert "validation, biased like training (p_bias 0.9)" in out
+    assert main(["eval", trained]) == 0
+    assert "the unbiased test split" in capsys.readouterr().out
+
+
+def test_eval_json(trained, capsys):
+    assert main(["eval", trained, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["images"] == 20
+    assert 0 <= result["accuracy"] <= 1 and len(result["exit_share"]) == 4
+
+
+def test_predict_folders_sizes_and_json(trained, tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (30, 30), (200, 30, 30)).save(folder / "a.png")     # the training size
+    Image.new("RGB", (64, 48), (30, 30, 200)).save(folder / "b.jpg")     # another size
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["predict", trained, str(folder), "--json"]) == 0
+    captured = capsys.readouterr()
+    predictions = json.loads(captured.out)
+    assert [os.path.basename(p["path"]) for p in predictions] == ["a.png", "b.jpg"]
+    assert all(0 <= p["class"] < 10 and 0 < p["confidence"] <= 1 and p["exit"] in (1, 2, 3)
+               for p in predictions)
+    assert "1 of 2 images were resized to 30x30 px" in captured.err
+    assert main(["predict", trained, str(tmp_path / "missing.png")]) == 2
+    one_line_error(capsys, "no such image file or directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", trained, str(empty)]) == 2
+    one_line_error(capsys, "holds no image files")
+    assert main(["predict", trained, str(folder / "notes.txt")]) == 2
+    one_line_error(capsys, "cannot read", "notes.txt")
+
+
+def test_classify_refuses_images_outside_the_training_range():
+    model = occam_resnet18(10, width=4).eval()
+    with torch.no_grad():
+        classify(model, torch.rand(2, 3, 16, 16))
+        with pytest.raises(ValueError, match=r"must lie in \[0, 1\] as in training, got values "
+                                             r"in \[0, 255\]"):
+            classify(model, torch.rand(2, 3, 16, 16) * 0 + torch.tensor(255.0).expand(2, 3, 16, 16)
+                     * (torch.arange(16) > 0).float())
+        with pytest.raises(ValueError, match="float"):
+            classify(model, torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+
+
+# -- CLI conveniences -------------------------------------------------------------------------
+
+def test_version_help_and_debug(capsys, tmp_path):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("occamnets ")
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "quick preset: 64" in text and "images per step" in text and "at least 1" in text
+    assert main(["eval", "--help"]) == 0
+    assert "(default: 256)" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError):
+        main(["eval", str(tmp_path / "nowhere.pt"), "--debug"])
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "eval", str(tmp_path / "nowhere.pt")])
+
+
+def test_demo_into_a_directory_of_another_preset_refuses_before_making_data(tmp_path, capsys,
+                                                                             monkeypatch):
+    quick = RunConfig.from_preset("quick", model="occam", out_dir=str(tmp_path / "occam"),
+                                  data_dir=str(tmp_path / "data"), width=4)
+    os.makedirs(quick.run_dir)
+    splits = synthetic_splits()
+    trainer = Trainer(trainer_config(tmp_path / "occam", max_steps=1), splits)
+    trainer.train()
+    monkeypatch.setattr(biased_mnist, "generate", lambda *a, **k: pytest.fail("data made"))
+    assert main(["demo", "--out", str(tmp_path), "--preset", "paper"]) == 2
+    one_line_error(capsys, "holds a demo run that cannot be continued with the paper preset",
+                   "choose another --out")
+
+
+# -- interruptions and crash safety -----------------------------------------------------------
+
+def _signal_at_step(monkeypatch, signum, at_step):
+    real_step = Trainer._train_step
+
+    def step(self, rows):
+        result = real_step(self, rows)
+        if self.global_step + 1 == at_step:
+            os.kill(os.getpid(), signum)
+        return result
+    monkeypatch.setattr(Trainer, "_train_step", step)
+
+
+@pytest.mark.parametrize("signum,code,reason", [(signal.SIGTERM, 143, "SIGTERM received"),
+                                                (signal.SIGINT, 130, "interrupted (Ctrl-C)")])
+def test_signals_write_a_checkpoint_and_stop_cleanly(tmp_path, capsys, monkeypatch, signum,
+                                                     code, reason):
+    out = str(tmp_path / "run")
+    argv = ["train", "--out", out, "--data-dir", str(tmp_path / "data"), "--epochs", "2",
+            "--batch-size", "8"] + TINY_DATA + TINY_RUN[6:]
+    _signal_at_step(monkeypatch, signum, 3)
+    assert main(argv) == code
+    printed = capsys.readouterr()
+    assert f"{reason}: stopped at epoch 1 step 3" in printed.out
+    assert "Traceback" not in printed.err
+    state = read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
+    monkeypatch.undo()
+    assert main(["train", "--out", out, "--resume"]) == 0
+
+
+def test_periodic_checkpoints_and_one_consistent_metrics_file_across_a_crash(tmp_path):
+    """A crash after the last checkpoint: the resumed run rewrites the steps since, and
+    metrics.jsonl ends as the uninterrupted run's (no step or epoch twice, the same losses)."""
+    splits = synthetic_splits(n=50)
+    full = Trainer(trainer_config(tmp_path / "full", log_every=1), splits)
+    full.train()
+
+    cut = trainer_config(tmp_path / "cut", log_every=1, checkpoint_every=4)
+    first = Trainer(dataclasses_replace(cut, max_steps=6), splits)
+    first.train()   # checkpoints at steps 4 and 6
+    saved = read_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    assert saved["global_step"] == 6
+    # The crash: steps 7..9 ran and were logged, then the process died before a checkpoint.
+    crashed = Trainer(dataclasses_replace(cut, max_steps=9), splits,
+                      resume=str(tmp_path / "cut" / "checkpoint.pt"))
+    crashed.train()
+    train_module.write_checkpoint({k: v for k, v in saved.items() if k != "format"},
+                                  str(tmp_path / "cut" / "checkpoint.pt"))
+    resumed = Trainer(cut, splits, resume=str(tmp_path / "cut" / "checkpoint.pt"))
+    resumed.train()
+
+    def records(path):
+        return [{k: v for k, v in json.loads(line).items() if "images_per_s" not in k}
+                for line in open(path)]
+    ours, theirs = records(tmp_path / "cut" / "metrics.jsonl"), records(
+        tmp_path / "full" / "metrics.jsonl")
+    steps = [r["global_step"] for r in ours if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) == list(range(1, 15))
+    assert [r["epoch"] for r in ours if r["kind"] == "epoch"] == [1, 2]
+    assert ours == theirs   # the interrupted epoch's train_loss counts every step once
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+    return dataclasses.replace(config, **changes)
+
+
+def test_failed_writes_leave_no_temporary_files(tmp_path, monkeypatch):
+    splits = synthetic_splits()
+    trainer = Trainer(trainer_config(tmp_path, max_steps=1), splits)
+
+    def disk_full(obj, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        trainer.train()
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == []
+    # A writer killed outright cannot clean up: the next start removes what it left.
+    stale = tmp_path / "checkpoint.pt.tmp-999999"
+    stale.write_bytes(b"x" * 100)
+    Trainer(trainer_config(tmp_path, max_steps=1), splits)
+    assert not stale.exists()
+
+
+def test_progress_bar_counts_the_steps_done(tmp_path, monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, total, description, enabled, initial=0):
+            self.n, self.total, self.updates = initial, total, []
+            bars.append(self)
+
+        def update(self, count):
+            self.n += count
+            self.updates.append(self.n)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+    monkeypatch.setattr(train_module, "progress_bar", Bar)
+    Trainer(trainer_config(tmp_path, epochs=1, progress=True), synthetic_splits()).train()
+    assert bars[0].total == 6 and bars[0].updates == [1, 2, 3, 4, 5, 6]
+
+
+def test_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (make test "
+                                              "installs it)")
+    events = tmp_path / "tb"
+    Trainer(trainer_config(tmp_path / "run", epochs=1, log_every=2,
+                           tensorboard=str(events)), synthetic_splits()).train()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    assert "epoch/train_loss" in tags and "step/loss" in tags and "step/gate/E1" in tags
+    assert [e.step for e in accumulator.Scalars("step/loss")] == [2, 4, 6]
