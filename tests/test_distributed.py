@@ -1,4 +1,5 @@
 """Two processes (torchrun, gloo on CPU) train a few steps; their OccamLoss states agree."""
+import json
 import os
 import subprocess
 import sys
@@ -28,3 +29,24 @@ def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path):
     union = torch.cat([items0, items1])
     assert a["has_target"][:, union].all()
     assert a["has_target"].sum(1).tolist() == [len(union)] * 4
+
+
+def test_torchrun_through_the_command_line_exits_0_with_one_report(tmp_path):
+    """Only the first process writes files (data cache, metrics, checkpoint, report) and prints
+    the report; the others wait at barriers and exit 0 too (rank 1 used to fail on report.md)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "occamnets.cli", "train", "--preset", "quick", "--epochs", "1", "--width", "4",
+         "--train-size", "256", "--val-size", "20", "--test-size", "40", "--no-progress",
+         "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("# OccamResNet-18 on Biased MNIST") == 1
+    assert result.stdout.count("training OccamResNet-18") == 1
+    assert {"checkpoint.pt", "metrics.jsonl", "report.md", "report.json"} <= set(
+        os.listdir(tmp_path / "run"))
+    assert not [name for name in os.listdir(tmp_path / "data") if ".tmp-" in name]
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]
