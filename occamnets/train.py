@@ -141,6 +141,10 @@ class CheckpointMismatch(ValueError):
     pass
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite."""
+
+
 def check_resumable(saved: RunConfig, config: RunConfig) -> None:
     """A CheckpointMismatch naming every difference when a run saved with `saved` may not be
     continued as `config` (paths, devices and step caps may change; results' settings not)."""
@@ -484,9 +488,16 @@ class Trainer:
                 bar.close()
             elapsed = self.epoch_seconds + time.perf_counter() - started
             images = self.epoch_images + seen
+            train_loss = (loss_sum / max(1, steps)).item()
+            if not math.isfinite(train_loss):
+                # Diverged: the checkpoint of the last good epoch is kept, not overwritten.
+                raise TrainingDiverged(
+                    f"training diverged: the loss was {train_loss} in epoch {self.epoch + 1}; "
+                    f"{self.checkpoint_path} still holds the state before it (lower --lr, or "
+                    f"keep bf16 off with --no-bf16, and start a new run)")
             self.scheduler.step()
             record = {"kind": "epoch", "epoch": self.epoch + 1, "global_step": self.global_step,
-                      "train_loss": (loss_sum / max(1, steps)).item(),
+                      "train_loss": train_loss,
                       "train_images_per_s": images / max(elapsed, 1e-9),
                       "lr": self.optimizer.param_groups[0]["lr"]}
             val = self.evaluate("val", per_factor=False, diagnostics=False)

@@ -443,3 +443,29 @@ def test_tensorboard_events(tmp_path):
     tags = accumulator.Tags()["scalars"]
     assert "epoch/train_loss" in tags and "step/loss" in tags and "step/gate/E1" in tags
     assert [e.step for e in accumulator.Scalars("step/loss")] == [2, 4, 6]
+
+
+def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    argv = ["train", "--out", out, "--data-dir", str(tmp_path / "data"), "--epochs", "2",
+            "--batch-size", "32"] + TINY_DATA + TINY_RUN[6:]
+    assert main(argv + ["--max-steps", "2"]) == 0        # the first epoch, checkpointed
+    real_step = Trainer._train_step
+
+    def diverging(self, rows):
+        loss, parts = real_step(self, rows)
+        return loss * float("nan"), parts
+    monkeypatch.setattr(Trainer, "_train_step", diverging)
+    assert main(["train", "--out", out, "--resume"]) == 2
+    one_line_error(capsys, "training diverged: the loss was nan in epoch 2", "lower --lr")
+    kept = read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert (kept["epoch"], kept["step_in_epoch"], kept["global_step"]) == (1, 0, 2)
+
+
+def test_cache_directories_are_keyed_by_every_data_setting():
+    base = RunConfig()
+    others = [RunConfig(train_size=100), RunConfig(val_size=100), RunConfig(test_size=100),
+              RunConfig(renders_per_digit=3), RunConfig(data_seed=1), RunConfig(p_bias=0.5),
+              RunConfig(cell_size=6)]
+    directories = {c.dataset_dir for c in [base] + others}
+    assert len(directories) == len(others) + 1
