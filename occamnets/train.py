@@ -10,10 +10,12 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import tempfile
 import threading
 import time
+import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -495,7 +497,11 @@ class Trainer:
                     f"training diverged: the loss was {train_loss} in epoch {self.epoch + 1}; "
                     f"{self.checkpoint_path} still holds the state before it (lower --lr, or "
                     f"keep bf16 off with --no-bf16, and start a new run)")
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # Resumed right at an epoch's end, this process made no optimiser step yet:
+                # torch's warning about the call order does not apply.
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+                self.scheduler.step()
             record = {"kind": "epoch", "epoch": self.epoch + 1, "global_step": self.global_step,
                       "train_loss": train_loss,
                       "train_images_per_s": images / max(elapsed, 1e-9),
