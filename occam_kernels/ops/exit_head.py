@@ -61,6 +61,10 @@ def _setup_context(ctx, inputs, output):
     h, weight, bias, labels = inputs
     logits, pooled, _ = output
     ctx.has_labels = labels is not None
+    # An output the loss does not use gets None, not zeros: the CAM term of the backward then
+    # is not run at all, as the reference does not differentiate supp when the loss ignores
+    # it. With zeros it would run, and give 0 * NaN = NaN at a pixel whose CAM is not finite.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(h, weight, bias, labels, logits, pooled)
 
 

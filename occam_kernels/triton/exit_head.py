@@ -48,6 +48,13 @@ cubins compiled ahead of time (bench/CODEGEN.md), not from timings: nothing spil
 design shapes.
 The pool and dW kernels split their pixel loops so that about _TARGET_PROGRAMS programs run
 (a few per SM of an H100), each over a fixed range: more parallelism, same summation order.
+
+Non-finite values (NaN, +-inf in h, the weights, the bias or g_supp) come out where, and as,
+the reference's (tests/test_exit_head_nonfinite.py): the mask multiplies kl and g_supp
+(0 * NaN is NaN, as in the reference; a select would give 0), the online logsumexp shifts
+by 0 where its max is infinite (as torch.logsumexp), and dcam is coef * softmax - coef / K,
+the reference's two terms. On finite inputs these are the same operations as before, up to
+the rounding of that last product.
 """
 import math
 from typing import Optional, Tuple
@@ -130,13 +137,27 @@ def _cam_tile(sample_ptr, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
 
 
 @triton.jit
+def _lse_shift(running_max):
+    """The shift of the online logsumexp: the running max, or 0 where that is infinite, as in
+    torch.logsumexp. Shifting by an infinite max would give inf - inf = NaN: a pixel with a
+    +inf CAM must give lse = +inf (the reference's, whose backward then keeps the other
+    classes' softmax at 0), and a pixel whose classes so far are all -inf (a whole class
+    block, with K > BLOCK_K) must have sum 0 so far, not NaN.
+    A NaN CAM needs nothing here: exp(NaN - shift) makes the sum, hence lse, NaN (tl.max
+    itself drops NaN, on the GPU and in the interpreter alike)."""
+    return tl.where(tl.abs(running_max) == float("inf"), 0.0, running_max)
+
+
+@triton.jit
 def _class_block_update(cam, offs_k, k_ok, label, running_max, running_sum, cam_total, cam_true):
     """Folds one (BLOCK_K, BLOCK_P) CAM block into the per-pixel online logsumexp (running max
-    and rescaled sum of exponentials), the sum over classes and the ground-truth row."""
+    and the sum of exponentials shifted by _lse_shift of it), the sum over classes and the
+    ground-truth row. lse = _lse_shift(running_max) + log(running_sum) at the end."""
     cam_for_max = tl.where(k_ok[:, None], cam, float("-inf"))
     new_max = tl.maximum(running_max, tl.max(cam_for_max, axis=0))
-    running_sum = (running_sum * tl.exp(running_max - new_max)
-                   + tl.sum(tl.exp(cam_for_max - new_max[None, :]), axis=0))
+    shift = _lse_shift(new_max)  # == new_max whenever it is finite: the usual update
+    running_sum = (running_sum * tl.exp(running_max - shift)
+                   + tl.sum(tl.exp(cam_for_max - shift[None, :]), axis=0))
     cam_total += tl.sum(tl.where(k_ok[:, None], cam, 0.0), axis=0)
     cam_true += tl.sum(tl.where((offs_k == label)[:, None], cam, 0.0), axis=0)
     return new_max, running_sum, cam_total, cam_true
@@ -163,7 +184,7 @@ def _logsumexp_over_classes(sample_ptr, w_ptr, b_ptr, label, K, C, offs_p, p_ok,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
         running_max, running_sum, cam_total, cam_true = _class_block_update(
             cam, offs_k, k_ok, label, running_max, running_sum, cam_total, cam_true)
-    return running_max + tl.log(running_sum), cam_total, cam_true
+    return _lse_shift(running_max) + tl.log(running_sum), cam_total, cam_true
 
 
 @triton.jit
@@ -208,11 +229,14 @@ def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K,
     lse, cam_total, cam_true = _logsumexp_over_classes(
         sample, w_ptr, b_ptr, label, K, C, offs_p, p_ok, width, stride_hc, stride_hh, stride_hw,
         LAYOUT, ALIGN, C_ALIGN, BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-    suppressed = p_ok & (cam_true <= tl.load(threshold_ptr + pid_b))
+    mask = (cam_true <= tl.load(threshold_ptr + pid_b)).to(ACC)
     num_classes = tl.zeros((BLOCK_P,), dtype=ACC) + K  # K in ACC: 1/K and log K exact to ACC
     kl_to_uniform = lse - cam_total / num_classes - tl.log(num_classes)
+    # mask * kl, a product as in the reference, not a select: an unsuppressed pixel whose kl
+    # is NaN or inf gives 0 * NaN = NaN, so a sample with a non-finite CAM (whose threshold
+    # is then NaN, suppressing nothing) has supp NaN, not 0. Padding pixels add 0.
     # partial is (B, P blocks) row-major: program pid owns element pid
-    partial = tl.sum(tl.where(suppressed, kl_to_uniform, 0.0), axis=0)
+    partial = tl.sum(tl.where(p_ok, mask * kl_to_uniform, 0.0), axis=0)
     tl.store(partial_ptr + pid.to(tl.int64), partial)
 
 
@@ -265,15 +289,21 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
             cam, offs_k, k_ok, label, tl.full((BLOCK_P,), float("-inf"), dtype=ACC),
             tl.zeros((BLOCK_P,), dtype=ACC), tl.zeros((BLOCK_P,), dtype=ACC),
             tl.zeros((BLOCK_P,), dtype=ACC))
-        lse = running_max + tl.log(running_sum)
+        lse = _lse_shift(running_max) + tl.log(running_sum)
     else:
         lse, cam_total, cam_true = _logsumexp_over_classes(
             sample, w_ptr, b_ptr, label, K, C, offs_p, p_ok, width,
             stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
             BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-    suppressed = p_ok & (cam_true <= tl.load(threshold_ptr + pid_b))
+    mask = (cam_true <= tl.load(threshold_ptr + pid_b)).to(ACC)
     grad_supp = tl.load(grad_supp_ptr + pid_b).to(ACC)
-    coef = tl.where(suppressed, grad_supp / P, 0.0)
+    # (g / P) * mask, a product as in the reference's backward, not a select: a non-finite
+    # g_supp reaches the unsuppressed pixels as NaN there. (An unsuppressed pixel with a NaN
+    # softmax gets dcam = 0 * NaN = NaN either way, as the reference's 0 * exp(cam - lse).)
+    coef = tl.where(p_ok, (grad_supp / P) * mask, 0.0)
+    # dcam = coef * softmax - coef / K, the reference's two terms (logsumexp's and the mean's),
+    # not coef * (softmax - 1/K): with an infinite coef that is inf - inf = NaN, as there.
+    coef_over_k = coef * inv_k
     # (B, P) statistics: B * P may pass 2^31; rows start at multiples of P_ALIGN
     pixel_row = tl.multiple_of(pid_b.to(tl.int64) * P, P_ALIGN) + offs_p
     tl.store(lse_ptr + pixel_row, lse, mask=p_ok)
@@ -281,8 +311,8 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
     g_sample = _sample_start(pid_b, stride_gb, G_ALIGN)
     dense_row = dense_ptr + pid_b.to(tl.int64) * C
     if SINGLE_K:
-        dcam = tl.where(k_ok[:, None], coef[None, :] * (tl.exp(cam - lse[None, :]) - inv_k[None, :]),
-                        0.0)
+        dcam = tl.where(k_ok[:, None],
+                        coef[None, :] * tl.exp(cam - lse[None, :]) - coef_over_k[None, :], 0.0)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = _in_range(offs_c, C, C_ALIGN)
@@ -313,7 +343,8 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
                               stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
                               BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
             dcam_b = tl.where(kb_ok[:, None],
-                              coef[None, :] * (tl.exp(cam_b - lse[None, :]) - inv_k[None, :]), 0.0)
+                              coef[None, :] * tl.exp(cam_b - lse[None, :]) - coef_over_k[None, :],
+                              0.0)
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 c_ok = _in_range(offs_c, C, C_ALIGN)
@@ -354,7 +385,7 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
     c_ok = _in_range(offs_c, C, C_ALIGN)
     acc_w = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC)
     acc_b = tl.zeros((BLOCK_K,), dtype=ACC)
-    inv_k = 1.0 / (tl.zeros((BLOCK_K, BLOCK_P), dtype=ACC) + K)  # 1/K in ACC
+    inv_k = 1.0 / (tl.zeros((BLOCK_P,), dtype=ACC) + K)  # 1/K in ACC
     first = pid_s * units_per_split
     for unit in range(first, tl.minimum(first + units_per_split, num_units)):
         b = unit // num_p_blocks
@@ -368,7 +399,8 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
                         stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
         dcam = tl.where(k_ok[:, None] & p_ok[None, :],
-                        coef[None, :] * (tl.exp(cam - lse[None, :]) - inv_k), 0.0)
+                        coef[None, :] * tl.exp(cam - lse[None, :]) - (coef * inv_k)[None, :],
+                        0.0)  # the reference's two terms, as in _grad_h_kernel
         h = tl.load(sample + _tile_offsets(offs_c, offs_p, width, stride_hc, stride_hh,
                                            stride_hw, LAYOUT, ALIGN),
                     mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
