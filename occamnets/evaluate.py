@@ -59,11 +59,11 @@ def load_splits(config: RunConfig, device, names: Sequence[str] = biased_mnist.S
     dataset is never overwritten."""
     dataset, directory = config.biased_mnist(), config.dataset_dir
     try:
-        # Memory-mapped when only a few images are wanted (count: only their rows are read)
-        # or when they go to a GPU (no second whole copy held in host memory).
-        mmap = count is not None or torch.device(device).type == "cuda"
+        # Memory-mapped (copy on write): only the rows used are read (count: a few images),
+        # a split sent to a GPU leaves no second whole copy in host memory, and on a CPU the
+        # pages are the file cache's, which the system can reclaim.
         splits = biased_mnist.load(dataset, directory, names, progress=progress,
-                                   replace_other=False, mmap=mmap)
+                                   replace_other=False, mmap=True)
     except FileNotFoundError as error:
         problem = biased_mnist.cache_problem(dataset, directory, names)
         raise FileNotFoundError(f"the {', '.join(names)} split of this run's Biased MNIST is "
