@@ -3,6 +3,8 @@
 Every test runs its kernels on the `device` fixture: CPU under the Triton interpreter when no
 GPU is visible (so shapes are small), CUDA natively when one is (conftest.py).
 """
+import re
+
 import pytest
 import torch
 
@@ -198,6 +200,45 @@ def test_bad_input_is_named(backend, device):
     for args, error, message in cases:
         with pytest.raises(error, match=message):
             exit_head(*args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+def test_empty_spatial_dims_are_named(backend, device):
+    """H or W = 0 made every output NaN (a mean over 0 pixels): a ValueError naming the shape,
+    on every backend, with or without labels, an empty batch included."""
+    weight, bias = torch.randn(4, 3, device=device), torch.randn(4, device=device)
+    for shape in ((2, 3, 0, 0), (2, 3, 0, 4), (2, 3, 4, 0), (0, 3, 0, 0)):
+        h = torch.rand(shape, device=device)
+        for labels in (torch.zeros(shape[0], dtype=torch.long, device=device), None):
+            with pytest.raises(ValueError, match=re.escape(
+                    f"exit_head: h must have H, W >= 1, got {shape}")):
+                exit_head(h, weight, bias, labels, backend=backend)
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_empty_batch_gives_empty_outputs_on_every_backend(with_labels, device):
+    """B = 0 (nobody continues after a compaction) is an ordinary case: empty outputs of the
+    right shapes, dtype and device, an empty dh and zero dW and db, the same on all backends."""
+    results = []
+    for backend in ("reference", "triton"):
+        h = torch.rand(0, 3, 2, 5, device=device, requires_grad=True)
+        weight = torch.randn(4, 3, device=device, requires_grad=True)
+        bias = torch.randn(4, device=device, requires_grad=True)
+        labels = torch.zeros(0, dtype=torch.long, device=device) if with_labels else None
+        out = exit_head(h, weight, bias, labels, backend=backend)
+        assert tuple(out.logits.shape) == (0, 4) and tuple(out.pooled.shape) == (0, 3)
+        assert (out.supp is None) != with_labels
+        assert out.supp is None or tuple(out.supp.shape) == (0,)
+        for t in out:
+            assert t is None or (t.dtype == h.dtype and t.device == h.device)
+        loss = out.logits.sum() + out.pooled.sum() + (out.supp.sum() if with_labels else 0)
+        loss.backward()
+        assert tuple(h.grad.shape) == (0, 3, 2, 5)
+        assert torch.equal(weight.grad, torch.zeros_like(weight))
+        assert torch.equal(bias.grad, torch.zeros_like(bias))
+        results.append([t for t in out if t is not None])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.cuda

@@ -132,8 +132,16 @@ def exit_head(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         bias: (K,) or None.
         labels: (B,) int64 in [0, K), or None (then supp is None).
         backend: "auto" (Triton on GPU, reference on CPU), "triton" or "reference".
+
+    An empty batch (B = 0) is an ordinary case, as after a compaction that nobody survived:
+    every backend returns empty (0, K), (0, C) and (0,) outputs, and zero weight and bias
+    gradients. Empty spatial dimensions (H or W = 0) are an error: the pooled mean and the
+    suppression loss average over H * W pixels, which would be 0 / 0 = NaN.
     """
     _check_inputs(h, weight, bias, labels)
+    if h.shape[2] < 1 or h.shape[3] < 1:
+        raise ValueError(f"exit_head: h must have H, W >= 1, got {tuple(h.shape)} (the pooled "
+                         f"mean and the suppression loss average over the H * W pixels)")
     name = _backends.resolve(backend, h.device, _PREFERENCE.get(h.device.type, ()))
     if name not in ("reference", "triton"):
         raise ValueError(f"exit_head has no {name!r} backend; use 'triton' or 'reference'")
