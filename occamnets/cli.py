@@ -66,7 +66,7 @@ def _run_data(args) -> int:
     config = run.biased_mnist()
     out = args.out or run.dataset_dir
     started = time.perf_counter()
-    splits = biased_mnist.load(config, out, progress=True, replace_other=args.force)
+    splits = biased_mnist.load(config, out, progress=True, replace_other=args.force, mmap=True)
     sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
     print(f"Biased MNIST in {out}: {sizes} images of {config.image_size} px "
           f"({time.perf_counter() - started:.1f} s); train on it with "
