@@ -284,7 +284,7 @@ class Trainer:
         if resume:
             resumed = read_checkpoint(resume, mmap=False)
             check_resumable(RunConfig.from_dict(resumed["config"]), config)
-        self.events = _open_tensorboard(config.tensorboard) if self.rank == 0 else None
+        writer = _tensorboard_writer() if config.tensorboard and self.rank == 0 else None
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
@@ -322,6 +322,10 @@ class Trainer:
         self.stop_signal: Optional[int] = None
         if resumed is not None:
             self._load_state(resumed, resume)
+        # A resumed run's TensorBoard drops the events logged after its checkpoint, as
+        # metrics.jsonl drops those records.
+        self.events = (writer(config.tensorboard, purge_step=self.global_step + 1)
+                       if writer is not None else None)
 
     @property
     def interrupted(self) -> bool:
@@ -570,13 +574,12 @@ class Trainer:
         return report
 
 
-def _open_tensorboard(directory: Optional[str]):
-    if directory is None:
-        return None
+def _tensorboard_writer():
+    """torch's SummaryWriter class, or a ValueError saying how to get it."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
         raise ValueError(f"--tensorboard needs the tensorboard package ({error}): "
                          f"`pip install tensorboard`, or leave --tensorboard out") from error
-    return SummaryWriter(directory)
+    return SummaryWriter
 
