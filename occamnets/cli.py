@@ -112,8 +112,8 @@ _HELP = {
     "emnist_dir": "an EMNIST letters IDX directory for the distractors (default: Pillow's font)",
     "weight_decay": "Adam's L2 weight decay",
     "lr_gamma": "learning-rate factor at each milestone",
-    "taus": "OccamLoss: per exit, the training accuracy above which its gate targets are "
-            "refreshed",
+    "taus": "OccamLoss: per exit, the mean per-class training accuracy at or below which its "
+            "gate targets are refreshed",
     "supp_weight": "OccamLoss: weight of the CAM suppression loss",
     "gate_weight": "OccamLoss: weight of the gate loss",
     "gamma0": "OccamLoss: exponent of the first exit's CE weight p(true class)",
@@ -321,6 +321,15 @@ def _run_eval(args) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class _Prediction:
+    """One image's prediction (None: non-finite logits or gate); --json prints these."""
+    path: str
+    label: Optional[int]
+    confidence: Optional[float]
+    exit: Optional[int]                # the exit taken; None for a plain classifier
+
+
 def _run_predict(args) -> int:
     if not args.images:
         return _time_inference(args)
@@ -337,33 +346,32 @@ def _run_predict(args) -> int:
     if resized:
         print(f"note: {resized} of {len(paths)} images were resized to {size}x{size} px, the "
               f"size this model was trained on", file=sys.stderr)
-    predictions = []
+    predictions: List[_Prediction] = []
     bar = progress_bar(len(paths), "classifying", True)
     for start in range(0, len(paths), args.batch_size):
         chunk = files.images[start:start + args.batch_size].to(device)
         with torch.no_grad():
             out = classify(model, normalise(chunk), threshold)
-        probabilities = torch.softmax(out.logits.float(), 1)
-        confidence, predicted = probabilities.max(1)
-        for i, path in enumerate(paths[start:start + args.batch_size]):
-            finite = not bool(out.nonfinite[i])
-            predictions.append({
-                "path": path, "class": int(predicted[i]) if finite else None,
-                "confidence": float(confidence[i]) if finite else None,
-                "exit": None if out.exit_index is None else int(out.exit_index[i])})
+        confidence, predicted = torch.softmax(out.logits.float(), 1).max(1)
+        exits = [None] * len(chunk) if out.exit_index is None else out.exit_index.tolist()
+        for path, finite, label, p, exit_index in zip(
+                paths[start:start + args.batch_size], (~out.nonfinite).tolist(),
+                predicted.tolist(), confidence.tolist(), exits):  # one read per batch
+            predictions.append(_Prediction(path, label if finite else None,
+                                           p if finite else None, exit_index))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
     if args.json:
-        print(json.dumps(predictions, indent=1))
+        print(json.dumps([dataclasses.asdict(p) for p in predictions], indent=1))
     for p in [] if args.json else predictions:
-        exit_text = f"  exit E{p['exit']}" if p["exit"] is not None else ""
-        if p["class"] is None:
-            print(f"{p['path']}: no prediction: non-finite logits or gate{exit_text}")
+        exit_text = f"  exit E{p.exit}" if p.exit is not None else ""
+        if p.label is None:
+            print(f"{p.path}: no prediction: non-finite logits or gate{exit_text}")
         else:
-            print(f"{p['path']}: class {p['class']} (p={p['confidence']:.2f}){exit_text}")
-    nonfinite = sum(p["class"] is None for p in predictions)
+            print(f"{p.path}: class {p.label} (p={p.confidence:.2f}){exit_text}")
+    nonfinite = sum(p.label is None for p in predictions)
     if nonfinite:
         print(f"warning: {nonfinite} of {len(paths)} images gave non-finite logits or gates",
               file=sys.stderr)
@@ -469,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="leave at the first exit whose gate is at least this (default: "
                               "the run's exit_threshold)")
     predict.add_argument("--json", action="store_true",
-                         help="print JSON: per image its path, class, confidence and exit")
+                         help="print JSON: per image its path, label, confidence and exit")
     viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit", _run_viz)
     viz.add_argument("--out", default="cams.png", help="the CAM picture (PNG)")
     viz.add_argument("--exits-plot", default=None, help="also save the exit distribution")

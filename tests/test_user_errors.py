@@ -266,7 +266,7 @@ def test_predict_folders_sizes_and_json(trained, tmp_path, capsys):
     captured = capsys.readouterr()
     predictions = json.loads(captured.out)
     assert [os.path.basename(p["path"]) for p in predictions] == ["a.png", "b.jpg"]
-    assert all(0 <= p["class"] < 10 and 0 < p["confidence"] <= 1 and p["exit"] in (1, 2, 3)
+    assert all(0 <= p["label"] < 10 and 0 < p["confidence"] <= 1 and p["exit"] in (1, 2, 3)
                for p in predictions)
     assert "1 of 2 images were resized to 30x30 px" in captured.err
     assert main(["predict", trained, str(tmp_path / "missing.png")]) == 2
