@@ -178,7 +178,7 @@ def render(digits: np.ndarray, factors: np.ndarray, cell: int,
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=count, desc=description, unit="img", leave=False)
+        bar = tqdm(total=count, desc=description, unit="img", leave=False, disable=None)
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
         f = factors[start:stop]
