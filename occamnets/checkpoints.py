@@ -8,6 +8,7 @@ those types, so a crafted file cannot run code (users share checkpoints). Format
 """
 import os
 import pickle
+import zipfile
 from typing import Dict
 
 import torch
@@ -41,6 +42,9 @@ def read_checkpoint(path: str, map_location="cpu", mmap: bool = True) -> Dict:
         raise ValueError(f"{path} is not a file")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path} is empty (a write that was cut off?)")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise ValueError(f"{path} is not a checkpoint torch can read (not a torch.save zip "
+                         f"archive: truncated, or another kind of file)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:

@@ -4,7 +4,10 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 import typing
 from typing import List, Optional
@@ -50,8 +53,9 @@ def _add_data(subparsers) -> None:
                         help="the dataset's directory (default: data/biased-mnist-c<cell>-<hash "
                              "of the settings>, where `occamnets train` looks)")
     _add_config_options(biased, DATA_FIELDS)
-    biased.add_argument("--seed", dest="data_seed", type=int, default=argparse.SUPPRESS,
-                        help="the same as --data-seed")
+    from .config import RANGES
+    biased.add_argument("--seed", dest="data_seed", type=_in_range(int, RANGES["data_seed"]),
+                        default=argparse.SUPPRESS, help="the same as --data-seed")
     biased.add_argument("--force", action="store_true",
                         help="replace another dataset found in --out")
     biased.add_argument("--preview", default=None, help="save a grid of samples to this PNG")
@@ -62,6 +66,7 @@ def _run_data(args) -> int:
     from .config import RunConfig, default_preset
     from .data import biased_mnist
     from .viz import save_sample_grid
+    _picture_path(args.preview, "--preview")
     run = RunConfig.from_preset(args.preset or default_preset(), **_explicit_settings(args))
     config = run.biased_mnist()
     out = args.out or run.dataset_dir
@@ -232,7 +237,7 @@ def _checkpoint_settings(path: str):
 
 
 def _run_train(args) -> int:
-    from .config import RunConfig, default_preset, describe_presets
+    from .config import RunConfig, default_preset, describe_presets, resolve_device
     from .train import Trainer, check_resumable
     if args.list_presets:
         print(describe_presets())
@@ -242,6 +247,9 @@ def _run_train(args) -> int:
     checkpoint = config.checkpoint_path
     # Cheap checks first: the checkpoint and the settings, before any data is read or made.
     if args.resume:
+        if args.preset:
+            raise ValueError("--preset with --resume: a resumed run keeps its own settings; "
+                             "leave --preset out")
         if not os.path.exists(checkpoint):
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; leave --resume "
                                     f"out to start this run")
@@ -256,6 +264,7 @@ def _run_train(args) -> int:
                          f"another --out")
     else:
         config = _with_cached_dataset(config, explicit)
+    resolve_device(config.device)  # a GPU that is not there: said before the summary
     first_process = os.environ.get("RANK", "0") == "0"
     if first_process:
         print(("resuming " if args.resume else "training ") + config.summary(), flush=True)
@@ -300,6 +309,7 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
 def _run_eval(args) -> int:
     from .evaluate import evaluate, split_description
     from .models import MODELS
+    _picture_path(args.reliability, "--reliability")
     model, config, split = _model_and_split(args)
     result = evaluate(model, split, args.split, threshold=config.exit_threshold,
                       batch_size=args.batch_size, channels_last=config.channels_last,
@@ -336,6 +346,9 @@ def _run_predict(args) -> int:
     import torch
     from .data.loaders import image_paths, normalise, read_image_files
     from .evaluate import classify, load_model, progress_bar
+    if args.data_dir or args.split != "test":
+        raise ValueError("--split and --data-dir choose a split to time; with image files "
+                         "they do nothing: leave them out, or give no images")
     paths = image_paths(args.images)
     model, config = load_model(args.checkpoint, args.device)
     threshold = config.exit_threshold if args.threshold is None else args.threshold
@@ -404,9 +417,16 @@ def _time_inference(args) -> int:
 def _run_viz(args) -> int:
     from .evaluate import cam_picture_data, evaluate
     from .viz import save_cam_grid, save_exit_distribution
+    _picture_path(args.out, "--out")
+    _picture_path(args.exits_plot, "--exits-plot")
+    if args.exits_plot and os.path.abspath(args.exits_plot) == os.path.abspath(args.out):
+        raise ValueError("--out and --exits-plot name the same file: give two")
     # The exit plot evaluates the whole split; the CAM picture alone reads --count images.
     model, config, split = _model_and_split(args, need_exits=True,
                                             count=None if args.exits_plot else args.count)
+    if len(split) < args.count:
+        print(f"note: the {args.split} split has {len(split)} images: drawing them all",
+              file=sys.stderr)
     save_cam_grid(args.out, cam_picture_data(model, split, args.count, config.exit_threshold))
     if args.exits_plot:
         result = evaluate(model, split, args.split, threshold=config.exit_threshold,
@@ -425,17 +445,31 @@ def _run_demo(args) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    from .config import Range
+    return _in_range(int, Range(1, 10**9))(text)
 
 
 def _share(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+    from .config import Range
+    return _in_range(float, Range(0, 1))(text)
+
+
+_positive_int.__name__, _share.__name__ = "int", "float"  # argparse names the type
+
+
+def _picture_path(path: Optional[str], option: str) -> None:
+    """A ValueError unless `path` can take a PNG (checked before the work that draws it)."""
+    if path is None:
+        return
+    if os.path.isdir(path) or not path.lower().endswith(".png"):
+        raise ValueError(f"{option} {path}: give a file name ending in .png")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot write there ({error.strerror})") from error
 
 
 def _version() -> str:
@@ -508,33 +542,62 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside training (which handles it itself, with a checkpoint)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    """The arguments; predict's image files may also come after its options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
+        args.images = list(args.images) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command; a user's mistake is one line on stderr and exit code 2 (--debug: the
-    traceback), an interruption exit code 130."""
-    import torch
+    traceback), an interruption exit code 130 (Ctrl-C) or 143 (SIGTERM)."""
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
     except SystemExit as done:  # --help, --version, or a bad option (said on stderr)
         return done.code if isinstance(done.code, int) else 0
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return args.handler(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as stop:
         if args.debug:
             raise
-        print(f"occamnets {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except torch.OutOfMemoryError as error:
-        if args.debug:
-            raise
-        print(f"occamnets {args.command}: out of memory ({_one_line(error)[:200]}): lower "
-              f"--batch-size", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as error:  # FileNotFoundError, PermissionError, disk full
-        if args.debug:
-            raise
-        print(f"occamnets {args.command}: {_one_line(error)} (--debug shows where)",
+        terminated = isinstance(stop, _Terminated)
+        print(f"occamnets {args.command}: {'stopped by SIGTERM' if terminated else 'interrupted'}",
               file=sys.stderr)
+        return 143 if terminated else 130
+    except (ValueError, OSError, MemoryError, RuntimeError) as error:
+        # ValueError: our messages; OSError: FileNotFoundError, PermissionError, disk full.
+        if args.debug or not isinstance(error, (ValueError, OSError)) and not _out_of_memory(error):
+            raise  # anything else is a bug: its traceback is the report
+        text = _one_line(error)
+        if _out_of_memory(error):
+            text = (f"out of memory ({text[:160]}): lower --batch-size, or the sizes of the "
+                    f"data and model (--train-size, --cell-size, --width)")
+        print(f"occamnets {args.command}: {text} (--debug shows where)", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class RunConfig:
             raise ValueError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.device != "auto":
+            check_device_name(self.device)
         for name, allowed in RANGES.items():
             values = getattr(self, name)
             values = tuple(values.values()) if isinstance(values, dict) else values
@@ -210,8 +212,11 @@ class Range:
             raise ValueError(f"{name} {problem}")
 
     def describe(self) -> str:
-        low = None if self.low is None else f"{self.low:g}"
-        high = None if self.high is None else f"{self.high:g}"
+        def number(value) -> str:
+            whole = float(value).is_integer() and abs(value) < 1e15
+            return str(int(value)) if whole else f"{value:g}"
+        low = None if self.low is None else number(self.low)
+        high = None if self.high is None else number(self.high)
         if low is not None and high is not None:
             return f"in {'(' if self.open_low else '['}{low}, {high}]"
         if low is not None:
@@ -219,21 +224,25 @@ class Range:
         return f"at most {high}"
 
 
-_COUNT, _SIZE, _RATE, _SHARE = Range(1), Range(1, unit="images"), Range(0, open_low=True), Range(0, 1)
+# Upper bounds keep a typo from asking for terabytes or overflowing float32 (Adam keeps its
+# hyper-parameters as float32): they are far above any sensible value.
+_SIZE, _SHARE, _WEIGHT = Range(1, 10_000_000, unit="images"), Range(0, 1), Range(0, 1e6)
+_SEED = Range(0, 2**32 - 1)   # numpy's legacy seeding takes 32 bits
 # Every numeric setting's allowed values: RunConfig checks them, the CLI checks them at parse
 # time (naming the option). Tuples (taus, milestones) are checked per element.
 RANGES = {
-    "width": Range(1, unit="channels"), "cell_size": Range(MIN_CELL_SIZE, unit="px"),
+    "width": Range(1, 4096, unit="channels"), "cell_size": Range(MIN_CELL_SIZE, 256, unit="px"),
     "p_bias": _SHARE,
-    "train_size": _SIZE, "val_size": _SIZE, "test_size": _SIZE, "renders_per_digit": _COUNT,
-    "data_seed": Range(0), "seed": Range(0),
-    "epochs": _COUNT, "batch_size": Range(1), "lr": _RATE,
-    "weight_decay": Range(0), "milestones": Range(1, unit="epochs"), "lr_gamma": _RATE,
-    "taus": _SHARE, "supp_weight": Range(0), "gate_weight": Range(0), "gamma0": Range(0),
-    "gamma": Range(0), "weight_offset": Range(0), "balance_factor": _SHARE,
-    "min_epochs": Range(0), "exit_threshold": _SHARE, "max_steps": _COUNT,
-    "log_every": Range(0, unit="steps; 0: never"),
-    "checkpoint_every": Range(0, unit="steps; 0: at epoch ends only"),
+    "train_size": _SIZE, "val_size": _SIZE, "test_size": _SIZE,
+    "renders_per_digit": Range(1, 100_000), "data_seed": _SEED, "seed": _SEED,
+    "epochs": Range(1, 100_000), "batch_size": Range(1, 1_000_000),
+    "lr": Range(0, 10, open_low=True), "weight_decay": Range(0, 10),
+    "milestones": Range(1, 100_000, unit="epochs"), "lr_gamma": Range(0, 10, open_low=True),
+    "taus": _SHARE, "supp_weight": _WEIGHT, "gate_weight": _WEIGHT, "gamma0": Range(0, 100),
+    "gamma": Range(0, 100), "weight_offset": _WEIGHT, "balance_factor": _SHARE,
+    "min_epochs": Range(0, 100_000), "exit_threshold": _SHARE, "max_steps": Range(1, 10**12),
+    "log_every": Range(0, 10**12, unit="steps; 0: never"),
+    "checkpoint_every": Range(0, 10**12, unit="steps; 0: at epoch ends only"),
 }
 
 
@@ -273,16 +282,29 @@ PRESETS = {
 }
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto": the GPU when there is one, else the CPU; any other name as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def check_device_name(name: str) -> torch.device:
+    """The device `name` says ("cpu", "cuda" or "cuda:N": the devices this package runs on),
+    or a ValueError."""
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(f"unknown device {name!r}: {error}") from error
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto": the GPU when there is one, else the CPU; "cpu", "cuda" or "cuda:N" otherwise,
+    when torch sees that device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device_name(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but torch sees "
+                         f"{torch.cuda.device_count()} GPU(s)")
     return device
 
 

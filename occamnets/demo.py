@@ -13,6 +13,7 @@ from typing import Dict, Optional
 from .config import RunConfig, default_preset
 from .data.biased_mnist import read_cached_config
 from .evaluate import cam_picture_data, checkpoint_config, percent
+from .files import atomic_path
 from .models import MODELS
 from .train import RELIABILITY_PICTURE, RunReport, Trainer, check_resumable
 from .viz import save_cam_grid, save_exit_distribution
@@ -43,15 +44,17 @@ def demo_configs(out: str, preset: str) -> Dict[str, RunConfig]:
 
 def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None) -> int:
     preset = preset or default_preset()
+    if docs and os.path.exists(docs) and not os.path.isdir(docs):
+        raise ValueError(f"--docs {docs} is a file: give a directory")
     started = time.perf_counter()
     reports: Dict[str, RunReport] = {}
     for model, config in demo_configs(out, preset).items():
         resume = config.checkpoint_path if os.path.exists(config.checkpoint_path) else None
         trainer = Trainer(config, resume=resume)
+        trainer.continue_hint = f"`occamnets demo --out {out} --preset {preset}` again"
         print(f"== {model}: {preset} preset on {trainer.device}")
         report = trainer.run()
         if report is None:
-            print("interrupted: run the demo again to continue")
             return 128 + trainer.stop_signal if trainer.interrupted else 130
         reports[model] = report
         if model == "occam":
@@ -65,7 +68,8 @@ def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None)
                 os.makedirs(docs, exist_ok=True)
                 reliability = os.path.join(config.run_dir, RELIABILITY_PICTURE)
                 for path in (cams, exits, reliability):
-                    shutil.copy(path, os.path.join(docs, "demo_" + os.path.basename(path)))
+                    with atomic_path(os.path.join(docs, "demo_" + os.path.basename(path))) as tmp:
+                        shutil.copyfile(path, tmp)
     print(table(reports["resnet"], reports["occam"]))
     print(f"pictures: {os.path.join(out, 'cams.png')}, {os.path.join(out, 'exits.png')}; "
           f"reports: {out}/*/report.md; wall time {time.perf_counter() - started:.0f} s")

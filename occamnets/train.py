@@ -6,11 +6,13 @@ a function of (seed, epoch), so a resumed run sees the same batches. Ctrl-C and 
 write a checkpoint before stopping, and `checkpoint_every` writes one every N steps. What is trained is decided once, by the objective (`make_objective`).
 """
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -160,6 +162,21 @@ def check_resumable(saved: RunConfig, config: RunConfig) -> None:
                                  f"with the same settings")
 
 
+def check_continuable(checkpoint: Dict, config: RunConfig, world: int) -> None:
+    """A ValueError when a checkpoint's run cannot go on as asked: fewer epochs than it has
+    trained, or another number of processes (the batches of an epoch are cut per process, so a
+    change would skip or repeat images)."""
+    trained = checkpoint.get("epoch", 0)
+    if config.epochs < trained:
+        raise ValueError(f"this run has trained {trained} epochs already; --epochs "
+                         f"{config.epochs} cannot undo them: give --epochs {trained} or more")
+    saved_world = checkpoint.get("world", 1)
+    if saved_world != world:
+        raise ValueError(f"this run was trained on {saved_world} process(es), now "
+                         f"{world}: resume it with the same number (torchrun "
+                         f"--nproc_per_node={saved_world}, or plain `occamnets train` for 1)")
+
+
 # What the reported model is: no checkpoint is picked by validation accuracy, as in the
 # official trainer (PyTorch Lightning tests the weights the last epoch left).
 MODEL_SELECTION = ("the weights after the last epoch: no model selection (as the official "
@@ -227,11 +244,12 @@ def read_metrics(metrics_path: str) -> List[Dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def prepare_run_dir(path: str) -> None:
-    """Create the run directory, or a ValueError saying why it cannot be written (checked
-    before any data is read or generated)."""
+def prepare_run_dir(path: str) -> bool:
+    """Create the run directory (True when it did not exist), or a ValueError saying why it
+    cannot be written (checked before any data is read or generated)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"the run directory {path} is a file: choose another --out")
+    created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -240,6 +258,23 @@ def prepare_run_dir(path: str) -> None:
         raise ValueError(f"cannot write to the run directory {path} ({error.strerror}): "
                          f"choose another --out") from error
     remove_stale_temporaries(path)
+    return created
+
+
+def lock_run_dir(path: str):
+    """An exclusive lock on the run directory for this process's life (the open file holding
+    it), or a ValueError when another process trains there: two runs in one directory would
+    write one checkpoint and one metrics.jsonl between them."""
+    handle = open(os.path.join(path, ".lock"), "a")
+    try:
+        # A POSIX lock: held per process, so this process may build several Trainers on one
+        # directory (a resumed run in a test); another process is refused.
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        raise ValueError(f"another occamnets process is training in {path}: wait for it, or "
+                         f"choose another --out") from error
+    return handle
 
 
 # Signals that stop training with a checkpoint: Ctrl-C, and what schedulers send before a kill.
@@ -277,13 +312,27 @@ class Trainer:
                              + (f" on each of {self.world} processes" if self.world > 1 else "")
                              + f" is more than the training split ({config.train_size} "
                                f"images): lower --batch-size or raise --train-size")
-        prepare_run_dir(config.run_dir)
+        created = prepare_run_dir(config.run_dir)
+        try:
+            self._set_up(config, splits, resume)
+        except BaseException:
+            # A run that never started leaves no directory behind (only the lock, if any).
+            if created and set(os.listdir(config.run_dir)) <= {".lock"}:
+                shutil.rmtree(config.run_dir, ignore_errors=True)
+            raise
+
+    def _set_up(self, config: RunConfig, splits: Optional[Dict[str, DeviceSplit]],
+                resume: Optional[str]) -> None:
+        self.run_lock = lock_run_dir(config.run_dir) if self.rank == 0 else None
+        if config.tensorboard and os.path.isfile(config.tensorboard):
+            raise ValueError(f"--tensorboard {config.tensorboard} is a file: give a directory")
         self.checkpoint_path = config.checkpoint_path
         self.metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
         resumed = None
         if resume:
             resumed = read_checkpoint(resume, mmap=False)
             check_resumable(RunConfig.from_dict(resumed["config"]), config)
+            check_continuable(resumed, config, self.world)
         writer = _tensorboard_writer() if config.tensorboard and self.rank == 0 else None
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
@@ -320,6 +369,8 @@ class Trainer:
         # The epoch so far (kept in checkpoints, so a resumed epoch's loss counts every step).
         self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
         self.stop_signal: Optional[int] = None
+        # What the stop message tells the user to do next (the demo says its own).
+        self.continue_hint = f"`occamnets train --out {config.run_dir} --resume`"
         if resumed is not None:
             self._load_state(resumed, resume)
         # A resumed run's TensorBoard drops the events logged after its checkpoint, as
@@ -348,7 +399,7 @@ class Trainer:
                 "objective": self.objective.state_dict(),
                 "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "config": self.config.to_dict(),
-                "num_classes": self.num_classes,
+                "num_classes": self.num_classes, "world": self.world,
                 "epoch_progress": {"loss_sum": self.epoch_loss_sum, "images": self.epoch_images,
                                    "seconds": self.epoch_seconds}}
 
@@ -429,7 +480,7 @@ class Trainer:
         if self.rank == 0:
             print(f"{reason}: stopped at epoch {self.epoch + 1} step {self.step_in_epoch} "
                   f"(step {self.global_step} in all); checkpoint written to {path}; continue "
-                  f"with `occamnets train --out {self.config.run_dir} --resume`", flush=True)
+                  f"with {self.continue_hint}", flush=True)
 
     def train(self) -> None:
         """Train until the last epoch, --max-steps or a stop signal (a checkpoint is written
@@ -497,10 +548,12 @@ class Trainer:
             train_loss = (loss_sum / max(1, steps)).item()
             if not math.isfinite(train_loss):
                 # Diverged: the checkpoint of the last good epoch is kept, not overwritten.
+                kept = (f"{self.checkpoint_path} still holds the state before it"
+                        if os.path.exists(self.checkpoint_path) else "no checkpoint was written")
                 raise TrainingDiverged(
                     f"training diverged: the loss was {train_loss} in epoch {self.epoch + 1}; "
-                    f"{self.checkpoint_path} still holds the state before it (lower --lr, or "
-                    f"keep bf16 off with --no-bf16, and start a new run)")
+                    f"{kept} (lower --lr or the loss weights, or train in fp32 with "
+                    f"--no-bf16, in a new run)")
             with warnings.catch_warnings():
                 # Resumed right at an epoch's end, this process made no optimiser step yet:
                 # torch's warning about the call order does not apply.

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .evaluate import CamPictureData, ExitDiagnostics
+from .files import atomic_path
 from .metrics import Reliability
 
 
@@ -62,9 +63,7 @@ def save_cam_grid(path: str, data: CamPictureData,
             axis.set_xticks([]), axis.set_yticks([])
     fig.suptitle("Class activation maps of each exit for its predicted class", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def save_exit_distribution(path: str, exit_counts: Sequence[int],
@@ -86,9 +85,7 @@ def save_exit_distribution(path: str, exit_counts: Sequence[int],
     ax.set_ylim(0, 115)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def save_sample_grid(path: str, images: torch.Tensor, labels: torch.Tensor,
@@ -115,9 +112,7 @@ def save_sample_grid(path: str, images: torch.Tensor, labels: torch.Tensor,
                        fontsize=7)
     fig.suptitle(f"{title}  (* = bias-aligned: factor value equals the label)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=90)
 
 
 def _reliability_panel(axis, reliability: Reliability, title: str) -> None:
@@ -159,6 +154,15 @@ def save_reliability_diagrams(path: str, diagnostics: Sequence[ExitDiagnostics],
     axes[0][0].legend(fontsize=6, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return _save(fig, path, dpi=100)
+
+
+def _save(fig, path: str, dpi: int) -> str:
+    """The figure as a PNG at `path`, written whole or not at all; the figure is closed."""
+    plt = _pyplot()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return path

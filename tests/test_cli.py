@@ -171,7 +171,7 @@ def test_list_presets_and_bad_settings(capsys, tmp_path):
     assert all(name in listed for name in PRESETS)
     assert main(["train", "--stem", "5x5"]) == 2   # argparse rejects unknown choices
     assert main(["train", "--width", "0", "--device", "cpu"]) == 2
-    assert "argument --width: must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --width: must be in [1, 4096], got 0" in capsys.readouterr().err
     assert main(["eval", "nowhere.pt"]) == 2
     assert "no checkpoint at nowhere.pt" in capsys.readouterr().err
     not_a_checkpoint = tmp_path / "notes.pt"

@@ -53,26 +53,36 @@ def trained(tmp_path_factory):
 # -- numeric options: refused at parse time, naming the option and the allowed range ----------
 
 @pytest.mark.parametrize("argv,needle", [
-    (["data", "biased-mnist", "--train-size", "-5"], "argument --train-size: must be at least 1, got -5"),
-    (["data", "biased-mnist", "--test-size", "-1"], "argument --test-size: must be at least 1, got -1"),
-    (["data", "biased-mnist", "--val-size", "-3"], "argument --val-size: must be at least 1, got -3"),
-    (["data", "biased-mnist", "--cell-size", "2"], "argument --cell-size: must be at least 4, got 2"),
-    (["train", "--train-size", "-5"], "argument --train-size: must be at least 1, got -5"),
-    (["train", "--train-size", "0"], "argument --train-size: must be at least 1, got 0"),
-    (["train", "--epochs", "-1"], "argument --epochs: must be at least 1, got -1"),
-    (["train", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
-    (["train", "--batch-size", "-4"], "argument --batch-size: must be at least 1, got -4"),
+    (["data", "biased-mnist", "--train-size", "-5"], "argument --train-size: must be in [1, 10000000], got -5"),
+    (["data", "biased-mnist", "--test-size", "-1"], "argument --test-size: must be in [1, 10000000], got -1"),
+    (["data", "biased-mnist", "--val-size", "-3"], "argument --val-size: must be in [1, 10000000], got -3"),
+    (["data", "biased-mnist", "--cell-size", "2"], "argument --cell-size: must be in [4, 256], got 2"),
+    (["train", "--train-size", "-5"], "argument --train-size: must be in [1, 10000000], got -5"),
+    (["train", "--train-size", "0"], "argument --train-size: must be in [1, 10000000], got 0"),
+    (["train", "--epochs", "-1"], "argument --epochs: must be in [1, 100000], got -1"),
+    (["train", "--batch-size", "0"], "argument --batch-size: must be in [1, 1000000], got 0"),
+    (["train", "--batch-size", "-4"], "argument --batch-size: must be in [1, 1000000], got -4"),
     (["train", "--lr", "nan"], "argument --lr: must be a finite number, got nan"),
-    (["train", "--lr", "0"], "argument --lr: must be above 0, got 0.0"),
+    (["train", "--lr", "0"], "argument --lr: must be in (0, 10], got 0.0"),
     (["train", "--p-bias", "1.5"], "argument --p-bias: must be in [0, 1], got 1.5"),
     (["train", "--taus", "0.5", "0.6", "0.7", "2"], "argument --taus: must be in [0, 1], got 2.0"),
     (["train", "--exit-threshold", "-0.1"], "argument --exit-threshold: must be in [0, 1]"),
-    (["train", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
-    (["train", "--checkpoint-every", "-2"], "argument --checkpoint-every: must be at least 0"),
+    (["train", "--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
+    (["train", "--checkpoint-every", "-2"], "argument --checkpoint-every: must be in [0, 1000000000000]"),
     (["train", "--width", "x"], "argument --width: invalid int value: 'x'"),
-    (["eval", "x.pt", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["train", "--width", "100000000"], "argument --width: must be in [1, 4096]"),
+    (["train", "--cell-size", "100000"], "argument --cell-size: must be in [4, 256]"),
+    (["train", "--train-size", "99999999999"], "argument --train-size: must be in [1, 10000000]"),
+    (["train", "--lr", "1e300"], "argument --lr: must be in (0, 10], got 1e+300"),
+    (["train", "--weight-decay", "1e300"], "argument --weight-decay: must be in [0, 10]"),
+    (["train", "--lr-gamma", "1e300"], "argument --lr-gamma: must be in (0, 10]"),
+    (["train", "--seed", "99999999999999999999"], "argument --seed: must be in [0, 4294967295]"),
+    (["data", "biased-mnist", "--seed", "-3"], "argument --seed: must be in [0, 4294967295]"),
+    (["eval", "x.pt", "--batch-size", "nan"], "argument --batch-size: invalid int value: 'nan'"),
+    (["predict", "x.pt", "--threshold", "abc"], "argument --threshold: invalid float value"),
+    (["eval", "x.pt", "--batch-size", "0"], "argument --batch-size: must be in [1, 1000000000], got 0"),
     (["predict", "x.pt", "--threshold", "1.5"], "argument --threshold: must be in [0, 1], got 1.5"),
-    (["viz", "x.pt", "--count", "0"], "argument --count: must be at least 1, got 0"),
+    (["viz", "x.pt", "--count", "0"], "argument --count: must be in [1, 1000000000], got 0"),
 ])
 def test_bad_numbers_are_refused_at_parse_time(argv, needle, capsys):
     assert main(argv) == 2
@@ -158,7 +168,7 @@ def test_truncated_old_and_foreign_checkpoints(trained, tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[:len(data) // 2])
     assert main(["eval", str(truncated)]) == 2
-    one_line_error(capsys, "is not a checkpoint torch can read (truncated or corrupt?)")
+    one_line_error(capsys, "is not a checkpoint torch can read", "truncated")
     state = read_checkpoint(trained)
     old = dict(state)
     del old["format"]
@@ -187,12 +197,14 @@ def test_a_corrupt_checkpoint_in_a_run_says_how_to_start_over(trained, tmp_path,
     run.mkdir()
     data = open(trained, "rb").read()
     (run / "checkpoint.pt").write_bytes(data[:1000])
-    for extra in ([], ["--resume"]):
-        assert main(["train", "--out", str(run)] + TINY_DATA + TINY_RUN + extra) == 2
-        one_line_error(capsys, "truncated or corrupt", f"rm {run / 'checkpoint.pt'}",
+    for argv in (TINY_DATA + TINY_RUN, ["--resume"]):
+        assert main(["train", "--out", str(run)] + argv) == 2
+        one_line_error(capsys, "truncated", f"rm {run / 'checkpoint.pt'}",
                        "another --out")
     assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
     one_line_error(capsys, "--resume: no checkpoint at", "leave --resume out")
+    assert main(["train", "--out", str(run), "--resume", "--preset", "paper"]) == 2
+    one_line_error(capsys, "--preset with --resume", "leave --preset out")
 
 
 def test_checkpoints_hold_only_plain_data(trained):
@@ -298,7 +310,9 @@ def test_version_help_and_debug(capsys, tmp_path):
     assert capsys.readouterr().out.startswith("occamnets ")
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
-    assert "quick preset: 64" in text and "images per step" in text and "at least 1" in text
+    text = " ".join(text.split())
+    assert "quick preset: 64" in text and "images per step" in text
+    assert "in [1, 1000000]" in text and "Adam's learning rate (in (0, 10]" in text
     assert main(["eval", "--help"]) == 0
     assert "(default: 256)" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError):
@@ -401,7 +415,7 @@ def test_failed_writes_leave_no_temporary_files(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         trainer.train()
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == []
+    assert sorted(os.listdir(tmp_path)) == [".lock"]   # the run directory's lock, nothing else
     # A writer killed outright cannot clean up: the next start removes what it left.
     stale = tmp_path / "checkpoint.pt.tmp-999999"
     stale.write_bytes(b"x" * 100)
@@ -469,3 +483,139 @@ def test_cache_directories_are_keyed_by_every_data_setting():
               RunConfig(cell_size=6)]
     directories = {c.dataset_dir for c in [base] + others}
     assert len(directories) == len(others) + 1
+
+
+# -- found by a review acting as a new user ---------------------------------------------------
+
+def test_devices_this_package_does_not_run_on(tmp_path, capsys):
+    for device in ("mps", "meta", "xla"):
+        assert main(["train", "--device", device, "--out", str(tmp_path / device)]) == 2
+        one_line_error(capsys, f"device '{device}' is not supported: use auto, cpu, cuda or cuda:N")
+    assert main(["train", "--device", "gpu", "--out", str(tmp_path / "gpu")]) == 2
+    one_line_error(capsys, "unknown device 'gpu': use auto, cpu, cuda or cuda:N")
+    assert not list(tmp_path.iterdir())                  # refused before any directory
+
+
+def test_predict_images_that_would_be_misread(trained, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    wide = tmp_path / "g16.png"
+    Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)).save(wide)
+    assert main(["predict", trained, str(wide)]) == 2
+    one_line_error(capsys, "has 16-bit pixels", "convert it to 8 bits")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (30, 30)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)   # 900 pixels: a "decompression bomb"
+    assert main(["predict", trained, str(big)]) == 2
+    one_line_error(capsys, "cannot read", "big.png")
+
+
+def test_predict_options_before_or_after_the_images(trained, tmp_path, capsys):
+    from PIL import Image
+    image = tmp_path / "a.png"
+    Image.new("RGB", (30, 30), (0, 90, 200)).save(image)
+    assert main(["predict", trained, "--device", "cpu", str(image), "--json"]) == 0
+    assert [p["path"] for p in json.loads(capsys.readouterr().out)] == [str(image)]
+    assert main(["predict", trained, str(image), "--split", "val"]) == 2
+    one_line_error(capsys, "--split and --data-dir choose a split to time")
+    assert main(["predict", trained, str(image), "--bogus"]) == 2
+    one_line_error(capsys, "unrecognized arguments: --bogus")
+
+
+def test_picture_paths_are_checked_before_the_work(trained, tmp_path, capsys, monkeypatch):
+    import occamnets.evaluate as evaluate_module
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    assert main(["eval", trained, "--reliability", str(tmp_path)]) == 2
+    one_line_error(capsys, "--reliability", "give a file name ending in .png")
+    assert main(["viz", trained, "--out", str(tmp_path / "cams")]) == 2
+    one_line_error(capsys, "--out", "ending in .png")
+    same = str(tmp_path / "c.png")
+    assert main(["viz", trained, "--out", same, "--exits-plot", same]) == 2
+    one_line_error(capsys, "--out and --exits-plot name the same file")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["viz", trained, "--out", str(a_file / "c.png")]) == 2
+    one_line_error(capsys, "cannot write there")
+    monkeypatch.undo()
+    assert main(["viz", trained, "--out", str(tmp_path / "all.png"), "--count", "500"]) == 0
+    assert "the test split has 20 images: drawing them all" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_resume_cannot_undo_epochs_or_change_the_process_count(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    state = read_checkpoint(trained)
+    torch.save(dict(state), run / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["world"] == 1
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "1"]) == 0  # nothing to do
+    capsys.readouterr()
+    torch.save(dict(state, epoch=3), run / "checkpoint.pt")
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2"]) == 2
+    one_line_error(capsys, "has trained 3 epochs already", "--epochs 3 or more")
+    torch.save(dict(state, world=2), run / "checkpoint.pt")
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2"]) == 2
+    one_line_error(capsys, "trained on 2 process(es), now 1", "--nproc_per_node=2")
+
+
+def test_one_training_process_per_run_directory(tmp_path):
+    import subprocess
+    import sys
+    import time
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         f"h = open({str(tmp_path / '.lock')!r}, 'a'); fcntl.lockf(h, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match="another occamnets process is training in"):
+            Trainer(trainer_config(tmp_path), synthetic_splits())
+    finally:
+        holder.kill()
+        holder.wait()
+    Trainer(trainer_config(tmp_path), synthetic_splits())   # free again
+
+
+def test_a_run_that_never_started_leaves_no_directory(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    out = tmp_path / "new-run"
+    assert main(["train", "--out", str(out), "--tensorboard", str(a_file)] + TINY_DATA
+                + TINY_RUN) == 2
+    one_line_error(capsys, "--tensorboard", "is a file: give a directory")
+    assert not out.exists()
+
+
+def test_divergence_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, capsys,
+                                                                      monkeypatch):
+    real_step = Trainer._train_step
+    monkeypatch.setattr(Trainer, "_train_step", lambda self, rows: (
+        lambda loss_parts: (loss_parts[0] * float("inf"), loss_parts[1]))(real_step(self, rows)))
+    assert main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")]
+                + TINY_DATA + TINY_RUN) == 2
+    one_line_error(capsys, "training diverged: the loss was inf in epoch 1",
+                   "no checkpoint was written", "loss weights")
+
+
+def test_sigterm_and_memory_errors_outside_training(trained, capsys, monkeypatch):
+    import occamnets.evaluate as evaluate_module
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(evaluate_module, "evaluate", terminated)
+    assert main(["eval", trained]) == 143
+    one_line_error(capsys, "occamnets eval: stopped by SIGTERM")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+    monkeypatch.setattr(evaluate_module, "evaluate", no_memory)
+    assert main(["eval", trained]) == 2
+    one_line_error(capsys, "out of memory", "--batch-size")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_demo_docs_that_is_a_file_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(biased_mnist, "generate", lambda *a, **k: pytest.fail("data made"))
+    a_file = tmp_path / "docs"
+    a_file.write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--docs", str(a_file)]) == 2
+    one_line_error(capsys, "--docs", "is a file: give a directory")

@@ -81,6 +81,10 @@ class DeviceSplit:
         return cell_fraction(self.object_masks(rows), height, width)
 
 
+# Pillow modes whose values convert("RGB") would clip rather than scale (16-bit, 32-bit,
+# float): read as they are, they would be classified as white or black images.
+WIDE_MODES = {"I": "32-bit integer", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit",
+              "I;16N": "16-bit", "F": "floating-point"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -116,9 +120,12 @@ def read_image_files(paths: Sequence[str], size: int) -> ImageFiles:
     for path in paths:
         try:
             with Image.open(path) as image:
+                if image.mode in WIDE_MODES:
+                    raise ValueError(f"{path} has {WIDE_MODES[image.mode]} pixels; the model "
+                                     f"reads 8-bit images: convert it to 8 bits per channel")
                 sizes.append(image.size)
                 rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
-        except (OSError, ValueError) as error:
+        except (OSError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot read {path} as an image: {error}") from error
         images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
     return ImageFiles(torch.stack(images), sizes)

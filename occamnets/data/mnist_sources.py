@@ -78,6 +78,11 @@ def _read_images_and_labels(image_path: str, label_path: str,
     return images, labels.astype(np.int64)
 
 
+def _not_a_directory(kind: str, directory: str) -> FileNotFoundError:
+    what = "is a file, not a directory" if os.path.isfile(directory) else "does not exist"
+    return FileNotFoundError(f"{kind} directory {directory!r} {what}")
+
+
 def _find(directory: str, name: str) -> Optional[str]:
     for folder in (directory, os.path.join(directory, "MNIST", "raw"),
                    os.path.join(directory, "raw")):
@@ -91,7 +96,7 @@ def _find(directory: str, name: str) -> Optional[str]:
 def load_mnist_idx(directory: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """(images (N, 28, 28) uint8, labels (N,) int64) of an MNIST split from an IDX directory."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"MNIST directory {directory!r} does not exist")
+        raise _not_a_directory("MNIST", directory)
     names = MNIST_FILES[split]
     paths = [_find(directory, name) for name in names]
     missing = [name for name, path in zip(names, paths) if path is None]
@@ -160,7 +165,7 @@ def load_emnist_letters(directory: str, size: int, variants: int, seed: int) -> 
     """(26, variants, size, size) uint8 glyphs drawn from the EMNIST letters IDX files."""
     from PIL import Image
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"EMNIST directory {directory!r} does not exist")
+        raise _not_a_directory("EMNIST", directory)
     paths = [_find(directory, name) for name in EMNIST_LETTER_FILES]
     if None in paths:
         raise FileNotFoundError(f"EMNIST directory {directory!r} lacks "
