@@ -444,19 +444,6 @@ def _run_demo(args) -> int:
     return run_demo(args.out, args.preset, args.docs)
 
 
-def _positive_int(text: str) -> int:
-    from .config import Range
-    return _in_range(int, Range(1, 10**9))(text)
-
-
-def _share(text: str) -> float:
-    from .config import Range
-    return _in_range(float, Range(0, 1))(text)
-
-
-_positive_int.__name__, _share.__name__ = "int", "float"  # argparse names the type
-
-
 def _picture_path(path: Optional[str], option: str) -> None:
     """A ValueError unless `path` can take a PNG (checked before the work that draws it)."""
     if path is None:
@@ -481,7 +468,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
+    from .config import PRESETS, Range
+    count, share = _in_range(int, Range(1, 10**9)), _in_range(float, Range(0, 1))
     parser = _Parser(prog="occamnets", description=__doc__)
     parser.add_argument("--version", action="version", version=f"occamnets {_version()}")
     parser.add_argument("--debug", action="store_true",
@@ -495,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     train.set_defaults(handler=_run_train)
     evaluation = _add_checkpoint_command(subparsers, "eval", "evaluate a checkpoint", _run_eval)
-    evaluation.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
+    evaluation.add_argument("--batch-size", type=count, default=256, help="images per batch")
     evaluation.add_argument("--reliability", default=None, metavar="PNG",
                             help="also draw each exit's reliability diagrams (class softmax "
                                  "and gate) to this file")
@@ -506,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="*",
                          help="image files or folders of them (PNG, JPEG, ...; resized to the "
                               "training size); none: time inference on --split")
-    predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
-    predict.add_argument("--threshold", type=_share, default=None,
+    predict.add_argument("--batch-size", type=count, default=256, help="images per batch")
+    predict.add_argument("--threshold", type=share, default=None,
                          help="leave at the first exit whose gate is at least this (default: "
                               "the run's exit_threshold)")
     predict.add_argument("--json", action="store_true",
@@ -515,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit", _run_viz)
     viz.add_argument("--out", default="cams.png", help="the CAM picture (PNG)")
     viz.add_argument("--exits-plot", default=None, help="also save the exit distribution")
-    viz.add_argument("--count", type=_positive_int, default=6, help="images in the picture")
+    viz.add_argument("--count", type=count, default=6, help="images in the picture")
     demo = subparsers.add_parser("demo", help="train both models and compare them")
     demo.add_argument("--out", default="runs/demo", help="the demo's directory")
     demo.add_argument("--preset", choices=list(PRESETS), default=None,

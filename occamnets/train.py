@@ -475,8 +475,9 @@ class Trainer:
             self.stop_signal = int(flag) or None
         return STOP_SIGNALS.get(self.stop_signal) if self.stop_signal else None
 
-    def _stop(self, reason: str) -> None:
-        path = self.save_checkpoint()
+    def _stop(self, reason: str, saved: bool = False) -> None:
+        """Write the checkpoint (unless it was just `saved`) and say how to continue."""
+        path = self.checkpoint_path if saved else self.save_checkpoint()
         if self.rank == 0:
             print(f"{reason}: stopped at epoch {self.epoch + 1} step {self.step_in_epoch} "
                   f"(step {self.global_step} in all); checkpoint written to {path}; continue "
@@ -502,9 +503,8 @@ class Trainer:
         if self.global_step == 0 and self.rank == 0 and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a new run: nothing from an earlier one
         while self.epoch < config.epochs:
-            if self.step_in_epoch == 0:
+            if self.step_in_epoch == 0:  # the epoch's progress is zero here (reset at its end)
                 self.objective.on_epoch_start(self.epoch)
-                self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
             self.model.train()
             order = epoch_order(len(train), config.seed, self.epoch, self.device)
             steps = steps_per_epoch(len(train), config.batch_size, self.world)
@@ -574,7 +574,7 @@ class Trainer:
             self.save_checkpoint()
             stop = self._should_stop() if self.epoch < config.epochs else None
             if stop:
-                self._stop(stop)
+                self._stop(stop, saved=True)
                 return
 
     def _append_metrics(self, record: Dict) -> None:

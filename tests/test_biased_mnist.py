@@ -9,7 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from occamnets.data import biased_mnist as bm
-from occamnets.data.loaders import DeviceSplit, read_images
+from occamnets.data.loaders import DeviceSplit, read_image_files
 from occamnets.data.mnist_sources import load_digits, load_mnist_idx, read_idx
 
 SMALL = dict(cell_size=6, train_size=300, val_size=50, test_size=200)
@@ -189,12 +189,12 @@ def test_device_split_batches_and_image_files(splits, tmp_path):
     from PIL import Image
     path = tmp_path / "seven.png"
     Image.fromarray(train.images[7].permute(1, 2, 0).numpy()).save(path)
-    read = read_images([str(path)], 30)
+    read = read_image_files([str(path)], 30).images
     assert read.dtype == torch.uint8 and torch.equal(read[0], train.images[7])
-    assert read_images([str(path)], 12).shape == (1, 3, 12, 12)
+    assert read_image_files([str(path)], 12).images.shape == (1, 3, 12, 12)
     (tmp_path / "not_an_image.png").write_text("hello")
     with pytest.raises(ValueError, match="cannot read .*not_an_image.png as an image"):
-        read_images([str(tmp_path / "not_an_image.png")], 12)
+        read_image_files([str(tmp_path / "not_an_image.png")], 12)
 
 
 def test_default_val_size_fits_the_bundled_digits_and_sizes_fail_before_rendering(monkeypatch):

@@ -130,7 +130,3 @@ def read_image_files(paths: Sequence[str], size: int) -> ImageFiles:
         images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
     return ImageFiles(torch.stack(images), sizes)
 
-
-def read_images(paths: Sequence[str], size: int) -> torch.Tensor:
-    """Image files as uint8 (N, 3, size, size), resized to `size`."""
-    return read_image_files(paths, size).images
