@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_path, remove_stale_temporaries
+from .groups import BiasGroups, bias_groups
 from .mnist_sources import load_digits, load_emnist_letters, render_letters
 
 FACTOR_NAMES = ("digit_color", "digit_scale", "digit_position", "texture", "texture_color",
@@ -383,10 +384,15 @@ def _save_split(directory: str, split: str, data: BiasedMNISTSplit) -> Dict[str,
     return files
 
 
+def split_groups(data: BiasedMNISTSplit) -> BiasGroups:
+    """The split's bias groups: digit and the seven factors' values, as the official's."""
+    return bias_groups(data.labels, data.factors, FACTOR_NAMES)
+
+
 def _write_meta(directory: str, config: BiasedMNISTConfig, files: Dict[str, Dict],
-                sizes: Dict[str, int]) -> None:
+                sizes: Dict[str, int], groups: Dict[str, Dict]) -> None:
     meta = {"config": config.identity(), "factor_names": list(FACTOR_NAMES), "files": files,
-            "sizes": sizes}
+            "sizes": sizes, "groups": groups}
     with atomic_path(os.path.join(directory, "meta.json")) as tmp:
         with open(tmp, "w") as handle:
             json.dump(meta, handle, indent=1)
@@ -397,7 +403,8 @@ def save(splits: Dict[str, BiasedMNISTSplit], config: BiasedMNISTConfig, directo
     files = {}
     for split, data in splits.items():
         files.update(_save_split(directory, split, data))
-    _write_meta(directory, config, files, {split: len(data) for split, data in splits.items()})
+    _write_meta(directory, config, files, {split: len(data) for split, data in splits.items()},
+                {split: split_groups(data).to_metadata() for split, data in splits.items()})
 
 
 def read_cached_config(directory: str) -> Optional[BiasedMNISTConfig]:
@@ -516,18 +523,20 @@ def _generate_and_save(config: BiasedMNISTConfig, directory: str, splits: Sequen
     once the first split is rendered: a mistake in the settings, or an interruption while
     the first split renders, leaves what it held as it was."""
     generated = _generate_splits(config, progress)
-    files, sizes, kept = {}, {}, {}
+    files, sizes, groups, kept = {}, {}, {}, {}
     for name, data in generated:
         if not files:
             _start_save(directory)
         files.update(_save_split(directory, name, data))
         sizes[name] = len(data)
+        groups[name] = split_groups(data).to_metadata()
         if name in splits and not mmap:
             kept[name] = data
         del data   # a split not kept is freed before the next one is rendered
     files = {f"{split}_{field}.npy": files[f"{split}_{field}.npy"]
              for split in SPLITS for field in _ARRAYS}
-    _write_meta(directory, config, files, {split: sizes[split] for split in SPLITS})
+    _write_meta(directory, config, files, {split: sizes[split] for split in SPLITS},
+                {split: groups[split] for split in SPLITS})
     if mmap:
         loaded, problem = _read_cache(config, directory, splits, mmap=True)
         if problem is not None:

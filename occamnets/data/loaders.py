@@ -4,12 +4,16 @@ Python data loading (a worker per batch decoding and collating) would bound trai
 a GPU; Biased MNIST at 160 px is 3.8 GB of uint8 for 50,000 images, which fits on the GPU, so
 batches are gathered and converted to float there.
 """
+import functools
 import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .groups import BiasGroups, bias_groups
+
 
 def normalise(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> the float input the models were trained on: [0, 1], as
@@ -34,6 +38,7 @@ def cell_fraction(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 class DeviceSplit:
     """A split held as tensors on one device; `batch(rows)` converts uint8 images there.
+    `groups`: the bias groups (label x factor values) and each item's group index.
 
     masks, optional: the object's pixels per image, bit-packed (N, H, ceil(W/8)) uint8;
     `object_masks(rows)` unpacks them; `object_fraction(rows, h, w)` gives the share of each
@@ -65,6 +70,12 @@ class DeviceSplit:
     @property
     def device(self) -> torch.device:
         return self.labels.device
+
+    @functools.cached_property
+    def groups(self) -> BiasGroups:
+        """The split's bias groups (label x the factors' values), on its device; computed
+        when first asked for."""
+        return bias_groups(self.labels, self.factors, self.factor_names)
 
     def batch(self, rows: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         return normalise(self.images[rows], channels_last)

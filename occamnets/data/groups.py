@@ -1,0 +1,60 @@
+"""Bias groups: every distinct (label, bias-attribute values) combination of a split is a group.
+
+This is the official code's Biased MNIST grouping (its GroupUtils names a group by the digit
+and every bias variable's value). The official numbers groups in the order it first meets
+them; here the numbering is a function of the groups alone: sorted by label, then by how many
+attributes conflict with the label (the bias-aligned group of a class first), then by the
+values. Only PGI's split of a class's groups into two halves reads the numbering (see
+occamnets/methods/pgi.py): this order puts the majority-like half first.
+"""
+import dataclasses
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasGroups:
+    """index (N,) long: each item's group; keys (G, 1 + F) long: each group's label, then its
+    value of every attribute in `columns[1:]`; sizes (G,) long: items per group."""
+    index: Tensor
+    keys: Tensor
+    sizes: Tensor
+    columns: Sequence[str]
+
+    @property
+    def count(self) -> int:
+        return self.keys.shape[0]
+
+    def names(self) -> List[str]:
+        """"label=3, digit_color=3, ..." per group, in group order."""
+        return [", ".join(f"{c}={v}" for c, v in zip(self.columns, key))
+                for key in self.keys.tolist()]
+
+    def to_metadata(self) -> Dict:
+        """The list of groups and their sizes, as plain data (the dataset's meta.json)."""
+        return {"columns": list(self.columns), "count": self.count,
+                "keys": self.keys.tolist(), "sizes": self.sizes.tolist()}
+
+
+def bias_groups(labels: Tensor, attributes: Tensor, attribute_names: Sequence[str]) -> BiasGroups:
+    """The groups of items with `labels` (N,) and bias `attributes` (N, F) integer values."""
+    if labels.dim() != 1 or attributes.dim() != 2 or attributes.shape[0] != labels.shape[0]:
+        raise ValueError(f"labels must be (N,) and attributes (N, F), got "
+                         f"{tuple(labels.shape)} and {tuple(attributes.shape)}")
+    if attributes.shape[1] != len(attribute_names):
+        raise ValueError(f"{attributes.shape[1]} attribute columns but "
+                         f"{len(attribute_names)} names")
+    labels, attributes = labels.long(), attributes.long()
+    conflicting = (attributes != labels[:, None]).sum(1, keepdim=True)
+    order_keys = torch.cat([labels[:, None], conflicting, attributes], 1)
+    if labels.shape[0] == 0:
+        unique = order_keys
+        index = torch.zeros(0, dtype=torch.long, device=labels.device)
+        sizes = torch.zeros(0, dtype=torch.long, device=labels.device)
+    else:
+        unique, index, sizes = torch.unique(order_keys, dim=0, return_inverse=True,
+                                            return_counts=True)
+    keys = torch.cat([unique[:, :1], unique[:, 2:]], 1)
+    return BiasGroups(index, keys, sizes, ("label", *attribute_names))
