@@ -127,6 +127,22 @@ _HELP = {
     "balance_factor": "OccamLoss: exponent balancing the gate loss between exit and "
                       "continue targets",
     "min_epochs": "OccamLoss: epochs before gate targets may be refreshed",
+    "method": "the debiasing method: erm (cross-entropy), upwt (group upweighting), gdro "
+              "(GroupDRO), sd (spectral decoupling) or pgi (predictive group invariance); on "
+              "OccamResNet it shapes every exit's main loss",
+    "upwt_gamma": "UpWt: each sample's loss times (1 / its bias group's size) ** this",
+    "gdro_eta": "GroupDRO: step size of the exponentiated-gradient update of the group weights",
+    "sd_lambdas": "SD: weight of the squared true-class logit, one value or one per bias group "
+                  "(default: 0.1 for resnet, 0.001 for occam, as the official scripts)",
+    "sd_gammas": "SD: the target the true-class logit is pulled to, one or one per bias group",
+    "pgi_weight": "PGI: weight of the invariance loss, warmed up linearly over the run "
+                  "(default: 100 for resnet, 50 for occam, as the official scripts)",
+    "early_exit": "OccamResNet inference leaves at the first confident exit; --no-early-exit "
+                  "(ablation) takes every sample to the last exit, gates still trained",
+    "cam_suppression": "OccamResNet's CAM suppression loss; --no-cam-suppression (ablation) "
+                       "sets its weight to 0",
+    "exit_weighting": "OccamResNet's exits weigh each sample's CE by the previous exit's "
+                      "confidence; --no-exit-weighting (ablation) weighs them all the same",
     "device": "cpu, cuda, cuda:1, ... or auto (the GPU when there is one)",
     "channels_last": "channels_last memory format (GPU only)",
     "progress": "progress bars",
@@ -139,7 +155,7 @@ def _option_type(hint):
     if typing.get_origin(hint) is tuple:                  # Tuple[int, ...]
         return typing.get_args(hint)[0], "+"
     if typing.get_origin(hint) is typing.Union:           # Optional[X]; p_bias: float first
-        return typing.get_args(hint)[0], None
+        return _option_type(typing.get_args(hint)[0])
     return hint, None
 
 
@@ -159,8 +175,10 @@ def _in_range(kind, allowed):
 def _add_config_options(parser, names) -> None:
     """One option per RunConfig field in `names`, given only when typed (SUPPRESS default)."""
     from .config import RANGES, RunConfig
+    from .methods import METHODS
     from .models import MODELS, STEMS
-    choices = {"model": list(MODELS), "stem": list(STEMS), "backend": _EXIT_HEAD_BACKENDS}
+    choices = {"model": list(MODELS), "stem": list(STEMS), "backend": _EXIT_HEAD_BACKENDS,
+               "method": list(METHODS)}
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         if field.name not in names:
@@ -193,10 +211,10 @@ def _add_train_options(parser) -> None:
 
 
 def _explicit_settings(args) -> dict:
-    from .config import RunConfig
+    from .config import TUPLE_FIELDS, RunConfig
     names = {f.name for f in dataclasses.fields(RunConfig)} - {"preset"}
     values = {k: v for k, v in vars(args).items() if k in names}
-    for name in ("milestones", "taus"):
+    for name in TUPLE_FIELDS:
         if name in values:
             values[name] = tuple(values[name])
     return values
@@ -311,7 +329,7 @@ def _run_eval(args) -> int:
     from .models import MODELS
     _picture_path(args.reliability, "--reliability")
     model, config, split = _model_and_split(args)
-    result = evaluate(model, split, args.split, threshold=config.exit_threshold,
+    result = evaluate(model, split, args.split, threshold=config.inference_threshold,
                       batch_size=args.batch_size, channels_last=config.channels_last,
                       bf16=config.bf16, progress=not args.json)
     if args.json:
@@ -351,7 +369,7 @@ def _run_predict(args) -> int:
                          "they do nothing: leave them out, or give no images")
     paths = image_paths(args.images)
     model, config = load_model(args.checkpoint, args.device)
-    threshold = config.exit_threshold if args.threshold is None else args.threshold
+    threshold = config.inference_threshold if args.threshold is None else args.threshold
     device = next(model.parameters()).device
     size = config.biased_mnist().image_size
     files = read_image_files(paths, size)
@@ -395,7 +413,7 @@ def _time_inference(args) -> int:
     """predict without images: early-exit inference timed on a split."""
     from .evaluate import evaluate
     model, config, split = _model_and_split(args, need_exits=True)
-    threshold = config.exit_threshold if args.threshold is None else args.threshold
+    threshold = config.inference_threshold if args.threshold is None else args.threshold
     result = evaluate(model, split, args.split, threshold=threshold,
                       batch_size=args.batch_size, channels_last=config.channels_last,
                       bf16=config.bf16, per_factor=False, time_full_depth=True,
@@ -427,9 +445,10 @@ def _run_viz(args) -> int:
     if len(split) < args.count:
         print(f"note: the {args.split} split has {len(split)} images: drawing them all",
               file=sys.stderr)
-    save_cam_grid(args.out, cam_picture_data(model, split, args.count, config.exit_threshold))
+    save_cam_grid(args.out, cam_picture_data(model, split, args.count,
+                                             config.inference_threshold))
     if args.exits_plot:
-        result = evaluate(model, split, args.split, threshold=config.exit_threshold,
+        result = evaluate(model, split, args.split, threshold=config.inference_threshold,
                           channels_last=config.channels_last, bf16=config.bf16,
                           per_factor=False, progress=True)
         save_exit_distribution(args.exits_plot, result.exit_counts, result.exit_accuracy_taken,
@@ -497,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=count, default=256, help="images per batch")
     predict.add_argument("--threshold", type=share, default=None,
                          help="leave at the first exit whose gate is at least this (default: "
-                              "the run's exit_threshold)")
+                              "the run's exit_threshold; every sample to the last exit for a "
+                              "run trained with --no-early-exit)")
     predict.add_argument("--json", action="store_true",
                          help="print JSON: per image its path, label, confidence and exit")
     viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit", _run_viz)

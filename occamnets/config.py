@@ -15,6 +15,7 @@ import torch
 
 from .data.biased_mnist import MIN_CELL_SIZE, BiasedMNISTConfig, renders_needed
 from .losses import OccamLoss
+from .methods import GDRO_ETA, METHODS, PGI_WEIGHT, SD_GAMMAS, SD_LAMBDAS, UPWT_GAMMA
 from .models import MODELS, STEMS
 
 DEFAULT_DATA_ROOT = "data"
@@ -59,6 +60,17 @@ class RunConfig:
     balance_factor: float = _LOSS_DEFAULTS["balance_factor"]  # 0.5
     min_epochs: int = _LOSS_DEFAULTS["min_epochs"]            # 1
     exit_threshold: float = 0.5        # inference: leave at the first gate >= this
+    # -- the debiasing method (occamnets/methods; defaults: the official Biased MNIST scripts) ----
+    method: str = "erm"                # erm, upwt, gdro, sd or pgi
+    upwt_gamma: float = UPWT_GAMMA     # UpWt: weight (1 / group size) ** gamma
+    gdro_eta: float = GDRO_ETA         # GroupDRO: step size of the group weights
+    sd_lambdas: Optional[Tuple[float, ...]] = None  # SD: one, or one per group; None: per model
+    sd_gammas: Tuple[float, ...] = SD_GAMMAS        # SD: one, or one per group
+    pgi_weight: Optional[float] = None  # PGI: invariance weight; None: per model (100 / 50)
+    # -- the seed's ablations (OccamResNet only) -------------------------------------------------
+    early_exit: bool = True            # False: inference takes every sample to the last exit
+    cam_suppression: bool = True       # False: the CAM suppression loss's weight is 0
+    exit_weighting: bool = True        # False: uniform CE weights (no output-predictor weighting)
     # -- how it runs -----------------------------------------------------------------------------
     preset: str = "quick"              # the preset these values started from (a label)
     device: str = "auto"
@@ -88,6 +100,12 @@ class RunConfig:
             for value in (values if isinstance(values, tuple) else (values,)):
                 if value is not None:
                     allowed.check(name, value)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of "
+                             f"{', '.join(METHODS)}")
+        if self.model != "occam" and self.ablations:
+            raise ValueError(f"the ablations ({', '.join(self.ablations)}) change OccamResNet's "
+                             f"exits and losses; the {MODELS[self.model]} has none")
         if len(self.taus) != 4:
             raise ValueError(f"need one tau per exit of ResNet-18's 4 stages, got {self.taus}")
         if list(self.milestones) != sorted(set(self.milestones)):
@@ -98,6 +116,44 @@ class RunConfig:
     @property
     def run_dir(self) -> str:
         return self.out_dir or os.path.join("runs", self.model)
+
+    @property
+    def ablations(self) -> Tuple[str, ...]:
+        """The seed's ablations this run makes, by name (empty: the full OccamNet)."""
+        switched_off = {"no early exit": not self.early_exit,
+                        "no CAM suppression": not self.cam_suppression,
+                        "no exit weighting": not self.exit_weighting}
+        return tuple(name for name, off in switched_off.items() if off)
+
+    @property
+    def inference_threshold(self) -> float:
+        """The gate value at which inference exits: infinite without early exit (no gate
+        reaches it, so every sample goes to the last exit)."""
+        return self.exit_threshold if self.early_exit else math.inf
+
+    @property
+    def effective_supp_weight(self) -> float:
+        return self.supp_weight if self.cam_suppression else 0.0
+
+    @property
+    def method_settings(self) -> Dict:
+        """The method's hyper-parameters with the per-model defaults filled in."""
+        return dict(upwt_gamma=self.upwt_gamma, gdro_eta=self.gdro_eta,
+                    sd_lambdas=(SD_LAMBDAS[self.model] if self.sd_lambdas is None
+                                else self.sd_lambdas),
+                    sd_gammas=self.sd_gammas,
+                    pgi_weight=PGI_WEIGHT[self.model] if self.pgi_weight is None
+                    else self.pgi_weight)
+
+    def describe_method(self) -> str:
+        """The method and ablations in words: "pgi (invariance weight 50), no early exit"."""
+        settings = self.method_settings
+        details = {"erm": "", "upwt": f" (gamma {settings['upwt_gamma']:g})",
+                   "gdro": f" (eta {settings['gdro_eta']:g})",
+                   "sd": f" (lambdas {list(settings['sd_lambdas'])}, gammas "
+                         f"{list(settings['sd_gammas'])})",
+                   "pgi": f" (invariance weight {settings['pgi_weight']:g})"}[self.method]
+        return ", ".join((self.method + details,) + self.ablations)
 
     @property
     def checkpoint_path(self) -> str:
@@ -151,6 +207,7 @@ class RunConfig:
                 f"preset\n"
                 f"  data: Biased MNIST {data.image_size} px, p_bias {self.p_bias}, train/val/test "
                 f"{sizes} images, in {self.dataset_dir}\n"
+                f"  method: {self.describe_method()}\n"
                 f"  optimisation: {self.epochs} epochs of batches of {self.batch_size}, Adam lr "
                 f"{self.lr:g} (x{self.lr_gamma:g} at epochs {list(self.milestones)}), weight "
                 f"decay {self.weight_decay:g}, seed {self.seed}\n"
@@ -167,8 +224,8 @@ class RunConfig:
         if unknown:
             raise ValueError(f"the config has settings this version of occamnets does not know: "
                              f"{', '.join(sorted(unknown))}")
-        for name in ("milestones", "taus"):
-            if name in values:
+        for name in TUPLE_FIELDS:
+            if values.get(name) is not None:
                 values[name] = tuple(values[name])
         return cls(**values)
 
@@ -243,8 +300,13 @@ RANGES = {
     "min_epochs": Range(0, 100_000), "exit_threshold": _SHARE, "max_steps": Range(1, 10**12),
     "log_every": Range(0, 10**12, unit="steps; 0: never"),
     "checkpoint_every": Range(0, 10**12, unit="steps; 0: at epoch ends only"),
+    "upwt_gamma": Range(0, 10), "gdro_eta": Range(0, 100), "sd_lambdas": _WEIGHT,
+    "sd_gammas": Range(-1e6, 1e6), "pgi_weight": _WEIGHT,
 }
 
+
+# Fields holding tuples (JSON and the command line give lists).
+TUPLE_FIELDS = ("milestones", "taus", "sd_lambdas", "sd_gammas")
 
 # The fields `with_dataset` replaces: what a dataset directory decides.
 DATA_FIELDS = ("cell_size", "p_bias", "train_size", "val_size", "test_size",

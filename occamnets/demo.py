@@ -60,7 +60,7 @@ def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None)
         if model == "occam":
             cams, exits = os.path.join(out, "cams.png"), os.path.join(out, "exits.png")
             save_cam_grid(cams, cam_picture_data(trainer.model, trainer.splits["test"],
-                                                 threshold=config.exit_threshold))
+                                                 threshold=config.inference_threshold))
             test = report.test
             save_exit_distribution(exits, test.exit_counts, test.exit_accuracy_taken,
                                    title=f"Exits on test ({test.images} images)")

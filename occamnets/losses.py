@@ -6,6 +6,9 @@ Per exit t, each averaged over the batch:
           taken from the gate's fp32 logit (as the official, which inverts the sigmoid);
   main_t: mean((w + 0.1) * CE); w = p(y|x)^3 at t=0, (1 - gate_{t-1}) later (detached),
           divided by (running max of w within the epoch + 1e-5).
+A debiasing method (occamnets/methods) replaces CE by its per-sample loss and the mean by its
+reduction, as the official Occam trainers' `compute_main_loss`; the seed's ablation without
+the output predictor's weighting (exit_weighting=False) drops (w + 0.1): the plain method loss.
 The per-item gate targets, running maxima and per-class accuracy within the epoch are device
 tensors updated with vectorised ops: no Python loop over samples, no host sync per step. The
 per-class accuracy and the taus are float64, as the official Python floats are, and the
@@ -20,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .methods import Method
 from .models.outputs import OccamOutput
 
 
@@ -44,6 +48,10 @@ class OccamLoss(nn.Module):
         num_exits: exits of the model.
         taus: per exit, the mean per-class training accuracy within the epoch at or below which
             gate targets are refreshed (always in the first `min_epochs` epochs).
+        method: the debiasing method shaping each exit's main loss (None: ERM, cross-entropy);
+            its state is part of this module's.
+        exit_weighting: False for the ablation without the output predictor's weighting: every
+            sample's main loss weighs the same (1, no offset).
     Under torch.distributed every process updates its state with the whole global batch
     (per-class accuracy summed, targets of every process's items gathered, maxima reduced),
     so the state stays identical on all processes. Batches must have one size on all of them.
@@ -57,8 +65,14 @@ class OccamLoss(nn.Module):
                  taus: Sequence[float] = DEFAULT_TAUS, supp_weight: float = 0.1,
                  gate_weight: float = 1.0, gamma0: float = 3.0, gamma: float = 1.0,
                  weight_offset: float = 0.1, balance_factor: float = 0.5, min_epochs: int = 1,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, method: Optional[Method] = None,
+                 exit_weighting: bool = True):
         super().__init__()
+        self.method = method if method is not None else Method(num_exits)
+        if self.method.num_heads != num_exits:
+            raise ValueError(f"the method has {self.method.num_heads} heads, the loss "
+                             f"{num_exits} exits")
+        self.exit_weighting = exit_weighting
         if len(taus) != num_exits:
             raise ValueError(f"need one tau per exit: {num_exits} exits, {len(taus)} taus")
         if num_items < 1 or num_classes < 1:
@@ -173,8 +187,10 @@ class OccamLoss(nn.Module):
         return (weights * bce).mean()
 
     def _main_loss(self, exit_index: int, logits: Tensor, previous_gate: Optional[Tensor],
-                   labels: Tensor) -> Tensor:
-        cross_entropy = F.cross_entropy(logits, labels, reduction="none")
+                   labels: Tensor, groups: Optional[Tensor]) -> Tensor:
+        sample_loss = self.method.sample_loss(logits, labels, groups)
+        if not self.exit_weighting:
+            return self.method.reduce(sample_loss, groups, exit_index)
         if exit_index == 0:
             p_true = torch.softmax(logits.detach(), dim=1).gather(1, labels[:, None])[:, 0]
             weight = p_true ** self.gamma0
@@ -185,16 +201,21 @@ class OccamLoss(nn.Module):
             dist.all_reduce(batch_max, op=dist.ReduceOp.MAX)
         self.max_weight[exit_index] = torch.maximum(self.max_weight[exit_index], batch_max)
         weight = weight / (self.max_weight[exit_index] + self.eps)
-        return ((weight + self.weight_offset) * cross_entropy).mean()
+        return self.method.reduce((weight + self.weight_offset) * sample_loss, groups,
+                                  exit_index)
 
-    def forward(self, out: OccamOutput, labels: Tensor,
-                items: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, out: OccamOutput, labels: Tensor, items: Tensor,
+                groups: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
         """(total loss, {"supp/E0": ..., "gate/E0": ..., "main/E0": ..., ...}) for one batch.
 
-        `out` is an OccamNet output computed with labels; `items` are dataset item indices.
-        Updates the state (call in training only).
+        `out` is an OccamNet output computed with labels; `items` are dataset item indices;
+        `groups` their bias groups (for a method that uses them). Updates the state (call in
+        training only).
         """
         self._check(out, labels, items)
+        if self.method.uses_groups and (groups is None or groups.shape != labels.shape):
+            raise ValueError(f"{self.method.describe()} needs each sample's bias group: pass "
+                             f"groups of shape {tuple(labels.shape)}")
         total = torch.zeros((), device=labels.device)
         parts: Dict[str, Tensor] = {}
         with torch.no_grad():
@@ -204,7 +225,8 @@ class OccamLoss(nn.Module):
             logits = exit_out.logits.float()
             supp = self.supp_weight * exit_out.supp.float().mean()
             gate = self.gate_weight * self._gate_loss(exit_out.gate_logit, targets[t])
-            main = self._main_loss(t, logits, out.exits[t - 1].gate if t else None, labels)
+            main = self._main_loss(t, logits, out.exits[t - 1].gate if t else None, labels,
+                                   groups)
             total = total + supp + gate + main
             parts[f"supp/E{t}"], parts[f"gate/E{t}"], parts[f"main/E{t}"] = (
                 supp.detach(), gate.detach(), main.detach())

@@ -3,7 +3,9 @@
 Resumable exactly: a checkpoint holds the model, optimiser, scheduler, the objective's state
 (OccamLoss's), RNG states, the epoch and the batch within it; the batch order of an epoch is
 a function of (seed, epoch), so a resumed run sees the same batches. Ctrl-C and SIGTERM
-write a checkpoint before stopping, and `checkpoint_every` writes one every N steps. What is trained is decided once, by the objective (`make_objective`).
+write a checkpoint before stopping, and `checkpoint_every` writes one every N steps. What is
+trained is decided once, by the objective (`make_objective`: the model's loss, the debiasing
+method and the ablations of the config).
 """
 import dataclasses
 import fcntl
@@ -18,12 +20,11 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoints import read_checkpoint, write_checkpoint
@@ -33,6 +34,7 @@ from .data.loaders import DeviceSplit
 from .evaluate import Evaluation, evaluate, load_model_state, load_splits, progress_bar
 from .files import atomic_path, remove_stale_temporaries
 from .losses import OccamLoss
+from .methods import Method, build_method, feature_parameters
 from .models import MODELS, build_model
 
 # -- what is trained: one objective per model kind ---------------------------------------------
@@ -40,35 +42,61 @@ from .models import MODELS, build_model
 Forward = Callable[..., object]
 
 
-class CrossEntropyObjective:
-    """The baseline: cross-entropy on the plain classifier's logits."""
+class ObjectiveOutput(NamedTuple):
+    loss: Tensor                        # backpropagated into every parameter
+    parts: Dict[str, Tensor]            # its components (and the penalty's), for the logs
+    feature_penalty: Optional[Tensor]   # backpropagated into the feature extractor only (PGI)
+
+
+class ClassifierObjective:
+    """The baseline: the method's loss (ERM: cross-entropy) on the plain classifier's logits.
+    `groups` (N,): the training items' bias groups."""
+
+    def __init__(self, method: Method, groups: Tensor):
+        self.method, self.groups = method, groups
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
 
-    def __call__(self, forward: Forward, x: Tensor, labels: Tensor,
-                 items: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-        return F.cross_entropy(forward(x).float(), labels), {}
+    def __call__(self, forward: Forward, x: Tensor, labels: Tensor, items: Tensor,
+                 progress: float) -> ObjectiveOutput:
+        logits = forward(x).float()
+        groups = self.groups[items]
+        method = self.method
+        loss = method.reduce(method.sample_loss(logits, labels, groups), groups, 0)
+        penalty = method.penalty(logits, labels, groups, progress)
+        parts = {} if penalty is None else {method.name: penalty.detach()}
+        return ObjectiveOutput(loss, parts, penalty)
 
     def state_dict(self) -> Dict:
-        return {}
+        return self.method.state_dict()
 
     def load_state_dict(self, state: Dict) -> None:
-        pass
+        self.method.load_state_dict(state)
 
 
 class OccamObjective:
-    """OccamLoss (DESIGN.md section 5) on every exit of an OccamNet called with labels."""
+    """OccamLoss (DESIGN.md section 5, its main loss shaped by the method) on every exit of an
+    OccamNet called with labels; the method's penalty summed over the exits."""
 
-    def __init__(self, loss: OccamLoss):
-        self.loss = loss
+    def __init__(self, loss: OccamLoss, groups: Tensor):
+        self.loss, self.groups = loss, groups
 
     def on_epoch_start(self, epoch: int) -> None:
         self.loss.on_epoch_start(epoch)
 
-    def __call__(self, forward: Forward, x: Tensor, labels: Tensor,
-                 items: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-        return self.loss(forward(x, labels), labels, items)
+    def __call__(self, forward: Forward, x: Tensor, labels: Tensor, items: Tensor,
+                 progress: float) -> ObjectiveOutput:
+        out = forward(x, labels)
+        groups = self.groups[items]
+        loss, parts = self.loss(out, labels, items, groups)
+        method, penalty = self.loss.method, None
+        for t, exit_out in enumerate(out.exits):
+            term = method.penalty(exit_out.logits, labels, groups, progress)
+            if term is not None:
+                parts[f"{method.name}/E{t}"] = term.detach()
+                penalty = term if penalty is None else penalty + term
+        return ObjectiveOutput(loss, parts, penalty)
 
     def state_dict(self) -> Dict:
         return self.loss.state_dict()
@@ -77,16 +105,23 @@ class OccamObjective:
         self.loss.load_state_dict(state)
 
 
-def make_objective(config: RunConfig, model: nn.Module, num_items: int, num_classes: int,
-                   device) -> "CrossEntropyObjective | OccamObjective":
+def make_objective(config: RunConfig, model: nn.Module, train: DeviceSplit,
+                   num_classes: int, device) -> "ClassifierObjective | OccamObjective":
+    """What the run minimises: the model's loss with the config's method and ablations."""
+    groups = train.groups
+    num_heads = model.num_exits if config.model == "occam" else 1
+    method = build_method(config.method, model=config.model, group_sizes=groups.sizes,
+                          num_classes=num_classes, num_heads=num_heads,
+                          **config.method_settings).to(device)
     if config.model == "resnet":
-        return CrossEntropyObjective()
-    loss = OccamLoss(num_items, num_classes, num_exits=model.num_exits, taus=config.taus,
-                     supp_weight=config.supp_weight, gate_weight=config.gate_weight,
+        return ClassifierObjective(method, groups.index)
+    loss = OccamLoss(len(train), num_classes, num_exits=model.num_exits, taus=config.taus,
+                     supp_weight=config.effective_supp_weight, gate_weight=config.gate_weight,
                      gamma0=config.gamma0, gamma=config.gamma,
                      weight_offset=config.weight_offset, balance_factor=config.balance_factor,
-                     min_epochs=config.min_epochs)
-    return OccamObjective(loss.to(device))
+                     min_epochs=config.min_epochs, method=method,
+                     exit_weighting=config.exit_weighting)
+    return OccamObjective(loss.to(device), groups.index)
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, device) -> torch.Tensor:
@@ -187,22 +222,30 @@ MODEL_SELECTION = ("the weights after the last epoch: no model selection (as the
 class RunReport:
     """The end of a run: its config, the test and validation evaluations (val: biased like
     training; val_mixed: p_bias 0.5, when the data has it), the training speed (mean images/s
-    over the epochs in metrics.jsonl) and how the reported model was selected."""
+    over the epochs in metrics.jsonl), the seconds spent training, the steps trained (fewer
+    than the config's epochs when `complete` is False: a report asked for after --max-steps)
+    and how the reported model was selected."""
     model: str
     config: RunConfig
     test: Evaluation
     val: Evaluation
     val_mixed: Optional[Evaluation]
     train_images_per_s: float
+    train_seconds: float = math.nan
+    steps: int = 0
+    complete: bool = True
     model_selection: str = MODEL_SELECTION
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
 
     def to_markdown(self) -> str:
+        trained = ("" if self.complete else
+                   f" **Stopped early: {self.steps} steps, before the last epoch.**")
         text = (f"# {MODELS[self.model]} on Biased MNIST\n\n"
-                f"Training {self.train_images_per_s:.0f} images/s. Model reported: "
-                f"{self.model_selection}.\n\n"
+                f"Method: {self.config.describe_method()}.{trained} Training "
+                f"{self.train_images_per_s:.0f} images/s, {self.train_seconds:.0f} s. Model "
+                f"reported: {self.model_selection}.\n\n"
                 f"## Unbiased test split\n\n{self.test.to_markdown()}\n"
                 f"## Validation split (biased like training)\n\n{self.val.to_markdown()}")
         if self.val_mixed is not None:
@@ -230,11 +273,12 @@ def write_report(report: RunReport, run_dir: str) -> None:
         handle.write(text)
 
 
-def mean_train_rate(metrics_path: str) -> float:
-    """Mean training images/s over the epoch records of metrics.jsonl."""
-    rates = [r["train_images_per_s"] for r in read_metrics(metrics_path)
-             if r.get("kind", "epoch") == "epoch"]
-    return sum(rates) / max(1, len(rates))
+def training_time(metrics_path: str) -> Tuple[float, float]:
+    """(mean training images/s, seconds of training) over the epoch records of metrics.jsonl."""
+    epochs = [r for r in read_metrics(metrics_path) if r.get("kind", "epoch") == "epoch"]
+    rates = [r["train_images_per_s"] for r in epochs]
+    return (sum(rates) / max(1, len(rates)),
+            sum(r.get("train_seconds", math.nan) for r in epochs))
 
 
 def read_metrics(metrics_path: str) -> List[Dict]:
@@ -363,8 +407,11 @@ class Trainer:
                                           weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(config.milestones), gamma=config.lr_gamma)
-        self.objective = make_objective(config, self.model, len(self.splits["train"]),
+        self.objective = make_objective(config, self.model, self.splits["train"],
                                         self.num_classes, self.device)
+        self.feature_parameters = feature_parameters(self.model)
+        self.total_steps = config.epochs * steps_per_epoch(len(self.splits["train"]),
+                                                           config.batch_size, self.world)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         # The epoch so far (kept in checkpoints, so a resumed epoch's loss counts every step).
         self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
@@ -451,12 +498,38 @@ class Trainer:
     def _train_step(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         train = self.splits["train"]
         x, labels = train.batch(rows, self.channels_last), train.labels[rows]
+        progress = (self.global_step + 1) / max(1, self.total_steps)  # PGI's warm-up
         with self.autocast:
-            loss, parts = self.objective(self.forward, x, labels, rows)
+            out = self.objective(self.forward, x, labels, rows, progress)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = out.loss
+        if out.feature_penalty is not None:
+            # The penalty's gradient reaches the feature extractor only (as the official's
+            # backward with inputs=); autograd.grad leaves .grad and DDP's hooks alone.
+            penalty_grads = torch.autograd.grad(out.feature_penalty, self.feature_parameters,
+                                                retain_graph=True, allow_unused=True)
+            loss.backward()
+            self._add_gradients(penalty_grads)
+            loss = loss + out.feature_penalty
+        else:
+            loss.backward()
         self.optimizer.step()
-        return loss.detach(), parts
+        return loss.detach(), out.parts
+
+    def _add_gradients(self, grads) -> None:
+        """Add `grads` (one per feature parameter, None where unused) to the parameters'
+        gradients; under DDP averaged over the processes first, as DDP averages the rest."""
+        pairs = [(p, g) for p, g in zip(self.feature_parameters, grads) if g is not None]
+        if self.world > 1 and pairs:
+            flat = torch.cat([g.reshape(-1) for _, g in pairs]).div_(self.world)
+            dist.all_reduce(flat)
+            grads = flat.split([g.numel() for _, g in pairs])
+            pairs = [(p, g.view_as(p)) for (p, _), g in zip(pairs, grads)]
+        for parameter, grad in pairs:
+            if parameter.grad is None:
+                parameter.grad = grad.clone()
+            else:
+                parameter.grad.add_(grad)
 
     def _on_stop_signal(self, signum, frame):
         self.stop_signal = signum  # finish the step, write a checkpoint, then stop
@@ -562,6 +635,7 @@ class Trainer:
             record = {"kind": "epoch", "epoch": self.epoch + 1, "global_step": self.global_step,
                       "train_loss": train_loss,
                       "train_images_per_s": images / max(elapsed, 1e-9),
+                      "train_seconds": elapsed,
                       "lr": self.optimizer.param_groups[0]["lr"]}
             val = self.evaluate("val", per_factor=False, diagnostics=False)
             record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
@@ -601,7 +675,8 @@ class Trainer:
     def evaluate(self, split_name: str = "test", per_factor: bool = True,
                  diagnostics: bool = True, time_full_depth: bool = False) -> Evaluation:
         return evaluate(self.model, self.splits[split_name], split_name,
-                        threshold=self.config.exit_threshold, channels_last=self.channels_last,
+                        threshold=self.config.inference_threshold,
+                        channels_last=self.channels_last,
                         bf16=self.config.bf16, per_factor=per_factor, diagnostics=diagnostics,
                         time_full_depth=time_full_depth)
 
@@ -611,15 +686,25 @@ class Trainer:
         self.train()
         if self.epoch < self.config.epochs:
             return None
+        return self.report()
+
+    def report(self) -> RunReport:
+        """Evaluate the weights as they are and write the report (a run stopped before its
+        last epoch is marked incomplete)."""
         # Full-depth timing on the test split too: what early exit saves (OccamNets only).
         test = self.evaluate("test", time_full_depth=True)
         val = self.evaluate("val", per_factor=False)
         mixed = (self.evaluate(VAL_MIXED, per_factor=False) if VAL_MIXED in self.splits
                  else None)
-        rate = [mean_train_rate(self.metrics_path) if self.rank == 0 else math.nan]
+        timing = [training_time(self.metrics_path) if self.rank == 0 else None]
         if self.world > 1:
-            dist.broadcast_object_list(rate, src=0)  # metrics.jsonl is the first process's
-        report = RunReport(self.config.model, self.config, test, val, mixed, rate[0])
+            dist.broadcast_object_list(timing, src=0)  # metrics.jsonl is the first process's
+        rate, seconds = timing[0]
+        if self.epoch_seconds > 0:  # the epoch stopped part-way (a report after --max-steps)
+            seconds += self.epoch_seconds
+            rate = rate or self.epoch_images / self.epoch_seconds
+        report = RunReport(self.config.model, self.config, test, val, mixed, rate, seconds,
+                           self.global_step, complete=self.epoch >= self.config.epochs)
         if self.rank == 0:
             write_report(report, self.config.run_dir)
         if self.world > 1:

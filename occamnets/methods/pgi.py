@@ -1,0 +1,71 @@
+"""Predictive group invariance (PGI; Ahmed et al. 2021), as the official PGITrainer: within each
+class of the batch, the mean softmax of one half of its groups should match the other half's.
+
+For each class c present with at least two groups in the batch, its groups (by index, see
+occamnets/data/groups.py) are split as the official splits them: with two groups, the first
+against the second; with n > 2, those of rank <= n // 2 against the rest. With p0 and p1 each
+half's mean softmax, clamped to [eps, 1 - eps],
+
+    penalty = w * sum_c mean_k(p1_k * log(p1_k / p0_k)) / K,   w = weight * min(1, progress)
+
+where progress is the share of all training steps done (a linear warm-up over the whole run,
+as the official's iteration ramp). Its gradient reaches only the feature extractor (the
+official backpropagates it with `inputs=` the non-exit, non-fc parameters); on an OccamNet it
+is summed over the exits. Vectorised: presence and ranks of groups from a (K, G) table.
+"""
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .method import Method
+
+# The parameters of the heads: an OccamNet's exits, a ResNet's classifier (the official's
+# get_non_exit_layers leaves these out).
+HEAD_PREFIXES = ("exits.", "fc.")
+
+
+def feature_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The trainable parameters PGI's penalty reaches: all but the heads'."""
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and not name.startswith(HEAD_PREFIXES)]
+
+
+class PredictiveGroupInvariance(Method):
+    name = "pgi"
+    uses_groups = True
+
+    def __init__(self, weight: float, num_groups: int, num_classes: int, num_heads: int = 1,
+                 eps: float = 1e-12):
+        super().__init__(num_heads)
+        self.weight, self.num_groups, self.num_classes, self.eps = (
+            weight, num_groups, num_classes, eps)
+
+    def halves(self, labels: Tensor, groups: Tensor):
+        """(side (B,) long: 0 or 1 per sample, valid (K,) bool: the class has both halves)."""
+        present = torch.zeros(self.num_classes, self.num_groups, device=labels.device)
+        present[labels, groups] = 1.0
+        rank = present.cumsum(1)[labels, groups] - 1          # the group's rank in its class
+        count = present.sum(1)                                 # groups per class in the batch
+        cut = torch.where(count == 2, torch.zeros_like(count), torch.div(
+            count, 2, rounding_mode="floor"))
+        side = (rank > cut[labels]).long()
+        return side, count >= 2
+
+    def penalty(self, logits: Tensor, labels: Tensor, groups: Optional[Tensor],
+                progress: float) -> Optional[Tensor]:
+        side, valid = self.halves(labels, groups)
+        probabilities = torch.softmax(logits.float(), dim=1)
+        classes = self.num_classes
+        sums = torch.zeros(classes, 2, classes, device=logits.device).index_put(
+            (labels, side), probabilities, accumulate=True)
+        counts = torch.zeros(classes, 2, device=logits.device).index_put(
+            (labels, side), torch.ones_like(probabilities[:, 0]), accumulate=True)
+        means = (sums / counts.clamp_min(1)[..., None]).clamp(self.eps, 1 - self.eps)
+        p0, p1 = means[:, 0], means[:, 1]
+        per_class = (p1 * torch.log(p1 / p0)).mean(1) / classes
+        ramp = self.weight * min(1.0, progress)
+        return ramp * torch.where(valid, per_class, torch.zeros_like(per_class)).sum()
+
+    def describe(self) -> str:
+        return f"PGI (invariance weight {self.weight:g}, warmed up over the run)"

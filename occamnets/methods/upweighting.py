@@ -1,0 +1,29 @@
+"""Group upweighting (UpWt), as the official GroupUpweightingTrainer: each sample's
+cross-entropy times (1 / its group's training size) ** gamma, averaged over the batch (not
+renormalised: with gamma = 1 every group's weights sum to 1 over the training set)."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .method import Method
+
+
+class GroupUpweighting(Method):
+    name = "upwt"
+    uses_groups = True
+
+    def __init__(self, group_sizes: Tensor, gamma: float, num_heads: int = 1):
+        super().__init__(num_heads)
+        if (group_sizes < 1).any():
+            raise ValueError("every training group needs at least one sample")
+        self.gamma = gamma
+        self.register_buffer("weights", group_sizes.double().reciprocal().pow(gamma).float())
+
+    def sample_loss(self, logits: Tensor, labels: Tensor, groups: Optional[Tensor]) -> Tensor:
+        cross_entropy = F.cross_entropy(logits.float(), labels, reduction="none")
+        return self.weights[groups] * cross_entropy
+
+    def describe(self) -> str:
+        return f"group upweighting (gamma {self.gamma:g})"
