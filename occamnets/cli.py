@@ -1,5 +1,6 @@
-"""The `occamnets` command: data, train, eval, predict, viz and demo. It parses arguments and
-calls the library (config, train, evaluate, viz, demo); nothing imports it."""
+"""The `occamnets` command: data, train, eval, predict, viz, compare and demo. It parses
+arguments and calls the library (config, train, evaluate, viz, compare, demo); nothing imports
+it."""
 import argparse
 import dataclasses
 import json
@@ -463,6 +464,75 @@ def _run_demo(args) -> int:
     return run_demo(args.out, args.preset, args.docs)
 
 
+# -- compare: a grid of runs ---------------------------------------------------------------------
+
+# What the grid sets per cell; every other RunConfig field is an option shared by all cells.
+_GRID_FIELDS = {"model", "method", "seed", "out_dir", "early_exit", "cam_suppression",
+                "exit_weighting", "preset"}
+
+
+def _comma_list(choices):
+    """An argparse type: comma-separated names, each one of `choices`, without repeats."""
+    def convert(text: str):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        wrong = [name for name in names if name not in choices]
+        if wrong or not names:
+            raise argparse.ArgumentTypeError(f"{wrong[0] if wrong else text!r} is not one of "
+                                             f"{', '.join(choices)}")
+        return list(dict.fromkeys(names))
+    convert.__name__ = "list"
+    return convert
+
+
+def _add_compare(subparsers) -> None:
+    from .compare import ABLATIONS
+    from .config import PRESETS, Range, RunConfig
+    from .methods import METHODS
+    from .models import MODELS
+    compare = subparsers.add_parser(
+        "compare", help="train a grid of models x methods x ablations x seeds and tabulate",
+        description="Train every cell of the grid one after the other (each in "
+                    "OUT/<model>-<method>[-<ablation>]/seed-N), then write OUT/compare.md, "
+                    "compare.json and compare.png: unbiased test accuracy mean ± std over the "
+                    "seeds, OccamResNet's exit shares, time per run. Cells finished by an "
+                    "earlier invocation are read, not rerun; Ctrl-C stops with a checkpoint "
+                    "and the same command continues.")
+    compare.add_argument("--preset", choices=list(PRESETS), default=None,
+                         help="every cell's starting values (default: gpu with a GPU, quick "
+                              "without)")
+    compare.add_argument("--models", type=_comma_list(list(MODELS)), default=["resnet", "occam"],
+                         help=f"comma-separated, from {', '.join(MODELS)}")
+    compare.add_argument("--methods", type=_comma_list(list(METHODS)), default=["erm"],
+                         help=f"comma-separated, from {', '.join(METHODS)}")
+    compare.add_argument("--ablations", type=_comma_list(list(ABLATIONS)), default=["none"],
+                         help=f"OccamResNet's, comma-separated, from {', '.join(ABLATIONS)} "
+                              f"(none: the full model)")
+    compare.add_argument("--seeds", type=_in_range(int, Range(1, 1000)), default=1,
+                         help="seeds per row: 0, 1, ..., N-1")
+    compare.add_argument("--out", default="runs/compare", help="the grid's directory")
+    _add_config_options(compare, [f.name for f in dataclasses.fields(RunConfig)
+                                  if f.name not in _GRID_FIELDS])
+    compare.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args) -> int:
+    from .compare import Interrupted, grid, run_comparison
+    from .config import default_preset
+    preset = args.preset or default_preset()
+    cells = grid(args.models, args.methods, args.ablations, list(range(args.seeds)))
+    command = ["occamnets compare --preset", preset, "--models", ",".join(args.models),
+               "--methods", ",".join(args.methods), "--ablations", ",".join(args.ablations),
+               "--seeds", str(args.seeds), "--out", args.out]
+    hint = f"the same `{' '.join(command)} ...` again"
+    try:
+        comparison = run_comparison(cells, preset, args.out, _explicit_settings(args), hint)
+    except Interrupted as stop:   # the cell's checkpoint is written and the stop line said
+        return 128 + stop.signum
+    print(comparison.to_markdown())
+    print(f"written: {os.path.join(args.out, 'compare.md')}, compare.json, compare.png")
+    return 0
+
+
 def _picture_path(path: Optional[str], option: str) -> None:
     """A ValueError unless `path` can take a PNG (checked before the work that draws it)."""
     if path is None:
@@ -524,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--out", default="cams.png", help="the CAM picture (PNG)")
     viz.add_argument("--exits-plot", default=None, help="also save the exit distribution")
     viz.add_argument("--count", type=count, default=6, help="images in the picture")
+    _add_compare(subparsers)
     demo = subparsers.add_parser("demo", help="train both models and compare them")
     demo.add_argument("--out", default="runs/demo", help="the demo's directory")
     demo.add_argument("--preset", choices=list(PRESETS), default=None,

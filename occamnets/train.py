@@ -416,8 +416,10 @@ class Trainer:
         # The epoch so far (kept in checkpoints, so a resumed epoch's loss counts every step).
         self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
         self.stop_signal: Optional[int] = None
-        # What the stop message tells the user to do next (the demo says its own).
+        # What the stop message tells the user to do next (the demo says its own), and
+        # whether reaching --max-steps is said (a grid of runs, where it is the budget, not).
         self.continue_hint = f"`occamnets train --out {config.run_dir} --resume`"
+        self.say_max_steps = True
         if resumed is not None:
             self._load_state(resumed, resume)
         # A resumed run's TensorBoard drops the events logged after its checkpoint, as
@@ -551,7 +553,7 @@ class Trainer:
     def _stop(self, reason: str, saved: bool = False) -> None:
         """Write the checkpoint (unless it was just `saved`) and say how to continue."""
         path = self.checkpoint_path if saved else self.save_checkpoint()
-        if self.rank == 0:
+        if self.rank == 0 and (self.say_max_steps or self.interrupted):
             print(f"{reason}: stopped at epoch {self.epoch + 1} step {self.step_in_epoch} "
                   f"(step {self.global_step} in all); checkpoint written to {path}; continue "
                   f"with {self.continue_hint}", flush=True)

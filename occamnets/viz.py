@@ -1,5 +1,5 @@
-"""Pictures: CAM heatmaps of every exit, the exit distribution of early-exit inference, and
-reliability diagrams (calibration) per exit."""
+"""Pictures: CAM heatmaps of every exit, the exit distribution of early-exit inference,
+reliability diagrams (calibration) per exit, and the accuracy chart of a comparison grid."""
 from typing import Optional, Sequence
 
 import numpy as np
@@ -153,6 +153,31 @@ def save_reliability_diagrams(path: str, diagnostics: Sequence[ExitDiagnostics],
     axes[-1][0].set_xlabel("confidence", fontsize=8)
     axes[0][0].legend(fontsize=6, loc="upper left")
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, dpi=100)
+
+
+def save_comparison_chart(path: str, labels: Sequence[str], means: Sequence[float],
+                          stds: Sequence[Optional[float]], kinds: Sequence[str],
+                          title: str = "Unbiased test accuracy") -> str:
+    """Horizontal bars of accuracy (shares, drawn in %) with +- std error bars (none where
+    std is None: one seed), coloured by `kinds` (the model of each bar)."""
+    plt = _pyplot()
+    palette = {kind: plt.get_cmap("tab10")(i) for i, kind in enumerate(dict.fromkeys(kinds))}
+    fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.38 * len(labels)))
+    positions = np.arange(len(labels))[::-1]
+    errors = [np.nan if s is None else 100 * s for s in stds]   # NaN: no bar drawn
+    ax.barh(positions, [100 * m for m in means], xerr=errors, capsize=3,
+            color=[palette[k] for k in kinds], edgecolor="black", linewidth=0.5)
+    for y, mean in zip(positions, means):
+        ax.annotate(f"{100 * mean:.1f}", (100 * mean, y), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.set_yticks(positions, labels, fontsize=8)
+    ax.set_xlabel("accuracy % (error bars: std over seeds)")
+    ax.set_xlim(0, min(100, 100 * max(list(means) + [0.01]) * 1.25 + 5))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
+    ax.legend(handles, list(palette), fontsize=8, loc="best")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi=100)
 

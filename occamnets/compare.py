@@ -1,0 +1,242 @@
+"""`occamnets compare`: a grid of runs, models x methods (x ablations) x seeds, one after the
+other, summarised as a table (unbiased test accuracy mean +- std over the seeds, exit shares,
+time per run) in Markdown and JSON, and a bar chart with error bars.
+
+Resumable: each cell is a run directory of its own; a cell whose report matches its settings
+is read, not rerun; a cell with a checkpoint continues from it. Ctrl-C stops the cell
+running with a checkpoint (as `occamnets train`); the same command continues the grid.
+"""
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .config import RunConfig
+from .evaluate import checkpoint_config, percent
+from .files import atomic_path
+from .models import MODELS
+from .train import RunReport, Trainer, check_resumable
+
+# The seed's ablations by the name the grid gives them, and the settings each switches off.
+ABLATIONS = {"none": {}, "no-early-exit": {"early_exit": False},
+             "no-cam-suppression": {"cam_suppression": False},
+             "no-exit-weighting": {"exit_weighting": False}}
+TABLE, JSON_NAME, CHART = "compare.md", "compare.json", "compare.png"
+
+
+class Interrupted(Exception):
+    """A stop signal ended a cell's training (its checkpoint is written)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+    model: str
+    method: str
+    ablation: str
+    seed: int
+
+    @property
+    def row(self) -> str:
+        """The table row the cell belongs to (the seeds are averaged)."""
+        return "-".join([self.model, self.method] + ([self.ablation]
+                                                      if self.ablation != "none" else []))
+
+    def run_dir(self, out: str) -> str:
+        return os.path.join(out, self.row, f"seed-{self.seed}")
+
+
+@dataclasses.dataclass
+class CellResult:
+    cell: Cell
+    test_accuracy: float
+    exit_share: Optional[List[float]]      # OccamResNet: per exit, share of the test split
+    first_inference_exit: Optional[int]    # OccamResNet: exits before it take no samples
+    train_seconds: float
+    steps: int
+    complete: bool                         # trained every epoch (not cut by --max-steps)
+    reused: bool                           # read from an earlier invocation's report
+
+
+@dataclasses.dataclass
+class Row:
+    """A row of the table: one (model, method, ablation), over its seeds."""
+    name: str
+    model: str
+    method: str
+    ablation: str
+    seeds: List[int]
+    test_accuracy_mean: float
+    test_accuracy_std: Optional[float]     # sample std over the seeds; None for one seed
+    exit_share_mean: Optional[List[float]]
+    first_inference_exit: Optional[int]
+    train_seconds_mean: float
+    steps: int
+    complete: bool
+
+
+@dataclasses.dataclass
+class Comparison:
+    preset: str
+    rows: List[Row]
+    cells: List[CellResult]
+    wall_seconds: float
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    def to_markdown(self) -> str:
+        occam = [r for r in self.rows if r.exit_share_mean]
+        # Exits before the first inference exit take no samples: no column.
+        first = min((r.first_inference_exit for r in occam), default=0)
+        exits = range(first, max((len(r.exit_share_mean) for r in occam), default=0))
+        header = (["model", "method", "ablation", "seeds", "unbiased test acc %"]
+                  + [f"E{t} share %" for t in exits] + ["train s per run", "steps"])
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in self.rows:
+            accuracy = percent(row.test_accuracy_mean) + (
+                "" if row.test_accuracy_std is None else f" ± {percent(row.test_accuracy_std)}")
+            shares = ([percent(row.exit_share_mean[t]) for t in exits] if row.exit_share_mean
+                      else ["-"] * len(exits))
+            steps = f"{row.steps}" + ("" if row.complete else " (cut)")
+            lines.append("| " + " | ".join(
+                [MODELS[row.model], row.method, row.ablation, str(len(row.seeds)), accuracy]
+                + shares + [f"{row.train_seconds_mean:.1f}", steps]) + " |")
+        cut = any(not r.complete for r in self.rows)
+        notes = [f"Preset `{self.preset}`; ± is the sample standard deviation over the seeds "
+                 f"(none with one seed); exit shares are OccamResNet's on the test split; "
+                 f"{self.wall_seconds:.0f} s for this invocation."]
+        if cut:
+            notes.append("(cut): training stopped at --max-steps, before the preset's last "
+                         "epoch; the accuracies are those of the weights at that step.")
+        return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def grid(models: Sequence[str], methods: Sequence[str], ablations: Sequence[str],
+         seeds: Sequence[int]) -> List[Cell]:
+    """The cells in the order they run; ablations apply to OccamResNet only (the ResNet
+    rows have "none")."""
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
+    return [Cell(model, method, ablation, seed)
+            for model in models for method in methods
+            for ablation in (ablations if model == "occam" else ["none"])
+            for seed in seeds]
+
+
+def cell_config(cell: Cell, preset: str, out: str, settings: Dict) -> RunConfig:
+    return RunConfig.from_preset(preset, **dict(settings, model=cell.model, method=cell.method,
+                                                seed=cell.seed, out_dir=cell.run_dir(out),
+                                                **ABLATIONS[cell.ablation]))
+
+
+def _finished_report(config: RunConfig) -> Optional[RunReport]:
+    """The cell's report when it was written for these settings and this many steps."""
+    path = os.path.join(config.run_dir, "report.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        saved = json.load(handle)
+    try:
+        check_resumable(RunConfig.from_dict(saved["config"]), config)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if saved["config"].get("epochs") != config.epochs:
+        return None   # fewer or more epochs asked for now: the cell continues or is redone
+    wanted_steps = config.max_steps
+    if saved.get("complete", True) is False and (wanted_steps is None
+                                                  or saved.get("steps") != wanted_steps):
+        return None
+    return saved
+
+
+def _result(cell: Cell, report: Dict, reused: bool) -> CellResult:
+    test = report["test"]
+    return CellResult(cell, test["accuracy"], test.get("exit_share"),
+                      test.get("first_inference_exit"), report.get("train_seconds", math.nan), report.get("steps", 0),
+                      report.get("complete", True), reused)
+
+
+def run_cell(config: RunConfig, hint: str) -> Dict:
+    """Train (or continue) one cell and report it (as JSON data); Interrupted when a stop
+    signal ended its training."""
+    resume = config.checkpoint_path if os.path.exists(config.checkpoint_path) else None
+    if resume is not None:
+        try:
+            check_resumable(checkpoint_config(resume), config)
+        except ValueError as error:
+            raise ValueError(f"{config.run_dir} holds a run of other settings ({error}); "
+                             f"choose another --out for this grid") from error
+    trainer = Trainer(config, resume=resume)
+    trainer.continue_hint, trainer.say_max_steps = hint, False
+    if not (config.max_steps and trainer.global_step >= config.max_steps):
+        trainer.train()
+        if trainer.interrupted:
+            raise Interrupted(trainer.stop_signal)
+    report = trainer.report()   # after the last epoch, or at --max-steps (marked cut)
+    return json.loads(json.dumps(report.to_dict(), default=str))
+
+
+def summarise(results: List[CellResult]) -> List[Row]:
+    rows: Dict[str, List[CellResult]] = {}
+    for result in results:
+        rows.setdefault(result.cell.row, []).append(result)
+    summary = []
+    for name, members in rows.items():
+        accuracies = [m.test_accuracy for m in members]
+        shares = [m.exit_share for m in members if m.exit_share]
+        first = members[0].cell
+        summary.append(Row(
+            name, first.model, first.method, first.ablation, [m.cell.seed for m in members],
+            statistics.fmean(accuracies),
+            statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+            [statistics.fmean(s) for s in zip(*shares)] if shares else None,
+            members[0].first_inference_exit,
+            statistics.fmean(m.train_seconds for m in members),
+            max(m.steps for m in members), all(m.complete for m in members)))
+    return summary
+
+
+def run_comparison(cells: Sequence[Cell], preset: str, out: str, settings: Dict,
+                   hint: str, say: Callable[[str], None] = print) -> Comparison:
+    """Run every cell not finished before; write compare.md, compare.json and compare.png
+    into `out`. Interrupted when a stop signal ended a cell (its checkpoint is written)."""
+    from .viz import save_comparison_chart
+    started = time.perf_counter()
+    configs = [cell_config(cell, preset, out, settings) for cell in cells]  # checked first
+    results = []
+    for number, (cell, config) in enumerate(zip(cells, configs), 1):
+        label = f"[{number}/{len(cells)}] {cell.row} seed {cell.seed}"
+        report = _finished_report(config)
+        reused = report is not None
+        if reused:
+            say(f"{label}: finished before, read from {config.run_dir}")
+        else:
+            say(f"{label}: training in {config.run_dir}")
+            report = run_cell(config, hint)
+        result = _result(cell, report, reused)
+        results.append(result)
+        cut = "" if result.complete else f" (stopped at step {result.steps}: --max-steps)"
+        say(f"{label}: unbiased test accuracy {percent(result.test_accuracy)}%, "
+            f"{result.train_seconds:.1f} s of training{cut}")
+    comparison = Comparison(preset, summarise(results), results,
+                            time.perf_counter() - started)
+    os.makedirs(out, exist_ok=True)
+    with atomic_path(os.path.join(out, TABLE)) as tmp, open(tmp, "w") as handle:
+        handle.write(comparison.to_markdown())
+    with atomic_path(os.path.join(out, JSON_NAME)) as tmp, open(tmp, "w") as handle:
+        json.dump(comparison.to_dict(), handle, indent=1)
+    rows = comparison.rows
+    save_comparison_chart(os.path.join(out, CHART), [r.name for r in rows],
+                          [r.test_accuracy_mean for r in rows],
+                          [r.test_accuracy_std for r in rows], [MODELS[r.model] for r in rows],
+                          title=f"Unbiased test accuracy ({preset} preset)")
+    return comparison
