@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under torchrun: a few DDP training steps on gloo, then
-each process saves its OccamLoss state and the items it trained on."""
+each process saves its OccamLoss state (the method's included) and the items it trained on."""
 import os
 import sys
 
@@ -11,8 +11,11 @@ from test_train import config, synthetic_splits  # noqa: E402
 from occamnets.train import Trainer, batches, epoch_order  # noqa: E402
 
 
-def main(out_dir):
-    trainer = Trainer(config(out_dir, max_steps=5, batch_size=4), synthetic_splits(n=48))
+def main(out_dir, method):
+    # pgi_weight large: its gradient, averaged by hand over the processes, must keep the
+    # weights identical.
+    trainer = Trainer(config(out_dir, max_steps=5, batch_size=4, method=method, gdro_eta=0.5,
+                             pgi_weight=1e4), synthetic_splits(n=48))
     trainer.train()
     seen = []
     for epoch in range(trainer.epoch + 1):
@@ -26,4 +29,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

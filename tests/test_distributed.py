@@ -4,21 +4,26 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path):
+@pytest.mark.parametrize("method", ["erm", "gdro", "pgi"])
+def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path, method):
+    """GroupDRO's group weights and PGI's feature-only gradient are synchronised by hand:
+    every process must end with the same state and parameters."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(HERE, "ddp_worker.py"), str(tmp_path)],
+         os.path.join(HERE, "ddp_worker.py"), str(tmp_path), method],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     a, b = states[0]["loss"], states[1]["loss"]
+    assert ("method.group_weights" in a) == (method == "gdro")
     for name in a:
         assert torch.equal(a[name], b[name]), name
     for name in states[0]["params"]:  # BN running stats are per process, as in any DDP run
