@@ -113,6 +113,7 @@ class Evaluation:
     # samples inference gave non-finite logits, or whose gates were non-finite (never exited)
     nonfinite_samples: int = 0
     full_depth_images_per_s: Optional[float] = None  # every exit on every sample, when timed
+    early_exit: bool = True     # False: inference took every sample to the last exit (ablation)
     # OccamNets only, one entry per exit (exits before first_inference_exit take no samples):
     first_inference_exit: Optional[int] = None
     exit_counts: Optional[List[int]] = None
@@ -123,11 +124,11 @@ class Evaluation:
     diagnostics: List[ExitDiagnostics] = dataclasses.field(default_factory=list)
 
     def to_markdown(self) -> str:
-        rate = (f"{'early-exit ' if self.exit_share is not None else ''}inference "
-                f"{self.images_per_s:.0f} images/s")
+        kind = "" if self.exit_share is None else (
+            "early-exit " if self.early_exit else "last-exit (no early exit) ")
+        rate = f"{kind}inference {self.images_per_s:.0f} images/s"
         if self.full_depth_images_per_s is not None:
-            rate = (f"early-exit inference {self.images_per_s:.0f} images/s, every exit on "
-                    f"every sample {self.full_depth_images_per_s:.0f} images/s")
+            rate += f", every exit on every sample {self.full_depth_images_per_s:.0f} images/s"
         lines = [f"Accuracy on {self.split} ({self.images} images): "
                  f"**{percent(self.accuracy)}%**; {rate}", ""]
         if self.nonfinite_samples:
@@ -258,7 +259,8 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
     def inputs(rows: Tensor) -> Tensor:
         return split.batch(rows, channels_last and on_gpu)
 
-    result = Evaluation(split_name, len(split), accuracy=math.nan, images_per_s=math.nan)
+    result = Evaluation(split_name, len(split), accuracy=math.nan, images_per_s=math.nan,
+                        early_exit=math.isfinite(threshold))
     labels = split.labels
     has_exits = isinstance(model, OccamNet)
     passes = 1 + has_exits + (has_exits and time_full_depth)

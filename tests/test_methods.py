@@ -30,7 +30,6 @@ def test_groups_are_label_and_attribute_values_with_the_aligned_group_first():
     assert groups.sizes.tolist() == [1, 1, 2, 1, 1]
     assert groups.index.tolist() == [2, 3, 0, 2, 1, 4]
     assert groups.names()[3] == "label=1, colour=0, texture=1"
-    assert groups.to_metadata()["sizes"] == [1, 1, 2, 1, 1]
     with pytest.raises(ValueError, match="attribute columns"):
         bias_groups(labels, attributes, ["colour"])
     empty = bias_groups(labels[:0], attributes[:0], ["colour", "texture"])

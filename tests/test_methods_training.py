@@ -49,7 +49,8 @@ def test_every_method_and_ablation_trains_from_the_command_line(tmp_path, data_d
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in steps)
     if ablation == ["--no-early-exit"]:
         assert report["test"]["exit_share"] == [0.0, 0.0, 0.0, 1.0]
-        assert "no early exit" in (out / "report.md").read_text()
+        markdown = (out / "report.md").read_text()
+        assert "no early exit" in markdown and "last-exit (no early exit) inference" in markdown
     if ablation == ["--no-cam-suppression"]:
         assert saved.effective_supp_weight == 0.0 and "no CAM suppression" in printed
 
@@ -119,7 +120,13 @@ def test_group_dro_state_resumes_exactly(tmp_path):
 def test_the_dataset_metadata_lists_the_groups_and_their_sizes(data_dir):
     with open(os.path.join(data_dir, "meta.json")) as handle:
         meta = json.load(handle)
+    with open(os.path.join(data_dir, meta["groups_file"])) as handle:
+        groups = [json.loads(line) for line in handle]
     for split, size in meta["sizes"].items():
-        groups = meta["groups"][split]
-        assert groups["columns"][0] == "label" and len(groups["columns"]) == 8
-        assert sum(groups["sizes"]) == size and len(groups["keys"]) == groups["count"]
+        listed = [g for g in groups if g["split"] == split]
+        assert len(listed) == meta["groups"][split] > 0
+        assert [g["group"] for g in listed] == list(range(len(listed)))
+        assert sum(g["size"] for g in listed) == size
+        assert set(listed[0]) == {"split", "group", "label", "digit_color", "digit_scale",
+                                  "digit_position", "texture", "texture_color", "letters",
+                                  "letter_color", "size"}

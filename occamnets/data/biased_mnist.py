@@ -45,6 +45,7 @@ VAL_MIXED = "val-p0.5"   # validation digits with p_bias 0.5 for every factor
 VAL_MIXED_P_BIAS = 0.5
 SPLITS = ("train", "val", VAL_MIXED, "test")
 CACHE_FORMAT = 2         # 2: digit masks and the val-p0.5 split
+GROUPS_FILE = "groups.jsonl"   # every split's bias groups and sizes, one JSON line per group
 # A pixel belongs to the digit where the resized MNIST intensity exceeds half of the digit's
 # brightest (relative: resized to a few pixels, thin strokes never reach half of 255).
 DIGIT_MASK_LEVEL = 0.5
@@ -390,9 +391,21 @@ def split_groups(data: BiasedMNISTSplit) -> BiasGroups:
 
 
 def _write_meta(directory: str, config: BiasedMNISTConfig, files: Dict[str, Dict],
-                sizes: Dict[str, int], groups: Dict[str, Dict]) -> None:
+                sizes: Dict[str, int], groups: Dict[str, BiasGroups]) -> None:
+    """meta.json (config, checksums, sizes, the number of bias groups per split) and
+    groups.jsonl: one line per group of every split (its label, factor values and size), a
+    readable list derived from the checksummed labels and factors."""
+    with atomic_path(os.path.join(directory, GROUPS_FILE)) as tmp:
+        with open(tmp, "w") as handle:
+            for split, of_split in groups.items():
+                names = of_split.columns
+                for number, (key, size) in enumerate(zip(of_split.keys.tolist(),
+                                                         of_split.sizes.tolist())):
+                    handle.write(json.dumps({"split": split, "group": number,
+                                             **dict(zip(names, key)), "size": size}) + "\n")
     meta = {"config": config.identity(), "factor_names": list(FACTOR_NAMES), "files": files,
-            "sizes": sizes, "groups": groups}
+            "sizes": sizes, "groups": {split: g.count for split, g in groups.items()},
+            "groups_file": GROUPS_FILE}
     with atomic_path(os.path.join(directory, "meta.json")) as tmp:
         with open(tmp, "w") as handle:
             json.dump(meta, handle, indent=1)
@@ -404,7 +417,7 @@ def save(splits: Dict[str, BiasedMNISTSplit], config: BiasedMNISTConfig, directo
     for split, data in splits.items():
         files.update(_save_split(directory, split, data))
     _write_meta(directory, config, files, {split: len(data) for split, data in splits.items()},
-                {split: split_groups(data).to_metadata() for split, data in splits.items()})
+                {split: split_groups(data) for split, data in splits.items()})
 
 
 def read_cached_config(directory: str) -> Optional[BiasedMNISTConfig]:
@@ -529,7 +542,7 @@ def _generate_and_save(config: BiasedMNISTConfig, directory: str, splits: Sequen
             _start_save(directory)
         files.update(_save_split(directory, name, data))
         sizes[name] = len(data)
-        groups[name] = split_groups(data).to_metadata()
+        groups[name] = split_groups(data)
         if name in splits and not mmap:
             kept[name] = data
         del data   # a split not kept is freed before the next one is rendered

@@ -8,7 +8,7 @@ values. Only PGI's split of a class's groups into two halves reads the numbering
 occamnets/methods/pgi.py): this order puts the majority-like half first.
 """
 import dataclasses
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import Tensor
@@ -32,10 +32,6 @@ class BiasGroups:
         return [", ".join(f"{c}={v}" for c, v in zip(self.columns, key))
                 for key in self.keys.tolist()]
 
-    def to_metadata(self) -> Dict:
-        """The list of groups and their sizes, as plain data (the dataset's meta.json)."""
-        return {"columns": list(self.columns), "count": self.count,
-                "keys": self.keys.tolist(), "sizes": self.sizes.tolist()}
 
 
 def bias_groups(labels: Tensor, attributes: Tensor, attribute_names: Sequence[str]) -> BiasGroups:
