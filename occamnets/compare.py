@@ -133,9 +133,14 @@ def grid(models: Sequence[str], methods: Sequence[str], ablations: Sequence[str]
 
 
 def cell_config(cell: Cell, preset: str, out: str, settings: Dict) -> RunConfig:
-    return RunConfig.from_preset(preset, **dict(settings, model=cell.model, method=cell.method,
-                                                seed=cell.seed, out_dir=cell.run_dir(out),
-                                                **ABLATIONS[cell.ablation]))
+    """The cell's run: the grid's shared settings, its own model, method, ablation, seed and
+    directory (and TensorBoard subdirectory, so that TensorBoard shows the cells side by
+    side)."""
+    own = dict(model=cell.model, method=cell.method, seed=cell.seed, out_dir=cell.run_dir(out),
+               **ABLATIONS[cell.ablation])
+    if settings.get("tensorboard"):
+        own["tensorboard"] = os.path.join(settings["tensorboard"], cell.row, f"seed-{cell.seed}")
+    return RunConfig.from_preset(preset, **dict(settings, **own))
 
 
 def _finished_report(config: RunConfig) -> Optional[RunReport]:

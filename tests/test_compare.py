@@ -25,6 +25,16 @@ def test_grid_puts_ablations_on_occam_rows_only():
         grid(["occam"], ["erm"], ["no-gates"], [0])
 
 
+def test_each_cell_has_its_own_run_and_tensorboard_directory():
+    cell = Cell("occam", "sd", "no-exit-weighting", 2)
+    config = compare_module.cell_config(cell, "quick", "grid", {"tensorboard": "tb",
+                                                                "epochs": 3})
+    assert (config.model, config.method, config.seed, config.epochs) == ("occam", "sd", 2, 3)
+    assert not config.exit_weighting and config.early_exit
+    assert config.run_dir == "grid/occam-sd-no-exit-weighting/seed-2"
+    assert config.tensorboard == "tb/occam-sd-no-exit-weighting/seed-2"
+
+
 def test_rows_average_the_seeds_with_the_sample_std():
     def result(seed, accuracy, shares):
         return CellResult(Cell("occam", "erm", "none", seed), accuracy, shares, 1, 10.0 + seed,
