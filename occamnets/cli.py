@@ -74,8 +74,10 @@ def _run_data(args) -> int:
     started = time.perf_counter()
     splits = biased_mnist.load(config, out, progress=True, replace_other=args.force, mmap=True)
     sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
+    groups = biased_mnist.split_groups(splits["train"]).count
     print(f"Biased MNIST in {out}: {sizes} images of {config.image_size} px "
-          f"({time.perf_counter() - started:.1f} s); train on it with "
+          f"({time.perf_counter() - started:.1f} s; {groups} bias groups in train, listed in "
+          f"{biased_mnist.GROUPS_FILE}); train on it with "
           f"`occamnets train --data-dir {out}`")
     if args.preview:
         train = splits["train"]
@@ -142,8 +144,9 @@ _HELP = {
                   "(ablation) takes every sample to the last exit, gates still trained",
     "cam_suppression": "OccamResNet's CAM suppression loss; --no-cam-suppression (ablation) "
                        "sets its weight to 0",
-    "exit_weighting": "OccamResNet's exits weigh each sample's CE by the previous exit's "
-                      "confidence; --no-exit-weighting (ablation) weighs them all the same",
+    "exit_weighting": "OccamResNet's output-predictor weighting of each exit's main loss (exit "
+                      "0: p(true class)^gamma0; later exits: 1 - the previous gate); "
+                      "--no-exit-weighting (ablation) weighs every sample the same",
     "device": "cpu, cuda, cuda:1, ... or auto (the GPU when there is one)",
     "channels_last": "channels_last memory format (GPU only)",
     "progress": "progress bars",
@@ -255,6 +258,19 @@ def _checkpoint_settings(path: str):
         raise ValueError(f"{error}; {start_over_hint(path)}") from error
 
 
+def _check_method_options(config, explicit: dict) -> None:
+    """A ValueError for a method setting given for another method than the run's (it would
+    change nothing)."""
+    from .config import ALL_METHOD_FIELDS, METHOD_FIELDS
+    unused = sorted(name for name in explicit
+                    if name in ALL_METHOD_FIELDS and name not in METHOD_FIELDS[config.method])
+    if unused:
+        owners = ", ".join(f"--{n.replace('_', '-')} is for --method "
+                           f"{next(m for m, f in METHOD_FIELDS.items() if n in f)}"
+                           for n in unused)
+        raise ValueError(f"{owners}; this run's method is {config.method}")
+
+
 def _run_train(args) -> int:
     from .config import RunConfig, default_preset, describe_presets, resolve_device
     from .train import Trainer, check_resumable
@@ -283,6 +299,7 @@ def _run_train(args) -> int:
                          f"another --out")
     else:
         config = _with_cached_dataset(config, explicit)
+    _check_method_options(config, explicit)
     resolve_device(config.device)  # a GPU that is not there: said before the summary
     first_process = os.environ.get("RANK", "0") == "0"
     if first_process:

@@ -25,6 +25,7 @@ ABLATIONS = {"none": {}, "no-early-exit": {"early_exit": False},
              "no-cam-suppression": {"cam_suppression": False},
              "no-exit-weighting": {"exit_weighting": False}}
 TABLE, JSON_NAME, CHART = "compare.md", "compare.json", "compare.png"
+DISPLAY_ONLY = {"progress"}   # shared settings the table's note leaves out
 
 
 class Interrupted(Exception):
@@ -59,7 +60,7 @@ class CellResult:
     test_accuracy: float
     exit_share: Optional[List[float]]      # OccamResNet: per exit, share of the test split
     first_inference_exit: Optional[int]    # OccamResNet: exits before it take no samples
-    train_seconds: float
+    train_seconds: Optional[float]         # None: not recorded (a run from before it was)
     steps: int
     complete: bool                         # trained every epoch (not cut by --max-steps)
     reused: bool                           # read from an earlier invocation's report
@@ -77,7 +78,7 @@ class Row:
     test_accuracy_std: Optional[float]     # sample std over the seeds; None for one seed
     exit_share_mean: Optional[List[float]]
     first_inference_exit: Optional[int]
-    train_seconds_mean: float
+    train_seconds_mean: Optional[float]
     steps: int
     complete: bool
 
@@ -85,6 +86,7 @@ class Row:
 @dataclasses.dataclass
 class Comparison:
     preset: str
+    settings: Dict                         # the options every cell shared, on top of the preset
     rows: List[Row]
     cells: List[CellResult]
     wall_seconds: float
@@ -108,15 +110,23 @@ class Comparison:
             steps = f"{row.steps}" + ("" if row.complete else " (cut)")
             lines.append("| " + " | ".join(
                 [MODELS[row.model], row.method, row.ablation, str(len(row.seeds)), accuracy]
-                + shares + [f"{row.train_seconds_mean:.1f}", steps]) + " |")
+                + shares + [seconds(row.train_seconds_mean), steps]) + " |")
         cut = any(not r.complete for r in self.rows)
-        notes = [f"Preset `{self.preset}`; ± is the sample standard deviation over the seeds "
-                 f"(none with one seed); exit shares are OccamResNet's on the test split; "
-                 f"{self.wall_seconds:.0f} s for this invocation."]
+        shared = ", ".join(f"{k}={v}" for k, v in sorted(self.settings.items())
+                           if k not in DISPLAY_ONLY)
+        reused = sum(c.reused for c in self.cells)
+        notes = [f"Preset `{self.preset}`{f' with {shared}' if shared else ''}; ± is the sample standard deviation over the seeds "
+                 f"(none with one seed); exit shares are OccamResNet's on the test split. This "
+                 f"invocation trained {len(self.cells) - reused} cells and read {reused} "
+                 f"finished earlier, in {self.wall_seconds:.0f} s."]
         if cut:
             notes.append("(cut): training stopped at --max-steps, before the preset's last "
                          "epoch; the accuracies are those of the weights at that step.")
         return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def seconds(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def grid(models: Sequence[str], methods: Sequence[str], ablations: Sequence[str],
@@ -155,19 +165,21 @@ def _finished_report(config: RunConfig) -> Optional[RunReport]:
     except (ValueError, KeyError, TypeError):
         return None
     if saved["config"].get("epochs") != config.epochs:
-        return None   # fewer or more epochs asked for now: the cell continues or is redone
+        return None   # more epochs asked for now: the cell continues (fewer are refused)
     wanted_steps = config.max_steps
     if saved.get("complete", True) is False and (wanted_steps is None
-                                                  or saved.get("steps") != wanted_steps):
-        return None
+                                                  or saved.get("steps", 0) < wanted_steps):
+        return None   # cut before the steps asked for now: the cell continues
     return saved
 
 
 def _result(cell: Cell, report: Dict, reused: bool) -> CellResult:
     test = report["test"]
+    trained = report.get("train_seconds")
+    known = isinstance(trained, (int, float)) and math.isfinite(trained)
     return CellResult(cell, test["accuracy"], test.get("exit_share"),
-                      test.get("first_inference_exit"), report.get("train_seconds", math.nan), report.get("steps", 0),
-                      report.get("complete", True), reused)
+                      test.get("first_inference_exit"), trained if known else None,
+                      report.get("steps", 0), report.get("complete", True), reused)
 
 
 def run_cell(config: RunConfig, hint: str) -> Dict:
@@ -198,6 +210,7 @@ def summarise(results: List[CellResult]) -> List[Row]:
     for name, members in rows.items():
         accuracies = [m.test_accuracy for m in members]
         shares = [m.exit_share for m in members if m.exit_share]
+        times = [m.train_seconds for m in members if m.train_seconds is not None]
         first = members[0].cell
         summary.append(Row(
             name, first.model, first.method, first.ablation, [m.cell.seed for m in members],
@@ -205,7 +218,7 @@ def summarise(results: List[CellResult]) -> List[Row]:
             statistics.stdev(accuracies) if len(accuracies) > 1 else None,
             [statistics.fmean(s) for s in zip(*shares)] if shares else None,
             members[0].first_inference_exit,
-            statistics.fmean(m.train_seconds for m in members),
+            statistics.fmean(times) if times else None,
             max(m.steps for m in members), all(m.complete for m in members)))
     return summary
 
@@ -231,8 +244,8 @@ def run_comparison(cells: Sequence[Cell], preset: str, out: str, settings: Dict,
         results.append(result)
         cut = "" if result.complete else f" (stopped at step {result.steps}: --max-steps)"
         say(f"{label}: unbiased test accuracy {percent(result.test_accuracy)}%, "
-            f"{result.train_seconds:.1f} s of training{cut}")
-    comparison = Comparison(preset, summarise(results), results,
+            f"{seconds(result.train_seconds)} s of training{cut}")
+    comparison = Comparison(preset, dict(settings), summarise(results), results,
                             time.perf_counter() - started)
     os.makedirs(out, exist_ok=True)
     with atomic_path(os.path.join(out, TABLE)) as tmp, open(tmp, "w") as handle:

@@ -145,6 +145,11 @@ class RunConfig:
                     pgi_weight=PGI_WEIGHT[self.model] if self.pgi_weight is None
                     else self.pgi_weight)
 
+    def used_method_settings(self) -> Dict:
+        """The settings the chosen method reads, defaults filled in ({} for erm)."""
+        settings = self.method_settings
+        return {name: settings[name] for name in METHOD_FIELDS[self.method]}
+
     def describe_method(self) -> str:
         """The method and ablations in words: "pgi (invariance weight 50), no early exit"."""
         settings = self.method_settings
@@ -190,9 +195,13 @@ class RunConfig:
         skip = {"device", "out_dir", "data_dir", "mnist_dir", "emnist_dir", "max_steps",
                 "progress", "compile", "epochs", "backend", "log_every", "checkpoint_every",
                 "tensorboard"}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        values = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in skip and k not in ALL_METHOD_FIELDS}
         # Where the source digits and letters live may move; which source it is may not.
         values.update(full_mnist=self.mnist_dir is not None, emnist=self.emnist_dir is not None)
+        # The method's own settings only, defaults filled in: another method's (unused)
+        # settings, or None for the default written out, change nothing.
+        values.update(self.used_method_settings())
         return values
 
     def to_dict(self) -> Dict:
@@ -304,6 +313,11 @@ RANGES = {
     "sd_gammas": Range(-1e6, 1e6), "pgi_weight": _WEIGHT,
 }
 
+
+# Each method's settings (RunConfig fields).
+METHOD_FIELDS = {"erm": (), "upwt": ("upwt_gamma",), "gdro": ("gdro_eta",),
+                 "sd": ("sd_lambdas", "sd_gammas"), "pgi": ("pgi_weight",)}
+ALL_METHOD_FIELDS = {name for names in METHOD_FIELDS.values() for name in names}
 
 # Fields holding tuples (JSON and the command line give lists).
 TUPLE_FIELDS = ("milestones", "taus", "sd_lambdas", "sd_gammas")

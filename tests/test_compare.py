@@ -48,7 +48,8 @@ def test_rows_average_the_seeds_with_the_sample_std():
     assert row.train_seconds_mean == pytest.approx(11.0) and row.seeds == [0, 1, 2]
     single = summarise([result(0, 0.2, None)])[0]
     assert single.test_accuracy_std is None and single.exit_share_mean is None
-    table = Comparison("quick", rows + [single], [], 1.0).to_markdown()
+    table = Comparison("quick", {"epochs": 2}, rows + [single], [], 1.0).to_markdown()
+    assert "Preset `quick` with epochs=2" in table
     assert "| 30.0 ± 10.0 | 40.0 | 23.3 | 36.7 | 11.0 | 40 |" in table
     assert "| E0 share" not in table   # exit 0 takes no samples at inference
 

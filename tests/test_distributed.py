@@ -55,3 +55,15 @@ def test_torchrun_through_the_command_line_exits_0_with_one_report(tmp_path):
     assert not [name for name in os.listdir(tmp_path / "data") if ".tmp-" in name]
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]
+
+
+def test_group_dro_under_two_processes_is_the_whole_batch_robust_loss():
+    """A group on one process only must weigh as it would for one process with the whole
+    batch (not 1 / processes of it): loss, per-sample gradients and group weights agree."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(HERE, "ddp_group_dro.py")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

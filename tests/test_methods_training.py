@@ -130,3 +130,20 @@ def test_the_dataset_metadata_lists_the_groups_and_their_sizes(data_dir):
         assert set(listed[0]) == {"split", "group", "label", "digit_color", "digit_scale",
                                   "digit_position", "texture", "texture_color", "letters",
                                   "letter_color", "size"}
+
+
+def test_only_the_chosen_methods_settings_decide_whether_a_run_continues():
+    from occamnets.config import RunConfig
+    erm = RunConfig(model="resnet")
+    assert erm.identity() == RunConfig(model="resnet", pgi_weight=3.0, sd_gammas=(1.0,)).identity()
+    # The default written out is the default.
+    assert (RunConfig(model="resnet", method="sd").identity()
+            == RunConfig(model="resnet", method="sd", sd_lambdas=(0.1,)).identity())
+    assert (RunConfig(model="occam", method="sd").identity()
+            != RunConfig(model="occam", method="sd", sd_lambdas=(0.1,)).identity())
+
+
+def test_a_setting_of_another_method_is_refused(tmp_path, capsys):
+    assert main(["train", "--method", "erm", "--pgi-weight", "3", "--out",
+                 str(tmp_path / "r")] + TINY) == 2
+    assert "--pgi-weight is for --method pgi; this run's method is erm" in capsys.readouterr().err

@@ -7,7 +7,9 @@ then the loss is sum_g q_g * (mean loss of group g in the batch), with the updat
 authors' code: a group absent from the batch has loss 0 there). On an OccamNet each exit has
 its own q, and the per-sample loss it weighs is OccamLoss's exit-weighted cross-entropy.
 Under torch.distributed the update uses the global batch's group means, so q stays identical
-on every process; each process's loss uses its own samples, as DDP averages gradients.
+on every process, and each process's loss is its share of the global robust loss (each
+group's sum over its samples divided by the group's global count), so that DDP's averaged
+gradient is the global batch's.
 """
 from typing import Optional
 
@@ -30,27 +32,27 @@ class GroupDRO(Method):
         self.register_buffer("group_weights", torch.full((num_heads, num_groups),
                                                          1.0 / num_groups))
 
-    def group_means(self, losses: Tensor, groups: Tensor) -> Tensor:
-        """(G,) mean loss of each group over the batch's samples (0 for a group absent)."""
-        sums = torch.zeros_like(self.group_weights[0]).index_add(0, groups, losses.float())
-        counts = torch.zeros_like(sums).index_add(0, groups, torch.ones_like(sums[groups]))
-        return sums / counts.clamp_min(1)
-
     def reduce(self, losses: Tensor, groups: Optional[Tensor], head: int) -> Tensor:
-        means = self.group_means(losses, groups)
+        losses = losses.float()
+        sums = torch.zeros_like(self.group_weights[0]).index_add(0, groups, losses)
+        counts = torch.zeros_like(sums).index_add(0, groups, torch.ones_like(losses))
+        world = 1
         with torch.no_grad():
-            global_means = means.detach()
+            global_sums, global_counts = sums.detach(), counts
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                sums = torch.zeros_like(means).index_add(0, groups, losses.detach().float())
-                counts = torch.zeros_like(means).index_add(0, groups, torch.ones_like(losses.float()))
-                both = torch.stack([sums, counts])
+                world = dist.get_world_size()
+                both = torch.stack([global_sums, global_counts])
                 dist.all_reduce(both)
-                global_means = both[0] / both[1].clamp_min(1)
-            weights = self.group_weights[head] * torch.exp(self.eta * global_means)
+                global_sums, global_counts = both[0], both[1]
+            means = global_sums / global_counts.clamp_min(1)   # 0 for a group absent
+            weights = self.group_weights[head] * torch.exp(self.eta * means)
             weights = weights / weights.sum()
             self.group_weights[head] = weights
-        # The local copy: the buffer changes in place at the next head's update.
-        return (means * weights).sum()
+        # sum_g q_g * (this process's share of group g's global mean), times the processes:
+        # DDP averages the gradients, which gives exactly the global batch's robust loss (a
+        # group on one process only weighs as much as on one process training alone). The
+        # local copy of q: the buffer changes in place at the next head's update.
+        return world * ((sums / global_counts.clamp_min(1)) * weights).sum()
 
     def describe(self) -> str:
         return f"GroupDRO (eta {self.eta:g})"
