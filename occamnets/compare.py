@@ -15,10 +15,10 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .config import RunConfig
-from .evaluate import checkpoint_config, percent
+from .evaluate import percent
 from .files import atomic_path
 from .models import MODELS
-from .train import RunReport, Trainer, check_resumable
+from .train import CheckpointMismatch, Trainer, check_resumable
 
 # The seed's ablations by the name the grid gives them, and the settings each switches off.
 ABLATIONS = {"none": {}, "no-early-exit": {"early_exit": False},
@@ -153,7 +153,7 @@ def cell_config(cell: Cell, preset: str, out: str, settings: Dict) -> RunConfig:
     return RunConfig.from_preset(preset, **dict(settings, **own))
 
 
-def _finished_report(config: RunConfig) -> Optional[RunReport]:
+def _finished_report(config: RunConfig) -> Optional[Dict]:
     """The cell's report when it was written for these settings and this many steps."""
     path = os.path.join(config.run_dir, "report.json")
     if not os.path.exists(path):
@@ -186,18 +186,15 @@ def run_cell(config: RunConfig, hint: str) -> Dict:
     """Train (or continue) one cell and report it (as JSON data); Interrupted when a stop
     signal ended its training."""
     resume = config.checkpoint_path if os.path.exists(config.checkpoint_path) else None
-    if resume is not None:
-        try:
-            check_resumable(checkpoint_config(resume), config)
-        except ValueError as error:
-            raise ValueError(f"{config.run_dir} holds a run of other settings ({error}); "
-                             f"choose another --out for this grid") from error
-    trainer = Trainer(config, resume=resume)
+    try:
+        trainer = Trainer(config, resume=resume)   # reads and checks the checkpoint first
+    except CheckpointMismatch as error:
+        raise ValueError(f"{config.run_dir} holds a run of other settings ({error}); "
+                         f"choose another --out for this grid") from error
     trainer.continue_hint, trainer.say_max_steps = hint, False
-    if not (config.max_steps and trainer.global_step >= config.max_steps):
-        trainer.train()
-        if trainer.interrupted:
-            raise Interrupted(trainer.stop_signal)
+    trainer.train()
+    if trainer.interrupted:
+        raise Interrupted(trainer.stop_signal)
     report = trainer.report()   # after the last epoch, or at --max-steps (marked cut)
     return json.loads(json.dumps(report.to_dict(), default=str))
 

@@ -214,7 +214,7 @@ class OccamLoss(nn.Module):
         """
         self._check(out, labels, items)
         if self.method.uses_groups and (groups is None or groups.shape != labels.shape):
-            raise ValueError(f"{self.method.describe()} needs each sample's bias group: pass "
+            raise ValueError(f"method {self.method.name} needs each sample's bias group: pass "
                              f"groups of shape {tuple(labels.shape)}")
         total = torch.zeros((), device=labels.device)
         parts: Dict[str, Tensor] = {}

@@ -61,12 +61,13 @@ class ClassifierObjective:
     def __call__(self, forward: Forward, x: Tensor, labels: Tensor, items: Tensor,
                  progress: float) -> ObjectiveOutput:
         logits = forward(x).float()
-        groups = self.groups[items]
         method = self.method
+        groups = self.groups[items] if method.uses_groups else None
         loss = method.reduce(method.sample_loss(logits, labels, groups), groups, 0)
+        if not method.has_penalty:
+            return ObjectiveOutput(loss, {}, None)
         penalty = method.penalty(logits, labels, groups, progress)
-        parts = {} if penalty is None else {method.name: penalty.detach()}
-        return ObjectiveOutput(loss, parts, penalty)
+        return ObjectiveOutput(loss, {method.name: penalty.detach()}, penalty)
 
     def state_dict(self) -> Dict:
         return self.method.state_dict()
@@ -88,15 +89,15 @@ class OccamObjective:
     def __call__(self, forward: Forward, x: Tensor, labels: Tensor, items: Tensor,
                  progress: float) -> ObjectiveOutput:
         out = forward(x, labels)
-        groups = self.groups[items]
+        method = self.loss.method
+        groups = self.groups[items] if method.uses_groups else None
         loss, parts = self.loss(out, labels, items, groups)
-        method, penalty = self.loss.method, None
-        for t, exit_out in enumerate(out.exits):
-            term = method.penalty(exit_out.logits, labels, groups, progress)
-            if term is not None:
-                parts[f"{method.name}/E{t}"] = term.detach()
-                penalty = term if penalty is None else penalty + term
-        return ObjectiveOutput(loss, parts, penalty)
+        if not method.has_penalty:
+            return ObjectiveOutput(loss, parts, None)
+        terms = method.penalty(torch.stack([e.logits.float() for e in out.exits]), labels,
+                               groups, progress)
+        parts.update((f"{method.name}/E{t}", term) for t, term in enumerate(terms.detach()))
+        return ObjectiveOutput(loss, parts, terms.sum())
 
     def state_dict(self) -> Dict:
         return self.loss.state_dict()
@@ -577,6 +578,10 @@ class Trainer:
         train = self.splits["train"]
         if self.global_step == 0 and self.rank == 0 and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a new run: nothing from an earlier one
+        if config.max_steps and self.global_step >= config.max_steps:
+            # Resumed at the cap already: no step past it (the checkpoint is this state).
+            self._stop(f"reached --max-steps {config.max_steps}", saved=True)
+            return
         while self.epoch < config.epochs:
             if self.step_in_epoch == 0:  # the epoch's progress is zero here (reset at its end)
                 self.objective.on_epoch_start(self.epoch)

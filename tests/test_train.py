@@ -140,3 +140,12 @@ def test_two_runs_with_the_same_settings_end_with_identical_weights(tmp_path):
     other.train()
     assert not all(torch.equal(a, b) for a, b in zip(runs[0].model.state_dict().values(),
                                                      other.model.state_dict().values()))
+
+
+def test_a_run_resumed_at_its_step_cap_takes_no_further_step(tmp_path):
+    splits = synthetic_splits()
+    Trainer(config(tmp_path, max_steps=3), splits).train()
+    again = Trainer(config(tmp_path, max_steps=3), splits,
+                    resume=str(tmp_path / "checkpoint.pt"))
+    again.train()
+    assert again.global_step == 3 and again.step_in_epoch == 3

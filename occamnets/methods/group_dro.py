@@ -53,6 +53,3 @@ class GroupDRO(Method):
         # group on one process only weighs as much as on one process training alone). The
         # local copy of q: the buffer changes in place at the next head's update.
         return world * ((sums / global_counts.clamp_min(1)) * weights).sum()
-
-    def describe(self) -> str:
-        return f"GroupDRO (eta {self.eta:g})"

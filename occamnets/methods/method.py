@@ -5,7 +5,8 @@ A method shapes a classifier head's loss in three places, each vectorised on the
   reduce(losses, groups, head) -> scalar: how the batch's per-sample losses become one
       (the mean; GroupDRO weighs group means);
   penalty(logits, labels, groups, progress) -> scalar or None: a term whose gradient reaches
-      only the feature extractor, never the heads (PGI).
+      only the feature extractor, never the heads (PGI); given logits (H, B, K) of H heads,
+      one term per head (H,).
 A ResNet has one head (its fc); an OccamNet one per exit, where OccamLoss multiplies each
 sample's loss by its exit weight before `reduce` (as the official Occam trainers do with the
 loss their `compute_main_loss` returns). State (GroupDRO's group weights) lives in buffers,
@@ -21,6 +22,7 @@ class Method(nn.Module):
     """ERM: cross-entropy per sample, averaged over the batch, no penalty."""
     name = "erm"
     uses_groups = False
+    has_penalty = False   # True where `penalty` returns a term
 
     def __init__(self, num_heads: int = 1):
         super().__init__()
@@ -35,6 +37,3 @@ class Method(nn.Module):
     def penalty(self, logits: Tensor, labels: Tensor, groups: Optional[Tensor],
                 progress: float) -> Optional[Tensor]:
         return None
-
-    def describe(self) -> str:
-        return "ERM (cross-entropy)"

@@ -11,7 +11,8 @@ half's mean softmax, clamped to [eps, 1 - eps],
 where progress is the share of all training steps done (a linear warm-up over the whole run,
 as the official's iteration ramp). Its gradient reaches only the feature extractor (the
 official backpropagates it with `inputs=` the non-exit, non-fc parameters); on an OccamNet it
-is summed over the exits. Vectorised: presence and ranks of groups from a (K, G) table.
+is summed over the exits (all exits in one pass). Vectorised: presence and ranks of groups
+from a (K, G) table.
 """
 from typing import List, Optional
 
@@ -34,6 +35,7 @@ def feature_parameters(model: nn.Module) -> List[nn.Parameter]:
 class PredictiveGroupInvariance(Method):
     name = "pgi"
     uses_groups = True
+    has_penalty = True
 
     def __init__(self, weight: float, num_groups: int, num_classes: int, num_heads: int = 1,
                  eps: float = 1e-12):
@@ -54,18 +56,20 @@ class PredictiveGroupInvariance(Method):
 
     def penalty(self, logits: Tensor, labels: Tensor, groups: Optional[Tensor],
                 progress: float) -> Optional[Tensor]:
+        """The penalty of logits (B, K); of (H, B, K), one per head (H,), the halves found
+        once for all heads."""
         side, valid = self.halves(labels, groups)
-        probabilities = torch.softmax(logits.float(), dim=1)
+        heads = logits.float() if logits.dim() == 3 else logits.float()[None]
+        probabilities = torch.softmax(heads, dim=2).transpose(0, 1)      # (B, H, K)
         classes = self.num_classes
-        sums = torch.zeros(classes, 2, classes, device=logits.device).index_put(
-            (labels, side), probabilities, accumulate=True)
+        sums = torch.zeros(classes, 2, *probabilities.shape[1:], device=logits.device).index_put(
+            (labels, side), probabilities, accumulate=True)              # (K, 2, H, K)
         counts = torch.zeros(classes, 2, device=logits.device).index_put(
-            (labels, side), torch.ones_like(probabilities[:, 0]), accumulate=True)
-        means = (sums / counts.clamp_min(1)[..., None]).clamp(self.eps, 1 - self.eps)
+            (labels, side), torch.ones_like(labels, dtype=torch.float32), accumulate=True)
+        means = (sums / counts.clamp_min(1)[..., None, None]).clamp(self.eps, 1 - self.eps)
         p0, p1 = means[:, 0], means[:, 1]
-        per_class = (p1 * torch.log(p1 / p0)).mean(1) / classes
+        per_class = (p1 * torch.log(p1 / p0)).mean(2) / classes           # (K, H)
         ramp = self.weight * min(1.0, progress)
-        return ramp * torch.where(valid, per_class, torch.zeros_like(per_class)).sum()
-
-    def describe(self) -> str:
-        return f"PGI (invariance weight {self.weight:g}, warmed up over the run)"
+        per_head = ramp * torch.where(valid[:, None], per_class,
+                                      torch.zeros_like(per_class)).sum(0)
+        return per_head if logits.dim() == 3 else per_head[0]

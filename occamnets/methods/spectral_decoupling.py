@@ -25,7 +25,6 @@ class SpectralDecoupling(Method):
     def __init__(self, lambdas: Sequence[float], gammas: Sequence[float], num_groups: int,
                  num_heads: int = 1):
         super().__init__(num_heads)
-        self.summary = (tuple(lambdas), tuple(gammas))
         self.register_buffer("lambdas", _per_group(lambdas, num_groups, "lambda"))
         self.register_buffer("gammas", _per_group(gammas, num_groups, "gamma"))
 
@@ -34,7 +33,3 @@ class SpectralDecoupling(Method):
         cross_entropy = F.cross_entropy(logits, labels, reduction="none")
         true_logit = logits.gather(1, labels[:, None])[:, 0]
         return cross_entropy + 0.5 * self.lambdas[groups] * (true_logit - self.gammas[groups]) ** 2
-
-    def describe(self) -> str:
-        lambdas, gammas = self.summary
-        return f"spectral decoupling (lambdas {list(lambdas)}, gammas {list(gammas)})"

@@ -3,7 +3,6 @@ cross-entropy times (1 / its group's training size) ** gamma, averaged over the 
 renormalised: with gamma = 1 every group's weights sum to 1 over the training set)."""
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -24,6 +23,3 @@ class GroupUpweighting(Method):
     def sample_loss(self, logits: Tensor, labels: Tensor, groups: Optional[Tensor]) -> Tensor:
         cross_entropy = F.cross_entropy(logits.float(), labels, reduction="none")
         return self.weights[groups] * cross_entropy
-
-    def describe(self) -> str:
-        return f"group upweighting (gamma {self.gamma:g})"
