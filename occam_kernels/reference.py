@@ -45,8 +45,9 @@ def exit_head_reference(h: torch.Tensor, weight: torch.Tensor,
     of KL(uniform || softmax_k cam) on the pixels whose ground-truth CAM is at or below its
     mean (None without labels). The mask is piecewise constant and carries no gradient.
 
-    threshold (B,), optional, replaces logits[b, y_b] in the mask: a kernel that compares
-    against its logits rounded to a low-precision dtype is checked with that same threshold.
+    threshold (B,), optional, replaces the CAM's mean (= logits[b, y_b]) in the mask: a kernel
+    that compares against its logits rounded to a low-precision dtype is checked with that
+    same threshold.
     """
     weight2d = _flat_weight(weight)
     pooled = h.mean(dim=(2, 3))
@@ -57,10 +58,13 @@ def exit_head_reference(h: torch.Tensor, weight: torch.Tensor,
         return logits, pooled, None
     num_classes = weight2d.shape[0]
     cam = class_activation_maps_reference(h, weight, bias).flatten(2)       # (B, K, P)
-    if threshold is None:
-        threshold = logits.gather(1, labels[:, None])[:, 0]
-    threshold = threshold.detach().to(logits.dtype)[:, None]                 # (B, 1)
     cam_true = cam.gather(1, labels[:, None, None].expand(-1, 1, cam.shape[2]))[:, 0]
+    if threshold is None:
+        # The CAM's own mean, which logits[b, y_b] equals in exact arithmetic. Taken from the
+        # CAM, a 1x1 map ties with it exactly; taken from the logits (another rounding of
+        # W @ h + b), fp64 on CUDA once put that pixel 1 ulp above and dropped it.
+        threshold = cam_true.mean(dim=1)
+    threshold = threshold.detach().to(logits.dtype)[:, None]                 # (B, 1)
     mask = (cam_true <= threshold).detach().to(cam.dtype)                    # (B, P)
     kl_to_uniform = torch.logsumexp(cam, dim=1) - cam.mean(dim=1) - math.log(num_classes)
     supp = (mask * kl_to_uniform).mean(dim=1)
