@@ -18,9 +18,9 @@ matmuls on (B, K) and (B, C) tensors):
                     logsumexp pass over the class blocks, then each dcam block is recomputed
                     once and W^T dcam is added into the program's own (C, BLOCK_P) slice of an
                     fp32 buffer (grad_h itself for fp32/fp64), cast into grad_h at the end.
-  _grad_weight_kernel grid (K blocks, C blocks, splits): dW and db partial sums over a fixed
-                    range of (sample, pixel block) units per split, written to a
-                    (splits, K, C) buffer and reduced afterwards with torch.sum
+  _grad_weight_kernel grid (splits, K blocks, C blocks): dW and db partial sums over a fixed
+                    range of (sample, pixel block) units per split (at most 256), written to
+                    a (splits, K, C) buffer and reduced afterwards with torch.sum
 No float atomics anywhere and every reduction has a fixed order, so equal inputs give bitwise
 equal outputs. Accumulation is fp32 (fp64 for fp64 inputs; that path uses
 broadcast-multiply-sum instead of tl.dot, which has no fp64 form on every GPU, so gradcheck
@@ -48,6 +48,7 @@ cubins compiled ahead of time (bench/CODEGEN.md), not from timings: nothing spil
 design shapes.
 The pool and dW kernels split their pixel loops so that about _TARGET_PROGRAMS programs run
 (a few per SM of an H100), each over a fixed range: more parallelism, same summation order.
+The dW kernel also caps the units per split (_DW_MAX_UNITS): a long chain of dots drifts.
 
 Non-finite values (NaN, +-inf in h, the weights, the bias or g_supp) come out where, and as,
 the reference's (tests/test_exit_head_nonfinite.py): the mask multiplies kl and g_supp
@@ -377,8 +378,9 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
                         USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                         UPCAST: tl.constexpr):
     """Partial sums over one split, a fixed range of (sample, pixel block) units:
-    dW[k, c] = sum dcam[k, p] h[c, p], db[k] = sum dcam[k, p]."""
-    pid_k, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dW[k, c] = sum dcam[k, p] h[c, p], db[k] = sum dcam[k, p]. Splits are on grid axis 0:
+    their number grows with B * P (at most _DW_MAX_UNITS units each)."""
+    pid_s, pid_k, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -421,6 +423,12 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
 
 # About this many programs for the pool and dW kernels: a few per SM of an H100 (132 SMs).
 _TARGET_PROGRAMS = 1024
+# At most this many (sample, pixel block) units per dW split. A split sums its units with a
+# chain of dots into one accumulator, and on an H200 a long chain drifted: at B*H*W past 2^31
+# (66,560 units per split) dW was 0.93% off in fp16, against 0.054% with 256 units on the same
+# data. More splits cost a (splits, K, C) fp32 buffer: with 256 units of 32 pixels it holds
+# K/2048 of the bytes of h in fp32, and only inputs past 8M pixels (B*H*W) reach the cap.
+_DW_MAX_UNITS = 256
 _MAX_ALIGN = 16  # elements: 16 bytes and more for every dtype here
 
 
@@ -491,11 +499,15 @@ def _tile_args(cfg, weight_grad: bool = False):
                 num_warps=launch[0], num_stages=launch[1])
 
 
-def _splits(work_items: int, programs_per_split: int) -> Tuple[int, int]:
+def _splits(work_items: int, programs_per_split: int,
+            max_per_split: Optional[int] = None) -> Tuple[int, int]:
     """(splits, items per split) so that about _TARGET_PROGRAMS programs run, each over a fixed
-    contiguous range of work items (a deterministic split)."""
+    contiguous range of work items (a deterministic split), with at most max_per_split items
+    per split when given (then more programs run)."""
     splits = max(1, min(work_items, triton.cdiv(_TARGET_PROGRAMS, programs_per_split)))
     per_split = triton.cdiv(work_items, splits)
+    if max_per_split is not None:
+        per_split = min(per_split, max_per_split)
     return triton.cdiv(work_items, per_split), per_split
 
 
@@ -611,10 +623,10 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     c_blocks = triton.cdiv(channels, cfg["block_c"])
     # Each split is a fixed range of (sample, pixel block) units, summed in a fixed order.
     num_units = batch * num_p_blocks
-    splits, units_per_split = _splits(num_units, k_blocks * c_blocks)
+    splits, units_per_split = _splits(num_units, k_blocks * c_blocks, _DW_MAX_UNITS)
     partial_w = torch.empty(splits, num_classes, channels, device=h.device, dtype=acc)
     partial_b = torch.empty(splits, num_classes, device=h.device, dtype=acc)
-    _grad_weight_kernel[(k_blocks, c_blocks, splits)](
+    _grad_weight_kernel[(splits, k_blocks, c_blocks)](
         h, weight, bias, lse, coef, partial_w, partial_b, num_classes, channels, pixels,
         width, num_p_blocks, num_units, units_per_split, *cfg["strides"],
         **_tile_args(cfg, weight_grad=True))
