@@ -3,6 +3,7 @@
     python bench/gpu_check.py environment  --out OUT [--smoke]
     python bench/gpu_check.py correctness  --out OUT [--smoke] [--jobs N]
     python bench/gpu_check.py sanitize-target [--triton] [--smoke]
+    python bench/gpu_check.py native-errors
     python bench/gpu_check.py profile      --out OUT [--smoke]
     python bench/gpu_check.py summary      --out OUT
 
@@ -18,6 +19,8 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -425,6 +428,29 @@ def sanitize_target(smoke: bool, triton: bool) -> int:
     return 1 if failed else 0
 
 
+NATIVE_ERRORS_TEST = "tests/test_compact.py::test_native_op_checks_inputs_itself"
+
+
+def native_errors() -> int:
+    """The C++ compact op's own input checks, alone in a process. On the H200 (2026-11-27,
+    torch 2.11) two of them crashed the process with SIGSEGV instead of raising, which also
+    ended the kernel-test step; after a crash, the first frames under cuda-gdb say where."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", NATIVE_ERRORS_TEST]
+    done = subprocess.run(command)
+    if done.returncode >= 0:
+        return 0 if done.returncode == 0 else 1
+    print(f"native-errors: the test process died of signal {-done.returncode}")
+    if shutil.which("cuda-gdb") is None:
+        print("native-errors: no cuda-gdb here for a backtrace")
+        return 1
+    trace = subprocess.run(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 16", "--args"]
+                           + command, capture_output=True, text=True, timeout=150)
+    lines = trace.stdout.splitlines()
+    first = next((i for i, line in enumerate(lines) if "received signal" in line), 0)
+    print("\n".join(line[:400] for line in lines[first:first + 20]))
+    return 1
+
+
 def profile(out: str, smoke: bool) -> int:
     """Per-kernel device times of the fused exit head, forward+backward, from torch.profiler."""
     import occam_kernels
@@ -586,7 +612,7 @@ def summary(out: str) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["environment", "correctness", "sanitize-target",
-                                         "profile", "summary"])
+                                         "native-errors", "profile", "summary"])
     parser.add_argument("--out", default=".")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
     parser.add_argument("--jobs", type=int, default=None,
@@ -602,6 +628,8 @@ def main(argv=None) -> int:
         code = correctness(args.out, args.smoke, jobs)
     elif args.step == "sanitize-target":
         code = sanitize_target(args.smoke, args.triton)
+    elif args.step == "native-errors":
+        code = native_errors()
     elif args.step == "profile":
         code = profile(args.out, args.smoke)
     else:

@@ -8,7 +8,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["build", "environment", "correctness", "timings", "profile", "sanitize_target",
-         "sanitize_triton", "timings_compiled", "report"]
+         "sanitize_triton", "timings_compiled", "report", "native_errors"]
 
 
 def test_gpu_check_smoke_runs_every_step(tmp_path):
@@ -22,7 +22,7 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     assert [s[0] for s in steps] == STEPS, log
     assert all(s[1] == "pass" for s in steps), steps
     # The table comes last.
-    assert done.stdout.splitlines()[-1] == "9/9 steps passed", done.stdout[-800:]
+    assert done.stdout.splitlines()[-1] == "10/10 steps passed", done.stdout[-800:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["correctness"]) == {"exit_head", "cam", "compact", "predict",
                                            "large_index"}
@@ -44,3 +44,24 @@ def test_every_test_file_the_gpu_check_names_exists():
     named = set(re.findall(r"tests/\w+\.py", script))
     assert named, "the GPU check names no test files any more: update this test"
     assert not {path for path in named if not os.path.isfile(os.path.join(ROOT, path))}
+
+
+def test_native_errors_shows_the_first_frames_of_a_crash(monkeypatch, capsys):
+    """A process killed by a signal (the H200's SIGSEGV) is reported with the frames from the
+    signal on, not the thousands of characters of template names after them."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gpu_check
+
+    def fake_run(command, **kwargs):
+        if command[0] == "cuda-gdb":
+            return subprocess.CompletedProcess(command, 0, stderr="", stdout=(
+                "[thread noise]\nProgram received signal SIGSEGV, Segmentation fault.\n"
+                "#0  occam::check_compact_inputs (x=...)\n"))
+        return subprocess.CompletedProcess(command, -11)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert gpu_check.native_errors() == 1
+    printed = capsys.readouterr().out
+    assert "signal 11" in printed and "#0  occam::check_compact_inputs" in printed
+    assert "[thread noise]" not in printed
