@@ -4,6 +4,7 @@ On a GPU every case is timed at the shapes of DESIGN.md section 8. Without one (
 test`) each case runs once at scaled-down shapes, with Triton under its interpreter, so the
 suites cannot rot; run them with --benchmark-disable there.
 """
+import contextlib
 import platform
 
 import torch
@@ -18,6 +19,18 @@ def device() -> torch.device:
 def synchronize() -> None:
     if ON_GPU:
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """Convolutions and matmuls in fp32 rather than TF32 (cuDNN's default for convolutions on
+    a GPU), so two fp32 paths compared inside differ by rounding only."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def environment() -> dict:

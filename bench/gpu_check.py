@@ -232,7 +232,7 @@ def compaction_checks(device, smoke) -> List[Check]:
 def predict_checks(device, smoke) -> List[Check]:
     """early_exit() with compaction equals every exit on every sample, then selection, with the
     exits forced to take 40/30/30% of the batch (thresholds far from every sample)."""
-    from benchutils import force_exit_distribution, near_a_threshold
+    from benchutils import force_exit_distribution, near_a_threshold, true_fp32
     from occamnets.models import occam_resnet18
     torch.manual_seed(0)
     width, size, batch = (4, 32, 16) if smoke else (58, 160, 64)
@@ -240,9 +240,7 @@ def predict_checks(device, smoke) -> List[Check]:
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
     # A compacted batch may run other cuDNN algorithms; with TF32 their fp32 results would
     # differ by ~1e-3, without it by rounding only.
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with true_fp32():
         near = near_a_threshold(model, force_exit_distribution(model, x, (0.4, 0.3, 0.3)))
         full = model.early_exit(x, compaction=False)
         checks = []
@@ -258,8 +256,6 @@ def predict_checks(device, smoke) -> List[Check]:
                 (f"; {int(near.sum())} samples near a threshold" if near.any() else "")
             checks.append(Check("predict", f"{backend} compaction B={batch} exits {counts}",
                                 passed, {"logits": error}, notes.strip("; ")))
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return checks
 
 

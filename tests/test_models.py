@@ -1,10 +1,17 @@
 """OccamResNet-18: shapes of section 8, fused against reference on a full training step, and
 torch.compile of a training step without graph breaks."""
+import os
+import sys
+
 import pytest
 import torch
 
 from occamnets.losses import OccamLoss
 from occamnets.models import OccamNet, occam_resnet18, resnet18
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+from benchutils import true_fp32  # noqa: E402
 
 
 @pytest.mark.parametrize("stem,input_size,shapes", [
@@ -52,13 +59,11 @@ def training_step(model, x, labels, items):
 
 @pytest.fixture
 def exact_fp32():
-    """GPU convolutions and matmuls in true fp32, not TF32 (cuDNN's default for convolutions):
-    rounded to 10 bits, the backbone turned the heads' ~1e-6 differences into 4% on some of
-    the stem's weight gradients (H200, 2026-11-27), and the comparison is of the heads."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """With TF32 (10-bit) convolutions the backbone turned the heads' ~1e-6 differences into
+    4% on some of the stem's weight gradients (H200, 2026-11-27); the comparison is of the
+    heads."""
+    with true_fp32():
+        yield
 
 
 @pytest.mark.triton
