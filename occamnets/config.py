@@ -15,7 +15,7 @@ import torch
 
 from .data.biased_mnist import MIN_CELL_SIZE, BiasedMNISTConfig, renders_needed
 from .losses import OccamLoss
-from .methods import GDRO_ETA, METHODS, PGI_WEIGHT, SD_GAMMAS, SD_LAMBDAS, UPWT_GAMMA
+from .methods import GDRO_ETA, METHODS, SD_GAMMAS, UPWT_GAMMA, per_model_defaults
 from .models import MODELS, STEMS
 
 DEFAULT_DATA_ROOT = "data"
@@ -138,12 +138,9 @@ class RunConfig:
     @property
     def method_settings(self) -> Dict:
         """The method's hyper-parameters with the per-model defaults filled in."""
-        return dict(upwt_gamma=self.upwt_gamma, gdro_eta=self.gdro_eta,
-                    sd_lambdas=(SD_LAMBDAS[self.model] if self.sd_lambdas is None
-                                else self.sd_lambdas),
-                    sd_gammas=self.sd_gammas,
-                    pgi_weight=PGI_WEIGHT[self.model] if self.pgi_weight is None
-                    else self.pgi_weight)
+        sd_lambdas, pgi_weight = per_model_defaults(self.model, self.sd_lambdas, self.pgi_weight)
+        return dict(upwt_gamma=self.upwt_gamma, gdro_eta=self.gdro_eta, sd_lambdas=sd_lambdas,
+                    sd_gammas=self.sd_gammas, pgi_weight=pgi_weight)
 
     def used_method_settings(self) -> Dict:
         """The settings the chosen method reads, defaults filled in ({} for erm)."""

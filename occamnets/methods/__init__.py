@@ -29,6 +29,13 @@ SD_LAMBDAS = {"resnet": (0.1,), "occam": (1e-3,)}
 PGI_WEIGHT = {"resnet": 100.0, "occam": 50.0}
 
 
+def per_model_defaults(model: str, sd_lambdas: Optional[Sequence[float]],
+                       pgi_weight: Optional[float]):
+    """(sd_lambdas, pgi_weight), a None taking the model's official default."""
+    return (SD_LAMBDAS[model] if sd_lambdas is None else sd_lambdas,
+            PGI_WEIGHT[model] if pgi_weight is None else pgi_weight)
+
+
 def build_method(name: str, *, model: str, group_sizes, num_classes: int, num_heads: int,
                  upwt_gamma: float = UPWT_GAMMA, gdro_eta: float = GDRO_ETA,
                  sd_lambdas: Optional[Sequence[float]] = None,
@@ -38,6 +45,7 @@ def build_method(name: str, *, model: str, group_sizes, num_classes: int, num_he
     training split whose groups have `group_sizes` (G,); None hyper-parameters take the
     official per-model defaults."""
     num_groups = int(group_sizes.shape[0])
+    sd_lambdas, pgi_weight = per_model_defaults(model, sd_lambdas, pgi_weight)
     if name == "erm":
         return Method(num_heads)
     if name == "upwt":
@@ -45,14 +53,12 @@ def build_method(name: str, *, model: str, group_sizes, num_classes: int, num_he
     if name == "gdro":
         return GroupDRO(num_groups, gdro_eta, num_heads)
     if name == "sd":
-        lambdas = SD_LAMBDAS[model] if sd_lambdas is None else sd_lambdas
-        return SpectralDecoupling(lambdas, sd_gammas, num_groups, num_heads)
+        return SpectralDecoupling(sd_lambdas, sd_gammas, num_groups, num_heads)
     if name == "pgi":
-        weight = PGI_WEIGHT[model] if pgi_weight is None else pgi_weight
-        return PredictiveGroupInvariance(weight, num_groups, num_classes, num_heads)
+        return PredictiveGroupInvariance(pgi_weight, num_groups, num_classes, num_heads)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
 
 
 __all__ = ["GDRO_ETA", "METHODS", "PGI_WEIGHT", "SD_GAMMAS", "SD_LAMBDAS", "UPWT_GAMMA",
            "GroupDRO", "GroupUpweighting", "Method", "PredictiveGroupInvariance",
-           "SpectralDecoupling", "build_method", "feature_parameters"]
+           "SpectralDecoupling", "build_method", "feature_parameters", "per_model_defaults"]

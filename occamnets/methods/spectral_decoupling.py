@@ -4,7 +4,6 @@ per sample, cross-entropy + 0.5 * lambda_g * (logit of the true class - gamma_g)
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .method import Method
@@ -29,7 +28,6 @@ class SpectralDecoupling(Method):
         self.register_buffer("gammas", _per_group(gammas, num_groups, "gamma"))
 
     def sample_loss(self, logits: Tensor, labels: Tensor, groups: Optional[Tensor]) -> Tensor:
-        logits = logits.float()
-        cross_entropy = F.cross_entropy(logits, labels, reduction="none")
-        true_logit = logits.gather(1, labels[:, None])[:, 0]
+        cross_entropy = super().sample_loss(logits, labels, groups)
+        true_logit = logits.float().gather(1, labels[:, None])[:, 0]
         return cross_entropy + 0.5 * self.lambdas[groups] * (true_logit - self.gammas[groups]) ** 2

@@ -3,7 +3,6 @@ cross-entropy times (1 / its group's training size) ** gamma, averaged over the 
 renormalised: with gamma = 1 every group's weights sum to 1 over the training set)."""
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from .method import Method
@@ -17,9 +16,7 @@ class GroupUpweighting(Method):
         super().__init__(num_heads)
         if (group_sizes < 1).any():
             raise ValueError("every training group needs at least one sample")
-        self.gamma = gamma
         self.register_buffer("weights", group_sizes.double().reciprocal().pow(gamma).float())
 
     def sample_loss(self, logits: Tensor, labels: Tensor, groups: Optional[Tensor]) -> Tensor:
-        cross_entropy = F.cross_entropy(logits.float(), labels, reduction="none")
-        return self.weights[groups] * cross_entropy
+        return self.weights[groups] * super().sample_loss(logits, labels, groups)
