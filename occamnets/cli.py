@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import typing
@@ -556,11 +555,10 @@ def _picture_path(path: Optional[str], option: str) -> None:
         return
     if os.path.isdir(path) or not path.lower().endswith(".png"):
         raise ValueError(f"{option} {path}: give a file name ending in .png")
+    from .files import make_writable_dir
     parent = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(parent, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
+        make_writable_dir(parent)
     except OSError as error:
         raise ValueError(f"{option} {path}: cannot write there ({error.strerror})") from error
 

@@ -18,7 +18,7 @@ from .config import RunConfig
 from .evaluate import percent
 from .files import atomic_path
 from .models import MODELS
-from .train import CheckpointMismatch, Trainer, check_resumable
+from .train import CheckpointMismatch, Trainer, check_resumable, existing_checkpoint
 
 # The seed's ablations by the name the grid gives them, and the settings each switches off.
 ABLATIONS = {"none": {}, "no-early-exit": {"early_exit": False},
@@ -185,9 +185,8 @@ def _result(cell: Cell, report: Dict, reused: bool) -> CellResult:
 def run_cell(config: RunConfig, hint: str) -> Dict:
     """Train (or continue) one cell and report it (as JSON data); Interrupted when a stop
     signal ended its training."""
-    resume = config.checkpoint_path if os.path.exists(config.checkpoint_path) else None
     try:
-        trainer = Trainer(config, resume=resume)   # reads and checks the checkpoint first
+        trainer = Trainer(config, resume=existing_checkpoint(config))   # reads and checks the checkpoint first
     except CheckpointMismatch as error:
         raise ValueError(f"{config.run_dir} holds a run of other settings ({error}); "
                          f"choose another --out for this grid") from error

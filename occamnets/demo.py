@@ -15,7 +15,7 @@ from .data.biased_mnist import read_cached_config
 from .evaluate import cam_picture_data, checkpoint_config, percent
 from .files import atomic_path
 from .models import MODELS
-from .train import RELIABILITY_PICTURE, RunReport, Trainer, check_resumable
+from .train import RELIABILITY_PICTURE, RunReport, Trainer, check_resumable, existing_checkpoint
 from .viz import save_cam_grid, save_exit_distribution
 
 
@@ -49,8 +49,7 @@ def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None)
     started = time.perf_counter()
     reports: Dict[str, RunReport] = {}
     for model, config in demo_configs(out, preset).items():
-        resume = config.checkpoint_path if os.path.exists(config.checkpoint_path) else None
-        trainer = Trainer(config, resume=resume)
+        trainer = Trainer(config, resume=existing_checkpoint(config))
         trainer.continue_hint = f"`occamnets demo --out {out} --preset {preset}` again"
         print(f"== {model}: {preset} preset on {trainer.device}")
         report = trainer.run()

@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import re
+import tempfile
 from typing import Iterator, List
 
 _TEMPORARY = re.compile(r"\.tmp-(\d+)$")
@@ -28,6 +29,13 @@ def atomic_path(path: str) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def make_writable_dir(directory: str) -> None:
+    """Create `directory` if needed and prove a file can be written there (OSError if not)."""
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass
 
 
 def _running(pid: int) -> bool:

@@ -16,7 +16,6 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -32,7 +31,7 @@ from .config import RunConfig, resolve_device
 from .data.biased_mnist import VAL_MIXED
 from .data.loaders import DeviceSplit
 from .evaluate import Evaluation, evaluate, load_model_state, load_splits, progress_bar
-from .files import atomic_path, remove_stale_temporaries
+from .files import atomic_path, make_writable_dir, remove_stale_temporaries
 from .losses import OccamLoss
 from .methods import Method, build_method, feature_parameters
 from .models import MODELS, build_model
@@ -94,7 +93,7 @@ class OccamObjective:
         loss, parts = self.loss(out, labels, items, groups)
         if not method.has_penalty:
             return ObjectiveOutput(loss, parts, None)
-        terms = method.penalty(torch.stack([e.logits.float() for e in out.exits]), labels,
+        terms = method.penalty(torch.stack([e.logits for e in out.exits]).float(), labels,
                                groups, progress)
         parts.update((f"{method.name}/E{t}", term) for t, term in enumerate(terms.detach()))
         return ObjectiveOutput(loss, parts, terms.sum())
@@ -289,6 +288,11 @@ def read_metrics(metrics_path: str) -> List[Dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def existing_checkpoint(config: RunConfig) -> Optional[str]:
+    """The run's checkpoint when it has one (a run to continue), else None."""
+    return config.checkpoint_path if os.path.exists(config.checkpoint_path) else None
+
+
 def prepare_run_dir(path: str) -> bool:
     """Create the run directory (True when it did not exist), or a ValueError saying why it
     cannot be written (checked before any data is read or generated)."""
@@ -296,9 +300,7 @@ def prepare_run_dir(path: str) -> bool:
         raise ValueError(f"the run directory {path} is a file: choose another --out")
     created = not os.path.exists(path)
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        make_writable_dir(path)
     except OSError as error:
         raise ValueError(f"cannot write to the run directory {path} ({error.strerror}): "
                          f"choose another --out") from error

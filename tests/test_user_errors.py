@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from occamnets import files as files_module
 from occamnets import train as train_module
 from occamnets.checkpoints import read_checkpoint
 from occamnets.cli import main
@@ -119,7 +120,7 @@ def test_run_directories_that_cannot_be_written(tmp_path, capsys, monkeypatch):
 
     def read_only(*args, **kwargs):  # the tests run as root, which writes anywhere
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(train_module.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(files_module.tempfile, "TemporaryFile", read_only)
     assert main(["train", "--out", str(tmp_path / "ro")] + TINY_DATA + TINY_RUN) == 2
     one_line_error(capsys, "cannot write to the run directory", "Permission denied")
 
