@@ -5,6 +5,7 @@ outright cannot clean up, so `remove_stale_temporaries` removes the temporaries 
 that no longer run (every writer calls it on the directory it writes to)."""
 import contextlib
 import glob
+import hashlib
 import os
 import re
 import tempfile
@@ -29,6 +30,15 @@ def atomic_path(path: str) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def sha256_of_file(path: str) -> str:
+    """The file's SHA-256, hex (read in 4 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def make_writable_dir(directory: str) -> None:

@@ -265,7 +265,7 @@ def rewrite_cached(directory, name, array):
     np.save(directory / name, array)
     meta = json.loads((directory / "meta.json").read_text())
     meta["files"][name] = {"bytes": (directory / name).stat().st_size,
-                           "sha256": bm._sha256(str(directory / name))}
+                           "sha256": bm.sha256_of_file(str(directory / name))}
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
@@ -325,8 +325,8 @@ def test_loading_the_test_split_hashes_only_its_files(tmp_path, monkeypatch):
     config = bm.BiasedMNISTConfig(**TINY)
     bm.load(config, str(tmp_path))
     hashed = []
-    real = bm._sha256
-    monkeypatch.setattr(bm, "_sha256", lambda path: hashed.append(os.path.basename(path))
+    real = bm.sha256_of_file
+    monkeypatch.setattr(bm, "sha256_of_file", lambda path: hashed.append(os.path.basename(path))
                         or real(path))
     bm.load(config, str(tmp_path), ["test"])
     assert sorted(hashed) == sorted(f"test_{field}.npy" for field in bm._ARRAYS)

@@ -22,7 +22,6 @@ official code's second validation split). Every image carries its digit's mask (
 the digit covers), for measuring whether a CAM looks at the digit.
 """
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
@@ -30,7 +29,7 @@ from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..files import atomic_path, remove_stale_temporaries
+from ..files import atomic_path, remove_stale_temporaries, sha256_of_file
 from .groups import BiasGroups, bias_groups
 from .mnist_sources import load_digits, load_emnist_letters, render_letters
 
@@ -356,14 +355,6 @@ def _render_split(digits: np.ndarray, labels: np.ndarray, chosen: np.ndarray,
 _ARRAYS = ("images", "labels", "factors", "digit_ids", "digit_masks")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _start_save(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     remove_stale_temporaries(directory)
@@ -381,7 +372,7 @@ def _save_split(directory: str, split: str, data: BiasedMNISTSplit) -> Dict[str,
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, getattr(data, field).numpy())
-        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_of_file(path)}
     return files
 
 
@@ -467,7 +458,7 @@ def cache_problem(config: BiasedMNISTConfig, directory: str,
                 return f"{name} is missing"
             if os.path.getsize(path) != expected["bytes"]:
                 return f"{name} has the wrong size (truncated or partial)"
-            if _sha256(path) != expected["sha256"]:
+            if sha256_of_file(path) != expected["sha256"]:
                 return f"{name} is corrupt (checksum differs)"
     return None
 

@@ -8,7 +8,7 @@ values. Only PGI's split of a class's groups into two halves reads the numbering
 occamnets/methods/pgi.py): this order puts the majority-like half first.
 """
 import dataclasses
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,10 +27,19 @@ class BiasGroups:
     def count(self) -> int:
         return self.keys.shape[0]
 
-    def names(self) -> List[str]:
-        """"label=3, digit_color=3, ..." per group, in group order."""
-        return [", ".join(f"{c}={v}" for c, v in zip(self.columns, key))
-                for key in self.keys.tolist()]
+    def names(self, class_names: Optional[Sequence[str]] = None) -> List[str]:
+        """"label=3, digit_color=3, ..." per group, in group order ("dog, background=1" with
+        class_names)."""
+        return [self._name(key, class_names) for key in self.keys.tolist()]
+
+    def name(self, group: int, class_names: Optional[Sequence[str]] = None) -> str:
+        return self._name(self.keys[group].tolist(), class_names)
+
+    def _name(self, key: List[int], class_names: Optional[Sequence[str]]) -> str:
+        parts = [f"{c}={v}" for c, v in zip(self.columns, key)]
+        if class_names:
+            parts[0] = class_names[key[0]]
+        return ", ".join(parts)
 
 
 

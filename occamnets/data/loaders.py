@@ -36,33 +36,29 @@ def cell_fraction(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(masks[:, None], (height, width))[:, 0]
 
 
-class DeviceSplit:
-    """A split held as tensors on one device; `batch(rows)` converts uint8 images there.
-    `groups`: the bias groups (label x factor values) and each item's group index.
+class LabelledItems:
+    """What every split holds on its device: labels (N,), bias attributes `factors` (N, F)
+    named `factor_names`, `aligned` (N, F) bool where an attribute takes the value tied to the
+    label (None when the attributes are not tied to classes), the bias groups (label x the
+    attributes' values, each item's group index) and, when known, the classes' names."""
 
-    masks, optional: the object's pixels per image, bit-packed (N, H, ceil(W/8)) uint8;
-    `object_masks(rows)` unpacks them; `object_fraction(rows, h, w)` gives the share of each
-    cell of an h x w grid they cover.
-    """
+    masks: Optional[torch.Tensor] = None
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, factors: torch.Tensor,
+    def __init__(self, labels: torch.Tensor, factors: torch.Tensor,
                  factor_names: Sequence[str], device="cpu",
-                 masks: Optional[torch.Tensor] = None):
-        if not images.shape[0] == labels.shape[0] == factors.shape[0]:
-            raise ValueError(f"images, labels and factors must have one length, got "
-                             f"{images.shape[0]}, {labels.shape[0]} and {factors.shape[0]}")
-        if images.dim() != 4 or images.dtype != torch.uint8:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} "
-                             f"{tuple(images.shape)}")
-        if masks is not None and (masks.dtype != torch.uint8 or masks.shape[:2] != (
-                images.shape[0], images.shape[2]) or masks.shape[2] != -(-images.shape[3] // 8)):
-            raise ValueError(f"masks must be bit-packed uint8 (N, H, ceil(W/8)) for images "
-                             f"{tuple(images.shape)}, got {masks.dtype} {tuple(masks.shape)}")
-        self.images = images.to(device)
+                 aligned: Optional[torch.Tensor] = None,
+                 class_names: Optional[Sequence[str]] = None):
+        if labels.shape[0] != factors.shape[0] or factors.dim() != 2:
+            raise ValueError(f"labels (N,) and factors (N, F) must have one length, got "
+                             f"{tuple(labels.shape)} and {tuple(factors.shape)}")
+        if aligned is not None and aligned.shape != factors.shape:
+            raise ValueError(f"aligned must have the factors' shape {tuple(factors.shape)}, "
+                             f"got {tuple(aligned.shape)}")
         self.labels = labels.long().to(device)
         self.factors = factors.long().to(device)
         self.factor_names = list(factor_names)
-        self.masks = None if masks is None else masks.to(device)
+        self.aligned = None if aligned is None else aligned.bool().to(device)
+        self.class_names = None if class_names is None else tuple(class_names)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -77,8 +73,42 @@ class DeviceSplit:
         when first asked for."""
         return bias_groups(self.labels, self.factors, self.factor_names)
 
+    def uint8(self, rows: torch.Tensor) -> torch.Tensor:
+        """The images of `rows` as uint8 (B, 3, H, W) on the device."""
+        raise NotImplementedError
+
     def batch(self, rows: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        return normalise(self.images[rows], channels_last)
+        return normalise(self.uint8(rows), channels_last)
+
+
+class DeviceSplit(LabelledItems):
+    """A split held as tensors on one device; `batch(rows)` converts uint8 images there.
+
+    masks, optional: the object's pixels per image, bit-packed (N, H, ceil(W/8)) uint8;
+    `object_masks(rows)` unpacks them; `object_fraction(rows, h, w)` gives the share of each
+    cell of an h x w grid they cover.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, factors: torch.Tensor,
+                 factor_names: Sequence[str], device="cpu",
+                 masks: Optional[torch.Tensor] = None, aligned: Optional[torch.Tensor] = None,
+                 class_names: Optional[Sequence[str]] = None):
+        if not images.shape[0] == labels.shape[0] == factors.shape[0]:
+            raise ValueError(f"images, labels and factors must have one length, got "
+                             f"{images.shape[0]}, {labels.shape[0]} and {factors.shape[0]}")
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if masks is not None and (masks.dtype != torch.uint8 or masks.shape[:2] != (
+                images.shape[0], images.shape[2]) or masks.shape[2] != -(-images.shape[3] // 8)):
+            raise ValueError(f"masks must be bit-packed uint8 (N, H, ceil(W/8)) for images "
+                             f"{tuple(images.shape)}, got {masks.dtype} {tuple(masks.shape)}")
+        super().__init__(labels, factors, factor_names, device, aligned, class_names)
+        self.images = images.to(device)
+        self.masks = None if masks is None else masks.to(device)
+
+    def uint8(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.images[rows]
 
     def object_masks(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, H, W) float: 1 on the object's pixels."""

@@ -1,0 +1,221 @@
+"""Decoding a real dataset once: each split's images prepared (centre crop, resize) into one
+uint8 (N, 3, S, S) array file, written atomically and checksummed as Biased MNIST's cache is;
+later runs map it (copy-on-write) instead of decoding again.
+
+A dataset whose arrays would exceed the size limit is not cached: its splits decode the
+images of each batch when asked (`StreamingSplit`, a thread pool: Pillow decodes with the GIL
+released).
+
+decoder: "pil" (Pillow, any image format), or "torchvision" for JPEG files: torchvision's
+decode_jpeg on `decode_device`, with nvJPEG on a GPU (jpeg_decode.py); other files, and
+array sources, are decoded by Pillow either way.
+
+meta.json records, per split, the fingerprint of what was decoded (the source's image names,
+the size and crop) and each array file's size and SHA-256; a split whose fingerprint or
+checksum differs is decoded again, the others are kept. meta.json is rewritten after each
+split, so an interruption loses at most the split being decoded.
+"""
+import concurrent.futures
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..files import atomic_path, remove_stale_temporaries, sha256_of_file
+from .index import DatasetIndex, ImageSource, SplitIndex
+from .jpeg_decode import all_jpeg, decode_jpegs
+from .loaders import LabelledItems
+
+CACHE_FORMAT = 1
+DECODERS = ("pil", "torchvision")
+META = "meta.json"
+DECODE_CHUNK = 256   # images decoded per task batch (progress and memory granularity)
+
+
+def prepare(image: np.ndarray, size: int, centre_crop: Optional[int]) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (3, size, size): the centred square of side centre_crop
+    (at most the shorter side) cut out when given, then resized (Pillow's bilinear, which
+    filters when shrinking)."""
+    from PIL import Image
+    height, width = image.shape[:2]
+    if centre_crop is not None:
+        side = min(centre_crop, height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        image = image[top:top + side, left:left + side]
+    if image.shape[:2] != (size, size):
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+class DecodeErrors(ValueError):
+    """Images that could not be read; `problems` lists (name, why) for each."""
+
+    def __init__(self, split: str, problems: List[Tuple[str, str]]):
+        self.problems = problems
+        shown = "; ".join(f"{name}: {why}" for name, why in problems[:3])
+        super().__init__(f"{len(problems)} image(s) of the {split} split cannot be read "
+                         f"({shown}{'; ...' if len(problems) > 3 else ''}); `occamnets data "
+                         f"check` lists them all")
+
+
+def decode(source: ImageSource, rows: Sequence[int], size: int, centre_crop: Optional[int],
+           pool: Optional[concurrent.futures.Executor] = None) -> Tuple[np.ndarray,
+                                                                        List[Tuple[str, str]]]:
+    """(images (len(rows), 3, size, size) uint8, [(name, why) of each unreadable image])."""
+    def one(row: int):
+        try:
+            return prepare(source.read(row), size, centre_crop), None
+        except (ValueError, OSError, KeyError) as error:
+            return None, (source.names[row], str(error))
+    results = list(pool.map(one, rows)) if pool is not None else [one(r) for r in rows]
+    out = np.zeros((len(rows), 3, size, size), dtype=np.uint8)
+    problems = []
+    for i, (image, problem) in enumerate(results):
+        if problem is not None:
+            problems.append(problem)
+        else:
+            out[i] = image
+    return out, problems
+
+
+def uses_torchvision(split: SplitIndex, decoder: str) -> bool:
+    return decoder == "torchvision" and all_jpeg(split.images.paths)
+
+
+def fingerprint(split: SplitIndex, size: int, centre_crop: Optional[int],
+                decoder: str = "pil") -> str:
+    """What the split's array depends on: the images (by name, in order), size, crop and the
+    decoder that reads them."""
+    used = "torchvision" if uses_torchvision(split, decoder) else "pil"
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, size, centre_crop, used]).encode())
+    for name in split.images.names:
+        digest.update(name.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def array_bytes(index: DatasetIndex, splits: Sequence[str], size: int) -> int:
+    return sum(len(index.split(s)) for s in splits) * 3 * size * size
+
+
+def _read_meta(directory: str) -> Dict:
+    try:
+        with open(os.path.join(directory, META)) as handle:
+            meta = json.load(handle)
+        return meta if isinstance(meta, dict) and isinstance(meta.get("splits"), dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_meta(directory: str, meta: Dict) -> None:
+    with atomic_path(os.path.join(directory, META)) as tmp, open(tmp, "w") as handle:
+        json.dump(meta, handle, indent=1)
+
+
+def cache_problem(directory: str, split: str, expected: str) -> Optional[str]:
+    """None when the split's array in `directory` is the one `expected` (a fingerprint) and
+    intact, else what is wrong."""
+    entry = _read_meta(directory).get("splits", {}).get(split)
+    path = os.path.join(directory, f"{split}_images.npy")
+    if not isinstance(entry, dict):
+        return "not cached"
+    if entry.get("fingerprint") != expected:
+        return "cached from other images or another size"
+    if not os.path.isfile(path) or os.path.getsize(path) != entry.get("bytes"):
+        return "its array file is missing or truncated"
+    if sha256_of_file(path) != entry.get("sha256"):
+        return "its array file is corrupt (checksum differs)"
+    return None
+
+
+def decode_rows(split: SplitIndex, rows: Sequence[int], size: int, centre_crop: Optional[int],
+                pool: Optional[concurrent.futures.Executor], decoder: str = "pil",
+                decode_device="cpu") -> Tuple[torch.Tensor, List[Tuple[str, str]]]:
+    """(uint8 (len(rows), 3, size, size), problems) by the decoder asked for; on
+    `decode_device` with torchvision, on the CPU with Pillow."""
+    if uses_torchvision(split, decoder):
+        return decode_jpegs([split.images.paths[r] for r in rows], size, centre_crop,
+                            decode_device)
+    images, problems = decode(split.images, rows, size, centre_crop, pool)
+    return torch.from_numpy(images), problems
+
+
+def _decode_split(split_name: str, split: SplitIndex, path: str, size: int,
+                  centre_crop: Optional[int], workers: int, progress: bool,
+                  decoder: str, decode_device) -> None:
+    """Decode every image of the split into the .npy at `path` (written to a temporary file
+    and renamed when whole)."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(split), desc=f"decoding {split_name}", unit="img", leave=False,
+                   disable=None)
+    problems = []
+    with atomic_path(path) as tmp, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                          shape=(len(split), 3, size, size))
+        for start in range(0, len(split), DECODE_CHUNK):
+            rows = range(start, min(start + DECODE_CHUNK, len(split)))
+            images, found = decode_rows(split, rows, size, centre_crop, pool, decoder,
+                                        decode_device)
+            array[start:rows.stop] = images.cpu().numpy()
+            problems += found
+            if bar is not None:
+                bar.update(len(rows))
+        array.flush()
+        del array
+        if problems:
+            raise DecodeErrors(split_name, problems)
+    if bar is not None:
+        bar.close()
+
+
+def load_cached(index: DatasetIndex, splits: Sequence[str], directory: str, size: int,
+                centre_crop: Optional[int], workers: int = 4, progress: bool = False,
+                decoder: str = "pil", decode_device="cpu") -> Dict[str, torch.Tensor]:
+    """Each split's uint8 (N, 3, size, size) images, memory-mapped copy-on-write from the
+    cache in `directory`; splits missing there (or stale, or damaged) are decoded first."""
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory)
+    images = {}
+    for name in splits:
+        split = index.split(name)
+        expected = fingerprint(split, size, centre_crop, decoder)
+        path = os.path.join(directory, f"{name}_images.npy")
+        if cache_problem(directory, name, expected) is not None:
+            _decode_split(name, split, path, size, centre_crop, workers, progress, decoder,
+                          decode_device)
+            meta = _read_meta(directory) or {"format": CACHE_FORMAT, "splits": {}}
+            meta.update(dataset=index.name, root=os.path.abspath(index.root), size=size,
+                        centre_crop=centre_crop)
+            meta["splits"][name] = {"fingerprint": expected, "count": len(split),
+                                    "bytes": os.path.getsize(path),
+                                    "sha256": sha256_of_file(path)}
+            _write_meta(directory, meta)
+        images[name] = torch.from_numpy(np.load(path, mmap_mode="c"))
+    return images
+
+
+class StreamingSplit(LabelledItems):
+    """A split too large to cache: the images of each batch are decoded when asked for, by a
+    pool of threads; labels and attributes live on the device."""
+
+    def __init__(self, split: SplitIndex, index: DatasetIndex, size: int,
+                 centre_crop: Optional[int], device="cpu", workers: int = 4,
+                 decoder: str = "pil"):
+        aligned = None if split.aligned is None else torch.from_numpy(split.aligned)
+        super().__init__(torch.from_numpy(split.labels), torch.from_numpy(split.attributes),
+                         index.attribute_names, device, aligned, index.class_names)
+        self.split, self.size, self.centre_crop = split, size, centre_crop
+        self.decoder = decoder
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers)
+
+    def uint8(self, rows: torch.Tensor) -> torch.Tensor:
+        """Decoded now: by torchvision on the split's device (nvJPEG on a GPU), or Pillow."""
+        images, problems = decode_rows(self.split, rows.tolist(), self.size, self.centre_crop,
+                                       self.pool, self.decoder, self.device)
+        if problems:
+            raise DecodeErrors("streamed", problems)
+        return images.to(self.device, non_blocking=True)

@@ -1,0 +1,70 @@
+"""Decoding JPEG files in batches with torchvision: on a CUDA device with nvJPEG (the GPU
+decodes and resizes; the host only reads the files), on the CPU with libjpeg-turbo.
+
+The pixels differ slightly from Pillow's (another decoder, torch's antialiased bilinear
+resize), so the cache records which decoder made an array (image_cache.fingerprint)."""
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+def all_jpeg(paths: Optional[Sequence[str]]) -> bool:
+    return bool(paths) and all(p.lower().endswith(JPEG_SUFFIXES) for p in paths)
+
+
+def _square(image: torch.Tensor, size: int, centre_crop: Optional[int]) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size): centre crop (as image_cache.prepare), then
+    an antialiased bilinear resize."""
+    height, width = image.shape[1:]
+    if centre_crop is not None:
+        side = min(centre_crop, height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        image = image[:, top:top + side, left:left + side]
+    if image.shape[1:] == (size, size):
+        return image
+    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                            align_corners=False, antialias=True)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
+                 device) -> Tuple[torch.Tensor, List[Tuple[str, str]]]:
+    # torchvision 0.29 warns on every call that its image decoding is deprecated in favour of
+    # TorchCodec; it still works, and the GPU machines' torchvision (0.26) has no successor.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities",
+                                DeprecationWarning)
+        return _decode_jpegs(paths, size, centre_crop, device)
+
+
+def _decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
+                  device) -> Tuple[torch.Tensor, List[Tuple[str, str]]]:
+    """(uint8 (N, 3, size, size) on `device`, [(path, why) of each file that failed]) for
+    JPEG files, decoded as one batch there. A failed batch is decoded one file at a
+    time to name the culprits (their rows stay zero)."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8, device=device)
+    problems, data, readable = [], [], []
+    for row, path in enumerate(paths):
+        try:
+            data.append(read_file(path))
+            readable.append(row)
+        except (OSError, RuntimeError) as error:
+            problems.append((path, str(error)))
+    try:
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
+        pairs = list(zip(readable, images))
+    except RuntimeError:
+        pairs = []
+        for row, encoded in zip(readable, data):
+            try:
+                pairs.append((row, decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)))
+            except RuntimeError as error:
+                problems.append((paths[row], f"cannot be decoded as a JPEG: {error}"))
+    for row, image in pairs:
+        out[row] = _square(image, size, centre_crop)
+    return out, problems
