@@ -6,7 +6,7 @@ PY        := $(VENV)/bin/python
 PIP       := $(PY) -m pip
 # CUDA 13.0 builds; on the CI machines they come from a local wheelhouse.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-DEPS      := triton numpy pillow tqdm matplotlib mlxtend scipy tensorboard pytest pytest-benchmark
+DEPS      := triton numpy pillow tqdm matplotlib mlxtend scipy tensorboard h5py pytest pytest-benchmark
 export MAX_JOBS ?= 2
 STAMP     := $(VENV)/.occam-installed
 
@@ -15,7 +15,8 @@ STAMP     := $(VENV)/.occam-installed
 $(PY):
 	python3 -m venv $(VENV)
 
-$(VENV)/.deps-installed: | $(PY)
+# Reinstalled when this file (the list above) changes; pip skips what is already there.
+$(VENV)/.deps-installed: Makefile | $(PY)
 	$(PIP) install -q $(TORCH_PINS) $(DEPS)
 	touch $@
 

@@ -107,7 +107,7 @@ setup(
     description="OccamNets with fused CUDA/Triton exit-head and sample-compaction kernels",
     packages=find_packages(include=["occam_kernels*", "occamnets*"]),
     python_requires=">=3.10",
-    install_requires=["numpy", "pillow", "tqdm", "matplotlib", "mlxtend"],
+    install_requires=["numpy", "pillow", "tqdm", "matplotlib", "mlxtend", "h5py"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scipy"], "triton": ["triton"]},
     entry_points={"console_scripts": ["occamnets=occamnets.cli:main"]},
     ext_modules=ext_modules,

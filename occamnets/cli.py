@@ -60,6 +60,24 @@ def _add_data(subparsers) -> None:
                         help="replace another dataset found in --out")
     biased.add_argument("--preview", default=None, help="save a grid of samples to this PNG")
     biased.set_defaults(handler=_run_data)
+    from .data.catalog import SPECS
+    check = kinds.add_parser(
+        "check", help="verify a real dataset's directory",
+        description="Count every split's images per class and bias group, list missing files "
+                    "and images that cannot be decoded, and draw a preview grid. Exit code 1 "
+                    "when problems are found.")
+    check.add_argument("name", choices=[n for n, s in SPECS.items() if s.index is not None],
+                       metavar="DATASET", help="coco-on-places, bar, celeba or folder")
+    check.add_argument("--root", required=True, help="the dataset's directory")
+    check.add_argument("--bias-columns", nargs="+", default=None,
+                       help="folder: the CSV's bias attribute columns (default: every column "
+                            "but path, label and split)")
+    check.add_argument("--preview", default=None, help="save a grid of training images to this PNG")
+    check.add_argument("--image-size", type=int, default=None,
+                       help="the preview's image side (default: the dataset's paper preset's)")
+    check.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    check.add_argument("--json", action="store_true", help="print the check as JSON")
+    check.set_defaults(handler=_run_data_check)
 
 
 def _run_data(args) -> int:
@@ -81,9 +99,37 @@ def _run_data(args) -> int:
     if args.preview:
         train = splits["train"]
         save_sample_grid(args.preview, train.images[:24], train.labels, train.factors,
-                         train.factor_names, title=f"Biased MNIST train, p_bias={run.p_bias}")
+                         train.factor_names, title=f"Biased MNIST train, p_bias={run.p_bias}",
+                         aligned=train.factors[:24] == train.labels[:24, None])
         print(f"preview written to {args.preview}")
     return 0
+
+
+def _run_data_check(args) -> int:
+    from .data.catalog import find, spec
+    from .data.check import check_dataset
+    _picture_path(args.preview, "--preview")
+    index = find(args.name, args.root, args.bias_columns)
+    result = check_dataset(index, workers=args.workers, progress=not args.json)
+    print(json.dumps(dataclasses.asdict(result), indent=1) if args.json else result.to_markdown())
+    if args.preview:
+        from .data.image_cache import decode
+        from .viz import save_sample_grid
+        chosen = spec(args.name)
+        size = args.image_size or chosen.presets["paper"]["image_size"]
+        train = index.split(chosen.train)
+        shown = [row for row in range(min(24, len(train)))
+                 if train.images.paths is None or os.path.isfile(train.images.paths[row])]
+        images, _ = decode(train.images, shown, size, chosen.centre_crop)
+        import torch
+        aligned = None if train.aligned is None else torch.from_numpy(train.aligned[shown])
+        save_sample_grid(args.preview, torch.from_numpy(images),
+                         torch.from_numpy(train.labels[shown]),
+                         torch.from_numpy(train.attributes[shown]), index.attribute_names,
+                         title=f"{chosen.title} {chosen.train}", aligned=aligned,
+                         class_names=index.class_names)
+        print(f"preview written to {args.preview}", file=sys.stderr)
+    return 0 if result.ok else 1
 
 
 # -- train: one option per RunConfig field -----------------------------------------------------
@@ -91,8 +137,27 @@ def _run_data(args) -> int:
 _HELP = {
     "model": "occam (OccamResNet-18) or resnet (the ResNet-18 baseline)",
     "stem": "7x7 (7x7/2 conv + max-pool, for 160 px) or 3x3 (3x3/1, small images)",
-    "data_dir": "the dataset's directory: one written by `occamnets data` is used as it is "
-                "(its settings become the run's); an empty one is filled",
+    "data_dir": "Biased MNIST: the dataset's directory: one written by `occamnets data` is "
+                "used as it is (its settings become the run's); an empty one is filled. Other "
+                "datasets: where their decoded images are cached",
+    "dataset": "the dataset: biased-mnist (generated), coco-on-places, bar, celeba, or folder "
+               "(images + metadata.csv); see the README for each one's layout",
+    "data_root": "a real dataset's directory, in its own layout (`occamnets data check` "
+                 "verifies it)",
+    "image_size": "a real dataset's images are resized to this side (default: the preset's)",
+    "bias_columns": "folder: the CSV's bias attribute columns (default: every column but "
+                    "path, label and split)",
+    "optimizer": "adam, or sgd (the official COCO-on-Places optimiser)",
+    "momentum": "SGD's momentum",
+    "nesterov": "SGD with Nesterov momentum",
+    "warmup_epochs": "epochs of linear warm-up to --lr (the milestones count from its end)",
+    "warmup_start_lr": "the warm-up's start: epoch e takes (lr - this) * (e + 1) / warm-up "
+                       "epochs, as the official",
+    "cache_limit_gb": "a real dataset whose decoded images exceed this is decoded per batch "
+                      "instead of cached",
+    "workers": "threads decoding a real dataset's images",
+    "decoder": "how JPEGs are decoded: torchvision (nvJPEG on a GPU), pil, or auto "
+               "(torchvision on a GPU, pil on a CPU)",
     "out_dir": "run directory (default runs/<model>)",
     "backend": "exit-head implementation",
     "max_steps": "stop with a checkpoint after this many steps in total",
@@ -180,13 +245,17 @@ def _add_config_options(parser, names) -> None:
     from .config import RANGES, RunConfig
     from .methods import METHODS
     from .models import MODELS, STEMS
+    from .config import OPTIMIZERS
+    from .data.catalog import SPECS
     choices = {"model": list(MODELS), "stem": list(STEMS), "backend": _EXIT_HEAD_BACKENDS,
-               "method": list(METHODS)}
+               "method": list(METHODS), "dataset": list(SPECS), "optimizer": list(OPTIMIZERS),
+               "decoder": ["auto", "pil", "torchvision"]}
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         if field.name not in names:
             continue
-        flags = ["--" + field.name.replace("_", "-")] + (["--out"] if field.name == "out_dir" else [])
+        aliases = {"out_dir": ["--out"], "data_root": ["--root"]}
+        flags = ["--" + field.name.replace("_", "-")] + aliases.get(field.name, [])
         allowed = RANGES.get(field.name)
         details = ([allowed.describe()] if allowed else []) + (
             [allowed.unit] if allowed and allowed.unit else [])
@@ -271,7 +340,7 @@ def _check_method_options(config, explicit: dict) -> None:
 
 
 def _run_train(args) -> int:
-    from .config import RunConfig, default_preset, describe_presets, resolve_device
+    from .config import BIASED_MNIST, RunConfig, default_preset, describe_presets, resolve_device
     from .train import Trainer, check_resumable
     if args.list_presets:
         print(describe_presets())
@@ -296,7 +365,7 @@ def _run_train(args) -> int:
         _checkpoint_settings(checkpoint)  # a corrupt one says so, and how to start over
         raise ValueError(f"{checkpoint} exists: pass --resume to continue it, or choose "
                          f"another --out")
-    else:
+    elif config.dataset == BIASED_MNIST:
         config = _with_cached_dataset(config, explicit)
     _check_method_options(config, explicit)
     resolve_device(config.device)  # a GPU that is not there: said before the summary
@@ -315,13 +384,18 @@ def _run_train(args) -> int:
 # -- eval, predict, viz: a checkpoint, no training state ----------------------------------------
 
 def _add_checkpoint_command(subparsers, name, help_text, handler):
-    from .data.biased_mnist import SPLITS
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("checkpoint", help="a checkpoint.pt written by `occamnets train`")
     parser.add_argument("--device", default=None, help="default: the GPU when there is one")
-    parser.add_argument("--split", default="test", choices=list(SPLITS), help="which split")
+    parser.add_argument("--split", default=None,
+                        help="which split (default: the dataset's headline test split; Biased "
+                             "MNIST: train, val, val-p0.5, test)")
     parser.add_argument("--data-dir", default=None,
-                        help="where the run's dataset is now (default: where it was trained)")
+                        help="where the run's dataset (Biased MNIST) or its decoded-image "
+                             "cache is now (default: where it was trained)")
+    parser.add_argument("--root", default=None,
+                        help="where a real dataset's directory is now (default: where it was "
+                             "trained)")
     parser.set_defaults(handler=handler)
     return parser
 
@@ -336,6 +410,9 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
                          f"{config.model} model")
     if args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
+    if args.root:
+        config = dataclasses.replace(config, data_root=args.root)
+    args.split = args.split or config.dataset_spec.test
     device = next(model.parameters()).device
     split = load_splits(config, device, (args.split,), count=count)[args.split]
     return model, config, split
@@ -353,7 +430,7 @@ def _run_eval(args) -> int:
         print(json.dumps(dataclasses.asdict(result), indent=1))
     else:
         print(f"# {MODELS[config.model]} from {args.checkpoint}\n\n"
-              f"The {args.split} split: {split_description(args.split, config.p_bias)}.\n\n"
+              f"The {args.split} split: {split_description(config, args.split)}.\n\n"
               f"{result.to_markdown()}")
     if result.nonfinite_samples:
         print(f"warning: {result.nonfinite_samples} of {result.images} images gave non-finite "
@@ -381,14 +458,14 @@ def _run_predict(args) -> int:
     import torch
     from .data.loaders import image_paths, normalise, read_image_files
     from .evaluate import classify, load_model, progress_bar
-    if args.data_dir or args.split != "test":
-        raise ValueError("--split and --data-dir choose a split to time; with image files "
-                         "they do nothing: leave them out, or give no images")
+    if args.data_dir or args.split or args.root:
+        raise ValueError("--split, --data-dir and --root choose a split to time; with image "
+                         "files they do nothing: leave them out, or give no images")
     paths = image_paths(args.images)
     model, config = load_model(args.checkpoint, args.device)
     threshold = config.inference_threshold if args.threshold is None else args.threshold
     device = next(model.parameters()).device
-    size = config.biased_mnist().image_size
+    size = config.input_size
     files = read_image_files(paths, size)
     resized = sum(1 for width, height in files.sizes if (width, height) != (size, size))
     if resized:

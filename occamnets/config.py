@@ -14,6 +14,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .data.biased_mnist import MIN_CELL_SIZE, BiasedMNISTConfig, renders_needed
+from .data.catalog import BIASED_MNIST, SPECS, DatasetSpec, spec
+from .data.image_cache import DECODERS
 from .losses import OccamLoss
 from .methods import GDRO_ETA, METHODS, SD_GAMMAS, UPWT_GAMMA, per_model_defaults
 from .models import MODELS, STEMS
@@ -31,8 +33,16 @@ class RunConfig:
     model: str = "occam"               # "occam" (OccamResNet-18) or "resnet" (the baseline)
     width: int = 12                    # channels of stage 1 (58 in the paper)
     stem: str = "3x3"                  # "7x7" (7x7/2 + max-pool, 160 px) or "3x3" (3x3/1)
-    # -- the data: Biased MNIST (DESIGN.md section 7) --------------------------------------------
-    data_dir: Optional[str] = None     # the dataset's own directory; None: data/biased-mnist-<hash>
+    # -- the data ---------------------------------------------------------------------------------
+    dataset: str = BIASED_MNIST        # biased-mnist, coco-on-places, bar, celeba or folder
+    # Biased MNIST: the dataset's own directory, None: data/biased-mnist-<hash>. Other datasets:
+    # where their decoded images are cached, None: data/<dataset>-<size>px-<hash>.
+    data_dir: Optional[str] = None
+    # -- a real dataset (occamnets/data/catalog.py) ----------------------------------------------
+    data_root: Optional[str] = None    # the dataset's directory, in its own layout
+    image_size: Optional[int] = None   # side the images are resized to; None: the paper preset's
+    bias_columns: Optional[Tuple[str, ...]] = None  # folder: the CSV's bias columns; None: all
+    # -- Biased MNIST (DESIGN.md section 7) ------------------------------------------------------
     cell_size: int = 8                 # image side = 5 * cell_size (40 px here, 160 in the paper)
     p_bias: Union[float, Dict[str, float]] = 0.9
     train_size: Optional[int] = 3500   # None: every training digit x renders_per_digit
@@ -45,7 +55,14 @@ class RunConfig:
     # -- optimisation ----------------------------------------------------------------------------
     epochs: int = 8
     batch_size: int = 64
+    optimizer: str = "adam"            # adam, or sgd (the official COCO-on-Places optimiser)
     lr: float = 2e-3
+    momentum: float = 0.9              # sgd only
+    nesterov: bool = False             # sgd only
+    # The first warmup_epochs epochs rise linearly to lr, as the official warm-up: epoch e takes
+    # (lr - warmup_start_lr) * (e + 1) / warmup_epochs; the milestones count from its end.
+    warmup_epochs: int = 0
+    warmup_start_lr: float = 0.0
     weight_decay: float = 5e-4
     milestones: Tuple[int, ...] = (6,)
     lr_gamma: float = 0.1
@@ -84,12 +101,23 @@ class RunConfig:
     checkpoint_every: int = 0          # also a checkpoint every N steps (0: at epoch ends only)
     tensorboard: Optional[str] = None  # also write the metrics as TensorBoard events here
     progress: bool = True
+    cache_limit_gb: float = 8.0        # a real dataset larger than this decoded is streamed
+    workers: int = 4                   # threads decoding a real dataset's images
+    # JPEG decoding: torchvision (nvJPEG on a GPU), pil, or auto (torchvision on a GPU)
+    decoder: str = "auto"
 
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
+        spec(self.dataset)  # a ValueError naming the datasets
+        if self.decoder not in ("auto",) + DECODERS:
+            raise ValueError(f"unknown decoder {self.decoder!r}; choose auto, "
+                             f"{', '.join(DECODERS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.device != "auto":
@@ -158,6 +186,26 @@ class RunConfig:
         return ", ".join((self.method + details,) + self.ablations)
 
     @property
+    def dataset_spec(self) -> DatasetSpec:
+        return spec(self.dataset)
+
+    @property
+    def input_size(self) -> int:
+        """The side of the square images the model is trained on."""
+        if self.dataset == BIASED_MNIST:
+            return self.biased_mnist().image_size
+        return self.image_size or self.dataset_spec.presets["paper"]["image_size"]
+
+    @property
+    def root(self) -> str:
+        """A real dataset's directory, or a ValueError saying to give it."""
+        if self.data_root is None:
+            chosen = self.dataset_spec
+            raise ValueError(f"--dataset {self.dataset} needs its directory: --root DIR "
+                             f"({chosen.get_it})")
+        return self.data_root
+
+    @property
     def checkpoint_path(self) -> str:
         return os.path.join(self.run_dir, CHECKPOINT_NAME)
 
@@ -174,7 +222,14 @@ class RunConfig:
 
     @property
     def dataset_dir(self) -> str:
-        return self.data_dir or default_dataset_dir(self.biased_mnist())
+        if self.data_dir:
+            return self.data_dir
+        if self.dataset == BIASED_MNIST:
+            return default_dataset_dir(self.biased_mnist())
+        # One cache per (dataset directory, columns, size): the decoded images depend on them.
+        key = json.dumps([os.path.abspath(self.root), self.bias_columns, self.input_size])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+        return os.path.join(DEFAULT_DATA_ROOT, f"{self.dataset}-{self.input_size}px-{digest}")
 
     def with_absolute_paths(self) -> "RunConfig":
         """The same run with its directories made absolute, so that a checkpoint's config
@@ -182,6 +237,7 @@ class RunConfig:
         def absolute(path):
             return None if path is None else os.path.abspath(path)
         return dataclasses.replace(self, data_dir=absolute(self.dataset_dir),
+                                   data_root=absolute(self.data_root),
                                    out_dir=absolute(self.run_dir),
                                    mnist_dir=absolute(self.mnist_dir),
                                    emnist_dir=absolute(self.emnist_dir),
@@ -191,7 +247,7 @@ class RunConfig:
         """What a checkpoint must agree on to be resumed (not paths, devices or step caps)."""
         skip = {"device", "out_dir", "data_dir", "mnist_dir", "emnist_dir", "max_steps",
                 "progress", "compile", "epochs", "backend", "log_every", "checkpoint_every",
-                "tensorboard"}
+                "tensorboard", "data_root", "cache_limit_gb", "workers"}
         values = {k: v for k, v in dataclasses.asdict(self).items()
                   if k not in skip and k not in ALL_METHOD_FIELDS}
         # Where the source digits and letters live may move; which source it is may not.
@@ -204,19 +260,36 @@ class RunConfig:
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
 
+    def describe_data(self) -> str:
+        """The dataset in a line."""
+        if self.dataset == BIASED_MNIST:
+            sizes = "/".join("all" if n is None else str(n)
+                             for n in (self.train_size, self.val_size, self.test_size))
+            return (f"Biased MNIST {self.input_size} px, p_bias {self.p_bias}, train/val/test "
+                    f"{sizes} images, in {self.dataset_dir}")
+        augment = " (random crop and flip in training)" if self.dataset_spec.crop_padding else ""
+        return (f"{self.dataset_spec.title} from {self.data_root}, {self.input_size} px"
+                f"{augment}, decoded images cached in {self.dataset_dir}")
+
+    def describe_optimiser(self) -> str:
+        if self.optimizer == "sgd":
+            kind = f"SGD (momentum {self.momentum:g}{', Nesterov' if self.nesterov else ''})"
+        else:
+            kind = "Adam"
+        warmup = (f", {plural(self.warmup_epochs, 'warm-up epoch')} from "
+                  f"{self.warmup_start_lr:g}" if self.warmup_epochs else "")
+        return (f"{kind} lr {self.lr:g}{warmup} (x{self.lr_gamma:g} at epochs "
+                f"{list(self.milestones)}{' after the warm-up' if self.warmup_epochs else ''})"
+                f", weight decay {self.weight_decay:g}")
+
     def summary(self) -> str:
         """What a run will do, in a few lines (printed when training starts)."""
-        data = self.biased_mnist()
-        sizes = "/".join("all" if n is None else str(n)
-                         for n in (self.train_size, self.val_size, self.test_size))
         return (f"{MODELS[self.model]} (width {self.width}, {self.stem} stem), {self.preset} "
                 f"preset\n"
-                f"  data: Biased MNIST {data.image_size} px, p_bias {self.p_bias}, train/val/test "
-                f"{sizes} images, in {self.dataset_dir}\n"
+                f"  data: {self.describe_data()}\n"
                 f"  method: {self.describe_method()}\n"
-                f"  optimisation: {self.epochs} epochs of batches of {self.batch_size}, Adam lr "
-                f"{self.lr:g} (x{self.lr_gamma:g} at epochs {list(self.milestones)}), weight "
-                f"decay {self.weight_decay:g}, seed {self.seed}\n"
+                f"  optimisation: {plural(self.epochs, 'epoch')} of batches of {self.batch_size}, "
+                f"{self.describe_optimiser()}, seed {self.seed}\n"
                 f"  device {self.device}{', bf16 autocast on a GPU' if self.bf16 else ''}; "
                 f"run directory {self.run_dir}"
                 + (f", checkpoints every {self.checkpoint_every} steps"
@@ -239,7 +312,10 @@ class RunConfig:
     def from_preset(cls, preset: str, **overrides) -> "RunConfig":
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        values = dict(PRESETS[preset].values, preset=preset)
+        dataset = overrides.get("dataset", BIASED_MNIST)
+        chosen = spec(dataset)
+        preset_values = PRESETS[preset].values if dataset == BIASED_MNIST else chosen.presets[preset]
+        values = dict(preset_values, preset=preset, dataset=dataset)
         values.update(overrides)
         return cls(**values)
 
@@ -250,6 +326,10 @@ class RunConfig:
             train_size=dataset.train_size, val_size=dataset.val_size,
             test_size=dataset.test_size, renders_per_digit=dataset.renders_per_digit,
             data_seed=dataset.seed, mnist_dir=dataset.mnist_dir, emnist_dir=dataset.emnist_dir)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +388,11 @@ RANGES = {
     "checkpoint_every": Range(0, 10**12, unit="steps; 0: at epoch ends only"),
     "upwt_gamma": Range(0, 10), "gdro_eta": Range(0, 100), "sd_lambdas": _WEIGHT,
     "sd_gammas": Range(-1e6, 1e6), "pgi_weight": _WEIGHT,
+    "image_size": Range(8, 4096, unit="px"), "momentum": Range(0, 1),
+    "warmup_epochs": Range(0, 100_000), "warmup_start_lr": Range(0, 10),
+    "cache_limit_gb": Range(0, 1e6, unit="GB"), "workers": Range(1, 256, unit="threads"),
 }
+OPTIMIZERS = ("adam", "sgd")
 
 
 # Each method's settings (RunConfig fields).
@@ -317,7 +401,7 @@ METHOD_FIELDS = {"erm": (), "upwt": ("upwt_gamma",), "gdro": ("gdro_eta",),
 ALL_METHOD_FIELDS = {name for names in METHOD_FIELDS.values() for name in names}
 
 # Fields holding tuples (JSON and the command line give lists).
-TUPLE_FIELDS = ("milestones", "taus", "sd_lambdas", "sd_gammas")
+TUPLE_FIELDS = ("milestones", "taus", "sd_lambdas", "sd_gammas", "bias_columns")
 
 # The fields `with_dataset` replaces: what a dataset directory decides.
 DATA_FIELDS = ("cell_size", "p_bias", "train_size", "val_size", "test_size",
@@ -386,9 +470,14 @@ def default_preset() -> str:
 
 
 def describe_presets() -> str:
-    lines = []
+    lines = ["Biased MNIST (--dataset biased-mnist, the default):"]
     for name, preset in PRESETS.items():
-        lines.append(f"{name}: {preset.description}")
-        lines.append("    " + ", ".join(f"{k}={v}" for k, v in sorted(preset.values.items()))
-                     if preset.values else "    (the RunConfig defaults)")
+        lines.append(f"  {name}: {preset.description}")
+        lines.append("      " + ", ".join(f"{k}={v}" for k, v in sorted(preset.values.items()))
+                     if preset.values else "      (the RunConfig defaults)")
+    for chosen in SPECS.values():
+        if chosen.presets:
+            lines.append(f"{chosen.title} (--dataset {chosen.name}; {chosen.preset_notes}):")
+            for name, values in chosen.presets.items():
+                lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
     return "\n".join(lines)

@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from .checkpoints import read_checkpoint
 from .config import RunConfig, resolve_device
 from .data import biased_mnist
-from .data.loaders import DeviceSplit, cell_fraction
+from .data.catalog import BIASED_MNIST
+from .data.loaders import DeviceSplit, LabelledItems, cell_fraction
+from .data.real_splits import load_real_splits
 from .metrics import (CamAgreement, CamAgreementAccumulator, Reliability,
                       ReliabilityAccumulator)
 from .models import OccamNet, build_model
@@ -50,13 +52,28 @@ def load_model(path: str, device: Optional[str] = None) -> Tuple[nn.Module, RunC
     return model.to(resolve_device(device or "auto")).eval(), config
 
 
-def load_splits(config: RunConfig, device, names: Sequence[str] = biased_mnist.SPLITS,
-                progress: bool = False, count: Optional[int] = None) -> Dict[str, DeviceSplit]:
-    """The splits `names` of the run's dataset, on `device`; only their files are read and
-    checked. When they are missing or damaged the whole dataset is generated again into the
-    run's dataset directory (Biased MNIST is a function of its config, and one random stream
-    makes all three splits, so the others are rendered too); a directory holding another
-    dataset is never overwritten."""
+def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None,
+                progress: bool = False, count: Optional[int] = None
+                ) -> Dict[str, LabelledItems]:
+    """The splits `names` of the run's dataset (None: every split the run trains or reports
+    on), on `device`; only their files are read and checked.
+
+    Biased MNIST: when they are missing or damaged the whole dataset is generated again into
+    the run's dataset directory (it is a function of its config, and one random stream makes
+    all three splits, so the others are rendered too); a directory holding another dataset is
+    never overwritten. A real dataset: read from its directory, its decoded images cached in
+    the run's dataset directory (or streamed when larger than the config's limit)."""
+    if config.dataset != BIASED_MNIST:
+        return load_real_splits(config.dataset, config.root, names, config.dataset_dir,
+                                config.input_size, device, config.bias_columns,
+                                limit_bytes=config.cache_limit_gb * 1e9,
+                                workers=config.workers, progress=progress, count=count,
+                                decoder=config.decoder)
+    names = biased_mnist.SPLITS if names is None else names
+    unknown = [n for n in names if n not in biased_mnist.SPLITS]
+    if unknown:
+        raise ValueError(f"Biased MNIST has no split {unknown[0]!r}; its splits are "
+                         f"{', '.join(biased_mnist.SPLITS)}")
     dataset, directory = config.biased_mnist(), config.dataset_dir
     try:
         # Memory-mapped (copy on write): only the rows used are read (count: a few images),
@@ -70,18 +87,19 @@ def load_splits(config: RunConfig, device, names: Sequence[str] = biased_mnist.S
                                 f"not in {directory} ({problem}) and cannot be regenerated: "
                                 f"{error}") from error
     rows = slice(0, count)  # count: the first images only (a picture needs no more)
+    # A factor is bias-aligned where it takes its class's value (the value tied to the class).
     return {name: DeviceSplit(s.images[rows], s.labels[rows], s.factors[rows], s.factor_names,
-                              device, masks=s.digit_masks[rows])
+                              device, masks=s.digit_masks[rows],
+                              aligned=s.factors[rows] == s.labels[rows, None])
             for name, s in splits.items()}
 
 
-def split_description(name: str, p_bias) -> str:
-    """What a Biased MNIST split is, for the reports."""
-    return {"train": f"the training split, biased (p_bias {p_bias})",
-            "val": f"validation, biased like training (p_bias {p_bias})",
-            biased_mnist.VAL_MIXED: f"validation with p_bias {biased_mnist.VAL_MIXED_P_BIAS} "
-                                    f"for every factor",
-            "test": "the unbiased test split (every factor value equally likely)"}[name]
+def split_description(config: RunConfig, name: str) -> str:
+    """What a split of the run's dataset is, for the reports."""
+    text = config.dataset_spec.describe(name)
+    if config.dataset == BIASED_MNIST and name in ("train", "val"):
+        text += f" (p_bias {config.p_bias})"
+    return text
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -91,6 +109,19 @@ class FactorAccuracy:
     """Accuracy on the samples whose factor takes their class's value, and on the others."""
     aligned: Optional[float]
     conflicting: Optional[float]
+
+
+@dataclasses.dataclass
+class GroupAccuracy:
+    """Accuracy on the items of one bias group (label x attribute values)."""
+    name: str
+    images: int
+    accuracy: float
+
+
+# Groups listed one by one in a report up to this many (Biased MNIST's seven factors make
+# thousands, mostly of one image: only the worst and the mean are reported then).
+MAX_LISTED_GROUPS = 64
 
 
 @dataclasses.dataclass
@@ -122,6 +153,12 @@ class Evaluation:
     exit_accuracy_all_samples: Optional[List[float]] = None       # had every sample stopped there
     factors: Dict[str, FactorAccuracy] = dataclasses.field(default_factory=dict)
     diagnostics: List[ExitDiagnostics] = dataclasses.field(default_factory=list)
+    # Bias groups: how many, the worst one, the mean of the groups' accuracies, and each
+    # group when there are at most MAX_LISTED_GROUPS.
+    group_count: int = 0
+    worst_group: Optional[GroupAccuracy] = None
+    mean_group_accuracy: Optional[float] = None
+    groups: List[GroupAccuracy] = dataclasses.field(default_factory=list)
 
     def to_markdown(self) -> str:
         kind = "" if self.exit_share is None else (
@@ -131,6 +168,15 @@ class Evaluation:
             rate += f", every exit on every sample {self.full_depth_images_per_s:.0f} images/s"
         lines = [f"Accuracy on {self.split} ({self.images} images): "
                  f"**{percent(self.accuracy)}%**; {rate}", ""]
+        if self.worst_group is not None:
+            worst = self.worst_group
+            lines += [f"Worst-group accuracy **{percent(worst.accuracy)}%** ({worst.name}; "
+                      f"{worst.images} images); mean over the {self.group_count} bias groups "
+                      f"{percent(self.mean_group_accuracy)}%", ""]
+        if self.groups:
+            lines += ["| bias group | images | accuracy % |", "|---|---|---|"]
+            lines += [f"| {g.name} | {g.images} | {percent(g.accuracy)} |" for g in self.groups]
+            lines.append("")
         if self.nonfinite_samples:
             lines += [f"**Warning: {self.nonfinite_samples} samples had non-finite logits or "
                       f"gates** (a NaN gate never exits; those samples went deeper).", ""]
@@ -298,15 +344,33 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
         calibration.add(torch.softmax(logits, 1).max(1).values, correct)
         result.diagnostics = [ExitDiagnostics("output", calibration.result(),
                                               nonfinite_logits=result.nonfinite_samples)]
-    if per_factor:
-        # A sample is bias-aligned for a factor when the factor takes its class's value.
-        aligned = split.factors == labels[:, None]                      # (N, factors)
+    _group_accuracy(result, split, correct)
+    if per_factor and split.aligned is not None:
+        aligned = split.aligned                                         # (N, factors)
         hits = correct[:, None]
         aligned_accuracy = _ratios((aligned & hits).sum(0), aligned.sum(0))
         conflicting_accuracy = _ratios((~aligned & hits).sum(0), (~aligned).sum(0))
         result.factors = {name: FactorAccuracy(a, c) for name, a, c in
                           zip(split.factor_names, aligned_accuracy, conflicting_accuracy)}
     return result
+
+
+def _group_accuracy(result: Evaluation, split: LabelledItems, correct: Tensor) -> None:
+    """The bias groups' accuracies into `result`: the worst, the mean, and each (when few)."""
+    groups = split.groups
+    if groups.count == 0:
+        return
+    right = torch.bincount(groups.index, weights=correct.double(), minlength=groups.count)
+    accuracy = right / groups.sizes.double()
+    worst = int(accuracy.argmin())
+    names = groups.names(split.class_names) if groups.count <= MAX_LISTED_GROUPS else None
+    values, sizes = accuracy.tolist(), groups.sizes.tolist()
+    result.group_count = groups.count
+    result.mean_group_accuracy = sum(values) / len(values)
+    result.worst_group = GroupAccuracy(groups.name(worst, split.class_names), sizes[worst],
+                                       values[worst])
+    if names:
+        result.groups = [GroupAccuracy(*entry) for entry in zip(names, sizes, values)]
 
 
 def _every_exit(model: OccamNet, split: DeviceSplit, chunks: List[Tensor],
@@ -384,6 +448,6 @@ def cam_picture_data(model: OccamNet, split: DeviceSplit, count: int = 6,
     out = model(x, return_cams=True)
     first = model.first_inference_exit
     used = out.exits[first:]
-    return CamPictureData(split.images[rows], split.labels[rows], first,
+    return CamPictureData(split.uint8(rows), split.labels[rows], first,
                           [e.cam for e in used], [e.logits.argmax(1) for e in used],
                           model.early_exit(x, threshold).exit_index)

@@ -28,9 +28,12 @@ from torch import Tensor, nn
 
 from .checkpoints import read_checkpoint, write_checkpoint
 from .config import RunConfig, resolve_device
+from .data.augment import random_crop_flip
 from .data.biased_mnist import VAL_MIXED
-from .data.loaders import DeviceSplit
-from .evaluate import Evaluation, evaluate, load_model_state, load_splits, progress_bar
+from .data.catalog import BIASED_MNIST
+from .data.loaders import LabelledItems
+from .evaluate import (Evaluation, evaluate, load_model_state, load_splits, progress_bar,
+                       split_description)
 from .files import atomic_path, make_writable_dir, remove_stale_temporaries
 from .losses import OccamLoss
 from .methods import Method, build_method, feature_parameters
@@ -105,7 +108,7 @@ class OccamObjective:
         self.loss.load_state_dict(state)
 
 
-def make_objective(config: RunConfig, model: nn.Module, train: DeviceSplit,
+def make_objective(config: RunConfig, model: nn.Module, train: LabelledItems,
                    num_classes: int, device) -> "ClassifierObjective | OccamObjective":
     """What the run minimises: the model's loss with the config's method and ablations."""
     groups = train.groups
@@ -122,6 +125,33 @@ def make_objective(config: RunConfig, model: nn.Module, train: DeviceSplit,
                      min_epochs=config.min_epochs, method=method,
                      exit_weighting=config.exit_weighting)
     return OccamObjective(loss.to(device), groups.index)
+
+
+def make_optimizer(config: RunConfig, parameters) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov, weight_decay=config.weight_decay)
+    return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(config: RunConfig, epoch: int) -> float:
+    """The learning rate of `epoch` over config.lr: the official warm-up (epoch e < W takes
+    (lr - warmup_start_lr) * (e + 1) / W), then lr_gamma per milestone passed, the
+    milestones counted from the warm-up's end as the official scheduler counts them."""
+    warmup = config.warmup_epochs
+    if epoch < warmup:
+        return (config.lr - config.warmup_start_lr) * (epoch + 1) / warmup / config.lr
+    passed = sum(1 for milestone in config.milestones if epoch - warmup >= milestone)
+    return config.lr_gamma ** passed
+
+
+def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
+    """Stepped once per epoch. Without warm-up a MultiStepLR (as every run before warm-up
+    existed, so their checkpoints resume); with it, the same steps after the warm-up."""
+    if not config.warmup_epochs:
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.milestones),
+                                                    gamma=config.lr_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(config, epoch))
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, device) -> torch.Tensor:
@@ -220,16 +250,17 @@ MODEL_SELECTION = ("the weights after the last epoch: no model selection (as the
 
 @dataclasses.dataclass
 class RunReport:
-    """The end of a run: its config, the test and validation evaluations (val: biased like
-    training; val_mixed: p_bias 0.5, when the data has it), the training speed (mean images/s
-    over the epochs in metrics.jsonl), the seconds spent training, the steps trained (fewer
-    than the config's epochs when `complete` is False: a report asked for after --max-steps)
-    and how the reported model was selected."""
+    """The end of a run: its config, the evaluations of the dataset's headline test split,
+    its validation split (None: the dataset has none, as BAR) and its other splits (Biased
+    MNIST's val-p0.5; COCO-on-Places's idtest, oodtest, ...), the training speed (mean
+    images/s over the epochs in metrics.jsonl), the seconds spent training, the steps trained
+    (fewer than the config's epochs when `complete` is False: a report asked for after
+    --max-steps) and how the reported model was selected."""
     model: str
     config: RunConfig
     test: Evaluation
-    val: Evaluation
-    val_mixed: Optional[Evaluation]
+    val: Optional[Evaluation]
+    others: Dict[str, Evaluation]
     train_images_per_s: float
     train_seconds: float = math.nan
     steps: int = 0
@@ -242,15 +273,15 @@ class RunReport:
     def to_markdown(self) -> str:
         trained = ("" if self.complete else
                    f" **Stopped early: {self.steps} steps, before the last epoch.**")
-        text = (f"# {MODELS[self.model]} on Biased MNIST\n\n"
-                f"Method: {self.config.describe_method()}.{trained} Training "
+        config = self.config
+        text = (f"# {MODELS[self.model]} on {config.dataset_spec.title}\n\n"
+                f"Method: {config.describe_method()}.{trained} Training "
                 f"{self.train_images_per_s:.0f} images/s, {self.train_seconds:.0f} s. Model "
-                f"reported: {self.model_selection}.\n\n"
-                f"## Unbiased test split\n\n{self.test.to_markdown()}\n"
-                f"## Validation split (biased like training)\n\n{self.val.to_markdown()}")
-        if self.val_mixed is not None:
-            text += (f"\n## Validation split with p_bias 0.5 ({self.val_mixed.split})\n\n"
-                     f"{self.val_mixed.to_markdown()}")
+                f"reported: {self.model_selection}.\n")
+        for evaluation in [self.test] + ([self.val] if self.val else []) + list(
+                self.others.values()):
+            text += (f"\n## {evaluation.split}: {split_description(config, evaluation.split)}"
+                     f"\n\n{evaluation.to_markdown()}")
         return text
 
 
@@ -266,8 +297,8 @@ def write_report(report: RunReport, run_dir: str) -> None:
         from .viz import save_reliability_diagrams
         save_reliability_diagrams(os.path.join(run_dir, RELIABILITY_PICTURE),
                                   report.test.diagnostics,
-                                  title=f"{MODELS[report.model]}: reliability on the unbiased "
-                                        f"test split")
+                                  title=f"{MODELS[report.model]}: reliability on "
+                                        f"{report.test.split}")
         text += f"\n![reliability diagrams per exit]({RELIABILITY_PICTURE})\n"
     with atomic_path(os.path.join(run_dir, "report.md")) as tmp, open(tmp, "w") as handle:
         handle.write(text)
@@ -340,7 +371,7 @@ class Trainer:
     checked against the config before any data is loaded.
     """
 
-    def __init__(self, config: RunConfig, splits: Optional[Dict[str, DeviceSplit]] = None,
+    def __init__(self, config: RunConfig, splits: Optional[Dict[str, LabelledItems]] = None,
                  resume: Optional[str] = None):
         self.config = config = config.with_absolute_paths()
         self.device = resolve_device(config.device)
@@ -353,7 +384,7 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
         # Cheap checks first: the batch, where the run writes, the checkpoint it continues.
-        if splits is None and config.train_size is not None and (
+        if splits is None and config.dataset == BIASED_MNIST and config.train_size is not None and (
                 config.batch_size * self.world > config.train_size):
             raise ValueError(f"a batch of {config.batch_size} images"
                              + (f" on each of {self.world} processes" if self.world > 1 else "")
@@ -368,7 +399,7 @@ class Trainer:
                 shutil.rmtree(config.run_dir, ignore_errors=True)
             raise
 
-    def _set_up(self, config: RunConfig, splits: Optional[Dict[str, DeviceSplit]],
+    def _set_up(self, config: RunConfig, splits: Optional[Dict[str, LabelledItems]],
                 resume: Optional[str]) -> None:
         self.run_lock = lock_run_dir(config.run_dir) if self.rank == 0 else None
         if config.tensorboard and os.path.isfile(config.tensorboard):
@@ -406,10 +437,11 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if config.compile:
             self.forward = torch.compile(self.forward)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
-                                          weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, milestones=list(config.milestones), gamma=config.lr_gamma)
+        self.optimizer = make_optimizer(config, self.model.parameters())
+        self.scheduler = make_scheduler(config, self.optimizer)
+        # Training augmentation (the dataset's): pixels of padding per side of the crop.
+        padding = config.dataset_spec.crop_padding
+        self.crop_padding = None if padding is None else round(padding * config.input_size)
         self.objective = make_objective(config, self.model, self.splits["train"],
                                         self.num_classes, self.device)
         self.feature_parameters = feature_parameters(self.model)
@@ -434,7 +466,7 @@ class Trainer:
     def interrupted(self) -> bool:
         return self.stop_signal is not None
 
-    def _load_data(self) -> Dict[str, DeviceSplit]:
+    def _load_data(self) -> Dict[str, LabelledItems]:
         # Under DDP the first process loads (or generates and caches) the data, then the
         # others read its cache: never two writers on one dataset directory.
         if self.world > 1 and self.rank != 0:
@@ -503,6 +535,11 @@ class Trainer:
     def _train_step(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         train = self.splits["train"]
         x, labels = train.batch(rows, self.channels_last), train.labels[rows]
+        if self.crop_padding is not None:
+            # Drawn from (seed, step): a resumed run augments as the uninterrupted one.
+            generator = torch.Generator().manual_seed(
+                self.config.seed * 1_000_003 + self.global_step)
+            x = random_crop_flip(x, self.crop_padding, generator)
         progress = (self.global_step + 1) / max(1, self.total_steps)  # PGI's warm-up
         with self.autocast:
             out = self.objective(self.forward, x, labels, rows, progress)
@@ -646,8 +683,10 @@ class Trainer:
                       "train_images_per_s": images / max(elapsed, 1e-9),
                       "train_seconds": elapsed,
                       "lr": self.optimizer.param_groups[0]["lr"]}
-            val = self.evaluate("val", per_factor=False, diagnostics=False)
-            record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
+            val_split = config.dataset_spec.val
+            if val_split in self.splits:
+                val = self.evaluate(val_split, per_factor=False, diagnostics=False)
+                record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
             if VAL_MIXED in self.splits:
                 mixed = self.evaluate(VAL_MIXED, per_factor=False, diagnostics=False)
                 record[f"{VAL_MIXED}_accuracy"] = mixed.accuracy
@@ -701,10 +740,11 @@ class Trainer:
         """Evaluate the weights as they are and write the report (a run stopped before its
         last epoch is marked incomplete)."""
         # Full-depth timing on the test split too: what early exit saves (OccamNets only).
-        test = self.evaluate("test", time_full_depth=True)
-        val = self.evaluate("val", per_factor=False)
-        mixed = (self.evaluate(VAL_MIXED, per_factor=False) if VAL_MIXED in self.splits
-                 else None)
+        roles = self.config.dataset_spec
+        test = self.evaluate(roles.test, time_full_depth=True)
+        val = self.evaluate(roles.val, per_factor=False) if roles.val in self.splits else None
+        others = {name: self.evaluate(name) for name in roles.reported_splits(list(self.splits))
+                  if name not in (roles.test, roles.val)}
         timing = [training_time(self.metrics_path) if self.rank == 0 else None]
         if self.world > 1:
             dist.broadcast_object_list(timing, src=0)  # metrics.jsonl is the first process's
@@ -712,7 +752,7 @@ class Trainer:
         if self.epoch_seconds > 0:  # the epoch stopped part-way (a report after --max-steps)
             seconds += self.epoch_seconds
             rate = rate or self.epoch_images / self.epoch_seconds
-        report = RunReport(self.config.model, self.config, test, val, mixed, rate, seconds,
+        report = RunReport(self.config.model, self.config, test, val, others, rate, seconds,
                            self.global_step, complete=self.epoch >= self.config.epochs)
         if self.rank == 0:
             write_report(report, self.config.run_dir)

@@ -90,9 +90,12 @@ def save_exit_distribution(path: str, exit_counts: Sequence[int],
 
 def save_sample_grid(path: str, images: torch.Tensor, labels: torch.Tensor,
                      factors: torch.Tensor, factor_names: Sequence[str], columns: int = 6,
-                     title: str = "Biased MNIST samples") -> str:
-    """A grid of dataset images titled with the label and every factor value (aligned ones,
-    equal to the label, marked with *)."""
+                     title: str = "Biased MNIST samples",
+                     aligned: Optional[torch.Tensor] = None,
+                     class_names: Optional[Sequence[str]] = None) -> str:
+    """A grid of dataset images titled with the label and every bias attribute's value;
+    `aligned` (N, F) bool marks the bias-aligned values with * (Biased MNIST: a factor equal
+    to the label)."""
     plt = _pyplot()
     count = images.shape[0]
     rows = -(-count // columns)
@@ -106,11 +109,14 @@ def save_sample_grid(path: str, images: torch.Tensor, labels: torch.Tensor,
             continue
         axis.imshow(_to_image(images[i]), interpolation="nearest")
         label = int(labels[i])
-        parts = [f"{short.get(n, n)}{int(v)}{'*' if int(v) == label else ''}"
-                 for n, v in zip(factor_names, factors[i])]
-        axis.set_title(f"label {label}\n" + " ".join(parts[:4]) + "\n" + " ".join(parts[4:]),
+        marks = [bool(a) for a in aligned[i]] if aligned is not None else [False] * len(factor_names)
+        parts = [f"{short.get(n, n)}{'=' if n not in short else ''}{int(v)}{'*' if m else ''}"
+                 for n, v, m in zip(factor_names, factors[i], marks)]
+        name = class_names[label] if class_names else str(label)
+        axis.set_title(f"{name}\n" + " ".join(parts[:4]) + "\n" + " ".join(parts[4:]),
                        fontsize=7)
-    fig.suptitle(f"{title}  (* = bias-aligned: factor value equals the label)", fontsize=9)
+    note = "  (* = bias-aligned)" if aligned is not None else ""
+    fig.suptitle(f"{title}{note}", fontsize=9)
     fig.tight_layout()
     return _save(fig, path, dpi=90)
 

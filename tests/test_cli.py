@@ -96,7 +96,7 @@ def test_train_resume_eval_predict_viz(tmp_path, capsys):
     assert not os.path.exists(data)
     shutil.move(data + ".moved", data)
     assert main(["train", "--out", out, "--resume"]) == 0
-    assert "Unbiased test split" in capsys.readouterr().out
+    assert "## test: the unbiased test split" in capsys.readouterr().out
     checkpoint = os.path.join(out, "checkpoint.pt")
     reliability = tmp_path / "reliability.png"
     assert main(["eval", checkpoint, "--split", "val-p0.5", "--reliability",

@@ -26,7 +26,8 @@ def synthetic_split(count=37, size=16, classes=5, masks=False):
     if masks:
         pixels = torch.rand(count, size, size, generator=generator) < 0.3
         packed = torch.from_numpy(np.packbits(pixels.numpy(), axis=-1))
-    return DeviceSplit(images, labels, factors, ["colour", "texture"], masks=packed)
+    return DeviceSplit(images, labels, factors, ["colour", "texture"], masks=packed,
+                       aligned=factors == labels[:, None])
 
 
 def test_occamnet_evaluation_matches_the_model():

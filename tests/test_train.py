@@ -17,8 +17,9 @@ def synthetic_splits(n=48, size=16, classes=4, factors=2):
         labels = torch.arange(count) % classes
         factor_values = torch.stack([labels, torch.randint(0, classes, (count,),
                                                            generator=generator)], 1)
-        return DeviceSplit(images, labels, factor_values[:, :factors], ["colour", "texture"],
-                           "cpu")
+        values = factor_values[:, :factors]
+        return DeviceSplit(images, labels, values, ["colour", "texture"], "cpu",
+                           aligned=values == labels[:, None])
     return {"train": split(n), "val": split(16), "val-p0.5": split(16), "test": split(16)}
 
 
@@ -83,9 +84,10 @@ def test_report_has_exits_and_bias_groups(tmp_path):
     assert saved["test"]["exit_share"] == test.exit_share
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"val_accuracy"' in lines[0] and '"val-p0.5_accuracy"' in lines[0]
-    assert report.val_mixed.split == "val-p0.5" and "no model selection" in report.model_selection
+    assert report.others["val-p0.5"].split == "val-p0.5" and "no model selection" in report.model_selection
     markdown = (tmp_path / "report.md").read_text()
-    assert "p_bias 0.5 (val-p0.5)" in markdown and "no model selection" in markdown
+    assert "## val-p0.5: validation with p_bias 0.5" in markdown
+    assert "no model selection" in markdown and "Worst-group accuracy" in markdown
     assert "ECE of the gate" in markdown and (tmp_path / "reliability.png").stat().st_size > 0
     assert [d["name"] for d in saved["test"]["diagnostics"]] == ["E0", "E1", "E2", "E3"]
 

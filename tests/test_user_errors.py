@@ -518,7 +518,7 @@ def test_predict_options_before_or_after_the_images(trained, tmp_path, capsys):
     assert main(["predict", trained, "--device", "cpu", str(image), "--json"]) == 0
     assert [p["path"] for p in json.loads(capsys.readouterr().out)] == [str(image)]
     assert main(["predict", trained, str(image), "--split", "val"]) == 2
-    one_line_error(capsys, "--split and --data-dir choose a split to time")
+    one_line_error(capsys, "--split, --data-dir and --root choose a split to time")
     assert main(["predict", trained, str(image), "--bogus"]) == 2
     one_line_error(capsys, "unrecognized arguments: --bogus")
 

@@ -1,0 +1,121 @@
+"""The occamnets command on the real datasets' fixtures (tests/dataset_fixtures.py): `data
+check`, `train --dataset ... --preset quick --max-steps 5` for each, a whole run's report with
+every split and its bias groups, eval, viz and predict on the checkpoint, and a resumed run
+augmenting as the uninterrupted one."""
+import glob
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import dataset_fixtures as fixtures
+from occamnets.cli import main
+from occamnets.config import RunConfig
+from occamnets.train import Trainer
+
+WRITERS = {"coco-on-places": fixtures.write_coco_on_places, "bar": fixtures.write_bar,
+           "celeba": fixtures.write_celeba, "folder": fixtures.write_folder}
+HEADLINE = {"coco-on-places": "sgtest", "bar": "test", "celeba": "test", "folder": "test"}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("datasets")
+    return {name: write(str(base / name)) for name, write in WRITERS.items()}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_train_five_steps_then_eval_each_dataset(name, roots, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # the default cache (data/) and run (runs/) directories
+    assert main(["train", "--dataset", name, "--root", roots[name], "--preset", "quick",
+                 "--max-steps", "5", "--device", "cpu", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    # CelebA's quick preset is one epoch, 2 steps of the fixture: it ends with its report.
+    ended = "Worst-group accuracy" if name == "celeba" else "reached --max-steps 5"
+    assert ended in printed and "32 px" in printed
+    assert os.path.isfile("runs/occam/checkpoint.pt")
+    (cache,) = glob.glob(f"data/{name}-32px-*")
+    assert os.path.isfile(os.path.join(cache, "meta.json"))
+    assert main(["eval", "runs/occam/checkpoint.pt"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Accuracy on {HEADLINE[name]}" in printed and "Worst-group accuracy" in printed
+
+
+def test_a_whole_coco_on_places_run_reports_every_split(roots, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--dataset", "coco-on-places", "--root", roots["coco-on-places"],
+                 "--preset", "quick", "--epochs", "1", "--milestones", "1", "--out", out,
+                 "--data-dir", str(tmp_path / "cache"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert report["test"]["split"] == "sgtest" and report["val"]["split"] == "valsgtest"
+    assert list(report["others"]) == ["validtest", "valoodtest", "idtest", "oodtest"]
+    idtest = report["others"]["idtest"]
+    assert idtest["group_count"] == 18 and len(idtest["groups"]) == 18
+    assert idtest["worst_group"]["accuracy"] == min(g["accuracy"] for g in idtest["groups"])
+    assert set(idtest["factors"]) == {"background"}
+    markdown = open(os.path.join(out, "report.md")).read()
+    assert "# OccamResNet-18 on COCO-on-Places" in markdown
+    assert "## oodtest: objects on backgrounds never seen in training" in markdown
+    assert "| boat, background=0 |" in markdown
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert "val_accuracy" in metrics[-1]
+    capsys.readouterr()
+    cams = tmp_path / "cams.png"
+    assert main(["viz", os.path.join(out, "checkpoint.pt"), "--out", str(cams),
+                 "--count", "2"]) == 0
+    assert cams.stat().st_size > 5000
+
+
+def test_bar_has_no_validation_and_predicts_image_files(roots, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--dataset", "bar", "--root", roots["bar"], "--preset", "quick",
+                 "--epochs", "1", "--milestones", "1", "--out", out, "--model", "resnet",
+                 "--data-dir", str(tmp_path / "cache"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert report["val"] is None and report["others"] == {}
+    assert report["test"]["group_count"] == 6   # no bias labels: the groups are the classes
+    capsys.readouterr()
+    images = os.path.join(roots["bar"], "test")
+    assert main(["predict", os.path.join(out, "checkpoint.pt"), images, "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)
+    assert len(predictions) == 12 and all(0 <= p["label"] < 6 for p in predictions)
+
+
+def test_data_check_counts_lists_problems_and_draws(roots, tmp_path, capsys):
+    preview = tmp_path / "preview.png"
+    assert main(["data", "check", "celeba", "--root", roots["celeba"], "--preview",
+                 str(preview), "--image-size", "48"]) == 0
+    printed = capsys.readouterr().out
+    assert "| train | 40 | 4 |" in printed and "All files present and readable." in printed
+    assert "blond, male=1" in printed and preview.stat().st_size > 10000
+    broken = str(tmp_path / "bar")
+    shutil.copytree(roots["bar"], broken)
+    open(os.path.join(broken, "test", "diving_7.jpg"), "wb").write(b"truncated")
+    assert main(["data", "check", "bar", "--root", broken, "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    test = next(s for s in result["splits"] if s["name"] == "test")
+    assert [os.path.basename(name) for name, _ in test["unreadable"]] == ["diving_7.jpg"]
+    assert main(["data", "check", "bar", "--root", str(tmp_path / "none")]) == 2
+    assert "alinlab/BAR" in capsys.readouterr().err
+    assert main(["train", "--dataset", "celeba", "--preset", "quick"]) == 2
+    assert "needs its directory: --root DIR" in capsys.readouterr().err
+
+
+def test_a_resumed_run_augments_as_the_uninterrupted_one(roots, tmp_path):
+    def config(out, max_steps):
+        return RunConfig.from_preset("quick", dataset="folder", data_root=roots["folder"],
+                                     bias_columns=("place",), out_dir=str(tmp_path / out),
+                                     data_dir=str(tmp_path / "cache"), device="cpu",
+                                     progress=False, max_steps=max_steps, epochs=2)
+    whole = Trainer(config("whole", None))
+    whole.train()
+    first = Trainer(config("parts", 3))
+    first.train()
+    resumed = Trainer(config("parts", None), resume=first.checkpoint_path)
+    resumed.train()
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name

@@ -1,0 +1,297 @@
+"""The real-dataset loaders (COCO-on-Places, BAR, CelebA, a folder + CSV) on tiny fixtures
+written in each one's own layout: what they find, the errors for a wrong directory, the
+decoded-image cache, streaming, the augmentation, and the learning-rate schedule of the
+official COCO-on-Places config."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import dataset_fixtures as fixtures
+from occamnets.config import RunConfig
+from occamnets.data import catalog, image_cache
+from occamnets.data.augment import random_crop_flip
+from occamnets.data.check import check_dataset
+from occamnets.data.image_cache import DecodeErrors, StreamingSplit, load_cached
+from occamnets.data.index import DatasetLayoutError
+from occamnets.data.loaders import DeviceSplit
+from occamnets.data.real_splits import load_real_splits
+from occamnets.evaluate import load_splits
+from occamnets.train import lr_factor
+
+WRITERS = {"coco-on-places": fixtures.write_coco_on_places, "bar": fixtures.write_bar,
+           "celeba": fixtures.write_celeba, "folder": fixtures.write_folder}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("datasets")
+    return {name: write(str(base / name)) for name, write in WRITERS.items()}
+
+
+def test_coco_on_places_splits_groups_and_pixels(roots):
+    index = catalog.find("coco-on-places", roots["coco-on-places"])
+    assert list(index.splits) == ["train", "validtest", "valsgtest", "valoodtest", "idtest",
+                                  "sgtest", "oodtest"]
+    assert index.class_names[:3] == ("boat", "airplane", "truck") and len(index.class_names) == 9
+    train = index.split("train")
+    assert len(train) == 36 and np.bincount(train.labels).tolist() == [4] * 9
+    # g marks the objects off their class's background; they are the bias-conflicting ones.
+    assert train.attributes[:, 0].tolist() == [int(i % 4 == 3) for i in range(36)]
+    assert (train.aligned[:, 0] == (train.attributes[:, 0] == 0)).all()
+    groups = torch.unique(torch.from_numpy(2 * train.labels + train.attributes[:, 0]))
+    assert len(groups) == 18   # the official 2 * y + g
+    # Off the class's background by construction, whatever g the file holds (valsgtest: 0).
+    for split in ("sgtest", "valsgtest", "oodtest", "valoodtest"):
+        assert (index.split(split).attributes == 1).all() and not index.split(split).aligned.any()
+    # Pixels as the official loader makes them: (x * 255) truncated to uint8.
+    import h5py
+    with h5py.File(os.path.join(roots["coco-on-places"], "train.h5py")) as h5:
+        expected = (h5["images"][5].transpose(1, 2, 0) * 255).astype(np.uint8)
+    assert np.array_equal(train.images.read(5), expected)
+
+
+def test_bar_classes_from_file_names(roots):
+    index = catalog.find("bar", roots["bar"])
+    assert index.class_names == ("climbing", "diving", "fishing", "pole vaulting", "racing",
+                                 "throwing")
+    test = index.split("test")
+    assert len(index.split("train")) == 36 and len(test) == 12
+    names = [os.path.basename(p) for p in test.images.paths]
+    assert all(index.class_names[y] == n.split("_")[0] for y, n in zip(test.labels, names))
+    assert "pole vaulting_7.jpg" in names and test.attributes.shape == (12, 0)
+    spec = catalog.spec("bar")
+    assert spec.val is None and spec.reported_splits(list(index.splits)) == ("test",)
+
+
+def test_celeba_blond_hair_and_male(roots):
+    index = catalog.find("celeba", roots["celeba"])
+    assert [len(index.split(s)) for s in ("train", "val", "test")] == [40, 8, 8]
+    train = index.split("train")
+    numbers = [int(os.path.basename(p)[:6]) for p in train.images.paths]
+    assert [(int(y), int(m)) for y, m in zip(train.labels, train.attributes[:, 0])] == [
+        fixtures.celeba_values(n) for n in numbers]
+    # Four groups, 2 * blond + male as GroupDRO numbers them, all present.
+    assert len(set((2 * train.labels + train.attributes[:, 0]).tolist())) == 4
+    assert index.split("test").images.read(0).shape == (218, 178, 3)
+
+
+def test_folder_csv_labels_attributes_and_splits(roots):
+    index = catalog.find("folder", roots["folder"], ["place"])
+    assert index.class_names == ("cat", "dog") and index.attribute_names == ("place",)
+    assert [len(index.split(s)) for s in ("train", "val", "test")] == [40, 8, 8]
+    everything = catalog.find("folder", roots["folder"])   # every other column is an attribute
+    assert everything.attribute_names == ("img_id", "place")
+
+
+def test_folder_without_split_column_is_split_the_same_every_time(tmp_path):
+    root = fixtures.write_folder(str(tmp_path / "f"), counts=(("all", 50),), with_split=False)
+    first = catalog.find("folder", root, ["place"])
+    again = catalog.find("folder", root, ["place"])
+    assert [len(first.split(s)) for s in ("train", "val", "test")] == [40, 5, 5]
+    assert all(first.split(s).images.names == again.split(s).images.names
+               for s in ("train", "val", "test"))
+    assert not set(first.split("train").images.names) & set(first.split("test").images.names)
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_a_missing_directory_or_file_says_what_and_where_to_get_it(name, roots, tmp_path):
+    with pytest.raises(DatasetLayoutError, match="is not a directory"):
+        catalog.find(name, str(tmp_path / "nowhere"))
+    broken = str(tmp_path / "broken")
+    shutil.copytree(roots[name], broken)
+    first = {"coco-on-places": "sgtest.h5py", "bar": "test", "celeba": "Eval",
+             "folder": "metadata.csv"}[name]
+    path = os.path.join(broken, first)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    with pytest.raises(DatasetLayoutError, match=f"missing {first}") as error:
+        catalog.find(name, broken)
+    assert catalog.spec(name).get_it.split()[0] in str(error.value)
+
+
+def test_wrong_content_is_named(roots, tmp_path):
+    bar_root = str(tmp_path / "bar")
+    shutil.copytree(roots["bar"], bar_root)
+    open(os.path.join(bar_root, "train", "skiing_1.jpg"), "wb").close()
+    with pytest.raises(DatasetLayoutError, match="unknown classes 'skiing'"):
+        catalog.find("bar", bar_root)
+    celeba_root = str(tmp_path / "celeba")
+    shutil.copytree(roots["celeba"], celeba_root)
+    with open(os.path.join(celeba_root, "Eval", "list_eval_partition.txt"), "a") as handle:
+        handle.write("000099.jpg 7\n")
+    with pytest.raises(DatasetLayoutError, match=r"line 57: expected `<image id> 0\|1\|2`"):
+        catalog.find("celeba", celeba_root)
+    folder_root = str(tmp_path / "folder")
+    shutil.copytree(roots["folder"], folder_root)
+    with pytest.raises(DatasetLayoutError, match="no bias column colour"):
+        catalog.find("folder", folder_root, ["colour"])
+    csv_path = os.path.join(folder_root, "metadata.csv")
+    lines = open(csv_path).read().splitlines()
+    open(csv_path, "w").write("\n".join(l for l in lines if not l.endswith(",test")) + "\n")
+    with pytest.raises(DatasetLayoutError, match="no image in the test split"):
+        catalog.find("folder", folder_root, ["place"])
+    with pytest.raises(ValueError, match="--bias-columns is for --dataset folder"):
+        catalog.find("bar", roots["bar"], ["place"])
+
+
+def test_cache_decodes_once_and_redecodes_a_damaged_split(roots, tmp_path, monkeypatch):
+    index = catalog.find("bar", roots["bar"])
+    directory = str(tmp_path / "cache")
+    first = load_cached(index, ["train", "test"], directory, 16, None)
+    assert first["train"].shape == (36, 3, 16, 16) and first["train"].dtype == torch.uint8
+    expected, _ = image_cache.decode(index.split("test").images, range(12), 16, None)
+    assert torch.equal(first["test"], torch.from_numpy(expected))
+
+    decoded = []
+    real = image_cache._decode_split
+    monkeypatch.setattr(image_cache, "_decode_split",
+                        lambda name, *a, **k: decoded.append(name) or real(name, *a, **k))
+    again = load_cached(index, ["train", "test"], directory, 16, None)
+    assert decoded == [] and torch.equal(again["train"], first["train"])
+    # A corrupted array is decoded again, alone; another size is another fingerprint.
+    path = os.path.join(directory, "test_images.npy")
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    assert "corrupt" in image_cache.cache_problem(
+        directory, "test", image_cache.fingerprint(index.split("test"), 16, None))
+    repaired = load_cached(index, ["train", "test"], directory, 16, None)
+    assert decoded == ["test"] and torch.equal(repaired["test"], torch.from_numpy(expected))
+    load_cached(index, ["test"], directory, 12, None)
+    assert decoded == ["test", "test"]
+
+
+def test_an_interrupted_decode_leaves_no_partial_cache(roots, tmp_path, monkeypatch):
+    index = catalog.find("bar", roots["bar"])
+    directory = str(tmp_path / "cache")
+    calls = []
+
+    def interrupted(image, size, crop):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return np.zeros((3, size, size), dtype=np.uint8)
+    monkeypatch.setattr(image_cache, "prepare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_cached(index, ["train"], directory, 16, None, workers=1)
+    assert os.listdir(directory) == []
+    monkeypatch.undo()
+    assert load_cached(index, ["train"], directory, 16, None)["train"].shape[0] == 36
+
+
+def test_unreadable_images_are_named_and_checked(roots, tmp_path):
+    root = str(tmp_path / "folder")
+    shutil.copytree(roots["folder"], root)
+    with open(os.path.join(root, "images", "0003.png"), "wb") as handle:
+        handle.write(b"not a png")
+    os.remove(os.path.join(root, "images", "0005.png"))
+    index = catalog.find("folder", root, ["place"])
+    with pytest.raises(DecodeErrors, match="2 image.* of the train split cannot be read"):
+        load_cached(index, ["train"], str(tmp_path / "cache"), 16, None)
+    assert not os.path.exists(str(tmp_path / "cache" / "train_images.npy"))
+    result = check_dataset(index)
+    train = result.splits[0]
+    assert not result.ok and train.missing == [os.path.join(root, "images", "0005.png")]
+    assert [os.path.basename(name) for name, _ in train.unreadable] == ["0003.png"]
+    assert train.per_class == [20, 20] and sum(n for _, n in train.groups) == 40
+    assert "missing" in result.to_markdown() and "0003.png" in result.to_markdown()
+
+
+def test_streaming_gives_the_cached_batches(roots, tmp_path):
+    cached = load_real_splits("celeba", roots["celeba"], ["train"], str(tmp_path / "c"), 24,
+                              "cpu")["train"]
+    streamed = load_real_splits("celeba", roots["celeba"], ["train"], str(tmp_path / "s"), 24,
+                                "cpu", limit_bytes=0)["train"]
+    assert isinstance(cached, DeviceSplit) and isinstance(streamed, StreamingSplit)
+    assert not os.path.exists(str(tmp_path / "s"))
+    rows = torch.tensor([3, 0, 17])
+    assert torch.equal(streamed.batch(rows), cached.batch(rows))
+    assert torch.equal(streamed.groups.index, cached.groups.index)
+    assert streamed.groups.count == 4 and cached.class_names == ("not blond", "blond")
+
+
+def test_celeba_images_are_centre_cropped_square(roots, tmp_path):
+    split = load_real_splits("celeba", roots["celeba"], ["test"], str(tmp_path / "c"), 178,
+                             "cpu")["test"]
+    raw = catalog.find("celeba", roots["celeba"]).split("test").images.read(2)
+    assert torch.equal(split.uint8(torch.tensor([2]))[0],
+                       torch.from_numpy(raw[20:198].transpose(2, 0, 1).copy()))
+
+
+def test_load_splits_for_a_run_reads_its_reported_splits(roots, tmp_path):
+    config = RunConfig.from_preset("quick", dataset="coco-on-places",
+                                   data_root=roots["coco-on-places"],
+                                   data_dir=str(tmp_path / "cache"))
+    splits = load_splits(config, "cpu")
+    assert list(splits) == ["train", "sgtest", "valsgtest", "validtest", "valoodtest",
+                            "idtest", "oodtest"]
+    assert splits["train"].images.shape == (36, 3, 32, 32)
+    with pytest.raises(ValueError, match="has no split 'val'"):
+        load_splits(config, "cpu", ["val"])
+    with pytest.raises(ValueError, match="needs its directory: --root DIR"):
+        load_splits(RunConfig(dataset="bar"), "cpu")
+
+
+def test_random_crop_flip_is_a_crop_of_the_padded_image_or_its_mirror():
+    x = torch.rand(64, 3, 9, 7)
+    out = random_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    again = random_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal(out, again)
+    padded = torch.nn.functional.pad(x, (2,) * 4, mode="reflect")
+    flips = 0
+    for i in range(64):
+        crops = [padded[i, :, r:r + 9, c:c + 7] for r in range(5) for c in range(5)]
+        plain = any(torch.equal(out[i], crop) for crop in crops)
+        mirrored = any(torch.equal(out[i].flip(2), crop) for crop in crops)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 15 < flips < 49   # about half
+    assert not torch.equal(out, x)
+    # No padding: only mirrors; the memory format is kept.
+    same = random_crop_flip(x.contiguous(memory_format=torch.channels_last), 0,
+                            torch.Generator().manual_seed(1))
+    assert same.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(2)) for i in range(64))
+
+
+def test_the_official_coco_on_places_schedule():
+    config = RunConfig.from_preset("paper", dataset="coco-on-places")
+    rates = [config.lr * lr_factor(config, epoch) for epoch in range(150)]
+    # Warm-up (0.1 - 0.01) * (e + 1) / 5, then the milestones counted after the warm-up.
+    assert rates[:5] == pytest.approx([0.018, 0.036, 0.054, 0.072, 0.09])
+    assert rates[5] == rates[104] == pytest.approx(0.1)
+    assert rates[105] == rates[124] == pytest.approx(0.01)
+    assert rates[125] == pytest.approx(1e-3) and rates[149] == pytest.approx(1e-4)
+    assert (config.optimizer, config.nesterov, config.width, config.stem, config.input_size) == (
+        "sgd", True, 58, "3x3", 64)
+
+
+def test_torchvision_jpeg_decoding_matches_pillow(roots, tmp_path):
+    """The batched JPEG path (nvJPEG on a GPU; here libjpeg-turbo on the CPU, the same code):
+    the same pixels as Pillow before resizing, within one level after; a broken file named."""
+    split = catalog.find("celeba", roots["celeba"]).split("test")
+    pil, _ = image_cache.decode_rows(split, range(8), 178, 178, None, "pil")
+    batched, problems = image_cache.decode_rows(split, range(8), 178, 178, None, "torchvision")
+    assert problems == [] and torch.equal(pil, batched)
+    pil, _ = image_cache.decode_rows(split, range(8), 32, 178, None, "pil")
+    batched, _ = image_cache.decode_rows(split, range(8), 32, 178, None, "torchvision")
+    assert (pil.int() - batched.int()).abs().max() <= 1
+    root = str(tmp_path / "celeba")
+    shutil.copytree(roots["celeba"], root)
+    broken = catalog.find("celeba", root).split("test")
+    with open(broken.images.paths[3], "wb") as handle:
+        handle.write(b"\xff\xd8 not really a jpeg")
+    images, problems = image_cache.decode_rows(broken, range(8), 32, 178, None, "torchvision")
+    assert [path for path, _ in problems] == [broken.images.paths[3]]
+    assert torch.equal(images[:3], batched[:3]) and images[3].eq(0).all()
+    # The cache knows which decoder made an array: another one decodes again.
+    index = catalog.find("celeba", roots["celeba"])
+    directory = str(tmp_path / "cache")
+    load_cached(index, ["test"], directory, 32, 178, decoder="torchvision")
+    assert image_cache.cache_problem(directory, "test", image_cache.fingerprint(
+        index.split("test"), 32, 178, "pil")) == "cached from other images or another size"
+    streamed = load_real_splits("celeba", roots["celeba"], ["test"], directory, 32, "cpu",
+                                limit_bytes=0, decoder="torchvision")["test"]
+    assert torch.equal(streamed.uint8(torch.arange(8)), batched)
