@@ -450,6 +450,7 @@ class _Prediction:
     label: Optional[int]
     confidence: Optional[float]
     exit: Optional[int]                # the exit taken; None for a plain classifier
+    class_name: Optional[str] = None   # when the checkpoint knows its classes' names
 
 
 def _run_predict(args) -> int:
@@ -457,12 +458,13 @@ def _run_predict(args) -> int:
         return _time_inference(args)
     import torch
     from .data.loaders import image_paths, normalise, read_image_files
-    from .evaluate import classify, load_model, progress_bar
+    from .evaluate import checkpoint_class_names, classify, load_model, progress_bar
     if args.data_dir or args.split or args.root:
         raise ValueError("--split, --data-dir and --root choose a split to time; with image "
                          "files they do nothing: leave them out, or give no images")
     paths = image_paths(args.images)
     model, config = load_model(args.checkpoint, args.device)
+    class_names = checkpoint_class_names(args.checkpoint)
     threshold = config.inference_threshold if args.threshold is None else args.threshold
     device = next(model.parameters()).device
     size = config.input_size
@@ -482,8 +484,9 @@ def _run_predict(args) -> int:
         for path, finite, label, p, exit_index in zip(
                 paths[start:start + args.batch_size], (~out.nonfinite).tolist(),
                 predicted.tolist(), confidence.tolist(), exits):  # one read per batch
+            name = class_names[label] if finite and class_names else None
             predictions.append(_Prediction(path, label if finite else None,
-                                           p if finite else None, exit_index))
+                                           p if finite else None, exit_index, name))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -495,7 +498,8 @@ def _run_predict(args) -> int:
         if p.label is None:
             print(f"{p.path}: no prediction: non-finite logits or gate{exit_text}")
         else:
-            print(f"{p.path}: class {p.label} (p={p.confidence:.2f}){exit_text}")
+            named = f" ({p.class_name})" if p.class_name else ""
+            print(f"{p.path}: class {p.label}{named} (p={p.confidence:.2f}){exit_text}")
     nonfinite = sum(p.label is None for p in predictions)
     if nonfinite:
         print(f"warning: {nonfinite} of {len(paths)} images gave non-finite logits or gates",
@@ -540,7 +544,7 @@ def _run_viz(args) -> int:
         print(f"note: the {args.split} split has {len(split)} images: drawing them all",
               file=sys.stderr)
     save_cam_grid(args.out, cam_picture_data(model, split, args.count,
-                                             config.inference_threshold))
+                                             config.inference_threshold), split.class_names)
     if args.exits_plot:
         result = evaluate(model, split, args.split, threshold=config.inference_threshold,
                           channels_last=config.channels_last, bf16=config.bf16,

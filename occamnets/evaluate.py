@@ -52,6 +52,13 @@ def load_model(path: str, device: Optional[str] = None) -> Tuple[nn.Module, RunC
     return model.to(resolve_device(device or "auto")).eval(), config
 
 
+def checkpoint_class_names(path: str) -> Optional[List[str]]:
+    """The names of the classes the checkpoint's model predicts, in label order (None: a
+    dataset without names, as Biased MNIST's digits, or a checkpoint from before they were
+    stored)."""
+    return read_checkpoint(path).get("class_names")
+
+
 def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None,
                 progress: bool = False, count: Optional[int] = None
                 ) -> Dict[str, LabelledItems]:

@@ -484,6 +484,8 @@ class Trainer:
                 "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "config": self.config.to_dict(),
                 "num_classes": self.num_classes, "world": self.world,
+                "class_names": (list(self.splits["train"].class_names)
+                                if self.splits["train"].class_names else None),
                 "epoch_progress": {"loss_sum": self.epoch_loss_sum, "images": self.epoch_images,
                                    "seconds": self.epoch_seconds}}
 
@@ -631,8 +633,11 @@ class Trainer:
                                config.progress and self.rank == 0, initial=self.step_in_epoch)
             started, seen = time.perf_counter(), 0
             loss_sum = torch.full((), self.epoch_loss_sum, device=self.device)
-            for step, rows in batches(order, config.batch_size, self.step_in_epoch,
-                                      self.rank, self.world):
+            epoch_batches = list(batches(order, config.batch_size, self.step_in_epoch,
+                                         self.rank, self.world))
+            for position, (step, rows) in enumerate(epoch_batches):
+                if position + 1 < len(epoch_batches):  # a streamed split decodes it meanwhile
+                    train.prefetch(epoch_batches[position + 1][1])
                 loss, parts = self._train_step(rows)
                 loss_sum += loss
                 seen += rows.numel()

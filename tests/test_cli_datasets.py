@@ -83,6 +83,8 @@ def test_bar_has_no_validation_and_predicts_image_files(roots, tmp_path, capsys)
     assert main(["predict", os.path.join(out, "checkpoint.pt"), images, "--json"]) == 0
     predictions = json.loads(capsys.readouterr().out)
     assert len(predictions) == 12 and all(0 <= p["label"] < 6 for p in predictions)
+    from occamnets.data.bar import CLASSES
+    assert all(p["class_name"] == CLASSES[p["label"]] for p in predictions)
 
 
 def test_data_check_counts_lists_problems_and_draws(roots, tmp_path, capsys):
@@ -119,3 +121,45 @@ def test_a_resumed_run_augments_as_the_uninterrupted_one(roots, tmp_path):
     resumed.train()
     for name, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_a_streamed_run_trains_as_a_cached_one(roots, tmp_path, monkeypatch):
+    """Above the cache limit the images are decoded per batch, the next batch in the
+    background: the same pixels, so the same weights."""
+    from occamnets.data import image_cache
+
+    def config(out, limit):
+        return RunConfig.from_preset("quick", dataset="bar", data_root=roots["bar"],
+                                     out_dir=str(tmp_path / out), data_dir=str(tmp_path / out),
+                                     device="cpu", progress=False, epochs=2,
+                                     cache_limit_gb=limit)
+    cached = Trainer(config("cached", 8.0))
+    cached.train()
+    decoded = []
+    real = image_cache.decode_rows
+    monkeypatch.setattr(image_cache, "decode_rows",
+                        lambda split, rows, *a: decoded.append(len(rows)) or real(split, rows, *a))
+    streamed = Trainer(config("streamed", 0.0))
+    assert isinstance(streamed.splits["train"], image_cache.StreamingSplit)
+    streamed.train()
+    # Two epochs of 36 images in batches of 32 and 4, each decoded once (the 4 in the
+    # background while the 32 train), and nothing cached.
+    assert sorted(decoded) == [4, 4, 32, 32]
+    assert not glob.glob(str(tmp_path / "streamed" / "*.npy"))
+    for name, value in cached.model.state_dict().items():
+        assert torch.equal(value, streamed.model.state_dict()[name]), name
+
+
+def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, capsys):
+    out = str(tmp_path / "grid")
+    assert main(["compare", "--dataset", "folder", "--root", roots["folder"], "--bias-columns",
+                 "place", "--models", "resnet", "--methods", "erm,upwt", "--preset", "quick",
+                 "--epochs", "1", "--milestones", "1", "--out", out, "--device", "cpu",
+                 "--no-progress"]) == 0
+    table = open(os.path.join(out, "compare.md")).read()
+    assert "| test acc % | worst group % |" in table
+    cells = json.loads(open(os.path.join(out, "compare.json")).read())["cells"]
+    reports = [json.loads(open(os.path.join(out, f"resnet-{m}", "seed-0", "report.json")).read())
+               for m in ("erm", "upwt")]
+    assert [c["worst_group_accuracy"] for c in cells] == [
+        r["test"]["worst_group"]["accuracy"] for r in reports]

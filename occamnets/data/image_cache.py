@@ -211,11 +211,26 @@ class StreamingSplit(LabelledItems):
         self.split, self.size, self.centre_crop = split, size, centre_crop
         self.decoder = decoder
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)
+        # The next batch, decoded in the background while the current one trains.
+        self.loader = concurrent.futures.ThreadPoolExecutor(1)
+        self.pending: Optional[Tuple[List[int], concurrent.futures.Future]] = None
 
-    def uint8(self, rows: torch.Tensor) -> torch.Tensor:
-        """Decoded now: by torchvision on the split's device (nvJPEG on a GPU), or Pillow."""
-        images, problems = decode_rows(self.split, rows.tolist(), self.size, self.centre_crop,
+    def _decode(self, rows: List[int]) -> torch.Tensor:
+        images, problems = decode_rows(self.split, rows, self.size, self.centre_crop,
                                        self.pool, self.decoder, self.device)
         if problems:
             raise DecodeErrors("streamed", problems)
         return images.to(self.device, non_blocking=True)
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        listed = rows.tolist()
+        self.pending = (listed, self.loader.submit(self._decode, listed))
+
+    def uint8(self, rows: torch.Tensor) -> torch.Tensor:
+        """Decoded by torchvision on the split's device (nvJPEG on a GPU), or Pillow; by the
+        background decode when `prefetch` announced these rows."""
+        listed = rows.tolist()
+        if self.pending is not None and self.pending[0] == listed:
+            pending, self.pending = self.pending, None
+            return pending[1].result()
+        return self._decode(listed)   # another batch: the announced one stays pending

@@ -77,6 +77,9 @@ class LabelledItems:
         """The images of `rows` as uint8 (B, 3, H, W) on the device."""
         raise NotImplementedError
 
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """`rows` will be asked for next: a split that decodes may start now."""
+
     def batch(self, rows: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         return normalise(self.uint8(rows), channels_last)
 
