@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 # -- data --------------------------------------------------------------------------------------
 
 def _add_data(subparsers) -> None:
-    from .config import DATA_FIELDS, PRESETS
+    from .config import DATA_FIELDS, PRESETS, RANGES
     data = subparsers.add_parser("data", help="generate datasets",
                                  description="Generate and cache a dataset.")
     kinds = data.add_subparsers(dest="dataset", required=True)
@@ -53,13 +53,17 @@ def _add_data(subparsers) -> None:
                         help="the dataset's directory (default: data/biased-mnist-c<cell>-<hash "
                              "of the settings>, where `occamnets train` looks)")
     _add_config_options(biased, DATA_FIELDS)
-    from .config import RANGES
     biased.add_argument("--seed", dest="data_seed", type=_in_range(int, RANGES["data_seed"]),
                         default=argparse.SUPPRESS, help="the same as --data-seed")
     biased.add_argument("--force", action="store_true",
                         help="replace another dataset found in --out")
     biased.add_argument("--preview", default=None, help="save a grid of samples to this PNG")
     biased.set_defaults(handler=_run_data)
+    _add_data_check(kinds)
+
+
+def _add_data_check(kinds) -> None:
+    from .config import RANGES
     from .data.catalog import SPECS
     check = kinds.add_parser(
         "check", help="verify a real dataset's directory",
@@ -69,13 +73,12 @@ def _add_data(subparsers) -> None:
     check.add_argument("name", choices=[n for n, s in SPECS.items() if s.index is not None],
                        metavar="DATASET", help="coco-on-places, bar, celeba or folder")
     check.add_argument("--root", required=True, help="the dataset's directory")
-    check.add_argument("--bias-columns", nargs="+", default=None,
-                       help="folder: the CSV's bias attribute columns (default: every column "
-                            "but path, label and split)")
+    check.add_argument("--bias-columns", nargs="+", default=None, help=_HELP["bias_columns"])
     check.add_argument("--preview", default=None, help="save a grid of training images to this PNG")
-    check.add_argument("--image-size", type=int, default=None,
+    check.add_argument("--image-size", type=_in_range(int, RANGES["image_size"]), default=None,
                        help="the preview's image side (default: the dataset's paper preset's)")
-    check.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    check.add_argument("--workers", type=_in_range(int, RANGES["workers"]), default=4,
+                       help="threads decoding images")
     check.add_argument("--json", action="store_true", help="print the check as JSON")
     check.set_defaults(handler=_run_data_check)
 
@@ -108,26 +111,20 @@ def _run_data(args) -> int:
 def _run_data_check(args) -> int:
     from .data.catalog import find, spec
     from .data.check import check_dataset
+    from .data.real_splits import first_images
     _picture_path(args.preview, "--preview")
     index = find(args.name, args.root, args.bias_columns)
     result = check_dataset(index, workers=args.workers, progress=not args.json)
     print(json.dumps(dataclasses.asdict(result), indent=1) if args.json else result.to_markdown())
     if args.preview:
-        from .data.image_cache import decode
         from .viz import save_sample_grid
         chosen = spec(args.name)
         size = args.image_size or chosen.presets["paper"]["image_size"]
-        train = index.split(chosen.train)
-        shown = [row for row in range(min(24, len(train)))
-                 if train.images.paths is None or os.path.isfile(train.images.paths[row])]
-        images, _ = decode(train.images, shown, size, chosen.centre_crop)
-        import torch
-        aligned = None if train.aligned is None else torch.from_numpy(train.aligned[shown])
-        save_sample_grid(args.preview, torch.from_numpy(images),
-                         torch.from_numpy(train.labels[shown]),
-                         torch.from_numpy(train.attributes[shown]), index.attribute_names,
-                         title=f"{chosen.title} {chosen.train}", aligned=aligned,
-                         class_names=index.class_names)
+        shown = first_images(index, chosen.train, size, chosen.centre_crop, 24,
+                             workers=args.workers, skip_unreadable=True)
+        save_sample_grid(args.preview, shown.images, shown.labels, shown.factors,
+                         shown.factor_names, title=f"{chosen.title} {chosen.train}",
+                         aligned=shown.aligned, class_names=shown.class_names)
         print(f"preview written to {args.preview}", file=sys.stderr)
     return 0 if result.ok else 1
 
@@ -146,7 +143,7 @@ _HELP = {
                  "verifies it)",
     "image_size": "a real dataset's images are resized to this side (default: the preset's)",
     "bias_columns": "folder: the CSV's bias attribute columns (default: every column but "
-                    "path, label and split)",
+                    "path, label and split with at most 32 distinct values)",
     "optimizer": "adam, or sgd (the official COCO-on-Places optimiser)",
     "momentum": "SGD's momentum",
     "nesterov": "SGD with Nesterov momentum",
@@ -247,9 +244,10 @@ def _add_config_options(parser, names) -> None:
     from .models import MODELS, STEMS
     from .config import OPTIMIZERS
     from .data.catalog import SPECS
+    from .data.jpeg_decode import DECODERS
     choices = {"model": list(MODELS), "stem": list(STEMS), "backend": _EXIT_HEAD_BACKENDS,
                "method": list(METHODS), "dataset": list(SPECS), "optimizer": list(OPTIMIZERS),
-               "decoder": ["auto", "pil", "torchvision"]}
+               "decoder": ["auto", *DECODERS]}
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         if field.name not in names:
@@ -419,13 +417,14 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
 
 
 def _run_eval(args) -> int:
-    from .evaluate import evaluate, split_description
+    from .evaluate import evaluate, reports_groups, split_description
     from .models import MODELS
     _picture_path(args.reliability, "--reliability")
     model, config, split = _model_and_split(args)
     result = evaluate(model, split, args.split, threshold=config.inference_threshold,
                       batch_size=args.batch_size, channels_last=config.channels_last,
-                      bf16=config.bf16, progress=not args.json)
+                      bf16=config.bf16, progress=not args.json,
+                      per_group=reports_groups(config))
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=1))
     else:
@@ -468,11 +467,13 @@ def _run_predict(args) -> int:
     threshold = config.inference_threshold if args.threshold is None else args.threshold
     device = next(model.parameters()).device
     size = config.input_size
-    files = read_image_files(paths, size)
+    crop = config.dataset_spec.centre_crop   # prepared as the training images were
+    files = read_image_files(paths, size, crop)
     resized = sum(1 for width, height in files.sizes if (width, height) != (size, size))
     if resized:
-        print(f"note: {resized} of {len(paths)} images were resized to {size}x{size} px, the "
-              f"size this model was trained on", file=sys.stderr)
+        cut = f"cut to their centre {crop} px square and " if crop else ""
+        print(f"note: {resized} of {len(paths)} images were {cut}resized to {size}x{size} px, "
+              f"as this model's training images", file=sys.stderr)
     predictions: List[_Prediction] = []
     bar = progress_bar(len(paths), "classifying", True)
     for start in range(0, len(paths), args.batch_size):

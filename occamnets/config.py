@@ -15,7 +15,7 @@ import torch
 
 from .data.biased_mnist import MIN_CELL_SIZE, BiasedMNISTConfig, renders_needed
 from .data.catalog import BIASED_MNIST, SPECS, DatasetSpec, spec
-from .data.image_cache import DECODERS
+from .data.jpeg_decode import DECODERS
 from .losses import OccamLoss
 from .methods import GDRO_ETA, METHODS, SD_GAMMAS, UPWT_GAMMA, per_model_defaults
 from .models import MODELS, STEMS
@@ -136,6 +136,9 @@ class RunConfig:
                              f"exits and losses; the {MODELS[self.model]} has none")
         if len(self.taus) != 4:
             raise ValueError(f"need one tau per exit of ResNet-18's 4 stages, got {self.taus}")
+        if self.warmup_epochs and self.warmup_start_lr >= self.lr:
+            raise ValueError(f"warmup_start_lr {self.warmup_start_lr:g} must be below lr "
+                             f"{self.lr:g}: the warm-up rises from it to lr")
         if list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"milestones must increase, got {self.milestones}")
         self.biased_mnist()  # p_bias and cell_size are checked there
@@ -252,6 +255,8 @@ class RunConfig:
                   if k not in skip and k not in ALL_METHOD_FIELDS}
         # Where the source digits and letters live may move; which source it is may not.
         values.update(full_mnist=self.mnist_dir is not None, emnist=self.emnist_dir is not None)
+        # The image side the run trains at, whether given or the preset's default.
+        values["image_size"] = None if self.dataset == BIASED_MNIST else self.input_size
         # The method's own settings only, defaults filled in: another method's (unused)
         # settings, or None for the default written out, change nothing.
         values.update(self.used_method_settings())

@@ -101,6 +101,11 @@ def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None
             for name, s in splits.items()}
 
 
+def reports_groups(config: RunConfig) -> bool:
+    """Whether the run's evaluations give bias-group accuracies (see `evaluate`)."""
+    return config.dataset != BIASED_MNIST
+
+
 def split_description(config: RunConfig, name: str) -> str:
     """What a split of the run's dataset is, for the reports."""
     text = config.dataset_spec.describe(name)
@@ -287,13 +292,16 @@ def _timed(step: Callable[[Tensor], object], chunks: List[Tensor],
 def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
              threshold: float = 0.5, batch_size: int = 256, channels_last: bool = False,
              bf16: bool = False, per_factor: bool = True, diagnostics: bool = True,
-             time_full_depth: bool = False, progress: bool = False) -> Evaluation:
+             time_full_depth: bool = False, progress: bool = False,
+             per_group: bool = True) -> Evaluation:
     """Judge `model` on `split` as inference runs it: early exit with compaction for an
     OccamNet (timed), its plain forward otherwise (timed). For an OccamNet also every exit on
     every sample (untimed, for the per-exit accuracies and diagnostics; timed too with
     time_full_depth). diagnostics: per-exit calibration, and CAM agreement with the split's
     object masks when it has them. channels_last and bf16 autocast apply on CUDA only.
-    progress: a progress bar on stderr (when it is a terminal)."""
+    progress: a progress bar on stderr (when it is a terminal). per_group: the bias groups'
+    accuracies (worst, mean, each); off for Biased MNIST, whose groups (digit x seven
+    factors) are mostly single images (its per-factor accuracies say what they would)."""
     if len(split) == 0:
         raise ValueError(f"the {split_name} split is empty")
     if batch_size < 1:
@@ -351,7 +359,8 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
         calibration.add(torch.softmax(logits, 1).max(1).values, correct)
         result.diagnostics = [ExitDiagnostics("output", calibration.result(),
                                               nonfinite_logits=result.nonfinite_samples)]
-    _group_accuracy(result, split, correct)
+    if per_group:
+        _group_accuracy(result, split, correct)
     if per_factor and split.aligned is not None:
         aligned = split.aligned                                         # (N, factors)
         hits = correct[:, None]

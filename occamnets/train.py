@@ -33,7 +33,7 @@ from .data.biased_mnist import VAL_MIXED
 from .data.catalog import BIASED_MNIST
 from .data.loaders import LabelledItems
 from .evaluate import (Evaluation, evaluate, load_model_state, load_splits, progress_bar,
-                       split_description)
+                       reports_groups, split_description)
 from .files import atomic_path, make_writable_dir, remove_stale_temporaries
 from .losses import OccamLoss
 from .methods import Method, build_method, feature_parameters
@@ -152,6 +152,13 @@ def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.milestones),
                                                     gamma=config.lr_gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(config, epoch))
+
+
+def augmentation_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's augmentation in one process: a function of (seed, step) so a
+    resumed run augments as the uninterrupted one, and of the rank so DDP processes draw
+    different crops for their different images."""
+    return ((seed * 1_000_003) + step) * 65_537 + rank
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, device) -> torch.Tensor:
@@ -421,8 +428,11 @@ class Trainer:
                              f"than one batch of {config.batch_size}"
                              + (f" on each of {self.world} processes" if self.world > 1 else "")
                              + ": lower --batch-size")
-        # Every split's labels: a small training split may miss a class the test split has.
-        self.num_classes = max(int(s.labels.max()) for s in self.splits.values() if len(s)) + 1
+        # The dataset's classes when it names them; else every split's labels (a small
+        # training split may miss a class the test split has).
+        named = self.splits["train"].class_names
+        self.num_classes = len(named) if named else max(
+            int(s.labels.max()) for s in self.splits.values() if len(s)) + 1
         self.model = build_model(config.model, self.num_classes, config.width, config.stem,
                                  config.backend).to(self.device)
         on_gpu = self.device.type == "cuda"
@@ -534,13 +544,17 @@ class Trainer:
             handle.writelines(json.dumps(r) + "\n" for r in kept)
 
     # -- training ----------------------------------------------------------------------------
-    def _train_step(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def _train_step(self, rows: torch.Tensor, following: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One optimiser step on the training items `rows`; `following`: the next step's
+        rows, which a streamed split starts decoding once this batch is in hand."""
         train = self.splits["train"]
         x, labels = train.batch(rows, self.channels_last), train.labels[rows]
+        if following is not None:
+            train.prefetch(following)
         if self.crop_padding is not None:
-            # Drawn from (seed, step): a resumed run augments as the uninterrupted one.
             generator = torch.Generator().manual_seed(
-                self.config.seed * 1_000_003 + self.global_step)
+                augmentation_seed(self.config.seed, self.global_step, self.rank))
             x = random_crop_flip(x, self.crop_padding, generator)
         progress = (self.global_step + 1) / max(1, self.total_steps)  # PGI's warm-up
         with self.autocast:
@@ -636,9 +650,9 @@ class Trainer:
             epoch_batches = list(batches(order, config.batch_size, self.step_in_epoch,
                                          self.rank, self.world))
             for position, (step, rows) in enumerate(epoch_batches):
-                if position + 1 < len(epoch_batches):  # a streamed split decodes it meanwhile
-                    train.prefetch(epoch_batches[position + 1][1])
-                loss, parts = self._train_step(rows)
+                following = (epoch_batches[position + 1][1]
+                             if position + 1 < len(epoch_batches) else None)
+                loss, parts = self._train_step(rows, following)
                 loss_sum += loss
                 seen += rows.numel()
                 self.step_in_epoch, self.global_step = step + 1, self.global_step + 1
@@ -731,7 +745,7 @@ class Trainer:
                         threshold=self.config.inference_threshold,
                         channels_last=self.channels_last,
                         bf16=self.config.bf16, per_factor=per_factor, diagnostics=diagnostics,
-                        time_full_depth=time_full_depth)
+                        time_full_depth=time_full_depth, per_group=reports_groups(self.config))
 
     def run(self) -> Optional[RunReport]:
         """Train and evaluate; None if stopped before the last epoch (a stop signal, or

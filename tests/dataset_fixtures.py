@@ -120,3 +120,12 @@ def write_folder(root, counts=(("train", 40), ("val", 8), ("test", 8)), classes=
         writer.writeheader()
         writer.writerows(rows)
     return str(root)
+
+
+WRITERS = {"coco-on-places": write_coco_on_places, "bar": write_bar, "celeba": write_celeba,
+           "folder": write_folder}
+
+
+def write_all(base) -> dict:
+    """Every fixture under `base`: {dataset name: its root}."""
+    return {name: write(os.path.join(str(base), name)) for name, write in WRITERS.items()}

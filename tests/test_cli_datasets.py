@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -15,18 +16,15 @@ from occamnets.cli import main
 from occamnets.config import RunConfig
 from occamnets.train import Trainer
 
-WRITERS = {"coco-on-places": fixtures.write_coco_on_places, "bar": fixtures.write_bar,
-           "celeba": fixtures.write_celeba, "folder": fixtures.write_folder}
 HEADLINE = {"coco-on-places": "sgtest", "bar": "test", "celeba": "test", "folder": "test"}
 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
-    base = tmp_path_factory.mktemp("datasets")
-    return {name: write(str(base / name)) for name, write in WRITERS.items()}
+    return fixtures.write_all(tmp_path_factory.mktemp("datasets"))
 
 
-@pytest.mark.parametrize("name", list(WRITERS))
+@pytest.mark.parametrize("name", list(fixtures.WRITERS))
 def test_train_five_steps_then_eval_each_dataset(name, roots, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)   # the default cache (data/) and run (runs/) directories
     assert main(["train", "--dataset", name, "--root", roots[name], "--preset", "quick",
@@ -131,20 +129,22 @@ def test_a_streamed_run_trains_as_a_cached_one(roots, tmp_path, monkeypatch):
     def config(out, limit):
         return RunConfig.from_preset("quick", dataset="bar", data_root=roots["bar"],
                                      out_dir=str(tmp_path / out), data_dir=str(tmp_path / out),
-                                     device="cpu", progress=False, epochs=2,
+                                     device="cpu", progress=False, epochs=2, batch_size=8,
                                      cache_limit_gb=limit)
     cached = Trainer(config("cached", 8.0))
     cached.train()
     decoded = []
     real = image_cache.decode_rows
-    monkeypatch.setattr(image_cache, "decode_rows",
-                        lambda split, rows, *a: decoded.append(len(rows)) or real(split, rows, *a))
+    monkeypatch.setattr(image_cache, "decode_rows", lambda split, rows, *a: decoded.append(
+        (len(rows), threading.current_thread() is threading.main_thread()))
+        or real(split, rows, *a))
     streamed = Trainer(config("streamed", 0.0))
     assert isinstance(streamed.splits["train"], image_cache.StreamingSplit)
     streamed.train()
-    # Two epochs of 36 images in batches of 32 and 4, each decoded once (the 4 in the
-    # background while the 32 train), and nothing cached.
-    assert sorted(decoded) == [4, 4, 32, 32]
+    # Two epochs of 36 images in batches of 8, 8, 8, 8 and 4, each decoded once (all but
+    # the first of an epoch in the background while the one before trains); nothing cached.
+    assert sorted(size for size, _ in decoded) == [4, 4] + [8] * 8
+    assert sum(in_main for _, in_main in decoded) == 2
     assert not glob.glob(str(tmp_path / "streamed" / "*.npy"))
     for name, value in cached.model.state_dict().items():
         assert torch.equal(value, streamed.model.state_dict()[name]), name
@@ -163,3 +163,17 @@ def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, ca
                for m in ("erm", "upwt")]
     assert [c["worst_group_accuracy"] for c in cells] == [
         r["test"]["worst_group"]["accuracy"] for r in reports]
+
+
+def test_the_model_predicts_every_class_of_the_dataset(roots, tmp_path):
+    """BAR without any throwing image still has six classes: the head is sized by the
+    dataset's class list, not by the largest label seen."""
+    root = str(tmp_path / "bar")
+    shutil.copytree(roots["bar"], root)
+    for path in glob.glob(os.path.join(root, "*", "throwing_*.jpg")):
+        os.remove(path)
+    trainer = Trainer(RunConfig.from_preset(
+        "quick", dataset="bar", data_root=root, out_dir=str(tmp_path / "run"),
+        data_dir=str(tmp_path / "cache"), device="cpu", progress=False, max_steps=1,
+        batch_size=8))
+    assert trainer.num_classes == 6 and trainer.model.num_classes == 6

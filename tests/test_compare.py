@@ -90,11 +90,11 @@ def test_an_interrupted_grid_continues_where_it_stopped(tmp_path, capsys, monkey
     real_step = train_module.Trainer._train_step
     trained = []
 
-    def step_then_interrupt(self, rows):
+    def step_then_interrupt(self, rows, following=None):
         trained.append(self.config.method)
         if self.config.method == "sd" and self.global_step == 1:
             self.stop_signal = signal.SIGINT          # as Ctrl-C during the second step
-        return real_step(self, rows)
+        return real_step(self, rows, following)
     monkeypatch.setattr(train_module.Trainer, "_train_step", step_then_interrupt)
     assert main(argv) == 130
     assert "interrupted (Ctrl-C)" in capsys.readouterr().out

@@ -19,16 +19,12 @@ from occamnets.data.index import DatasetLayoutError
 from occamnets.data.loaders import DeviceSplit
 from occamnets.data.real_splits import load_real_splits
 from occamnets.evaluate import load_splits
-from occamnets.train import lr_factor
-
-WRITERS = {"coco-on-places": fixtures.write_coco_on_places, "bar": fixtures.write_bar,
-           "celeba": fixtures.write_celeba, "folder": fixtures.write_folder}
+from occamnets.train import lr_factor, make_optimizer, make_scheduler
 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
-    base = tmp_path_factory.mktemp("datasets")
-    return {name: write(str(base / name)) for name, write in WRITERS.items()}
+    return fixtures.write_all(tmp_path_factory.mktemp("datasets"))
 
 
 def test_coco_on_places_splits_groups_and_pixels(roots):
@@ -82,8 +78,32 @@ def test_folder_csv_labels_attributes_and_splits(roots):
     index = catalog.find("folder", roots["folder"], ["place"])
     assert index.class_names == ("cat", "dog") and index.attribute_names == ("place",)
     assert [len(index.split(s)) for s in ("train", "val", "test")] == [40, 8, 8]
-    everything = catalog.find("folder", roots["folder"])   # every other column is an attribute
-    assert everything.attribute_names == ("img_id", "place")
+    # Without --bias-columns: every other column with few values; an id column would make
+    # every image its own group, so it is skipped (and said).
+    default = catalog.find("folder", roots["folder"])
+    assert default.attribute_names == ("place",) and default.skipped_columns == ("img_id",)
+    assert "img_id" in check_dataset(default).to_markdown()
+    assert catalog.find("folder", roots["folder"], ["img_id", "place"]).attribute_names == (
+        "img_id", "place")
+
+
+def test_folder_csv_from_excel_and_bad_rows(roots, tmp_path):
+    """A byte-order mark, spaces after commas and Windows line ends are read; a row with a
+    missing value or another number of values is named by its line."""
+    root = str(tmp_path / "f")
+    shutil.copytree(roots["folder"], root)
+    csv_path = os.path.join(root, "metadata.csv")
+    lines = open(csv_path).read().splitlines()
+    excel = ["\ufeff" + lines[0].replace(",", ", ")] + lines[1:]
+    open(csv_path, "w", encoding="utf-8", newline="").write("\r\n".join(excel) + "\r\n")
+    index = catalog.find("folder", root, ["place"])
+    assert [len(index.split(s)) for s in ("train", "val", "test")] == [40, 8, 8]
+    open(csv_path, "w").write("\n".join(lines[:3] + [lines[3].rsplit(",", 1)[0] + ","]) + "\n")
+    with pytest.raises(DatasetLayoutError, match="line 4: no value for split"):
+        catalog.find("folder", root, ["place"])
+    open(csv_path, "w").write("\n".join(lines[:3] + [lines[3] + ",extra"]) + "\n")
+    with pytest.raises(DatasetLayoutError, match="line 4: 6 values for 5 columns"):
+        catalog.find("folder", root, ["place"])
 
 
 def test_folder_without_split_column_is_split_the_same_every_time(tmp_path):
@@ -96,7 +116,7 @@ def test_folder_without_split_column_is_split_the_same_every_time(tmp_path):
     assert not set(first.split("train").images.names) & set(first.split("test").images.names)
 
 
-@pytest.mark.parametrize("name", list(WRITERS))
+@pytest.mark.parametrize("name", list(fixtures.WRITERS))
 def test_a_missing_directory_or_file_says_what_and_where_to_get_it(name, roots, tmp_path):
     with pytest.raises(DatasetLayoutError, match="is not a directory"):
         catalog.find(name, str(tmp_path / "nowhere"))
@@ -256,9 +276,23 @@ def test_random_crop_flip_is_a_crop_of_the_padded_image_or_its_mirror():
     assert all(torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(2)) for i in range(64))
 
 
+def learning_rates(config):
+    """The rate of every epoch as the trainer's scheduler sets it."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = make_optimizer(config, [parameter])
+    scheduler = make_scheduler(config, optimizer)
+    rates = []
+    for _ in range(config.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
 def test_the_official_coco_on_places_schedule():
     config = RunConfig.from_preset("paper", dataset="coco-on-places")
-    rates = [config.lr * lr_factor(config, epoch) for epoch in range(150)]
+    rates = learning_rates(config)
+    assert rates == pytest.approx([config.lr * lr_factor(config, e) for e in range(150)])
     # Warm-up (0.1 - 0.01) * (e + 1) / 5, then the milestones counted after the warm-up.
     assert rates[:5] == pytest.approx([0.018, 0.036, 0.054, 0.072, 0.09])
     assert rates[5] == rates[104] == pytest.approx(0.1)
@@ -266,6 +300,12 @@ def test_the_official_coco_on_places_schedule():
     assert rates[125] == pytest.approx(1e-3) and rates[149] == pytest.approx(1e-4)
     assert (config.optimizer, config.nesterov, config.width, config.stem, config.input_size) == (
         "sgd", True, 58, "3x3", 64)
+    # Every quick preset's milestone is reached; a warm-up must start below lr.
+    for name in ("coco-on-places", "bar"):
+        assert learning_rates(RunConfig.from_preset("quick", dataset=name)) == pytest.approx(
+            [0.04, 0.05, 0.005])
+    with pytest.raises(ValueError, match="warmup_start_lr 0.2 must be below lr 0.1"):
+        RunConfig.from_preset("paper", dataset="coco-on-places", warmup_start_lr=0.2)
 
 
 def test_torchvision_jpeg_decoding_matches_pillow(roots, tmp_path):
@@ -283,9 +323,13 @@ def test_torchvision_jpeg_decoding_matches_pillow(roots, tmp_path):
     broken = catalog.find("celeba", root).split("test")
     with open(broken.images.paths[3], "wb") as handle:
         handle.write(b"\xff\xd8 not really a jpeg")
+    from PIL import Image
+    Image.open(split.images.paths[5]).save(broken.images.paths[5], format="PNG")
     images, problems = image_cache.decode_rows(broken, range(8), 32, 178, None, "torchvision")
     assert [path for path, _ in problems] == [broken.images.paths[3]]
     assert torch.equal(images[:3], batched[:3]) and images[3].eq(0).all()
+    # A PNG named .jpg: torchvision refuses it, Pillow reads it (as it would without it).
+    assert torch.equal(images[5], pil[5])
     # The cache knows which decoder made an array: another one decodes again.
     index = catalog.find("celeba", roots["celeba"])
     directory = str(tmp_path / "cache")
@@ -295,3 +339,56 @@ def test_torchvision_jpeg_decoding_matches_pillow(roots, tmp_path):
     streamed = load_real_splits("celeba", roots["celeba"], ["test"], directory, 32, "cpu",
                                 limit_bytes=0, decoder="torchvision")["test"]
     assert torch.equal(streamed.uint8(torch.arange(8)), batched)
+
+
+@pytest.mark.parametrize("name", ["coco-on-places", "folder"])
+def test_a_source_file_rewritten_in_place_is_decoded_again(name, roots, tmp_path):
+    """Same names, new content (an .h5py regenerated with the same counts, an image edited):
+    the cached pixels would no longer match the labels read fresh, so they are decoded again."""
+    root = str(tmp_path / name)
+    shutil.copytree(roots[name], root)
+    columns, split = (["place"], "test") if name == "folder" else (None, "idtest")
+    index = catalog.find(name, root, columns)
+    directory = str(tmp_path / "cache")
+    first = load_cached(index, [split], directory, 16, None)[split].clone()
+    changed = index.split(split).images.files[0]
+    if name == "folder":
+        from PIL import Image
+        Image.new("RGB", (20, 20), (255, 255, 255)).save(changed)
+    else:
+        import h5py
+        with h5py.File(changed, "r+") as h5:
+            h5["images"][0] = np.ones((3, 16, 16), dtype=np.float32)
+    os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
+    again = load_cached(catalog.find(name, root, columns), [split], directory, 16, None)[split]
+    assert not (first[0] == 255).all() and (again[0] == 255).all()
+
+
+@pytest.mark.parametrize("name, split", [("coco-on-places", "train"), ("celeba", "train")])
+def test_groups_are_numbered_as_the_official_code_numbers_them(name, split, roots, tmp_path):
+    """COCO-on-Places's 2 * y + g and CelebA's 2 * blond + male: PGI reads the numbering
+    (each class's first half against its second), so the order is the official one."""
+    items = load_real_splits(name, roots[name], [split], str(tmp_path / "c"), 16, "cpu")[split]
+    attribute = items.factors[:, 0]
+    assert torch.equal(items.groups.index, 2 * items.labels + attribute)
+    first = items.groups.names(items.class_names)[:2]
+    assert first == (["boat, background=0", "boat, background=1"] if name == "coco-on-places"
+                     else ["not blond, male=0", "not blond, male=1"])
+
+
+def test_predict_prepares_image_files_as_the_training_images(roots, tmp_path):
+    """CelebA's centre square, then the resize: the same pixels as the cached split."""
+    from occamnets.data.loaders import read_image_files
+    split = load_real_splits("celeba", roots["celeba"], ["test"], str(tmp_path / "c"), 32,
+                             "cpu")["test"]
+    paths = catalog.find("celeba", roots["celeba"]).split("test").images.paths[:3]
+    files = read_image_files(paths, 32, catalog.spec("celeba").centre_crop)
+    assert torch.equal(files.images, split.uint8(torch.arange(3)))
+    assert files.sizes == [(178, 218)] * 3
+
+
+def test_augmentation_differs_per_process_and_step_and_repeats_on_resume():
+    from occamnets.train import augmentation_seed
+    seeds = {augmentation_seed(seed, step, rank)
+             for seed in range(3) for step in range(100) for rank in range(8)}
+    assert len(seeds) == 3 * 100 * 8 and augmentation_seed(1, 7, 2) == augmentation_seed(1, 7, 2)

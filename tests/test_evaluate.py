@@ -159,3 +159,22 @@ def test_nonfinite_gates_are_counted_and_reported():
     assert result.nonfinite_samples == 37
     assert result.exit_counts[1] == 0          # a NaN gate never exits
     assert "37 samples had non-finite logits or gates" in result.to_markdown()
+
+
+def test_group_accuracies_are_each_groups_own():
+    split = synthetic_split()
+    model = resnet18(5, width=4, stem="3x3").eval()
+    result = evaluate(model, split, diagnostics=False)
+    with torch.no_grad():
+        correct = model(split.batch(torch.arange(len(split)))).argmax(1) == split.labels
+    groups = split.groups
+    by_hand = [correct[groups.index == g].float().mean().item() for g in range(groups.count)]
+    assert result.group_count == groups.count and len(result.groups) == groups.count
+    assert [g.accuracy for g in result.groups] == pytest.approx(by_hand)
+    assert [g.images for g in result.groups] == groups.sizes.tolist()
+    worst = min(range(groups.count), key=lambda g: by_hand[g])
+    assert result.worst_group.accuracy == pytest.approx(by_hand[worst])
+    assert result.worst_group.name == groups.names()[worst]
+    assert result.mean_group_accuracy == pytest.approx(sum(by_hand) / len(by_hand))
+    assert "Worst-group accuracy" in result.to_markdown()
+    assert evaluate(model, split, diagnostics=False, per_group=False).worst_group is None

@@ -23,13 +23,18 @@ def cross_entropy_by_hand(logits, label):
 def test_groups_are_label_and_attribute_values_with_the_aligned_group_first():
     labels = torch.tensor([1, 1, 0, 1, 0, 1])
     attributes = torch.tensor([[1, 1], [0, 1], [0, 0], [1, 1], [1, 0], [0, 0]])
-    groups = bias_groups(labels, attributes, ["colour", "texture"])
+    groups = bias_groups(labels, attributes, ["colour", "texture"],
+                         aligned=attributes == labels[:, None])
     # Class 0: (0, 0) aligned on both, (1, 0) conflicting once. Class 1: (1, 1), then the
     # one-conflict (0, 1), then (0, 0).
     assert groups.keys.tolist() == [[0, 0, 0], [0, 1, 0], [1, 1, 1], [1, 0, 1], [1, 0, 0]]
     assert groups.sizes.tolist() == [1, 1, 2, 1, 1]
     assert groups.index.tolist() == [2, 3, 0, 2, 1, 4]
     assert groups.names()[3] == "label=1, colour=0, texture=1"
+    assert groups.names(["cat", "dog"])[3] == "dog, colour=0, texture=1"
+    # Not knowing which values are aligned: label, then the values.
+    unordered = bias_groups(labels, attributes, ["colour", "texture"])
+    assert unordered.keys.tolist() == [[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 0, 1], [1, 1, 1]]
     with pytest.raises(ValueError, match="attribute columns"):
         bias_groups(labels, attributes, ["colour"])
     empty = bias_groups(labels[:0], attributes[:0], ["colour", "texture"])

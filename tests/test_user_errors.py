@@ -341,8 +341,8 @@ def test_demo_into_a_directory_of_another_preset_refuses_before_making_data(tmp_
 def _signal_at_step(monkeypatch, signum, at_step):
     real_step = Trainer._train_step
 
-    def step(self, rows):
-        result = real_step(self, rows)
+    def step(self, rows, following=None):
+        result = real_step(self, rows, following)
         if self.global_step + 1 == at_step:
             os.kill(os.getpid(), signum)
         return result
@@ -468,8 +468,8 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsy
     assert main(argv + ["--max-steps", "2"]) == 0        # the first epoch, checkpointed
     real_step = Trainer._train_step
 
-    def diverging(self, rows):
-        loss, parts = real_step(self, rows)
+    def diverging(self, rows, following=None):
+        loss, parts = real_step(self, rows, following)
         return loss * float("nan"), parts
     monkeypatch.setattr(Trainer, "_train_step", diverging)
     assert main(["train", "--out", out, "--resume"]) == 2
@@ -590,8 +590,9 @@ def test_a_run_that_never_started_leaves_no_directory(tmp_path, capsys):
 def test_divergence_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, capsys,
                                                                       monkeypatch):
     real_step = Trainer._train_step
-    monkeypatch.setattr(Trainer, "_train_step", lambda self, rows: (
-        lambda loss_parts: (loss_parts[0] * float("inf"), loss_parts[1]))(real_step(self, rows)))
+    monkeypatch.setattr(Trainer, "_train_step", lambda self, rows, following=None: (
+        lambda loss_parts: (loss_parts[0] * float("inf"), loss_parts[1]))(
+            real_step(self, rows, following)))
     assert main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")]
                 + TINY_DATA + TINY_RUN) == 2
     one_line_error(capsys, "training diverged: the loss was inf in epoch 1",

@@ -378,7 +378,8 @@ def _save_split(directory: str, split: str, data: BiasedMNISTSplit) -> Dict[str,
 
 def split_groups(data: BiasedMNISTSplit) -> BiasGroups:
     """The split's bias groups: digit and the seven factors' values, as the official's."""
-    return bias_groups(data.labels, data.factors, FACTOR_NAMES)
+    return bias_groups(data.labels, data.factors, FACTOR_NAMES,
+                       aligned=data.factors == data.labels[:, None])
 
 
 def _write_meta(directory: str, config: BiasedMNISTConfig, files: Dict[str, Dict],

@@ -36,6 +36,7 @@ class DatasetCheck:
     class_names: List[str]
     attribute_names: List[str]
     splits: List[SplitCheck]
+    skipped_columns: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -44,7 +45,10 @@ class DatasetCheck:
     def to_markdown(self) -> str:
         attributes = ", ".join(self.attribute_names) or "none (groups are the classes)"
         lines = [f"# {self.dataset} in {self.root}", "",
-                 f"Classes: {', '.join(self.class_names)}. Bias attributes: {attributes}.", "",
+                 f"Classes: {', '.join(self.class_names)}. Bias attributes: {attributes}."
+                 + (f" Columns not taken as bias attributes (too many distinct values; name "
+                    f"them with --bias-columns to use them): {', '.join(self.skipped_columns)}."
+                    if self.skipped_columns else ""), "",
                  "| split | images | bias groups | smallest group | missing | unreadable |",
                  "|---|---|---|---|---|---|"]
         for s in self.splits:
@@ -73,7 +77,8 @@ class DatasetCheck:
 def _check_split(name: str, split: SplitIndex, index: DatasetIndex, workers: int,
                  bar) -> SplitCheck:
     labels = torch.from_numpy(split.labels)
-    groups = bias_groups(labels, torch.from_numpy(split.attributes), index.attribute_names)
+    groups = bias_groups(labels, torch.from_numpy(split.attributes), index.attribute_names,
+                         None if split.aligned is None else torch.from_numpy(split.aligned))
     paths = split.images.paths
     missing = [] if paths is None else [p for p in paths if not os.path.isfile(p)]
     gone = set(missing)
@@ -94,6 +99,7 @@ def _check_split(name: str, split: SplitIndex, index: DatasetIndex, workers: int
                 unreadable.append(problem)
             if bar is not None:
                 bar.update(1)
+    split.images.close()
     per_class = np.bincount(split.labels, minlength=len(index.class_names)).tolist()
     return SplitCheck(name, len(split), per_class,
                       list(zip(groups.names(index.class_names), groups.sizes.tolist())), missing,
@@ -115,4 +121,4 @@ def check_dataset(index: DatasetIndex, splits: Optional[Sequence[str]] = None,
         if bar is not None:
             bar.close()
     return DatasetCheck(index.name, index.root, list(index.class_names),
-                        list(index.attribute_names), checked)
+                        list(index.attribute_names), checked, list(index.skipped_columns))

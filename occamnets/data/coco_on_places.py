@@ -14,6 +14,7 @@ official loader reads a missing `g` as 0; it never uses it for those splits.) Gr
 x background: 18, the official `2 * y + g`.
 """
 import os
+import threading
 from typing import Dict
 
 import numpy as np
@@ -30,7 +31,6 @@ ELSEWHERE = {"sgtest", "valsgtest", "oodtest", "valoodtest"}
 GET_IT = ("COCO-on-Places is made by the data maker of Faruk-Ahmed/predictive_group_invariance "
           "(coco/data/data_makers/coco_places.py), which writes the .h5py files; the official "
           "OccamNets code expects them in datasets/coco_on_places/")
-SIDE = 64
 
 
 def _h5py():
@@ -43,18 +43,27 @@ def _h5py():
 
 
 def _array_source(path: str, count: int) -> ImageSource:
-    """Row i of the file's `images`, as the official loader converts it."""
+    """Row i of the file's `images`, as the official loader converts it. The file is opened
+    on the first read, once (decoding threads share it: h5py serialises its calls anyway),
+    and closed by the source's close()."""
     h5py = _h5py()
-    handle = {}
+    handle, lock = {}, threading.Lock()
 
     def read(i: int) -> np.ndarray:
-        if "file" not in handle:  # opened on first read, in the process that reads
-            handle["file"] = h5py.File(path, "r")
-        image = np.asarray(handle["file"]["images"][i], dtype=np.float32)
+        with lock:
+            if "file" not in handle:
+                handle["file"] = h5py.File(path, "r")
+            image = np.asarray(handle["file"]["images"][i], dtype=np.float32)
         return (np.transpose(image, (1, 2, 0)) * 255).astype(np.uint8)
 
+    def release() -> None:
+        with lock:
+            if "file" in handle:
+                handle.pop("file").close()
+
     name = os.path.basename(path)
-    return ImageSource([f"{name}:{i}" for i in range(count)], read)
+    return ImageSource([f"{name}:{i}" for i in range(count)], read, array_file=path,
+                       release=release)
 
 
 def _read_split(path: str, split: str) -> SplitIndex:

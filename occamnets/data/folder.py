@@ -7,8 +7,10 @@ ROOT/metadata.csv, with a header row:
   split    optional: train, val, test (or Waterbirds' 0, 1, 2), or further names, each an
            extra evaluation split; without it every image is assigned train/val/test
            80/10/10 by a fixed permutation
-  ...      bias attributes: every other column, or those named by bias_columns; integer
-           values as they are, other values sorted into 0..V-1
+  ...      bias attributes: those named by bias_columns, else every other column with at
+           most MAX_ATTRIBUTE_VALUES distinct values (an id or file-name column would make
+           every image its own group: such columns are listed as skipped); integer values as
+           they are, other values sorted into 0..V-1
 Groups are label x the attributes' values.
 """
 import csv
@@ -27,6 +29,7 @@ SPLIT_COLUMN = "split"
 NUMBERED_SPLITS = {"0": "train", "1": "val", "2": "test"}   # Waterbirds' convention
 REQUIRED_SPLITS = ("train", "val", "test")
 UNSPLIT_SHARES = (0.8, 0.1)   # train and val shares when the CSV has no split column
+MAX_ATTRIBUTE_VALUES = 32     # more distinct values: not a bias attribute unless named
 GET_IT = (f"write {CSV_NAME} beside the images: a header with path, label, optional split and "
           f"any bias attribute columns")
 
@@ -64,47 +67,65 @@ def _assign_splits(count: int) -> List[str]:
     return list(names)
 
 
+def _read_csv(path: str) -> Tuple[List[str], List[Dict[str, str]]]:
+    """(header, rows) with names and values stripped; a UTF-8 byte-order mark (Excel's) is
+    dropped."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        table = [[cell.strip() for cell in row] for row in csv.reader(handle) if row]
+    if not table:
+        raise DatasetLayoutError(f"{path} is empty: {GET_IT}")
+    header = table[0]
+    for number, row in enumerate(table[1:], start=2):
+        if len(row) != len(header):
+            raise DatasetLayoutError(f"{path} line {number}: {len(row)} values for "
+                                     f"{len(header)} columns")
+    return header, [dict(zip(header, row)) for row in table[1:]]
+
+
 def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetIndex:
     (csv_path,) = require_files(root, [CSV_NAME], NAME, GET_IT)
-    with open(csv_path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
+    header, rows = _read_csv(csv_path)
     if not rows:
         raise DatasetLayoutError(f"{csv_path} lists no images")
     path_column = _column(header, PATH_COLUMNS, "image path", csv_path)
     label_column = _column(header, LABEL_COLUMNS, "label", csv_path)
     others = [c for c in header if c not in (path_column, label_column, SPLIT_COLUMN)]
-    attributes = list(others if bias_columns is None else bias_columns)
+    if bias_columns is None:
+        attributes = [c for c in others
+                      if len({row[c] for row in rows}) <= MAX_ATTRIBUTE_VALUES]
+    else:
+        attributes = list(bias_columns)
     unknown = [c for c in attributes if c not in others]
     if unknown:
         raise DatasetLayoutError(f"{csv_path} has no bias column {', '.join(unknown)} (its "
                                  f"columns: {', '.join(header)})")
+    required = [path_column, label_column] + attributes + (
+        [SPLIT_COLUMN] if SPLIT_COLUMN in header else [])
     for number, row in enumerate(rows, start=2):
-        empty = [c for c in [path_column, label_column] + attributes if not (row.get(c) or "").strip()]
+        empty = [c for c in required if not row[c]]
         if empty:
             raise DatasetLayoutError(f"{csv_path} line {number}: no value for {', '.join(empty)}")
     try:
-        labels, class_names = _codes([row[label_column].strip() for row in rows])
-        values = [_codes([row[c].strip() for row in rows])[0] for c in attributes]
+        labels, class_names = _codes([row[label_column] for row in rows])
+        values = [_codes([row[c] for row in rows])[0] for c in attributes]
     except ValueError as error:
         raise DatasetLayoutError(f"{csv_path}: {error}") from error
     attribute_array = (np.stack(values, 1) if values
                        else np.zeros((len(rows), 0), dtype=np.int64))
     if SPLIT_COLUMN in header:
-        split_names = [NUMBERED_SPLITS.get(row[SPLIT_COLUMN].strip(), row[SPLIT_COLUMN].strip())
-                       for row in rows]
+        split_names = [NUMBERED_SPLITS.get(row[SPLIT_COLUMN], row[SPLIT_COLUMN]) for row in rows]
     else:
         split_names = _assign_splits(len(rows))
     missing = [s for s in REQUIRED_SPLITS if s not in split_names]
     if missing:
         raise DatasetLayoutError(f"{csv_path} puts no image in the {', '.join(missing)} "
                                  f"split(s): training needs train, val and test")
-    paths = np.array([os.path.join(root, row[path_column].strip()) for row in rows], dtype=object)
+    paths = np.array([os.path.join(root, row[path_column]) for row in rows], dtype=object)
     chosen = np.array(split_names, dtype=object)
     splits: Dict[str, SplitIndex] = {}
     for split in list(REQUIRED_SPLITS) + sorted(set(split_names) - set(REQUIRED_SPLITS)):
         rows_of = np.flatnonzero(chosen == split)
         splits[split] = SplitIndex(file_source(list(paths[rows_of])), labels[rows_of],
                                    attribute_array[rows_of])
-    return DatasetIndex("folder", root, class_names, tuple(attributes), splits)
+    skipped = tuple(c for c in others if c not in attributes) if bias_columns is None else ()
+    return DatasetIndex("folder", root, class_names, tuple(attributes), splits, skipped)

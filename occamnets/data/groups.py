@@ -3,9 +3,11 @@
 This is the official code's Biased MNIST grouping (its GroupUtils names a group by the digit
 and every bias variable's value). The official numbers groups in the order it first meets
 them; here the numbering is a function of the groups alone: sorted by label, then by how many
-attributes conflict with the label (the bias-aligned group of a class first), then by the
-values. Only PGI's split of a class's groups into two halves reads the numbering (see
-occamnets/methods/pgi.py): this order puts the majority-like half first.
+attributes are bias-conflicting (when the data says which values are aligned with the class:
+the bias-aligned group of a class first), then by the values. Without that (CelebA's gender, a
+user's CSV) the order is label, then values: CelebA's official 2 * blond + male. Only PGI's
+split of a class's groups into two halves reads the numbering (see occamnets/methods/pgi.py):
+this order puts the majority-like half first.
 """
 import dataclasses
 from typing import List, Optional, Sequence
@@ -43,16 +45,23 @@ class BiasGroups:
 
 
 
-def bias_groups(labels: Tensor, attributes: Tensor, attribute_names: Sequence[str]) -> BiasGroups:
-    """The groups of items with `labels` (N,) and bias `attributes` (N, F) integer values."""
+def bias_groups(labels: Tensor, attributes: Tensor, attribute_names: Sequence[str],
+                aligned: Optional[Tensor] = None) -> BiasGroups:
+    """The groups of items with `labels` (N,) and bias `attributes` (N, F) integer values;
+    `aligned` (N, F) bool: which values are the one tied to the item's class (None: not
+    known, the groups are ordered by their values alone)."""
     if labels.dim() != 1 or attributes.dim() != 2 or attributes.shape[0] != labels.shape[0]:
         raise ValueError(f"labels must be (N,) and attributes (N, F), got "
                          f"{tuple(labels.shape)} and {tuple(attributes.shape)}")
     if attributes.shape[1] != len(attribute_names):
         raise ValueError(f"{attributes.shape[1]} attribute columns but "
                          f"{len(attribute_names)} names")
+    if aligned is not None and aligned.shape != attributes.shape:
+        raise ValueError(f"aligned must have the attributes' shape {tuple(attributes.shape)}, "
+                         f"got {tuple(aligned.shape)}")
     labels, attributes = labels.long(), attributes.long()
-    conflicting = (attributes != labels[:, None]).sum(1, keepdim=True)
+    conflicting = (torch.zeros_like(labels)[:, None] if aligned is None
+                   else (~aligned.bool()).sum(1, keepdim=True))
     order_keys = torch.cat([labels[:, None], conflicting, attributes], 1)
     if labels.shape[0] == 0:
         unique = order_keys

@@ -27,27 +27,11 @@ import torch
 from ..files import atomic_path, remove_stale_temporaries, sha256_of_file
 from .index import DatasetIndex, ImageSource, SplitIndex
 from .jpeg_decode import all_jpeg, decode_jpegs
-from .loaders import LabelledItems
+from .loaders import LabelledItems, prepare, read_rgb
 
 CACHE_FORMAT = 1
-DECODERS = ("pil", "torchvision")
 META = "meta.json"
 DECODE_CHUNK = 256   # images decoded per task batch (progress and memory granularity)
-
-
-def prepare(image: np.ndarray, size: int, centre_crop: Optional[int]) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (3, size, size): the centred square of side centre_crop
-    (at most the shorter side) cut out when given, then resized (Pillow's bilinear, which
-    filters when shrinking)."""
-    from PIL import Image
-    height, width = image.shape[:2]
-    if centre_crop is not None:
-        side = min(centre_crop, height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        image = image[top:top + side, left:left + side]
-    if image.shape[:2] != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
 class DecodeErrors(ValueError):
@@ -87,12 +71,19 @@ def uses_torchvision(split: SplitIndex, decoder: str) -> bool:
 
 def fingerprint(split: SplitIndex, size: int, centre_crop: Optional[int],
                 decoder: str = "pil") -> str:
-    """What the split's array depends on: the images (by name, in order), size, crop and the
-    decoder that reads them."""
+    """What the split's array depends on: the images (by name, in order), the size and
+    modification time of every file they come from (a file replaced or rewritten in place
+    is decoded again), size, crop and the decoder that reads them."""
     used = "torchvision" if uses_torchvision(split, decoder) else "pil"
     digest = hashlib.sha256(json.dumps([CACHE_FORMAT, size, centre_crop, used]).encode())
     for name in split.images.names:
         digest.update(name.encode() + b"\0")
+    for path in split.images.files:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+        except OSError:
+            digest.update(b"missing\0")   # decoding it will say so
     return digest.hexdigest()
 
 
@@ -136,8 +127,18 @@ def decode_rows(split: SplitIndex, rows: Sequence[int], size: int, centre_crop: 
     """(uint8 (len(rows), 3, size, size), problems) by the decoder asked for; on
     `decode_device` with torchvision, on the CPU with Pillow."""
     if uses_torchvision(split, decoder):
-        return decode_jpegs([split.images.paths[r] for r in rows], size, centre_crop,
-                            decode_device)
+        paths = [split.images.paths[r] for r in rows]
+        images, failed = decode_jpegs(paths, size, centre_crop, decode_device)
+        # What torchvision refuses (a PNG named .jpg, a JPEG nvJPEG does not take) Pillow may
+        # read: only what neither reads is a problem, so the decoders accept the same files.
+        problems = []
+        for path, why in failed:
+            try:
+                image = torch.from_numpy(prepare(read_rgb(path), size, centre_crop))
+                images[paths.index(path)] = image.to(images.device)
+            except ValueError:
+                problems.append((path, why))
+        return images, problems
     images, problems = decode(split.images, rows, size, centre_crop, pool)
     return torch.from_numpy(images), problems
 
@@ -166,6 +167,7 @@ def _decode_split(split_name: str, split: SplitIndex, path: str, size: int,
                 bar.update(len(rows))
         array.flush()
         del array
+        split.images.close()
         if problems:
             raise DecodeErrors(split_name, problems)
     if bar is not None:
@@ -202,13 +204,14 @@ class StreamingSplit(LabelledItems):
     """A split too large to cache: the images of each batch are decoded when asked for, by a
     pool of threads; labels and attributes live on the device."""
 
-    def __init__(self, split: SplitIndex, index: DatasetIndex, size: int,
+    def __init__(self, name: str, index: DatasetIndex, size: int,
                  centre_crop: Optional[int], device="cpu", workers: int = 4,
                  decoder: str = "pil"):
+        split = index.split(name)
         aligned = None if split.aligned is None else torch.from_numpy(split.aligned)
         super().__init__(torch.from_numpy(split.labels), torch.from_numpy(split.attributes),
                          index.attribute_names, device, aligned, index.class_names)
-        self.split, self.size, self.centre_crop = split, size, centre_crop
+        self.name, self.split, self.size, self.centre_crop = name, split, size, centre_crop
         self.decoder = decoder
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)
         # The next batch, decoded in the background while the current one trains.
@@ -219,7 +222,7 @@ class StreamingSplit(LabelledItems):
         images, problems = decode_rows(self.split, rows, self.size, self.centre_crop,
                                        self.pool, self.decoder, self.device)
         if problems:
-            raise DecodeErrors("streamed", problems)
+            raise DecodeErrors(self.name, problems)
         return images.to(self.device, non_blocking=True)
 
     def prefetch(self, rows: torch.Tensor) -> None:

@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .loaders import read_rgb
+
 
 class DatasetLayoutError(FileNotFoundError):
     """The dataset directory is missing files or has them in another layout."""
@@ -19,14 +21,26 @@ class DatasetLayoutError(FileNotFoundError):
 @dataclasses.dataclass(frozen=True)
 class ImageSource:
     """N images of one split: `read(i)` gives image i as uint8 (H, W, 3). `names[i]` says
-    where it comes from (a path, or file:row) for messages; `paths` are the files to check
-    (None: the images are rows of one array file, checked as a whole)."""
+    where it comes from (a path, or file:row) for messages; `paths` are the image files, one
+    per image (None: the images are rows of `array_file`)."""
     names: Sequence[str]
     read: Callable[[int], np.ndarray]
     paths: Optional[Sequence[str]] = None
+    array_file: Optional[str] = None
+    # Releases what reading opened (the array file); a later read opens it again.
+    release: Optional[Callable[[], None]] = None
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def close(self) -> None:
+        if self.release is not None:
+            self.release()
+
+    @property
+    def files(self) -> Sequence[str]:
+        """Every file the images are read from."""
+        return self.paths if self.paths is not None else [self.array_file] if self.array_file else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +71,14 @@ class SplitIndex:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetIndex:
-    """A dataset found in `root`: its classes, bias attribute names and splits."""
+    """A dataset found in `root`: its classes, bias attribute names and splits;
+    `skipped_columns`: a CSV's columns not taken as bias attributes (too many values)."""
     name: str
     root: str
     class_names: Tuple[str, ...]
     attribute_names: Tuple[str, ...]
     splits: Dict[str, SplitIndex]
+    skipped_columns: Tuple[str, ...] = ()
 
     def __post_init__(self):
         for split, index in self.splits.items():
@@ -92,21 +108,6 @@ def require_files(root: str, relative: Sequence[str], dataset: str, get_it: str)
         raise DatasetLayoutError(f"{root} is not a complete {dataset} directory: missing "
                                  f"{', '.join(missing)} ({get_it})")
     return paths
-
-
-def read_rgb(path: str) -> np.ndarray:
-    """An image file as uint8 (H, W, 3) RGB; a ValueError naming the file if it cannot be
-    read (truncated, not an image, 16-bit or float pixels)."""
-    from PIL import Image
-    from .loaders import WIDE_MODES
-    try:
-        with Image.open(path) as image:
-            if image.mode in WIDE_MODES:
-                raise ValueError(f"{path} has {WIDE_MODES[image.mode]} pixels; convert it to "
-                                 f"8 bits per channel")
-            return np.asarray(image.convert("RGB")).copy()
-    except (OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read {path} as an image: {error}") from error
 
 
 def file_source(paths: Sequence[str]) -> ImageSource:

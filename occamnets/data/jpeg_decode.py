@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+DECODERS = ("pil", "torchvision")   # the image decoders a run may choose (or auto)
 
 
 def all_jpeg(paths: Optional[Sequence[str]]) -> bool:
@@ -17,7 +18,7 @@ def all_jpeg(paths: Optional[Sequence[str]]) -> bool:
 
 
 def _square(image: torch.Tensor, size: int, centre_crop: Optional[int]) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, size, size): centre crop (as image_cache.prepare), then
+    """uint8 (3, H, W) -> uint8 (3, size, size): centre crop (as loaders.prepare), then
     an antialiased bilinear resize."""
     height, width = image.shape[1:]
     if centre_crop is not None:

@@ -71,7 +71,7 @@ class LabelledItems:
     def groups(self) -> BiasGroups:
         """The split's bias groups (label x the factors' values), on its device; computed
         when first asked for."""
-        return bias_groups(self.labels, self.factors, self.factor_names)
+        return bias_groups(self.labels, self.factors, self.factor_names, self.aligned)
 
     def uint8(self, rows: torch.Tensor) -> torch.Tensor:
         """The images of `rows` as uint8 (B, 3, H, W) on the device."""
@@ -156,21 +156,43 @@ class ImageFiles(NamedTuple):
     sizes: List[Tuple[int, int]]       # each file's own (width, height)
 
 
-def read_image_files(paths: Sequence[str], size: int) -> ImageFiles:
-    """Image files (anything Pillow reads) as uint8 RGB (N, 3, size, size), resized to
-    `size`, with their own sizes (to tell the user which were resized)."""
+def read_rgb(path: str) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB; a ValueError naming the file if it cannot be
+    read (truncated, not an image, 16-bit or float pixels)."""
     from PIL import Image
+    try:
+        with Image.open(path) as image:
+            if image.mode in WIDE_MODES:
+                raise ValueError(f"{path} has {WIDE_MODES[image.mode]} pixels; the model "
+                                 f"reads 8-bit images: convert it to 8 bits per channel")
+            return np.asarray(image.convert("RGB")).copy()
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read {path} as an image: {error}") from error
+
+
+def prepare(image: np.ndarray, size: int, centre_crop: Optional[int] = None) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (3, size, size): the centred square of side centre_crop
+    (at most the shorter side) cut out when given, then resized (Pillow's bilinear, which
+    filters when shrinking). How every real dataset's images, and predict's, are prepared."""
+    from PIL import Image
+    height, width = image.shape[:2]
+    if centre_crop is not None:
+        side = min(centre_crop, height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        image = image[top:top + side, left:left + side]
+    if image.shape[:2] != (size, size):
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def read_image_files(paths: Sequence[str], size: int,
+                     centre_crop: Optional[int] = None) -> ImageFiles:
+    """Image files (anything Pillow reads) as uint8 RGB (N, 3, size, size), prepared as the
+    model's training images were (`prepare`), with their own sizes (to tell the user which
+    were resized)."""
     images, sizes = [], []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                if image.mode in WIDE_MODES:
-                    raise ValueError(f"{path} has {WIDE_MODES[image.mode]} pixels; the model "
-                                     f"reads 8-bit images: convert it to 8 bits per channel")
-                sizes.append(image.size)
-                rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
-        except (OSError, Image.DecompressionBombError) as error:
-            raise ValueError(f"cannot read {path} as an image: {error}") from error
-        images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
+        rgb = read_rgb(path)
+        sizes.append((rgb.shape[1], rgb.shape[0]))
+        images.append(torch.from_numpy(prepare(rgb, size, centre_crop)))
     return ImageFiles(torch.stack(images), sizes)
-

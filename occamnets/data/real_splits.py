@@ -20,18 +20,23 @@ def _device_split(split: SplitIndex, images: torch.Tensor, index: DatasetIndex,
                        class_names=index.class_names)
 
 
-def _first_images(index: DatasetIndex, name: str, size: int, centre_crop: Optional[int],
-                  count: int, device, workers: int) -> DeviceSplit:
-    """The first `count` images of a split, decoded now (a picture needs no cache)."""
+def first_images(index: DatasetIndex, name: str, size: int, centre_crop: Optional[int],
+                 count: int, device="cpu", workers: int = 4,
+                 skip_unreadable: bool = False) -> DeviceSplit:
+    """The first `count` images of a split, decoded now (a picture needs no cache).
+    skip_unreadable: leave out images that cannot be read (a preview of a damaged dataset)
+    rather than raise DecodeErrors."""
     split = index.split(name)
     count = min(count, len(split))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         images, problems = decode(split.images, range(count), size, centre_crop, pool)
-    if problems:
+    if problems and not skip_unreadable:
         raise DecodeErrors(name, problems)
-    aligned = None if split.aligned is None else torch.from_numpy(split.aligned[:count])
-    return DeviceSplit(torch.from_numpy(images), torch.from_numpy(split.labels[:count]),
-                       torch.from_numpy(split.attributes[:count]), index.attribute_names,
+    bad = {split.images.names.index(source) for source, _ in problems}
+    rows = [row for row in range(count) if row not in bad]
+    aligned = None if split.aligned is None else torch.from_numpy(split.aligned[rows])
+    return DeviceSplit(torch.from_numpy(images[rows]), torch.from_numpy(split.labels[rows]),
+                       torch.from_numpy(split.attributes[rows]), index.attribute_names,
                        device, aligned=aligned, class_names=index.class_names)
 
 
@@ -56,9 +61,9 @@ def load_real_splits(dataset: str, root: str, names: Optional[Sequence[str]], ca
         index.split(name)  # an unknown split is named before any decoding
     crop = chosen.centre_crop
     if count is not None:
-        return {n: _first_images(index, n, size, crop, count, device, workers) for n in names}
+        return {n: first_images(index, n, size, crop, count, device, workers) for n in names}
     if array_bytes(index, names, size) > limit_bytes:
-        return {n: StreamingSplit(index.split(n), index, size, crop, device, workers, decoder)
+        return {n: StreamingSplit(n, index, size, crop, device, workers, decoder)
                 for n in names}
     images = load_cached(index, names, cache_dir, size, crop, workers, progress, decoder,
                          device)
