@@ -26,7 +26,7 @@ import torch
 
 from ..files import atomic_path, remove_stale_temporaries, sha256_of_file
 from .index import DatasetIndex, ImageSource, SplitIndex
-from .jpeg_decode import all_jpeg, decode_jpegs
+from .jpeg_decode import decode_jpegs
 from .loaders import LabelledItems, prepare, read_rgb
 
 CACHE_FORMAT = 1
@@ -66,7 +66,7 @@ def decode(source: ImageSource, rows: Sequence[int], size: int, centre_crop: Opt
 
 
 def uses_torchvision(split: SplitIndex, decoder: str) -> bool:
-    return decoder == "torchvision" and all_jpeg(split.images.paths)
+    return decoder == "torchvision" and split.images.all_jpeg
 
 
 def fingerprint(split: SplitIndex, size: int, centre_crop: Optional[int],

@@ -6,11 +6,13 @@ Every loader (coco_on_places, bar, celeba, folder) returns a `DatasetIndex`; the
 the dataset raises `DatasetLayoutError`, naming what is missing and where to get it.
 """
 import dataclasses
+import functools
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .jpeg_decode import all_jpeg
 from .loaders import read_rgb
 
 
@@ -36,6 +38,12 @@ class ImageSource:
     def close(self) -> None:
         if self.release is not None:
             self.release()
+
+    @functools.cached_property
+    def all_jpeg(self) -> bool:
+        """Whether every image is a JPEG file (torchvision can decode them in batches);
+        computed once: a split may have 200,000 paths and is asked per batch."""
+        return all_jpeg(self.paths)
 
     @property
     def files(self) -> Sequence[str]:
