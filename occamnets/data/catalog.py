@@ -45,14 +45,21 @@ class DatasetSpec:
 # momentum, 5 warm-up epochs from 1e-2, steps of 0.1 counted after the warm-up.
 _COCO_SGD = dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                  warmup_epochs=5, warmup_start_lr=1e-2, lr_gamma=0.1)
-_SMALL = dict(width=12, stem="3x3", batch_size=32)
-# A few minutes on a CPU: 32 px, width 12, that optimiser with one warm-up epoch, then one
-# epoch at lr and one at a tenth (the milestone counts from the warm-up's end).
-_QUICK_SGD = dict(_SMALL, image_size=32, epochs=3, milestones=(1,),
-                  **dict(_COCO_SGD, lr=0.05, warmup_epochs=1))
+
+
+def _sgd(size: int, width: int, stem: str, epochs: int, batch: int,
+         milestones: Tuple[int, ...], **changes) -> Dict:
+    """A preset with that optimiser: image side, model width and stem, epochs, batch size,
+    milestones (counted from the warm-up's end), and any of its settings changed."""
+    return dict(_COCO_SGD, image_size=size, width=width, stem=stem, epochs=epochs,
+                batch_size=batch, milestones=milestones, **changes)
+
+
+# A few minutes on a CPU: 32 px, width 12, one warm-up epoch, then one epoch at lr and one
+# at a tenth.
+_QUICK_SGD = _sgd(32, 12, "3x3", 3, 32, (1,), lr=0.05, warmup_epochs=1)
 # 224 px (the official default size) with the official COCO-on-Places schedule.
-_PAPER_224 = dict(_COCO_SGD, image_size=224, width=58, stem="7x7", epochs=150, batch_size=64,
-                  milestones=(100, 120, 140))
+_PAPER_224 = _sgd(224, 58, "7x7", 150, 64, (100, 120, 140))
 
 SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec(
@@ -75,10 +82,8 @@ SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
         coco_on_places.GET_IT, coco_on_places.index, crop_padding=1 / 8,
         presets={
             "quick": _QUICK_SGD,
-            "gpu": dict(_COCO_SGD, image_size=64, width=32, stem="3x3", epochs=30,
-                        batch_size=128, warmup_epochs=2, milestones=(20, 25)),
-            "paper": dict(_COCO_SGD, image_size=64, width=58, stem="3x3", epochs=150,
-                          batch_size=64, milestones=(100, 120, 140))},
+            "gpu": _sgd(64, 32, "3x3", 30, 128, (20, 25), warmup_epochs=2),
+            "paper": _sgd(64, 58, "3x3", 150, 64, (100, 120, 140))},
         preset_notes="paper: the official config (occam_resnet18_img64, SGD 0.1 Nesterov, "
                      "5 warm-up epochs, 150 epochs, batch 64)"),
     DatasetSpec(
@@ -88,8 +93,7 @@ SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
         bar.GET_IT, bar.index, crop_padding=1 / 8,
         presets={
             "quick": _QUICK_SGD,
-            "gpu": dict(_COCO_SGD, image_size=112, width=32, stem="7x7", epochs=60,
-                        batch_size=64, warmup_epochs=2, milestones=(40, 50)),
+            "gpu": _sgd(112, 32, "7x7", 60, 64, (40, 50), warmup_epochs=2),
             "paper": _PAPER_224},
         preset_notes="the official code has no BAR config: 224 px (its default) with the "
                      "COCO-on-Places optimiser"),
@@ -99,12 +103,9 @@ SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
          "test": "CelebA's test partition; the worst group is the one to watch"},
         celeba.GET_IT, celeba.index, centre_crop=celeba.CROP,
         presets={
-            "quick": dict(_SMALL, image_size=32, epochs=1, **dict(
-                _COCO_SGD, lr=0.05, warmup_epochs=0), milestones=()),
-            "gpu": dict(_COCO_SGD, image_size=64, width=32, stem="3x3", epochs=10,
-                        batch_size=128, warmup_epochs=1, milestones=(6, 8)),
-            "paper": dict(_COCO_SGD, image_size=128, width=58, stem="7x7", epochs=30,
-                          batch_size=128, warmup_epochs=2, milestones=(20, 25))},
+            "quick": _sgd(32, 12, "3x3", 1, 32, (), lr=0.05, warmup_epochs=0),
+            "gpu": _sgd(64, 32, "3x3", 10, 128, (6, 8), warmup_epochs=1),
+            "paper": _sgd(128, 58, "7x7", 30, 128, (20, 25), warmup_epochs=2)},
         preset_notes="the official code has no CelebA config: the centre 178 px square "
                      "(its crop) resized, with the COCO-on-Places optimiser"),
     DatasetSpec(
@@ -113,7 +114,8 @@ SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
          "test": "the CSV's test rows"},
         folder.GET_IT, folder.index, crop_padding=1 / 8,
         presets={
-            "quick": dict(_SMALL, image_size=32, epochs=8, lr=2e-3, milestones=(6,)),
+            "quick": dict(image_size=32, width=12, stem="3x3", batch_size=32, epochs=8,
+                          lr=2e-3, milestones=(6,)),
             "gpu": dict(image_size=64, width=32, stem="3x3", epochs=30, batch_size=128,
                         lr=1e-3, milestones=(20, 25)),
             "paper": _PAPER_224},
