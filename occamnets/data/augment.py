@@ -28,13 +28,13 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) 
     top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
     left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
     flip = torch.rand(batch, generator=generator) < 0.5
-    if padding > 0:
-        padded = F.pad(x, (padding,) * 4, mode="reflect")
-        rows = (top[:, None] + torch.arange(height)).to(x.device)           # (B, H)
-        columns = (left[:, None] + torch.arange(width)).to(x.device)        # (B, W)
-        # One gather: image b's pixel (i, j) comes from padded[b, :, rows[b, i], columns[b, j]].
-        picked = padded.permute(0, 2, 3, 1)[torch.arange(batch, device=x.device)[:, None, None],
-                                            rows[:, :, None], columns[:, None, :]]
-        x = picked.permute(0, 3, 1, 2)
-    flip = flip.to(x.device)[:, None, None, None]
-    return torch.where(flip, x.flip(3), x).contiguous(memory_format=memory_format)
+    padded = F.pad(x, (padding,) * 4, mode="reflect") if padding > 0 else x
+    rows = top[:, None] + torch.arange(height)                                   # (B, H)
+    # A mirrored image reads its crop's columns right to left: crop and flip in one gather.
+    offsets = torch.where(flip[:, None], torch.arange(width - 1, -1, -1), torch.arange(width))
+    columns = left[:, None] + offsets                                           # (B, W)
+    # Image b's pixel (i, j) comes from padded[b, :, rows[b, i], columns[b, j]].
+    rows, columns = torch.cat([rows, columns], 1).to(x.device).split([height, width], 1)
+    picked = padded.permute(0, 2, 3, 1)[torch.arange(batch, device=x.device)[:, None, None],
+                                        rows[:, :, None], columns[:, None, :]]
+    return picked.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
