@@ -21,7 +21,9 @@ from PIL import Image
 
 from occamnets.config import RunConfig
 from occamnets.data import bar, catalog, image_cache
-from occamnets.train import Trainer
+from occamnets.train import Trainer, read_metrics
+
+from benchutils import synchronize
 
 
 def write_dataset(root: str, train_per_class: int = 100, test_per_class: int = 20) -> None:
@@ -38,12 +40,10 @@ def write_dataset(root: str, train_per_class: int = 100, test_per_class: int = 2
 def decode_rate(split, decoder: str, size: int, device, workers: int) -> float:
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         image_cache.decode_rows(split, range(32), size, None, pool, decoder, device)  # warm-up
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
         started = time.perf_counter()
         image_cache.decode_rows(split, range(len(split)), size, None, pool, decoder, device)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
     return len(split) / (time.perf_counter() - started)
 
 
@@ -56,8 +56,8 @@ def training_rate(root: str, work: str, device: str, size: int, streamed: bool,
                                    epochs=2, cache_limit_gb=0.0 if streamed else 8.0,
                                    workers=workers)
     Trainer(config).train()
-    with open(os.path.join(run, "metrics.jsonl")) as handle:
-        epochs = [json.loads(line) for line in handle if '"kind": "epoch"' in line]
+    epochs = [r for r in read_metrics(os.path.join(run, "metrics.jsonl"))
+              if r.get("kind") == "epoch"]
     return epochs[-1]["train_images_per_s"]
 
 

@@ -457,7 +457,8 @@ def _run_predict(args) -> int:
         return _time_inference(args)
     import torch
     from .data.loaders import image_paths, normalise, read_image_files
-    from .evaluate import checkpoint_class_names, classify, load_model, progress_bar
+    from .evaluate import checkpoint_class_names, classify, load_model
+    from .progress import close, progress_bar
     if args.data_dir or args.split or args.root:
         raise ValueError("--split, --data-dir and --root choose a split to time; with image "
                          "files they do nothing: leave them out, or give no images")
@@ -490,8 +491,7 @@ def _run_predict(args) -> int:
                                            p if finite else None, exit_index, name))
         if bar is not None:
             bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+    close(bar)
     if args.json:
         print(json.dumps([dataclasses.asdict(p) for p in predictions], indent=1))
     for p in [] if args.json else predictions:

@@ -16,7 +16,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .config import RunConfig
-from .data.catalog import BIASED_MNIST, spec
+from .data.catalog import BIASED_MNIST, DatasetSpec, spec
 from .evaluate import percent
 from .files import atomic_path
 from .models import MODELS
@@ -96,18 +96,8 @@ class Comparison:
     wall_seconds: float
 
     @property
-    def dataset(self) -> str:
-        return self.settings.get("dataset", BIASED_MNIST)
-
-    @property
-    def test_name(self) -> str:
-        """The headline test split as the table names it."""
-        return "unbiased test" if self.dataset == BIASED_MNIST else spec(self.dataset).test
-
-    @property
-    def shows_worst_group(self) -> bool:
-        """Biased MNIST's groups (digit x seven factors) are mostly single images: no column."""
-        return self.dataset != BIASED_MNIST
+    def dataset(self) -> DatasetSpec:
+        return dataset_of(self.settings)
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -117,8 +107,9 @@ class Comparison:
         # Exits before the first inference exit take no samples: no column.
         first = min((r.first_inference_exit for r in occam), default=0)
         exits = range(first, max((len(r.exit_share_mean) for r in occam), default=0))
-        worst = ["worst group %"] if self.shows_worst_group else []
-        header = (["model", "method", "ablation", "seeds", f"{self.test_name} acc %"] + worst
+        worst = ["worst group %"] if self.dataset.reports_groups else []
+        header = (["model", "method", "ablation", "seeds",
+                   f"{self.dataset.headline_name} acc %"] + worst
                   + [f"E{t} share %" for t in exits] + ["train s per run", "steps"])
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.rows:
@@ -143,6 +134,11 @@ class Comparison:
             notes.append("(cut): training stopped at --max-steps, before the preset's last "
                          "epoch; the accuracies are those of the weights at that step.")
         return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def dataset_of(settings: Dict) -> DatasetSpec:
+    """The dataset the grid's shared settings train on."""
+    return spec(settings.get("dataset", BIASED_MNIST))
 
 
 def seconds(value: Optional[float]) -> str:
@@ -250,7 +246,7 @@ def run_comparison(cells: Sequence[Cell], preset: str, out: str, settings: Dict,
     from .viz import save_comparison_chart
     started = time.perf_counter()
     configs = [cell_config(cell, preset, out, settings) for cell in cells]  # checked first
-    test_name = Comparison(preset, dict(settings), [], [], 0.0).test_name
+    test_name = dataset_of(settings).headline_name
     results = []
     for number, (cell, config) in enumerate(zip(cells, configs), 1):
         label = f"[{number}/{len(cells)}] {cell.row} seed {cell.seed}"

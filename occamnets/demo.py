@@ -27,9 +27,10 @@ def demo_configs(out: str, preset: str) -> Dict[str, RunConfig]:
                                             data_dir=os.path.join(out, "data"))
                for model in ("resnet", "occam")}
     for config in configs.values():
-        if os.path.exists(config.checkpoint_path):
+        path = existing_checkpoint(config)
+        if path:
             try:
-                check_resumable(checkpoint_config(config.checkpoint_path), config)
+                check_resumable(checkpoint_config(path), config)
             except ValueError as error:
                 raise ValueError(f"{out} holds a demo run that cannot be continued with the "
                                  f"{preset} preset ({error}); choose another --out, or remove "

@@ -21,6 +21,7 @@ from .data.real_splits import load_real_splits
 from .metrics import (CamAgreement, CamAgreementAccumulator, Reliability,
                       ReliabilityAccumulator)
 from .models import OccamNet, build_model
+from .progress import close, progress_bar
 
 
 # -- checkpoints and data ---------------------------------------------------------------------
@@ -103,7 +104,7 @@ def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None
 
 def reports_groups(config: RunConfig) -> bool:
     """Whether the run's evaluations give bias-group accuracies (see `evaluate`)."""
-    return config.dataset != BIASED_MNIST
+    return config.dataset_spec.reports_groups
 
 
 def split_description(config: RunConfig, name: str) -> str:
@@ -259,15 +260,6 @@ def classify(model: nn.Module, x: Tensor, threshold: float = 0.5,
     return Classified(logits, None, ~torch.isfinite(logits).all(1))
 
 
-def progress_bar(total: int, description: str, enabled: bool, initial: int = 0):
-    """A tqdm bar on stderr, or None; tqdm leaves it out when stderr is not a terminal."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=description, leave=False, disable=None,
-                dynamic_ncols=True)
-
-
 def _timed(step: Callable[[Tensor], object], chunks: List[Tensor],
            inputs: Callable[[Tensor], Tensor],
            tick: Optional[Callable[[], object]] = None) -> Tuple[list, float]:
@@ -337,8 +329,7 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
                 result.full_depth_images_per_s = len(split) / max(full_seconds, 1e-9)
         outputs, seconds = _timed(lambda x: classify(model, x, threshold, check=False), chunks,
                                   inputs, tick)
-    if bar is not None:
-        bar.close()
+    close(bar)
     logits = torch.cat([out.logits for out in outputs]).float()
     correct = logits.argmax(1) == labels
     result.nonfinite_samples = int(torch.cat([out.nonfinite for out in outputs]).sum())

@@ -32,12 +32,13 @@ from .data.augment import random_crop_flip
 from .data.biased_mnist import VAL_MIXED
 from .data.catalog import BIASED_MNIST
 from .data.loaders import LabelledItems
-from .evaluate import (Evaluation, evaluate, load_model_state, load_splits, progress_bar,
+from .evaluate import (Evaluation, evaluate, load_model_state, load_splits,
                        reports_groups, split_description)
 from .files import atomic_path, make_writable_dir, remove_stale_temporaries
 from .losses import OccamLoss
 from .methods import Method, build_method, feature_parameters
 from .models import MODELS, build_model
+from .progress import close, progress_bar
 
 # -- what is trained: one objective per model kind ---------------------------------------------
 
@@ -673,14 +674,12 @@ class Trainer:
                     self.epoch_seconds += time.perf_counter() - started
                     started, seen = time.perf_counter(), 0
                 if stop:
-                    if bar is not None:
-                        bar.close()
+                    close(bar)
                     self._stop(stop)
                     return
                 if periodic:
                     self.save_checkpoint()
-            if bar is not None:
-                bar.close()
+            close(bar)
             elapsed = self.epoch_seconds + time.perf_counter() - started
             images = self.epoch_images + seen
             train_loss = (loss_sum / max(1, steps)).item()

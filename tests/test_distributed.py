@@ -10,16 +10,20 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def torchrun(*arguments: str, timeout: int = 300, cwd=None) -> subprocess.CompletedProcess:
+    """Two processes on this machine (gloo on CPU), this repository on their path."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *arguments], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
 @pytest.mark.parametrize("method", ["erm", "gdro", "pgi"])
 def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path, method):
     """GroupDRO's group weights and PGI's feature-only gradient are synchronised by hand:
     every process must end with the same state and parameters."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(HERE, "ddp_worker.py"), str(tmp_path), method],
-        env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun(os.path.join(HERE, "ddp_worker.py"), str(tmp_path), method)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     a, b = states[0]["loss"], states[1]["loss"]
@@ -39,14 +43,10 @@ def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path, method)
 def test_torchrun_through_the_command_line_exits_0_with_one_report(tmp_path):
     """Only the first process writes files (data cache, metrics, checkpoint, report) and prints
     the report; the others wait at barriers and exit 0 too (rank 1 used to fail on report.md)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "occamnets.cli", "train", "--preset", "quick", "--epochs", "1", "--width", "4",
-         "--train-size", "256", "--val-size", "20", "--test-size", "40", "--no-progress",
-         "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")],
-        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = torchrun("-m", "occamnets.cli", "train", "--preset", "quick", "--epochs", "1",
+                      "--width", "4", "--train-size", "256", "--val-size", "20",
+                      "--test-size", "40", "--no-progress", "--out", str(tmp_path / "run"),
+                      "--data-dir", str(tmp_path / "data"), timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("# OccamResNet-18 on Biased MNIST") == 1
     assert result.stdout.count("training OccamResNet-18") == 1
@@ -60,10 +60,5 @@ def test_torchrun_through_the_command_line_exits_0_with_one_report(tmp_path):
 def test_group_dro_under_two_processes_is_the_whole_batch_robust_loss():
     """A group on one process only must weigh as it would for one process with the whole
     batch (not 1 / processes of it): loss, per-sample gradients and group weights agree."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(HERE, "ddp_group_dro.py")],
-        env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun(os.path.join(HERE, "ddp_group_dro.py"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_path, remove_stale_temporaries, sha256_of_file
+from ..progress import close, progress_bar
 from .groups import BiasGroups, bias_groups
 from .mnist_sources import load_digits, load_emnist_letters, render_letters
 
@@ -176,10 +177,7 @@ def render(digits: np.ndarray, factors: np.ndarray, cell: int,
     masks = texture_masks(size, cell)
     scales = np.round(cell * (1 + 3 * np.arange(NUM_VALUES) / 9)).astype(int)
     variants = letter_glyphs.shape[1]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=count, desc=description, unit="img", leave=False, disable=None)
+    bar = progress_bar(count, description, progress, unit="img")
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
         f = factors[start:stop]
@@ -221,8 +219,7 @@ def render(digits: np.ndarray, factors: np.ndarray, cell: int,
         packed_masks[start:stop] = np.packbits(digit_masks, axis=-1)
         if bar is not None:
             bar.update(stop - start)
-    if bar is not None:
-        bar.close()
+    close(bar)
     return images, packed_masks
 
 

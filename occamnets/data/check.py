@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..progress import close, progress_bar
 from .groups import bias_groups
 from .index import DatasetIndex, SplitIndex
 
@@ -110,15 +111,11 @@ def check_dataset(index: DatasetIndex, splits: Optional[Sequence[str]] = None,
                   workers: int = 4, progress: bool = False) -> DatasetCheck:
     """Count and decode every image of `splits` (None: all) of the dataset."""
     names = list(index.splits) if splits is None else list(splits)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=sum(len(index.split(n)) for n in names), desc="checking", unit="img",
-                   leave=False, disable=None)
+    bar = progress_bar(sum(len(index.split(n)) for n in names), "checking", progress,
+                       unit="img")
     try:
         checked = [_check_split(n, index.split(n), index, workers, bar) for n in names]
     finally:
-        if bar is not None:
-            bar.close()
+        close(bar)
     return DatasetCheck(index.name, index.root, list(index.class_names),
                         list(index.attribute_names), checked, list(index.skipped_columns))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_path, remove_stale_temporaries, sha256_of_file
+from ..progress import close, progress_bar
 from .index import DatasetIndex, ImageSource, SplitIndex
 from .jpeg_decode import decode_jpegs
 from .loaders import LabelledItems, prepare, read_rgb
@@ -148,11 +149,7 @@ def _decode_split(split_name: str, split: SplitIndex, path: str, size: int,
                   decoder: str, decode_device) -> None:
     """Decode every image of the split into the .npy at `path` (written to a temporary file
     and renamed when whole)."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(split), desc=f"decoding {split_name}", unit="img", leave=False,
-                   disable=None)
+    bar = progress_bar(len(split), f"decoding {split_name}", progress, unit="img")
     problems = []
     with atomic_path(path) as tmp, concurrent.futures.ThreadPoolExecutor(workers) as pool:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
@@ -170,8 +167,7 @@ def _decode_split(split_name: str, split: SplitIndex, path: str, size: int,
         split.images.close()
         if problems:
             raise DecodeErrors(split_name, problems)
-    if bar is not None:
-        bar.close()
+    close(bar)
 
 
 def load_cached(index: DatasetIndex, splits: Sequence[str], directory: str, size: int,

@@ -44,7 +44,8 @@ class GroupDRO(Method):
                 both = torch.stack([global_sums, global_counts])
                 dist.all_reduce(both)
                 global_sums, global_counts = both[0], both[1]
-            means = global_sums / global_counts.clamp_min(1)   # 0 for a group absent
+            counts_or_one = global_counts.clamp_min(1)          # 0 means for a group absent
+            means = global_sums / counts_or_one
             weights = self.group_weights[head] * torch.exp(self.eta * means)
             weights = weights / weights.sum()
             self.group_weights[head] = weights
@@ -52,4 +53,4 @@ class GroupDRO(Method):
         # DDP averages the gradients, which gives exactly the global batch's robust loss (a
         # group on one process only weighs as much as on one process training alone). The
         # local copy of q: the buffer changes in place at the next head's update.
-        return world * ((sums / global_counts.clamp_min(1)) * weights).sum()
+        return world * ((sums / counts_or_one) * weights).sum()
