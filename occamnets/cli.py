@@ -532,20 +532,42 @@ def _time_inference(args) -> int:
 
 
 def _run_viz(args) -> int:
-    from .evaluate import cam_picture_data, evaluate
-    from .viz import save_cam_grid, save_exit_distribution
+    from .evaluate import cam_picture_data, checkpoint_config, evaluate, load_model
+    from .models import SHORT_NAMES
+    from .viz import save_cam_comparison, save_cam_grid, save_exit_distribution
     _picture_path(args.out, "--out")
     _picture_path(args.exits_plot, "--exits-plot")
     if args.exits_plot and os.path.abspath(args.exits_plot) == os.path.abspath(args.out):
         raise ValueError("--out and --exits-plot name the same file: give two")
+    # Check every other checkpoint before the first's data is read.
+    for other in args.beside:
+        other_config = checkpoint_config(other)
+        first_config = checkpoint_config(args.checkpoint)
+        if other_config.dataset != first_config.dataset:
+            raise ValueError(f"--beside {other} was trained on {other_config.dataset}, "
+                             f"{args.checkpoint} on {first_config.dataset}: their CAMs cannot "
+                             f"be of the same images")
     # The exit plot evaluates the whole split; the CAM picture alone reads --count images.
-    model, config, split = _model_and_split(args, need_exits=True,
+    model, config, split = _model_and_split(args, need_exits=bool(args.exits_plot),
                                             count=None if args.exits_plot else args.count)
     if len(split) < args.count:
         print(f"note: the {args.split} split has {len(split)} images: drawing them all",
               file=sys.stderr)
-    save_cam_grid(args.out, cam_picture_data(model, split, args.count,
-                                             config.inference_threshold), split.class_names)
+    data = cam_picture_data(model, split, args.count, config.inference_threshold)
+    if args.beside:
+        pictures = [(SHORT_NAMES[config.model], data)]
+        for other in args.beside:
+            other_model, other_config = load_model(other, str(split.device))
+            if other_model.num_classes != model.num_classes:
+                raise ValueError(f"--beside {other} predicts {other_model.num_classes} classes, "
+                                 f"{args.checkpoint} {model.num_classes}")
+            pictures.append((SHORT_NAMES[other_config.model],
+                             cam_picture_data(other_model, split, args.count,
+                                              other_config.inference_threshold)))
+        save_cam_comparison(args.out, pictures, split.class_names,
+                            f"CAMs for the predicted class on the same {args.split} images")
+    else:
+        save_cam_grid(args.out, data, split.class_names)
     if args.exits_plot:
         result = evaluate(model, split, args.split, threshold=config.inference_threshold,
                           channels_last=config.channels_last, bf16=config.bf16,
@@ -687,9 +709,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "run trained with --no-early-exit)")
     predict.add_argument("--json", action="store_true",
                          help="print JSON: per image its path, label, confidence and exit")
-    viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit", _run_viz)
+    viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit (an "
+                                  "OccamNet) or of the last stage (a ResNet)", _run_viz)
+    viz.add_argument("--beside", action="append", default=[], metavar="CHECKPOINT",
+                     help="also draw this model's CAMs of the same images, in the same rows "
+                          "(repeatable; the split and data are the first checkpoint's)")
     viz.add_argument("--out", default="cams.png", help="the CAM picture (PNG)")
-    viz.add_argument("--exits-plot", default=None, help="also save the exit distribution")
+    viz.add_argument("--exits-plot", default=None,
+                     help="also save the exit distribution (an OccamNet checkpoint)")
     viz.add_argument("--count", type=count, default=6, help="images in the picture")
     _add_compare(subparsers)
     demo = subparsers.add_parser("demo", help="train both models and compare them")

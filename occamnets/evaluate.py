@@ -20,7 +20,7 @@ from .data.loaders import DeviceSplit, LabelledItems, cell_fraction
 from .data.real_splits import load_real_splits
 from .metrics import (CamAgreement, CamAgreementAccumulator, Reliability,
                       ReliabilityAccumulator)
-from .models import OccamNet, build_model
+from .models import OccamNet, ResNet, build_model
 from .progress import close, progress_bar
 
 
@@ -316,7 +316,10 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
                         early_exit=math.isfinite(threshold))
     labels = split.labels
     has_exits = isinstance(model, OccamNet)
-    passes = 1 + has_exits + (has_exits and time_full_depth)
+    # A plain classifier's CAMs against the object masks: one untimed pass of its own.
+    plain_cams = (not has_exits and diagnostics and split.masks is not None
+                  and isinstance(model, ResNet))
+    passes = 1 + has_exits + (has_exits and time_full_depth) + plain_cams
     bar = progress_bar(passes * len(chunks), f"evaluating {split_name}", progress)
     tick = bar.update if bar is not None else None
     with autocast:
@@ -327,6 +330,8 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
                 _, full_seconds = _timed(lambda x: model.early_exit(x, threshold, compaction=False),
                                          chunks, inputs, tick)
                 result.full_depth_images_per_s = len(split) / max(full_seconds, 1e-9)
+        if plain_cams:
+            output_cams = _output_cam_agreement(model, split, chunks, inputs, tick)
         outputs, seconds = _timed(lambda x: classify(model, x, threshold, check=False), chunks,
                                   inputs, tick)
     close(bar)
@@ -349,6 +354,7 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
         calibration = ReliabilityAccumulator(split.device)
         calibration.add(torch.softmax(logits, 1).max(1).values, correct)
         result.diagnostics = [ExitDiagnostics("output", calibration.result(),
+                                              cam=output_cams if plain_cams else None,
                                               nonfinite_logits=result.nonfinite_samples)]
     if per_group:
         _group_accuracy(result, split, correct)
@@ -407,10 +413,8 @@ def _every_exit(model: OccamNet, split: DeviceSplit, chunks: List[Tensor],
             classes[t].add(torch.softmax(logits, 1).max(1).values, correct)
             gates[t].add(exit_out.gate.float(), correct)
             if with_cams:
-                height, width = exit_out.cam.shape[2:]
-                true_class = y[:, None, None, None].expand(-1, 1, height, width)
-                cams[t].add(exit_out.cam.float().gather(1, true_class)[:, 0],
-                            cell_fraction(masks, height, width))
+                cams[t].add(_true_class_cam(exit_out.cam, y),
+                            cell_fraction(masks, *exit_out.cam.shape[2:]))
         right.append(torch.stack(row, 1))
         if tick is not None:
             tick()
@@ -420,6 +424,27 @@ def _every_exit(model: OccamNet, split: DeviceSplit, chunks: List[Tensor],
     return every_exit, [ExitDiagnostics(f"E{t}", classes[t].result(), gates[t].result(),
                                          cams[t].result() if with_cams else None, count)
                         for t, count in enumerate(nonfinite.tolist())]
+
+
+def _true_class_cam(cams: Tensor, labels: Tensor) -> Tensor:
+    """(N, h, w) float: each sample's CAM for its true class."""
+    height, width = cams.shape[2:]
+    true_class = labels[:, None, None, None].expand(-1, 1, height, width)
+    return cams.float().gather(1, true_class)[:, 0]
+
+
+def _output_cam_agreement(model: ResNet, split: DeviceSplit, chunks: List[Tensor],
+                          inputs: Callable[[Tensor], Tensor],
+                          tick: Optional[Callable[[], object]] = None) -> CamAgreement:
+    """The agreement of a plain ResNet's last-stage CAM (its true class) with the objects."""
+    agreement = CamAgreementAccumulator(split.device)
+    for rows in chunks:
+        _, cams = model.forward_with_cams(inputs(rows))
+        agreement.add(_true_class_cam(cams, split.labels[rows]),
+                      cell_fraction(split.object_masks(rows), *cams.shape[2:]))
+        if tick is not None:
+            tick()
+    return agreement.result()
 
 
 def _ratios(numerators: Tensor, denominators: Tensor) -> List[Optional[float]]:
@@ -432,29 +457,36 @@ def _ratios(numerators: Tensor, denominators: Tensor) -> List[Optional[float]]:
 
 @dataclasses.dataclass
 class CamPictureData:
-    """The first images of a split and, for each exit used at inference, its CAMs and
-    predictions, with the exit each image took (viz.save_cam_grid draws it)."""
+    """The first images of a split and, for each exit used at inference (an OccamNet) or for
+    the output (a plain ResNet: the last stage's CAM), its CAMs and predictions, with the exit
+    each image took (viz.save_cam_grid draws it)."""
     images: Tensor              # (N, 3, H, W) uint8
     labels: Tensor              # (N,)
-    first_exit: int             # cams[0] belongs to this exit
-    cams: List[Tensor]          # per exit: (N, K, h, w)
-    predictions: List[Tensor]   # per exit: (N,)
-    exit_taken: Tensor          # (N,)
+    column_names: List[str]     # per CAM column: "E1", "E2", ... or "output"
+    cams: List[Tensor]          # per column: (N, K, h, w)
+    predictions: List[Tensor]   # per column: (N,)
+    exit_taken: Optional[List[int]]   # per image: the column index of its exit (OccamNets)
 
 
 @torch.no_grad()
-def cam_picture_data(model: OccamNet, split: DeviceSplit, count: int = 6,
+def cam_picture_data(model: nn.Module, split: DeviceSplit, count: int = 6,
                      threshold: float = 0.5) -> CamPictureData:
-    if not isinstance(model, OccamNet):
-        raise TypeError("CAM pictures need an OccamNet")
+    """The CAMs of the split's first `count` images: the same images for every model given
+    the same split, so that two models' pictures can be set side by side."""
+    if not isinstance(model, (OccamNet, ResNet)):
+        raise TypeError(f"CAM pictures need an OccamNet or a ResNet, got {type(model).__name__}")
     if count < 1 or len(split) == 0:
         raise ValueError(f"need at least one image to draw (count {count}, split of {len(split)})")
     model.eval()
     rows = torch.arange(min(count, len(split)), device=split.device)
     x = split.batch(rows)
+    images, labels = split.uint8(rows), split.labels[rows]
+    if isinstance(model, ResNet):
+        logits, cams = model.forward_with_cams(x)
+        return CamPictureData(images, labels, ["output"], [cams], [logits.argmax(1)], None)
     out = model(x, return_cams=True)
     first = model.first_inference_exit
     used = out.exits[first:]
-    return CamPictureData(split.uint8(rows), split.labels[rows], first,
-                          [e.cam for e in used], [e.logits.argmax(1) for e in used],
-                          model.early_exit(x, threshold).exit_index)
+    taken = (model.early_exit(x, threshold).exit_index - first).tolist()
+    return CamPictureData(images, labels, [f"E{t}" for t in range(first, model.num_exits)],
+                          [e.cam for e in used], [e.logits.argmax(1) for e in used], taken)

@@ -1,6 +1,6 @@
 """Pictures: CAM heatmaps of every exit, the exit distribution of early-exit inference,
 reliability diagrams (calibration) per exit, and the accuracy chart of a comparison grid."""
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,38 +32,62 @@ def save_cam_grid(path: str, data: CamPictureData,
     """One row per image: the image, then the CAM of each exit used at inference for its
     predicted class, upsampled onto the image; the exit the sample took is framed in red.
     `data` comes from occamnets.evaluate.cam_picture_data."""
-    images, cams, labels = data.images, data.cams, data.labels
-    predictions, exit_taken, first_exit = data.predictions, data.exit_taken, data.first_exit
+    return save_cam_comparison(path, [("", data)], class_names,
+                               "Class activation maps of each exit for its predicted class")
+
+
+def save_cam_comparison(path: str, models: Sequence[Tuple[str, CamPictureData]],
+                        class_names: Optional[Sequence[str]] = None,
+                        title: str = "Class activation maps for the predicted class") -> str:
+    """One row per image, the image first, then each model's CAM columns (an OccamNet's exits,
+    the exit taken framed in red; a ResNet's output), each column titled with the model's
+    short name (may be empty), the column and the class it predicted. Every model's data must
+    hold the same images (cam_picture_data of the same split)."""
+    if not models:
+        raise ValueError("no model to draw")
+    first = models[0][1]
+    for name, data in models[1:]:
+        if not (torch.equal(data.images.cpu(), first.images.cpu())
+                and torch.equal(data.labels.cpu(), first.labels.cpu())):
+            raise ValueError(f"the CAMs of {name or 'a model'} are of other images than the "
+                             f"first model's: draw both from the same split and count")
     plt = _pyplot()
-    count, columns = images.shape[0], 1 + len(cams)
+    count = first.images.shape[0]
+    columns = 1 + sum(len(data.cams) for _, data in models)
     fig, axes = plt.subplots(count, columns, figsize=(1.9 * columns, 1.9 * count),
                              squeeze=False)
     name = (lambda k: class_names[k]) if class_names else str
     for row in range(count):
-        picture = _to_image(images[row])
+        picture = _to_image(first.images[row])
         axes[row, 0].imshow(picture)
-        axes[row, 0].set_title(f"label {name(int(labels[row]))}", fontsize=8)
-        for column, cam in enumerate(cams, start=1):
-            exit_index = first_exit + column - 1
-            predicted = int(predictions[column - 1][row])
-            heat = cam[row, predicted][None, None].float()
-            heat = torch.nn.functional.interpolate(heat, size=picture.shape[:2], mode="bilinear",
-                                                   align_corners=False)[0, 0]
-            heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
-            axis = axes[row, column]
-            axis.imshow(picture)
-            axis.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5)
-            taken = int(exit_taken[row]) == exit_index
-            axis.set_title(f"E{exit_index}: {name(predicted)}" + (" (exit)" if taken else ""),
-                           fontsize=8, color="red" if taken else "black")
-            if taken:
-                for spine in axis.spines.values():
-                    spine.set_edgecolor("red"), spine.set_linewidth(3)
+        axes[row, 0].set_title(f"label {name(int(first.labels[row]))}", fontsize=8)
+        column = 1
+        for model_name, data in models:
+            for index, cam in enumerate(data.cams):
+                predicted = int(data.predictions[index][row])
+                taken = data.exit_taken is not None and data.exit_taken[row] == index
+                label = " ".join(filter(None, [model_name, data.column_names[index]]))
+                _draw_cam(axes[row, column], picture, cam[row, predicted],
+                          f"{label}: {name(predicted)}" + (" (exit)" if taken else ""), taken)
+                column += 1
         for axis in axes[row]:
             axis.set_xticks([]), axis.set_yticks([])
-    fig.suptitle("Class activation maps of each exit for its predicted class", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi=100)
+
+
+def _draw_cam(axis, picture: np.ndarray, cam: torch.Tensor, title: str, framed: bool) -> None:
+    """One CAM (h, w), min-max scaled and upsampled, over its image; framed in red if asked."""
+    heat = torch.nn.functional.interpolate(cam[None, None].float(), size=picture.shape[:2],
+                                           mode="bilinear", align_corners=False)[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
+    axis.imshow(picture)
+    axis.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5)
+    axis.set_title(title, fontsize=8, color="red" if framed else "black")
+    if framed:
+        for spine in axis.spines.values():
+            spine.set_edgecolor("red"), spine.set_linewidth(3)
 
 
 def save_exit_distribution(path: str, exit_counts: Sequence[int],

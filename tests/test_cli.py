@@ -121,6 +121,22 @@ def trained(tmp_path_factory):
     return os.path.join(out, "checkpoint.pt"), data
 
 
+def test_viz_draws_a_resnet_and_two_models_side_by_side(trained, tmp_path, capsys):
+    checkpoint, data = trained
+    resnet_out = str(tmp_path / "resnet")
+    assert main(["train", "--model", "resnet", "--out", resnet_out, "--data-dir", data]
+                + TINY_DATA + TINY_RUN) == 0
+    resnet = os.path.join(resnet_out, "checkpoint.pt")
+    alone, both = tmp_path / "resnet.png", tmp_path / "both.png"
+    assert main(["viz", resnet, "--out", str(alone), "--count", "2"]) == 0
+    assert main(["viz", checkpoint, "--beside", resnet, "--out", str(both), "--count", "2"]) == 0
+    assert alone.stat().st_size > 5000 and both.stat().st_size > alone.stat().st_size
+    capsys.readouterr()
+    assert main(["viz", resnet, "--out", str(alone), "--exits-plot",
+                 str(tmp_path / "exits.png")]) == 2
+    assert "needs an OccamNet checkpoint" in capsys.readouterr().err
+
+
 def test_eval_and_predict_work_after_the_data_directory_is_deleted(trained, capsys,
                                                                    tmp_path, monkeypatch):
     checkpoint, data = trained

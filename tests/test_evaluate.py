@@ -74,8 +74,6 @@ def test_baseline_evaluation_has_no_exits_and_empty_splits_are_refused():
     empty = DeviceSplit(split.images[:0], split.labels[:0], split.factors[:0], ["a", "b"])
     with pytest.raises(ValueError, match="the val split is empty"):
         evaluate(model, empty, "val")
-    with pytest.raises(TypeError, match="need an OccamNet"):
-        cam_picture_data(model, split)
 
 
 def test_cam_picture_data_and_load_model(tmp_path):
@@ -90,10 +88,10 @@ def test_cam_picture_data_and_load_model(tmp_path):
     for (name, a), b in zip(trainer.model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     data = cam_picture_data(model, splits["test"], count=3)
-    assert data.first_exit == model.first_inference_exit == 1
+    assert model.first_inference_exit == 1 and data.column_names == ["E1", "E2", "E3"]
     assert len(data.cams) == len(data.predictions) == 3
     assert data.cams[0].shape == (3, 5, 8, 8) and data.images.dtype == torch.uint8  # exit 1
-    assert ((data.exit_taken >= 1) & (data.exit_taken <= 3)).all()
+    assert all(0 <= taken <= 2 for taken in data.exit_taken)   # a column index
     with pytest.raises(ValueError, match="not an occamnets checkpoint"):
         torch.save({"model": {}}, tmp_path / "bad.pt")
         load_model(str(tmp_path / "bad.pt"))
@@ -135,19 +133,76 @@ def test_per_exit_diagnostics_match_direct_computation():
         assert d.class_calibration.ece == pytest.approx(ece(probabilities.max(1).values, correct))
         assert d.gate_calibration.ece == pytest.approx(ece(out.exits[t].gate, correct))
         assert sum(d.class_calibration.counts) == len(split) and d.nonfinite_logits == 0
-        # CAM mass on the object, one sample at a time, the mask pooled to the CAM's cells.
-        shares = []
-        for i in range(len(split)):
-            cam = out.exits[t].cam[i, split.labels[i]]
-            weights = (cam - cam.min()) / (cam.max() - cam.min() + 1e-5)
-            h = cam.shape[0]
-            cell = pixels[i].reshape(h, 16 // h, h, 16 // h).mean((1, 3))
-            if weights.sum() > 0:  # a constant CAM has no mass to place
-                shares.append(((weights * cell).sum() / weights.sum()).item())
-        assert d.cam.mass_in_object == pytest.approx(sum(shares) / len(shares), rel=1e-5)
-        assert d.cam.object_area == pytest.approx(pixels.mean().item(), rel=1e-5)
-        assert 0 <= d.cam.iou <= 1 and d.cam.iou_threshold in [i / 10 for i in range(10)]
+        check_cam_mass(d.cam, out.exits[t].cam, split, pixels)
     assert "| E3 |" in result.to_markdown() and "CAM mass on the digit" in result.to_markdown()
+
+
+def check_cam_mass(agreement, cams, split, pixels):
+    """The CAM mass on the object, one sample at a time (the true class's CAM, the mask pooled
+    to the CAM's cells), against what the evaluation reported."""
+    shares = []
+    for i in range(len(split)):
+        cam = cams[i, split.labels[i]]
+        weights = (cam - cam.min()) / (cam.max() - cam.min() + 1e-5)
+        h = cam.shape[0]
+        cell = pixels[i].reshape(h, pixels.shape[1] // h, h, pixels.shape[2] // h).mean((1, 3))
+        if weights.sum() > 0:  # a constant CAM has no mass to place
+            shares.append(((weights * cell).sum() / weights.sum()).item())
+    assert agreement.mass_in_object == pytest.approx(sum(shares) / len(shares), rel=1e-5)
+    assert agreement.object_area == pytest.approx(pixels.mean().item(), rel=1e-5)
+    assert 0 <= agreement.iou <= 1 and agreement.iou_threshold in [i / 10 for i in range(10)]
+
+
+def test_resnet_cams_are_where_its_logits_come_from():
+    torch.manual_seed(0)
+    model = resnet18(5, width=4, stem="3x3").double().eval()
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        logits, cams = model.forward_with_cams(x)
+        assert cams.shape == (3, 5, 2, 2)
+        assert torch.equal(logits, model(x))
+        # The classifier is linear after the average pool: the CAM's mean is the logit.
+        torch.testing.assert_close(cams.mean((2, 3)), logits, rtol=1e-12, atol=1e-12)
+        # At H = W = 1 the last stage is one cell and the CAM is the logit itself.
+        one_logits, one_cams = model.forward_with_cams(torch.rand(2, 3, 1, 1, dtype=torch.float64))
+        torch.testing.assert_close(one_cams[:, :, 0, 0], one_logits, rtol=1e-12, atol=1e-12)
+
+
+def test_resnet_evaluation_reports_its_cams_against_the_digits():
+    torch.manual_seed(0)
+    model = resnet18(5, width=4, stem="3x3").eval()
+    split = synthetic_split(masks=True, size=32)
+    result = evaluate(model, split, "test", batch_size=8)
+    with torch.no_grad():
+        _, cams = model.forward_with_cams(split.batch(torch.arange(len(split))))
+    from occamnets.data.loaders import unpack_masks
+    [output] = result.diagnostics
+    assert output.name == "output" and output.gate_calibration is None
+    check_cam_mass(output.cam, cams, split, unpack_masks(split.masks, 32).float())
+    assert "| output |" in result.to_markdown()
+    # Without object masks (a real dataset) there is nothing to compare the CAM with.
+    assert evaluate(model, synthetic_split(), "test").diagnostics[0].cam is None
+
+
+def test_cam_pictures_of_two_models_show_the_same_images(tmp_path):
+    from occamnets.viz import save_cam_comparison
+    torch.manual_seed(0)
+    split = synthetic_split(size=32)
+    occam = occam_resnet18(5, width=4, stem="3x3", backend="reference")
+    resnet = resnet18(5, width=4, stem="3x3")
+    occam_data = cam_picture_data(occam, split, count=2)
+    resnet_data = cam_picture_data(resnet, split, count=2)
+    assert resnet_data.column_names == ["output"] and resnet_data.exit_taken is None
+    assert resnet_data.cams[0].shape == (2, 5, 4, 4)
+    assert torch.equal(resnet_data.predictions[0], resnet(split.batch(torch.arange(2))).argmax(1))
+    path = save_cam_comparison(str(tmp_path / "both.png"),
+                               [("Occam", occam_data), ("ResNet", resnet_data)])
+    assert os.path.getsize(path) > 0
+    other = cam_picture_data(resnet, synthetic_split(count=5, size=32, classes=3), count=2)
+    with pytest.raises(ValueError, match="other images"):
+        save_cam_comparison(str(tmp_path / "mixed.png"), [("Occam", occam_data), ("R", other)])
+    with pytest.raises(TypeError, match="an OccamNet or a ResNet"):
+        cam_picture_data(torch.nn.Linear(3, 3), split)
 
 
 def test_nonfinite_gates_are_counted_and_reported():

@@ -9,6 +9,7 @@ from .resnet import STEMS, BasicBlock, ResNet, resnet18
 
 # The models a run can train, by name, with the title reports give them.
 MODELS = {"occam": "OccamResNet-18", "resnet": "ResNet-18 baseline"}
+SHORT_NAMES = {"occam": "OccamResNet", "resnet": "ResNet"}   # where space is short (pictures)
 
 
 def build_model(name: str, num_classes: int, width: int, stem: str,
@@ -21,6 +22,6 @@ def build_model(name: str, num_classes: int, width: int, stem: str,
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
-__all__ = ["MODELS", "STEMS", "BasicBlock", "EarlyExitOutput", "ExitGate", "ExitOutput",
+__all__ = ["MODELS", "SHORT_NAMES", "STEMS", "BasicBlock", "EarlyExitOutput", "ExitGate", "ExitOutput",
            "OccamExit", "OccamNet", "OccamOutput", "ResNet", "build_model", "occam_resnet18",
            "resnet18"]

@@ -83,11 +83,25 @@ class ResNet(nn.Module):
         self.num_classes = num_classes
         init_weights(self)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """The last stage's feature map (N, C, h, w)."""
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    def forward_with_cams(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(logits (N, K), CAMs (N, K, h, w)): the class activation maps of Zhou et al. 2016
+        from the last stage, each pixel's features through the classifier. Their spatial mean
+        is the logits (the classifier is linear and follows the average pool), so the CAM of a
+        class is where its logit comes from, as an OccamNet exit's CAM is."""
+        features = self.features(x)
+        cams = nn.functional.conv2d(features, self.fc.weight[:, :, None, None], self.fc.bias)
+        logits = self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1))
+        return logits, cams
 
 
 def resnet18(num_classes: int, width: int = 58, stem: str = "7x7") -> ResNet:
