@@ -32,12 +32,14 @@ from .data.augment import random_crop_flip
 from .data.biased_mnist import VAL_MIXED
 from .data.catalog import BIASED_MNIST
 from .data.loaders import LabelledItems
+from .environment import RunEnvironment, collect_environment
 from .evaluate import (Evaluation, evaluate, load_model_state, load_splits,
                        reports_groups, split_description)
 from .files import atomic_path, make_writable_dir, remove_stale_temporaries
 from .losses import OccamLoss
 from .methods import Method, build_method, feature_parameters
 from .models import MODELS, build_model
+from .plain_data import from_plain
 from .progress import close, progress_bar
 
 # -- what is trained: one objective per model kind ---------------------------------------------
@@ -274,18 +276,32 @@ class RunReport:
     steps: int = 0
     complete: bool = True
     model_selection: str = MODEL_SELECTION
+    environment: Optional[RunEnvironment] = None   # None: a report from before it was kept
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "RunReport":
+        """A report as report.json holds it (typed again; reports written before a field
+        existed take its default)."""
+        values = dict(values)
+        config = RunConfig.from_dict(values.pop("config"))
+        return from_plain(cls, dict(values, config=None), config=config)
 
     def to_markdown(self) -> str:
         trained = ("" if self.complete else
                    f" **Stopped early: {self.steps} steps, before the last epoch.**")
         config = self.config
+        where = ""
+        if self.environment is not None:
+            env = self.environment
+            where = (f" Ran on {env.device} (torch {env.torch}, triton {env.triton}, CUDA "
+                     f"{env.cuda}, native ops: {env.extension}), {env.date}.")
         text = (f"# {MODELS[self.model]} on {config.dataset_spec.title}\n\n"
                 f"Method: {config.describe_method()}.{trained} Training "
                 f"{self.train_images_per_s:.0f} images/s, {self.train_seconds:.0f} s. Model "
-                f"reported: {self.model_selection}.\n")
+                f"reported: {self.model_selection}.{where}\n")
         for evaluation in [self.test] + ([self.val] if self.val else []) + list(
                 self.others.values()):
             text += (f"\n## {evaluation.split}: {split_description(config, evaluation.split)}"
@@ -658,7 +674,7 @@ class Trainer:
                 seen += rows.numel()
                 self.step_in_epoch, self.global_step = step + 1, self.global_step + 1
                 if config.log_every and self.global_step % config.log_every == 0:
-                    self._log_step(loss, parts, rows.numel())
+                    self._log_step(loss, parts, rows.numel(), started)
                 if bar is not None:
                     if step % PROGRESS_EVERY == 0 or step == steps - 1:
                         rate = seen / (time.perf_counter() - started)
@@ -728,14 +744,20 @@ class Trainer:
                     self.events.add_scalar(f"{record['kind']}/{name}", value,
                                            record["global_step"])
 
-    def _log_step(self, loss: Tensor, parts: Dict[str, Tensor], batch: int) -> None:
+    def _log_step(self, loss: Tensor, parts: Dict[str, Tensor], batch: int,
+                  started: float) -> None:
         """A "step" record: the loss and every component (per exit for OccamNets), read from
-        the device in one transfer (only every config.log_every steps)."""
+        the device in one transfer (only every config.log_every steps), and the seconds of
+        training in this epoch so far (`started`: when this process's share of it began),
+        taken after that transfer, so after the device finished the step: two records of an
+        epoch give the training speed between them, without the start-up of the first."""
         names = ["loss"] + list(parts)
         values = torch.stack([loss.float()] + [parts[n].float() for n in names[1:]]).tolist()
+        seconds = self.epoch_seconds + time.perf_counter() - started
         self._append_metrics({"kind": "step", "epoch": self.epoch + 1,
                               "step": self.step_in_epoch, "global_step": self.global_step,
-                              "batch": batch, **dict(zip(names, values))})
+                              "batch": batch, "epoch_seconds": seconds,
+                              **dict(zip(names, values))})
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, split_name: str = "test", per_factor: bool = True,
@@ -771,7 +793,8 @@ class Trainer:
             seconds += self.epoch_seconds
             rate = rate or self.epoch_images / self.epoch_seconds
         report = RunReport(self.config.model, self.config, test, val, others, rate, seconds,
-                           self.global_step, complete=self.epoch >= self.config.epochs)
+                           self.global_step, complete=self.epoch >= self.config.epochs,
+                           environment=collect_environment(self.device))
         if self.rank == 0:
             write_report(report, self.config.run_dir)
         if self.world > 1:

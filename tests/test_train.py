@@ -6,7 +6,7 @@ import torch
 
 from occamnets.config import RunConfig
 from occamnets.data import DeviceSplit
-from occamnets.train import CheckpointMismatch, Trainer, batches, steps_per_epoch
+from occamnets.train import CheckpointMismatch, RunReport, Trainer, batches, steps_per_epoch
 
 
 def synthetic_splits(n=48, size=16, classes=4, factors=2):
@@ -91,6 +91,15 @@ def test_report_has_exits_and_bias_groups(tmp_path):
     assert "no model selection" in markdown and "Worst-group accuracy" not in markdown
     assert "ECE of the gate" in markdown and (tmp_path / "reliability.png").stat().st_size > 0
     assert [d["name"] for d in saved["test"]["diagnostics"]] == ["E0", "E1", "E2", "E3"]
+    # Read back typed, the report is the one written; it names where it ran.
+    assert RunReport.from_dict(saved) == report
+    assert report.environment.torch == torch.__version__ and report.environment.device
+    assert report.environment.extension in ("cuda", "cpu", "none")
+    assert f"Ran on {report.environment.device}" in markdown
+    del saved["environment"]   # a report from before environments were kept
+    assert RunReport.from_dict(saved).environment is None
+    with pytest.raises(ValueError, match="no field colour"):
+        RunReport.from_dict(dict(saved, colour="red"))
 
 
 @pytest.mark.parametrize("items,batch,sizes", [
@@ -126,6 +135,8 @@ def test_metrics_log_every_loss_component(tmp_path):
     assert sorted(parts) == sorted(f"{p}/E{t}" for p in ("supp", "gate", "main") for t in range(4))
     for r in steps:
         assert r["loss"] == pytest.approx(sum(r[k] for k in parts), rel=1e-5)
+    seconds = [r["epoch_seconds"] for r in steps]
+    assert 0 < seconds[0] < seconds[1] < seconds[2]   # the epoch's training time so far
     assert [r["kind"] for r in records].count("epoch") == 1
 
 
