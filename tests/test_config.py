@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from occamnets.config import DATA_FIELDS, PRESETS, RunConfig, default_dataset_dir
+from occamnets.config import (DATA_FIELDS, PRESETS, RunConfig, default_dataset_dir,
+                               scaled_milestones)
 
 
 def test_defaults_are_the_quick_preset_as_described():
@@ -86,3 +87,16 @@ def test_with_dataset_takes_every_data_setting():
     assert adopted.biased_mnist() == other.biased_mnist()
     assert all(getattr(adopted, f) == getattr(other, f) for f in DATA_FIELDS)
     assert adopted.lr == config.lr and adopted.model == config.model
+
+
+def test_repro_preset_is_the_paper_preset_with_fewer_epochs_and_scaled_steps():
+    paper, repro = RunConfig.from_preset("paper"), RunConfig.from_preset("repro")
+    assert dataclasses.replace(repro, epochs=90, milestones=(50, 70), preset="paper") == paper
+    assert scaled_milestones(90) == (50, 70) and scaled_milestones(9) == (5, 7)
+    assert scaled_milestones(3) == (2,)             # 1.7 and 2.3 both round to 2: one step
+    assert scaled_milestones(1) == (1,) and scaled_milestones(2) == (1,)
+    with pytest.raises(ValueError, match="at least 1"):
+        scaled_milestones(0)
+    with pytest.raises(ValueError, match="the repro preset is Biased MNIST's"):
+        RunConfig.from_preset("repro", dataset="bar")
+
