@@ -38,28 +38,8 @@ else
   smoke_flag=
 fi
 
-# run_step NAME LIMIT_SECONDS COMMAND...: log to OUT/NAME.log, one line in OUT/steps.tsv.
-run_step() {
-  local name=$1 limit=$2; shift 2
-  local left=$(( budget - (SECONDS - start) - reserve ))
-  if (( left < 5 )); then
-    printf '%s\tno time\t0\t0\n' "$name" >> "$out/steps.tsv"
-    echo "[gpu_check] $name: skipped, the budget is spent"
-    return
-  fi
-  (( limit > left )) && limit=$left
-  local t0=$SECONDS status
-  echo "[gpu_check] $name (limit ${limit}s) ..."
-  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
-  case $? in
-    0) status=pass ;;
-    124|137) status=timeout ;;
-    *) status=fail ;;
-  esac
-  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( SECONDS - t0 ))" "$limit" >> "$out/steps.tsv"
-  echo "[gpu_check] $name: $status in $(( SECONDS - t0 ))s (log: $out/$name.log)"
-  [ $status = pass ] || tail -5 "$out/$name.log" | sed 's/^/    /'
-}
+script_name=gpu_check
+source bench/steps.sh   # run_step
 
 # 1. Build for the local GPU only (one architecture: the fastest nvcc run that proves it).
 if [ $smoke = 1 ]; then

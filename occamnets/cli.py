@@ -1,4 +1,4 @@
-"""The `occamnets` command: data, train, eval, predict, viz, compare and demo. It parses
+"""The `occamnets` command: data, train, eval, predict, viz, compare, results and demo. It parses
 arguments and calls the library (config, train, evaluate, viz, compare, demo); nothing imports
 it."""
 import argparse
@@ -579,6 +579,28 @@ def _run_viz(args) -> int:
     return 0
 
 
+def _run_results(args) -> int:
+    from .files import atomic_path
+    from .results_page import biased_mnist_page, read_run
+    for path, flag in ((args.cams, "--cams"), (args.exits, "--exits"),
+                       (args.commands, "--commands")):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    commands = []
+    if args.commands:
+        with open(args.commands) as handle:
+            commands = [line.rstrip("\n") for line in handle if line.strip()]
+    page_dir = os.path.dirname(os.path.abspath(args.out))
+    text = biased_mnist_page(read_run(args.resnet), read_run(args.occam), page_dir,
+                             args.cams and os.path.abspath(args.cams),
+                             args.exits and os.path.abspath(args.exits), commands)
+    os.makedirs(page_dir, exist_ok=True)
+    with atomic_path(args.out) as tmp, open(tmp, "w") as handle:
+        handle.write(text)
+    print(f"results page written to {args.out}")
+    return 0
+
+
 def _run_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args.out, args.preset, args.docs)
@@ -719,6 +741,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also save the exit distribution (an OccamNet checkpoint)")
     viz.add_argument("--count", type=count, default=6, help="images in the picture")
     _add_compare(subparsers)
+    results = subparsers.add_parser(
+        "results", help="the Biased MNIST results page of a ResNet and an OccamResNet run",
+        description="Write the Markdown page comparing a ResNet-18 run with an OccamResNet-18 "
+                    "run on the same Biased MNIST, from their report.json and metrics.jsonl.")
+    results.add_argument("--resnet", required=True, help="the ResNet run's directory")
+    results.add_argument("--occam", required=True, help="the OccamResNet run's directory")
+    results.add_argument("--out", required=True, help="the page (Markdown)")
+    results.add_argument("--cams", default=None,
+                         help="a CAM picture to link (`occamnets viz OCCAM --beside RESNET`)")
+    results.add_argument("--exits", default=None, help="an exit-distribution picture to link")
+    results.add_argument("--commands", default=None,
+                         help="a text file of the commands that made the runs, one per line")
+    results.set_defaults(handler=_run_results)
     demo = subparsers.add_parser("demo", help="train both models and compare them")
     demo.add_argument("--out", default="runs/demo", help="the demo's directory")
     demo.add_argument("--preset", choices=list(PRESETS), default=None,

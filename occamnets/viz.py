@@ -78,10 +78,15 @@ def save_cam_comparison(path: str, models: Sequence[Tuple[str, CamPictureData]],
 
 
 def _draw_cam(axis, picture: np.ndarray, cam: torch.Tensor, title: str, framed: bool) -> None:
-    """One CAM (h, w), min-max scaled and upsampled, over its image; framed in red if asked."""
-    heat = torch.nn.functional.interpolate(cam[None, None].float(), size=picture.shape[:2],
+    """One CAM (h, w), min-max scaled, then upsampled over its image; framed in red if asked.
+    A constant CAM (a 1x1 last stage on small images) is drawn flat: scaling its rounding
+    differences after upsampling would paint noise."""
+    cam = cam.detach().float()
+    spread = cam.max() - cam.min()
+    flat = spread <= 1e-6 * cam.abs().max().clamp_min(1.0)
+    scaled = torch.zeros_like(cam) if flat else (cam - cam.min()) / spread
+    heat = torch.nn.functional.interpolate(scaled[None, None], size=picture.shape[:2],
                                            mode="bilinear", align_corners=False)[0, 0]
-    heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
     axis.imshow(picture)
     axis.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5)
     axis.set_title(title, fontsize=8, color="red" if framed else "black")

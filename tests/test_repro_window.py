@@ -1,0 +1,126 @@
+"""The Biased MNIST reproduction's window script (bench/repro_window.sh) in its CPU smoke mode,
+its epoch plan (bench/repro_plan.py) and the results page it writes (occamnets.results_page):
+a GPU window for issue 17 runs exactly this, at the repro preset's size."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from occamnets.evaluate import percent
+from occamnets.results_page import check_comparable, read_run
+from occamnets.train import RunReport
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import repro_plan  # noqa: E402
+
+STEPS = ["data", "probe_resnet", "probe_occam", "plan", "train_resnet", "train_occam",
+         "pictures", "page"]
+
+
+def run_window(runs, out):
+    done = subprocess.run(["bash", os.path.join(ROOT, "bench", "repro_window.sh"), "--smoke",
+                           str(runs), str(out)], cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+    return done.stdout, steps
+
+
+@pytest.fixture(scope="module")
+def window(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    stdout, steps = run_window(root / "runs", root / "out")
+    return root, stdout, steps
+
+
+def test_the_window_trains_both_models_and_writes_the_page_from_their_reports(window):
+    root, stdout, steps = window
+    assert [s[0] for s in steps] == STEPS and all(s[1] == "pass" for s in steps), steps
+    files = root / "out" / "docs" / "results" / "biased_mnist"
+    page = (root / "out" / "docs" / "results" / "biased_mnist.md").read_text()
+    reports = {model: RunReport.from_dict(json.loads((files / model / "report.json").read_text()))
+               for model in ("resnet", "occam")}
+    plan = json.loads((root / "runs" / "plan.json").read_text())
+    for model, report in reports.items():
+        # The page's numbers are the reports' numbers; both runs trained to the plan.
+        assert f"| **{percent(report.test.accuracy)}** |" in page
+        assert report.complete and report.config.epochs == plan["epochs"]
+        assert list(report.config.milestones) == plan["milestones"]
+        assert report.config.preset == "repro" and report.environment is not None
+    assert reports["resnet"].config.biased_mnist() == reports["occam"].config.biased_mnist()
+    assert "(biased_mnist/cams.png)" in page and (files / "cams.png").stat().st_size > 5000
+    assert (files / "exits.png").stat().st_size > 0
+    # The commands as run, with the directories named, end with the page's own.
+    commands = (files / "commands.txt").read_text().splitlines()
+    assert commands[0].startswith("occamnets data biased-mnist --preset repro --out RUNS/data")
+    assert any(c.startswith("occamnets train --preset repro --model occam") and
+               plan["options"] in c for c in commands)
+    assert commands[-1].startswith("occamnets results --resnet OUT/")
+    assert "```bash\noccamnets data biased-mnist" in page
+    # The table comes last: every step, then both models' accuracy.
+    table = stdout.splitlines()
+    assert table[-2].split()[:2] == ["resnet", f"{100 * reports['resnet'].test.accuracy:.1f}"]
+    assert table[-1].split()[:2] == ["occam", f"{100 * reports['occam'].test.accuracy:.1f}"]
+
+
+def test_a_second_call_continues_and_trains_nothing_twice(window):
+    root, _, _ = window
+    os.remove(root / "runs" / "occam" / "report.json")   # as if cut before its report
+    _, steps = run_window(root / "runs", root / "again")
+    assert [s[0] for s in steps] == ["data", "train_occam", "pictures", "page"], steps
+    assert (root / "again" / "docs" / "results" / "biased_mnist.md").exists()
+    log = (root / "again" / "train_occam.log").read_text()
+    assert log.startswith("resuming") and "generating" not in (root / "again" / "data.log").read_text()
+
+
+def test_the_page_refuses_runs_it_cannot_compare(window):
+    root, _, _ = window
+    files = root / "out" / "docs" / "results" / "biased_mnist"
+    resnet, occam = read_run(str(files / "resnet")), read_run(str(files / "occam"))
+    with pytest.raises(ValueError, match="give a resnet and an occam run"):
+        check_comparable(occam.report, resnet.report)
+    import dataclasses
+    other_data = dataclasses.replace(occam.report, config=dataclasses.replace(
+        occam.report.config, p_bias=0.99))
+    with pytest.raises(ValueError, match="different Biased MNIST data"):
+        check_comparable(resnet.report, other_data)
+    with pytest.raises(ValueError, match="before its last epoch"):
+        check_comparable(resnet.report, dataclasses.replace(occam.report, complete=False))
+    with pytest.raises(ValueError, match="has no report.json"):
+        read_run(str(root))
+
+
+def write_steps(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_training_speed_is_taken_between_step_records_of_one_epoch(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    # Steps 20, 40, 60 of 128 images; the first 20 steps (compiles) took 30 s.
+    write_steps(metrics, [{"kind": "step", "epoch": 1, "global_step": s, "batch": 128,
+                           "epoch_seconds": t} for s, t in ((20, 30.0), (40, 31.0), (60, 32.0))])
+    assert repro_plan.training_speed(str(metrics)) == pytest.approx(40 * 128 / 2.0)
+    write_steps(metrics, [{"kind": "step", "epoch": 1, "global_step": 20, "batch": 128,
+                           "epoch_seconds": 3.0}])
+    with pytest.raises(ValueError, match="fewer than two step records"):
+        repro_plan.training_speed(str(metrics))
+    write_steps(metrics, [{"kind": "step", "epoch": 1, "global_step": 20, "batch": 128}])
+    with pytest.raises(ValueError, match="no timed step records"):
+        repro_plan.training_speed(str(metrics))
+
+
+def test_the_plan_takes_the_most_epochs_that_fit():
+    # Two models at 20 s and 30 s an epoch, reports of 5 s each: (480 - 10) / 50 = 9.4.
+    assert repro_plan.choose_epochs(480, [20, 30], [5, 5]) == 9
+    assert repro_plan.choose_epochs(10, [20, 30], [5, 5]) == 1   # never fewer than one
+    with pytest.raises(ValueError, match="must be positive"):
+        repro_plan.choose_epochs(480, [0, 0], [0, 0])
+
+
+def test_the_plan_needs_its_probes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no probe run of occam"):
+        repro_plan.make_plan(str(tmp_path), ["occam"], 480)
