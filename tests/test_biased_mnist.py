@@ -393,17 +393,22 @@ def test_render_packs_masks_per_chunk():
     rng = np.random.default_rng(0)
     factors = bm.sample_factors(labels, {n: 0.5 for n in bm.FACTOR_NAMES}, rng)
     glyphs = bm.render_letters(8, 2, 0)
-    reference = bm.render(digits[:40], factors[:40], 8, glyphs, np.random.default_rng(1))
+    reference = bm.render(digits[:40], factors[:40], 8, glyphs, np.random.default_rng(1),
+                          workers=1)
     tracemalloc.start()
     try:
-        images, masks = bm.render(digits, factors, 8, glyphs, np.random.default_rng(1), chunk=10)
+        images, masks = bm.render(digits, factors, 8, glyphs, np.random.default_rng(1), chunk=10,
+                                  workers=3)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     outputs = images.nbytes + masks.nbytes
     assert peak < outputs + images.nbytes // 5, (peak, outputs)   # all unpacked masks: + 1/3
-    # The chunk does not change the images.
+    # Neither the chunk nor the threads rendering the chunks change the images.
     assert np.array_equal(images[:40], reference[0]) and np.array_equal(masks[:40], reference[1])
+    again = bm.render(digits[:200], factors[:200], 8, glyphs, np.random.default_rng(1), chunk=7,
+                      workers=4)
+    assert np.array_equal(again[0], images[:200]) and np.array_equal(again[1], masks[:200])
 
 
 def test_many_renders_per_digit_keep_only_the_needed_indices():

@@ -21,6 +21,7 @@ likely (p_bias = 0.1 for every factor): the unbiased test set. A second validati
 official code's second validation split). Every image carries its digit's mask (the pixels
 the digit covers), for measuring whether a CAM looks at the digit.
 """
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -51,6 +52,7 @@ GROUPS_FILE = "groups.jsonl"   # every split's bias groups and sizes, one JSON l
 DIGIT_MASK_LEVEL = 0.5
 # Images rendered at once: their float32 canvas stays within this (218 images at 160 px).
 RENDER_CHUNK_BYTES = 64 << 20
+RENDER_WORKERS = 8   # threads rendering chunks (numpy's array operations release the GIL)
 
 DIGIT_COLORS = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
                          (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
@@ -162,65 +164,110 @@ def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
 
 def render(digits: np.ndarray, factors: np.ndarray, cell: int,
            letter_glyphs: np.ndarray, rng: np.random.Generator, progress: bool = False,
-           chunk: Optional[int] = None,
-           description: str = "render") -> Tuple[np.ndarray, np.ndarray]:
+           chunk: Optional[int] = None, description: str = "render",
+           workers: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(images (N, 3, S, S) uint8, digit masks (N, S, ceil(S/8)) uint8 bit-packed along rows
     by np.packbits) of the given digits with the given factor values. Beyond the outputs,
-    memory is proportional to `chunk` images (their float canvas and unpacked masks); None:
-    as many as keep the float canvas within RENDER_CHUNK_BYTES (at most 1,000). The images
-    do not depend on the chunk."""
+    memory is proportional to `chunk` images per worker (their float canvas and unpacked
+    masks); None: as many as keep the float canvas within RENDER_CHUNK_BYTES (at most 1,000).
+    Chunks render on `workers` threads (None: one per CPU, at most RENDER_WORKERS): every
+    random choice is drawn first, in one stream and one order, so the images depend on
+    neither the chunk nor the workers."""
     count, size = digits.shape[0], GRID * cell
     if chunk is None:
         chunk = max(1, min(1000, RENDER_CHUNK_BYTES // (size * size * 3 * 4)))
+    if workers is None:
+        workers = min(RENDER_WORKERS, os.cpu_count() or 1)
     images = np.empty((count, 3, size, size), dtype=np.uint8)
     packed_masks = np.empty((count, size, -(-size // 8)), dtype=np.uint8)
+    layout = _Layout(factors, cell)
+    letter_cells, letter_variants = _draw_letter_places(layout, letter_glyphs.shape[1], rng)
     masks = texture_masks(size, cell)
-    scales = np.round(cell * (1 + 3 * np.arange(NUM_VALUES) / 9)).astype(int)
-    variants = letter_glyphs.shape[1]
-    bar = progress_bar(count, description, progress, unit="img")
-    for start in range(0, count, chunk):
-        stop = min(start + chunk, count)
+
+    def render_chunk(start: int, stop: int) -> int:
         f = factors[start:stop]
         digit_masks = np.zeros((stop - start, size, size), dtype=bool)
         # Background: texture pattern in its colour, on black.
         canvas = masks[f[:, 3]][..., None] * TEXTURE_COLORS[f[:, 4]][:, None, None, :]
-        digit_size = scales[f[:, 1]]
-        anchor = np.array(POSITIONS)[f[:, 2]] * cell
-        top = np.minimum(anchor[:, 0], size - digit_size)
-        left = np.minimum(anchor[:, 1], size - digit_size)
         # Digits resized one scale at a time (a batch each), as per-sample intensity maps.
         alphas = [None] * (stop - start)
         for scale in np.unique(f[:, 1]):
             rows = np.flatnonzero(f[:, 1] == scale)
-            for row, alpha in zip(rows, _resize_batch(digits[start + rows], scales[scale])):
+            for row, alpha in zip(rows, _resize_batch(digits[start + rows],
+                                                      layout.scales[scale])):
                 alphas[row] = alpha
         letter_ids = (3 * f[:, 5][:, None] + np.arange(3)[None, :]) % 26
         for i in range(stop - start):
-            # Three distractor letters in cells the digit does not cover.
-            d0, d1 = top[i] // cell, left[i] // cell
-            d2, d3 = (top[i] + digit_size[i] - 1) // cell, (left[i] + digit_size[i] - 1) // cell
-            free = [r * GRID + c for r in range(GRID) for c in range(GRID)
-                    if not (d0 <= r <= d2 and d1 <= c <= d3)]
-            for letter, cell_id in zip(letter_ids[i], rng.choice(free, size=3, replace=False)):
+            n = start + i
+            top, left, digit_size = layout.top[n], layout.left[n], layout.digit_size[n]
+            # Three distractor letters in cells the digit does not cover (drawn beforehand).
+            for letter, cell_id, variant in zip(letter_ids[i], letter_cells[n],
+                                                letter_variants[n]):
                 r, c = divmod(int(cell_id), GRID)
-                glyph = letter_glyphs[letter, rng.integers(variants)].astype(np.float32)[..., None] / 255
+                glyph = letter_glyphs[letter, variant].astype(np.float32)[..., None] / 255
                 region = canvas[i, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
                 region *= 1 - glyph
                 region += glyph * LETTER_COLORS[f[i, 6]]
             # The digit on top, blended by its intensity.
             alpha = alphas[i][..., None]
-            region = canvas[i, top[i]:top[i] + digit_size[i], left[i]:left[i] + digit_size[i]]
+            region = canvas[i, top:top + digit_size, left:left + digit_size]
             region *= 1 - alpha
             region += alpha * DIGIT_COLORS[f[i, 0]]
-            digit_masks[i, top[i]:top[i] + digit_size[i], left[i]:left[i] + digit_size[i]] = (
+            digit_masks[i, top:top + digit_size, left:left + digit_size] = (
                 alpha[..., 0] > DIGIT_MASK_LEVEL * alpha.max())
         np.clip(canvas, 0, 255, out=canvas)
         images[start:stop] = canvas.transpose(0, 3, 1, 2)   # float -> uint8 as astype casts
         packed_masks[start:stop] = np.packbits(digit_masks, axis=-1)
-        if bar is not None:
-            bar.update(stop - start)
+        return stop - start
+
+    bar = progress_bar(count, description, progress, unit="img")
+    bounds = [(start, min(start + chunk, count)) for start in range(0, count, chunk)]
+    if workers <= 1 or len(bounds) <= 1:
+        for start, stop in bounds:
+            done = render_chunk(start, stop)
+            if bar is not None:
+                bar.update(done)
+    else:
+        # numpy and torch release the GIL in the large array operations that dominate here.
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for done in pool.map(lambda b: render_chunk(*b), bounds):
+                if bar is not None:
+                    bar.update(done)
     close(bar)
     return images, packed_masks
+
+
+class _Layout:
+    """Where each image's digit goes (from its scale and position factors)."""
+
+    def __init__(self, factors: np.ndarray, cell: int):
+        size = GRID * cell
+        self.scales = np.round(cell * (1 + 3 * np.arange(NUM_VALUES) / 9)).astype(int)
+        self.digit_size = self.scales[factors[:, 1]]
+        anchor = np.array(POSITIONS)[factors[:, 2]] * cell
+        self.top = np.minimum(anchor[:, 0], size - self.digit_size)
+        self.left = np.minimum(anchor[:, 1], size - self.digit_size)
+        self.cell = cell
+
+
+def _draw_letter_places(layout: _Layout, variants: int, rng: np.random.Generator
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+    """Per image, the three grid cells its letters take (among those the digit leaves free)
+    and each letter's glyph variant: (N, 3) and (N, 3), drawn image after image in the order
+    the images are rendered."""
+    count, cell = layout.top.shape[0], layout.cell
+    cells = np.empty((count, 3), dtype=np.int64)
+    chosen_variants = np.empty((count, 3), dtype=np.int64)
+    first_row, first_column = layout.top // cell, layout.left // cell
+    last_row = (layout.top + layout.digit_size - 1) // cell
+    last_column = (layout.left + layout.digit_size - 1) // cell
+    for i in range(count):
+        d0, d1, d2, d3 = first_row[i], first_column[i], last_row[i], last_column[i]
+        free = [r * GRID + c for r in range(GRID) for c in range(GRID)
+                if not (d0 <= r <= d2 and d1 <= c <= d3)]
+        cells[i] = rng.choice(free, size=3, replace=False)
+        chosen_variants[i] = [rng.integers(variants) for _ in range(3)]
+    return cells, chosen_variants
 
 
 class BiasedMNISTSplit(NamedTuple):
