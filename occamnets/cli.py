@@ -539,14 +539,15 @@ def _run_viz(args) -> int:
     _picture_path(args.exits_plot, "--exits-plot")
     if args.exits_plot and os.path.abspath(args.exits_plot) == os.path.abspath(args.out):
         raise ValueError("--out and --exits-plot name the same file: give two")
-    # Check every other checkpoint before the first's data is read.
+    # Check every other checkpoint before the first's data is read: the images are the first
+    # run's, so each model must have trained on the same data.
+    first_config = checkpoint_config(args.checkpoint) if args.beside else None
     for other in args.beside:
         other_config = checkpoint_config(other)
-        first_config = checkpoint_config(args.checkpoint)
-        if other_config.dataset != first_config.dataset:
-            raise ValueError(f"--beside {other} was trained on {other_config.dataset}, "
-                             f"{args.checkpoint} on {first_config.dataset}: their CAMs cannot "
-                             f"be of the same images")
+        if _data_identity(other_config) != _data_identity(first_config):
+            raise ValueError(f"--beside {other} trained on other data than {args.checkpoint} "
+                             f"({other_config.describe_data()}, against "
+                             f"{first_config.describe_data()}): draw models of the same data")
     # The exit plot evaluates the whole split; the CAM picture alone reads --count images.
     model, config, split = _model_and_split(args, need_exits=bool(args.exits_plot),
                                             count=None if args.exits_plot else args.count)
@@ -577,6 +578,15 @@ def _run_viz(args) -> int:
     print(f"CAM picture written to {args.out}" +
           (f", exit distribution to {args.exits_plot}" if args.exits_plot else ""))
     return 0
+
+
+def _data_identity(config) -> dict:
+    """What makes two runs' images the same: the dataset and its settings."""
+    from .config import BIASED_MNIST
+    if config.dataset == BIASED_MNIST:
+        return {"dataset": config.dataset, **config.biased_mnist().identity()}
+    return {"dataset": config.dataset, "image_size": config.input_size,
+            "bias_columns": config.bias_columns}
 
 
 def _run_results(args) -> int:

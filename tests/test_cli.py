@@ -135,6 +135,16 @@ def test_viz_draws_a_resnet_and_two_models_side_by_side(trained, tmp_path, capsy
     assert main(["viz", resnet, "--out", str(alone), "--exits-plot",
                  str(tmp_path / "exits.png")]) == 2
     assert "needs an OccamNet checkpoint" in capsys.readouterr().err
+    # A model of other data (another image size) is refused: its CAMs would be of images it
+    # never saw.
+    other_out = str(tmp_path / "other")
+    other_data = ["--cell-size", "5"] + TINY_DATA[2:]
+    assert main(["train", "--model", "resnet", "--out", other_out, "--data-dir",
+                 str(tmp_path / "other-data")] + other_data + TINY_RUN) == 0
+    capsys.readouterr()
+    assert main(["viz", checkpoint, "--beside", os.path.join(other_out, "checkpoint.pt"),
+                 "--out", str(both)]) == 2
+    assert "trained on other data" in capsys.readouterr().err
 
 
 def test_eval_and_predict_work_after_the_data_directory_is_deleted(trained, capsys,

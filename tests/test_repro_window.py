@@ -45,15 +45,20 @@ def test_the_window_trains_both_models_and_writes_the_page_from_their_reports(wi
     reports = {model: RunReport.from_dict(json.loads((files / model / "report.json").read_text()))
                for model in ("resnet", "occam")}
     plan = json.loads((root / "runs" / "plan.json").read_text())
+    rows = {line.split(" | ")[0]: line for line in page.splitlines() if "| **" in line}
     for model, report in reports.items():
         # The page's numbers are the reports' numbers; both runs trained to the plan.
-        assert f"| **{percent(report.test.accuracy)}** |" in page
+        name = "| ResNet-18 baseline" if model == "resnet" else "| OccamResNet-18"
+        assert rows[name].startswith(f"{name} | **{percent(report.test.accuracy)}** |")
         assert report.complete and report.config.epochs == plan["epochs"]
         assert list(report.config.milestones) == plan["milestones"]
         assert report.config.preset == "repro" and report.environment is not None
     assert reports["resnet"].config.biased_mnist() == reports["occam"].config.biased_mnist()
     assert "(biased_mnist/cams.png)" in page and (files / "cams.png").stat().st_size > 5000
-    assert (files / "exits.png").stat().st_size > 0
+    assert (files / "exits.png").stat().st_size > 5000
+    # The plan measured both models, each run's fixed cost from its probe's wall time.
+    assert [m["model"] for m in plan["models"]] == ["resnet", "occam"]
+    assert all(m["fixed_seconds"] > 0 and m["checkpoint_seconds"] > 0 for m in plan["models"])
     # The commands as run, with the directories named, end with the page's own.
     commands = (files / "commands.txt").read_text().splitlines()
     assert commands[0].startswith("occamnets data biased-mnist --preset repro --out RUNS/data")
@@ -70,11 +75,19 @@ def test_the_window_trains_both_models_and_writes_the_page_from_their_reports(wi
 def test_a_second_call_continues_and_trains_nothing_twice(window):
     root, _, _ = window
     os.remove(root / "runs" / "occam" / "report.json")   # as if cut before its report
+    data_files = sorted((root / "runs" / "data").iterdir())
+    written = [path.stat().st_mtime_ns for path in data_files]
     _, steps = run_window(root / "runs", root / "again")
     assert [s[0] for s in steps] == ["data", "train_occam", "pictures", "page"], steps
     assert (root / "again" / "docs" / "results" / "biased_mnist.md").exists()
     log = (root / "again" / "train_occam.log").read_text()
-    assert log.startswith("resuming") and "generating" not in (root / "again" / "data.log").read_text()
+    assert log.startswith("resuming")
+    assert [path.stat().st_mtime_ns for path in data_files] == written   # the data kept
+    # Each command once, however many calls ran it; the resumption added.
+    commands = (root / "again" / "docs" / "results" / "biased_mnist" / "commands.txt"
+                ).read_text().splitlines()
+    assert len(commands) == len(set(commands))
+    assert any(c.startswith("occamnets train --out RUNS/occam --resume") for c in commands)
 
 
 def test_the_page_refuses_runs_it_cannot_compare(window):
@@ -90,8 +103,26 @@ def test_the_page_refuses_runs_it_cannot_compare(window):
         check_comparable(resnet.report, other_data)
     with pytest.raises(ValueError, match="before its last epoch"):
         check_comparable(resnet.report, dataclasses.replace(occam.report, complete=False))
+    other_training = dataclasses.replace(occam.report, config=dataclasses.replace(
+        occam.report.config, lr=0.1))
+    with pytest.raises(ValueError, match="differ in lr"):
+        check_comparable(resnet.report, other_training)
     with pytest.raises(ValueError, match="has no report.json"):
         read_run(str(root))
+
+
+def test_the_page_names_every_card_a_run_trained_on(window):
+    from occamnets.results_page import biased_mnist_page
+    root, _, _ = window
+    files = root / "out" / "docs" / "results" / "biased_mnist"
+    resnet, occam = read_run(str(files / "resnet")), read_run(str(files / "occam"))
+    here = occam.report.environment.device
+    assert all(r["device"] == here for r in occam.epochs)
+    page = biased_mnist_page(resnet, occam, str(root))
+    assert f"- OccamResNet-18 ran on: {here} (torch" in page and "its epochs trained on" not in page
+    occam.epochs[0]["device"] = "NVIDIA H100 80GB HBM3"   # as if resumed on another card
+    page = biased_mnist_page(resnet, occam, str(root))
+    assert f"its epochs trained on NVIDIA H100 80GB HBM3 and {here}" in page
 
 
 def write_steps(path, records):
@@ -114,7 +145,7 @@ def test_training_speed_is_taken_between_step_records_of_one_epoch(tmp_path):
 
 
 def test_the_plan_takes_the_most_epochs_that_fit():
-    # Two models at 20 s and 30 s an epoch, reports of 5 s each: (480 - 10) / 50 = 9.4.
+    # Two models at 20 s and 30 s an epoch, fixed costs of 5 s each: (480 - 10) / 50 = 9.4.
     assert repro_plan.choose_epochs(480, [20, 30], [5, 5]) == 9
     assert repro_plan.choose_epochs(10, [20, 30], [5, 5]) == 1   # never fewer than one
     with pytest.raises(ValueError, match="must be positive"):
@@ -123,4 +154,4 @@ def test_the_plan_takes_the_most_epochs_that_fit():
 
 def test_the_plan_needs_its_probes(tmp_path):
     with pytest.raises(FileNotFoundError, match="no probe run of occam"):
-        repro_plan.make_plan(str(tmp_path), ["occam"], 480)
+        repro_plan.make_plan(str(tmp_path), ["occam"], 480, checkpoint_every=200)

