@@ -1,6 +1,7 @@
 """Dataclasses back from the plain data `dataclasses.asdict` and JSON made of them: reports
 are written as JSON and read back as the typed results they were."""
 import dataclasses
+import types
 import typing
 from typing import Any, Dict, Type, TypeVar
 
@@ -27,7 +28,7 @@ def _convert(annotation: Any, value: Any) -> Any:
     if value is None:
         return None
     origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:   # Optional[X] and unions: the first member that is not None
+    if origin in (typing.Union, types.UnionType):   # Optional[X], X | None: the X
         members = [a for a in arguments if a is not type(None)]
         return _convert(members[0], value) if len(members) == 1 else value
     if dataclasses.is_dataclass(annotation):
