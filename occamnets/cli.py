@@ -1,6 +1,6 @@
 """The `occamnets` command: data, train, eval, predict, viz, compare, results and demo. It parses
-arguments and calls the library (config, train, evaluate, viz, compare, demo); nothing imports
-it."""
+arguments and calls the library (config, train, evaluate, viz, compare, results_page, demo);
+nothing imports it."""
 import argparse
 import dataclasses
 import json

@@ -739,7 +739,9 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
         if self.events is not None:
             for name, value in record.items():
-                if name not in ("kind", "epoch", "step", "global_step", "batch"):
+                # Numbers only: the epoch's device name is a label, not a scalar.
+                if name not in ("kind", "epoch", "step", "global_step", "batch") and isinstance(
+                        value, (int, float)):
                     self.events.add_scalar(f"{record['kind']}/{name}", value,
                                            record["global_step"])
 

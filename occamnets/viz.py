@@ -30,10 +30,12 @@ def _to_image(image: torch.Tensor) -> np.ndarray:
 def save_cam_grid(path: str, data: CamPictureData,
                   class_names: Optional[Sequence[str]] = None) -> str:
     """One row per image: the image, then the CAM of each exit used at inference for its
-    predicted class, upsampled onto the image; the exit the sample took is framed in red.
-    `data` comes from occamnets.evaluate.cam_picture_data."""
-    return save_cam_comparison(path, [("", data)], class_names,
-                               "Class activation maps of each exit for its predicted class")
+    predicted class (a ResNet: of its last stage), upsampled onto the image; the exit the
+    sample took is framed in red. `data` comes from occamnets.evaluate.cam_picture_data."""
+    title = ("Class activation maps of the last stage for the predicted class"
+             if data.exit_taken is None else
+             "Class activation maps of each exit for its predicted class")
+    return save_cam_comparison(path, [("", data)], class_names, title)
 
 
 def save_cam_comparison(path: str, models: Sequence[Tuple[str, CamPictureData]],

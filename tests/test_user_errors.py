@@ -458,6 +458,7 @@ def test_tensorboard_events(tmp_path):
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
     assert "epoch/train_loss" in tags and "step/loss" in tags and "step/gate/E1" in tags
+    assert "step/epoch_seconds" in tags and "epoch/device" not in tags
     assert [e.step for e in accumulator.Scalars("step/loss")] == [2, 4, 6]
 
 

@@ -22,6 +22,6 @@ def build_model(name: str, num_classes: int, width: int, stem: str,
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
-__all__ = ["MODELS", "SHORT_NAMES", "STEMS", "BasicBlock", "EarlyExitOutput", "ExitGate", "ExitOutput",
-           "OccamExit", "OccamNet", "OccamOutput", "ResNet", "build_model", "occam_resnet18",
-           "resnet18"]
+__all__ = ["MODELS", "SHORT_NAMES", "STEMS", "BasicBlock", "EarlyExitOutput", "ExitGate",
+           "ExitOutput", "OccamExit", "OccamNet", "OccamOutput", "ResNet", "build_model",
+           "occam_resnet18", "resnet18"]
