@@ -5,9 +5,10 @@ test`) each case runs once at scaled-down shapes, with Triton under its interpre
 suites cannot rot; run them with --benchmark-disable there.
 """
 import contextlib
-import platform
 
 import torch
+
+from occamnets.environment import device_name
 
 ON_GPU = torch.cuda.is_available()
 
@@ -36,7 +37,7 @@ def true_fp32():
 def environment() -> dict:
     import triton
     return {
-        "device": torch.cuda.get_device_name() if ON_GPU else platform.processor() or "cpu",
+        "device": device_name(device()),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,

@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,6 +39,8 @@ from occamnets.config import scaled_milestones
 from occamnets.evaluate import checkpoint_config, evaluate, load_model, load_splits
 from occamnets.files import atomic_path
 from occamnets.train import RunReport, read_metrics, steps_per_epoch
+
+from benchutils import synchronize
 
 PLAN_NAME = "plan.json"
 EPOCH_VALIDATION = ("val", "val-p0.5")        # what the trainer evaluates after every epoch
@@ -90,33 +92,28 @@ def training_speed(metrics_path: str) -> float:
     return images / seconds
 
 
-def timed_evaluations(checkpoint: str, splits: Sequence[str], full: bool) -> float:
-    """Seconds of evaluating the checkpoint's model on `splits` as the trainer does after an
-    epoch (full=False: accuracy only) or in its report (full=True: every diagnostic on the
-    test split with full-depth timing, per factor on all but val), measured after one untimed
-    pass of the same evaluations (compiles, cuDNN's choices)."""
+def evaluation_seconds(checkpoint: str) -> Tuple[float, float]:
+    """(one epoch's validation, the final report's evaluations) in seconds for the
+    checkpoint's model, each evaluated as the trainer does (after an epoch: accuracy on val
+    and val-p0.5; the report: every diagnostic, full-depth timing on test, per factor on all
+    but val) and timed after one untimed pass of both (compiles, cuDNN's choices). The model
+    and the splits are loaded once."""
     model, config = load_model(checkpoint)
-    device = next(model.parameters()).device
-    data = load_splits(config, device, tuple(splits))
+    data = load_splits(config, next(model.parameters()).device, REPORT_SPLITS)
 
-    def run() -> None:
+    def run(splits: Sequence[str], full: bool) -> float:
+        synchronize()
+        started = time.perf_counter()
         for name in splits:
             evaluate(model, data[name], name, threshold=config.inference_threshold,
                      channels_last=config.channels_last, bf16=config.bf16,
                      per_factor=full and name != "val", diagnostics=full,
                      time_full_depth=full and name == "test", per_group=False)
+        synchronize()
+        return time.perf_counter() - started
 
-    run()
-    _synchronize(device)
-    started = time.perf_counter()
-    run()
-    _synchronize(device)
-    return time.perf_counter() - started
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    run(EPOCH_VALIDATION, False), run(REPORT_SPLITS, True)   # warm-up
+    return run(EPOCH_VALIDATION, False), run(REPORT_SPLITS, True)
 
 
 def checkpoint_seconds(checkpoint: str) -> float:
@@ -152,7 +149,9 @@ def measure(runs: str, model: str, checkpoint_every: int) -> ModelSpeed:
     metrics = os.path.join(probe, "metrics.jsonl")
     rate = training_speed(metrics)
     config = checkpoint_config(checkpoint)
-    images = len(load_splits(config, torch.device("cpu"), ("train",))["train"])
+    images = config.train_size
+    if images is None:   # every digit's renders: count them (this hashes the train split)
+        images = len(load_splits(config, torch.device("cpu"), ("train",))["train"])
     steps = steps_per_epoch(images, config.batch_size)
     probed_images = sum(r["batch"] for r in read_metrics(metrics) if r.get("kind") == "step")
     wall_path = os.path.join(probe, "wall_seconds")
@@ -164,8 +163,7 @@ def measure(runs: str, model: str, checkpoint_every: int) -> ModelSpeed:
             fixed = max(0.0, float(wall) - probed_images / rate)
     saves = steps // checkpoint_every + 1 if checkpoint_every else 1
     save = checkpoint_seconds(checkpoint)
-    validation = timed_evaluations(checkpoint, EPOCH_VALIDATION, full=False)
-    report = timed_evaluations(checkpoint, REPORT_SPLITS, full=True)
+    validation, report = evaluation_seconds(checkpoint)
     return ModelSpeed(model, images, rate, fixed, save, saves, validation, report,
                       images / rate + saves * save + validation)
 

@@ -103,7 +103,7 @@ def _run_data(args) -> int:
         train = splits["train"]
         save_sample_grid(args.preview, train.images[:24], train.labels, train.factors,
                          train.factor_names, title=f"Biased MNIST train, p_bias={run.p_bias}",
-                         aligned=train.factors[:24] == train.labels[:24, None])
+                         aligned=train.aligned[:24])
         print(f"preview written to {args.preview}")
     return 0
 
@@ -119,7 +119,7 @@ def _run_data_check(args) -> int:
     if args.preview:
         from .viz import save_sample_grid
         chosen = spec(args.name)
-        size = args.image_size or chosen.presets["paper"]["image_size"]
+        size = args.image_size or chosen.default_image_size
         shown = first_images(index, chosen.train, size, chosen.centre_crop, 24,
                              workers=args.workers, skip_unreadable=True)
         save_sample_grid(args.preview, shown.images, shown.labels, shown.factors,
@@ -457,14 +457,16 @@ def _run_predict(args) -> int:
         return _time_inference(args)
     import torch
     from .data.loaders import image_paths, normalise, read_image_files
-    from .evaluate import checkpoint_class_names, classify, load_model
+    from .checkpoints import read_checkpoint
+    from .evaluate import classify, model_from_checkpoint
     from .progress import close, progress_bar
     if args.data_dir or args.split or args.root:
         raise ValueError("--split, --data-dir and --root choose a split to time; with image "
                          "files they do nothing: leave them out, or give no images")
     paths = image_paths(args.images)
-    model, config = load_model(args.checkpoint, args.device)
-    class_names = checkpoint_class_names(args.checkpoint)
+    checkpoint = read_checkpoint(args.checkpoint)   # once: the model and its class names
+    model, config = model_from_checkpoint(checkpoint, args.checkpoint, args.device)
+    class_names = checkpoint.get("class_names")
     threshold = config.inference_threshold if args.threshold is None else args.threshold
     device = next(model.parameters()).device
     size = config.input_size
@@ -544,7 +546,7 @@ def _run_viz(args) -> int:
     first_config = checkpoint_config(args.checkpoint) if args.beside else None
     for other in args.beside:
         other_config = checkpoint_config(other)
-        if _data_identity(other_config) != _data_identity(first_config):
+        if other_config.data_identity() != first_config.data_identity():
             raise ValueError(f"--beside {other} trained on other data than {args.checkpoint} "
                              f"({other_config.describe_data()}, against "
                              f"{first_config.describe_data()}): draw models of the same data")
@@ -578,15 +580,6 @@ def _run_viz(args) -> int:
     print(f"CAM picture written to {args.out}" +
           (f", exit distribution to {args.exits_plot}" if args.exits_plot else ""))
     return 0
-
-
-def _data_identity(config) -> dict:
-    """What makes two runs' images the same: the dataset and its settings."""
-    from .config import BIASED_MNIST
-    if config.dataset == BIASED_MNIST:
-        return {"dataset": config.dataset, **config.biased_mnist().identity()}
-    return {"dataset": config.dataset, "image_size": config.input_size,
-            "bias_columns": config.bias_columns}
 
 
 def _run_results(args) -> int:

@@ -197,7 +197,7 @@ class RunConfig:
         """The side of the square images the model is trained on."""
         if self.dataset == BIASED_MNIST:
             return self.biased_mnist().image_size
-        return self.image_size or self.dataset_spec.presets["paper"]["image_size"]
+        return self.image_size or self.dataset_spec.default_image_size
 
     @property
     def root(self) -> str:
@@ -245,6 +245,14 @@ class RunConfig:
                                    mnist_dir=absolute(self.mnist_dir),
                                    emnist_dir=absolute(self.emnist_dir),
                                    tensorboard=absolute(self.tensorboard))
+
+    def data_identity(self) -> Dict:
+        """What makes two runs' images the same: the dataset and the settings that make its
+        images (not where it lives)."""
+        if self.dataset == BIASED_MNIST:
+            return {"dataset": self.dataset, **self.biased_mnist().identity()}
+        return {"dataset": self.dataset, "image_size": self.input_size,
+                "bias_columns": self.bias_columns}
 
     def identity(self) -> Dict:
         """What a checkpoint must agree on to be resumed (not paths, devices or step caps)."""
@@ -435,14 +443,14 @@ PAPER_VALUES = dict(epochs=90, lr=1e-3, milestones=(50, 70), batch_size=128, cel
                     test_size=10000)
 
 
-def scaled_milestones(epochs: int, paper=PAPER_VALUES) -> Tuple[int, ...]:
+def scaled_milestones(epochs: int) -> Tuple[int, ...]:
     """The paper's learning-rate steps (epochs 50 and 70 of 90) at the same fractions of a
     shorter run: each at least 1, in increasing order, after the first epoch and before the
     last (steps that would coincide are merged)."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    steps = [min(max(1, round(epochs * m / paper["epochs"])), max(1, epochs - 1))
-             for m in paper["milestones"]]
+    steps = [min(max(1, round(epochs * m / PAPER_VALUES["epochs"])), max(1, epochs - 1))
+             for m in PAPER_VALUES["milestones"]]
     return tuple(sorted(set(steps)))
 
 

@@ -16,7 +16,7 @@ from .checkpoints import read_checkpoint
 from .config import RunConfig, resolve_device
 from .data import biased_mnist
 from .data.catalog import BIASED_MNIST
-from .data.loaders import DeviceSplit, LabelledItems, cell_fraction
+from .data.loaders import DeviceSplit, LabelledItems, cell_fraction, normalise
 from .data.real_splits import load_real_splits
 from .metrics import (CamAgreement, CamAgreementAccumulator, Reliability,
                       ReliabilityAccumulator)
@@ -45,19 +45,20 @@ def checkpoint_config(path: str) -> RunConfig:
 def load_model(path: str, device: Optional[str] = None) -> Tuple[nn.Module, RunConfig]:
     """(model in eval mode on `device` (default: a GPU when present), its run's config) from a
     checkpoint written by the trainer. Reads nothing else: no data, no optimiser."""
-    checkpoint = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, device)
+
+
+def model_from_checkpoint(checkpoint: Dict, path: str, device: Optional[str] = None
+                          ) -> Tuple[nn.Module, RunConfig]:
+    """load_model for a checkpoint already read (by read_checkpoint) from `path`. The
+    checkpoint's "class_names" are the names of the classes the model predicts, in label
+    order (absent: a dataset without names, as Biased MNIST's digits, or a checkpoint from
+    before they were stored)."""
     config = RunConfig.from_dict(checkpoint["config"])
     model = build_model(config.model, checkpoint["num_classes"], config.width, config.stem,
                         config.backend)
     load_model_state(model, checkpoint["model"], path)
     return model.to(resolve_device(device or "auto")).eval(), config
-
-
-def checkpoint_class_names(path: str) -> Optional[List[str]]:
-    """The names of the classes the checkpoint's model predicts, in label order (None: a
-    dataset without names, as Biased MNIST's digits, or a checkpoint from before they were
-    stored)."""
-    return read_checkpoint(path).get("class_names")
 
 
 def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None,
@@ -95,10 +96,8 @@ def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None
                                 f"not in {directory} ({problem}) and cannot be regenerated: "
                                 f"{error}") from error
     rows = slice(0, count)  # count: the first images only (a picture needs no more)
-    # A factor is bias-aligned where it takes its class's value (the value tied to the class).
     return {name: DeviceSplit(s.images[rows], s.labels[rows], s.factors[rows], s.factor_names,
-                              device, masks=s.digit_masks[rows],
-                              aligned=s.factors[rows] == s.labels[rows, None])
+                              device, masks=s.digit_masks[rows], aligned=s.aligned[rows])
             for name, s in splits.items()}
 
 
@@ -479,8 +478,8 @@ def cam_picture_data(model: nn.Module, split: DeviceSplit, count: int = 6,
         raise ValueError(f"need at least one image to draw (count {count}, split of {len(split)})")
     model.eval()
     rows = torch.arange(min(count, len(split)), device=split.device)
-    x = split.batch(rows)
-    images, labels = split.uint8(rows), split.labels[rows]
+    images, labels = split.uint8(rows), split.labels[rows]   # fetched (or decoded) once
+    x = normalise(images)
     if isinstance(model, ResNet):
         logits, cams = model.forward_with_cams(x)
         return CamPictureData(images, labels, ["output"], [cams], [logits.argmax(1)], None)

@@ -55,7 +55,7 @@ def check_comparable(resnet: RunReport, occam: RunReport) -> None:
         if not report.complete:
             raise ValueError(f"the {report.model} run stopped after {report.steps} steps, before "
                              f"its last epoch: finish it first")
-    if resnet.config.biased_mnist().identity() != occam.config.biased_mnist().identity():
+    if resnet.config.data_identity() != occam.config.data_identity():
         raise ValueError("the two runs trained on different Biased MNIST data (their data "
                          "settings differ): compare runs of the same data")
     ours, theirs = shared_settings(resnet.config), shared_settings(occam.config)

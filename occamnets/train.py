@@ -287,7 +287,7 @@ class RunReport:
         existed take its default)."""
         values = dict(values)
         config = RunConfig.from_dict(values.pop("config"))
-        return from_plain(cls, dict(values, config=None), config=config)
+        return from_plain(cls, values, config=config)
 
     def to_markdown(self) -> str:
         trained = ("" if self.complete else
@@ -718,10 +718,13 @@ class Trainer:
                       "device": self.device_name}
             val_split = config.dataset_spec.val
             if val_split in self.splits:
-                val = self.evaluate(val_split, per_factor=False, diagnostics=False)
+                # Accuracy only: the epoch's record keeps nothing else.
+                val = self.evaluate(val_split, per_factor=False, diagnostics=False,
+                                    per_group=False)
                 record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
             if VAL_MIXED in self.splits:
-                mixed = self.evaluate(VAL_MIXED, per_factor=False, diagnostics=False)
+                mixed = self.evaluate(VAL_MIXED, per_factor=False, diagnostics=False,
+                                      per_group=False)
                 record[f"{VAL_MIXED}_accuracy"] = mixed.accuracy
             self._append_metrics(record)
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -762,12 +765,15 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, split_name: str = "test", per_factor: bool = True,
-                 diagnostics: bool = True, time_full_depth: bool = False) -> Evaluation:
+                 diagnostics: bool = True, time_full_depth: bool = False,
+                 per_group: bool = True) -> Evaluation:
+        """per_group: the bias groups' accuracies too, where the dataset reports them."""
         return evaluate(self.model, self.splits[split_name], split_name,
                         threshold=self.config.inference_threshold,
                         channels_last=self.channels_last,
                         bf16=self.config.bf16, per_factor=per_factor, diagnostics=diagnostics,
-                        time_full_depth=time_full_depth, per_group=reports_groups(self.config))
+                        time_full_depth=time_full_depth,
+                        per_group=per_group and reports_groups(self.config))
 
     def run(self) -> Optional[RunReport]:
         """Train and evaluate; None if stopped before the last epoch (a stop signal, or

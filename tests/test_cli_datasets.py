@@ -19,11 +19,6 @@ from occamnets.train import Trainer
 HEADLINE = {"coco-on-places": "sgtest", "bar": "test", "celeba": "test", "folder": "test"}
 
 
-@pytest.fixture(scope="module")
-def roots(tmp_path_factory):
-    return fixtures.write_all(tmp_path_factory.mktemp("datasets"))
-
-
 @pytest.mark.parametrize("name", list(fixtures.WRITERS))
 def test_train_five_steps_then_eval_each_dataset(name, roots, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)   # the default cache (data/) and run (runs/) directories

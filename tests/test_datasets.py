@@ -22,11 +22,6 @@ from occamnets.evaluate import load_splits
 from occamnets.train import lr_factor, make_optimizer, make_scheduler
 
 
-@pytest.fixture(scope="module")
-def roots(tmp_path_factory):
-    return fixtures.write_all(tmp_path_factory.mktemp("datasets"))
-
-
 def test_coco_on_places_splits_groups_and_pixels(roots):
     index = catalog.find("coco-on-places", roots["coco-on-places"])
     assert list(index.splits) == ["train", "validtest", "valsgtest", "valoodtest", "idtest",

@@ -34,7 +34,10 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) 
     offsets = torch.where(flip[:, None], torch.arange(width - 1, -1, -1), torch.arange(width))
     columns = left[:, None] + offsets                                           # (B, W)
     # Image b's pixel (i, j) comes from padded[b, :, rows[b, i], columns[b, j]].
-    rows, columns = torch.cat([rows, columns], 1).to(x.device).split([height, width], 1)
+    indices = torch.cat([rows, columns], 1)
+    if x.is_cuda:   # pinned and asynchronous: a blocking copy would wait for the last step
+        indices = indices.pin_memory().to(x.device, non_blocking=True)
+    rows, columns = indices.split([height, width], 1)
     picked = padded.permute(0, 2, 3, 1)[torch.arange(batch, device=x.device)[:, None, None],
                                         rows[:, :, None], columns[:, None, :]]
     return picked.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)

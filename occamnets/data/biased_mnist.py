@@ -281,6 +281,11 @@ class BiasedMNISTSplit(NamedTuple):
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def aligned(self) -> torch.Tensor:
+        """(N, 7) bool: each factor takes its class's value (the value tied to the class)."""
+        return self.factors == self.labels[:, None]
+
 
 def _render_counts(pool: int, renders: int, wanted: Optional[int], what: str) -> int:
     available = pool * renders
@@ -422,8 +427,7 @@ def _save_split(directory: str, split: str, data: BiasedMNISTSplit) -> Dict[str,
 
 def split_groups(data: BiasedMNISTSplit) -> BiasGroups:
     """The split's bias groups: digit and the seven factors' values, as the official's."""
-    return bias_groups(data.labels, data.factors, FACTOR_NAMES,
-                       aligned=data.factors == data.labels[:, None])
+    return bias_groups(data.labels, data.factors, FACTOR_NAMES, aligned=data.aligned)
 
 
 def _write_meta(directory: str, config: BiasedMNISTConfig, files: Dict[str, Dict],

@@ -34,10 +34,17 @@ class DatasetSpec:
     # factors, are mostly single images: it reports per-factor accuracy instead).
     reports_groups: bool = True
     headline: Optional[str] = None   # how tables name the test split (None: its name)
+    # Whether the user names the bias attributes (a CSV's columns: index(root, bias_columns)).
+    takes_bias_columns: bool = False
 
     @property
     def headline_name(self) -> str:
         return self.headline or self.test
+
+    @property
+    def default_image_size(self) -> int:
+        """The side images are resized to when a run does not say: the paper preset's."""
+        return self.presets["paper"]["image_size"]
 
     def reported_splits(self, available: Sequence[str]) -> Tuple[str, ...]:
         """Every split a run evaluates at its end, headline test first, then validation, then
@@ -120,7 +127,7 @@ SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
         "folder", "folder dataset", "train", "val", "test",
         {"train": "the CSV's train rows", "val": "the CSV's val rows",
          "test": "the CSV's test rows"},
-        folder.GET_IT, folder.index, crop_padding=1 / 8,
+        folder.GET_IT, folder.index, crop_padding=1 / 8, takes_bias_columns=True,
         presets={
             "quick": dict(image_size=32, width=12, stem="3x3", batch_size=32, epochs=8,
                           lr=2e-3, milestones=(6,)),
@@ -143,7 +150,7 @@ def find(name: str, root: str, bias_columns: Optional[Sequence[str]] = None) -> 
     chosen = spec(name)
     if chosen.index is None:
         raise ValueError(f"{chosen.title} is generated, not read from a directory")
-    if name == "folder":
+    if chosen.takes_bias_columns:
         return chosen.index(root, bias_columns)
     if bias_columns is not None:
         raise ValueError(f"--bias-columns is for --dataset folder; {chosen.title}'s bias "

@@ -77,9 +77,8 @@ class DatasetCheck:
 
 def _check_split(name: str, split: SplitIndex, index: DatasetIndex, workers: int,
                  bar) -> SplitCheck:
-    labels = torch.from_numpy(split.labels)
-    groups = bias_groups(labels, torch.from_numpy(split.attributes), index.attribute_names,
-                         None if split.aligned is None else torch.from_numpy(split.aligned))
+    labels, attributes, aligned = split.tensors()
+    groups = bias_groups(labels, attributes, index.attribute_names, aligned)
     paths = split.images.paths
     missing = [] if paths is None else [p for p in paths if not os.path.isfile(p)]
     gone = set(missing)

@@ -204,9 +204,9 @@ class StreamingSplit(LabelledItems):
                  centre_crop: Optional[int], device="cpu", workers: int = 4,
                  decoder: str = "pil"):
         split = index.split(name)
-        aligned = None if split.aligned is None else torch.from_numpy(split.aligned)
-        super().__init__(torch.from_numpy(split.labels), torch.from_numpy(split.attributes),
-                         index.attribute_names, device, aligned, index.class_names)
+        labels, attributes, aligned = split.tensors()
+        super().__init__(labels, attributes, index.attribute_names, device, aligned,
+                         index.class_names)
         self.name, self.split, self.size, self.centre_crop = name, split, size, centre_crop
         self.decoder = decoder
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)

@@ -11,6 +11,7 @@ import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from .jpeg_decode import all_jpeg
 from .loaders import read_rgb
@@ -75,6 +76,12 @@ class SplitIndex:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def tensors(self, rows=slice(None)) -> Tuple[torch.Tensor, torch.Tensor,
+                                                  Optional[torch.Tensor]]:
+        """(labels, attributes, aligned or None) of `rows` (default: all) as tensors."""
+        aligned = None if self.aligned is None else torch.from_numpy(self.aligned[rows])
+        return torch.from_numpy(self.labels[rows]), torch.from_numpy(self.attributes[rows]), aligned
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .loaders import centre_box
+
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 DECODERS = ("pil", "torchvision")   # the image decoders a run may choose (or auto)
 
@@ -22,8 +24,7 @@ def _square(image: torch.Tensor, size: int, centre_crop: Optional[int]) -> torch
     an antialiased bilinear resize."""
     height, width = image.shape[1:]
     if centre_crop is not None:
-        side = min(centre_crop, height, width)
-        top, left = (height - side) // 2, (width - side) // 2
+        top, left, side = centre_box(height, width, centre_crop)
         image = image[:, top:top + side, left:left + side]
     if image.shape[1:] == (size, size):
         return image

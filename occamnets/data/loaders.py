@@ -170,6 +170,13 @@ def read_rgb(path: str) -> np.ndarray:
         raise ValueError(f"cannot read {path} as an image: {error}") from error
 
 
+def centre_box(height: int, width: int, crop: int) -> Tuple[int, int, int]:
+    """(top, left, side) of the centred square of side `crop` (at most the shorter side): the
+    one crop every decoder takes, so their images agree."""
+    side = min(crop, height, width)
+    return (height - side) // 2, (width - side) // 2, side
+
+
 def prepare(image: np.ndarray, size: int, centre_crop: Optional[int] = None) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (3, size, size): the centred square of side centre_crop
     (at most the shorter side) cut out when given, then resized (Pillow's bilinear, which
@@ -177,8 +184,7 @@ def prepare(image: np.ndarray, size: int, centre_crop: Optional[int] = None) -> 
     from PIL import Image
     height, width = image.shape[:2]
     if centre_crop is not None:
-        side = min(centre_crop, height, width)
-        top, left = (height - side) // 2, (width - side) // 2
+        top, left, side = centre_box(height, width, centre_crop)
         image = image[top:top + side, left:left + side]
     if image.shape[:2] != (size, size):
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))

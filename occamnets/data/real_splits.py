@@ -14,10 +14,9 @@ from .loaders import DeviceSplit, LabelledItems
 
 def _device_split(split: SplitIndex, images: torch.Tensor, index: DatasetIndex,
                   device) -> DeviceSplit:
-    return DeviceSplit(images, torch.from_numpy(split.labels),
-                       torch.from_numpy(split.attributes), index.attribute_names, device,
-                       aligned=None if split.aligned is None else torch.from_numpy(split.aligned),
-                       class_names=index.class_names)
+    labels, attributes, aligned = split.tensors()
+    return DeviceSplit(images, labels, attributes, index.attribute_names, device,
+                       aligned=aligned, class_names=index.class_names)
 
 
 def first_images(index: DatasetIndex, name: str, size: int, centre_crop: Optional[int],
@@ -34,10 +33,10 @@ def first_images(index: DatasetIndex, name: str, size: int, centre_crop: Optiona
         raise DecodeErrors(name, problems)
     bad = {split.images.names.index(source) for source, _ in problems}
     rows = [row for row in range(count) if row not in bad]
-    aligned = None if split.aligned is None else torch.from_numpy(split.aligned[rows])
-    return DeviceSplit(torch.from_numpy(images[rows]), torch.from_numpy(split.labels[rows]),
-                       torch.from_numpy(split.attributes[rows]), index.attribute_names,
-                       device, aligned=aligned, class_names=index.class_names)
+    labels, attributes, aligned = split.tensors(rows)
+    return DeviceSplit(torch.from_numpy(images[rows]), labels, attributes,
+                       index.attribute_names, device, aligned=aligned,
+                       class_names=index.class_names)
 
 
 def load_real_splits(dataset: str, root: str, names: Optional[Sequence[str]], cache_dir: str,

@@ -29,5 +29,5 @@ class SpectralDecoupling(Method):
 
     def sample_loss(self, logits: Tensor, labels: Tensor, groups: Optional[Tensor]) -> Tensor:
         cross_entropy = super().sample_loss(logits, labels, groups)
-        true_logit = logits.float().gather(1, labels[:, None])[:, 0]
+        true_logit = logits.gather(1, labels[:, None])[:, 0].float()   # one column cast
         return cross_entropy + 0.5 * self.lambdas[groups] * (true_logit - self.gammas[groups]) ** 2
