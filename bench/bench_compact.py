@@ -3,17 +3,13 @@
 Stage-output shapes of OccamResNet-18 at 160 px with B=256, keep ratios 0.1/0.5/0.9, fp32 and
 bf16; host syncs per call counted with torch.cuda.set_sync_debug_mode on a GPU.
 """
-import warnings
-
 import pytest
 import torch
 
-import occam_kernels
-
-from benchutils import ON_GPU, device, run_case, synchronize
+from benchutils import (COMPACT_IMPLEMENTATIONS, ON_GPU, STAGE_SHAPES, count_host_syncs, device,
+                        run_case, synchronize)
 
 BATCH = 256
-STAGE_SHAPES = [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5)]
 
 
 def scaled(shape):
@@ -23,35 +19,10 @@ def scaled(shape):
     return 8, max(1, channels // 29), max(1, height // 10), max(1, width // 10)
 
 
-IMPLEMENTATIONS = {
-    "occam": lambda x, keep, index: occam_kernels.compact(x, keep, index),
-    "occam_triton": lambda x, keep, index: occam_kernels.compact(x, keep, index,
-                                                                 backend="triton"),
-    "boolean_mask": lambda x, keep, index: (x[keep], index[keep]),
-    "nonzero_index_select": lambda x, keep, index: (
-        lambda rows: (x.index_select(0, rows), index.index_select(0, rows)))(
-            keep.nonzero().squeeze(1)),
-}
-
-
-def count_host_syncs(fn) -> int:
-    """Synchronising CUDA calls made by one call of fn (0 on CPU, where nothing syncs)."""
-    if not ON_GPU:
-        return 0
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("keep_ratio", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("shape", STAGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", list(COMPACT_IMPLEMENTATIONS))
 def test_compact(benchmark, impl, shape, keep_ratio, dtype):
     full = scaled(shape)
     generator = torch.Generator().manual_seed(0)
@@ -59,7 +30,7 @@ def test_compact(benchmark, impl, shape, keep_ratio, dtype):
     x = torch.randn(full, generator=generator).to(dev, dtype)
     keep = (torch.rand(full[0], generator=generator) < keep_ratio).to(dev)
     index = torch.arange(full[0], device=dev)
-    fn = IMPLEMENTATIONS[impl]
+    fn = COMPACT_IMPLEMENTATIONS[impl]
 
     def step():
         fn(x, keep, index)

@@ -9,12 +9,9 @@ import torch
 import occam_kernels
 from occam_kernels import exit_head_reference
 
-from benchutils import ON_GPU, CompiledForOneCase, device, run_case, synchronize
+from benchutils import EXIT_SHAPES, ON_GPU, CompiledForOneCase, device, run_case, synchronize
 
 BATCH, CLASSES = 128, 10
-SHAPES_160 = [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5)]
-SHAPES_64 = [(58, 64, 64), (116, 32, 32), (232, 16, 16), (464, 8, 8)]
-SHAPES = SHAPES_160 + SHAPES_64
 
 
 def scaled(shape):
@@ -37,7 +34,7 @@ def implementation(name):
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", EXIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
 def test_exit_head(benchmark, impl, shape, dtype, mode):
     batch, channels, height, width = scaled(shape)

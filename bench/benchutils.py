@@ -12,6 +12,14 @@ from occamnets.environment import device_name
 
 ON_GPU = torch.cuda.is_available()
 
+# DESIGN.md section 8: OccamResNet-18's exit shapes (C, H, W) at 160 px, then at 64 px; the
+# stage outputs (160 px) are what compaction moves.
+EXIT_SHAPES_160 = [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5)]
+EXIT_SHAPES_64 = [(58, 64, 64), (116, 32, 32), (232, 16, 16), (464, 8, 8)]
+EXIT_SHAPES = EXIT_SHAPES_160 + EXIT_SHAPES_64
+STAGE_SHAPES = EXIT_SHAPES_160
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def device() -> torch.device:
     return torch.device("cuda" if ON_GPU else "cpu")
@@ -89,6 +97,89 @@ def run_case(benchmark, fn, extra: dict) -> None:
     benchmark.extra_info["peak_memory_bytes"] = peak
     benchmark.extra_info["smoke"] = not ON_GPU
     benchmark(fn)
+
+
+def shrink(shape, smoke: bool):
+    """A section-8 (C, H, W) shape, or a tiny one with the same aspect for a CPU smoke run."""
+    if not smoke:
+        return shape
+    channels, height, width = shape
+    return max(1, channels // 29), max(1, height // 8), max(1, width // 8)
+
+
+def exit_head_inputs(batch, shape, num_classes, dtype, layout, device, seed):
+    """h (after a ReLU, in `layout`), weight, bias, labels and the three upstream gradients
+    (logits, pooled, supp) of one exit-head case, drawn on the CPU from `seed`."""
+    channels, height, width = shape
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.relu(torch.randn(batch, channels, height, width, generator=generator))
+    h = h.to(device, dtype)
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(num_classes, channels, generator=generator) / channels ** 0.5)
+    bias = torch.randn(num_classes, generator=generator) * 0.1
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    upstream = (torch.randn(batch, num_classes, generator=generator),
+                torch.randn(batch, channels, generator=generator),
+                torch.rand(batch, generator=generator) + 0.5)
+    return (h, weight.to(device, dtype), bias.to(device, dtype), labels.to(device),
+            [g.to(device, dtype) for g in upstream])
+
+
+def exit_head_step(fn, h, weight, bias, labels, upstream):
+    """One forward+backward of exit-head implementation `fn` (h, weight, bias, labels) ->
+    (logits, pooled, supp), with the given upstream gradients, so no loss kernels of its own
+    are timed with it. The gradients are dropped after each step (none accumulate)."""
+    leaves = [t.detach().requires_grad_(True) for t in (h, weight, bias)]
+
+    def step():
+        out = fn(*leaves, labels)
+        torch.autograd.backward(list(out), upstream)
+        for leaf in leaves:
+            leaf.grad = None
+
+    return step
+
+
+def _compact_occam(x, keep, index):
+    import occam_kernels
+    return occam_kernels.compact(x, keep, index)
+
+
+def _compact_occam_triton(x, keep, index):
+    import occam_kernels
+    return occam_kernels.compact(x, keep, index, backend="triton")
+
+
+def _compact_nonzero_index_select(x, keep, index):
+    rows = keep.nonzero().squeeze(1)
+    return x.index_select(0, rows), index.index_select(0, rows)
+
+
+# Compaction, ours and the two ways PyTorch has: name -> fn(x, keep, index) -> (kept, index).
+COMPACT_IMPLEMENTATIONS = {
+    "occam": _compact_occam,
+    "occam_triton": _compact_occam_triton,
+    "boolean_mask": lambda x, keep, index: (x[keep], index[keep]),
+    "nonzero_index_select": _compact_nonzero_index_select,
+}
+
+
+def count_host_syncs(fn) -> int:
+    """Synchronising CUDA calls made through PyTorch in one call of fn, from
+    torch.cuda.set_sync_debug_mode (0 on CPU, where nothing syncs). The C++ compaction reads
+    its count with .item(), which is seen; a raw cudaStreamSynchronize would not be."""
+    if not ON_GPU:
+        return 0
+    import warnings
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 class ForcedGate(torch.nn.Module):

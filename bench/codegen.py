@@ -35,12 +35,11 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from benchutils import EXIT_SHAPES as SECTION_8_SHAPES, STAGE_SHAPES  # noqa: E402
+
 TARGET_CAPABILITY = 90
 BATCH = 128
-SECTION_8_SHAPES = [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5),
-                    (58, 64, 64), (116, 32, 32), (232, 16, 16), (464, 8, 8)]
 COMPACT_BATCH = 256
-STAGE_SHAPES = [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5)]
 
 
 def _target():
