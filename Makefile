@@ -41,9 +41,14 @@ clean-build:
 	rm -rf build $(STAMP) occam_kernels/_C*.so
 
 # Time every suite (GPU: section-8 shapes; CPU: the scaled-down smoke shapes) and render
-# bench/RESULTS.md. The JSON is kept per device under bench/results/.
+# bench/RESULTS.md. The JSON is kept per device under bench/results/; on a GPU the device
+# times too (bench/device_time.py), in bench/results/DEVICE_device_time/.
+DEVICE_NAME = $(shell $(PY) -c "import torch,platform,re;print(re.sub('[^A-Za-z0-9]+','_',torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu_'+platform.machine()))")
 bench: install
 	mkdir -p bench/results
 	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-max-time=0.2 \
-	  --benchmark-json=bench/results/$$($(PY) -c "import torch,platform,re;print(re.sub('[^A-Za-z0-9]+','_',torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu_'+platform.machine()))").json
-	$(PY) bench/report.py bench/results/*.json --out bench --trim
+	  --benchmark-json=bench/results/$(DEVICE_NAME).json
+	if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(PY) bench/device_time.py --out bench/results/$(DEVICE_NAME)_device_time; fi
+	$(PY) bench/report.py bench/results/*.json $$(ls bench/results/*/device_time.json 2>/dev/null) \
+	  --out bench --trim

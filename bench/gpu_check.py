@@ -24,14 +24,14 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Dict, List
 
 import torch
 
-EXIT_SHAPES = [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5),
-               (58, 64, 64), (116, 32, 32), (232, 16, 16), (464, 8, 8)]
-STAGE_SHAPES = EXIT_SHAPES[:4]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from benchutils import (DTYPES, EXIT_SHAPES, STAGE_SHAPES, exit_head_inputs, exit_head_step,
+                        shrink)
+
 # Largest error over the largest reference value, per dtype: fp32 accumulates in fp32 with
 # ieee dots; bf16/fp16 outputs are rounded to 8/11 mantissa bits (2^-8, 2^-11) after fp32 sums.
 TOLERANCE = {"fp32": 1e-4, "bf16": 1.6e-2, "fp16": 2e-3}
@@ -52,14 +52,6 @@ def device_for(smoke: bool) -> torch.device:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device is visible; use --smoke on a CPU machine")
     return torch.device("cuda")
-
-
-def shrink(shape, smoke: bool):
-    """A section-8 (C, H, W) shape, or a tiny one with the same aspect for the smoke run."""
-    if not smoke:
-        return shape
-    channels, height, width = shape
-    return max(1, channels // 29), max(1, height // 8), max(1, width // 8)
 
 
 def poison(device: torch.device) -> None:
@@ -89,23 +81,6 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 # Correctness: exit head
 
 
-def _exit_head_inputs(batch, shape, num_classes, dtype, layout, device, seed):
-    channels, height, width = shape
-    generator = torch.Generator().manual_seed(seed)
-    h = torch.relu(torch.randn(batch, channels, height, width, generator=generator))
-    h = h.to(device, dtype)
-    if layout == "channels_last":
-        h = h.contiguous(memory_format=torch.channels_last)
-    weight = (torch.randn(num_classes, channels, generator=generator) / channels ** 0.5)
-    bias = torch.randn(num_classes, generator=generator) * 0.1
-    labels = torch.randint(0, num_classes, (batch,), generator=generator)
-    upstream = (torch.randn(batch, num_classes, generator=generator),
-                torch.randn(batch, channels, generator=generator),
-                torch.rand(batch, generator=generator) + 0.5)
-    return (h, weight.to(device, dtype), bias.to(device, dtype), labels.to(device),
-            [g.to(device, dtype) for g in upstream])
-
-
 def _fused_forward_backward(h, weight, bias, labels, upstream, device):
     import occam_kernels
     poison(device)
@@ -132,8 +107,8 @@ def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=
     """Fused forward+backward against the fp64 reference, twice (bitwise equal), poisoned."""
     from occam_kernels import exit_head_reference
     dtype = DTYPES[dtype_name]
-    h, weight, bias, labels, upstream = _exit_head_inputs(batch, shape, num_classes, dtype,
-                                                          layout, device, seed)
+    h, weight, bias, labels, upstream = exit_head_inputs(batch, shape, num_classes, dtype,
+                                                         layout, device, seed)
     first = _fused_forward_backward(h, weight, bias, labels, upstream, device)
     second = _fused_forward_backward(h, weight, bias, labels, upstream, device)
     bitwise = all(torch.equal(a, b) for a, b in zip(first, second))
@@ -172,8 +147,8 @@ def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=
 def check_cams(batch, shape, num_classes, dtype_name, layout, device) -> Check:
     import occam_kernels
     from occam_kernels import class_activation_maps_reference
-    h, weight, bias, _, _ = _exit_head_inputs(batch, shape, num_classes, DTYPES[dtype_name],
-                                              layout, device, seed=1)
+    h, weight, bias, _, _ = exit_head_inputs(batch, shape, num_classes, DTYPES[dtype_name],
+                                             layout, device, seed=1)
     poison(device)
     got = occam_kernels.class_activation_maps(h, weight, bias, backend="triton")
     want = class_activation_maps_reference(h.double(), weight.double(), bias.double())
@@ -458,15 +433,10 @@ def profile(out: str, smoke: bool) -> int:
     for shape in (EXIT_SHAPES[0], EXIT_SHAPES[4]):
         for dtype_name in ("bf16", "fp32"):
             batch, small = (2, shrink(shape, True)) if smoke else (128, shape)
-            h, weight, bias, labels, upstream = _exit_head_inputs(
+            h, weight, bias, labels, upstream = exit_head_inputs(
                 batch, small, 10, DTYPES[dtype_name], "channels_last", device, seed=6)
-            leaves = [t.requires_grad_(True) for t in (h, weight, bias)]
-
-            def step():
-                out = occam_kernels.exit_head(*leaves, labels, backend="triton")
-                torch.autograd.backward(list(out), upstream)
-                for leaf in leaves:
-                    leaf.grad = None
+            step = exit_head_step(partial(occam_kernels.exit_head, backend="triton"),
+                                  h, weight, bias, labels, upstream)
 
             for _ in range(3):
                 step()
@@ -580,6 +550,25 @@ def _headlines(bench_paths) -> List[str]:
     return lines
 
 
+def _device_time_lines(record) -> List[str]:
+    """The device-time step in a few lines: the baselines, the bf16 exit head per shape (graph
+    and stream time of each implementation), and issue 16's targets met or missed."""
+    from report import _us, compact_targets, device_time_index, exit_head_targets
+    if not record:
+        return []
+    base = record["baselines"]
+    lines = [f"device time: empty sync {_us(base.get('empty_sync_us'))} us, tiny kernel + sync "
+             f"{_us(base.get('tiny_kernel_sync_us'))} us, copy "
+             f"{(base.get('copy_gb_per_s') or 0):.0f} GB/s, profiler syncs for one .item(): "
+             f"{_us(base.get('profiler_syncs_for_one_item'))}"]
+    table = device_time_index(record).get(("exit_head", "bf16", "channels_last"), {})
+    for shape, impls in table.items():
+        parts = [f"{impl} {_us(t.get('graph_us'))}/{_us(t.get('stream_us'))}"
+                 for impl, t in impls.items()]
+        lines.append(f"  exit head {shape} bf16 graph/stream us: " + ", ".join(parts))
+    return lines + exit_head_targets(record) + compact_targets(record)
+
+
 def summary(out: str) -> int:
     """The short table, printed last, and OUT/summary.json with everything it was made from."""
     env = _read_json(os.path.join(out, "environment.json"), {})
@@ -602,7 +591,8 @@ def summary(out: str) -> int:
     for path in bench_paths:
         trim(path)  # per-round timings would make the JSON too large to come back
     headlines = _headlines(bench_paths)
-    record = {"environment": env, "steps": steps,
+    device_time = _device_time_lines(_read_json(os.path.join(out, "device_time.json"), None))
+    record = {"environment": env, "steps": steps, "device_time": device_time,
               "correctness": {g: {"passed": p, "total": t} for g, (p, t) in by_group.items()},
               "failed_checks": [c for c in checks if not c["passed"]],
               "headlines": headlines, "profile": _read_json(os.path.join(out, "profile.json"), {})}
@@ -618,12 +608,15 @@ def summary(out: str) -> int:
                              or "no results"))
     for check in record["failed_checks"][:10]:
         print(f"  FAILED {check['group']} {check['case']} {check['errors']} {check['notes']}")
-    for line in headlines:
+    for line in headlines + device_time:
         print(line)
-    bad = [s for s in steps if s["status"] != "pass"]
-    print(f"{len(steps) - len(bad)}/{len(steps)} steps passed"
+    skipped = [s["step"] for s in steps if s["status"] == "skipped"]
+    ran = [s for s in steps if s["status"] != "skipped"]
+    bad = [s for s in ran if s["status"] != "pass"]
+    print(f"{len(ran) - len(bad)}/{len(ran)} steps passed"
           + (f"; not passed: {', '.join(s['step'] + ' (' + s['status'] + ')' for s in bad)}"
-             if bad else ""))
+             if bad else "")
+          + (f"; skipped on request: {', '.join(skipped)}" if skipped else ""))
     return 0
 
 

@@ -4,9 +4,17 @@
 # SIGKILL 10 s later), its output in $out/NAME.log, one line "NAME status seconds limit" in
 # $out/steps.tsv. The limit is clipped to what is left of $budget seconds counted from $start
 # (bash's SECONDS), less $reserve; with under 5 s left the step is recorded as "no time".
-# A failed or timed-out step is recorded and the caller goes on.
+# A failed or timed-out step is recorded and the caller goes on. A step named in
+# OCCAM_SKIP_STEPS (names separated by spaces or commas) is recorded as "skipped" and not run:
+# a window that has already proven a step spends its minutes on the others.
 run_step() {
   local name=$1 limit=$2; shift 2
+  local skip=${OCCAM_SKIP_STEPS:-}
+  if [[ " ${skip//,/ } " == *" $name "* ]]; then
+    printf '%s\tskipped\t0\t0\n' "$name" >> "$out/steps.tsv"
+    echo "[$script_name] $name: skipped (OCCAM_SKIP_STEPS)"
+    return
+  fi
   local left=$(( budget - (SECONDS - start) - reserve ))
   if (( left < 5 )); then
     printf '%s\tno time\t0\t0\n' "$name" >> "$out/steps.tsv"

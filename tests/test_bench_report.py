@@ -38,3 +38,66 @@ def test_report_renders_ratios_bandwidth_and_keeps_devices_apart(tmp_path):
     assert "| inference all_E1 | compaction | 100.000 ms | 2.00x | - | - | - | 1280 |" in gpu_a
     assert "1.00x" in text[text.index("## GPU-B"):]
     assert any(name.endswith(".png") for name in os.listdir(tmp_path))
+
+
+def _device_time_record(tmp_path):
+    """A device-time record with round numbers, built from bench/device_time.py's types."""
+    from dataclasses import asdict
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from device_time import Baselines, DeviceTimeRecord, Settings, Timing
+
+    def head(impl, shape, graph, stream, **extra):
+        channels, height, width = shape
+        floor = 4 * 128 * channels * height * width * 2
+        return Timing("exit_head", impl, [128, *shape], "bf16", "channels_last", floor, 0.1,
+                      wall_us=stream + 5, stream_us=stream, host_us=stream / 2, graph_us=graph,
+                      **extra)
+
+    timings = [
+        head("fused", (58, 40, 40), 50.0, 300.0, kernels_per_call=9.0),
+        head("eager", (58, 40, 40), 200.0, 600.0),
+        head("compiled", (58, 40, 40), 60.0, 450.0),
+        head("fused", (464, 5, 5), 10.0, 300.0),
+        head("eager", (464, 5, 5), 40.0, 600.0),
+        head("compiled", (464, 5, 5), 20.0, 450.0,
+             errors={"profile": "RuntimeError: the profiler broke"}),
+        Timing("compact", "occam", [256, 58, 40, 40], "bf16", "channels_last", 1000, 0.1,
+               stream_us=50.0, host_syncs_profiler=1.0,
+               errors={"graph": "RuntimeError: not capturable: the call synchronises"}),
+        Timing("compact", "nonzero_index_select", [256, 58, 40, 40], "bf16", "channels_last",
+               1000, 0.1, stream_us=120.0, host_syncs_profiler=2.0),
+    ]
+    record = DeviceTimeRecord(
+        "2026-11-28T00:00:00+00:00", {"device": "GPU-A", "torch": "2.x", "triton": "3.x"},
+        Settings(False, 50, 5, 128, 256, 10, 0.5),
+        Baselines(empty_sync_us=8.0, tiny_kernel_sync_us=15.0, copy_bytes=2 ** 31,
+                  copy_us=500.0, copy_gb_per_s=4000.0, profiler_syncs_for_nothing=1.0,
+                  profiler_syncs_for_one_item=1.0), timings)
+    path = tmp_path / "device_time.json"
+    path.write_text(json.dumps(asdict(record)))
+    return path
+
+
+def test_device_time_report_gives_ratios_bandwidth_and_the_issue_targets(tmp_path):
+    path = _device_time_record(tmp_path)
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), str(path),
+                    "--out", str(tmp_path), "--trim"], check=True)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Device time on GPU-A" in text
+    # graph: eager 200 / fused 50 = 4x, compiled 60 / 50 = 1.2x; the floor 95,027,200 bytes in
+    # 50 us is 1,900.5 GB/s, 48% of 4,000; stream 600 / 300 and 450 / 300.
+    assert ("| 58x40x40 | 50.0 | 200.0 | 60.0 | 4.00x | 1.20x | 48% | 300.0 | 600.0 | 450.0 | "
+            "2.00x | 1.50x | 150.0 | 305.0 | 9.0 / - / - |") in text
+    assert "- fused >= 3x eager (bf16, device time): met at 2 of 2 shapes; the least 4.00x" in text
+    assert ("- fused >= 1.5x compiled (bf16, device time): met at 1 of 2 shapes; the least "
+            "1.20x at 58x40x40") in text
+    assert "- fused >= 60% of the copy bandwidth at 58x40x40 bf16: 48% (missed)" in text
+    assert "- fused >= 60% of the copy bandwidth at 58x64x64 bf16: no number" in text
+    assert ("- compaction bf16: occam >= 2x nonzero+index_select at 1 of 1 shapes (the least "
+            "2.40x at 58x40x40); host syncs per call [1.0]") in text
+    # A method that failed is listed with its reason; an expected gap (no graph for a call
+    # that syncs) is not.
+    assert "464x5x5 bf16 channels_last compiled, profile: RuntimeError: the profiler broke" in text
+    assert "not capturable" not in text
+    # --trim leaves a device-time record as it was (it has no per-round data).
+    assert json.loads(path.read_text())["timings"][0]["graph_us"] == 50.0

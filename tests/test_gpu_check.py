@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["build", "environment", "correctness", "timings", "profile", "sanitize_target",
-         "sanitize_triton", "timings_compiled", "report", "native_errors"]
+STEPS = ["build", "environment", "correctness", "native_errors", "device_time", "sanitize_target",
+         "sanitize_triton", "timings", "profile", "timings_compiled", "report"]
 
 
 def test_gpu_check_smoke_runs_every_step(tmp_path):
@@ -22,7 +22,7 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     assert [s[0] for s in steps] == STEPS, log
     assert all(s[1] == "pass" for s in steps), steps
     # The table comes last.
-    assert done.stdout.splitlines()[-1] == "10/10 steps passed", done.stdout[-800:]
+    assert done.stdout.splitlines()[-1] == "11/11 steps passed", done.stdout[-800:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["correctness"]) == {"exit_head", "cam", "compact", "predict",
                                            "large_index"}
@@ -34,9 +34,34 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     # The timings JSON comes back trimmed (no per-round data) and the profile names the op.
     bench = json.loads((out / "bench_main.json").read_text())
     assert bench["benchmarks"] and all("data" not in b["stats"] for b in bench["benchmarks"])
+    # Every device-time case got a number by the methods a CPU has, and the report shows them.
+    device_time = json.loads((out / "device_time.json").read_text())
+    assert device_time["kind"] == "device_time" and device_time["settings"]["smoke"] is True
+    parts = {(t["part"], t["impl"]) for t in device_time["timings"]}
+    assert {("exit_head", "fused"), ("exit_head", "eager"), ("exit_head", "compiled"),
+            ("compact", "occam"), ("compact", "nonzero_index_select")} <= parts
+    assert all(t["stream_us"] > 0 and t["wall_us"] > 0 for t in device_time["timings"])
+    assert "## Device time on" in (out / "RESULTS.md").read_text()
+    assert any(line.startswith("- fused >= 3x eager") for line in summary["device_time"])
     profile = json.loads((out / "profile.json").read_text())
     assert any(row["kernel"].startswith("occam::exit_head_fused")
                for rows in profile.values() for row in rows), profile
+
+
+def test_a_step_named_in_occam_skip_steps_is_recorded_and_not_run(tmp_path):
+    """bench/steps.sh: a skipped step leaves no log and a "skipped" row; a name that only
+    contains a skipped one (or is contained in it) still runs."""
+    script = (f"set -u; out={tmp_path}; : > $out/steps.tsv; budget=100; start=$SECONDS; "
+              f"reserve=0; script_name=t; source {ROOT}/bench/steps.sh; "
+              "run_step tests 5 touch $out/tests_ran; run_step tests_b 5 true; "
+              "run_step test 5 true; run_step other 5 false")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "OCCAM_SKIP_STEPS": "x,tests other"})
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+    assert rows == [["tests", "skipped"], ["tests_b", "pass"], ["test", "pass"],
+                    ["other", "skipped"]]
+    assert not (tmp_path / "tests_ran").exists() and not (tmp_path / "tests.log").exists()
 
 
 def test_every_test_file_the_gpu_check_names_exists():

@@ -1,0 +1,477 @@
+"""Device time of the exit head and the compaction, beside the wall time per call.
+
+    python bench/device_time.py --out OUT [--smoke] [--jobs N] [--parts exit_head,compact]
+
+Window 1 (H200, bench/NOTES.md) timed every exit-head implementation at 1.6 to 3.0 ms per
+synchronised call, at sizes 20 times apart, against 0.36 ms of kernels: the wall clock
+measured a per-call cost, not the kernels. Here each case is timed five ways:
+
+  wall     one call, then a synchronisation; the median over calls (what pytest-benchmark times)
+  stream   N calls back to back between two CUDA events, one synchronisation at the end: the
+           cost per call when the host runs ahead (the larger of host and device work)
+  host     the host's time to issue one call in that loop
+  graph    one call captured in a CUDA graph and replayed N times between events: device time
+           with the host taken out (gaps between kernels stay in)
+  kernels  torch.profiler: device busy time per call, kernels per call, and host
+           synchronisations per call (CUDA runtime calls that block the host)
+
+and once per run: an empty synchronisation, a one-element kernel with a synchronisation, the
+copy bandwidth (a 1 GiB copy, events), and a check that the profiler counts one host sync
+for one .item(). The exit head's floor is 4 x bytes(h) (DESIGN.md section 3); its achieved
+bandwidth is floor / graph time, against the copy's. The exit head runs forward+backward with
+fixed upstream gradients (no loss kernels of its own), channels_last (the training layout on
+a GPU) for every implementation and contiguous for the fused one too. torch.compile cases
+are compiled first in --jobs worker processes, which fill inductor's and Triton's on-disk
+caches; each is then timed here alone, loading from them.
+
+OUT/device_time.json is rewritten after every case (a timeout keeps what finished);
+bench/report.py renders it. --smoke: CPU, tiny shapes, Triton interpreted (`make test`);
+its times say that the code runs, nothing about speed.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from benchutils import (COMPACT_IMPLEMENTATIONS, DTYPES, EXIT_SHAPES, STAGE_SHAPES,
+                        CompiledForOneCase, count_host_syncs, environment, exit_head_inputs,
+                        exit_head_step, shrink)
+
+EXIT_HEAD_BATCH, CLASSES, COMPACT_BATCH, KEEP_RATIO = 128, 10, 256, 0.5
+# CUDA runtime and driver calls that block the host until the device catches up.
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+              "cudaMemcpy", "cuStreamSynchronize", "cuCtxSynchronize", "cuMemcpyDtoH_v2"}
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Case:
+    part: str                     # "exit_head" or "compact"
+    impl: str                     # exit head: fused/eager/compiled; compact: COMPACT_IMPLEMENTATIONS
+    shape: Tuple[int, ...]        # (C, H, W) at the section-8 size (the smoke run shrinks it)
+    dtype: str
+    layout: str = "channels_last"
+
+    @property
+    def name(self) -> str:
+        return (f"{self.part} {'x'.join(map(str, self.shape))} {self.dtype} {self.layout} "
+                f"{self.impl}")
+
+
+@dataclass
+class Timing:
+    """One case's numbers, in microseconds per call; None where a method had no number (the
+    reason is in `errors`)."""
+    part: str
+    impl: str
+    shape: List[int]              # the shape timed, batch first
+    dtype: str
+    layout: str
+    floor_bytes: int              # the least bytes a call must move (see the module doc)
+    setup_seconds: float          # inputs, first call (compiles), warm-up
+    wall_us: Optional[float] = None
+    stream_us: Optional[float] = None
+    host_us: Optional[float] = None
+    graph_us: Optional[float] = None
+    device_busy_us: Optional[float] = None
+    kernels_per_call: Optional[float] = None
+    host_syncs_profiler: Optional[float] = None
+    host_syncs_torch: Optional[int] = None
+    peak_bytes: Optional[int] = None
+    errors: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Baselines:
+    empty_sync_us: Optional[float] = None          # torch.cuda.synchronize() on an idle device
+    tiny_kernel_sync_us: Optional[float] = None    # one-element add, then synchronize
+    copy_bytes: int = 0                            # read + write of one copy
+    copy_us: Optional[float] = None                # per copy, between events
+    copy_gb_per_s: Optional[float] = None
+    # Blocking CUDA calls the profiler counts around an empty step (its own frame), and then
+    # for one .item() less that: 1 when the counting works.
+    profiler_syncs_for_nothing: Optional[float] = None
+    profiler_syncs_for_one_item: Optional[float] = None
+
+
+@dataclass
+class Settings:
+    smoke: bool
+    calls: int          # per method: wall calls, stream calls, graph replays
+    profiled_calls: int
+    exit_head_batch: int
+    compact_batch: int
+    classes: int
+    keep_ratio: float
+
+
+@dataclass
+class DeviceTimeRecord:
+    date: str
+    environment: Dict[str, str]
+    settings: Settings
+    baselines: Baselines
+    timings: List[Timing]
+    format: int = FORMAT_VERSION
+    kind: str = "device_time"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing methods. Each works on CPU (the smoke run) where it can, with the host clock.
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_wall_us(step: Callable[[], None], calls: int, device: torch.device) -> float:
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+def _stream_us(step: Callable[[], None], calls: int, device: torch.device) -> Tuple[float, float]:
+    """(per call between events, host issue time per call) over `calls` back-to-back calls."""
+    _synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    started = time.perf_counter()
+    for _ in range(calls):
+        step()
+    host = (time.perf_counter() - started) / calls * 1e6
+    if device.type != "cuda":
+        return host, host
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls, host
+
+
+def _graph_us(step: Callable[[], None], replays: int, device: torch.device) -> float:
+    """Device time per call: the call captured once in a CUDA graph, replayed between events.
+    Warmed up on a side stream first, as capture needs (autograd's accumulators, cuBLAS)."""
+    if device.type != "cuda":
+        raise RuntimeError("no CUDA graphs on CPU")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # Captured on the warm-up's stream: handles created per stream (cuBLAS) already exist.
+    with torch.cuda.graph(graph, stream=side):
+        step()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    elapsed = start.elapsed_time(end) * 1e3 / replays
+    del graph
+    return elapsed
+
+
+def _profiled(step: Callable[[], None], calls: int, device: torch.device,
+              sync_offset: float = 0.0) -> Dict[str, float]:
+    """Per call: device busy time (kernels, copies, memsets), kernels, and blocking host calls
+    less `sync_offset`, the count the profiler's own frame adds (measured on an empty step)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize(device)
+    busy = kernels = syncs = 0.0
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CUDA:
+            total = getattr(event, "device_time_total", None)
+            busy += total if total is not None else getattr(event, "cuda_time_total", 0)
+            kernels += event.count
+        elif event.key in SYNC_CALLS:
+            syncs += event.count
+    return {"device_busy_us": busy / calls, "kernels_per_call": kernels / calls,
+            "host_syncs_profiler": (syncs - sync_offset) / calls}
+
+
+def _peak_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def measure(step: Callable[[], None], timing: Timing, settings: Settings, device: torch.device,
+            sync_offset: float, capturable: bool = True) -> Timing:
+    """Every method on one warmed-up step; a method that fails records why and the rest go on."""
+    calls = settings.calls
+
+    def attempt(method: str, run: Callable[[], None]) -> None:
+        try:
+            run()
+        except Exception as error:  # recorded, never fatal: one method must not lose the case
+            timing.errors[method] = f"{type(error).__name__}: {error}"[:300]
+            try:
+                _synchronize(device)
+            except Exception:
+                pass
+
+    def wall():
+        timing.wall_us = _median_wall_us(step, calls, device)
+
+    def stream():
+        timing.stream_us, timing.host_us = _stream_us(step, calls, device)
+
+    def graph():
+        if not capturable:
+            raise RuntimeError("not capturable: the call synchronises with the host")
+        timing.graph_us = _graph_us(step, calls, device)
+
+    def profiled():
+        for key, value in _profiled(step, settings.profiled_calls, device,
+                                    sync_offset).items():
+            setattr(timing, key, value)
+
+    def torch_syncs():
+        timing.host_syncs_torch = count_host_syncs(step)
+
+    def peak():
+        timing.peak_bytes = _peak_bytes(step, device)
+
+    for method, run in (("wall", wall), ("stream", stream), ("profile", profiled),
+                        ("torch_syncs", torch_syncs), ("peak", peak), ("graph", graph)):
+        attempt(method, run)
+    return timing
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+
+
+def _exit_head_fn(impl: str, smoke: bool):
+    import occam_kernels
+    from occam_kernels import exit_head_reference
+    if impl == "fused":
+        return partial(occam_kernels.exit_head, backend="triton")
+    if impl == "eager":
+        return exit_head_reference
+    return CompiledForOneCase(exit_head_reference, "aot_eager" if smoke else "inductor")
+
+
+def _exit_head_step(case: Case, smoke: bool, device: torch.device):
+    batch = 2 if smoke else EXIT_HEAD_BATCH
+    h, weight, bias, labels, upstream = exit_head_inputs(
+        batch, shrink(case.shape, smoke), CLASSES, DTYPES[case.dtype], case.layout, device,
+        seed=7)
+    step = exit_head_step(_exit_head_fn(case.impl, smoke), h, weight, bias, labels, upstream)
+    # DESIGN.md section 3: h read twice forward, once backward, dh written once.
+    return step, list(h.shape), 4 * h.numel() * h.element_size()
+
+
+def _compact_step(case: Case, smoke: bool, device: torch.device):
+    batch = 8 if smoke else COMPACT_BATCH
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(batch, *shrink(case.shape, smoke), generator=generator)
+    x = x.to(device, DTYPES[case.dtype])
+    if case.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    keep = (torch.rand(batch, generator=generator) < KEEP_RATIO).to(device)
+    index = torch.arange(batch, device=device)
+    fn = COMPACT_IMPLEMENTATIONS[case.impl]
+
+    def step():
+        fn(x, keep, index)
+
+    kept = int(keep.sum())
+    # read the kept rows once and write them once
+    return step, list(x.shape), 2 * kept * x[0].numel() * x.element_size()
+
+
+def time_case(case: Case, settings: Settings, device: torch.device,
+              sync_offset: float) -> Timing:
+    started = time.perf_counter()
+    build = _exit_head_step if case.part == "exit_head" else _compact_step
+    step, shape, floor = build(case, settings.smoke, device)
+    for _ in range(3):  # compiles and autotuning stay out of the timings
+        step()
+    _synchronize(device)
+    timing = Timing(case.part, case.impl, shape, case.dtype, case.layout, floor,
+                    setup_seconds=round(time.perf_counter() - started, 2))
+    # Compaction reads its count on the host (DESIGN.md section 4): no graph can hold it.
+    return measure(step, timing, settings, device, sync_offset,
+                   capturable=case.part == "exit_head")
+
+
+def cases(parts: List[str]) -> List[Case]:
+    """In the order they matter, so a timeout loses the least: the bf16 exit head (the
+    issue's targets), the compaction, the fp32 exit head, the fused head contiguous."""
+    chosen: List[Case] = []
+    if "exit_head" in parts:
+        chosen += [Case("exit_head", impl, shape, "bf16") for shape in EXIT_SHAPES
+                   for impl in ("fused", "eager", "compiled")]
+    if "compact" in parts:
+        chosen += [Case("compact", impl, shape, dtype) for dtype in ("bf16", "fp32")
+                   for shape in STAGE_SHAPES for impl in COMPACT_IMPLEMENTATIONS]
+    if "exit_head" in parts:
+        chosen += [Case("exit_head", impl, shape, "fp32") for shape in EXIT_SHAPES
+                   for impl in ("fused", "eager", "compiled")]
+        chosen += [Case("exit_head", "fused", shape, dtype, "contiguous")
+                   for dtype in ("bf16", "fp32") for shape in EXIT_SHAPES]
+    return chosen
+
+
+def _compile_one(case: Case, smoke: bool) -> Tuple[str, float, str]:
+    """In a worker: one forward+backward of a compiled case, which writes its kernels to the
+    on-disk caches the timing process then reads."""
+    started = time.perf_counter()
+    try:
+        device = torch.device("cpu" if smoke else "cuda")
+        step, _, _ = _exit_head_step(case, smoke, device)
+        step()
+        _synchronize(device)
+        return case.name, time.perf_counter() - started, ""
+    except Exception as error:
+        return case.name, time.perf_counter() - started, f"{type(error).__name__}: {error}"[:300]
+
+
+def warm_compile_caches(compiled: List[Case], jobs: int, smoke: bool) -> None:
+    if jobs <= 1 or not compiled:
+        return
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        for name, seconds, error in pool.map(partial(_compile_one, smoke=smoke), compiled):
+            print(f"  compiled {name} in {seconds:.1f} s {error}".rstrip())
+    print(f"compile caches warmed: {len(compiled)} cases on {jobs} workers in "
+          f"{time.perf_counter() - started:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+
+
+def baselines(settings: Settings, device: torch.device) -> Baselines:
+    result = Baselines()
+    calls = settings.calls * 4
+    if device.type == "cuda":
+        result.empty_sync_us = _median_wall_us(lambda: None, calls, device)
+        tiny = torch.zeros(1, device=device)
+        result.tiny_kernel_sync_us = _median_wall_us(lambda: tiny.add_(1), calls, device)
+        result.profiler_syncs_for_nothing = _profiled(lambda: None, 1, device)[
+            "host_syncs_profiler"]
+        probe = torch.ones(8, device=device)
+        result.profiler_syncs_for_one_item = _profiled(
+            lambda: probe.sum().item(), 1, device, result.profiler_syncs_for_nothing)[
+                "host_syncs_profiler"]
+    elements = (4 if settings.smoke else 256) * 2 ** 20  # fp32: 1 GiB on a GPU
+    source = torch.ones(elements, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    result.copy_bytes = 2 * source.numel() * source.element_size()
+    result.copy_us = _stream_us(lambda: target.copy_(source), settings.calls, device)[0]
+    result.copy_gb_per_s = result.copy_bytes / result.copy_us / 1e3
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _write(record: DeviceTimeRecord, out: str) -> None:
+    path = os.path.join(out, "device_time.json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump(asdict(record), handle, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _line(timing: Timing) -> str:
+    def us(value):
+        return "-" if value is None else f"{value:9.1f}"
+    return (f"{timing.part:<9} {'x'.join(map(str, timing.shape[1:])):<9} {timing.dtype:<4} "
+            f"{timing.layout:<13} {timing.impl:<20} wall {us(timing.wall_us)} stream "
+            f"{us(timing.stream_us)} host {us(timing.host_us)} graph {us(timing.graph_us)} "
+            f"busy {us(timing.device_busy_us)} us"
+            + (f"  [{'; '.join(f'{k}: {v}' for k, v in timing.errors.items())}]"[:240]
+               if timing.errors else ""))
+
+
+def run(out: str, smoke: bool, jobs: int, parts: List[str]) -> int:
+    device = torch.device("cpu" if smoke else "cuda")
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("device_time: no CUDA device is visible; use --smoke on a CPU machine")
+    os.makedirs(out, exist_ok=True)
+    settings = Settings(smoke=smoke, calls=2 if smoke else 50, profiled_calls=1 if smoke else 5,
+                        exit_head_batch=2 if smoke else EXIT_HEAD_BATCH,
+                        compact_batch=8 if smoke else COMPACT_BATCH, classes=CLASSES,
+                        keep_ratio=KEEP_RATIO)
+    chosen = cases(parts)
+    if smoke:  # one shape per part and dtype: the code paths, not the numbers
+        chosen = [c for c in chosen if c.shape in (EXIT_SHAPES[0], STAGE_SHAPES[0])]
+    warm_compile_caches([c for c in chosen if c.impl == "compiled"], jobs, smoke)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record = DeviceTimeRecord(now, environment(), settings, baselines(settings, device), [])
+    _write(record, out)
+    print(f"baselines: {asdict(record.baselines)}")
+    failed = 0
+    for case in chosen:
+        try:
+            timing = time_case(case, settings, device,
+                               record.baselines.profiler_syncs_for_nothing or 0.0)
+        except Exception as error:  # a case that cannot even be built is a row with its reason
+            timing = Timing(case.part, case.impl, list(case.shape), case.dtype, case.layout, 0,
+                            0.0, errors={"setup": f"{type(error).__name__}: {error}"[:300]})
+        if timing.stream_us is None:
+            failed += 1
+        record.timings.append(timing)
+        _write(record, out)
+        print(_line(timing))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"device_time: {len(chosen) - failed}/{len(chosen)} cases timed")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="worker processes that compile the torch.compile cases first "
+                             "(default: 4 on a GPU, 1 on CPU)")
+    parser.add_argument("--parts", default="exit_head,compact",
+                        help="comma-separated: exit_head, compact")
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - {"exit_head", "compact"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from exit_head, compact")
+    jobs = args.jobs if args.jobs is not None else (1 if args.smoke else 4)
+    return run(args.out, args.smoke, jobs, parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
