@@ -5,6 +5,8 @@ test`) each case runs once at scaled-down shapes, with Triton under its interpre
 suites cannot rot; run them with --benchmark-disable there.
 """
 import contextlib
+import json
+import os
 
 import torch
 
@@ -180,6 +182,90 @@ def count_host_syncs(fn) -> int:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: the model and input of the training-step and inference suites
+
+# GPU: the paper's model and input; CPU: a narrow 64 px-stem model on tiny images (smoke).
+WIDTH, SIZE, BATCH = (58, 160, 128) if ON_GPU else (4, 16, 4)
+STEM = "7x7" if ON_GPU else "3x3"
+NUM_CLASSES = 10
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def trained_distribution():
+    """Exit shares (E1, E2, E3) of a trained OccamResNet on the unbiased test set: from the
+    report named by OCCAM_BENCH_REPORT, else the demo's, else the copy kept in the repo
+    (bench/trained_exit_distribution.json, written by `python bench/bench_end_to_end.py
+    REPORT`)."""
+    for path in (os.environ.get("OCCAM_BENCH_REPORT"),
+                 os.path.join(BENCH_DIR, "..", "runs", "demo", "occam", "report.json"),
+                 os.path.join(BENCH_DIR, "trained_exit_distribution.json")):
+        if path and os.path.isfile(path):
+            with open(path) as handle:
+                data = json.load(handle)
+            kept = data["test"] if "test" in data else data
+            if "first_inference_exit" not in kept:
+                continue  # written before reports named the first exit used at inference
+            return tuple(kept["exit_share"][kept["first_inference_exit"]:]), path
+    raise FileNotFoundError("no trained exit distribution: run `make demo` or set "
+                            "OCCAM_BENCH_REPORT to a report.json")
+
+
+def images_and_labels(batch=BATCH):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, SIZE, SIZE, generator=generator).to(device())
+    if ON_GPU:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device())
+
+
+def occam_training_step(backend: str, precision: str):
+    """One synchronised training step of our OccamResNet-18 as `occamnets train` runs it on
+    this device (channels_last on a GPU), with OccamLoss and Adam: exit heads `backend`
+    ("triton" fused, or "reference"), `precision` "fp32" or "bf16" (autocast)."""
+    from occamnets.losses import OccamLoss
+    from occamnets.models import occam_resnet18
+    torch.manual_seed(0)
+    model = occam_resnet18(NUM_CLASSES, width=WIDTH, stem=STEM, backend=backend).to(device())
+    if ON_GPU:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = OccamLoss(num_items=BATCH, num_classes=NUM_CLASSES).to(device())
+    loss_fn.on_epoch_start(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
+    x, labels = images_and_labels()
+    items = torch.arange(BATCH, device=device())
+    autocast = torch.autocast(device().type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        with autocast:
+            out = model(x, labels)
+            loss, _ = loss_fn(out, labels, items)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize()
+
+    return step
+
+
+def occam_inference_step(compaction: bool, shares):
+    """One synchronised early-exit inference of our OccamResNet-18 (random weights) on a batch,
+    its gates forced so the inference exits take `shares` of it; with or without compaction.
+    Returns the step and the exit counts."""
+    from occamnets.models import occam_resnet18
+    torch.manual_seed(0)
+    model = occam_resnet18(NUM_CLASSES, width=WIDTH, stem=STEM).to(device()).eval()
+    x, _ = images_and_labels()
+    force_exit_distribution(model, x, shares)
+    counts = model.early_exit(x).exit_counts.tolist()
+
+    def step():
+        model.early_exit(x, compaction=compaction)
+        synchronize()
+
+    return step, counts
 
 
 class ForcedGate(torch.nn.Module):

@@ -98,7 +98,9 @@ else
   run_step sanitize_triton 60 "$PY" bench/gpu_check.py sanitize-target --triton $smoke_flag
 fi
 
-# 7. Headline timings (pytest-benchmark JSON; summary trims it) and the per-kernel profile.
+# 7. Headline timings (pytest-benchmark JSON; summary trims it) and the per-kernel profile. The
+#    peer (bench/bench_official.py) runs when OCCAM_OFFICIAL names a checkout of the official
+#    code, and is skipped with its reason otherwise.
 bench_args=(-q -p no:cacheprovider --benchmark-warmup=off)
 if [ $smoke = 1 ]; then
   bench_args+=(--benchmark-min-rounds=1 --benchmark-max-time=0)
@@ -107,7 +109,7 @@ else
 fi
 headline_exit_head="test_exit_head and forward_backward and (58x64x64 or 464x5x5)"
 run_step timings 120 "$PY" -m pytest bench "${bench_args[@]}" \
-  -k "test_copy or test_training_step or test_inference or (test_compact and 0.5) or ($headline_exit_head and not compiled)" \
+  -k "test_copy or test_training_step or test_inference or test_peer or (test_compact and 0.5) or ($headline_exit_head and not compiled)" \
   --benchmark-json="$out/bench_main.json"
 run_step profile 60 "$PY" bench/gpu_check.py profile --out "$out" $smoke_flag
 

@@ -5,16 +5,15 @@
 PATH is a checkout of github.com/erobic/occam-nets-v1 (not a dependency: this script is for
 checking parity by hand or in a GPU window, where the official code is carried along). The
 official model's imports that only its CAM tools need (cv2, pytorch_grad_cam) are stubbed when
-missing. For both stems, the official model is built with random BN statistics and biases, its
-state_dict is loaded into ours through occamnets.models.official, and per exit the largest
-difference of logits and gates is printed, in eval and train mode, with the early-exit choice.
+missing (bench/official_code.py). For both stems, the official model is built with random BN
+statistics and biases, its state_dict is loaded into ours through occamnets.models.official,
+and per exit the largest difference of logits and gates is printed, in eval and train mode,
+with the early-exit choice.
 Exit status 1 when a difference exceeds --tolerance or the exits chosen differ.
 """
 import argparse
-import importlib
 import os
 import sys
-import types
 
 import torch
 
@@ -22,23 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from occamnets.models import occam_resnet18  # noqa: E402
 from occamnets.models.official import load_official_state_dict  # noqa: E402
 
-
-def _any_name(attribute):
-    if attribute.startswith("__"):  # module machinery (__path__, __spec__, ...) stays absent
-        raise AttributeError(attribute)
-    return None
-
-
-def _stub_missing(names):
-    """Stand-ins for modules the official model's files import but the model never uses."""
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            for part in range(1, name.count(".") + 2):
-                module_name = ".".join(name.split(".")[:part])
-                module = sys.modules.setdefault(module_name, types.ModuleType(module_name))
-                module.__getattr__ = _any_name  # any name it imports exists
+from official_code import import_official  # noqa: E402
 
 
 def _randomise(model):
@@ -57,9 +40,7 @@ def main() -> int:
     parser.add_argument("--official", required=True, help="a checkout of erobic/occam-nets-v1")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args()
-    sys.path.insert(0, os.path.abspath(args.official))
-    _stub_missing(["cv2", "pytorch_grad_cam", "pytorch_grad_cam.utils.model_targets"])
-    official = importlib.import_module("models.occam_resnet")
+    official = import_official(args.official, "models.occam_resnet")
     torch.manual_seed(0)
     worst, same_exits = 0.0, True
     for builder, stem, size in ((official.occam_resnet18, "7x7", 160),

@@ -4,8 +4,9 @@ ratio plots (PNG).
     python bench/report.py RESULT.json [MORE.json ...] [--out bench]
 
 Per case the implementations side by side: median time, speed-up over the baseline (eager
-reference, x[mask], reference backend, full-depth inference), achieved bandwidth against the
-copy bandwidth measured in the same run on the same device, peak memory, images/s.
+reference, x[mask], reference backend, full-depth inference, the official code), achieved
+bandwidth against the copy bandwidth measured in the same run on the same device, peak
+memory, images/s.
 Results from different devices stay in separate sections. A device_time.json adds, per
 device, the device time (CUDA graph), the per-call time with the host running ahead, the
 host's share, and issue 16's targets met or missed. Nothing here is typed by hand.
@@ -18,7 +19,7 @@ import re
 from collections import defaultdict
 
 BASELINES = {"exit_head": "eager", "compact": "boolean_mask", "training": "reference",
-             "inference": "full_depth"}
+             "inference": "full_depth", "peer": "official"}
 
 
 def suite_of(group: str) -> str:
