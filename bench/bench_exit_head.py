@@ -9,17 +9,10 @@ import torch
 import occam_kernels
 from occam_kernels import exit_head_reference
 
-from benchutils import EXIT_SHAPES, ON_GPU, CompiledForOneCase, device, run_case, synchronize
+from benchutils import (EXIT_SHAPES, ON_GPU, CompiledForOneCase, device, exit_head_inputs,
+                        exit_head_step, run_case, shrink, synchronize)
 
 BATCH, CLASSES = 128, 10
-
-
-def scaled(shape):
-    """The case's shape on a GPU; a small one with the same aspect on CPU (a smoke test)."""
-    channels, height, width = shape
-    if ON_GPU:
-        return BATCH, channels, height, width
-    return 2, max(1, channels // 29), max(1, height // 8), max(1, width // 8)
 
 
 def implementation(name):
@@ -37,24 +30,19 @@ def implementation(name):
 @pytest.mark.parametrize("shape", EXIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
 def test_exit_head(benchmark, impl, shape, dtype, mode):
-    batch, channels, height, width = scaled(shape)
-    generator = torch.Generator().manual_seed(0)
-    dev = device()
-    h = torch.relu(torch.randn(batch, channels, height, width, generator=generator)).to(dev, dtype)
-    weight = (torch.randn(CLASSES, channels, generator=generator) / channels ** 0.5).to(dev, dtype)
-    bias = torch.zeros(CLASSES, device=dev, dtype=dtype)
-    labels = torch.randint(0, CLASSES, (batch,), generator=generator).to(dev)
+    # a small shape with the same aspect on CPU (a smoke test)
+    batch, (channels, height, width) = (BATCH if ON_GPU else 2), shrink(shape, not ON_GPU)
+    h, weight, bias, labels, upstream = exit_head_inputs(
+        batch, (channels, height, width), CLASSES, dtype, "contiguous", device(), seed=0)
     fn = implementation(impl)
     backward = mode == "forward_backward"
-    for t in (h, weight, bias):
-        t.requires_grad_(backward)
+    # forward+backward with fixed upstream gradients, returned rather than accumulated
+    # (benchutils.exit_head_step): the op's own work, no loss kernels, no layout copy into .grad
+    run = exit_head_step(fn, h, weight, bias, labels, upstream) if backward else \
+        (lambda: fn(h, weight, bias, labels))
 
     def step():
-        logits, pooled, supp = fn(h, weight, bias, labels)
-        if backward:
-            (logits.float().logsumexp(1).mean() + supp.float().mean()
-             + pooled.float().mean()).backward()
-            h.grad = weight.grad = bias.grad = None
+        run()
         synchronize()
 
     group = f"exit_head {mode} {'x'.join(map(str, shape))} {str(dtype).split('.')[-1]}"

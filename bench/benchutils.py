@@ -131,14 +131,15 @@ def exit_head_inputs(batch, shape, num_classes, dtype, layout, device, seed):
 def exit_head_step(fn, h, weight, bias, labels, upstream):
     """One forward+backward of exit-head implementation `fn` (h, weight, bias, labels) ->
     (logits, pooled, supp), with the given upstream gradients, so no loss kernels of its own
-    are timed with it. The gradients are dropped after each step (none accumulate)."""
+    are timed with it. The gradients are returned by autograd.grad, not accumulated into
+    .grad: that would copy a gradient whose strides differ from h's (the reference's, for a
+    channels_last h) into h's layout, a copy of h's size that training (where h is not a
+    leaf) does not make."""
     leaves = [t.detach().requires_grad_(True) for t in (h, weight, bias)]
 
     def step():
         out = fn(*leaves, labels)
-        torch.autograd.backward(list(out), upstream)
-        for leaf in leaves:
-            leaf.grad = None
+        torch.autograd.grad(list(out), leaves, upstream)
 
     return step
 

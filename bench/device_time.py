@@ -19,17 +19,18 @@ and once per run: an empty synchronisation, a one-element kernel with a synchron
 copy bandwidth (a 1 GiB copy, events), and a check that the profiler counts one host sync
 for one .item(). The exit head's floor is 4 x bytes(h) (DESIGN.md section 3); its achieved
 bandwidth is floor / graph time, against the copy's. The exit head runs forward+backward with
-fixed upstream gradients (no loss kernels of its own), channels_last (the training layout on
-a GPU) for every implementation and contiguous for the fused one too. torch.compile cases
-are compiled first in --jobs worker processes, which fill inductor's and Triton's on-disk
-caches; each is then timed here alone, loading from them.
+fixed upstream gradients, returned by autograd.grad (no loss kernels of its own, no copy into
+.grad: benchutils.exit_head_step), channels_last (the training layout on a GPU) for every
+implementation and contiguous for the fused one too; the fused head's times include its
+input checks (the label check's few small kernels), part of the op. torch.compile cases are
+compiled first in --jobs worker processes (a 90 s deadline), which fill inductor's and
+Triton's on-disk caches; each is then timed here alone, loading from them.
 
 OUT/device_time.json is rewritten after every case (a timeout keeps what finished);
 bench/report.py renders it. --smoke: CPU, tiny shapes, Triton interpreted (`make test`);
 its times say that the code runs, nothing about speed.
 """
 import argparse
-import concurrent.futures
 import datetime
 import json
 import multiprocessing
@@ -84,7 +85,7 @@ class Timing:
     host_us: Optional[float] = None
     graph_us: Optional[float] = None
     device_busy_us: Optional[float] = None
-    kernels_per_call: Optional[float] = None
+    kernels_per_call: Optional[float] = None      # device operations: kernels, copies, memsets
     host_syncs_profiler: Optional[float] = None
     host_syncs_torch: Optional[int] = None
     peak_bytes: Optional[int] = None
@@ -192,8 +193,9 @@ def _graph_us(step: Callable[[], None], replays: int, device: torch.device) -> f
 
 def _profiled(step: Callable[[], None], calls: int, device: torch.device,
               sync_offset: float = 0.0) -> Dict[str, float]:
-    """Per call: device busy time (kernels, copies, memsets), kernels, and blocking host calls
-    less `sync_offset`, the count the profiler's own frame adds (measured on an empty step)."""
+    """Per call: device busy time and device operations (kernels, copies, memsets), and
+    blocking host calls less `sync_offset`, the count the profiler's own frame adds (measured
+    on an empty step)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     if device.type != "cuda":
@@ -205,6 +207,8 @@ def _profiled(step: Callable[[], None], calls: int, device: torch.device,
         torch.cuda.synchronize(device)
     busy = kernels = syncs = 0.0
     for event in prof.key_averages():
+        if getattr(event, "is_user_annotation", False):
+            continue  # a range (inductor's, say) mirrored on the GPU timeline: not device work
         if event.device_type == DeviceType.CUDA:
             total = getattr(event, "device_time_total", None)
             busy += total if total is not None else getattr(event, "cuda_time_total", 0)
@@ -345,11 +349,22 @@ def cases(parts: List[str]) -> List[Case]:
     return chosen
 
 
+def _no_local_autotune() -> None:
+    """Inductor keeps the configs its runtime autotuner picks on disk; picked in workers that
+    share the GPU they could be the wrong ones. Off in the workers and in the timing process
+    alike (the setting is part of the compile cache's key), so each process tunes for itself,
+    uncontended, in its warm-up calls."""
+    import torch._inductor.config as inductor_config
+    if hasattr(inductor_config, "autotune_local_cache"):
+        inductor_config.autotune_local_cache = False
+
+
 def _compile_one(case: Case, smoke: bool) -> Tuple[str, float, str]:
     """In a worker: one forward+backward of a compiled case, which writes its kernels to the
     on-disk caches the timing process then reads."""
     started = time.perf_counter()
     try:
+        _no_local_autotune()
         device = torch.device("cpu" if smoke else "cuda")
         step, _, _ = _exit_head_step(case, smoke, device)
         step()
@@ -359,15 +374,44 @@ def _compile_one(case: Case, smoke: bool) -> Tuple[str, float, str]:
         return case.name, time.perf_counter() - started, f"{type(error).__name__}: {error}"[:300]
 
 
-def warm_compile_caches(compiled: List[Case], jobs: int, smoke: bool) -> None:
+def warm_compile_caches(compiled: List[Case], jobs: int, smoke: bool,
+                        deadline_seconds: float) -> None:
+    """Compile `compiled` in `jobs` worker processes (in order: the first cases timed first)
+    within `deadline_seconds`; then the workers are ended, finished or not. A case not warmed
+    here compiles in the timing process when its turn comes: slower, never wrong."""
     if jobs <= 1 or not compiled:
         return
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        for name, seconds, error in pool.map(partial(_compile_one, smoke=smoke), compiled):
+    # Each worker's inductor compiles with a pool of its own: 4 processes each, not one per
+    # core, on a host whose cores all workers share (not part of the cache key).
+    added = "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ
+    if added:
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "4"
+    pool = context.Pool(jobs)  # the workers start here, with the environment above
+    if added:
+        del os.environ["TORCHINDUCTOR_COMPILE_THREADS"]
+    warmed = answered = 0
+    try:
+        results = pool.imap(partial(_compile_one, smoke=smoke), compiled)
+        for _ in compiled:
+            left = deadline_seconds - (time.perf_counter() - started)
+            # A worker that crashed never answers: the deadline ends the wait for it too.
+            name, seconds, error = results.next(timeout=max(left, 0.1))
+            answered += 1
+            warmed += not error
             print(f"  compiled {name} in {seconds:.1f} s {error}".rstrip())
-    print(f"compile caches warmed: {len(compiled)} cases on {jobs} workers in "
+    except multiprocessing.TimeoutError:
+        print(f"  compile warm-up stopped at its {deadline_seconds:.0f} s deadline")
+    except Exception as error:  # a broken pool must not lose the timings
+        print(f"  compile warm-up failed: {type(error).__name__}: {error}"[:300])
+    finally:
+        if answered == len(compiled):
+            pool.close()       # all done: the workers leave on their own
+        else:
+            pool.terminate()   # still compiling (or hung): ended
+        pool.join()
+    print(f"compile caches warmed: {warmed} of {len(compiled)} cases on {jobs} workers in "
           f"{time.perf_counter() - started:.1f} s")
 
 
@@ -379,6 +423,7 @@ def baselines(settings: Settings, device: torch.device) -> Baselines:
     result = Baselines()
     calls = settings.calls * 4
     if device.type == "cuda":
+        _profiled(lambda: None, 1, device)  # the first session sets the profiler up: not counted
         result.empty_sync_us = _median_wall_us(lambda: None, calls, device)
         tiny = torch.zeros(1, device=device)
         result.tiny_kernel_sync_us = _median_wall_us(lambda: tiny.add_(1), calls, device)
@@ -431,7 +476,9 @@ def run(out: str, smoke: bool, jobs: int, parts: List[str]) -> int:
     chosen = cases(parts)
     if smoke:  # one shape per part and dtype: the code paths, not the numbers
         chosen = [c for c in chosen if c.shape in (EXIT_SHAPES[0], STAGE_SHAPES[0])]
-    warm_compile_caches([c for c in chosen if c.impl == "compiled"], jobs, smoke)
+    _no_local_autotune()
+    warm_compile_caches([c for c in chosen if c.impl == "compiled"], jobs, smoke,
+                        deadline_seconds=90.0)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record = DeviceTimeRecord(now, environment(), settings, baselines(settings, device), [])
     _write(record, out)

@@ -463,7 +463,10 @@ def profile(out: str, smoke: bool) -> int:
                                  "self_us_per_step": event.self_cpu_time_total / iterations})
                 if device.type == "cuda":
                     # Kernels only: a CPU op's device time includes its children's kernels.
-                    if event.device_type != DeviceType.CUDA:
+                    # (user annotations, such as inductor's ranges, are mirrored on the GPU
+                    # timeline as CUDA rows spanning their kernels: not kernels themselves)
+                    if (event.device_type != DeviceType.CUDA
+                            or getattr(event, "is_user_annotation", False)):
                         continue
                     total = getattr(event, "device_time_total", None)
                     if total is None:
