@@ -85,7 +85,7 @@ class Timing:
     host_us: Optional[float] = None
     graph_us: Optional[float] = None
     device_busy_us: Optional[float] = None
-    kernels_per_call: Optional[float] = None      # device operations: kernels, copies, memsets
+    device_ops_per_call: Optional[float] = None   # kernels, copies and memsets
     host_syncs_profiler: Optional[float] = None
     host_syncs_torch: Optional[int] = None
     peak_bytes: Optional[int] = None
@@ -205,17 +205,17 @@ def _profiled(step: Callable[[], None], calls: int, device: torch.device,
         for _ in range(calls):
             step()
         torch.cuda.synchronize(device)
-    busy = kernels = syncs = 0.0
+    busy = operations = syncs = 0.0
     for event in prof.key_averages():
         if getattr(event, "is_user_annotation", False):
             continue  # a range (inductor's, say) mirrored on the GPU timeline: not device work
         if event.device_type == DeviceType.CUDA:
             total = getattr(event, "device_time_total", None)
             busy += total if total is not None else getattr(event, "cuda_time_total", 0)
-            kernels += event.count
+            operations += event.count
         elif event.key in SYNC_CALLS:
             syncs += event.count
-    return {"device_busy_us": busy / calls, "kernels_per_call": kernels / calls,
+    return {"device_busy_us": busy / calls, "device_ops_per_call": operations / calls,
             "host_syncs_profiler": (syncs - sync_offset) / calls}
 
 

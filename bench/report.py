@@ -251,7 +251,8 @@ def render_device_time(record, out_dir):
             fused, eager, compiled = (impls.get(k, {}) for k in ("fused", "eager", "compiled"))
             share = (f"{fused['floor_bytes'] / fused['graph_us'] / 1e3 / copy:.0%}"
                      if fused.get("graph_us") and copy else "-")
-            kernels = " / ".join(_us(t.get("kernels_per_call")) for t in (fused, eager, compiled))
+            operations = " / ".join(_us(t.get("device_ops_per_call"))
+                                    for t in (fused, eager, compiled))
             lines.append("| " + " | ".join([
                 shape, _us(fused.get("graph_us")), _us(eager.get("graph_us")),
                 _us(compiled.get("graph_us")),
@@ -261,7 +262,7 @@ def render_device_time(record, out_dir):
                 _us(compiled.get("stream_us")),
                 _ratio(eager.get("stream_us"), fused.get("stream_us")),
                 _ratio(compiled.get("stream_us"), fused.get("stream_us")),
-                _us(fused.get("host_us")), _us(fused.get("wall_us")), kernels]) + " |")
+                _us(fused.get("host_us")), _us(fused.get("wall_us")), operations]) + " |")
             for impl in ("fused", "compiled"):
                 # Device time where both have it, else both per-call stream times: never one
                 # method over the other.

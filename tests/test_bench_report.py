@@ -54,7 +54,7 @@ def _device_time_record(tmp_path):
                       **extra)
 
     timings = [
-        head("fused", (58, 40, 40), 50.0, 300.0, kernels_per_call=9.0),
+        head("fused", (58, 40, 40), 50.0, 300.0, device_ops_per_call=9.0),
         head("eager", (58, 40, 40), 200.0, 600.0),
         head("compiled", (58, 40, 40), 60.0, 450.0),
         head("fused", (464, 5, 5), 10.0, 300.0),
