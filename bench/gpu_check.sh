@@ -20,7 +20,9 @@ out=${1:?usage: bash bench/gpu_check.sh [--smoke] OUT}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-budget=${OCCAM_GPU_CHECK_BUDGET:-$([ $smoke = 1 ] && echo 210 || echo 480)}
+# The smoke budget: its eleven steps took 175 s on a 2-core CPU (2026-11-28) and ran past
+# 210 s on a busier run of the same machine.
+budget=${OCCAM_GPU_CHECK_BUDGET:-$([ $smoke = 1 ] && echo 300 || echo 480)}
 reserve=15  # seconds kept for the summary
 start=$SECONDS
 : > "$out/steps.tsv"
