@@ -6,23 +6,10 @@ and bf16, peak memory in extra_info. `pytest bench/bench_exit_head.py` on a GPU.
 import pytest
 import torch
 
-import occam_kernels
-from occam_kernels import exit_head_reference
-
-from benchutils import (EXIT_SHAPES, ON_GPU, CompiledForOneCase, device, exit_head_inputs,
-                        exit_head_step, run_case, shrink, synchronize)
+from benchutils import (EXIT_SHAPES, ON_GPU, device, exit_head_implementation,
+                        exit_head_inputs, exit_head_step, run_case, shrink, synchronize)
 
 BATCH, CLASSES = 128, 10
-
-
-def implementation(name):
-    if name == "fused":
-        return lambda h, w, b, y: occam_kernels.exit_head(h, w, b, y, backend="triton")
-    if name == "eager":
-        return exit_head_reference
-    # A fresh compile per case that raises rather than time eager. Inductor on a GPU; on CPU
-    # the smoke run only proves the compiled path runs.
-    return CompiledForOneCase(exit_head_reference, "inductor" if ON_GPU else "aot_eager")
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
@@ -34,7 +21,7 @@ def test_exit_head(benchmark, impl, shape, dtype, mode):
     batch, (channels, height, width) = (BATCH if ON_GPU else 2), shrink(shape, not ON_GPU)
     h, weight, bias, labels, upstream = exit_head_inputs(
         batch, (channels, height, width), CLASSES, dtype, "contiguous", device(), seed=0)
-    fn = implementation(impl)
+    fn = exit_head_implementation(impl)
     backward = mode == "forward_backward"
     # forward+backward with fixed upstream gradients, returned rather than accumulated
     # (benchutils.exit_head_step): the op's own work, no loss kernels, no layout copy into .grad

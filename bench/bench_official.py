@@ -38,8 +38,8 @@ def official_model():
     # The 7x7 stem at 160 px on a GPU; the 64 px variant (3x3 stem) for the CPU smoke sizes.
     builder = official.occam_resnet18 if STEM == "7x7" else official.occam_resnet18_img64
     torch.manual_seed(0)
-    return builder(NUM_CLASSES, width=WIDTH, exits_kwargs={}).to(device())  # a fresh dict: it
-    # fills in the one it is given
+    # A fresh exits_kwargs dict: the builder fills in the one it is given.
+    return builder(NUM_CLASSES, width=WIDTH, exits_kwargs={}).to(device())
 
 
 def official_training_step(precision: str):

@@ -7,6 +7,7 @@ suites cannot rot; run them with --benchmark-disable there.
 import contextlib
 import json
 import os
+from functools import partial
 
 import torch
 
@@ -142,6 +143,19 @@ def exit_head_step(fn, h, weight, bias, labels, upstream):
         torch.autograd.grad(list(out), leaves, upstream)
 
     return step
+
+
+def exit_head_implementation(name: str, smoke: bool = not ON_GPU):
+    """The exit head by implementation name: "fused" (Triton), "eager" (the reference) or
+    "compiled", a fresh torch.compile of the reference that raises rather than time eager
+    (inductor on a GPU; aot_eager in a CPU smoke run, which only proves the path runs)."""
+    import occam_kernels
+    from occam_kernels import exit_head_reference
+    if name == "fused":
+        return partial(occam_kernels.exit_head, backend="triton")
+    if name == "eager":
+        return exit_head_reference
+    return CompiledForOneCase(exit_head_reference, "aot_eager" if smoke else "inductor")
 
 
 def _compact_occam(x, keep, index):

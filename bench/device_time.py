@@ -45,8 +45,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from benchutils import (COMPACT_IMPLEMENTATIONS, DTYPES, EXIT_SHAPES, STAGE_SHAPES,
-                        CompiledForOneCase, count_host_syncs, environment, exit_head_inputs,
-                        exit_head_step, shrink)
+                        count_host_syncs, environment, exit_head_implementation,
+                        exit_head_inputs, exit_head_step, shrink)
 
 EXIT_HEAD_BATCH, CLASSES, COMPACT_BATCH, KEEP_RATIO = 128, 10, 256, 0.5
 # CUDA runtime and driver calls that block the host until the device catches up.
@@ -277,22 +277,13 @@ def measure(step: Callable[[], None], timing: Timing, settings: Settings, device
 # Cases
 
 
-def _exit_head_fn(impl: str, smoke: bool):
-    import occam_kernels
-    from occam_kernels import exit_head_reference
-    if impl == "fused":
-        return partial(occam_kernels.exit_head, backend="triton")
-    if impl == "eager":
-        return exit_head_reference
-    return CompiledForOneCase(exit_head_reference, "aot_eager" if smoke else "inductor")
-
-
 def _exit_head_step(case: Case, smoke: bool, device: torch.device):
     batch = 2 if smoke else EXIT_HEAD_BATCH
     h, weight, bias, labels, upstream = exit_head_inputs(
         batch, shrink(case.shape, smoke), CLASSES, DTYPES[case.dtype], case.layout, device,
         seed=7)
-    step = exit_head_step(_exit_head_fn(case.impl, smoke), h, weight, bias, labels, upstream)
+    step = exit_head_step(exit_head_implementation(case.impl, smoke), h, weight, bias, labels,
+                          upstream)
     # DESIGN.md section 3: h read twice forward, once backward, dh written once.
     return step, list(h.shape), 4 * h.numel() * h.element_size()
 

@@ -24,13 +24,12 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Dict, List
 
 import torch
 
-from benchutils import (DTYPES, EXIT_SHAPES, STAGE_SHAPES, exit_head_inputs, exit_head_step,
-                        shrink)
+from benchutils import (DTYPES, EXIT_SHAPES, STAGE_SHAPES, exit_head_implementation,
+                        exit_head_inputs, exit_head_step, shrink)
 
 # Largest error over the largest reference value, per dtype: fp32 accumulates in fp32 with
 # ieee dots; bf16/fp16 outputs are rounded to 8/11 mantissa bits (2^-8, 2^-11) after fp32 sums.
@@ -424,7 +423,6 @@ def native_errors() -> int:
 
 def profile(out: str, smoke: bool) -> int:
     """Per-kernel device times of the fused exit head, forward+backward, from torch.profiler."""
-    import occam_kernels
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
     device = device_for(smoke)
@@ -435,8 +433,8 @@ def profile(out: str, smoke: bool) -> int:
             batch, small = (2, shrink(shape, True)) if smoke else (128, shape)
             h, weight, bias, labels, upstream = exit_head_inputs(
                 batch, small, 10, DTYPES[dtype_name], "channels_last", device, seed=6)
-            step = exit_head_step(partial(occam_kernels.exit_head, backend="triton"),
-                                  h, weight, bias, labels, upstream)
+            step = exit_head_step(exit_head_implementation("fused"), h, weight, bias, labels,
+                                  upstream)
 
             for _ in range(3):
                 step()
@@ -556,17 +554,14 @@ def _headlines(bench_paths) -> List[str]:
 def _device_time_lines(record) -> List[str]:
     """The device-time step in a few lines: the baselines, the bf16 exit head per shape (graph
     and stream time of each implementation), and issue 16's targets met or missed."""
-    from report import _us, compact_targets, device_time_index, exit_head_targets
+    from report import (baselines_line, compact_targets, device_time_index, exit_head_targets,
+                        fmt_us)
     if not record:
         return []
-    base = record["baselines"]
-    lines = [f"device time: empty sync {_us(base.get('empty_sync_us'))} us, tiny kernel + sync "
-             f"{_us(base.get('tiny_kernel_sync_us'))} us, copy "
-             f"{(base.get('copy_gb_per_s') or 0):.0f} GB/s, profiler syncs for one .item(): "
-             f"{_us(base.get('profiler_syncs_for_one_item'))}"]
+    lines = [f"device time: {baselines_line(record['baselines'])}"]
     table = device_time_index(record).get(("exit_head", "bf16", "channels_last"), {})
     for shape, impls in table.items():
-        parts = [f"{impl} {_us(t.get('graph_us'))}/{_us(t.get('stream_us'))}"
+        parts = [f"{impl} {fmt_us(t.get('graph_us'))}/{fmt_us(t.get('stream_us'))}"
                  for impl, t in impls.items()]
         lines.append(f"  exit head {shape} bf16 graph/stream us: " + ", ".join(parts))
     return lines + exit_head_targets(record) + compact_targets(record)

@@ -140,8 +140,25 @@ def _shape_key(timing) -> str:
     return "x".join(map(str, timing["shape"][1:]))
 
 
-def _us(value) -> str:
+def fmt_us(value) -> str:
     return "-" if value is None else (f"{value:.1f}" if value < 1000 else f"{value:,.0f}")
+
+
+def copy_share(timing, copy_gb_per_s):
+    """A case's floor bytes over its device (graph) time, as a share of the copy bandwidth;
+    None without either number."""
+    if not timing.get("graph_us") or not copy_gb_per_s:
+        return None
+    return timing["floor_bytes"] / timing["graph_us"] / 1e3 / copy_gb_per_s
+
+
+def baselines_line(base) -> str:
+    """The once-per-run measurements of a device-time record, in one sentence."""
+    return (f"an empty synchronisation {fmt_us(base.get('empty_sync_us'))} us; a one-element "
+            f"kernel and a synchronisation {fmt_us(base.get('tiny_kernel_sync_us'))} us; copy "
+            f"{(base.get('copy_gb_per_s') or 0):.0f} GB/s (read + write of "
+            f"{base['copy_bytes'] / 2 ** 30:.2f} GiB); host syncs the profiler counts for one "
+            f".item(): {fmt_us(base.get('profiler_syncs_for_one_item'))}")
 
 
 def _ratio(slow, fast) -> str:
@@ -175,9 +192,8 @@ def exit_head_targets(record):
         lines.append(f"- fused >= {target:g}x {other} (bf16, device time): met at {met} of "
                      f"{len(ratios)} shapes; the least {ratios[worst]:.2f}x at {worst}")
     for shape in TARGET_COPY_SHAPES:
-        fused = table.get(shape, {}).get("fused", {})
-        if fused.get("graph_us") and copy:
-            share = fused["floor_bytes"] / fused["graph_us"] / 1e3 / copy
+        share = copy_share(table.get(shape, {}).get("fused", {}), copy)
+        if share is not None:
             verdict = "met" if share >= TARGET_COPY_SHARE else "missed"
             lines.append(f"- fused >= {TARGET_COPY_SHARE:.0%} of the copy bandwidth at {shape} "
                          f"bf16: {share:.0%} ({verdict})")
@@ -222,11 +238,7 @@ def render_device_time(record, out_dir):
     if smoke:
         lines += ["No GPU: tiny shapes, Triton interpreted, host clock only. These numbers "
                   "show that the code runs; they are not speed claims.", ""]
-    lines += [f"Once per run: an empty synchronisation {_us(base.get('empty_sync_us'))} us; a "
-              f"one-element kernel and a synchronisation {_us(base.get('tiny_kernel_sync_us'))} "
-              f"us; copy {(base.get('copy_gb_per_s') or 0):.0f} GB/s (read + write of "
-              f"{base['copy_bytes'] / 2 ** 30:.2f} GiB); host syncs the profiler counts for one "
-              f".item(): {_us(base.get('profiler_syncs_for_one_item'))}.", ""]
+    lines += [f"Once per run: {baselines_line(base)}.", ""]
     one_item = base.get("profiler_syncs_for_one_item")
     if one_item is not None and abs(one_item - 1) > 1e-9:
         lines += ["**The profiler did not count one host sync for one .item(): the host-sync "
@@ -249,20 +261,20 @@ def render_device_time(record, out_dir):
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for shape, impls in table.items():
             fused, eager, compiled = (impls.get(k, {}) for k in ("fused", "eager", "compiled"))
-            share = (f"{fused['floor_bytes'] / fused['graph_us'] / 1e3 / copy:.0%}"
-                     if fused.get("graph_us") and copy else "-")
-            operations = " / ".join(_us(t.get("device_ops_per_call"))
+            share = copy_share(fused, copy)
+            share = "-" if share is None else f"{share:.0%}"
+            operations = " / ".join(fmt_us(t.get("device_ops_per_call"))
                                     for t in (fused, eager, compiled))
             lines.append("| " + " | ".join([
-                shape, _us(fused.get("graph_us")), _us(eager.get("graph_us")),
-                _us(compiled.get("graph_us")),
+                shape, fmt_us(fused.get("graph_us")), fmt_us(eager.get("graph_us")),
+                fmt_us(compiled.get("graph_us")),
                 _ratio(eager.get("graph_us"), fused.get("graph_us")),
                 _ratio(compiled.get("graph_us"), fused.get("graph_us")), share,
-                _us(fused.get("stream_us")), _us(eager.get("stream_us")),
-                _us(compiled.get("stream_us")),
+                fmt_us(fused.get("stream_us")), fmt_us(eager.get("stream_us")),
+                fmt_us(compiled.get("stream_us")),
                 _ratio(eager.get("stream_us"), fused.get("stream_us")),
                 _ratio(compiled.get("stream_us"), fused.get("stream_us")),
-                _us(fused.get("host_us")), _us(fused.get("wall_us")), operations]) + " |")
+                fmt_us(fused.get("host_us")), fmt_us(fused.get("wall_us")), operations]) + " |")
             for impl in ("fused", "compiled"):
                 # Device time where both have it, else both per-call stream times: never one
                 # method over the other.
@@ -281,8 +293,8 @@ def render_device_time(record, out_dir):
             other = index.get(("exit_head", dtype, "channels_last"), {})
             for shape, impls in table.items():
                 lines.append(f"| {shape} | {dtype} | "
-                             f"{_us(other.get(shape, {}).get('fused', {}).get('graph_us'))} | "
-                             f"{_us(impls.get('fused', {}).get('graph_us'))} |")
+                             f"{fmt_us(other.get(shape, {}).get('fused', {}).get('graph_us'))} | "
+                             f"{fmt_us(impls.get('fused', {}).get('graph_us'))} |")
         lines.append("")
     for (part, dtype, layout), table in index.items():
         if part != "compact":
@@ -295,14 +307,14 @@ def render_device_time(record, out_dir):
                   "|---" * (len(impl_names) + 5) + "|"]
         for shape, impls in table.items():
             occam = impls.get("occam", {})
-            syncs = " / ".join(_us(impls.get(n, {}).get("host_syncs_profiler"))
+            syncs = " / ".join(fmt_us(impls.get(n, {}).get("host_syncs_profiler"))
                                for n in impl_names)
             lines.append("| " + " | ".join(
-                [shape] + [_us(impls.get(n, {}).get("stream_us")) for n in impl_names]
+                [shape] + [fmt_us(impls.get(n, {}).get("stream_us")) for n in impl_names]
                 + [_ratio(impls.get("nonzero_index_select", {}).get("stream_us"),
                           occam.get("stream_us")),
                    _ratio(impls.get("boolean_mask", {}).get("stream_us"), occam.get("stream_us")),
-                   syncs, _us(occam.get("device_busy_us"))]) + " |")
+                   syncs, fmt_us(occam.get("device_busy_us"))]) + " |")
         lines.append("")
     lines += ["### Issue 16's targets on this run", ""] + exit_head_targets(record) \
         + compact_targets(record) + [""]
