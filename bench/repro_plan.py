@@ -108,7 +108,7 @@ def evaluation_seconds(checkpoint: str) -> Tuple[float, float]:
             evaluate(model, data[name], name, threshold=config.inference_threshold,
                      channels_last=config.channels_last, bf16=config.bf16,
                      per_factor=full and name != "val", diagnostics=full,
-                     time_full_depth=full and name == "test", per_group=False)
+                     time_full_depth=full and name == "test", per_group=False, per_exit=full)
         synchronize()
         return time.perf_counter() - started
 

@@ -195,10 +195,12 @@ class Evaluation:
         if self.exit_share is not None:
             lines += ["| exit | share of samples % | accuracy of its samples % | accuracy on all % |",
                       "|---|---|---|---|"]
+            # (without the every-exit pass there is no accuracy on all samples: "-")
+            all_samples = self.exit_accuracy_all_samples or [None] * len(self.exit_share)
             for t, share in enumerate(self.exit_share):
                 lines.append(f"| E{t} | {percent(share)} | "
                              f"{percent(self.exit_accuracy_taken[t])} | "
-                             f"{percent(self.exit_accuracy_all_samples[t])} |")
+                             f"{percent(all_samples[t])} |")
             lines.append("")
         if self.diagnostics:
             lines += ["| exit | ECE of the class softmax % | ECE of the gate % | CAM mass on "
@@ -284,7 +286,7 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
              threshold: float = 0.5, batch_size: int = 256, channels_last: bool = False,
              bf16: bool = False, per_factor: bool = True, diagnostics: bool = True,
              time_full_depth: bool = False, progress: bool = False,
-             per_group: bool = True) -> Evaluation:
+             per_group: bool = True, per_exit: bool = True) -> Evaluation:
     """Judge `model` on `split` as inference runs it: early exit with compaction for an
     OccamNet (timed), its plain forward otherwise (timed). For an OccamNet also every exit on
     every sample (untimed, for the per-exit accuracies and diagnostics; timed too with
@@ -292,7 +294,10 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
     object masks when it has them. channels_last and bf16 autocast apply on CUDA only.
     progress: a progress bar on stderr (when it is a terminal). per_group: the bias groups'
     accuracies (worst, mean, each); off for Biased MNIST, whose groups (digit x seven
-    factors) are mostly single images (its per-factor accuracies say what they would)."""
+    factors) are mostly single images (its per-factor accuracies say what they would).
+    per_exit: an OccamNet's untimed every-exit pass (per-exit accuracy on all samples, and
+    their diagnostics); off where only the accuracy and speed are kept (per-epoch validation),
+    which saves one full-depth pass over the split."""
     if len(split) == 0:
         raise ValueError(f"the {split_name} split is empty")
     if batch_size < 1:
@@ -315,16 +320,18 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
                         early_exit=math.isfinite(threshold))
     labels = split.labels
     has_exits = isinstance(model, OccamNet)
+    every_exit_pass = has_exits and per_exit
     # A plain classifier's CAMs against the object masks: one untimed pass of its own.
     plain_cams = (not has_exits and diagnostics and split.masks is not None
                   and isinstance(model, ResNet))
-    passes = 1 + has_exits + (has_exits and time_full_depth) + plain_cams
+    passes = 1 + every_exit_pass + (has_exits and time_full_depth) + plain_cams
     bar = progress_bar(passes * len(chunks), f"evaluating {split_name}", progress)
     tick = bar.update if bar is not None else None
     with autocast:
-        if has_exits:
+        if every_exit_pass:
             every_exit, exit_diagnostics = _every_exit(model, split, chunks, inputs,
                                                        diagnostics, tick)
+        if has_exits:
             if time_full_depth:
                 _, full_seconds = _timed(lambda x: model.early_exit(x, threshold, compaction=False),
                                          chunks, inputs, tick)
@@ -347,8 +354,9 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
         result.exit_counts = counts.tolist()
         result.exit_share = (counts.double() / len(split)).tolist()
         result.exit_accuracy_taken = _ratios(right, counts)
-        result.exit_accuracy_all_samples = every_exit.mean(0).tolist()
-        result.diagnostics = exit_diagnostics
+        if every_exit_pass:
+            result.exit_accuracy_all_samples = every_exit.mean(0).tolist()
+            result.diagnostics = exit_diagnostics
     elif diagnostics:
         calibration = ReliabilityAccumulator(split.device)
         calibration.add(torch.softmax(logits, 1).max(1).values, correct)

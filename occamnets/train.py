@@ -720,11 +720,11 @@ class Trainer:
             if val_split in self.splits:
                 # Accuracy only: the epoch's record keeps nothing else.
                 val = self.evaluate(val_split, per_factor=False, diagnostics=False,
-                                    per_group=False)
+                                    per_group=False, per_exit=False)
                 record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
             if VAL_MIXED in self.splits:
                 mixed = self.evaluate(VAL_MIXED, per_factor=False, diagnostics=False,
-                                      per_group=False)
+                                      per_group=False, per_exit=False)
                 record[f"{VAL_MIXED}_accuracy"] = mixed.accuracy
             self._append_metrics(record)
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -766,14 +766,16 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, split_name: str = "test", per_factor: bool = True,
                  diagnostics: bool = True, time_full_depth: bool = False,
-                 per_group: bool = True) -> Evaluation:
-        """per_group: the bias groups' accuracies too, where the dataset reports them."""
+                 per_group: bool = True, per_exit: bool = True) -> Evaluation:
+        """per_group: the bias groups' accuracies too, where the dataset reports them;
+        per_exit: an OccamNet's every-exit pass (evaluate's)."""
         return evaluate(self.model, self.splits[split_name], split_name,
                         threshold=self.config.inference_threshold,
                         channels_last=self.channels_last,
                         bf16=self.config.bf16, per_factor=per_factor, diagnostics=diagnostics,
                         time_full_depth=time_full_depth,
-                        per_group=per_group and reports_groups(self.config))
+                        per_group=per_group and reports_groups(self.config),
+                        per_exit=per_exit)
 
     def run(self) -> Optional[RunReport]:
         """Train and evaluate; None if stopped before the last epoch (a stop signal, or

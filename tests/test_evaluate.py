@@ -233,3 +233,20 @@ def test_group_accuracies_are_each_groups_own():
     assert result.mean_group_accuracy == pytest.approx(sum(by_hand) / len(by_hand))
     assert "Worst-group accuracy" in result.to_markdown()
     assert evaluate(model, split, diagnostics=False, per_group=False).worst_group is None
+
+
+def test_without_the_every_exit_pass_the_accuracy_and_exits_are_the_same(monkeypatch):
+    """per_exit=False (per-epoch validation) leaves out the untimed every-exit pass and only
+    what it gives; the early-exit accuracy and exit shares are the same."""
+    torch.manual_seed(0)
+    model = occam_resnet18(5, width=4, stem="3x3").eval()
+    split = synthetic_split()
+    full = evaluate(model, split, "val", batch_size=8, per_factor=False)
+    import occamnets.evaluate as evaluate_module
+    monkeypatch.setattr(evaluate_module, "_every_exit", lambda *a, **k: pytest.fail(
+        "the every-exit pass ran with per_exit=False"))
+    quick = evaluate(model, split, "val", batch_size=8, per_factor=False, per_exit=False)
+    assert quick.accuracy == full.accuracy and quick.exit_counts == full.exit_counts
+    assert full.exit_accuracy_all_samples is not None and full.diagnostics
+    assert quick.exit_accuracy_all_samples is None and not quick.diagnostics
+    assert "| E1 |" in quick.to_markdown()  # still renders, "-" for what was not measured
