@@ -448,7 +448,7 @@ def _output_cam_agreement(model: ResNet, split: DeviceSplit, chunks: List[Tensor
     for rows in chunks:
         _, cams = model.forward_with_cams(inputs(rows))
         agreement.add(_true_class_cam(cams, split.labels[rows]),
-                      cell_fraction(split.object_masks(rows), *cams.shape[2:]))
+                      split.object_fraction(rows, *cams.shape[2:]))
         if tick is not None:
             tick()
     return agreement.result()
