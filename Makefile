@@ -10,13 +10,18 @@ DEPS      := triton numpy pillow tqdm matplotlib mlxtend scipy tensorboard h5py 
 export MAX_JOBS ?= 2
 STAMP     := $(VENV)/.occam-installed
 
-.PHONY: install test bench demo clean-build
+.PHONY: install test bench demo clean-build FORCE
 
 $(PY):
 	python3 -m venv $(VENV)
 
-# Reinstalled when this file (the list above) changes; pip skips what is already there.
-$(VENV)/.deps-installed: Makefile | $(PY)
+# The package list as text, rewritten only when it changes: an edit elsewhere in this file
+# neither reinstalls the packages nor rebuilds the extension.
+$(VENV)/.deps-list: FORCE | $(PY)
+	@echo "$(TORCH_PINS) $(DEPS)" | cmp -s - $@ || echo "$(TORCH_PINS) $(DEPS)" > $@
+
+# Reinstalled when the list above changes; pip skips what is already there.
+$(VENV)/.deps-installed: $(VENV)/.deps-list
 	$(PIP) install -q $(TORCH_PINS) $(DEPS)
 	touch $@
 
