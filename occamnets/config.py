@@ -19,6 +19,7 @@ from .data.jpeg_decode import DECODERS
 from .losses import OccamLoss
 from .methods import GDRO_ETA, METHODS, SD_GAMMAS, UPWT_GAMMA, per_model_defaults
 from .models import MODELS, STEMS
+from .plain_data import from_plain
 
 DEFAULT_DATA_ROOT = "data"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -311,15 +312,11 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: Dict) -> "RunConfig":
         """A config from `to_dict` (a checkpoint's or a report's), JSON round trip included."""
-        values = dict(values)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"the config has settings this version of occamnets does not know: "
                              f"{', '.join(sorted(unknown))}")
-        for name in TUPLE_FIELDS:
-            if values.get(name) is not None:
-                values[name] = tuple(values[name])
-        return cls(**values)
+        return from_plain(cls, values)  # each field by its annotation: the tuples come back
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "RunConfig":
