@@ -19,18 +19,35 @@ def all_jpeg(paths: Optional[Sequence[str]]) -> bool:
     return bool(paths) and all(p.lower().endswith(JPEG_SUFFIXES) for p in paths)
 
 
-def _square(image: torch.Tensor, size: int, centre_crop: Optional[int]) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, size, size): centre crop (as loaders.prepare), then
-    an antialiased bilinear resize."""
-    height, width = image.shape[1:]
-    if centre_crop is not None:
-        top, left, side = centre_box(height, width, centre_crop)
-        image = image[:, top:top + side, left:left + side]
-    if image.shape[1:] == (size, size):
+def _crop(image: torch.Tensor, centre_crop: Optional[int]) -> torch.Tensor:
+    """uint8 (3, H, W): the centre crop (as loaders.prepare), a view."""
+    if centre_crop is None:
         return image
-    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
-                            align_corners=False, antialias=True)[0]
+    top, left, side = centre_box(*image.shape[1:], centre_crop)
+    return image[:, top:top + side, left:left + side]
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, h, w) -> uint8 (N, 3, size, size): antialiased bilinear, rounded."""
+    if images.shape[2:] == (size, size):
+        return images
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear",
+                            align_corners=False, antialias=True)
     return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _place_squares(out: torch.Tensor, pairs: List[Tuple[int, torch.Tensor]],
+                   centre_crop: Optional[int]) -> None:
+    """Each (row, decoded image) cropped and resized into out[row]. Crops of one shape are
+    resized as one batch (a dataset of one image size, CelebA's 178 x 178 say, is one call
+    per batch, not one per image); each image's pixels are the same either way."""
+    by_shape = {}
+    for row, image in pairs:
+        crop = _crop(image, centre_crop)
+        by_shape.setdefault(tuple(crop.shape), []).append((row, crop))
+    for members in by_shape.values():
+        rows = torch.tensor([row for row, _ in members], device=out.device)
+        out[rows] = _resize(torch.stack([crop for _, crop in members]), out.shape[-1])
 
 
 def decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
@@ -67,6 +84,5 @@ def _decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
                 pairs.append((row, decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)))
             except RuntimeError as error:
                 problems.append((paths[row], f"cannot be decoded as a JPEG: {error}"))
-    for row, image in pairs:
-        out[row] = _square(image, size, centre_crop)
+    _place_squares(out, pairs, centre_crop)
     return out, problems
