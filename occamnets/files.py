@@ -9,7 +9,7 @@ import hashlib
 import os
 import re
 import tempfile
-from typing import Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 _TEMPORARY = re.compile(r"\.tmp-(\d+)$")
 
@@ -39,6 +39,24 @@ def sha256_of_file(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_record(path: str) -> Dict[str, object]:
+    """What a cache's meta.json keeps of a file it wrote: its size and SHA-256."""
+    return {"bytes": os.path.getsize(path), "sha256": sha256_of_file(path)}
+
+
+def file_problem(path: str, record: Dict[str, object]) -> Optional[str]:
+    """None when the file at `path` is the one `record` (file_record) describes, else which
+    check failed: "missing", "size" (truncated or partial) or "checksum" (corrupt). The size
+    is checked first: it needs no read of the file."""
+    if not os.path.isfile(path):
+        return "missing"
+    if os.path.getsize(path) != record.get("bytes"):
+        return "size"
+    if sha256_of_file(path) != record.get("sha256"):
+        return "checksum"
+    return None
 
 
 def make_writable_dir(directory: str) -> None:

@@ -265,10 +265,10 @@ def test_too_few_digits_names_the_options_that_fix_it():
 def rewrite_cached(directory, name, array):
     """Replace one cached array and refresh its checksum in meta.json, as a hand edit would."""
     import json
+    from occamnets.files import file_record
     np.save(directory / name, array)
     meta = json.loads((directory / "meta.json").read_text())
-    meta["files"][name] = {"bytes": (directory / name).stat().st_size,
-                           "sha256": bm.sha256_of_file(str(directory / name))}
+    meta["files"][name] = file_record(str(directory / name))
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
@@ -327,10 +327,11 @@ def test_meta_json_sizes_and_listings_are_checked(tmp_path):
 def test_loading_the_test_split_hashes_only_its_files(tmp_path, monkeypatch):
     config = bm.BiasedMNISTConfig(**TINY)
     bm.load(config, str(tmp_path))
+    import occamnets.files
     hashed = []
-    real = bm.sha256_of_file
-    monkeypatch.setattr(bm, "sha256_of_file", lambda path: hashed.append(os.path.basename(path))
-                        or real(path))
+    real = occamnets.files.sha256_of_file  # file_problem hashes through it
+    monkeypatch.setattr(occamnets.files, "sha256_of_file",
+                        lambda path: hashed.append(os.path.basename(path)) or real(path))
     bm.load(config, str(tmp_path), ["test"])
     assert sorted(hashed) == sorted(f"test_{field}.npy" for field in bm._ARRAYS)
 

@@ -30,7 +30,7 @@ from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..files import atomic_path, remove_stale_temporaries, sha256_of_file
+from ..files import atomic_path, file_problem, file_record, remove_stale_temporaries
 from ..progress import close, progress_bar
 from .groups import BiasGroups, bias_groups
 from .mnist_sources import load_digits, load_emnist_letters, render_letters
@@ -421,7 +421,7 @@ def _save_split(directory: str, split: str, data: BiasedMNISTSplit) -> Dict[str,
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, getattr(data, field).numpy())
-        files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_of_file(path)}
+        files[name] = file_record(path)
     return files
 
 
@@ -502,13 +502,11 @@ def cache_problem(config: BiasedMNISTConfig, directory: str,
             expected = meta["files"].get(name)
             if not isinstance(expected, dict) or not {"bytes", "sha256"} <= set(expected):
                 return f"meta.json lists no {name}"
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                return f"{name} is missing"
-            if os.path.getsize(path) != expected["bytes"]:
-                return f"{name} has the wrong size (truncated or partial)"
-            if sha256_of_file(path) != expected["sha256"]:
-                return f"{name} is corrupt (checksum differs)"
+            problem = file_problem(os.path.join(directory, name), expected)
+            if problem is not None:
+                return name + {"missing": " is missing",
+                               "size": " has the wrong size (truncated or partial)",
+                               "checksum": " is corrupt (checksum differs)"}[problem]
     return None
 
 

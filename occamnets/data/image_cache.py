@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..files import atomic_path, remove_stale_temporaries, sha256_of_file
+from ..files import atomic_path, file_problem, file_record, remove_stale_temporaries
 from ..progress import close, progress_bar
 from .index import DatasetIndex, ImageSource, SplitIndex
 from .jpeg_decode import decode_jpegs
@@ -115,9 +115,10 @@ def cache_problem(directory: str, split: str, expected: str) -> Optional[str]:
         return "not cached"
     if entry.get("fingerprint") != expected:
         return "cached from other images or another size"
-    if not os.path.isfile(path) or os.path.getsize(path) != entry.get("bytes"):
+    problem = file_problem(path, entry)
+    if problem in ("missing", "size"):
         return "its array file is missing or truncated"
-    if sha256_of_file(path) != entry.get("sha256"):
+    if problem == "checksum":
         return "its array file is corrupt (checksum differs)"
     return None
 
@@ -189,8 +190,7 @@ def load_cached(index: DatasetIndex, splits: Sequence[str], directory: str, size
             meta.update(dataset=index.name, root=os.path.abspath(index.root), size=size,
                         centre_crop=centre_crop)
             meta["splits"][name] = {"fingerprint": expected, "count": len(split),
-                                    "bytes": os.path.getsize(path),
-                                    "sha256": sha256_of_file(path)}
+                                    **file_record(path)}
             _write_meta(directory, meta)
         images[name] = torch.from_numpy(np.load(path, mmap_mode="c"))
     return images
