@@ -8,6 +8,7 @@ samples' outputs and input gradients stay finite and equal to the reference.
 
 Shapes are small: on a machine without a GPU the kernels run under the Triton interpreter.
 """
+import functools
 import math
 
 import pytest
@@ -24,6 +25,18 @@ pytestmark = [
 ]
 
 NAN, INF = math.nan, math.inf
+
+
+@pytest.fixture(autouse=True, params=["two_kernels", "one_pass"])
+def backward_form(request, monkeypatch):
+    """Every case through the op's backward (two kernels) and through the one-pass candidate
+    (exit_head_backward(..., one_pass=True)); every shape here fits one tile. The op imports
+    the launcher when it runs, so patching the module reaches it."""
+    if request.param == "one_pass":
+        import occam_kernels.triton.exit_head as kernels
+        monkeypatch.setattr(kernels, "exit_head_backward",
+                            functools.partial(kernels.exit_head_backward, one_pass=True))
+    return request.param
 TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5),
               torch.bfloat16: (5e-2, 5e-2)}
 

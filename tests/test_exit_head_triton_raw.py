@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from occam_kernels.triton.exit_head import (class_activation_maps, exit_head_backward,
-                                            exit_head_forward)
+                                            exit_head_forward, one_pass_fits)
 
 pytestmark = pytest.mark.triton
 
@@ -104,7 +104,7 @@ def assert_close(got, want, dtype, scale_by_magnitude=False):
 
 
 def check_against_explicit(shape, dtype, device, layout="contiguous", give_saved=True,
-                           drop=(), seed=0):
+                           drop=(), seed=0, one_pass=False):
     batch, channels, height, width, num_classes = shape
     h, weight, bias, labels = make_inputs(*shape, dtype=dtype, device=device, layout=layout,
                                           seed=seed)
@@ -123,7 +123,7 @@ def check_against_explicit(shape, dtype, device, layout="contiguous", give_saved
     grads = {k: (None if g is None else g.to(device, dtype)) for k, g in grads.items()}
     saved = dict(logits=logits, pooled=pooled) if give_saved else {}
     dh, dw, db = exit_head_backward(h, weight, bias, labels, grads["logits"], grads["pooled"],
-                                    grads["supp"], **saved)
+                                    grads["supp"], one_pass=one_pass, **saved)
     want = explicit_grads(h, weight, bias, labels, grads["logits"], grads["pooled"], grads["supp"])
     for got, ref, like in zip((dh, dw, db), want, (h, weight, bias)):
         assert got.dtype == dtype and got.shape == like.shape
@@ -197,20 +197,22 @@ class _KernelExitHead(torch.autograd.Function):
     """The launchers as an autograd.Function, so gradcheck differentiates the kernels."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels):
+    def forward(ctx, h, weight, bias, labels, one_pass):
         logits, pooled, supp = exit_head_forward(h, weight, bias, labels)
         ctx.save_for_backward(h, weight, bias, labels, logits, pooled)
+        ctx.one_pass = one_pass
         return logits, pooled, supp
 
     @staticmethod
     def backward(ctx, g_logits, g_pooled, g_supp):
         h, weight, bias, labels, logits, pooled = ctx.saved_tensors
         dh, dw, db = exit_head_backward(h, weight, bias, labels, g_logits, g_pooled, g_supp,
-                                        logits=logits, pooled=pooled)
-        return dh, dw, db, None
+                                        logits=logits, pooled=pooled, one_pass=ctx.one_pass)
+        return dh, dw, db, None, None
 
 
-def test_gradcheck_fp64(device):
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two_kernels", "one_pass"])
+def test_gradcheck_fp64(one_pass, device):
     h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float64, device, seed=5)
     inputs = tuple(t.detach().requires_grad_(True) for t in (h, weight, bias))
     # eps well below the gap between any ground-truth CAM value and its threshold: the mask
@@ -219,7 +221,8 @@ def test_gradcheck_fp64(device):
     gap = (cam_true - cam_true.mean(dim=1, keepdim=True)).abs().min().item()
     assert gap > 1e-4
     assert torch.autograd.gradcheck(
-        lambda h, w, b: _KernelExitHead.apply(h, w, b, labels), inputs, eps=1e-6, atol=1e-7)
+        lambda h, w, b: _KernelExitHead.apply(h, w, b, labels, one_pass), inputs, eps=1e-6,
+        atol=1e-7)
 
 
 def test_backward_is_bitwise_deterministic(device):
@@ -302,3 +305,67 @@ def test_design_shape_launches_enough_programs(device, monkeypatch):
     assert programs["_pool_kernel"] >= 512 and programs["_grad_weight_kernel"] >= 512, programs
     assert programs["_supp_kernel"] == programs["_grad_h_kernel"] == 128 * 50   # B x P blocks
     assert all(len(grid) == 1 or max(grid[1:]) <= 65535 for grid in grids.values()), grids
+
+
+# ------------------------------------------------------------------------------------------
+# The one-pass backward (a candidate, opt-in): dh, dW and db from one read of h
+
+
+@pytest.mark.parametrize("shape, dtype, layout", [
+    ((3, 5, 3, 5, 7), torch.float32, "contiguous"),     # odd sizes, P = 15
+    ((2, 3, 2, 3, 1), torch.float32, "channels_last"),  # K = 1
+    ((2, 4, 1, 1, 6), torch.float32, "contiguous"),     # H = W = 1
+    ((2, 64, 5, 8, 16), torch.float32, "channels_last"),  # C and K at one tile, 2 pixel blocks
+    ((2, 5, 3, 5, 7), torch.float32, "transposed"),
+    ((3, 5, 3, 5, 7), torch.float16, "sliced"),
+    ((2, 6, 4, 3, 9), torch.bfloat16, "channels_last"),
+    ((2, 16, 3, 5, 7), torch.float64, "contiguous"),    # fp64: BLOCK_C = 16, no tl.dot
+])
+def test_one_pass_matches_explicit(shape, dtype, layout, device):
+    check_against_explicit(shape, dtype, device, layout=layout, one_pass=True)
+
+
+def test_one_pass_without_saved_logits_and_pooled(device):
+    check_against_explicit((3, 5, 3, 5, 7), torch.float32, device, give_saved=False,
+                           one_pass=True)
+
+
+def test_one_pass_splits_cover_every_unit_once(device, monkeypatch):
+    """Several (sample, pixel block) units per program, and the cap on units per split."""
+    import occam_kernels.triton.exit_head as kernels
+    monkeypatch.setattr(kernels, "_TARGET_PROGRAMS", 1)
+    monkeypatch.setattr(kernels, "_DW_MAX_UNITS", 4)
+    for layout in ("contiguous", "channels_last"):   # 3 x 4 units over 3 splits of 4
+        check_against_explicit((3, 5, 9, 11, 7), torch.float32, device, layout=layout,
+                               one_pass=True)
+
+
+def test_one_pass_agrees_with_two_kernels_and_repeats_bitwise(device):
+    h, weight, bias, labels = make_inputs(3, 6, 7, 5, 9, torch.float32, device, seed=6)
+    logits, pooled, _ = exit_head_forward(h, weight, bias, labels)
+    g_logits, g_pooled, g_supp = (g.to(device) for g in upstream(3, 6, 9))
+
+    def backward(one_pass):
+        return exit_head_backward(h, weight, bias, labels, g_logits, g_pooled, g_supp,
+                                  logits=logits, pooled=pooled, one_pass=one_pass)
+    first, second, two_kernels = backward(True), backward(True), backward(False)
+    for a, b, c in zip(first, second, two_kernels):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels, num_classes", [(70, 7), (5, 70)])
+def test_one_pass_refuses_what_one_tile_cannot_hold(channels, num_classes, device):
+    h, weight, bias, labels = make_inputs(2, channels, 2, 2, num_classes, torch.float32, device)
+    assert not one_pass_fits(h, num_classes)
+    with pytest.raises(ValueError, match=r"one tile \(K <= 64, C <= 64\)"):
+        exit_head_backward(h, weight, bias, labels, None, None,
+                           torch.ones(2, device=device), one_pass=True)
+
+
+def test_one_pass_fits_the_c58_design_exits(device):
+    """The C = 58 exits (58x40x40, 58x64x64: the largest maps) fit one tile at K = 10 in the
+    training dtypes; C = 116 does not."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert one_pass_fits(torch.empty(1, 58, 2, 2, dtype=dtype, device=device), 10)
+        assert not one_pass_fits(torch.empty(1, 116, 2, 2, dtype=dtype, device=device), 10)

@@ -21,6 +21,11 @@ matmuls on (B, K) and (B, C) tensors):
   _grad_weight_kernel grid (splits, K blocks, C blocks): dW and db partial sums over a fixed
                     range of (sample, pixel block) units per split (at most 256), written to
                     a (splits, K, C) buffer and reduced afterwards with torch.sum
+  A candidate, opt-in (exit_head_backward(..., one_pass=True)) where K <= BLOCK_K and
+  C <= BLOCK_C (the C = 58 exits): _grad_h_and_weight_kernel, grid (splits,) as the dW
+  kernel's, does both in one launch from one read of h per unit (DESIGN.md section 3's floor:
+  h read once backward), with no (B, P) statistics in memory. Off by default until a GPU
+  window has timed it against the two kernels (bench/device_time.py, bench/NOTES.md).
 No float atomics anywhere and every reduction has a fixed order, so equal inputs give bitwise
 equal outputs. Accumulation is fp32 (fp64 for fp64 inputs; that path uses
 broadcast-multiply-sum instead of tl.dot, which has no fp64 form on every GPU, so gradcheck
@@ -418,6 +423,86 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
         tl.store(partial_b_ptr + pid_s.to(tl.int64) * K + offs_k, acc_b, mask=k_ok)
 
 
+@triton.jit
+def _grad_h_and_weight_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr,
+                              dense_ptr, grad_h_ptr, partial_w_ptr, partial_b_ptr,
+                              K, C, P, width, num_p_blocks, num_units, units_per_split,
+                              stride_hb, stride_hc, stride_hh, stride_hw,
+                              stride_gb, stride_gc, stride_gh, stride_gw,
+                              LAYOUT: tl.constexpr, ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
+                              P_ALIGN: tl.constexpr,
+                              G_LAYOUT: tl.constexpr, G_ALIGN: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_P: tl.constexpr, USE_DOT: tl.constexpr,
+                              PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """The whole backward in one pass over h, when K <= BLOCK_K and C <= BLOCK_C: one
+    (C, BLOCK_P) tile of h per (sample, pixel block) unit, loaded once, gives the CAM, its
+    statistics, dcam, dh (written once) and the unit's dW and db terms. The units of a split
+    are summed in order into one (BLOCK_K, BLOCK_C) accumulator, as _grad_weight_kernel sums
+    them (same splits, same cap), and no (B, P) statistics go through memory. The same
+    arithmetic as _grad_h_kernel (SINGLE_K) and _grad_weight_kernel, term for term."""
+    pid_s = tl.program_id(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    offs_c = tl.arange(0, BLOCK_C)
+    c_ok = _in_range(offs_c, C, C_ALIGN)
+    # The weight and bias are read once per program, not once per unit.
+    w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :],
+                mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+    w_acc = w.to(ACC)
+    if UPCAST:
+        w = w_acc
+    bias = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0).to(ACC)
+    acc_w = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC)
+    acc_b = tl.zeros((BLOCK_K,), dtype=ACC)
+    inv_k = 1.0 / (tl.zeros((BLOCK_P,), dtype=ACC) + K)  # 1/K in ACC
+    first = pid_s * units_per_split
+    for unit in range(first, tl.minimum(first + units_per_split, num_units)):
+        b = unit // num_p_blocks
+        offs_p = (unit % num_p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = _in_range(offs_p, P, P_ALIGN)
+        tile_ok = c_ok[:, None] & p_ok[None, :]
+        sample = h_ptr + _sample_start(b, stride_hb, ALIGN)
+        h = tl.load(sample + _tile_offsets(offs_c, offs_p, width, stride_hc, stride_hh,
+                                           stride_hw, LAYOUT, ALIGN),
+                    mask=tile_ok, other=0.0)
+        h_acc = h.to(ACC)
+        if UPCAST:
+            h = h_acc
+        if USE_DOT:
+            cam = tl.dot(w, h, input_precision=PRECISION, out_dtype=ACC) + bias[:, None]
+        else:
+            cam = tl.sum(w_acc[:, :, None] * h_acc[None, :, :], axis=1) + bias[:, None]
+        running_max, running_sum, _, cam_true = _class_block_update(
+            cam, offs_k, k_ok, tl.load(labels_ptr + b),
+            tl.full((BLOCK_P,), float("-inf"), dtype=ACC), tl.zeros((BLOCK_P,), dtype=ACC),
+            tl.zeros((BLOCK_P,), dtype=ACC), tl.zeros((BLOCK_P,), dtype=ACC))
+        lse = _lse_shift(running_max) + tl.log(running_sum)
+        mask = (cam_true <= tl.load(threshold_ptr + b)).to(ACC)
+        grad_supp = tl.load(grad_supp_ptr + b).to(ACC)
+        coef = tl.where(p_ok, (grad_supp / P) * mask, 0.0)  # a product: see _grad_h_kernel
+        dcam = tl.where(k_ok[:, None] & p_ok[None, :],
+                        coef[None, :] * tl.exp(cam - lse[None, :]) - (coef * inv_k)[None, :],
+                        0.0)
+        dense = tl.load(dense_ptr + b.to(tl.int64) * C + offs_c, mask=c_ok, other=0.0).to(ACC)
+        grad_h = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None]
+        if USE_DOT:
+            grad_h += tl.dot(tl.trans(w_acc), dcam, input_precision=PRECISION, out_dtype=ACC)
+            acc_w += tl.dot(dcam, tl.trans(h_acc), input_precision=PRECISION, out_dtype=ACC)
+        else:
+            grad_h += tl.sum(w_acc[:, :, None] * dcam[:, None, :], axis=0)
+            acc_w += tl.sum(dcam[:, None, :] * h_acc[None, :, :], axis=2)
+        acc_b += tl.sum(dcam, axis=1)
+        tl.store(grad_h_ptr + _sample_start(b, stride_gb, G_ALIGN)
+                 + _tile_offsets(offs_c, offs_p, width, stride_gc, stride_gh, stride_gw,
+                                 G_LAYOUT, G_ALIGN),
+                 grad_h.to(grad_h_ptr.dtype.element_ty), mask=tile_ok)
+    base = pid_s.to(tl.int64) * K * C
+    tl.store(partial_w_ptr + base + offs_k[:, None] * C + offs_c[None, :], acc_w,
+             mask=k_ok[:, None] & c_ok[None, :])
+    tl.store(partial_b_ptr + pid_s.to(tl.int64) * K + offs_k, acc_b, mask=k_ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
@@ -539,6 +624,13 @@ def _threshold(logits: Tensor, labels: Tensor, dtype: torch.dtype, pixels: int) 
     return threshold.contiguous()
 
 
+def one_pass_fits(h: Tensor, num_classes: int) -> bool:
+    """Whether exit_head_backward(..., one_pass=True) can run on h: every class and every
+    channel in one tile (at the section-8 shapes, the C = 58 exits: the largest maps)."""
+    cfg = _config(h, num_classes)
+    return num_classes <= cfg["block_k"] and h.shape[1] <= cfg["block_c"]
+
+
 def exit_head_forward(h: Tensor, weight: Tensor, bias: Tensor,
                       labels: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """(logits (B,K), pooled (B,C), supp (B,) or None) in h's dtype; inputs checked by the caller.
@@ -570,8 +662,13 @@ def exit_head_forward(h: Tensor, weight: Tensor, bias: Tensor,
 def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional[Tensor],
                        grad_logits: Optional[Tensor], grad_pooled: Optional[Tensor],
                        grad_supp: Optional[Tensor], logits: Optional[Tensor] = None,
-                       pooled: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_h in h's layout, grad_weight (K,C), grad_bias (K,)); None gradients mean zero."""
+                       pooled: Optional[Tensor] = None,
+                       one_pass: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_h in h's layout, grad_weight (K,C), grad_bias (K,)); None gradients mean zero.
+
+    one_pass: the whole backward in one kernel (_grad_h_and_weight_kernel), h read once
+    instead of twice; only where one_pass_fits. A candidate, off by default until a GPU
+    window has timed it against the two kernels (bench/NOTES.md, bench/device_time.py)."""
     batch, channels, height, width = h.shape
     num_classes, pixels = weight.shape[0], height * width
     weight, bias = weight.contiguous(), bias.contiguous()
@@ -604,32 +701,45 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     if labels is None:
         raise ValueError("exit_head_backward: grad_supp needs the labels")
     labels = labels.contiguous()
-    lse = torch.empty(batch, pixels, device=h.device, dtype=acc)
-    coef = torch.empty_like(lse)
     num_p_blocks = triton.cdiv(pixels, cfg["block_p"])
-    single_k = num_classes <= cfg["block_k"]
-    # K > BLOCK_K accumulates dh over class blocks in an ACC buffer laid out like grad_h.
-    use_scratch = not single_k and grad_h.dtype != acc
-    scratch = torch.empty_like(h, dtype=acc) if use_scratch else grad_h
-    assert scratch.stride() == grad_h.stride()
+    num_units = batch * num_p_blocks  # (sample, pixel block) units
+    threshold = _threshold(logits32, labels, h.dtype, pixels)
+    grad_supp = grad_supp.to(acc).contiguous()
     g_layout, g_align, g_strides = _layout(grad_h)
-    _grad_h_kernel[(batch * num_p_blocks,)](
-        h, weight, bias, labels, _threshold(logits32, labels, h.dtype, pixels),
-        grad_supp.to(acc).contiguous(), dense, grad_h, scratch, lse, coef, num_classes, channels,
-        pixels, width, num_p_blocks, *cfg["strides"], *g_strides,
-        G_LAYOUT=g_layout, G_ALIGN=g_align, SINGLE_K=single_k, SCRATCH=use_scratch,
-        **_tile_args(cfg))
+    if one_pass and not one_pass_fits(h, num_classes):
+        raise ValueError(
+            f"exit_head_backward: one_pass needs every class and channel in one tile (K <= 64, "
+            f"C <= {16 if h.dtype == torch.float64 else 64}), got K={num_classes}, C={channels}")
+    # dW and db: each split is a fixed range of (sample, pixel block) units, summed in a fixed
+    # order (one_pass fits one K block and one C block: the same splits as two kernels).
     k_blocks = triton.cdiv(num_classes, cfg["block_k"])
     c_blocks = triton.cdiv(channels, cfg["block_c"])
-    # Each split is a fixed range of (sample, pixel block) units, summed in a fixed order.
-    num_units = batch * num_p_blocks
     splits, units_per_split = _splits(num_units, k_blocks * c_blocks, _DW_MAX_UNITS)
     partial_w = torch.empty(splits, num_classes, channels, device=h.device, dtype=acc)
     partial_b = torch.empty(splits, num_classes, device=h.device, dtype=acc)
-    _grad_weight_kernel[(splits, k_blocks, c_blocks)](
-        h, weight, bias, lse, coef, partial_w, partial_b, num_classes, channels, pixels,
-        width, num_p_blocks, num_units, units_per_split, *cfg["strides"],
-        **_tile_args(cfg, weight_grad=True))
+    if one_pass:
+        _grad_h_and_weight_kernel[(splits,)](
+            h, weight, bias, labels, threshold, grad_supp, dense, grad_h, partial_w, partial_b,
+            num_classes, channels, pixels, width, num_p_blocks, num_units, units_per_split,
+            *cfg["strides"], *g_strides, G_LAYOUT=g_layout, G_ALIGN=g_align,
+            **_tile_args(cfg, weight_grad=True))
+    else:
+        lse = torch.empty(batch, pixels, device=h.device, dtype=acc)
+        coef = torch.empty_like(lse)
+        single_k = k_blocks == 1
+        # K > BLOCK_K accumulates dh over class blocks in an ACC buffer laid out like grad_h.
+        use_scratch = not single_k and grad_h.dtype != acc
+        scratch = torch.empty_like(h, dtype=acc) if use_scratch else grad_h
+        assert scratch.stride() == grad_h.stride()
+        _grad_h_kernel[(num_units,)](
+            h, weight, bias, labels, threshold, grad_supp, dense, grad_h, scratch, lse, coef,
+            num_classes, channels, pixels, width, num_p_blocks, *cfg["strides"], *g_strides,
+            G_LAYOUT=g_layout, G_ALIGN=g_align, SINGLE_K=single_k, SCRATCH=use_scratch,
+            **_tile_args(cfg))
+        _grad_weight_kernel[(splits, k_blocks, c_blocks)](
+            h, weight, bias, lse, coef, partial_w, partial_b, num_classes, channels, pixels,
+            width, num_p_blocks, num_units, units_per_split, *cfg["strides"],
+            **_tile_args(cfg, weight_grad=True))
     grad_weight += partial_w.sum(dim=0)
     grad_bias += partial_b.sum(dim=0)
     return grad_h, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
