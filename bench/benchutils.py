@@ -21,6 +21,9 @@ EXIT_SHAPES_160 = [(58, 40, 40), (116, 20, 20), (232, 10, 10), (464, 5, 5)]
 EXIT_SHAPES_64 = [(58, 64, 64), (116, 32, 32), (232, 16, 16), (464, 8, 8)]
 EXIT_SHAPES = EXIT_SHAPES_160 + EXIT_SHAPES_64
 STAGE_SHAPES = EXIT_SHAPES_160
+# Where the one-pass backward candidate fits at K = 10 (triton.exit_head.one_pass_fits: one
+# tile of channels, C <= 64): the C = 58 exits, the largest maps.
+ONE_PASS_SHAPES = [shape for shape in EXIT_SHAPES if shape[0] <= 64]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

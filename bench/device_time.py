@@ -1,6 +1,7 @@
 """Device time of the exit head and the compaction, beside the wall time per call.
 
-    python bench/device_time.py --out OUT [--smoke] [--jobs N] [--parts exit_head,compact]
+    python bench/device_time.py --out OUT [--smoke] [--jobs N]
+                                [--parts exit_head,compact,backward]
 
 Window 1 (H200, bench/NOTES.md) timed every exit-head implementation at 1.6 to 3.0 ms per
 synchronised call, at sizes 20 times apart, against 0.36 ms of kernels: the wall clock
@@ -26,6 +27,11 @@ input checks (the label check's few small kernels), part of the op. torch.compil
 compiled first in --jobs worker processes (a 90 s deadline), which fill inductor's and
 Triton's on-disk caches; each is then timed here alone, loading from them.
 
+The backward part times the Triton backward launcher alone (its saved logits and pooled given)
+where the one-pass candidate can run (C = 58 at K = 10): the two kernels it uses by default
+against `one_pass=True`, one read of h instead of two. Its floor is 2 x bytes(h) (h read once,
+dh written once).
+
 OUT/device_time.json is rewritten after every case (a timeout keeps what finished);
 bench/report.py renders it. --smoke: CPU, tiny shapes, Triton interpreted (`make test`);
 its times say that the code runs, nothing about speed.
@@ -44,11 +50,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from benchutils import (COMPACT_IMPLEMENTATIONS, DTYPES, EXIT_SHAPES, STAGE_SHAPES,
-                        count_host_syncs, environment, exit_head_implementation,
+from benchutils import (COMPACT_IMPLEMENTATIONS, DTYPES, EXIT_SHAPES, ONE_PASS_SHAPES,
+                        STAGE_SHAPES, count_host_syncs, environment, exit_head_implementation,
                         exit_head_inputs, exit_head_step, shrink)
 
 EXIT_HEAD_BATCH, CLASSES, COMPACT_BATCH, KEEP_RATIO = 128, 10, 256, 0.5
+PARTS = ("exit_head", "compact", "backward")
+# The backward launcher's two forms: exit_head_backward(..., one_pass=...)
+BACKWARD_VARIANTS = {"two_kernels": False, "one_pass": True}
 # CUDA runtime and driver calls that block the host until the device catches up.
 SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "cudaMemcpy", "cuStreamSynchronize", "cuCtxSynchronize", "cuMemcpyDtoH_v2"}
@@ -57,8 +66,9 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Case:
-    part: str                     # "exit_head" or "compact"
-    impl: str                     # exit head: fused/eager/compiled; compact: COMPACT_IMPLEMENTATIONS
+    part: str                     # "exit_head", "compact" or "backward"
+    impl: str                     # exit head: fused/eager/compiled; compact: COMPACT_IMPLEMENTATIONS;
+                                  # backward: BACKWARD_VARIANTS
     shape: Tuple[int, ...]        # (C, H, W) at the section-8 size (the smoke run shrinks it)
     dtype: str
     layout: str = "channels_last"
@@ -288,6 +298,22 @@ def _exit_head_step(case: Case, smoke: bool, device: torch.device):
     return step, list(h.shape), 4 * h.numel() * h.element_size()
 
 
+def _backward_step(case: Case, smoke: bool, device: torch.device):
+    from occam_kernels.triton.exit_head import exit_head_backward, exit_head_forward
+    batch = 2 if smoke else EXIT_HEAD_BATCH
+    h, weight, bias, labels, upstream = exit_head_inputs(
+        batch, shrink(case.shape, smoke), CLASSES, DTYPES[case.dtype], case.layout, device,
+        seed=7)
+    logits, pooled, _ = exit_head_forward(h, weight, bias, labels)
+    one_pass = BACKWARD_VARIANTS[case.impl]
+
+    def step():
+        exit_head_backward(h, weight, bias, labels, *upstream, logits=logits, pooled=pooled,
+                           one_pass=one_pass)
+    # h read once, dh written once
+    return step, list(h.shape), 2 * h.numel() * h.element_size()
+
+
 def _compact_step(case: Case, smoke: bool, device: torch.device):
     batch = 8 if smoke else COMPACT_BATCH
     generator = torch.Generator().manual_seed(8)
@@ -310,7 +336,8 @@ def _compact_step(case: Case, smoke: bool, device: torch.device):
 def time_case(case: Case, settings: Settings, device: torch.device,
               sync_offset: float) -> Timing:
     started = time.perf_counter()
-    build = _exit_head_step if case.part == "exit_head" else _compact_step
+    build = {"exit_head": _exit_head_step, "compact": _compact_step,
+             "backward": _backward_step}[case.part]
     step, shape, floor = build(case, settings.smoke, device)
     for _ in range(3):  # compiles and autotuning stay out of the timings
         step()
@@ -319,12 +346,13 @@ def time_case(case: Case, settings: Settings, device: torch.device,
                     setup_seconds=round(time.perf_counter() - started, 2))
     # Compaction reads its count on the host (DESIGN.md section 4): no graph can hold it.
     return measure(step, timing, settings, device, sync_offset,
-                   capturable=case.part == "exit_head")
+                   capturable=case.part != "compact")
 
 
 def cases(parts: List[str]) -> List[Case]:
     """In the order they matter, so a timeout loses the least: the bf16 exit head (the
-    issue's targets), the compaction, the fp32 exit head, the fused head contiguous."""
+    issue's targets), the compaction, the backward candidate, the fp32 exit head, the fused
+    head contiguous."""
     chosen: List[Case] = []
     if "exit_head" in parts:
         chosen += [Case("exit_head", impl, shape, "bf16") for shape in EXIT_SHAPES
@@ -332,6 +360,9 @@ def cases(parts: List[str]) -> List[Case]:
     if "compact" in parts:
         chosen += [Case("compact", impl, shape, dtype) for dtype in ("bf16", "fp32")
                    for shape in STAGE_SHAPES for impl in COMPACT_IMPLEMENTATIONS]
+    if "backward" in parts:
+        chosen += [Case("backward", impl, shape, dtype) for dtype in ("bf16", "fp32")
+                   for shape in ONE_PASS_SHAPES for impl in BACKWARD_VARIANTS]
     if "exit_head" in parts:
         chosen += [Case("exit_head", impl, shape, "fp32") for shape in EXIT_SHAPES
                    for impl in ("fused", "eager", "compiled")]
@@ -500,13 +531,13 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=None,
                         help="worker processes that compile the torch.compile cases first "
                              "(default: 4 on a GPU, 1 on CPU)")
-    parser.add_argument("--parts", default="exit_head,compact",
-                        help="comma-separated: exit_head, compact")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated: {', '.join(PARTS)}")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
-    unknown = set(parts) - {"exit_head", "compact"}
+    unknown = set(parts) - set(PARTS)
     if unknown:
-        parser.error(f"unknown parts {sorted(unknown)}; choose from exit_head, compact")
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     jobs = args.jobs if args.jobs is not None else (1 if args.smoke else 4)
     return run(args.out, args.smoke, jobs, parts)
 

@@ -28,7 +28,8 @@ from typing import Dict, List
 
 import torch
 
-from benchutils import (DTYPES, EXIT_SHAPES, STAGE_SHAPES, exit_head_implementation,
+from benchutils import (DTYPES, EXIT_SHAPES, ONE_PASS_SHAPES, STAGE_SHAPES,
+                        exit_head_implementation,
                         exit_head_inputs, exit_head_step, shrink)
 
 # Largest error over the largest reference value, per dtype: fp32 accumulates in fp32 with
@@ -80,11 +81,18 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 # Correctness: exit head
 
 
-def _fused_forward_backward(h, weight, bias, labels, upstream, device):
+def _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass=False):
+    """[logits, pooled, supp, dh, dW, db] of the fused op; one_pass: its forward, then the
+    backward launcher's one-pass candidate (not yet behind the op) with the same upstream."""
     import occam_kernels
     poison(device)
     leaves = [t.detach().requires_grad_(True) for t in (h, weight, bias)]
     out = occam_kernels.exit_head(*leaves, labels, backend="triton")
+    if one_pass:
+        from occam_kernels.triton.exit_head import exit_head_backward
+        out = [t.detach() for t in out]
+        return out + list(exit_head_backward(h, weight, bias, labels, *upstream, logits=out[0],
+                                             pooled=out[1], one_pass=True))
     torch.autograd.backward(list(out), upstream)
     return [t.detach() for t in out] + [t.grad for t in leaves]
 
@@ -102,14 +110,16 @@ def _mask_ties(h64, weight64, bias64, labels, threshold):
     return ties, (ties * kl).sum(dim=1) / cam.shape[2]
 
 
-def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=0) -> Check:
-    """Fused forward+backward against the fp64 reference, twice (bitwise equal), poisoned."""
+def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=0,
+                    one_pass=False) -> Check:
+    """Fused forward+backward against the fp64 reference, twice (bitwise equal), poisoned;
+    one_pass: with the one-pass backward candidate instead of the op's two kernels."""
     from occam_kernels import exit_head_reference
     dtype = DTYPES[dtype_name]
     h, weight, bias, labels, upstream = exit_head_inputs(batch, shape, num_classes, dtype,
                                                          layout, device, seed)
-    first = _fused_forward_backward(h, weight, bias, labels, upstream, device)
-    second = _fused_forward_backward(h, weight, bias, labels, upstream, device)
+    first = _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass)
+    second = _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass)
     bitwise = all(torch.equal(a, b) for a, b in zip(first, second))
     # The kernels mask against their own logits rounded to h's dtype (+inf for one pixel): the
     # reference is given that threshold, so a rounding-level difference cannot flip pixels.
@@ -132,7 +142,7 @@ def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=
     names = ["logits", "pooled", "supp", "dh", "dW", "db"]
     errors = {name: relative_error(g, ref) for name, g, ref in zip(names, got, want)}
     # Autograd hands h.grad the strides of h whatever the op returns: ask the op itself.
-    grad_h = torch.ops.occam.exit_head_fused_backward(
+    grad_h = first[3] if one_pass else torch.ops.occam.exit_head_fused_backward(
         h, weight, bias, labels, first[0], first[1], *upstream)[0]
     strides_kept = grad_h.stride() == h.stride()
     passed = bitwise and strides_kept and all(e <= TOLERANCE[dtype_name] for e in errors.values())
@@ -140,7 +150,8 @@ def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=
         ("" if strides_kept else "dh lost h's layout; ") + \
         (f"{int(ties.sum())} tied pixels" if ties.any() else "")
     case = f"B={batch} {'x'.join(map(str, shape))} K={num_classes} {dtype_name} {layout}"
-    return Check("exit_head", case, passed, errors, notes.strip("; "))
+    return Check("one_pass" if one_pass else "exit_head", case, passed, errors,
+                 notes.strip("; "))
 
 
 def check_cams(batch, shape, num_classes, dtype_name, layout, device) -> Check:
@@ -301,9 +312,12 @@ def _exit_head_group(args):
     shapes = EXIT_SHAPES if num_classes == 10 else [EXIT_SHAPES[0], EXIT_SHAPES[2]]
     checks = []
     for shape in shapes:
-        shape = shrink(shape, smoke)
-        checks.append(check_exit_head(batch, shape, num_classes, dtype_name, layout, device))
-        checks.append(check_cams(batch, shape, num_classes, dtype_name, layout, device))
+        small = shrink(shape, smoke)
+        checks.append(check_exit_head(batch, small, num_classes, dtype_name, layout, device))
+        checks.append(check_cams(batch, small, num_classes, dtype_name, layout, device))
+        if shape in ONE_PASS_SHAPES and num_classes == 10:
+            checks.append(check_exit_head(batch, small, num_classes, dtype_name, layout, device,
+                                          one_pass=True))
     return checks
 
 
@@ -391,6 +405,9 @@ def sanitize_target(smoke: bool, triton: bool) -> int:
     if triton:
         for shape, classes, dtype_name in (((5, 3, 7), 10, "fp32"), ((6, 4, 3), 70, "bf16")):
             checks.append(check_exit_head(3, shape, classes, dtype_name, "contiguous", device))
+        # the one-pass backward candidate, its padding lanes (C = 5 of 16, P = 21 of 32) too
+        checks.append(check_exit_head(3, (5, 3, 7), 10, "bf16", "channels_last", device,
+                                      one_pass=True))
     failed = [c for c in checks if not c.passed]
     what = "Triton" if triton else "CUDA compaction"
     print(f"sanitize target: {len(checks) - len(failed)}/{len(checks)} checks passed ({what}, "
@@ -553,7 +570,8 @@ def _headlines(bench_paths) -> List[str]:
 
 def _device_time_lines(record) -> List[str]:
     """The device-time step in a few lines: the baselines, the bf16 exit head per shape (graph
-    and stream time of each implementation), and issue 16's targets met or missed."""
+    and stream time of each implementation), the backward candidate, and issue 16's targets
+    met or missed."""
     from report import (baselines_line, compact_targets, device_time_index, exit_head_targets,
                         fmt_us)
     if not record:
@@ -564,6 +582,12 @@ def _device_time_lines(record) -> List[str]:
         parts = [f"{impl} {fmt_us(t.get('graph_us'))}/{fmt_us(t.get('stream_us'))}"
                  for impl, t in impls.items()]
         lines.append(f"  exit head {shape} bf16 graph/stream us: " + ", ".join(parts))
+    for (part, dtype, _), backward in device_time_index(record).items():
+        if part == "backward":  # the one-pass candidate against the two kernels
+            lines += [f"  backward {shape} {dtype} graph/stream us: " + ", ".join(
+                f"{name.replace('_', ' ')} {fmt_us(impls.get(name, {}).get('graph_us'))}/"
+                f"{fmt_us(impls.get(name, {}).get('stream_us'))}"
+                for name in ("two_kernels", "one_pass")) for shape, impls in backward.items()]
     return lines + exit_head_targets(record) + compact_targets(record)
 
 

@@ -223,6 +223,28 @@ def compact_targets(record):
     return lines
 
 
+def backward_variants(index, copy_gb_per_s):
+    """The backward launcher alone, its two kernels against the one-pass candidate (graph
+    time; the floor is h read once and dh written once); no lines without such cases."""
+    tables = [(dtype, table) for (part, dtype, _), table in index.items() if part == "backward"]
+    if not tables:
+        return []
+    lines = ["### Backward alone: two kernels against one pass (a candidate), channels_last", "",
+             "Device (graph) time of `exit_head_backward` with its saved logits and pooled. "
+             "The floor is 2 x bytes(h); one pass reads h once, two kernels read it twice.", "",
+             "| shape | dtype | two kernels | one pass | two kernels / one pass | "
+             "two kernels % of copy | one pass % of copy |", "|---|---|---|---|---|---|---|"]
+    for dtype, table in tables:
+        for shape, impls in table.items():
+            two, one = impls.get("two_kernels", {}), impls.get("one_pass", {})
+            shares = [copy_share(t, copy_gb_per_s) for t in (two, one)]
+            lines.append("| " + " | ".join(
+                [shape, dtype, fmt_us(two.get("graph_us")), fmt_us(one.get("graph_us")),
+                 _ratio(two.get("graph_us"), one.get("graph_us"))]
+                + ["-" if x is None else f"{x:.0%}" for x in shares]) + " |")
+    return lines + [""]
+
+
 def render_device_time(record, out_dir):
     env, base = record["environment"], record["baselines"]
     device = env.get("device", "unknown")
@@ -296,6 +318,7 @@ def render_device_time(record, out_dir):
                              f"{fmt_us(other.get(shape, {}).get('fused', {}).get('graph_us'))} | "
                              f"{fmt_us(impls.get('fused', {}).get('graph_us'))} |")
         lines.append("")
+    lines += backward_variants(index, copy)
     for (part, dtype, layout), table in index.items():
         if part != "compact":
             continue
