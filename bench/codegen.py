@@ -117,9 +117,11 @@ def _exit_head_case(shape, num_classes, dtype, layout):
         bias = torch.zeros(num_classes, dtype=dtype)
         labels = torch.randint(0, num_classes, (BATCH,))
         logits, pooled, _ = kernels.exit_head_forward(h, weight, bias, labels)
-        kernels.exit_head_backward(h, weight, bias, labels, torch.ones_like(logits),
-                                   torch.ones_like(pooled), torch.ones(BATCH, dtype=dtype),
-                                   logits=logits, pooled=pooled)
+        # the one-pass backward (an opt-in candidate) wherever it can run
+        for one_pass in (False, True)[:1 + kernels.one_pass_fits(h, num_classes)]:
+            kernels.exit_head_backward(h, weight, bias, labels, torch.ones_like(logits),
+                                       torch.ones_like(pooled), torch.ones(BATCH, dtype=dtype),
+                                       logits=logits, pooled=pooled, one_pass=one_pass)
         kernels.class_activation_maps(h, weight, bias)
     name = str(dtype).split(".")[-1]
     return f"exit_head {'x'.join(map(str, shape))} K={num_classes} {name} {layout}", run
@@ -293,7 +295,7 @@ def _widths(report: KernelReport, kind: str, pointers) -> str:
 def _summary(reports: List[KernelReport], cases: List[str]) -> List[str]:
     """Per case: each kernel's h load widths (and dh / CAM / compacted-row store widths)."""
     kernels = ["_pool_kernel", "_supp_kernel", "_grad_h_kernel", "_grad_weight_kernel",
-               "_cam_kernel", "_compact_kernel"]
+               "_grad_h_and_weight_kernel", "_cam_kernel", "_compact_kernel"]
     lines = ["| case | " + " | ".join(k.strip("_").replace("_kernel", "") for k in kernels)
              + " | max registers | spills |", "|---" * (len(kernels) + 3) + "|"]
     for case in cases:
