@@ -8,7 +8,6 @@ samples' outputs and input gradients stay finite and equal to the reference.
 
 Shapes are small: on a machine without a GPU the kernels run under the Triton interpreter.
 """
-import functools
 import math
 
 import pytest
@@ -22,6 +21,7 @@ pytestmark = [
     # here those values are the point, and the assertions check them.
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
 ]
 
 NAN, INF = math.nan, math.inf
@@ -30,13 +30,26 @@ NAN, INF = math.nan, math.inf
 @pytest.fixture(autouse=True, params=["two_kernels", "one_pass"])
 def backward_form(request, monkeypatch):
     """Every case through the op's backward (two kernels) and through the one-pass candidate
-    (exit_head_backward(..., one_pass=True)); every shape here fits one tile. The op imports
-    the launcher when it runs, so patching the module reaches it."""
+    (exit_head_backward(..., one_pass=True)) wherever it fits one tile (K > 64 takes the two
+    kernels either way). The op imports the launcher when it runs, so patching the module
+    reaches it. Returns the one_pass value of every backward launched under the patch."""
+    one_pass_calls = []
     if request.param == "one_pass":
         import occam_kernels.triton.exit_head as kernels
-        monkeypatch.setattr(kernels, "exit_head_backward",
-                            functools.partial(kernels.exit_head_backward, one_pass=True))
-    return request.param
+        launcher = kernels.exit_head_backward
+
+        def one_pass_where_it_fits(h, weight, *args, **kwargs):
+            one_pass_calls.append(kernels.one_pass_fits(h, weight.shape[0]))
+            return launcher(h, weight, *args, one_pass=one_pass_calls[-1], **kwargs)
+        monkeypatch.setattr(kernels, "exit_head_backward", one_pass_where_it_fits)
+    return one_pass_calls
+
+
+def test_the_one_pass_form_reaches_the_op(backward_form, request, device):
+    """The fixture's patch takes effect: under "one_pass" the op's backward ran the candidate."""
+    h, weight, bias, labels = make_inputs(3, 4, 2, 3, 5, device)
+    compare(h, weight, bias, labels)
+    assert backward_form == ([True] if "one_pass" in request.node.callspec.id else [])
 TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5),
               torch.bfloat16: (5e-2, 5e-2)}
 
@@ -103,7 +116,9 @@ def assert_other_samples_finite(outs, grads, bad):
         assert torch.isfinite(others).all(), f"{name} of the other samples: {t}"
 
 
-@pytest.mark.parametrize("num_classes", [5, 17])   # one class block; two (K > BLOCK_K = 16)
+# K = 17 pads one block of 32 classes; K = 70 is two blocks of 64 (the online logsumexp
+# across them; the two kernels only: one pass needs one block)
+@pytest.mark.parametrize("num_classes", [5, 17, 70])
 @pytest.mark.parametrize("value", [NAN, INF, -INF])
 def test_non_finite_in_one_sample_of_h(value, num_classes, device):
     """Bug report: a NaN in one sample's h gave supp = 0 there (the reference gives NaN)."""

@@ -278,10 +278,13 @@ def test_dw_splits_are_capped(device, monkeypatch):
     check_against_explicit((3, 5, 9, 11, 7), torch.float32, device)   # 3 x 4 units
 
 
-def test_design_shape_launches_enough_programs(device, monkeypatch):
-    """At the first exit (B=128, C=58, 40x40) the pool and dW kernels ran 128 programs each,
-    one per sample, looping over all 1,600 pixels; now about _TARGET_PROGRAMS. The grids are
-    read from the launchers without running the kernels (a recording stand-in)."""
+KERNELS = ("_pool_kernel", "_supp_kernel", "_grad_h_kernel", "_grad_weight_kernel",
+           "_grad_h_and_weight_kernel")
+
+
+def record_launches(monkeypatch):
+    """(the kernels module, {kernel name: grid}) with every kernel replaced by a stand-in
+    that records its grid and runs nothing."""
     import occam_kernels.triton.exit_head as kernels
     grids = {}
 
@@ -294,13 +297,28 @@ def test_design_shape_launches_enough_programs(device, monkeypatch):
                 grids[self.name] = grid
             return launch
 
-    for name in ("_pool_kernel", "_supp_kernel", "_grad_h_kernel", "_grad_weight_kernel"):
+    for name in KERNELS:
         monkeypatch.setattr(kernels, name, Recorder(name))
+    return kernels, grids
+
+
+def design_exit_zeros(device):
+    """h, weight, bias, labels of the first exit at the design shape (B=128, C=58, 40x40,
+    K=10), zeros: for launch grids only."""
     h = torch.zeros(128, 58, 40, 40, device=device)
     weight, bias = torch.zeros(10, 58, device=device), torch.zeros(10, device=device)
-    labels = torch.zeros(128, dtype=torch.long, device=device)
+    return h, weight, bias, torch.zeros(128, dtype=torch.long, device=device)
+
+
+def test_design_shape_launches_enough_programs(device, monkeypatch):
+    """At the first exit (B=128, C=58, 40x40) the pool and dW kernels ran 128 programs each,
+    one per sample, looping over all 1,600 pixels; now about _TARGET_PROGRAMS. The grids are
+    read from the launchers without running the kernels (a recording stand-in)."""
+    kernels, grids = record_launches(monkeypatch)
+    h, weight, bias, labels = design_exit_zeros(device)
     kernels.exit_head_forward(h, weight, bias, labels)
     kernels.exit_head_backward(h, weight, bias, labels, None, None, torch.ones(128, device=device))
+    assert "_grad_h_and_weight_kernel" not in grids   # the one-pass form is opt-in
     programs = {name: math.prod(grid) for name, grid in grids.items()}
     assert programs["_pool_kernel"] >= 512 and programs["_grad_weight_kernel"] >= 512, programs
     assert programs["_supp_kernel"] == programs["_grad_h_kernel"] == 128 * 50   # B x P blocks
@@ -358,9 +376,21 @@ def test_one_pass_agrees_with_two_kernels_and_repeats_bitwise(device):
 def test_one_pass_refuses_what_one_tile_cannot_hold(channels, num_classes, device):
     h, weight, bias, labels = make_inputs(2, channels, 2, 2, num_classes, torch.float32, device)
     assert not one_pass_fits(h, num_classes)
-    with pytest.raises(ValueError, match=r"one tile \(K <= 64, C <= 64\)"):
-        exit_head_backward(h, weight, bias, labels, None, None,
-                           torch.ones(2, device=device), one_pass=True)
+    for grad_supp in (torch.ones(2, device=device), None):  # refused with or without a CAM term
+        with pytest.raises(ValueError, match=r"one tile \(K <= 64, C <= 64\)"):
+            exit_head_backward(h, weight, bias, labels, None, None, grad_supp, one_pass=True)
+
+
+def test_one_pass_is_one_launch_instead_of_two(device, monkeypatch):
+    """At the first exit's design shape: the one-pass kernel alone, on the dW kernel's grid
+    (915 splits of 7 of the 6,400 (sample, pixel block) units), not the two kernels."""
+    kernels, grids = record_launches(monkeypatch)
+    h, weight, bias, labels = design_exit_zeros(device)
+    saved = dict(logits=torch.zeros(128, 10, device=device),
+                 pooled=torch.zeros(128, 58, device=device))   # else the pool kernel runs
+    kernels.exit_head_backward(h, weight, bias, labels, None, None,
+                               torch.ones(128, device=device), one_pass=True, **saved)
+    assert grids == {"_grad_h_and_weight_kernel": (915,)}, grids
 
 
 def test_one_pass_fits_the_c58_design_exits(device):

@@ -94,6 +94,15 @@ def _sample_start(sample, stride_b, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _unit_pixels(unit, num_p_blocks, P, BLOCK_P: tl.constexpr, P_ALIGN: tl.constexpr):
+    """(sample, pixel offsets, pixel mask) of one (sample, pixel block) unit of a split. The
+    offsets are block index * BLOCK_P + arange: the compiler sees every run start at a
+    multiple of BLOCK_P."""
+    offs_p = (unit % num_p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return unit // num_p_blocks, offs_p, _in_range(offs_p, P, P_ALIGN)
+
+
+@triton.jit
 def _tile_offsets(offs_c, offs_p, width, stride_c, stride_h, stride_w,
                   LAYOUT: tl.constexpr, ALIGN: tl.constexpr):
     """(BLOCK_C, BLOCK_P) int64 element offsets of x[c, p] within one sample.
@@ -374,6 +383,35 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
 
 
 @triton.jit
+def _dcam(cam, lse, coef, inv_k, k_ok, p_ok):
+    """dcam[k, p] = coef[p] * softmax_k cam[:, p] - coef[p] / K, the reference's two terms
+    (see _grad_h_kernel), 0 on padding lanes."""
+    return tl.where(k_ok[:, None] & p_ok[None, :],
+                    coef[None, :] * tl.exp(cam - lse[None, :]) - (coef * inv_k)[None, :], 0.0)
+
+
+@triton.jit
+def _accumulate_dw(acc_w, acc_b, dcam, h, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   ACC: tl.constexpr):
+    """One unit's dW[k, c] += sum_p dcam[k, p] h[c, p] and db[k] += sum_p dcam[k, p]; h in ACC."""
+    if USE_DOT:
+        acc_w += tl.dot(dcam, tl.trans(h), input_precision=PRECISION, out_dtype=ACC)
+    else:
+        acc_w += tl.sum(dcam[:, None, :] * h[None, :, :], axis=2)
+    return acc_w, acc_b + tl.sum(dcam, axis=1)
+
+
+@triton.jit
+def _store_dw_partials(partial_w_ptr, partial_b_ptr, split, K, C, offs_k, k_ok, offs_c, c_ok,
+                       acc_w, acc_b, store_bias):
+    """A split's partial sums into the (splits, K, C) and (splits, K) buffers; db only where
+    store_bias (one program per split and class block writes it)."""
+    tl.store(partial_w_ptr + split.to(tl.int64) * K * C + offs_k[:, None] * C + offs_c[None, :],
+             acc_w, mask=k_ok[:, None] & c_ok[None, :])
+    tl.store(partial_b_ptr + split.to(tl.int64) * K + offs_k, acc_b, mask=k_ok & store_bias)
+
+
+@triton.jit
 def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, partial_b_ptr,
                         K, C, P, width, num_p_blocks, num_units, units_per_split,
                         stride_hb, stride_hc, stride_hh, stride_hw,
@@ -395,9 +433,7 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
     inv_k = 1.0 / (tl.zeros((BLOCK_P,), dtype=ACC) + K)  # 1/K in ACC
     first = pid_s * units_per_split
     for unit in range(first, tl.minimum(first + units_per_split, num_units)):
-        b = unit // num_p_blocks
-        offs_p = (unit % num_p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = _in_range(offs_p, P, P_ALIGN)
+        b, offs_p, p_ok = _unit_pixels(unit, num_p_blocks, P, BLOCK_P, P_ALIGN)
         sample = h_ptr + _sample_start(b, stride_hb, ALIGN)
         pixel_row = tl.multiple_of(b.to(tl.int64) * P, P_ALIGN) + offs_p
         coef = tl.load(coef_ptr + pixel_row, mask=p_ok, other=0.0)
@@ -405,22 +441,13 @@ def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, coef_ptr, partial_w_ptr, p
         cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
                         stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-        dcam = tl.where(k_ok[:, None] & p_ok[None, :],
-                        coef[None, :] * tl.exp(cam - lse[None, :]) - (coef * inv_k)[None, :],
-                        0.0)  # the reference's two terms, as in _grad_h_kernel
+        dcam = _dcam(cam, lse, coef, inv_k, k_ok, p_ok)
         h = tl.load(sample + _tile_offsets(offs_c, offs_p, width, stride_hc, stride_hh,
                                            stride_hw, LAYOUT, ALIGN),
                     mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(ACC)
-        if USE_DOT:
-            acc_w += tl.dot(dcam, tl.trans(h), input_precision=PRECISION, out_dtype=ACC)
-        else:
-            acc_w += tl.sum(dcam[:, None, :] * h[None, :, :], axis=2)
-        acc_b += tl.sum(dcam, axis=1)
-    base = pid_s.to(tl.int64) * K * C
-    tl.store(partial_w_ptr + base + offs_k[:, None] * C + offs_c[None, :], acc_w,
-             mask=k_ok[:, None] & c_ok[None, :])
-    if pid_c == 0:
-        tl.store(partial_b_ptr + pid_s.to(tl.int64) * K + offs_k, acc_b, mask=k_ok)
+        acc_w, acc_b = _accumulate_dw(acc_w, acc_b, dcam, h, USE_DOT, PRECISION, ACC)
+    _store_dw_partials(partial_w_ptr, partial_b_ptr, pid_s, K, C, offs_k, k_ok, offs_c, c_ok,
+                       acc_w, acc_b, pid_c == 0)
 
 
 @triton.jit
@@ -453,14 +480,12 @@ def _grad_h_and_weight_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, gr
     if UPCAST:
         w = w_acc
     bias = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0).to(ACC)
+    inv_k = 1.0 / (tl.zeros((BLOCK_P,), dtype=ACC) + K)  # 1/K in ACC
     acc_w = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC)
     acc_b = tl.zeros((BLOCK_K,), dtype=ACC)
-    inv_k = 1.0 / (tl.zeros((BLOCK_P,), dtype=ACC) + K)  # 1/K in ACC
     first = pid_s * units_per_split
     for unit in range(first, tl.minimum(first + units_per_split, num_units)):
-        b = unit // num_p_blocks
-        offs_p = (unit % num_p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = _in_range(offs_p, P, P_ALIGN)
+        b, offs_p, p_ok = _unit_pixels(unit, num_p_blocks, P, BLOCK_P, P_ALIGN)
         tile_ok = c_ok[:, None] & p_ok[None, :]
         sample = h_ptr + _sample_start(b, stride_hb, ALIGN)
         h = tl.load(sample + _tile_offsets(offs_c, offs_p, width, stride_hc, stride_hh,
@@ -481,26 +506,20 @@ def _grad_h_and_weight_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, gr
         mask = (cam_true <= tl.load(threshold_ptr + b)).to(ACC)
         grad_supp = tl.load(grad_supp_ptr + b).to(ACC)
         coef = tl.where(p_ok, (grad_supp / P) * mask, 0.0)  # a product: see _grad_h_kernel
-        dcam = tl.where(k_ok[:, None] & p_ok[None, :],
-                        coef[None, :] * tl.exp(cam - lse[None, :]) - (coef * inv_k)[None, :],
-                        0.0)
+        dcam = _dcam(cam, lse, coef, inv_k, k_ok, p_ok)
         dense = tl.load(dense_ptr + b.to(tl.int64) * C + offs_c, mask=c_ok, other=0.0).to(ACC)
         grad_h = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None]
         if USE_DOT:
             grad_h += tl.dot(tl.trans(w_acc), dcam, input_precision=PRECISION, out_dtype=ACC)
-            acc_w += tl.dot(dcam, tl.trans(h_acc), input_precision=PRECISION, out_dtype=ACC)
         else:
             grad_h += tl.sum(w_acc[:, :, None] * dcam[:, None, :], axis=0)
-            acc_w += tl.sum(dcam[:, None, :] * h_acc[None, :, :], axis=2)
-        acc_b += tl.sum(dcam, axis=1)
+        acc_w, acc_b = _accumulate_dw(acc_w, acc_b, dcam, h_acc, USE_DOT, PRECISION, ACC)
         tl.store(grad_h_ptr + _sample_start(b, stride_gb, G_ALIGN)
                  + _tile_offsets(offs_c, offs_p, width, stride_gc, stride_gh, stride_gw,
                                  G_LAYOUT, G_ALIGN),
                  grad_h.to(grad_h_ptr.dtype.element_ty), mask=tile_ok)
-    base = pid_s.to(tl.int64) * K * C
-    tl.store(partial_w_ptr + base + offs_k[:, None] * C + offs_c[None, :], acc_w,
-             mask=k_ok[:, None] & c_ok[None, :])
-    tl.store(partial_b_ptr + pid_s.to(tl.int64) * K + offs_k, acc_b, mask=k_ok)
+    _store_dw_partials(partial_w_ptr, partial_b_ptr, pid_s, K, C, offs_k, k_ok, offs_c, c_ok,
+                       acc_w, acc_b, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,6 +692,11 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     num_classes, pixels = weight.shape[0], height * width
     weight, bias = weight.contiguous(), bias.contiguous()
     cfg = _config(h, num_classes)
+    if one_pass and not one_pass_fits(h, num_classes):
+        raise ValueError(
+            f"exit_head_backward: one_pass needs every class and channel in one tile (K <= 64, "
+            f"C <= {cfg['block_c'] if h.dtype == torch.float64 else 64}), got K={num_classes}, "
+            f"C={channels}")
     acc = cfg["acc_dtype"]
     w32 = weight.to(acc)
     if pooled is None or logits is None or batch == 0:
@@ -706,10 +730,6 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     threshold = _threshold(logits32, labels, h.dtype, pixels)
     grad_supp = grad_supp.to(acc).contiguous()
     g_layout, g_align, g_strides = _layout(grad_h)
-    if one_pass and not one_pass_fits(h, num_classes):
-        raise ValueError(
-            f"exit_head_backward: one_pass needs every class and channel in one tile (K <= 64, "
-            f"C <= {16 if h.dtype == torch.float64 else 64}), got K={num_classes}, C={channels}")
     # dW and db: each split is a fixed range of (sample, pixel block) units, summed in a fixed
     # order (one_pass fits one K block and one C block: the same splits as two kernels).
     k_blocks = triton.cdiv(num_classes, cfg["block_k"])
