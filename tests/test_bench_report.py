@@ -67,7 +67,7 @@ def _device_time_record(tmp_path):
         Timing("compact", "nonzero_index_select", [256, 58, 40, 40], "bf16", "channels_last",
                1000, 0.1, stream_us=120.0, host_syncs_profiler=2.0),
         Timing("backward", "two_kernels", [128, 58, 40, 40], "bf16", "channels_last",
-               47_513_600, 0.1, stream_us=90.0, graph_us=80.0),
+               47_513_600, 0.1, stream_us=90.0, graph_us=80.0, device_busy_us=75.0),
         Timing("backward", "one_pass", [128, 58, 40, 40], "bf16", "channels_last",
                47_513_600, 0.1, stream_us=70.0, graph_us=50.0),
     ]
@@ -101,7 +101,7 @@ def test_device_time_report_gives_ratios_bandwidth_and_the_issue_targets(tmp_pat
             "2.40x at 58x40x40); host syncs per call [1.0]") in text
     # The backward candidate: 80 / 50 us; its floor (2 x bytes(h)) 47,513,600 bytes in 80 us
     # is 594 GB/s, 15% of 4,000, and in 50 us 24%.
-    assert "| 58x40x40 | bf16 | 80.0 | 50.0 | 1.60x | 15% | 24% |" in text
+    assert "| 58x40x40 | bf16 | channels_last | 80.0 | 50.0 | 1.60x | 75.0 | - | 15% | 24% |" in text
     # A method that failed is listed with its reason; an expected gap (no graph for a call
     # that syncs) is not.
     assert "464x5x5 bf16 channels_last compiled, profile: RuntimeError: the profiler broke" in text

@@ -24,7 +24,7 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     # The table comes last.
     assert done.stdout.splitlines()[-1] == "11/11 steps passed", done.stdout[-800:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["correctness"]) == {"exit_head", "cam", "compact", "predict",
+    assert set(summary["correctness"]) == {"exit_head", "one_pass", "cam", "compact", "predict",
                                            "large_index"}
     assert all(g["passed"] == g["total"] > 0 for g in summary["correctness"].values())
     assert summary["environment"]["smoke"] is True
