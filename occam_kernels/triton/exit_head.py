@@ -124,6 +124,19 @@ def _tile_offsets(offs_c, offs_p, width, stride_c, stride_h, stride_w,
 
 
 @triton.jit
+def _w_h(w, h, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+         UPCAST: tl.constexpr):
+    """W @ h in ACC for a (BLOCK_K, BLOCK_C) block of W and a (BLOCK_C, BLOCK_P) tile of h in
+    their own dtype: a tensor-core dot (operands upcast only for the interpreter), or
+    broadcast-multiply-sum for fp64."""
+    if USE_DOT:
+        if UPCAST:
+            w, h = w.to(ACC), h.to(ACC)
+        return tl.dot(w, h, input_precision=PRECISION, out_dtype=ACC)
+    return tl.sum(w.to(ACC)[:, :, None] * h.to(ACC)[None, :, :], axis=1)
+
+
+@triton.jit
 def _cam_tile(sample_ptr, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
               stride_c, stride_h, stride_w, LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
               C_ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -141,12 +154,7 @@ def _cam_tile(sample_ptr, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
         h = tl.load(sample_ptr + _tile_offsets(offs_c, offs_p, width, stride_c, stride_h,
                                                stride_w, LAYOUT, ALIGN),
                     mask=c_ok[:, None] & p_ok[None, :], other=0.0)
-        if USE_DOT:
-            if UPCAST:
-                w, h = w.to(ACC), h.to(ACC)
-            acc += tl.dot(w, h, input_precision=PRECISION, out_dtype=ACC)
-        else:
-            acc += tl.sum(w.to(ACC)[:, :, None] * h.to(ACC)[None, :, :], axis=1)
+        acc += _w_h(w, h, USE_DOT, PRECISION, ACC, UPCAST)
     bias = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0).to(ACC)
     return acc + bias[:, None]
 
@@ -176,6 +184,28 @@ def _class_block_update(cam, offs_k, k_ok, label, running_max, running_sum, cam_
     cam_total += tl.sum(tl.where(k_ok[:, None], cam, 0.0), axis=0)
     cam_true += tl.sum(tl.where((offs_k == label)[:, None], cam, 0.0), axis=0)
     return new_max, running_sum, cam_total, cam_true
+
+
+@triton.jit
+def _single_block_statistics(cam, offs_k, k_ok, label, BLOCK_P: tl.constexpr,
+                             ACC: tl.constexpr):
+    """(lse, sum over classes, ground-truth row) per pixel when all K classes are one block."""
+    running_max, running_sum, cam_total, cam_true = _class_block_update(
+        cam, offs_k, k_ok, label, tl.full((BLOCK_P,), float("-inf"), dtype=ACC),
+        tl.zeros((BLOCK_P,), dtype=ACC), tl.zeros((BLOCK_P,), dtype=ACC),
+        tl.zeros((BLOCK_P,), dtype=ACC))
+    return _lse_shift(running_max) + tl.log(running_sum), cam_total, cam_true
+
+
+@triton.jit
+def _suppression_coef(cam_true, threshold, grad_supp, p_ok, P, ACC: tl.constexpr):
+    """coef[p] = g_supp / P * mask[p], the weight of dcam, 0 on padding pixels.
+
+    (g / P) * mask, a product as in the reference's backward, not a select: a non-finite
+    g_supp reaches the unsuppressed pixels as NaN there. (An unsuppressed pixel with a NaN
+    softmax gets dcam = 0 * NaN = NaN either way, as the reference's 0 * exp(cam - lse).)"""
+    mask = (cam_true <= threshold).to(ACC)
+    return tl.where(p_ok, (grad_supp.to(ACC) / P) * mask, 0.0)
 
 
 @triton.jit
@@ -256,16 +286,20 @@ def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K,
 
 
 @triton.jit
+def _w_t_dcam(w, dcam, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """sum_k W[k, c] dcam[k, p] for a (BLOCK_K, BLOCK_C) block of W already in ACC."""
+    if USE_DOT:
+        return tl.dot(tl.trans(w), dcam, input_precision=PRECISION, out_dtype=ACC)
+    return tl.sum(w[:, :, None] * dcam[:, None, :], axis=0)
+
+
+@triton.jit
 def _accumulate_w_t_dcam(acc, w_ptr, offs_k, k_ok, offs_c, c_ok, C, dcam,
                          USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """acc[c, p] += sum_k W[k, c] dcam[k, p] for one (BLOCK_K, BLOCK_C) block of W."""
     w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :],
                 mask=k_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
-    if USE_DOT:
-        acc += tl.dot(tl.trans(w), dcam, input_precision=PRECISION, out_dtype=ACC)
-    else:
-        acc += tl.sum(w[:, :, None] * dcam[:, None, :], axis=0)
-    return acc
+    return acc + _w_t_dcam(w, dcam, USE_DOT, PRECISION, ACC)
 
 
 @triton.jit
@@ -300,22 +334,15 @@ def _grad_h_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, grad_supp_ptr
         cam = _cam_tile(sample, w_ptr, b_ptr, offs_k, k_ok, offs_p, p_ok, C, width,
                         stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
                         BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-        running_max, running_sum, cam_total, cam_true = _class_block_update(
-            cam, offs_k, k_ok, label, tl.full((BLOCK_P,), float("-inf"), dtype=ACC),
-            tl.zeros((BLOCK_P,), dtype=ACC), tl.zeros((BLOCK_P,), dtype=ACC),
-            tl.zeros((BLOCK_P,), dtype=ACC))
-        lse = _lse_shift(running_max) + tl.log(running_sum)
+        lse, cam_total, cam_true = _single_block_statistics(cam, offs_k, k_ok, label,
+                                                            BLOCK_P, ACC)
     else:
         lse, cam_total, cam_true = _logsumexp_over_classes(
             sample, w_ptr, b_ptr, label, K, C, offs_p, p_ok, width,
             stride_hc, stride_hh, stride_hw, LAYOUT, ALIGN, C_ALIGN,
             BLOCK_K, BLOCK_C, BLOCK_P, USE_DOT, PRECISION, ACC, UPCAST)
-    mask = (cam_true <= tl.load(threshold_ptr + pid_b)).to(ACC)
-    grad_supp = tl.load(grad_supp_ptr + pid_b).to(ACC)
-    # (g / P) * mask, a product as in the reference's backward, not a select: a non-finite
-    # g_supp reaches the unsuppressed pixels as NaN there. (An unsuppressed pixel with a NaN
-    # softmax gets dcam = 0 * NaN = NaN either way, as the reference's 0 * exp(cam - lse).)
-    coef = tl.where(p_ok, (grad_supp / P) * mask, 0.0)
+    coef = _suppression_coef(cam_true, tl.load(threshold_ptr + pid_b),
+                             tl.load(grad_supp_ptr + pid_b), p_ok, P, ACC)
     # dcam = coef * softmax - coef / K, the reference's two terms (logsumexp's and the mean's),
     # not coef * (softmax - 1/K): with an infinite coef that is inf - inf = NaN, as there.
     coef_over_k = coef * inv_k
@@ -477,8 +504,6 @@ def _grad_h_and_weight_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, gr
     w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :],
                 mask=k_ok[:, None] & c_ok[None, :], other=0.0)
     w_acc = w.to(ACC)
-    if UPCAST:
-        w = w_acc
     bias = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0).to(ACC)
     inv_k = 1.0 / (tl.zeros((BLOCK_P,), dtype=ACC) + K)  # 1/K in ACC
     acc_w = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC)
@@ -491,29 +516,16 @@ def _grad_h_and_weight_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, gr
         h = tl.load(sample + _tile_offsets(offs_c, offs_p, width, stride_hc, stride_hh,
                                            stride_hw, LAYOUT, ALIGN),
                     mask=tile_ok, other=0.0)
-        h_acc = h.to(ACC)
-        if UPCAST:
-            h = h_acc
-        if USE_DOT:
-            cam = tl.dot(w, h, input_precision=PRECISION, out_dtype=ACC) + bias[:, None]
-        else:
-            cam = tl.sum(w_acc[:, :, None] * h_acc[None, :, :], axis=1) + bias[:, None]
-        running_max, running_sum, _, cam_true = _class_block_update(
-            cam, offs_k, k_ok, tl.load(labels_ptr + b),
-            tl.full((BLOCK_P,), float("-inf"), dtype=ACC), tl.zeros((BLOCK_P,), dtype=ACC),
-            tl.zeros((BLOCK_P,), dtype=ACC), tl.zeros((BLOCK_P,), dtype=ACC))
-        lse = _lse_shift(running_max) + tl.log(running_sum)
-        mask = (cam_true <= tl.load(threshold_ptr + b)).to(ACC)
-        grad_supp = tl.load(grad_supp_ptr + b).to(ACC)
-        coef = tl.where(p_ok, (grad_supp / P) * mask, 0.0)  # a product: see _grad_h_kernel
+        cam = _w_h(w, h, USE_DOT, PRECISION, ACC, UPCAST) + bias[:, None]
+        lse, _, cam_true = _single_block_statistics(cam, offs_k, k_ok,
+                                                    tl.load(labels_ptr + b), BLOCK_P, ACC)
+        coef = _suppression_coef(cam_true, tl.load(threshold_ptr + b),
+                                 tl.load(grad_supp_ptr + b), p_ok, P, ACC)
         dcam = _dcam(cam, lse, coef, inv_k, k_ok, p_ok)
         dense = tl.load(dense_ptr + b.to(tl.int64) * C + offs_c, mask=c_ok, other=0.0).to(ACC)
         grad_h = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC) + dense[:, None]
-        if USE_DOT:
-            grad_h += tl.dot(tl.trans(w_acc), dcam, input_precision=PRECISION, out_dtype=ACC)
-        else:
-            grad_h += tl.sum(w_acc[:, :, None] * dcam[:, None, :], axis=0)
-        acc_w, acc_b = _accumulate_dw(acc_w, acc_b, dcam, h_acc, USE_DOT, PRECISION, ACC)
+        grad_h += _w_t_dcam(w_acc, dcam, USE_DOT, PRECISION, ACC)
+        acc_w, acc_b = _accumulate_dw(acc_w, acc_b, dcam, h.to(ACC), USE_DOT, PRECISION, ACC)
         tl.store(grad_h_ptr + _sample_start(b, stride_gb, G_ALIGN)
                  + _tile_offsets(offs_c, offs_p, width, stride_gc, stride_gh, stride_gw,
                                  G_LAYOUT, G_ALIGN),
@@ -643,11 +655,14 @@ def _threshold(logits: Tensor, labels: Tensor, dtype: torch.dtype, pixels: int) 
     return threshold.contiguous()
 
 
+def _one_tile(cfg, num_classes: int, channels: int) -> bool:
+    return num_classes <= cfg["block_k"] and channels <= cfg["block_c"]
+
+
 def one_pass_fits(h: Tensor, num_classes: int) -> bool:
     """Whether exit_head_backward(..., one_pass=True) can run on h: every class and every
     channel in one tile (at the section-8 shapes, the C = 58 exits: the largest maps)."""
-    cfg = _config(h, num_classes)
-    return num_classes <= cfg["block_k"] and h.shape[1] <= cfg["block_c"]
+    return _one_tile(_config(h, num_classes), num_classes, h.shape[1])
 
 
 def exit_head_forward(h: Tensor, weight: Tensor, bias: Tensor,
@@ -692,7 +707,7 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     num_classes, pixels = weight.shape[0], height * width
     weight, bias = weight.contiguous(), bias.contiguous()
     cfg = _config(h, num_classes)
-    if one_pass and not one_pass_fits(h, num_classes):
+    if one_pass and not _one_tile(cfg, num_classes, channels):
         raise ValueError(
             f"exit_head_backward: one_pass needs every class and channel in one tile (K <= 64, "
             f"C <= {cfg['block_c'] if h.dtype == torch.float64 else 64}), got K={num_classes}, "
