@@ -281,13 +281,11 @@ def _add_train_options(parser) -> None:
 
 
 def _explicit_settings(args) -> dict:
-    from .config import TUPLE_FIELDS, RunConfig
+    from .config import RunConfig
+    from .plain_data import converted_fields
     names = {f.name for f in dataclasses.fields(RunConfig)} - {"preset"}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    for name in TUPLE_FIELDS:
-        if name in values:
-            values[name] = tuple(values[name])
-    return values
+    # by each field's annotation, as a config read from JSON: lists become tuples
+    return converted_fields(RunConfig, {k: v for k, v in vars(args).items() if k in names})
 
 
 def _with_cached_dataset(config, explicit: dict):

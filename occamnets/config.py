@@ -413,9 +413,6 @@ METHOD_FIELDS = {"erm": (), "upwt": ("upwt_gamma",), "gdro": ("gdro_eta",),
                  "sd": ("sd_lambdas", "sd_gammas"), "pgi": ("pgi_weight",)}
 ALL_METHOD_FIELDS = {name for names in METHOD_FIELDS.values() for name in names}
 
-# Fields holding tuples (JSON and the command line give lists).
-TUPLE_FIELDS = ("milestones", "taus", "sd_lambdas", "sd_gammas", "bias_columns")
-
 # The fields `with_dataset` replaces: what a dataset directory decides.
 DATA_FIELDS = ("cell_size", "p_bias", "train_size", "val_size", "test_size",
                "renders_per_digit", "data_seed", "mnist_dir", "emnist_dir")

@@ -13,15 +13,20 @@ def from_plain(cls: Type[T], values: Dict, **given: Any) -> T:
     its annotation (nested dataclasses, Optional, List, Tuple, Dict); `given` fields are taken
     as they are. Fields missing from `values` take their defaults; unknown keys are a
     ValueError naming them (data of another version or another type)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
+    kwargs = converted_fields(cls, {k: v for k, v in values.items() if k not in given})
+    kwargs.update(given)
+    return cls(**kwargs)
+
+
+def converted_fields(cls: Type, values: Dict) -> Dict:
+    """`values` (some of the dataclass `cls`'s fields, as JSON or parsed options give them:
+    lists for tuples, dicts for dataclasses) each converted by its annotation; unknown keys
+    are a ValueError naming them."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ValueError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
     hints = typing.get_type_hints(cls)
-    kwargs = {name: given[name] if name in given else _convert(hints[name], value)
-              for name, value in values.items()}
-    kwargs.update({name: value for name, value in given.items() if name not in values})
-    return cls(**kwargs)
+    return {name: _convert(hints[name], value) for name, value in values.items()}
 
 
 def _convert(annotation: Any, value: Any) -> Any:
