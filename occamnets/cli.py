@@ -532,7 +532,9 @@ def _time_inference(args) -> int:
 
 
 def _run_viz(args) -> int:
-    from .evaluate import cam_picture_data, checkpoint_config, evaluate, load_model
+    from .checkpoints import read_checkpoint
+    from .config import RunConfig
+    from .evaluate import cam_picture_data, checkpoint_config, evaluate, model_from_checkpoint
     from .models import SHORT_NAMES
     from .viz import save_cam_comparison, save_cam_grid, save_exit_distribution
     _picture_path(args.out, "--out")
@@ -542,8 +544,9 @@ def _run_viz(args) -> int:
     # Check every other checkpoint before the first's data is read: the images are the first
     # run's, so each model must have trained on the same data.
     first_config = checkpoint_config(args.checkpoint) if args.beside else None
-    for other in args.beside:
-        other_config = checkpoint_config(other)
+    others = [(other, read_checkpoint(other)) for other in args.beside]  # each read once
+    for other, checkpoint in others:
+        other_config = RunConfig.from_dict(checkpoint["config"])
         if other_config.data_identity() != first_config.data_identity():
             raise ValueError(f"--beside {other} trained on other data than {args.checkpoint} "
                              f"({other_config.describe_data()}, against "
@@ -557,8 +560,9 @@ def _run_viz(args) -> int:
     data = cam_picture_data(model, split, args.count, config.inference_threshold)
     if args.beside:
         pictures = [(SHORT_NAMES[config.model], data)]
-        for other in args.beside:
-            other_model, other_config = load_model(other, str(split.device))
+        for other, checkpoint in others:
+            other_model, other_config = model_from_checkpoint(checkpoint, other,
+                                                              str(split.device))
             if other_model.num_classes != model.num_classes:
                 raise ValueError(f"--beside {other} predicts {other_model.num_classes} classes, "
                                  f"{args.checkpoint} {model.num_classes}")
@@ -572,7 +576,9 @@ def _run_viz(args) -> int:
     if args.exits_plot:
         result = evaluate(model, split, args.split, threshold=config.inference_threshold,
                           channels_last=config.channels_last, bf16=config.bf16,
-                          per_factor=False, progress=True)
+                          per_factor=False, progress=True,
+                          # the plot needs the early-exit pass alone
+                          per_exit=False, diagnostics=False, per_group=False)
         save_exit_distribution(args.exits_plot, result.exit_counts, result.exit_accuracy_taken,
                                title=f"Exits on {args.split} ({len(split)} images)")
     print(f"CAM picture written to {args.out}" +
