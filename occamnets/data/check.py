@@ -7,7 +7,6 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from ..progress import close, progress_bar
 from .groups import bias_groups

@@ -41,13 +41,16 @@ def _place_squares(out: torch.Tensor, pairs: List[Tuple[int, torch.Tensor]],
     """Each (row, decoded image) cropped and resized into out[row]. Crops of one shape are
     resized as one batch (a dataset of one image size, CelebA's 178 x 178 say, is one call
     per batch, not one per image); each image's pixels are the same either way."""
-    by_shape = {}
+    size, by_shape = out.shape[-1], {}
     for row, image in pairs:
         crop = _crop(image, centre_crop)
-        by_shape.setdefault(tuple(crop.shape), []).append((row, crop))
+        if crop.shape[1:] == (size, size):
+            out[row] = crop  # already the output size: one copy, no batch to stack
+        else:
+            by_shape.setdefault(tuple(crop.shape), []).append((row, crop))
     for members in by_shape.values():
         rows = torch.tensor([row for row, _ in members], device=out.device)
-        out[rows] = _resize(torch.stack([crop for _, crop in members]), out.shape[-1])
+        out[rows] = _resize(torch.stack([crop for _, crop in members]), size)
 
 
 def decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
