@@ -48,12 +48,13 @@ clean-build:
 # Time every suite (GPU: section-8 shapes; CPU: the scaled-down smoke shapes) and render
 # bench/RESULTS.md. The JSON is kept per device under bench/results/; on a GPU the device
 # times too (bench/device_time.py), in bench/results/DEVICE_device_time/.
-DEVICE_NAME = $(shell $(PY) -c "import torch,platform,re;print(re.sub('[^A-Za-z0-9]+','_',torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu_'+platform.machine()))")
+# The device's name, asked once per run (a cpu_ prefix without a GPU).
+DEVICE_NAME = $(PY) -c "import torch,platform,re;print(re.sub('[^A-Za-z0-9]+','_',torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu_'+platform.machine()))"
 bench: install
 	mkdir -p bench/results
+	name=$$($(DEVICE_NAME)) && \
 	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-max-time=0.2 \
-	  --benchmark-json=bench/results/$(DEVICE_NAME).json
-	if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-	  $(PY) bench/device_time.py --out bench/results/$(DEVICE_NAME)_device_time; fi
+	  --benchmark-json=bench/results/$$name.json && \
+	case $$name in cpu_*) ;; *) $(PY) bench/device_time.py --out bench/results/$${name}_device_time;; esac
 	$(PY) bench/report.py bench/results/*.json $$(ls bench/results/*/device_time.json 2>/dev/null) \
 	  --out bench --trim

@@ -7,16 +7,14 @@ import pytest
 import torch
 
 from benchutils import (COMPACT_IMPLEMENTATIONS, ON_GPU, STAGE_SHAPES, count_host_syncs, device,
-                        run_case, synchronize)
+                        run_case, shrink, synchronize)
 
 BATCH = 256
 
 
 def scaled(shape):
-    if ON_GPU:
-        return (BATCH, *shape)
-    channels, height, width = shape
-    return 8, max(1, channels // 29), max(1, height // 10), max(1, width // 10)
+    """(B, C, H, W): the stage shape at B=256 on a GPU, the smoke shape at B=8 otherwise."""
+    return (BATCH if ON_GPU else 8, *shrink(shape, not ON_GPU))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -6,12 +6,11 @@ import os
 
 import pytest
 
-from benchutils import (BATCH, SIZE, WIDTH, occam_inference_step, occam_training_step, run_case,
-                        trained_distribution)
+from benchutils import (BATCH, BENCH_DIR, SIZE, WIDTH, occam_inference_step, occam_training_step,
+                        run_case, trained_distribution)
 
 DISTRIBUTIONS = {"all_E1": (1.0, 0.0, 0.0), "50_30_20": (0.5, 0.3, 0.2),
                  "none_early": (0.0, 0.0, 1.0), "trained": None}
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -35,7 +34,7 @@ def test_inference(benchmark, compaction, distribution):
     run_case(benchmark, step, {"impl": "compaction" if compaction else "full_depth",
                                "images": BATCH, "exit_counts": counts,
                                "target_shares": list(shares),
-                               "distribution_source": os.path.relpath(source, HERE)
+                               "distribution_source": os.path.relpath(source, BENCH_DIR)
                                if source != "forced" else source,
                                "model": f"occam_resnet18 width={WIDTH} {SIZE}px"})
 
@@ -48,6 +47,6 @@ if __name__ == "__main__":
     kept = {"exit_share": report["test"]["exit_share"], "source": sys.argv[1],
             "first_inference_exit": report["test"]["first_inference_exit"],
             "preset": report["config"]["preset"], "model": report["model"]}
-    with open(os.path.join(HERE, "trained_exit_distribution.json"), "w") as handle:
+    with open(os.path.join(BENCH_DIR, "trained_exit_distribution.json"), "w") as handle:
         json.dump(kept, handle, indent=1)
     print(f"wrote bench/trained_exit_distribution.json from {sys.argv[1]}")

@@ -52,7 +52,7 @@ import torch
 
 from benchutils import (COMPACT_IMPLEMENTATIONS, DTYPES, EXIT_SHAPES, ONE_PASS_SHAPES,
                         STAGE_SHAPES, count_host_syncs, environment, exit_head_implementation,
-                        exit_head_inputs, exit_head_step, shrink)
+                        exit_head_inputs, exit_head_step, shrink, synchronize)
 
 EXIT_HEAD_BATCH, CLASSES, COMPACT_BATCH, KEEP_RATIO = 128, 10, 256, 0.5
 PARTS = ("exit_head", "compact", "backward")
@@ -141,24 +141,19 @@ class DeviceTimeRecord:
 # Timing methods. Each works on CPU (the smoke run) where it can, with the host clock.
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_wall_us(step: Callable[[], None], calls: int, device: torch.device) -> float:
     times = []
     for _ in range(calls):
         started = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1e6
 
 
 def _stream_us(step: Callable[[], None], calls: int, device: torch.device) -> Tuple[float, float]:
     """(per call between events, host issue time per call) over `calls` back-to-back calls."""
-    _synchronize(device)
+    synchronize()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -251,7 +246,7 @@ def measure(step: Callable[[], None], timing: Timing, settings: Settings, device
         except Exception as error:  # recorded, never fatal: one method must not lose the case
             timing.errors[method] = f"{type(error).__name__}: {error}"[:300]
             try:
-                _synchronize(device)
+                synchronize()
             except Exception:
                 pass
 
@@ -341,7 +336,7 @@ def time_case(case: Case, settings: Settings, device: torch.device,
     step, shape, floor = build(case, settings.smoke, device)
     for _ in range(3):  # compiles and autotuning stay out of the timings
         step()
-    _synchronize(device)
+    synchronize()
     timing = Timing(case.part, case.impl, shape, case.dtype, case.layout, floor,
                     setup_seconds=round(time.perf_counter() - started, 2))
     # Compaction reads its count on the host (DESIGN.md section 4): no graph can hold it.
@@ -390,7 +385,7 @@ def _compile_one(case: Case, smoke: bool) -> Tuple[str, float, str]:
         device = torch.device("cpu" if smoke else "cuda")
         step, _, _ = _exit_head_step(case, smoke, device)
         step()
-        _synchronize(device)
+        synchronize()
         return case.name, time.perf_counter() - started, ""
     except Exception as error:
         return case.name, time.perf_counter() - started, f"{type(error).__name__}: {error}"[:300]

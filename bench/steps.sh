@@ -34,3 +34,8 @@ run_step() {
   echo "[$script_name] $name: $status in $(( SECONDS - t0 ))s (log: $out/$name.log)"
   [ $status = pass ] || tail -5 "$out/$name.log" | sed 's/^/    /'
 }
+
+# The exit status of a window script: 0 when every step passed or was skipped by name.
+all_steps_passed() {
+  ! grep -qvE $'\t(pass|skipped)\t' "$out/steps.tsv"
+}
