@@ -11,7 +11,9 @@ ptxas it ships, and the script records per kernel: registers per thread, spill b
 memory, and the width in bytes of every global load and store (cp.async copies included),
 attributed to the load/store statement they come from through the PTX line info.
 
-Exit status 1 when a kernel spills at a design shape (tests/test_codegen.py runs --quick).
+Exit status 1 when a kernel spills at a design shape (tests/test_codegen.py runs --quick),
+unless --spills-ok: `make test` also compiles with the GPU host's older Triton, where a few
+4-byte spills are known (bench/NOTES.md) and only a failure to compile should stop the run.
 Triton's own cache (~/.triton/cache) makes a second run fast.
 """
 import argparse
@@ -360,6 +362,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="the same data as JSON")
     parser.add_argument("--quick", action="store_true",
                         help="fp32 and bf16 only, K=1000 at two shapes (the test's list)")
+    parser.add_argument("--spills-ok", action="store_true",
+                        help="report spills but exit 0 (only a failure to compile fails)")
     args = parser.parse_args(argv)
     cases = design_cases(args.quick)
     specs = capture(cases)
@@ -379,7 +383,9 @@ def main(argv=None) -> int:
     for report in spilling:
         print(f"SPILL: {report.kernel} at {report.cases[0]}: {report.spill_store_bytes} B "
               f"stored, {report.spill_load_bytes} B loaded", file=sys.stderr)
-    return 1 if spilling else 0
+    print(f"{len(reports)} specialisations compiled for sm_{TARGET_CAPABILITY} with triton "
+          f"{triton.__version__}; {len(spilling)} spill", file=sys.stderr)
+    return 1 if spilling and not args.spills_ok else 0
 
 
 if __name__ == "__main__":
