@@ -1,6 +1,7 @@
 SHELL := /bin/bash
 # `make test`: set up .venv (pinned torch, triton, test tools, this package) and run pytest.
-# `make demo`: the main job (see README). Everything installs itself: CI starts from a clone.
+# `make test-host-triton` (part of `make test`): the Triton tests and the sm_90 compile again
+#   with the GPU host's Triton. `make demo`: the main job (see README). Everything installs itself: CI starts from a clone.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PIP       := $(PY) -m pip
@@ -10,7 +11,16 @@ DEPS      := triton numpy pillow tqdm matplotlib mlxtend scipy tensorboard h5py 
 export MAX_JOBS ?= 2
 STAMP     := $(VENV)/.occam-installed
 
-.PHONY: install test bench demo clean-build FORCE
+# The GPU host's Triton (3.6; DEVELOPERS.md "The GPU"), layered over .venv: only triton and a
+# numpy its interpreter runs with are installed here, everything else (torch, this package)
+# comes from .venv through a .pth file. The host's torch (2.11) is not on this machine's index.
+# numpy<2.4: triton 3.6's interpreter takes int() of one-element arrays, which 2.4 refuses
+# (the host never interprets, so its numpy does not matter there).
+HOST_VENV   := .venv-host-triton
+HOST_PY     := $(HOST_VENV)/bin/python
+HOST_TRITON := triton==3.6.0 numpy<2.4
+
+.PHONY: install test test-host-triton codegen-host-triton bench demo clean-build FORCE
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,8 +44,35 @@ $(STAMP): $(VENV)/.deps-installed setup.py pyproject.toml $(wildcard csrc/*)
 
 install: $(STAMP)
 
+$(HOST_VENV)/.pins: FORCE
+	@mkdir -p $(HOST_VENV) && (echo "$(HOST_TRITON)" | cmp -s - $@ || echo "$(HOST_TRITON)" > $@)
+
+$(HOST_VENV)/.installed: $(HOST_VENV)/.pins $(VENV)/.deps-installed
+	rm -rf $(HOST_VENV)/bin $(HOST_VENV)/lib && python3 -m venv --without-pip $(HOST_VENV)
+	site=$$($(HOST_PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && \
+	base=$$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && \
+	echo "import site; site.addsitedir('$$base')" > $$site/zz_base_venv.pth && \
+	$(PIP) install -q --no-deps --target $$site $(foreach pin,$(HOST_TRITON),'$(pin)')
+	$(HOST_PY) -c "import triton, torch, occam_kernels; print('host triton', triton.__version__, 'over torch', torch.__version__)"
+	touch $@
+
 test: install
 	$(PY) -m pytest --benchmark-disable
+	$(MAKE) --no-print-directory test-host-triton
+
+# Every Triton-marked test under the host's Triton (interpreter), then every kernel compiled
+# for sm_90 by it: an API or compiler difference fails here, not in a GPU window. Its known
+# spills are reported, not fatal (bench/NOTES.md; the spill-free rule holds for CI's Triton).
+test-host-triton: install $(HOST_VENV)/.installed
+	$(HOST_PY) -m pytest --benchmark-disable -q -p no:cacheprovider -m triton tests \
+	  -W "ignore:Conversion of an array with ndim:DeprecationWarning"
+	$(HOST_PY) bench/codegen.py --quick --spills-ok --json $(HOST_VENV)/codegen.json \
+	  > $(HOST_VENV)/codegen.log
+
+# bench/CODEGEN_host_triton.md: the full report of bench/codegen.py (as bench/CODEGEN.md) with
+# the host's Triton, for reading the GPU windows' numbers (they were compiled by it).
+codegen-host-triton: install $(HOST_VENV)/.installed
+	$(HOST_PY) bench/codegen.py --spills-ok --out bench/CODEGEN_host_triton.md > /dev/null
 
 # The main job: Biased MNIST, the ResNet baseline and OccamResNet-18 side by side (a quick
 # preset on CPU, a larger one on GPU); pictures land in runs/demo and docs/.
