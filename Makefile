@@ -1,7 +1,8 @@
 SHELL := /bin/bash
 # `make test`: set up .venv (pinned torch, triton, test tools, this package) and run pytest.
-# `make test-host-triton` (part of `make test`): the Triton tests and the sm_90 compile again
-#   with the GPU host's Triton. `make demo`: the main job (see README). Everything installs itself: CI starts from a clone.
+# `make test-host-triton` (run by `make test`): the Triton tests and the sm_90 compile again with
+# the GPU host's Triton. `make demo`: the main job (see README). Everything installs itself:
+# CI starts from a clone.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PIP       := $(PY) -m pip
@@ -61,7 +62,7 @@ test: install
 	$(MAKE) --no-print-directory test-host-triton
 
 # Every Triton-marked test under the host's Triton (interpreter), then every kernel compiled
-# for sm_90 by it: an API or compiler difference fails here, not in a GPU window. Its known
+# for sm_90 by it at the codegen test's shapes (--quick): an API or compiler difference fails here, not in a GPU window. Its known
 # spills are reported, not fatal (bench/NOTES.md; the spill-free rule holds for CI's Triton).
 test-host-triton: install $(HOST_VENV)/.installed
 	$(HOST_PY) -m pytest --benchmark-disable -q -p no:cacheprovider -m triton tests \
