@@ -141,7 +141,7 @@ class DeviceTimeRecord:
 # Timing methods. Each works on CPU (the smoke run) where it can, with the host clock.
 
 
-def _median_wall_us(step: Callable[[], None], calls: int, device: torch.device) -> float:
+def _median_wall_us(step: Callable[[], None], calls: int) -> float:
     times = []
     for _ in range(calls):
         started = time.perf_counter()
@@ -251,7 +251,7 @@ def measure(step: Callable[[], None], timing: Timing, settings: Settings, device
                 pass
 
     def wall():
-        timing.wall_us = _median_wall_us(step, calls, device)
+        timing.wall_us = _median_wall_us(step, calls)
 
     def stream():
         timing.stream_us, timing.host_us = _stream_us(step, calls, device)
@@ -282,11 +282,14 @@ def measure(step: Callable[[], None], timing: Timing, settings: Settings, device
 # Cases
 
 
+def _exit_head_case_inputs(case: Case, smoke: bool, device: torch.device):
+    """(h, weight, bias, labels, upstream) of an exit-head or backward case."""
+    return exit_head_inputs(2 if smoke else EXIT_HEAD_BATCH, shrink(case.shape, smoke), CLASSES,
+                            DTYPES[case.dtype], case.layout, device, seed=7)
+
+
 def _exit_head_step(case: Case, smoke: bool, device: torch.device):
-    batch = 2 if smoke else EXIT_HEAD_BATCH
-    h, weight, bias, labels, upstream = exit_head_inputs(
-        batch, shrink(case.shape, smoke), CLASSES, DTYPES[case.dtype], case.layout, device,
-        seed=7)
+    h, weight, bias, labels, upstream = _exit_head_case_inputs(case, smoke, device)
     step = exit_head_step(exit_head_implementation(case.impl, smoke), h, weight, bias, labels,
                           upstream)
     # DESIGN.md section 3: h read twice forward, once backward, dh written once.
@@ -295,10 +298,7 @@ def _exit_head_step(case: Case, smoke: bool, device: torch.device):
 
 def _backward_step(case: Case, smoke: bool, device: torch.device):
     from occam_kernels.triton.exit_head import exit_head_backward, exit_head_forward
-    batch = 2 if smoke else EXIT_HEAD_BATCH
-    h, weight, bias, labels, upstream = exit_head_inputs(
-        batch, shrink(case.shape, smoke), CLASSES, DTYPES[case.dtype], case.layout, device,
-        seed=7)
+    h, weight, bias, labels, upstream = _exit_head_case_inputs(case, smoke, device)
     logits, pooled, _ = exit_head_forward(h, weight, bias, labels)
     one_pass = BACKWARD_VARIANTS[case.impl]
 
@@ -441,9 +441,9 @@ def baselines(settings: Settings, device: torch.device) -> Baselines:
     calls = settings.calls * 4
     if device.type == "cuda":
         _profiled(lambda: None, 1, device)  # the first session sets the profiler up: not counted
-        result.empty_sync_us = _median_wall_us(lambda: None, calls, device)
+        result.empty_sync_us = _median_wall_us(lambda: None, calls)
         tiny = torch.zeros(1, device=device)
-        result.tiny_kernel_sync_us = _median_wall_us(lambda: tiny.add_(1), calls, device)
+        result.tiny_kernel_sync_us = _median_wall_us(lambda: tiny.add_(1), calls)
         result.profiler_syncs_for_nothing = _profiled(lambda: None, 1, device)[
             "host_syncs_profiler"]
         probe = torch.ones(8, device=device)

@@ -29,8 +29,7 @@ from typing import Dict, List
 import torch
 
 from benchutils import (DTYPES, EXIT_SHAPES, ONE_PASS_SHAPES, STAGE_SHAPES,
-                        exit_head_implementation,
-                        exit_head_inputs, exit_head_step, shrink)
+                        exit_head_implementation, exit_head_inputs, exit_head_step, shrink)
 
 # Largest error over the largest reference value, per dtype: fp32 accumulates in fp32 with
 # ieee dots; bf16/fp16 outputs are rounded to 8/11 mantissa bits (2^-8, 2^-11) after fp32 sums.
@@ -577,12 +576,13 @@ def _device_time_lines(record) -> List[str]:
     if not record:
         return []
     lines = [f"device time: {baselines_line(record['baselines'])}"]
-    table = device_time_index(record).get(("exit_head", "bf16", "channels_last"), {})
+    index = device_time_index(record)
+    table = index.get(("exit_head", "bf16", "channels_last"), {})
     for shape, impls in table.items():
         parts = [f"{impl} {fmt_us(t.get('graph_us'))}/{fmt_us(t.get('stream_us'))}"
                  for impl, t in impls.items()]
         lines.append(f"  exit head {shape} bf16 graph/stream us: " + ", ".join(parts))
-    for (part, dtype, _), backward in device_time_index(record).items():
+    for (part, dtype, _), backward in index.items():
         if part == "backward":  # the one-pass candidate against the two kernels
             lines += [f"  backward {shape} {dtype} graph/stream us: " + ", ".join(
                 f"{name.replace('_', ' ')} {fmt_us(impls.get(name, {}).get('graph_us'))}/"

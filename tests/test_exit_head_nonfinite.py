@@ -25,6 +25,8 @@ pytestmark = [
 ]
 
 NAN, INF = math.nan, math.inf
+TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5),
+              torch.bfloat16: (5e-2, 5e-2)}
 
 
 @pytest.fixture(autouse=True, params=["two_kernels", "one_pass"])
@@ -50,8 +52,6 @@ def test_the_one_pass_form_reaches_the_op(backward_form, request, device):
     h, weight, bias, labels = make_inputs(3, 4, 2, 3, 5, device)
     compare(h, weight, bias, labels)
     assert backward_form == ([True] if "one_pass" in request.node.callspec.id else [])
-TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5),
-              torch.bfloat16: (5e-2, 5e-2)}
 
 
 def make_inputs(batch, channels, height, width, num_classes, device, dtype=torch.float32,
