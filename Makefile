@@ -21,15 +21,19 @@ HOST_VENV   := .venv-host-triton
 HOST_PY     := $(HOST_VENV)/bin/python
 HOST_TRITON := triton==3.6.0 numpy<2.4
 
+# $(call write_if_changed,TEXT,FILE): FILE holds TEXT, rewritten only when it differs, so a
+# rule that depends on FILE reruns when the text changes and not on any other edit here.
+write_if_changed = echo "$(1)" | cmp -s - $(2) || echo "$(1)" > $(2)
+
 .PHONY: install test test-host-triton codegen-host-triton bench demo clean-build FORCE
 
 $(PY):
 	python3 -m venv $(VENV)
 
-# The package list as text, rewritten only when it changes: an edit elsewhere in this file
-# neither reinstalls the packages nor rebuilds the extension.
+# The package list: an edit elsewhere in this file neither reinstalls the packages nor
+# rebuilds the extension.
 $(VENV)/.deps-list: FORCE | $(PY)
-	@echo "$(TORCH_PINS) $(DEPS)" | cmp -s - $@ || echo "$(TORCH_PINS) $(DEPS)" > $@
+	@$(call write_if_changed,$(TORCH_PINS) $(DEPS),$@)
 
 # Reinstalled when the list above changes; pip skips what is already there.
 $(VENV)/.deps-installed: $(VENV)/.deps-list
@@ -46,9 +50,11 @@ $(STAMP): $(VENV)/.deps-installed setup.py pyproject.toml $(wildcard csrc/*)
 install: $(STAMP)
 
 $(HOST_VENV)/.pins: FORCE
-	@mkdir -p $(HOST_VENV) && (echo "$(HOST_TRITON)" | cmp -s - $@ || echo "$(HOST_TRITON)" > $@)
+	@mkdir -p $(HOST_VENV) && $(call write_if_changed,$(HOST_TRITON),$@)
 
-$(HOST_VENV)/.installed: $(HOST_VENV)/.pins $(VENV)/.deps-installed
+# Remade when its pins or .venv's packages change; the package must be installed in .venv
+# (the check below imports it) but rebuilding the extension does not touch this venv.
+$(HOST_VENV)/.installed: $(HOST_VENV)/.pins $(VENV)/.deps-installed | $(STAMP)
 	rm -rf $(HOST_VENV)/bin $(HOST_VENV)/lib && python3 -m venv --without-pip $(HOST_VENV)
 	site=$$($(HOST_PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && \
 	base=$$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && \
