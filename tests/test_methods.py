@@ -2,7 +2,6 @@
 their composition with OccamLoss; the ablations; the bias groups they read."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -21,7 +21,7 @@ from occamnets.checkpoints import read_checkpoint
 from occamnets.cli import main
 from occamnets.config import RunConfig
 from occamnets.data import biased_mnist
-from occamnets.evaluate import classify, load_model
+from occamnets.evaluate import classify
 from occamnets.models import occam_resnet18
 from occamnets.train import Trainer
 
@@ -563,7 +563,6 @@ def test_resume_cannot_undo_epochs_or_change_the_process_count(trained, tmp_path
 def test_one_training_process_per_run_directory(tmp_path):
     import subprocess
     import sys
-    import time
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time\n"
          f"h = open({str(tmp_path / '.lock')!r}, 'a'); fcntl.lockf(h, fcntl.LOCK_EX)\n"
