@@ -2,12 +2,30 @@
 the loader, cache, check and CLI tests. Each image is a flat colour per class with a
 per-image patch, so that classes are learnable and images differ."""
 import csv
+import gzip
 import os
 
 import numpy as np
 from PIL import Image
 
 from occamnets.data import bar, celeba, coco_on_places
+
+
+def idx_bytes(array, type_code=0x08) -> bytes:
+    """`array` in MNIST's IDX format: a 4-byte magic (element type, dimensions), big-endian
+    sizes, then the elements as `array` holds them."""
+    header = bytes([0, 0, type_code, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.tobytes()
+
+
+def write_mnist(directory, images, labels, compress=False, split_prefix="train"):
+    """One MNIST split's image and label files (LeCun's names; "t10k" for the test split)."""
+    suffix = ".gz" if compress else ""
+    for name, array in ((f"{split_prefix}-images-idx3-ubyte", images),
+                        (f"{split_prefix}-labels-idx1-ubyte", labels)):
+        data = idx_bytes(np.asarray(array, dtype=np.uint8))
+        (directory / (name + suffix)).write_bytes(gzip.compress(data) if compress else data)
 
 
 def _image(label: int, item: int, height: int, width: int) -> np.ndarray:

@@ -1,6 +1,5 @@
 """Biased MNIST (DESIGN.md section 7): factor statistics, the unbiased test set, determinism,
 the cache, the digit sources and the errors."""
-import gzip
 import os
 
 import numpy as np
@@ -11,6 +10,8 @@ from scipy.stats import chisquare
 from occamnets.data import biased_mnist as bm
 from occamnets.data.loaders import DeviceSplit, read_image_files
 from occamnets.data.mnist_sources import load_digits, load_mnist_idx, read_idx
+
+from dataset_fixtures import write_mnist
 
 SMALL = dict(cell_size=6, train_size=300, val_size=50, test_size=200)
 
@@ -131,24 +132,14 @@ def test_cache_loads_some_splits_and_never_replaces_another_dataset_unasked(tmp_
     assert bm.read_cached_config(str(tmp_path / "nowhere")) is None
 
 
-def write_idx(path, array, compress):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    with (gzip.open if compress else open)(path, "wb") as handle:
-        handle.write(data)
-
-
 @pytest.mark.parametrize("compress", [False, True])
 def test_mnist_idx_directory(tmp_path, compress):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     images = np.random.default_rng(0).integers(0, 255, (12, 28, 28))
     labels = np.arange(12) % 10
-    suffix = ".gz" if compress else ""
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte{suffix}", images, compress)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress)
+    for prefix in ("train", "t10k"):
+        write_mnist(raw, images, labels, compress, prefix)
     got_images, got_labels = load_mnist_idx(str(tmp_path), "train")
     assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
     splits = bm.generate(bm.BiasedMNISTConfig(cell_size=5, train_size=8, val_size=2, test_size=6,

@@ -7,19 +7,7 @@ import pytest
 
 from occamnets.data.mnist_sources import load_emnist_letters, load_mnist_idx, read_idx
 
-
-def idx_bytes(array, type_code=0x08):
-    header = bytes([0, 0, type_code, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape)
-    return header + array.tobytes()
-
-
-def write_mnist(directory, images, labels, compress=False, split_prefix="train"):
-    suffix = ".gz" if compress else ""
-    for name, array in ((f"{split_prefix}-images-idx3-ubyte", images),
-                        (f"{split_prefix}-labels-idx1-ubyte", labels)):
-        data = idx_bytes(np.asarray(array, dtype=np.uint8))
-        (directory / (name + suffix)).write_bytes(gzip.compress(data) if compress else data)
+from dataset_fixtures import idx_bytes, write_mnist
 
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (12, 28, 28)).astype(np.uint8)

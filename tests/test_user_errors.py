@@ -5,7 +5,6 @@ behind; a checkpoint cannot run code; interruptions lose nothing.
 Each case here failed before the reliability work (issue 13): it printed a traceback, or
 worse, exited 0 having done something other than asked.
 """
-import gzip
 import json
 import os
 import pickle
@@ -25,6 +24,7 @@ from occamnets.evaluate import classify
 from occamnets.models import occam_resnet18
 from occamnets.train import Trainer
 
+from dataset_fixtures import write_mnist
 from test_train import config as trainer_config, synthetic_splits
 
 TINY_DATA = ["--cell-size", "6", "--train-size", "64", "--val-size", "10", "--test-size", "20"]
@@ -215,19 +215,12 @@ def test_checkpoints_hold_only_plain_data(trained):
 
 # -- data sources -----------------------------------------------------------------------------
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
 def _mnist_dir(root, labels_high=10):
     root.mkdir()
     rng = np.random.default_rng(0)
     for prefix, count in (("train", 100), ("t10k", 30)):
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (count, 28, 28)))
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % labels_high)
+        write_mnist(root, rng.integers(0, 255, (count, 28, 28)), np.arange(count) % labels_high,
+                    compress=True, split_prefix=prefix)
     return root
 
 
