@@ -68,8 +68,9 @@ test: install
 	$(MAKE) --no-print-directory test-host-triton
 
 # Every Triton-marked test under the host's Triton (interpreter), then every kernel compiled
-# for sm_90 by it at the codegen test's shapes (--quick): an API or compiler difference fails here, not in a GPU window. Its known
-# spills are reported, not fatal (bench/NOTES.md; the spill-free rule holds for CI's Triton).
+# for sm_90 by it at the codegen test's shapes (--quick): an API or compiler difference fails
+# here, not in a GPU window. Its known spills are reported, not fatal (bench/NOTES.md; the
+# spill-free rule holds for CI's Triton).
 test-host-triton: install $(HOST_VENV)/.installed
 	$(HOST_PY) -m pytest --benchmark-disable -q -p no:cacheprovider -m triton tests \
 	  -W "ignore:Conversion of an array with ndim:DeprecationWarning"

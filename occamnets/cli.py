@@ -150,7 +150,7 @@ def _run_data_check(args) -> int:
 def _run_data_mnist(args) -> int:
     from .data.mnist_download import fetch_mnist
     fetched = fetch_mnist(args.out, tarball=args.tarball)
-    how = ("already there" if fetched.source == "present" else f"from {fetched.source}")
+    how = "already there" if fetched.source == "present" else f"from {fetched.source}"
     print(f"MNIST (60,000 training and 10,000 test digits, SHA-256 checked) in {fetched.directory}"
           f", {how}; use it with --mnist-dir {fetched.directory}")
     return 0
