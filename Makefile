@@ -14,18 +14,28 @@ STAMP     := $(VENV)/.occam-installed
 
 # The GPU host's Triton (3.6; DEVELOPERS.md "The GPU"), layered over .venv: only triton and a
 # numpy its interpreter runs with are installed here, everything else (torch, this package)
-# comes from .venv through a .pth file. The host's torch (2.11) is not on this machine's index.
+# comes from .venv through a .pth file: cheap enough for every `make test`.
 # numpy<2.4: triton 3.6's interpreter takes int() of one-element arrays, which 2.4 refuses
 # (the host never interprets, so its numpy does not matter there).
 HOST_VENV   := .venv-host-triton
 HOST_PY     := $(HOST_VENV)/bin/python
 HOST_TRITON := triton==3.6.0 numpy<2.4
 
+# The GPU host's whole stack (torch 2.11.0+cu130, torchvision 0.26, triton 3.6), for
+# `make test-host-stack` before a GPU window: a venv of its own (5 GB), the extension built
+# against its torch in a copy of the tree (an in-tree build would replace .venv's), the whole
+# suite run in that copy. Not in `make test`: it took 8 minutes here, and CI has 20 (NOTES.md).
+# wheel: the editable build needs it, and this venv's setuptools does not bring it.
+STACK_VENV := .venv-host-stack
+STACK_PY   := $(STACK_VENV)/bin/python
+STACK_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 numpy<2.4 wheel
+STACK_TREE := $(STACK_VENV)/tree
+
 # $(call write_if_changed,TEXT,FILE): FILE holds TEXT, rewritten only when it differs, so a
 # rule that depends on FILE reruns when the text changes and not on any other edit here.
 write_if_changed = echo "$(1)" | cmp -s - $(2) || echo "$(1)" > $(2)
 
-.PHONY: install test test-host-triton codegen-host-triton bench demo clean-build FORCE
+.PHONY: install test test-host-triton codegen-host-triton test-host-stack bench demo clean-build FORCE
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -81,6 +91,44 @@ test-host-triton: install $(HOST_VENV)/.installed
 # the host's Triton, for reading the GPU windows' numbers (they were compiled by it).
 codegen-host-triton: install $(HOST_VENV)/.installed
 	$(HOST_PY) bench/codegen.py --spills-ok --out bench/CODEGEN_host_triton.md > /dev/null
+
+$(STACK_VENV)/.pins: FORCE
+	@mkdir -p $(STACK_VENV) && $(call write_if_changed,$(STACK_PINS) $(DEPS),$@)
+
+$(STACK_VENV)/.installed: $(STACK_VENV)/.pins
+	test -x $(STACK_PY) || python3 -m venv $(STACK_VENV)
+	$(STACK_PY) -m pip install -q $(foreach pin,$(STACK_PINS) $(DEPS),'$(pin)')
+	touch $@
+
+# The extension for the host's torch: built once per source change, kept beside the venv.
+$(STACK_VENV)/ext/.built: $(STACK_VENV)/.installed setup.py pyproject.toml $(wildcard csrc/*)
+	$(call copy_tree,$(STACK_VENV)/build-tree)
+	cd $(STACK_VENV)/build-tree && CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} \
+	  $(CURDIR)/$(STACK_PY) setup.py -q build_ext --inplace > ../build.log 2>&1 \
+	  || { tail -30 ../build.log; exit 1; }
+	rm -rf $(STACK_VENV)/ext && mkdir -p $(STACK_VENV)/ext
+	cp $(STACK_VENV)/build-tree/occam_kernels/_C*.so $(STACK_VENV)/ext/
+	touch $@
+
+# $(call copy_tree,DIR): DIR holds the files git tracks (as they are now) and the untracked ones
+# it does not ignore; nothing else.
+copy_tree = rm -rf $(1) && mkdir -p $(1) && git ls-files -z -co --exclude-standard \
+	| tar --null --ignore-failed-read -T - -cf - 2> /dev/null | tar -xf - -C $(1)
+
+# The whole suite under the host's stack, in a fresh copy of the tree with that extension;
+# PYTHONPATH stands in for an editable install (the scripts the tests start import the
+# package). The one test left out: the spill-free rule is CI's Triton's; 3.6's known spills
+# are reported by `make test-host-triton`. With .official (bench/NOTES.md) the peer runs too.
+test-host-stack: $(STACK_VENV)/ext/.built
+	$(call copy_tree,$(STACK_TREE))
+	cp $(STACK_VENV)/ext/_C*.so $(STACK_TREE)/occam_kernels/
+	cd $(STACK_TREE) && PYTHONPATH=$$PWD $(CURDIR)/$(STACK_PY) -c \
+	  "import json, occam_kernels; print(json.dumps(occam_kernels.build_info()))"
+	@echo "test-host-stack: leaving out test_no_kernel_spills_at_a_design_shape (triton 3.6 spills 4 bytes, bench/NOTES.md)"
+	cd $(STACK_TREE) && $(if $(wildcard .official),OCCAM_OFFICIAL=$(CURDIR)/.official) \
+	  PYTHONPATH=$$PWD $(CURDIR)/$(STACK_PY) -m pytest --benchmark-disable -q -p no:cacheprovider \
+	  --deselect tests/test_codegen.py::test_no_kernel_spills_at_a_design_shape \
+	  -W "ignore:Conversion of an array with ndim:DeprecationWarning"
 
 # The main job: Biased MNIST, the ResNet baseline and OccamResNet-18 side by side (a quick
 # preset on CPU, a larger one on GPU); pictures land in runs/demo and docs/.
