@@ -397,6 +397,7 @@ def _run_train(args) -> int:
         print(("resuming " if args.resume else "training ") + config.summary(), flush=True)
     trainer = Trainer(config, resume=checkpoint if args.resume else None)
     report = trainer.run()
+    trainer.close()
     if report is None:
         return 128 + trainer.stop_signal if trainer.interrupted else 0
     if first_process:

@@ -397,7 +397,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (NCCL), or gloo on CPU.
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.world > 1 and not dist.is_initialized():
+        self.owns_process_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_process_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank = dist.get_rank() if self.world > 1 else 0
         if self.world > 1 and self.device.type == "cuda":
@@ -784,6 +785,15 @@ class Trainer:
         if self.epoch < self.config.epochs:
             return None
         return self.report()
+
+    def close(self) -> None:
+        """End the process group this trainer started, once every process is done with it
+        (after run(); never after an error, where a process still waiting would hang). Left to
+        interpreter exit, gloo's threads can abort a finished process (SIGABRT, "terminate
+        called without an active exception": pytorch/pytorch#190489)."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_process_group = False
 
     def report(self) -> RunReport:
         """Evaluate the weights as they are and write the report (a run stopped before its

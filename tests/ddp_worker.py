@@ -17,6 +17,7 @@ def main(out_dir, method):
     trainer = Trainer(config(out_dir, max_steps=5, batch_size=4, method=method, gdro_eta=0.5,
                              pgi_weight=1e4), synthetic_splits(n=48))
     trainer.train()
+    trainer.close()
     seen = []
     for epoch in range(trainer.epoch + 1):
         order = epoch_order(48, trainer.config.seed, epoch, "cpu")

@@ -57,6 +57,21 @@ def test_torchrun_through_the_command_line_exits_0_with_one_report(tmp_path):
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]
 
 
+def test_a_torchrun_training_ends_the_process_group_it_started(tmp_path):
+    """Left to interpreter exit, gloo's threads could abort a finished process (SIGABRT, seen
+    once under torch 2.11); `occamnets train` ends the group itself, in every process."""
+    program = ("import sys, torch.distributed as dist; from occamnets.cli import main; "
+               "code = main(sys.argv[1:]); print('group still up:', dist.is_initialized()); "
+               "sys.exit(code)")
+    result = torchrun("--no-python", sys.executable, "-c", program, "train", "--preset", "quick",
+                      "--epochs", "1", "--width", "4", "--batch-size", "16", "--train-size", "64",
+                      "--val-size", "8", "--test-size", "8", "--no-progress",
+                      "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("group still up: False") == 2, result.stdout[-3000:]
+
+
 def test_group_dro_under_two_processes_is_the_whole_batch_robust_loss():
     """A group on one process only must weigh as it would for one process with the whole
     batch (not 1 / processes of it): loss, per-sample gradients and group weights agree."""
