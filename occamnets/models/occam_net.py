@@ -97,9 +97,9 @@ class OccamNet(nn.Module):
 
         With compaction each later stage runs only on the samples still active:
         `occam_kernels.compact` gathers them after every exit (one host read of the count per
-        exit, which the next stage needs to launch anyway). compaction=False runs every exit
-        on every sample and selects afterwards: the same result, the check and the speed
-        baseline.
+        exit, which the next stage needs to launch anyway; nothing else is read on the host).
+        compaction=False runs every exit on every sample and selects afterwards, with no host
+        read at all: the same result, the check and the speed baseline.
         """
         if self.training:
             raise RuntimeError("early_exit needs the model in eval mode (BatchNorm must use its "
@@ -146,8 +146,10 @@ class OccamNet(nn.Module):
             exit_out[index] = torch.where(done, torch.full_like(index, t), exit_out[index])
             features, index = occam_kernels.compact(features, ~done, index,
                                                     backend=compaction_backend)
-        return EarlyExitOutput(logits_out, exit_out,
-                               torch.bincount(exit_out, minlength=self.num_exits), nonfinite_out)
+        # Counted by comparison, not torch.bincount: on CUDA bincount reads its input's min and
+        # max on the host, two syncs per call where compaction's counts should be the only ones.
+        counts = (exit_out[:, None] == torch.arange(self.num_exits, device=x.device)).sum(0)
+        return EarlyExitOutput(logits_out, exit_out, counts, nonfinite_out)
 
     @classmethod
     def from_torchvision(cls, model: nn.Module, num_classes: int, num_stages: int = 4,
