@@ -1,16 +1,15 @@
 """End to end: an OccamResNet-18 training step (fused against reference exit heads, fp32 and
 bf16 autocast) and early-exit inference (compaction against every exit on every sample) at
-forced exit distributions. Images per second = batch / mean time (bench/report.py)."""
+forced exit distributions, each with its FLOPs (bench/inference_ceiling.py). Images per second =
+batch / mean time (bench/report.py)."""
 import json
 import os
 
 import pytest
 
-from benchutils import (BATCH, BENCH_DIR, SIZE, WIDTH, occam_inference_step, occam_training_step,
-                        run_case, trained_distribution)
-
-DISTRIBUTIONS = {"all_E1": (1.0, 0.0, 0.0), "50_30_20": (0.5, 0.3, 0.2),
-                 "none_early": (0.0, 0.0, 1.0), "trained": None}
+from benchutils import (BATCH, BENCH_DIR, DISTRIBUTIONS, SIZE, WIDTH, distribution_shares,
+                        inference_work, occam_inference_step, occam_training_step, run_case)
+from inference_ceiling import early_exit_work
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -26,13 +25,14 @@ def test_training_step(benchmark, backend, precision):
 @pytest.mark.parametrize("distribution", list(DISTRIBUTIONS))
 @pytest.mark.parametrize("compaction", [True, False], ids=["compaction", "full_depth"])
 def test_inference(benchmark, compaction, distribution):
-    shares, source = DISTRIBUTIONS[distribution], "forced"
-    if shares is None:
-        shares, source = trained_distribution()
+    shares, source = distribution_shares(distribution)
     step, counts = occam_inference_step(compaction, shares)
+    work = inference_work()
     benchmark.group = f"inference {distribution}"
     run_case(benchmark, step, {"impl": "compaction" if compaction else "full_depth",
                                "images": BATCH, "exit_counts": counts,
+                               "flops": early_exit_work(work, BATCH, counts) if compaction
+                               else BATCH * work.full_depth,
                                "target_shares": list(shares),
                                "distribution_source": os.path.relpath(source, BENCH_DIR)
                                if source != "forced" else source,

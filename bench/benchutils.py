@@ -7,7 +7,7 @@ suites cannot rot; run them with --benchmark-disable there.
 import contextlib
 import json
 import os
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 
@@ -268,19 +268,54 @@ def occam_training_step(backend: str, precision: str):
     return step
 
 
-def occam_inference_step(compaction: bool, shares):
-    """One synchronised early-exit inference of our OccamResNet-18 (random weights) on a batch,
-    its gates forced so the inference exits take `shares` of it; with or without compaction.
-    Returns the step and the exit counts."""
+# Exit distributions of the inference benchmarks: shares of the batch per inference exit
+# (E1, E2, E3); "trained" is read by trained_distribution().
+DISTRIBUTIONS = {"all_E1": (1.0, 0.0, 0.0), "50_30_20": (0.5, 0.3, 0.2),
+                 "none_early": (0.0, 0.0, 1.0), "trained": None}
+
+
+def distribution_shares(name: str):
+    """(shares, source) of a named distribution: source "forced", or the trained report's path."""
+    if DISTRIBUTIONS[name] is None:
+        return trained_distribution()
+    return DISTRIBUTIONS[name], "forced"
+
+
+def inference_model():
+    """The inference benchmarks' OccamResNet-18 (random weights, seed 0), in eval mode, and
+    its batch of images."""
     from occamnets.models import occam_resnet18
     torch.manual_seed(0)
     model = occam_resnet18(NUM_CLASSES, width=WIDTH, stem=STEM).to(device()).eval()
-    x, _ = images_and_labels()
+    return model, images_and_labels()[0]
+
+
+@lru_cache(maxsize=None)
+def inference_work():
+    """FLOPs per sample of each inference segment of inference_model()'s architecture
+    (inference_ceiling.SegmentWork), counted on a CPU twin with the reference heads."""
+    from inference_ceiling import segment_work
+    from occamnets.models import occam_resnet18
+    twin = occam_resnet18(NUM_CLASSES, width=WIDTH, stem=STEM, backend="reference").eval()
+    return segment_work(twin, SIZE)
+
+
+def occam_inference_call(compaction: bool, shares):
+    """One early-exit inference of inference_model() on its batch, its gates forced so the
+    inference exits take `shares` of it; with or without compaction; not synchronised.
+    Returns the call and the exit counts."""
+    model, x = inference_model()
     force_exit_distribution(model, x, shares)
     counts = model.early_exit(x).exit_counts.tolist()
+    return partial(model.early_exit, x, compaction=compaction), counts
+
+
+def occam_inference_step(compaction: bool, shares):
+    """occam_inference_call, synchronised (what pytest-benchmark times): (step, exit counts)."""
+    call, counts = occam_inference_call(compaction, shares)
 
     def step():
-        model.early_exit(x, compaction=compaction)
+        call()
         synchronize()
 
     return step, counts
@@ -312,18 +347,20 @@ def gate_scores(model, x):
 @torch.no_grad()
 def force_exit_distribution(model, x, shares):
     """Replace the gates of the inference exits before the last (E1..E(last-1) by default) so
-    that the i-th of them takes round(shares[i] * B) of x.
+    that the i-th of them takes about shares[i] * B of x (inference_ceiling.counts_from_shares
+    gives the exact counts).
 
     Each threshold lies halfway between the scores of the last sample taken and the first one
     left, so no sample sits near a threshold: a compacted batch, whose features may differ
     from the full batch's in the last bits, makes the same decisions. Returns the full-depth
     scores, which near_a_threshold reads."""
+    from inference_ceiling import counts_from_shares
     scores = gate_scores(model, x)
     remaining = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    left = 1.0
-    for t, share in enumerate(shares[:-1], start=model.first_inference_exit):
+    counts = counts_from_shares(x.shape[0], shares, model.first_inference_exit, model.num_exits)
+    for t in range(model.first_inference_exit, model.num_exits - 1):
         candidates = scores[t][remaining].sort(descending=True).values
-        count = int(round(min(1.0, share / left) * len(candidates))) if left > 0 else 0
+        count = counts[t]
         if count == 0:
             threshold = float("inf")
         elif count == len(candidates):
@@ -332,7 +369,6 @@ def force_exit_distribution(model, x, shares):
             threshold = ((candidates[count - 1] + candidates[count]) / 2).item()
         model.exits[t].gate = ForcedGate(threshold)
         remaining &= scores[t] < threshold
-        left -= share
     return scores
 
 

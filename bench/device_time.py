@@ -1,7 +1,7 @@
 """Device time of the exit head and the compaction, beside the wall time per call.
 
     python bench/device_time.py --out OUT [--smoke] [--jobs N]
-                                [--parts exit_head,compact,backward]
+                                [--parts exit_head,compact,backward,inference]
 
 Window 1 (H200, bench/NOTES.md) timed every exit-head implementation at 1.6 to 3.0 ms per
 synchronised call, at sizes 20 times apart, against 0.36 ms of kernels: the wall clock
@@ -32,6 +32,16 @@ where the one-pass candidate can run (C = 58 at K = 10): the two kernels it uses
 against `one_pass=True`, one read of h instead of two. Its floor is 2 x bytes(h) (h read once,
 dh written once).
 
+The inference part times what decides issue 16's early-exit target, in fp32 as the end-to-end
+benchmark runs it (bench/bench_end_to_end.py, its model and forced exit distributions): the
+whole early_exit call with and without compaction per distribution (a graph for full depth
+only: compaction reads its counts on the host), and each inference segment (the stem and the
+stages before the first inference exit; then stage t with exit t) alone, at the full batch
+and at every batch size compaction leaves it at those distributions. Each records its FLOPs
+(bench/inference_ceiling.py), so bench/report.py can set the measured speed-up beside two
+ceilings: FLOPs, and the segments' device times summed as compaction would run them (no
+compaction, no host).
+
 OUT/device_time.json is rewritten after every case (a timeout keeps what finished);
 bench/report.py renders it. --smoke: CPU, tiny shapes, Triton interpreted (`make test`);
 its times say that the code runs, nothing about speed.
@@ -45,17 +55,24 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from benchutils import (COMPACT_IMPLEMENTATIONS, DTYPES, EXIT_SHAPES, ONE_PASS_SHAPES,
-                        STAGE_SHAPES, count_host_syncs, environment, exit_head_implementation,
-                        exit_head_inputs, exit_head_step, shrink, synchronize)
+from benchutils import (BATCH, COMPACT_IMPLEMENTATIONS, DISTRIBUTIONS, DTYPES, EXIT_SHAPES,
+                        NUM_CLASSES, ON_GPU, ONE_PASS_SHAPES, SIZE, STAGE_SHAPES, STEM, WIDTH,
+                        count_host_syncs, distribution_shares, environment,
+                        exit_head_implementation, exit_head_inputs, exit_head_step,
+                        inference_model, inference_work, occam_inference_call, shrink,
+                        synchronize)
+from benchutils import device as benchutils_device  # device_time's own `device` is an argument
+from inference_ceiling import active_counts, counts_from_shares, early_exit_work
 
 EXIT_HEAD_BATCH, CLASSES, COMPACT_BATCH, KEEP_RATIO = 128, 10, 256, 0.5
-PARTS = ("exit_head", "compact", "backward")
+PARTS = ("exit_head", "compact", "backward", "inference")
+# The inference benchmarks' images: channels_last on a GPU (benchutils.images_and_labels).
+INFERENCE_LAYOUT = "channels_last" if ON_GPU else "contiguous"
 # The backward launcher's two forms: exit_head_backward(..., one_pass=...)
 BACKWARD_VARIANTS = {"two_kernels": False, "one_pass": True}
 # CUDA runtime and driver calls that block the host until the device catches up.
@@ -66,17 +83,23 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Case:
-    part: str                     # "exit_head", "compact" or "backward"
+    part: str                     # "exit_head", "compact", "backward", "inference" or "segment"
     impl: str                     # exit head: fused/eager/compiled; compact: COMPACT_IMPLEMENTATIONS;
-                                  # backward: BACKWARD_VARIANTS
-    shape: Tuple[int, ...]        # (C, H, W) at the section-8 size (the smoke run shrinks it)
+                                  # backward: BACKWARD_VARIANTS; inference: compaction/full_depth;
+                                  # segment: segment_names()
+    shape: Tuple[int, ...]        # (C, H, W) at the section-8 size (the smoke run shrinks it);
+                                  # the images' for inference and segment
     dtype: str
     layout: str = "channels_last"
+    distribution: Optional[str] = None   # inference: a benchutils.DISTRIBUTIONS name
+    batch: Optional[int] = None          # segment: the samples it runs on
 
     @property
     def name(self) -> str:
+        extra = (f" {self.distribution}" if self.distribution else "") + (
+            f" batch {self.batch}" if self.batch is not None else "")
         return (f"{self.part} {'x'.join(map(str, self.shape))} {self.dtype} {self.layout} "
-                f"{self.impl}")
+                f"{self.impl}{extra}")
 
 
 @dataclass
@@ -99,6 +122,9 @@ class Timing:
     host_syncs_profiler: Optional[float] = None
     host_syncs_torch: Optional[int] = None
     peak_bytes: Optional[int] = None
+    flops: Optional[float] = None                 # inference and segment: work per call
+    distribution: Optional[str] = None            # inference: its DISTRIBUTIONS name
+    exit_counts: Optional[List[int]] = None       # inference: per exit, zero below the first
     errors: Dict[str, str] = field(default_factory=dict)
 
 
@@ -135,6 +161,16 @@ class DeviceTimeRecord:
     timings: List[Timing]
     format: int = FORMAT_VERSION
     kind: str = "device_time"
+
+
+@dataclass
+class Built:
+    """A case made ready to time: the call, the shape it reads (batch first), its floor."""
+    step: Callable[[], object]
+    shape: List[int]
+    floor_bytes: int                              # 0 where no floor is defined
+    flops: Optional[float] = None
+    exit_counts: Optional[List[int]] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +329,7 @@ def _exit_head_step(case: Case, smoke: bool, device: torch.device):
     step = exit_head_step(exit_head_implementation(case.impl, smoke), h, weight, bias, labels,
                           upstream)
     # DESIGN.md section 3: h read twice forward, once backward, dh written once.
-    return step, list(h.shape), 4 * h.numel() * h.element_size()
+    return Built(step, list(h.shape), 4 * h.numel() * h.element_size())
 
 
 def _backward_step(case: Case, smoke: bool, device: torch.device):
@@ -306,7 +342,7 @@ def _backward_step(case: Case, smoke: bool, device: torch.device):
         exit_head_backward(h, weight, bias, labels, *upstream, logits=logits, pooled=pooled,
                            one_pass=one_pass)
     # h read once, dh written once
-    return step, list(h.shape), 2 * h.numel() * h.element_size()
+    return Built(step, list(h.shape), 2 * h.numel() * h.element_size())
 
 
 def _compact_step(case: Case, smoke: bool, device: torch.device):
@@ -325,29 +361,112 @@ def _compact_step(case: Case, smoke: bool, device: torch.device):
 
     kept = int(keep.sum())
     # read the kept rows once and write them once
-    return step, list(x.shape), 2 * kept * x[0].numel() * x.element_size()
+    return Built(step, list(x.shape), 2 * kept * x[0].numel() * x.element_size())
+
+
+def segment_names() -> List[str]:
+    """The stem with the stages before the first inference exit, then stage t with exit t."""
+    first = inference_work().first_inference_exit
+    return (["+".join(["stem"] + [f"stage{t}" for t in range(first)])]
+            + [f"stage{t}+E{t}" for t in range(first, first + len(inference_work().exits))])
+
+
+def segment_batches(distributions) -> List[List[int]]:
+    """Per segment, the batch sizes it runs at under compaction at these distributions (and
+    the full batch), largest first."""
+    work = inference_work()
+    sizes = [{BATCH} for _ in segment_names()]
+    for name in distributions:
+        counts = counts_from_shares(BATCH, distribution_shares(name)[0],
+                                    work.first_inference_exit,
+                                    work.first_inference_exit + len(work.exits))
+        for i, active in enumerate(active_counts(BATCH, counts, work.first_inference_exit)):
+            if active:
+                sizes[i + 1].add(active)
+    return [sorted(s, reverse=True) for s in sizes]
+
+
+def _check_inference_device(device: torch.device) -> None:
+    if device.type != benchutils_device().type:
+        raise RuntimeError(f"the inference part runs where bench/benchutils puts its model "
+                           f"({benchutils_device()}), not on {device}")
+
+
+def _inference_step(case: Case, smoke: bool, device: torch.device):
+    _check_inference_device(device)
+    call, counts = occam_inference_call(case.impl == "compaction",
+                                        distribution_shares(case.distribution)[0])
+    work = inference_work()
+    flops = (BATCH * work.full_depth if case.impl == "full_depth"
+             else early_exit_work(work, BATCH, counts))
+    return Built(call, [BATCH, 3, SIZE, SIZE], 0, flops=flops, exit_counts=counts)
+
+
+@lru_cache(maxsize=None)
+def _segment_model():
+    return inference_model()  # one model for every segment case: its gates are not forced
+
+
+@lru_cache(maxsize=None)
+def _segment_inputs(segment: int, batch: int):
+    """The inference model and what segment `segment` reads at `batch` samples."""
+    model, x = _segment_model()
+    first = model.first_inference_exit
+    with torch.no_grad():
+        features = x[:batch]
+        if segment > 0:
+            features = model.stem(features)
+            for t in range(first + segment - 1):
+                features = model.stages[t](features)
+    return model, features
+
+
+def _segment_step(case: Case, smoke: bool, device: torch.device):
+    _check_inference_device(device)
+    segment = segment_names().index(case.impl)
+    model, features = _segment_inputs(segment, case.batch)
+    work = inference_work()
+    first = model.first_inference_exit
+
+    @torch.no_grad()
+    def step():
+        if segment == 0:
+            out = model.stem(features)
+            for t in range(first):
+                out = model.stages[t](out)
+            return out
+        t = first + segment - 1
+        return model.exits[t](model.stages[t](features))
+
+    flops = case.batch * ([work.before] + work.exits)[segment]
+    return Built(step, list(features.shape), 0, flops=flops)
 
 
 def time_case(case: Case, settings: Settings, device: torch.device,
               sync_offset: float) -> Timing:
     started = time.perf_counter()
     build = {"exit_head": _exit_head_step, "compact": _compact_step,
-             "backward": _backward_step}[case.part]
-    step, shape, floor = build(case, settings.smoke, device)
+             "backward": _backward_step, "inference": _inference_step,
+             "segment": _segment_step}[case.part]
+    built = build(case, settings.smoke, device)
     for _ in range(3):  # compiles and autotuning stay out of the timings
-        step()
+        built.step()
     synchronize()
-    timing = Timing(case.part, case.impl, shape, case.dtype, case.layout, floor,
-                    setup_seconds=round(time.perf_counter() - started, 2))
-    # Compaction reads its count on the host (DESIGN.md section 4): no graph can hold it.
-    return measure(step, timing, settings, device, sync_offset,
-                   capturable=case.part != "compact")
+    timing = Timing(case.part, case.impl, built.shape, case.dtype, case.layout,
+                    built.floor_bytes, setup_seconds=round(time.perf_counter() - started, 2),
+                    flops=built.flops, distribution=case.distribution,
+                    exit_counts=built.exit_counts)
+    # Compaction reads its count on the host (DESIGN.md section 4), and so does early_exit
+    # with compaction: no graph can hold them. Full depth reads nothing on the host.
+    syncs = case.part == "compact" or (case.part == "inference" and case.impl == "compaction")
+    return measure(built.step, timing, settings, device, sync_offset, capturable=not syncs)
 
 
-def cases(parts: List[str]) -> List[Case]:
+def cases(parts: List[str],
+          distributions: Tuple[str, ...] = tuple(DISTRIBUTIONS)) -> List[Case]:
     """In the order they matter, so a timeout loses the least: the bf16 exit head (the
-    issue's targets), the compaction, the backward candidate, the fp32 exit head, the fused
-    head contiguous."""
+    issue's targets), the compaction, the backward candidate, early-exit inference, the fp32
+    exit head, the fused head contiguous."""
     chosen: List[Case] = []
     if "exit_head" in parts:
         chosen += [Case("exit_head", impl, shape, "bf16") for shape in EXIT_SHAPES
@@ -358,11 +477,25 @@ def cases(parts: List[str]) -> List[Case]:
     if "backward" in parts:
         chosen += [Case("backward", impl, shape, dtype) for dtype in ("bf16", "fp32")
                    for shape in ONE_PASS_SHAPES for impl in BACKWARD_VARIANTS]
+    if "inference" in parts:
+        chosen += inference_cases(list(distributions))
     if "exit_head" in parts:
         chosen += [Case("exit_head", impl, shape, "fp32") for shape in EXIT_SHAPES
                    for impl in ("fused", "eager", "compiled")]
         chosen += [Case("exit_head", "fused", shape, dtype, "contiguous")
                    for dtype in ("bf16", "fp32") for shape in EXIT_SHAPES]
+    return chosen
+
+
+def inference_cases(distributions: List[str]) -> List[Case]:
+    """The whole early_exit call per distribution, full depth then compaction, then every
+    segment at the batch sizes those distributions give it."""
+    image = (3, SIZE, SIZE)
+    chosen = [Case("inference", impl, image, "fp32", INFERENCE_LAYOUT, distribution=name)
+              for name in distributions for impl in ("full_depth", "compaction")]
+    for name, batches in zip(segment_names(), segment_batches(distributions)):
+        chosen += [Case("segment", name, image, "fp32", INFERENCE_LAYOUT, batch=batch)
+                   for batch in batches]
     return chosen
 
 
@@ -383,8 +516,7 @@ def _compile_one(case: Case, smoke: bool) -> Tuple[str, float, str]:
     try:
         _no_local_autotune()
         device = torch.device("cpu" if smoke else "cuda")
-        step, _, _ = _exit_head_step(case, smoke, device)
-        step()
+        _exit_head_step(case, smoke, device).step()
         synchronize()
         return case.name, time.perf_counter() - started, ""
     except Exception as error:
@@ -473,8 +605,11 @@ def _write(record: DeviceTimeRecord, out: str) -> None:
 def _line(timing: Timing) -> str:
     def us(value):
         return "-" if value is None else f"{value:9.1f}"
-    return (f"{timing.part:<9} {'x'.join(map(str, timing.shape[1:])):<9} {timing.dtype:<4} "
-            f"{timing.layout:<13} {timing.impl:<20} wall {us(timing.wall_us)} stream "
+    # The batch matters where it varies (segments) or is the whole point (inference).
+    shape = timing.shape if timing.part in ("inference", "segment") else timing.shape[1:]
+    impl = f"{timing.impl} {timing.distribution or ''}"
+    return (f"{timing.part:<9} {'x'.join(map(str, shape)):<9} {timing.dtype:<4} "
+            f"{timing.layout:<13} {impl:<20} wall {us(timing.wall_us)} stream "
             f"{us(timing.stream_us)} host {us(timing.host_us)} graph {us(timing.graph_us)} "
             f"busy {us(timing.device_busy_us)} us"
             + (f"  [{'; '.join(f'{k}: {v}' for k, v in timing.errors.items())}]"[:240]
@@ -490,9 +625,11 @@ def run(out: str, smoke: bool, jobs: int, parts: List[str]) -> int:
                         exit_head_batch=2 if smoke else EXIT_HEAD_BATCH,
                         compact_batch=8 if smoke else COMPACT_BATCH, classes=CLASSES,
                         keep_ratio=KEEP_RATIO)
-    chosen = cases(parts)
-    if smoke:  # one shape per part and dtype: the code paths, not the numbers
-        chosen = [c for c in chosen if c.shape in (EXIT_SHAPES[0], STAGE_SHAPES[0])]
+    if smoke:  # one shape per part and dtype, one distribution: the code paths, not the numbers
+        chosen = [c for c in cases(parts, ("trained",)) if c.part in ("inference", "segment")
+                  or c.shape in (EXIT_SHAPES[0], STAGE_SHAPES[0])]
+    else:
+        chosen = cases(parts)
     _no_local_autotune()
     warm_compile_caches([c for c in chosen if c.impl == "compiled"], jobs, smoke,
                         deadline_seconds=90.0)

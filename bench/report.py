@@ -17,6 +17,10 @@ import json
 import os
 import re
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import List, Optional
+
+from inference_ceiling import active_counts
 
 BASELINES = {"exit_head": "eager", "compact": "boolean_mask", "training": "reference",
              "inference": "full_depth", "peer": "official"}
@@ -113,6 +117,8 @@ def render(runs, out_dir, device_records=()):
                         f"{peak / 2 ** 20:.1f}" if peak is not None else "-",
                         f"{images / run['median']:.0f}" if images else "-"]) + " |")
             lines.append("")
+            if suite == "inference":
+                lines += inference_ceiling_lines(groups, suite_groups)
             if ratios and _HAS_MATPLOTLIB:
                 plots.append((device, suite, ratios))
                 name = plot_ratios(device, suite, baseline, ratios, out_dir)
@@ -123,6 +129,24 @@ def render(runs, out_dir, device_records=()):
     for record in device_records:
         lines += render_device_time(record, out_dir)
     return "\n".join(lines)
+
+
+def inference_ceiling_lines(groups, suite_groups):
+    """Per inference group timed with its FLOPs: the measured speed-up of compaction over
+    full depth beside the FLOP ceiling at the same exit counts (bench/inference_ceiling.py)."""
+    lines = []
+    for group in suite_groups:
+        impls = {run["impl"]: run for run in groups[group]}
+        full, early = impls.get("full_depth"), impls.get("compaction")
+        if not (full and early and full["extra"].get("flops") and early["extra"].get("flops")):
+            continue
+        lines.append(f"- {group} {early['extra'].get('exit_counts')}: compaction "
+                     f"{full['median'] / early['median']:.2f}x full depth; FLOP ceiling "
+                     f"{full['extra']['flops'] / early['extra']['flops']:.2f}x")
+    if lines:
+        lines = ["FLOP ceiling: full-depth work over early-exit work at the same exit counts, "
+                 "the speed-up if time followed the arithmetic:", ""] + lines + [""]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +274,142 @@ def backward_variants(index, copy_gb_per_s):
     return lines + [""]
 
 
+TARGET_INFERENCE_VS_FULL_DEPTH, TARGET_INFERENCE_DISTRIBUTION = 2.0, "trained"
+
+
+def _segment_times(record):
+    """({(segment, batch): timing}, segment names in the order timed)."""
+    times, names = {}, []
+    for timing in record["timings"]:
+        if timing["part"] == "segment":
+            times[(timing["impl"], timing["shape"][0])] = timing
+            if timing["impl"] not in names:
+                names.append(timing["impl"])
+    return times, names
+
+
+def device_time_ceiling(record, exit_counts):
+    """(ceiling, method): full-depth time over early-exit time, each summed from the segments'
+    timings at the batch sizes the exit counts give them; graph (device) time where every
+    segment needed has it, else stream time; (None, reason) where a segment was not timed."""
+    times, names = _segment_times(record)
+    if not names:
+        return None, "no segment timings"
+    batch = sum(exit_counts)
+    # The segment before the first inference exit runs on every sample.
+    active = [batch] + active_counts(batch, exit_counts, len(exit_counts) - (len(names) - 1))
+    needed = [(name, n) for name, n in zip(names, active) if n > 0]
+    full = [(name, batch) for name in names]
+    if any(key not in times for key in needed + full):
+        return None, "a segment was not timed at a batch size these counts need"
+    for method in ("graph_us", "stream_us"):
+        if all(times[key].get(method) for key in needed + full):
+            return (sum(times[k][method] for k in full) / sum(times[k][method] for k in needed),
+                    method.split("_")[0])
+    return None, "a segment has no time"
+
+
+@dataclass
+class EarlyExitRow:
+    """One distribution's whole early_exit calls in a device-time record, and its ceilings."""
+    distribution: str
+    exit_counts: Optional[List[int]]
+    full_depth: dict                    # the full-depth call's timing (empty if not timed)
+    compaction: dict
+    measured: Optional[float]           # full-depth stream time / compaction stream time
+    flop_ceiling: Optional[float]
+    device_ceiling: Optional[float]
+    device_ceiling_method: str          # "graph" or "stream", else why there is no number
+
+
+def early_exit_rows(record) -> List[EarlyExitRow]:
+    calls = {}
+    for timing in record["timings"]:
+        if timing["part"] == "inference":
+            calls.setdefault(timing["distribution"], {})[timing["impl"]] = timing
+    rows = []
+    for name, impls in calls.items():
+        full, early = impls.get("full_depth", {}), impls.get("compaction", {})
+        counts = early.get("exit_counts") or full.get("exit_counts")
+        ceiling, method = device_time_ceiling(record, counts) if counts else (None, "no counts")
+        rows.append(EarlyExitRow(
+            name, counts, full, early,
+            full["stream_us"] / early["stream_us"]
+            if full.get("stream_us") and early.get("stream_us") else None,
+            full["flops"] / early["flops"] if full.get("flops") and early.get("flops") else None,
+            ceiling, method))
+    return rows
+
+
+def _times(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def early_exit_summary(row: EarlyExitRow) -> str:
+    device = _times(row.device_ceiling) + (f" ({row.device_ceiling_method})"
+                                           if row.device_ceiling is not None else "")
+    return (f"{row.distribution} distribution {row.exit_counts}: compaction "
+            f"{_times(row.measured)} full depth; ceilings: FLOPs {_times(row.flop_ceiling)}, device time {device}")
+
+
+def early_exit_targets(record) -> List[str]:
+    lines = []
+    for row in early_exit_rows(record):
+        if row.distribution == TARGET_INFERENCE_DISTRIBUTION:
+            verdict = ("no number" if row.measured is None else
+                       "met" if row.measured >= TARGET_INFERENCE_VS_FULL_DEPTH else "missed")
+            lines.append(f"- early-exit inference >= {TARGET_INFERENCE_VS_FULL_DEPTH:g}x full "
+                         f"depth ({verdict}) at the {early_exit_summary(row)}")
+    return lines
+
+
+def inference_lines(record) -> List[str]:
+    """The early-exit tables: the whole call per distribution, with its two ceilings, and the
+    segments; no lines without inference cases."""
+    rows = early_exit_rows(record)
+    if not rows:
+        return []
+    lines = ["### Early-exit inference, fp32 (bench/bench_end_to_end.py's model and forced exit "
+             "distributions)", "",
+             "Compaction against full depth (every inference exit on every sample), per call. "
+             "**stream**: calls back to back, the host running ahead where it can (compaction "
+             "stops it at each count it reads). **FLOP ceiling**: full-depth work over early-exit "
+             "work at these exit counts. **device-time ceiling**: the segments' times below "
+             "summed the same way (graph time: compaction free, the host hidden). What lies "
+             "between a ceiling and the measured ratio is compaction, host syncs and the host's "
+             "launch time.", "",
+             "| distribution | exit counts | full depth graph | full depth stream | compaction "
+             "stream | compaction host | compaction vs full depth | FLOP ceiling | device-time "
+             "ceiling | host syncs (profiler) full depth / compaction |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append("| " + " | ".join([
+            row.distribution, str(row.exit_counts), fmt_us(row.full_depth.get("graph_us")),
+            fmt_us(row.full_depth.get("stream_us")),
+            fmt_us(row.compaction.get("stream_us")), fmt_us(row.compaction.get("host_us")),
+            _times(row.measured), _times(row.flop_ceiling),
+            "-" if row.device_ceiling is None else
+            f"{row.device_ceiling:.2f}x ({row.device_ceiling_method})",
+            " / ".join(fmt_us(t.get("host_syncs_profiler"))
+                       for t in (row.full_depth, row.compaction))]) + " |")
+    times, names = _segment_times(record)
+    lines += ["", "Segments alone (the stem and the stages before the first inference exit; "
+              "then stage t with exit t), at the batch sizes compaction runs them at:", "",
+              "| segment | batch | GFLOP | graph | stream | host | TFLOP/s (graph) |",
+              "|---|---|---|---|---|---|---|"]
+    for name in names:
+        for (segment, batch), timing in times.items():
+            if segment != name:
+                continue
+            rate = (timing["flops"] / timing["graph_us"] / 1e6
+                    if timing.get("flops") and timing.get("graph_us") else None)
+            lines.append("| " + " | ".join([
+                name, str(batch), f"{timing['flops'] / 1e9:.3g}" if timing.get("flops") else "-",
+                fmt_us(timing.get("graph_us")), fmt_us(timing.get("stream_us")),
+                fmt_us(timing.get("host_us")), "-" if rate is None else f"{rate:.1f}"]) + " |")
+    return lines + [""]
+
+
 def render_device_time(record, out_dir):
     env, base = record["environment"], record["baselines"]
     device = env.get("device", "unknown")
@@ -344,8 +504,9 @@ def render_device_time(record, out_dir):
                    _ratio(impls.get("boolean_mask", {}).get("stream_us"), occam.get("stream_us")),
                    syncs, fmt_us(occam.get("device_busy_us"))]) + " |")
         lines.append("")
+    lines += inference_lines(record)
     lines += ["### Issue 16's targets on this run", ""] + exit_head_targets(record) \
-        + compact_targets(record) + [""]
+        + compact_targets(record) + early_exit_targets(record) + [""]
     gaps = [(t, method, why) for t in record["timings"] for method, why in t["errors"].items()
             if not any(expected in why for expected in EXPECTED_GAPS)]
     if gaps:

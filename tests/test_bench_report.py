@@ -70,7 +70,19 @@ def _device_time_record(tmp_path):
                47_513_600, 0.1, stream_us=90.0, graph_us=80.0, device_busy_us=75.0),
         Timing("backward", "one_pass", [128, 58, 40, 40], "bf16", "channels_last",
                47_513_600, 0.1, stream_us=70.0, graph_us=50.0),
-    ]
+        # Early exit at the trained distribution: 45, 43 and 40 of 128 leave at E1, E2, E3.
+        Timing("inference", "full_depth", [128, 3, 160, 160], "fp32", "channels_last", 0, 0.1,
+               stream_us=1500.0, host_us=300.0, graph_us=1100.0, flops=1000.0,
+               distribution="trained", exit_counts=[0, 45, 43, 40], host_syncs_profiler=0.0),
+        Timing("inference", "compaction", [128, 3, 160, 160], "fp32", "channels_last", 0, 0.1,
+               stream_us=2000.0, host_us=1900.0, flops=800.0, distribution="trained",
+               exit_counts=[0, 45, 43, 40], host_syncs_profiler=2.0,
+               errors={"graph": "RuntimeError: not capturable: the call synchronises"}),
+    ] + [Timing("segment", name, [batch, 58, 40, 40], "fp32", "channels_last", 0, 0.1,
+                stream_us=graph + 20, host_us=90.0, graph_us=graph, flops=graph * 1e8)
+         for name, batch, graph in [("stem+stage0", 128, 400.0), ("stage1+E1", 128, 200.0),
+                                    ("stage2+E2", 128, 200.0), ("stage2+E2", 83, 150.0),
+                                    ("stage3+E3", 128, 200.0), ("stage3+E3", 40, 100.0)]]
     record = DeviceTimeRecord(
         "2026-11-28T00:00:00+00:00", {"device": "GPU-A", "torch": "2.x", "triton": "3.x"},
         Settings(False, 50, 5, 128, 256, 10, 0.5),
@@ -102,6 +114,14 @@ def test_device_time_report_gives_ratios_bandwidth_and_the_issue_targets(tmp_pat
     # The backward candidate: 80 / 50 us; its floor (2 x bytes(h)) 47,513,600 bytes in 80 us
     # is 594 GB/s, 15% of 4,000, and in 50 us 24%.
     assert "| 58x40x40 | bf16 | channels_last | 80.0 | 50.0 | 1.60x | 75.0 | - | 15% | 24% |" in text
+    # Early exit: 1500 / 2000 us measured; FLOPs 1000 / 800; device time summed from the
+    # segments: (400 + 3 x 200) / (400 + 200 + 150 (83 samples) + 100 (40 samples)).
+    assert ("| trained | [0, 45, 43, 40] | 1,100 | 1,500 | 2,000 | 1,900 | 0.75x | 1.25x | "
+            "1.18x (graph) | 0.0 / 2.0 |") in text
+    assert "| stage2+E2 | 83 | 15 | 150.0 | 170.0 | 90.0 | 100.0 |" in text
+    assert ("- early-exit inference >= 2x full depth (missed) at the trained distribution "
+            "[0, 45, 43, 40]: compaction 0.75x full depth; ceilings: FLOPs 1.25x, device time "
+            "1.18x (graph)") in text
     # A method that failed is listed with its reason; an expected gap (no graph for a call
     # that syncs) is not.
     assert "464x5x5 bf16 channels_last compiled, profile: RuntimeError: the profiler broke" in text

@@ -40,12 +40,19 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     parts = {(t["part"], t["impl"]) for t in device_time["timings"]}
     assert {("exit_head", "fused"), ("exit_head", "eager"), ("exit_head", "compiled"),
             ("compact", "occam"), ("compact", "nonzero_index_select"),
-            ("backward", "two_kernels"), ("backward", "one_pass")} <= parts
+            ("backward", "two_kernels"), ("backward", "one_pass"),
+            ("inference", "full_depth"), ("inference", "compaction"),
+            ("segment", "stem+stage0"), ("segment", "stage3+E3")} <= parts
     assert all(t["stream_us"] > 0 and t["wall_us"] > 0 for t in device_time["timings"])
     assert "## Device time on" in (out / "RESULTS.md").read_text()
     assert any(line.startswith("- fused >= 3x eager") for line in summary["device_time"])
     assert any(line.startswith("  backward ") and "one pass" in line
                for line in summary["device_time"]), summary["device_time"]
+    # Early exit against both ceilings: the segments were timed at the batch sizes the forced
+    # exit counts give them, so the device-time ceiling has a number.
+    early = [line for line in summary["device_time"] if line.startswith("- early-exit")]
+    assert len(early) == 1 and re.search(r"FLOPs \d\.\d\dx, device time \d\.\d\dx \(stream\)",
+                                         early[0]), summary["device_time"]
     profile = json.loads((out / "profile.json").read_text())
     assert any(row["kernel"].startswith("occam::exit_head_fused")
                for rows in profile.values() for row in rows), profile
