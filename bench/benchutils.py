@@ -11,6 +11,7 @@ from functools import lru_cache, partial
 
 import torch
 
+from inference_ceiling import counts_from_shares, segment_work
 from occamnets.environment import device_name
 
 ON_GPU = torch.cuda.is_available()
@@ -294,7 +295,6 @@ def inference_model():
 def inference_work():
     """FLOPs per sample of each inference segment of inference_model()'s architecture
     (inference_ceiling.SegmentWork), counted on a CPU twin with the reference heads."""
-    from inference_ceiling import segment_work
     from occamnets.models import occam_resnet18
     twin = occam_resnet18(NUM_CLASSES, width=WIDTH, stem=STEM, backend="reference").eval()
     return segment_work(twin, SIZE)
@@ -354,7 +354,6 @@ def force_exit_distribution(model, x, shares):
     left, so no sample sits near a threshold: a compacted batch, whose features may differ
     from the full batch's in the last bits, makes the same decisions. Returns the full-depth
     scores, which near_a_threshold reads."""
-    from inference_ceiling import counts_from_shares
     scores = gate_scores(model, x)
     remaining = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     counts = counts_from_shares(x.shape[0], shares, model.first_inference_exit, model.num_exits)

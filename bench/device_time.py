@@ -366,9 +366,10 @@ def _compact_step(case: Case, smoke: bool, device: torch.device):
 
 def segment_names() -> List[str]:
     """The stem with the stages before the first inference exit, then stage t with exit t."""
-    first = inference_work().first_inference_exit
+    work = inference_work()
+    first = work.first_inference_exit
     return (["+".join(["stem"] + [f"stage{t}" for t in range(first)])]
-            + [f"stage{t}+E{t}" for t in range(first, first + len(inference_work().exits))])
+            + [f"stage{t}+E{t}" for t in range(first, work.num_exits)])
 
 
 def segment_batches(distributions) -> List[List[int]]:
@@ -378,8 +379,7 @@ def segment_batches(distributions) -> List[List[int]]:
     sizes = [{BATCH} for _ in segment_names()]
     for name in distributions:
         counts = counts_from_shares(BATCH, distribution_shares(name)[0],
-                                    work.first_inference_exit,
-                                    work.first_inference_exit + len(work.exits))
+                                    work.first_inference_exit, work.num_exits)
         for i, active in enumerate(active_counts(BATCH, counts, work.first_inference_exit)):
             if active:
                 sizes[i + 1].add(active)

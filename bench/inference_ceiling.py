@@ -39,11 +39,16 @@ class SegmentWork:
     def full_depth(self) -> float:
         return self.before + sum(self.exits)
 
+    @property
+    def num_exits(self) -> int:
+        return self.first_inference_exit + len(self.exits)
 
-def _counted(fn) -> float:
+
+def _counted(fn, *args):
+    """(FLOPs, output) of fn(*args)."""
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+        out = fn(*args)
+    return float(counter.get_total_flops()), out
 
 
 @torch.no_grad()
@@ -52,19 +57,14 @@ def segment_work(model, image_size: int) -> SegmentWork:
     if model.training:
         raise RuntimeError("segment_work needs the model in eval mode (call model.eval())")
     first = model.first_inference_exit
-    x = torch.zeros(1, 3, image_size, image_size)
-    features = model.stem(x)
-    before = _counted(lambda: model.stem(x))
+    before, features = _counted(model.stem, torch.zeros(1, 3, image_size, image_size))
     for t in range(first):
-        before += _counted(lambda: model.stages[t](features))
-        features = model.stages[t](features)
+        flops, features = _counted(model.stages[t], features)
+        before += flops
     exits = []
     for t in range(first, model.num_exits):
-        stage_input = features
-        features = model.stages[t](stage_input)
-        output = features
-        exits.append(_counted(lambda: model.stages[t](stage_input))
-                     + _counted(lambda: model.exits[t](output)))
+        stage_flops, features = _counted(model.stages[t], features)
+        exits.append(stage_flops + _counted(model.exits[t], features)[0])
     return SegmentWork(first, before, exits)
 
 
