@@ -60,9 +60,11 @@ def test_torchrun_through_the_command_line_exits_0_with_one_report(tmp_path):
 def test_a_torchrun_training_ends_the_process_group_it_started(tmp_path):
     """Left to interpreter exit, gloo's threads could abort a finished process (SIGABRT, seen
     once under torch 2.11); `occamnets train` ends the group itself, in every process."""
+    # The line goes out in one write of its own (the report flushed first): two processes
+    # share the pipe, and a block-buffered flush may cut a line where the other's lands.
     program = ("import sys, torch.distributed as dist; from occamnets.cli import main; "
-               "code = main(sys.argv[1:]); print('group still up:', dist.is_initialized()); "
-               "sys.exit(code)")
+               "code = main(sys.argv[1:]); sys.stdout.flush(); "
+               "print(f'group still up: {dist.is_initialized()}', flush=True); sys.exit(code)")
     result = torchrun("--no-python", sys.executable, "-c", program, "train", "--preset", "quick",
                       "--epochs", "1", "--width", "4", "--batch-size", "16", "--train-size", "64",
                       "--val-size", "8", "--test-size", "8", "--no-progress",
