@@ -10,6 +10,7 @@ from occamnets.models import occam_resnet18
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
 from benchutils import force_exit_distribution  # noqa: E402
+from host_reads import HostReads  # noqa: E402
 
 
 def small_model(seed=0, device="cpu"):
@@ -156,34 +157,6 @@ def test_threshold_is_compared_in_float64():
     assert got.exit_index.tolist() == [3]
 
 
-# aten ops that, on CUDA tensors, read a device value on the host (a sync): a scalar read, or
-# an output whose size depends on the values (bincount's min and max, nonzero, boolean masks).
-HOST_READING_OPS = {"aten::_local_scalar_dense", "aten::bincount", "aten::nonzero",
-                    "aten::masked_select", "aten::_unique", "aten::_unique2",
-                    "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave",
-                    "aten::equal", "aten::is_nonzero"}
-
-
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops a call dispatches that would read a device value on the host on CUDA,
-    and how many times compaction ran (its count read is the one early_exit means to make;
-    a custom op is opaque here, so what it does inside is not seen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.host_reads, self.compactions = [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        boolean_index = name.startswith("aten::index") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool
-            for a in args if isinstance(a, (list, tuple)) for i in a)
-        if name in HOST_READING_OPS or boolean_index:
-            self.host_reads.append(name)
-        self.compactions += name.startswith("occam::compact")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("compaction", [True, False])
 def test_early_exit_reads_the_device_only_for_compaction_counts(compaction):
     """On a GPU every host read stops the host from running ahead. early_exit makes one per
@@ -192,7 +165,7 @@ def test_early_exit_reads_the_device_only_for_compaction_counts(compaction):
     model = small_model()
     x = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     force_gates(model, "mixed", x)
-    with _HostReads() as seen:
+    with HostReads() as seen:
         got = model.early_exit(x, compaction=compaction, compaction_backend="cpu")
     assert got.exit_counts.tolist() == torch.bincount(got.exit_index, minlength=4).tolist()
     assert seen.host_reads == []

@@ -3,9 +3,12 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
+from host_reads import HostReads
 from occamnets.config import RunConfig
 from occamnets.data import DeviceSplit
+from occamnets.methods import METHODS
 from occamnets.train import CheckpointMismatch, RunReport, Trainer, batches, steps_per_epoch
 
 
@@ -163,3 +166,29 @@ def test_a_run_resumed_at_its_step_cap_takes_no_further_step(tmp_path):
                     resume=str(tmp_path / "checkpoint.pt"))
     again.train()
     assert again.global_step == 3 and again.step_in_epoch == 3
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("model", ["occam", "resnet"])
+def test_a_training_step_reads_nothing_from_the_device_on_the_host(tmp_path, model, method):
+    """On a GPU one host read per step would stop the host from queueing the next step's
+    kernels while the device works (the official OccamTrainer reads 73 values per sample in
+    its training step, bench/NOTES.md). Ours reads none: the batch, the forward, every
+    method's loss and the backward, in fp32 and under bf16 autocast (the GPU's default).
+    The optimizer is torch's: its step counts live on the host, so its reads are not device
+    reads and are left out."""
+    trainer = Trainer(config(tmp_path, model=model, method=method), synthetic_splits())
+    optimizer_step = trainer.optimizer.step
+
+    def optimizer_step_unwatched(*args, **kwargs):
+        with _disable_current_modes():
+            return optimizer_step(*args, **kwargs)
+
+    trainer.optimizer.step = optimizer_step_unwatched
+    rows = torch.arange(8)
+    for autocast in (False, True):
+        trainer.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+        trainer._train_step(rows)  # first steps build state (PGI's, the gate targets)
+        with HostReads() as seen:
+            trainer._train_step(rows, following=rows)
+        assert seen.host_reads == [], (autocast, seen.host_reads)
