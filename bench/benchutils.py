@@ -240,14 +240,21 @@ def images_and_labels(batch=BATCH):
     return x, torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device())
 
 
-def occam_training_step(backend: str, precision: str):
-    """One synchronised training step of our OccamResNet-18 as `occamnets train` runs it on
-    this device (channels_last on a GPU), with OccamLoss and Adam: exit heads `backend`
-    ("triton" fused, or "reference"), `precision` "fp32" or "bf16" (autocast)."""
+def _autocast(precision: str):
+    return torch.autocast(device().type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def occam_training_call(backend: str, precision: str, width: int = WIDTH,
+                        cudnn_benchmark: bool = False):
+    """One training step of our OccamResNet-18 as `occamnets train` runs it on this device
+    (channels_last on a GPU), with OccamLoss and Adam, not synchronised: exit heads `backend`
+    ("triton" fused, or "reference"), `precision` "fp32" or "bf16" (autocast), at `width`
+    (the paper's 58 by default), with torch.backends.cudnn.benchmark on during the step if
+    asked (off otherwise, as in `occamnets train` and the official code)."""
     from occamnets.losses import OccamLoss
     from occamnets.models import occam_resnet18
     torch.manual_seed(0)
-    model = occam_resnet18(NUM_CLASSES, width=WIDTH, stem=STEM, backend=backend).to(device())
+    model = occam_resnet18(NUM_CLASSES, width=width, stem=STEM, backend=backend).to(device())
     if ON_GPU:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = OccamLoss(num_items=BATCH, num_classes=NUM_CLASSES).to(device())
@@ -255,18 +262,72 @@ def occam_training_step(backend: str, precision: str):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
     x, labels = images_and_labels()
     items = torch.arange(BATCH, device=device())
-    autocast = torch.autocast(device().type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = _autocast(precision)
 
     def step():
+        saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        try:
+            with autocast:
+                out = model(x, labels)
+                loss, _ = loss_fn(out, labels, items)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        finally:
+            torch.backends.cudnn.benchmark = saved
+
+    return step
+
+
+def official_model(checkout: str):
+    """The official occam_resnet18 (erobic/occam-nets-v1, imported from `checkout`) at the
+    benchmarks' width, seed 0, on this device: the 7x7 stem at 160 px on a GPU, its 64 px
+    variant (3x3 stem) at the CPU smoke sizes."""
+    from official_code import import_official
+    official = import_official(checkout, "models.occam_resnet")
+    builder = official.occam_resnet18 if STEM == "7x7" else official.occam_resnet18_img64
+    torch.manual_seed(0)
+    # A fresh exits_kwargs dict: the builder fills in the one it is given.
+    return builder(NUM_CLASSES, width=WIDTH, exits_kwargs={}).to(device())
+
+
+def official_training_call(checkout: str, precision: str):
+    """One training step of the official code, not synchronised: its OccamTrainer's
+    training_step (Lightning's loop left out) on official_model(), then Adam, on the
+    benchmarks' batch in the default layout (as Lightning hands it over), at epoch 1 from
+    batch 1 on (epoch 0, batch 0 made the losses and set every gate target)."""
+    from official_code import official_training_step
+    model = official_model(checkout)
+    driver = official_training_step(checkout, model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
+    x, labels = images_and_labels()
+    batch = {"x": x.contiguous(), "y": labels, "item_ix": torch.arange(BATCH, device=device())}
+    autocast = _autocast(precision)
+
+    def step(batch_idx=1):
         with autocast:
-            out = model(x, labels)
-            loss, _ = loss_fn(out, labels, items)
+            loss = driver.training_step(batch, batch_idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        synchronize()
 
+    step(batch_idx=0)
+    driver.current_epoch = 1
     return step
+
+
+def synchronised(call):
+    """`call` followed by a synchronisation: what pytest-benchmark times."""
+    def step():
+        call()
+        synchronize()
+    return step
+
+
+def occam_training_step(backend: str, precision: str):
+    """occam_training_call, synchronised."""
+    return synchronised(occam_training_call(backend, precision))
 
 
 # Exit distributions of the inference benchmarks: shares of the batch per inference exit
@@ -313,12 +374,7 @@ def occam_inference_call(compaction: bool, shares):
 def occam_inference_step(compaction: bool, shares):
     """occam_inference_call, synchronised (what pytest-benchmark times): (step, exit counts)."""
     call, counts = occam_inference_call(compaction, shares)
-
-    def step():
-        call()
-        synchronize()
-
-    return step, counts
+    return synchronised(call), counts
 
 
 class ForcedGate(torch.nn.Module):

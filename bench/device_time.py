@@ -1,7 +1,7 @@
 """Device time of the exit head and the compaction, beside the wall time per call.
 
     python bench/device_time.py --out OUT [--smoke] [--jobs N]
-                                [--parts exit_head,compact,backward,inference]
+                                [--parts exit_head,compact,training,backward,inference]
 
 Window 1 (H200, bench/NOTES.md) timed every exit-head implementation at 1.6 to 3.0 ms per
 synchronised call, at sizes 20 times apart, against 0.36 ms of kernels: the wall clock
@@ -26,6 +26,18 @@ implementation and contiguous for the fused one too; the fused head's times incl
 input checks (the label check's few small kernels), part of the op. torch.compile cases are
 compiled first in --jobs worker processes (a 90 s deadline), which fill inductor's and
 Triton's on-disk caches; each is then timed here alone, loading from them.
+
+The training part times one whole training step (forward, OccamLoss, backward, Adam) of
+the end-to-end benchmark's OccamResNet-18 (bench/benchutils.py: 160 px, B=128, width 58,
+channels_last), the fused heads in bf16 autocast and in fp32, beside the official code's step
+(its OccamTrainer's training_step, contiguous, as it runs) when OCCAM_OFFICIAL names a
+checkout, for issue 16's target (ours >= 5x the official's in bf16); the profiler's host syncs
+per step tell a host-bound step from a device-bound one. Two probes of window 1's bf16 step
+(slower than fp32 there, 41.5 against 30.3 ms): the same step at width 64, every channel count
+a multiple of 8 (at 58 none is: 58, 116, 232, 464), and at width 58 with
+torch.backends.cudnn.benchmark on (off in `occamnets train` and the official code). No graph:
+Adam keeps its step counts on the host. Fewer calls per method (Settings.training_calls):
+a step takes tens of milliseconds.
 
 The backward part times the Triton backward launcher alone (its saved logits and pooled given)
 where the one-pass candidate can run (C = 58 at K = 10): the two kernels it uses by default
@@ -64,15 +76,22 @@ from benchutils import (BATCH, COMPACT_IMPLEMENTATIONS, DISTRIBUTIONS, DTYPES, E
                         NUM_CLASSES, ON_GPU, ONE_PASS_SHAPES, SIZE, STAGE_SHAPES, STEM, WIDTH,
                         count_host_syncs, distribution_shares, environment,
                         exit_head_implementation, exit_head_inputs, exit_head_step,
-                        inference_model, inference_work, occam_inference_call, shrink,
-                        synchronize)
+                        inference_model, inference_work, occam_inference_call,
+                        occam_training_call, official_training_call, shrink, synchronize)
 from benchutils import device as benchutils_device  # device_time's own `device` is an argument
 from inference_ceiling import active_counts, counts_from_shares, early_exit_work
 
 EXIT_HEAD_BATCH, CLASSES, COMPACT_BATCH, KEEP_RATIO = 128, 10, 256, 0.5
-PARTS = ("exit_head", "compact", "backward", "inference")
-# The inference benchmarks' images: channels_last on a GPU (benchutils.images_and_labels).
+PARTS = ("exit_head", "compact", "training", "backward", "inference")
+# The end-to-end benchmarks' images: channels_last on a GPU (benchutils.images_and_labels).
 INFERENCE_LAYOUT = "channels_last" if ON_GPU else "contiguous"
+# The training step's exit heads: ours fused or reference (OccamNet backends), or the official
+# code's step (bench/official_code.py).
+TRAINING_BACKENDS = {"fused": "triton", "reference": "reference"}
+OFFICIAL = "official"
+# The width whose every channel count is a multiple of 8 (cuDNN's bf16 tensor-core kernels
+# want that): 64 on a GPU, where the paper's 58 gives 58, 116, 232 and 464.
+ALIGNED_WIDTH = -(-WIDTH // 8) * 8
 # The backward launcher's two forms: exit_head_backward(..., one_pass=...)
 BACKWARD_VARIANTS = {"two_kernels": False, "one_pass": True}
 # CUDA runtime and driver calls that block the host until the device catches up.
@@ -83,21 +102,27 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Case:
-    part: str                     # "exit_head", "compact", "backward", "inference" or "segment"
+    part: str                     # "exit_head", "compact", "training", "backward",
+                                  # "inference" or "segment"
     impl: str                     # exit head: fused/eager/compiled; compact: COMPACT_IMPLEMENTATIONS;
+                                  # training: TRAINING_BACKENDS or OFFICIAL;
                                   # backward: BACKWARD_VARIANTS; inference: compaction/full_depth;
                                   # segment: segment_names()
     shape: Tuple[int, ...]        # (C, H, W) at the section-8 size (the smoke run shrinks it);
-                                  # the images' for inference and segment
-    dtype: str
+                                  # the images' for training, inference and segment
+    dtype: str                    # training: "bf16" is autocast, "fp32" none
     layout: str = "channels_last"
     distribution: Optional[str] = None   # inference: a benchutils.DISTRIBUTIONS name
     batch: Optional[int] = None          # segment: the samples it runs on
+    width: Optional[int] = None          # training: the model's width (WIDTH when None)
+    cudnn_benchmark: bool = False        # training: torch.backends.cudnn.benchmark in the step
 
     @property
     def name(self) -> str:
         extra = (f" {self.distribution}" if self.distribution else "") + (
-            f" batch {self.batch}" if self.batch is not None else "")
+            f" batch {self.batch}" if self.batch is not None else "") + (
+            f" width {self.width}" if self.width is not None else "") + (
+            " cudnn.benchmark" if self.cudnn_benchmark else "")
         return (f"{self.part} {'x'.join(map(str, self.shape))} {self.dtype} {self.layout} "
                 f"{self.impl}{extra}")
 
@@ -125,6 +150,8 @@ class Timing:
     flops: Optional[float] = None                 # inference and segment: work per call
     distribution: Optional[str] = None            # inference: its DISTRIBUTIONS name
     exit_counts: Optional[List[int]] = None       # inference: per exit, zero below the first
+    width: Optional[int] = None                   # training: the model's width
+    cudnn_benchmark: Optional[bool] = None        # training: cudnn.benchmark in the step
     errors: Dict[str, str] = field(default_factory=dict)
 
 
@@ -150,6 +177,7 @@ class Settings:
     compact_batch: int
     classes: int
     keep_ratio: float
+    training_calls: Optional[int] = None   # per method for a training step (None: `calls`)
 
 
 @dataclass
@@ -272,9 +300,12 @@ def _peak_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]
 
 
 def measure(step: Callable[[], None], timing: Timing, settings: Settings, device: torch.device,
-            sync_offset: float, capturable: bool = True) -> Timing:
-    """Every method on one warmed-up step; a method that fails records why and the rest go on."""
-    calls = settings.calls
+            sync_offset: float, not_capturable: Optional[str] = None,
+            calls: Optional[int] = None, profiled_calls: Optional[int] = None) -> Timing:
+    """Every method on one warmed-up step; a method that fails records why and the rest go on.
+    `not_capturable`: why no CUDA graph can hold the step (then none is tried)."""
+    calls = calls or settings.calls
+    profiled_calls = profiled_calls or settings.profiled_calls
 
     def attempt(method: str, run: Callable[[], None]) -> None:
         try:
@@ -293,13 +324,12 @@ def measure(step: Callable[[], None], timing: Timing, settings: Settings, device
         timing.stream_us, timing.host_us = _stream_us(step, calls, device)
 
     def graph():
-        if not capturable:
-            raise RuntimeError("not capturable: the call synchronises with the host")
+        if not_capturable:
+            raise RuntimeError(f"not capturable: {not_capturable}")
         timing.graph_us = _graph_us(step, calls, device)
 
     def profiled():
-        for key, value in _profiled(step, settings.profiled_calls, device,
-                                    sync_offset).items():
+        for key, value in _profiled(step, profiled_calls, device, sync_offset).items():
             setattr(timing, key, value)
 
     def torch_syncs():
@@ -386,14 +416,29 @@ def segment_batches(distributions) -> List[List[int]]:
     return [sorted(s, reverse=True) for s in sizes]
 
 
-def _check_inference_device(device: torch.device) -> None:
+def _check_model_device(device: torch.device) -> None:
     if device.type != benchutils_device().type:
-        raise RuntimeError(f"the inference part runs where bench/benchutils puts its model "
-                           f"({benchutils_device()}), not on {device}")
+        raise RuntimeError(f"the training, inference and segment parts run where "
+                           f"bench/benchutils puts its model ({benchutils_device()}), not on "
+                           f"{device}")
+
+
+def _training_step(case: Case, smoke: bool, device: torch.device):
+    _check_model_device(device)
+    if case.impl == OFFICIAL:
+        checkout = os.environ.get("OCCAM_OFFICIAL")
+        if not checkout:
+            raise RuntimeError("the official step needs a checkout of erobic/occam-nets-v1: "
+                               "set OCCAM_OFFICIAL (bench/NOTES.md)")
+        step = official_training_call(checkout, case.dtype)
+    else:
+        step = occam_training_call(TRAINING_BACKENDS[case.impl], case.dtype,
+                                   case.width or WIDTH, case.cudnn_benchmark)
+    return Built(step, [BATCH, 3, SIZE, SIZE], 0)
 
 
 def _inference_step(case: Case, smoke: bool, device: torch.device):
-    _check_inference_device(device)
+    _check_model_device(device)
     call, counts = occam_inference_call(case.impl == "compaction",
                                         distribution_shares(case.distribution)[0])
     work = inference_work()
@@ -422,7 +467,7 @@ def _segment_inputs(segment: int, batch: int):
 
 
 def _segment_step(case: Case, smoke: bool, device: torch.device):
-    _check_inference_device(device)
+    _check_model_device(device)
     segment = segment_names().index(case.impl)
     model, features = _segment_inputs(segment, case.batch)
     work = inference_work()
@@ -446,8 +491,8 @@ def time_case(case: Case, settings: Settings, device: torch.device,
               sync_offset: float) -> Timing:
     started = time.perf_counter()
     build = {"exit_head": _exit_head_step, "compact": _compact_step,
-             "backward": _backward_step, "inference": _inference_step,
-             "segment": _segment_step}[case.part]
+             "training": _training_step, "backward": _backward_step,
+             "inference": _inference_step, "segment": _segment_step}[case.part]
     built = build(case, settings.smoke, device)
     for _ in range(3):  # compiles and autotuning stay out of the timings
         built.step()
@@ -456,17 +501,27 @@ def time_case(case: Case, settings: Settings, device: torch.device,
                     built.floor_bytes, setup_seconds=round(time.perf_counter() - started, 2),
                     flops=built.flops, distribution=case.distribution,
                     exit_counts=built.exit_counts)
+    if case.part == "training":
+        timing.width = case.width or WIDTH
+        timing.cudnn_benchmark = case.cudnn_benchmark
+        return measure(built.step, timing, settings, device, sync_offset,
+                       "Adam keeps its step counts on the host",
+                       calls=settings.training_calls,
+                       profiled_calls=min(2, settings.profiled_calls))
     # Compaction reads its count on the host (DESIGN.md section 4), and so does early_exit
     # with compaction: no graph can hold them. Full depth reads nothing on the host.
     syncs = case.part == "compact" or (case.part == "inference" and case.impl == "compaction")
-    return measure(built.step, timing, settings, device, sync_offset, capturable=not syncs)
+    return measure(built.step, timing, settings, device, sync_offset,
+                   "the call synchronises with the host" if syncs else None)
 
 
 def cases(parts: List[str],
-          distributions: Tuple[str, ...] = tuple(DISTRIBUTIONS)) -> List[Case]:
+          distributions: Tuple[str, ...] = tuple(DISTRIBUTIONS),
+          official: bool = True) -> List[Case]:
     """In the order they matter, so a timeout loses the least: the bf16 exit head (the
-    issue's targets), the compaction, the backward candidate, early-exit inference, the fp32
-    exit head, the fused head contiguous."""
+    issue's targets), the compaction, the training step, the backward candidate, early-exit
+    inference, the fp32 exit head, the fused head contiguous. `official`: whether the
+    training part includes the official code's step."""
     chosen: List[Case] = []
     if "exit_head" in parts:
         chosen += [Case("exit_head", impl, shape, "bf16") for shape in EXIT_SHAPES
@@ -474,6 +529,8 @@ def cases(parts: List[str],
     if "compact" in parts:
         chosen += [Case("compact", impl, shape, dtype) for dtype in ("bf16", "fp32")
                    for shape in STAGE_SHAPES for impl in COMPACT_IMPLEMENTATIONS]
+    if "training" in parts:
+        chosen += training_cases(official)
     if "backward" in parts:
         chosen += [Case("backward", impl, shape, dtype) for dtype in ("bf16", "fp32")
                    for shape in ONE_PASS_SHAPES for impl in BACKWARD_VARIANTS]
@@ -485,6 +542,20 @@ def cases(parts: List[str],
         chosen += [Case("exit_head", "fused", shape, dtype, "contiguous")
                    for dtype in ("bf16", "fp32") for shape in EXIT_SHAPES]
     return chosen
+
+
+def training_cases(official: bool) -> List[Case]:
+    """Ours fused and the official step, bf16 then fp32; then the two probes of our bf16 step:
+    every channel count a multiple of 8, and cuDNN's own benchmarking on."""
+    image = (3, SIZE, SIZE)
+    chosen = []
+    for dtype in ("bf16", "fp32"):
+        chosen.append(Case("training", "fused", image, dtype, INFERENCE_LAYOUT))
+        if official:
+            chosen.append(Case("training", OFFICIAL, image, dtype, "contiguous"))
+    return chosen + [
+        Case("training", "fused", image, "bf16", INFERENCE_LAYOUT, width=ALIGNED_WIDTH),
+        Case("training", "fused", image, "bf16", INFERENCE_LAYOUT, cudnn_benchmark=True)]
 
 
 def inference_cases(distributions: List[str]) -> List[Case]:
@@ -607,7 +678,9 @@ def _line(timing: Timing) -> str:
         return "-" if value is None else f"{value:9.1f}"
     # The batch matters where it varies (segments) or is the whole point (inference).
     shape = timing.shape if timing.part in ("inference", "segment") else timing.shape[1:]
-    impl = f"{timing.impl} {timing.distribution or ''}"
+    impl = f"{timing.impl} {timing.distribution or ''}" + (
+        f"w{timing.width}" if timing.width else "") + (
+        " cudnn.bm" if timing.cudnn_benchmark else "")
     return (f"{timing.part:<9} {'x'.join(map(str, shape)):<9} {timing.dtype:<4} "
             f"{timing.layout:<13} {impl:<20} wall {us(timing.wall_us)} stream "
             f"{us(timing.stream_us)} host {us(timing.host_us)} graph {us(timing.graph_us)} "
@@ -624,12 +697,21 @@ def run(out: str, smoke: bool, jobs: int, parts: List[str]) -> int:
     settings = Settings(smoke=smoke, calls=2 if smoke else 50, profiled_calls=1 if smoke else 5,
                         exit_head_batch=2 if smoke else EXIT_HEAD_BATCH,
                         compact_batch=8 if smoke else COMPACT_BATCH, classes=CLASSES,
-                        keep_ratio=KEEP_RATIO)
+                        keep_ratio=KEEP_RATIO, training_calls=2 if smoke else 10)
+    official = bool(os.environ.get("OCCAM_OFFICIAL"))
+    if "training" in parts and not official:
+        print("device_time: the official training step is left out: OCCAM_OFFICIAL names no "
+              "checkout of erobic/occam-nets-v1 (bench/NOTES.md)")
     if smoke:  # one shape per part and dtype, one distribution: the code paths, not the numbers
-        chosen = [c for c in cases(parts, ("trained",)) if c.part in ("inference", "segment")
+        # The training step: the first of ours (about 2 s a step interpreted) and the
+        # official's; the probes differ from it only in their arguments.
+        chosen = [c for c in cases(parts, ("trained",), official)
+                  if c.part in ("inference", "segment")
+                  or (c.part == "training" and c.dtype == "bf16" and c.width is None
+                      and not c.cudnn_benchmark)
                   or c.shape in (EXIT_SHAPES[0], STAGE_SHAPES[0])]
     else:
-        chosen = cases(parts)
+        chosen = cases(parts, official=official)
     _no_local_autotune()
     warm_compile_caches([c for c in chosen if c.impl == "compiled"], jobs, smoke,
                         deadline_seconds=90.0)

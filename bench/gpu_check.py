@@ -569,10 +569,12 @@ def _headlines(bench_paths) -> List[str]:
 
 def _device_time_lines(record) -> List[str]:
     """The device-time step in a few lines: the baselines, the bf16 exit head per shape (graph
-    and stream time of each implementation), the backward candidate, early exit per
-    distribution against its ceilings, and issue 16's targets met or missed."""
+    and stream time of each implementation), the backward candidate, the training step and
+    its probes, early exit per distribution against its ceilings, and issue 16's targets met
+    or missed."""
     from report import (baselines_line, compact_targets, device_time_index, early_exit_rows,
-                        early_exit_summary, early_exit_targets, exit_head_targets, fmt_us)
+                        early_exit_summary, early_exit_targets, exit_head_targets, fmt_us,
+                        training_targets)
     if not record:
         return []
     lines = [f"device time: {baselines_line(record['baselines'])}"]
@@ -588,9 +590,15 @@ def _device_time_lines(record) -> List[str]:
                 f"{name.replace('_', ' ')} {fmt_us(impls.get(name, {}).get('graph_us'))}/"
                 f"{fmt_us(impls.get(name, {}).get('stream_us'))}"
                 for name in ("two_kernels", "one_pass")) for shape, impls in backward.items()]
+    lines += [f"  training {t['dtype']} {t['impl']} width {t.get('width')}"
+              + (" cudnn.benchmark" if t.get("cudnn_benchmark") else "")
+              + f": stream/host/busy {fmt_us(t.get('stream_us'))}/{fmt_us(t.get('host_us'))}/"
+              f"{fmt_us(t.get('device_busy_us'))} us, host syncs "
+              f"{fmt_us(t.get('host_syncs_profiler'))}"
+              for t in record["timings"] if t["part"] == "training"]
     lines += [f"  early exit {early_exit_summary(row)}" for row in early_exit_rows(record)]
     return lines + exit_head_targets(record) + compact_targets(record) \
-        + early_exit_targets(record)
+        + training_targets(record) + early_exit_targets(record)
 
 
 def summary(out: str) -> int:

@@ -274,6 +274,103 @@ def backward_variants(index, copy_gb_per_s):
     return lines + [""]
 
 
+TARGET_TRAINING_VS_OFFICIAL, TARGET_TRAINING_DTYPE = 5.0, "bf16"
+
+
+def _training_timings(record):
+    """The training-step timings: (ours by dtype: the first fused step of each, timed before
+    its probes at the paper's width; the official's by dtype; the probes)."""
+    ours, official, probes = {}, {}, []
+    for timing in record["timings"]:
+        if timing["part"] != "training":
+            continue
+        if timing["impl"] == "official":
+            official[timing["dtype"]] = timing
+        elif (timing["impl"] == "fused" and not timing.get("cudnn_benchmark")
+              and timing["dtype"] not in ours):
+            ours[timing["dtype"]] = timing
+        else:
+            probes.append(timing)
+    return ours, official, probes
+
+
+def _images_per_second(timing) -> str:
+    return (f"{timing['shape'][0] / timing['stream_us'] * 1e6:,.0f}"
+            if timing.get("stream_us") else "-")
+
+
+def training_targets(record) -> List[str]:
+    ours, official, _ = _training_timings(record)
+    if not ours and not official:
+        return []
+    mine, theirs = ours.get(TARGET_TRAINING_DTYPE, {}), official.get(TARGET_TRAINING_DTYPE)
+    if theirs is None:
+        return [f"- training step >= {TARGET_TRAINING_VS_OFFICIAL:g}x the official code's "
+                f"({TARGET_TRAINING_DTYPE}): no official step in this run (OCCAM_OFFICIAL unset)"]
+    ratio = (theirs["stream_us"] / mine["stream_us"]
+             if theirs.get("stream_us") and mine.get("stream_us") else None)
+    verdict = ("no number" if ratio is None else
+               "met" if ratio >= TARGET_TRAINING_VS_OFFICIAL else "missed")
+    return [f"- training step >= {TARGET_TRAINING_VS_OFFICIAL:g}x the official code's "
+            f"({TARGET_TRAINING_DTYPE}, stream time): {_times(ratio)} ({verdict}); ours "
+            f"{fmt_us(mine.get('stream_us'))} us, the official "
+            f"{fmt_us(theirs.get('stream_us'))} us; host syncs per step (profiler) "
+            f"{fmt_us(mine.get('host_syncs_profiler'))} / "
+            f"{fmt_us(theirs.get('host_syncs_profiler'))}"]
+
+
+def training_lines(record) -> List[str]:
+    """The training-step table (ours against the official code per precision) and the
+    probes of our bf16 step; no lines without training cases."""
+    ours, official, probes = _training_timings(record)
+    if not ours and not official:
+        return []
+    lines = ["### Training step: ours against the official code", "",
+             "One whole step (forward, losses, backward, Adam) per call, bench/benchutils.py's "
+             "model and batch. **stream**: steps back to back between CUDA events; **host**: "
+             "the host's time to issue one; **device busy**: the profiler's kernel time per "
+             "step. Where host time is close to stream time the host is the bound; host syncs "
+             "stop it from running ahead.", "",
+             "| precision | impl | layout | width | stream | host | device busy | images/s | "
+             "host syncs (profiler) | device ops | peak MB | official / ours |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def row(timing, versus=None):
+        peak = timing.get("peak_bytes")
+        return "| " + " | ".join([
+            timing["dtype"], timing["impl"] + (" cudnn.benchmark" if timing.get("cudnn_benchmark")
+                                               else ""),
+            timing["layout"], str(timing.get("width") or "-"), fmt_us(timing.get("stream_us")),
+            fmt_us(timing.get("host_us")), fmt_us(timing.get("device_busy_us")),
+            _images_per_second(timing), fmt_us(timing.get("host_syncs_profiler")),
+            fmt_us(timing.get("device_ops_per_call")),
+            "-" if peak is None else f"{peak / 2 ** 20:,.0f}",
+            versus or "-"]) + " |"
+
+    for dtype in sorted(set(ours) | set(official), key=["bf16", "fp32"].index):
+        mine, theirs = ours.get(dtype), official.get(dtype)
+        if mine:
+            lines.append(row(mine, _ratio((theirs or {}).get("stream_us"),
+                                          mine.get("stream_us"))))
+        if theirs:
+            lines.append(row(theirs))
+    if probes:
+        lines += ["", "Probes of our step, each against ours at the paper's width in the same "
+                  "precision (its stream time over the probe's):", "",
+                  "| probe | precision | width | stream | device busy | images/s | speed-up |",
+                  "|---|---|---|---|---|---|---|"]
+        for probe in probes:
+            what = ("cudnn.benchmark on" if probe.get("cudnn_benchmark") else
+                    f"width {probe.get('width')}" if probe["impl"] == "fused" else probe["impl"])
+            base = ours.get(probe["dtype"], {})
+            lines.append("| " + " | ".join([
+                what, probe["dtype"], str(probe.get("width") or "-"),
+                fmt_us(probe.get("stream_us")), fmt_us(probe.get("device_busy_us")),
+                _images_per_second(probe),
+                _ratio(base.get("stream_us"), probe.get("stream_us"))]) + " |")
+    return lines + [""]
+
+
 TARGET_INFERENCE_VS_FULL_DEPTH, TARGET_INFERENCE_DISTRIBUTION = 2.0, "trained"
 
 
@@ -504,9 +601,10 @@ def render_device_time(record, out_dir):
                    _ratio(impls.get("boolean_mask", {}).get("stream_us"), occam.get("stream_us")),
                    syncs, fmt_us(occam.get("device_busy_us"))]) + " |")
         lines.append("")
+    lines += training_lines(record)
     lines += inference_lines(record)
     lines += ["### Issue 16's targets on this run", ""] + exit_head_targets(record) \
-        + compact_targets(record) + early_exit_targets(record) + [""]
+        + compact_targets(record) + training_targets(record) + early_exit_targets(record) + [""]
     gaps = [(t, method, why) for t in record["timings"] for method, why in t["errors"].items()
             if not any(expected in why for expected in EXPECTED_GAPS)]
     if gaps:

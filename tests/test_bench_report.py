@@ -82,7 +82,17 @@ def _device_time_record(tmp_path):
                 stream_us=graph + 20, host_us=90.0, graph_us=graph, flops=graph * 1e8)
          for name, batch, graph in [("stem+stage0", 128, 400.0), ("stage1+E1", 128, 200.0),
                                     ("stage2+E2", 128, 200.0), ("stage2+E2", 83, 150.0),
-                                    ("stage3+E3", 128, 200.0), ("stage3+E3", 40, 100.0)]]
+                                    ("stage3+E3", 128, 200.0), ("stage3+E3", 40, 100.0)]
+    ] + [Timing("training", impl, [128, 3, 160, 160], dtype, layout, 0, 0.1, stream_us=stream,
+                host_us=host, device_busy_us=busy, host_syncs_profiler=syncs, width=width,
+                cudnn_benchmark=benchmark, peak_bytes=2 ** 30,
+                errors={"graph": "RuntimeError: not capturable: Adam keeps its step counts"})
+         for impl, dtype, layout, width, benchmark, stream, host, busy, syncs in [
+             ("fused", "bf16", "channels_last", 58, False, 40_000.0, 6_000.0, 38_000.0, 0.0),
+             ("official", "bf16", "contiguous", 58, False, 160_000.0, 159_000.0, 50_000.0, 9355.0),
+             ("fused", "fp32", "channels_last", 58, False, 30_000.0, 5_000.0, 29_000.0, 0.0),
+             ("fused", "bf16", "channels_last", 64, False, 20_000.0, 6_000.0, 18_000.0, 0.0),
+             ("fused", "bf16", "channels_last", 58, True, 32_000.0, 6_000.0, 30_000.0, 0.0)]]
     record = DeviceTimeRecord(
         "2026-11-28T00:00:00+00:00", {"device": "GPU-A", "torch": "2.x", "triton": "3.x"},
         Settings(False, 50, 5, 128, 256, 10, 0.5),
@@ -122,6 +132,18 @@ def test_device_time_report_gives_ratios_bandwidth_and_the_issue_targets(tmp_pat
     assert ("- early-exit inference >= 2x full depth (missed) at the trained distribution "
             "[0, 45, 43, 40]: compaction 0.75x full depth; ceilings: FLOPs 1.25x, device time "
             "1.18x (graph)") in text
+    # The training step: 160,000 / 40,000 us is 4x the official's in bf16, 128 images in
+    # 40 ms 3,200 per second; no official fp32 step here. The probes against ours in bf16:
+    # width 64 40,000 / 20,000, cuDNN's benchmarking 40,000 / 32,000.
+    assert ("| bf16 | fused | channels_last | 58 | 40,000 | 6,000 | 38,000 | 3,200 | 0.0 | - | "
+            "1,024 | 4.00x |") in text
+    assert ("| bf16 | official | contiguous | 58 | 160,000 | 159,000 | 50,000 | 800 | 9,355 | - "
+            "| 1,024 | - |") in text
+    assert "| fp32 | fused | channels_last | 58 | 30,000 |" in text
+    assert "| width 64 | bf16 | 64 | 20,000 | 18,000 | 6,400 | 2.00x |" in text
+    assert "| cudnn.benchmark on | bf16 | 58 | 32,000 | 30,000 | 4,000 | 1.25x |" in text
+    assert ("- training step >= 5x the official code's (bf16, stream time): 4.00x (missed); ours "
+            "40,000 us, the official 160,000 us; host syncs per step (profiler) 0.0 / 9,355") in text
     # A method that failed is listed with its reason; an expected gap (no graph for a call
     # that syncs) is not.
     assert "464x5x5 bf16 channels_last compiled, profile: RuntimeError: the profiler broke" in text

@@ -40,13 +40,18 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     parts = {(t["part"], t["impl"]) for t in device_time["timings"]}
     assert {("exit_head", "fused"), ("exit_head", "eager"), ("exit_head", "compiled"),
             ("compact", "occam"), ("compact", "nonzero_index_select"),
-            ("backward", "two_kernels"), ("backward", "one_pass"),
+            ("training", "fused"), ("backward", "two_kernels"), ("backward", "one_pass"),
             ("inference", "full_depth"), ("inference", "compaction"),
             ("segment", "stem+stage0"), ("segment", "stage3+E3")} <= parts
     assert all(t["stream_us"] > 0 and t["wall_us"] > 0 for t in device_time["timings"])
     assert "## Device time on" in (out / "RESULTS.md").read_text()
     assert any(line.startswith("- fused >= 3x eager") for line in summary["device_time"])
     assert any(line.startswith("  backward ") and "one pass" in line
+               for line in summary["device_time"]), summary["device_time"]
+    # Our training step, and the target line (with the official step's number or the reason
+    # it has none).
+    assert any(line.startswith("  training bf16 fused width ") for line in summary["device_time"])
+    assert any(line.startswith("- training step >= 5x the official code's (bf16")
                for line in summary["device_time"]), summary["device_time"]
     # Early exit against both ceilings: the segments were timed at the batch sizes the forced
     # exit counts give them, so the device-time ceiling has a number.
