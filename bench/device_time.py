@@ -85,9 +85,9 @@ EXIT_HEAD_BATCH, CLASSES, COMPACT_BATCH, KEEP_RATIO = 128, 10, 256, 0.5
 PARTS = ("exit_head", "compact", "training", "backward", "inference")
 # The end-to-end benchmarks' images: channels_last on a GPU (benchutils.images_and_labels).
 INFERENCE_LAYOUT = "channels_last" if ON_GPU else "contiguous"
-# The training step's exit heads: ours fused or reference (OccamNet backends), or the official
+# The training step: ours with the fused exit heads (the Triton backend), or the official
 # code's step (bench/official_code.py).
-TRAINING_BACKENDS = {"fused": "triton", "reference": "reference"}
+TRAINING_BACKENDS = {"fused": "triton"}
 OFFICIAL = "official"
 # The width whose every channel count is a multiple of 8 (cuDNN's bf16 tensor-core kernels
 # want that): 64 on a GPU, where the paper's 58 gives 58, 116, 232 and 464.
