@@ -17,11 +17,27 @@ HOST_READING_OPS = {"aten::_local_scalar_dense", "aten::bincount", "aten::nonzer
 class HostReads(TorchDispatchMode):
     """Records the host-reading ops a call dispatches, and how many times compaction ran (its
     count read is the one early_exit means to make; a custom op is opaque here, so what it
-    does inside is not seen)."""
+    does inside is not seen). Printing a tensor reads it too, but torch prints with dispatch
+    modes off: `str()` and `repr()` of a tensor are recorded as "str(tensor)" by wrapping
+    torch's printer while the mode is on."""
 
     def __init__(self):
         super().__init__()
         self.host_reads, self.compactions = [], 0
+
+    def __enter__(self):
+        printer = self._printer = torch._tensor_str._str
+
+        def recorded(tensor, *args, **kwargs):
+            self.host_reads.append("str(tensor)")
+            return printer(tensor, *args, **kwargs)
+
+        torch._tensor_str._str = recorded
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch._tensor_str._str = self._printer
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name

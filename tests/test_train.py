@@ -172,7 +172,7 @@ def test_a_run_resumed_at_its_step_cap_takes_no_further_step(tmp_path):
 @pytest.mark.parametrize("model", ["occam", "resnet"])
 def test_a_training_step_reads_nothing_from_the_device_on_the_host(tmp_path, model, method):
     """On a GPU one host read per step would stop the host from queueing the next step's
-    kernels while the device works (the official OccamTrainer reads 73 values per sample in
+    kernels while the device works (the official OccamTrainer reads 81 values per sample in
     its training step, bench/NOTES.md). Ours reads none: the batch, the forward, every
     method's loss and the backward, in fp32 and under bf16 autocast (the GPU's default).
     The optimizer is torch's: its step counts live on the host, so its reads are not device
