@@ -250,7 +250,7 @@ def occam_training_call(backend: str, precision: str, width: int = WIDTH,
     (channels_last on a GPU), with OccamLoss and Adam, not synchronised: exit heads `backend`
     ("triton" fused, or "reference"), `precision` "fp32" or "bf16" (autocast), at `width`
     (the paper's 58 by default), with torch.backends.cudnn.benchmark on during the step if
-    asked (off otherwise, as in `occamnets train` and the official code)."""
+    asked (otherwise as set: off by default, as in `occamnets train` and the official code)."""
     from occamnets.losses import OccamLoss
     from occamnets.models import occam_resnet18
     torch.manual_seed(0)
@@ -265,19 +265,25 @@ def occam_training_call(backend: str, precision: str, width: int = WIDTH,
     autocast = _autocast(precision)
 
     def step():
+        with autocast:
+            out = model(x, labels)
+            loss, _ = loss_fn(out, labels, items)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if not cudnn_benchmark:
+        return step
+
+    def benchmarked_step():  # the flag is global: on for this step only
         saved = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cudnn.benchmark = True
         try:
-            with autocast:
-                out = model(x, labels)
-                loss, _ = loss_fn(out, labels, items)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step()
         finally:
             torch.backends.cudnn.benchmark = saved
 
-    return step
+    return benchmarked_step
 
 
 def official_model(checkout: str):

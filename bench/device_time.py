@@ -84,7 +84,7 @@ from inference_ceiling import active_counts, counts_from_shares, early_exit_work
 EXIT_HEAD_BATCH, CLASSES, COMPACT_BATCH, KEEP_RATIO = 128, 10, 256, 0.5
 PARTS = ("exit_head", "compact", "training", "backward", "inference")
 # The end-to-end benchmarks' images: channels_last on a GPU (benchutils.images_and_labels).
-INFERENCE_LAYOUT = "channels_last" if ON_GPU else "contiguous"
+END_TO_END_LAYOUT = "channels_last" if ON_GPU else "contiguous"
 # The training step: ours with the fused exit heads (the Triton backend), or the official
 # code's step (bench/official_code.py).
 TRAINING_BACKENDS = {"fused": "triton"}
@@ -550,22 +550,22 @@ def training_cases(official: bool) -> List[Case]:
     image = (3, SIZE, SIZE)
     chosen = []
     for dtype in ("bf16", "fp32"):
-        chosen.append(Case("training", "fused", image, dtype, INFERENCE_LAYOUT))
+        chosen.append(Case("training", "fused", image, dtype, END_TO_END_LAYOUT))
         if official:
             chosen.append(Case("training", OFFICIAL, image, dtype, "contiguous"))
     return chosen + [
-        Case("training", "fused", image, "bf16", INFERENCE_LAYOUT, width=ALIGNED_WIDTH),
-        Case("training", "fused", image, "bf16", INFERENCE_LAYOUT, cudnn_benchmark=True)]
+        Case("training", "fused", image, "bf16", END_TO_END_LAYOUT, width=ALIGNED_WIDTH),
+        Case("training", "fused", image, "bf16", END_TO_END_LAYOUT, cudnn_benchmark=True)]
 
 
 def inference_cases(distributions: List[str]) -> List[Case]:
     """The whole early_exit call per distribution, full depth then compaction, then every
     segment at the batch sizes those distributions give it."""
     image = (3, SIZE, SIZE)
-    chosen = [Case("inference", impl, image, "fp32", INFERENCE_LAYOUT, distribution=name)
+    chosen = [Case("inference", impl, image, "fp32", END_TO_END_LAYOUT, distribution=name)
               for name in distributions for impl in ("full_depth", "compaction")]
     for name, batches in zip(segment_names(), segment_batches(distributions)):
-        chosen += [Case("segment", name, image, "fp32", INFERENCE_LAYOUT, batch=batch)
+        chosen += [Case("segment", name, image, "fp32", END_TO_END_LAYOUT, batch=batch)
                    for batch in batches]
     return chosen
 

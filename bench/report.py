@@ -338,9 +338,7 @@ def training_lines(record) -> List[str]:
     def row(timing, versus=None):
         peak = timing.get("peak_bytes")
         return "| " + " | ".join([
-            timing["dtype"], timing["impl"] + (" cudnn.benchmark" if timing.get("cudnn_benchmark")
-                                               else ""),
-            timing["layout"], str(timing.get("width") or "-"), fmt_us(timing.get("stream_us")),
+            timing["dtype"], timing["impl"], timing["layout"], str(timing.get("width") or "-"), fmt_us(timing.get("stream_us")),
             fmt_us(timing.get("host_us")), fmt_us(timing.get("device_busy_us")),
             _images_per_second(timing), fmt_us(timing.get("host_syncs_profiler")),
             fmt_us(timing.get("device_ops_per_call")),
@@ -360,8 +358,8 @@ def training_lines(record) -> List[str]:
                   "| probe | precision | width | stream | device busy | images/s | speed-up |",
                   "|---|---|---|---|---|---|---|"]
         for probe in probes:
-            what = ("cudnn.benchmark on" if probe.get("cudnn_benchmark") else
-                    f"width {probe.get('width')}" if probe["impl"] == "fused" else probe["impl"])
+            what = ("cudnn.benchmark on" if probe.get("cudnn_benchmark")
+                    else f"width {probe.get('width')}")
             base = ours.get(probe["dtype"], {})
             lines.append("| " + " | ".join([
                 what, probe["dtype"], str(probe.get("width") or "-"),
