@@ -52,7 +52,8 @@ if [ $smoke = 1 ]; then
   export TRITON_INTERPRET=1
   # Tiny data and models; the repro preset's optimiser and schedule otherwise.
   data_options=(--cell-size 6 --train-size 64 --val-size 16 --test-size 24)
-  run_options=(--width 4 --batch-size 16 --device cpu --backend reference)
+  # --log-every 1: the smoke epochs have 4 steps, and the page draws the logged gate state.
+  run_options=(--width 4 --batch-size 16 --device cpu --backend reference --log-every 1)
   probe_options=(--log-every 1 --max-steps 3)
   plan_options=(--max-epochs 2)
 else
@@ -162,7 +163,8 @@ if [ -f "$runs/resnet/report.json" ] && [ -f "$runs/occam/report.json" ]; then
     cp "$runs/$model/reliability.png" "$files/$model/" 2> /dev/null
   done
   page=("${occamnets[@]}" results --resnet "$files/resnet" --occam "$files/occam"
-        --cams "$files/cams.png" --exits "$files/exits.png" --commands "$files/commands.txt"
+        --cams "$files/cams.png" --exits "$files/exits.png" --gates-plot "$files/gates.png"
+        --commands "$files/commands.txt"
         --out "$pages/biased_mnist.md")
   record "${page[@]}"
   cp "$runs/plan.json" "$runs/commands.txt" "$files/"

@@ -626,9 +626,21 @@ def _run_results(args) -> int:
         with open(args.commands) as handle:
             commands = [line.rstrip("\n") for line in handle if line.strip()]
     page_dir = os.path.dirname(os.path.abspath(args.out))
-    text = biased_mnist_page(read_run(args.resnet), read_run(args.occam), page_dir,
+    resnet, occam = read_run(args.resnet), read_run(args.occam)
+    gates_picture = None
+    if args.gates_plot:
+        exits = occam.gate_history()
+        if not exits:
+            raise ValueError(f"--gates-plot: {args.occam}/metrics.jsonl logged no gate state "
+                             f"(a run from before it was logged); leave --gates-plot out")
+        from .training_log import epoch_boundaries
+        from .viz import save_gate_history
+        gates_picture = os.path.abspath(save_gate_history(
+            args.gates_plot, exits, sorted(epoch_boundaries(occam.epochs).values())))
+    text = biased_mnist_page(resnet, occam, page_dir,
                              args.cams and os.path.abspath(args.cams),
-                             args.exits and os.path.abspath(args.exits), commands)
+                             args.exits and os.path.abspath(args.exits), commands,
+                             gates_picture)
     os.makedirs(page_dir, exist_ok=True)
     with atomic_path(args.out) as tmp, open(tmp, "w") as handle:
         handle.write(text)
@@ -786,6 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--cams", default=None,
                          help="a CAM picture to link (`occamnets viz OCCAM --beside RESNET`)")
     results.add_argument("--exits", default=None, help="an exit-distribution picture to link")
+    results.add_argument("--gates-plot", default=None,
+                         help="also draw OccamResNet's exit gates over training (from its "
+                              "metrics.jsonl) to this PNG, and link it")
     results.add_argument("--commands", default=None,
                          help="a text file of the commands that made the runs, one per line")
     results.set_defaults(handler=_run_results)

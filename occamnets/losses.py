@@ -6,6 +6,12 @@ Per exit t, each averaged over the batch:
           taken from the gate's fp32 logit (as the official, which inverts the sigmoid);
   main_t: mean((w + 0.1) * CE); w = p(y|x)^3 at t=0, (1 - gate_{t-1}) later (detached),
           divided by (running max of w within the epoch + 1e-5).
+Beside the loss parts, forward reports the gate's state per exit for the training logs (device
+tensors, read every log_every steps with the parts): "train_acc/Et", the epoch's running mean
+per-class training accuracy that the refresh rule compares with tau_t; "exit_targets/Et",
+the share of the batch whose gate target says "exit"; "refreshing/Et", 1 when the targets were
+taken from this batch's predictions, 0 when stored ones were used; "gate_open/Et", the share
+of the batch whose gate is >= 0.5 (where inference would leave).
 A debiasing method (occamnets/methods) replaces CE by its per-sample loss and the mean by its
 reduction, as the official Occam trainers' `compute_main_loss`; the seed's ablation without
 the output predictor's weighting (exit_weighting=False) drops (w + 0.1): the plain method loss.
@@ -37,10 +43,13 @@ def _all_gather(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 DEFAULT_TAUS = (0.5, 0.6, 0.7, 0.8)
+LOSS_PARTS = ("supp", "gate", "main")  # summed into the loss, per exit
+GATE_STATE_PARTS = ("train_acc", "exit_targets", "refreshing", "gate_open")  # logged only
 
 
 class OccamLoss(nn.Module):
-    """Total OccamNet loss and its per-exit components ("supp/E0", "gate/E0", "main/E0", ...).
+    """Total OccamNet loss and its per-exit components ("supp/E0", "gate/E0", "main/E0", ...),
+    with the gate's state per exit beside them (GATE_STATE_PARTS: for the logs, not summed).
 
     Args:
         num_items: size of the training set; item indices index the stored gate targets.
@@ -129,8 +138,9 @@ class OccamLoss(nn.Module):
                             "OccamLoss: item indices must be distinct within a batch (each "
                             "item's gate target is stored per item)")
 
-    def _refresh(self, correct: Tensor, labels: Tensor) -> Tensor:
-        """(E,) bool: refresh each exit's gate targets from this batch? `correct` (E, B) is
+    def _refresh(self, correct: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """(E,) bool: refresh each exit's gate targets from this batch?, and (E,) float64: the
+        mean per-class accuracy it compared with tau. `correct` (E, B) is
         each exit right on each sample. Updates the epoch's per-class accuracy (this batch
         included) and compares its mean with tau, as the official does it: per-class
         accuracies summed in the order the classes first appeared in the epoch, float64."""
@@ -162,19 +172,21 @@ class OccamLoss(nn.Module):
         for k in range(self.num_classes):
             total = total + ordered[:, k]
         mean_accuracy = total / (seen[0] > 0).sum().clamp_min(1)
-        return (mean_accuracy <= self.taus) | (self.epoch < self.min_epochs)
+        return (mean_accuracy <= self.taus) | (self.epoch < self.min_epochs), mean_accuracy
 
-    def _gate_targets(self, correct: Tensor, labels: Tensor, items: Tensor) -> Tensor:
+    def _gate_targets(self, correct: Tensor, labels: Tensor, items: Tensor
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
         """(E, B) float gate targets: this batch's correctness where the exit refreshes (and
-        for items never given one), else the stored ones; stored back per item."""
-        refresh = self._refresh(correct, labels)
+        for items never given one), else the stored ones; stored back per item. With them
+        _refresh's two (E,) results, for the logs."""
+        refresh, mean_accuracy = self._refresh(correct, labels)
         use_current = refresh[:, None] | ~self.has_target[:, items]
         targets = torch.where(use_current, correct.float(), self.gate_targets[:, items])
         all_items, all_targets = ((_all_gather(items), _all_gather(targets.t()).t())
                                   if _distributed() else (items, targets))
         self.gate_targets[:, all_items] = all_targets
         self.has_target[:, all_items] = True
-        return targets
+        return targets, refresh, mean_accuracy
 
     def _gate_loss(self, gate_logit: Tensor, targets: Tensor) -> Tensor:
         exit_count, continue_count = targets.sum(), (1 - targets).sum()
@@ -206,7 +218,8 @@ class OccamLoss(nn.Module):
 
     def forward(self, out: OccamOutput, labels: Tensor, items: Tensor,
                 groups: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """(total loss, {"supp/E0": ..., "gate/E0": ..., "main/E0": ..., ...}) for one batch.
+        """(total loss, {"supp/E0": ..., "gate/E0": ..., "main/E0": ..., ...} and the gate's
+        state per exit, GATE_STATE_PARTS) for one batch.
 
         `out` is an OccamNet output computed with labels; `items` are dataset item indices;
         `groups` their bias groups (for a method that uses them). Updates the state (call in
@@ -220,7 +233,7 @@ class OccamLoss(nn.Module):
         parts: Dict[str, Tensor] = {}
         with torch.no_grad():
             correct = torch.stack([e.logits.argmax(dim=1) == labels for e in out.exits]).double()
-            targets = self._gate_targets(correct, labels, items)
+            targets, refresh, mean_accuracy = self._gate_targets(correct, labels, items)
         for t, exit_out in enumerate(out.exits):
             logits = exit_out.logits.float()
             supp = self.supp_weight * exit_out.supp.float().mean()
@@ -230,4 +243,10 @@ class OccamLoss(nn.Module):
             total = total + supp + gate + main
             parts[f"supp/E{t}"], parts[f"gate/E{t}"], parts[f"main/E{t}"] = (
                 supp.detach(), gate.detach(), main.detach())
+        with torch.no_grad():  # all exits at once: 3 small kernels a step, no host read
+            state = {"train_acc": mean_accuracy, "exit_targets": targets.mean(1),
+                     "refreshing": refresh.double(),
+                     "gate_open": (torch.stack(out.gates).double() >= 0.5).double().mean(1)}
+        for name in GATE_STATE_PARTS:
+            parts.update((f"{name}/E{t}", value) for t, value in enumerate(state[name]))
         return total, parts

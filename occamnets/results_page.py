@@ -8,7 +8,7 @@ runs it after training both models on a GPU.
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from .data.biased_mnist import VAL_MIXED
 from .data.catalog import BIASED_MNIST
@@ -17,6 +17,7 @@ from .evaluate import Evaluation, percent
 from .config import RunConfig
 from .models import MODELS
 from .train import RunReport, read_metrics
+from .training_log import ExitHistory, epoch_boundaries, read_gate_history
 
 # The paper's training and validation images are drawn from MNIST's 60,000 training digits.
 PAPER_TRAINING_DIGITS = 60000
@@ -28,6 +29,11 @@ class RunFiles:
     directory: str
     report: RunReport
     epochs: List[Dict]      # the epoch records of metrics.jsonl
+    steps: List[Dict]       # its step records (loss parts and, for an OccamNet, gate state)
+
+    def gate_history(self) -> List[ExitHistory]:
+        """Each exit's gates over training (empty for a ResNet run)."""
+        return read_gate_history(self.steps, self.epochs, self.report.config.taus)
 
 
 def read_run(directory: str) -> RunFiles:
@@ -38,9 +44,9 @@ def read_run(directory: str) -> RunFiles:
                          f"it with `occamnets train --out {directory} --resume`)")
     with open(path) as handle:
         report = RunReport.from_dict(json.load(handle))
-    epochs = [r for r in read_metrics(os.path.join(directory, "metrics.jsonl"))
-              if r.get("kind") == "epoch"]
-    return RunFiles(directory, report, epochs)
+    records = read_metrics(os.path.join(directory, "metrics.jsonl"))
+    return RunFiles(directory, report, [r for r in records if r.get("kind") == "epoch"],
+                    [r for r in records if r.get("kind") == "step"])
 
 
 def check_comparable(resnet: RunReport, occam: RunReport) -> None:
@@ -179,9 +185,46 @@ def _curves(runs: Sequence[RunFiles]) -> List[str]:
     return lines
 
 
+def _last(values: List[float]) -> Optional[float]:
+    return values[-1] if values else None
+
+
+def _mean(values: List[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def _joined(shares: Iterable[Optional[float]]) -> str:
+    return " / ".join(percent(v) for v in shares)
+
+
+def _gates(occam: RunFiles) -> List[str]:
+    exits = occam.gate_history()
+    if not exits:
+        return ["Not in this run's metrics.jsonl (written before the gate state was logged)."]
+    names = " / ".join(f"E{e.exit_index}" for e in exits)
+    lines = ["Per epoch, each exit's value in the order " + names + ". Training accuracy: the "
+             "mean per-class accuracy on the training images at the epoch's last logged step, "
+             "against taus " + " / ".join(f"{e.tau:g}" for e in exits) + " (at or below its "
+             "tau an exit's gate targets are refreshed from the batch, above it the stored ones "
+             "are used). Exit targets and refreshed: the mean over the epoch's logged steps. "
+             "The last two columns: the share of the p_bias 0.5 validation images that "
+             "leave at each exit, and their accuracy.", "",
+             "| epoch | training accuracy % | exit targets % | refreshed % of steps | "
+             "val p_bias 0.5 leaving % | their accuracy % |", "|---|---|---|---|---|---|"]
+    boundaries = epoch_boundaries(occam.epochs)
+    for position, epoch in enumerate(exits[0].epochs):
+        accuracy = [_last(e.at_epoch(epoch, e.train_accuracy, boundaries)) for e in exits]
+        targets = [_mean(e.at_epoch(epoch, e.exit_targets, boundaries)) for e in exits]
+        refreshed = [_mean(e.at_epoch(epoch, e.refreshing, boundaries)) for e in exits]
+        lines.append(f"| {epoch} | {_joined(accuracy)} | {_joined(targets)} | "
+                     f"{_joined(refreshed)} | {_joined(e.mixed_share[position] for e in exits)} "
+                     f"| {_joined(e.mixed_accuracy[position] for e in exits)} |")
+    return lines
+
+
 def biased_mnist_page(resnet: RunFiles, occam: RunFiles, page_dir: str,
                       cams_picture: Optional[str] = None, exits_picture: Optional[str] = None,
-                      commands: Sequence[str] = ()) -> str:
+                      commands: Sequence[str] = (), gates_picture: Optional[str] = None) -> str:
     """The page's Markdown (pictures linked relative to `page_dir`, where it will be saved)."""
     check_comparable(resnet.report, occam.report)
     runs = [resnet, occam]
@@ -208,9 +251,11 @@ def biased_mnist_page(resnet: RunFiles, occam: RunFiles, page_dir: str,
              "A factor is aligned on an image when it takes the colour, texture or letter its "
              "class was given in training.", ""] + _factors(runs) + [
              "", "## Where the CAMs look (true class, unbiased test split)", ""] + _cams(runs) + [
-             "", "## Training, epoch by epoch", ""] + _curves(runs)
+             "", "## Training, epoch by epoch", ""] + _curves(runs) + [
+             "", "## OccamResNet-18's exit gates, epoch by epoch", ""] + _gates(occam)
     pictures = [(cams_picture, "The CAMs of both models on the same test images"),
-                (exits_picture, "Where OccamResNet-18's test images exit")]
+                (exits_picture, "Where OccamResNet-18's test images exit"),
+                (gates_picture, "OccamResNet-18's exits over training")]
     if any(path for path, _ in pictures):
         lines += ["", "## Pictures", ""]
         for path, title in pictures:

@@ -332,6 +332,20 @@ def training_time(metrics_path: str) -> Tuple[float, float]:
             sum(r.get("train_seconds", math.nan) for r in epochs))
 
 
+def exit_record(prefix: str, evaluation: Evaluation) -> Dict[str, Optional[float]]:
+    """An OccamNet's exits on a split, for an epoch record: per exit the share of the images
+    that left there ("PREFIX_exit_share/Et") and their accuracy ("PREFIX_exit_accuracy/Et",
+    None when none left there); nothing for a model without exits."""
+    if evaluation.exit_share is None:
+        return {}
+    record: Dict[str, Optional[float]] = {}
+    for t, (share, accuracy) in enumerate(zip(evaluation.exit_share,
+                                               evaluation.exit_accuracy_taken)):
+        record[f"{prefix}_exit_share/E{t}"] = share
+        record[f"{prefix}_exit_accuracy/E{t}"] = accuracy
+    return record
+
+
 def read_metrics(metrics_path: str) -> List[Dict]:
     if not os.path.exists(metrics_path):
         return []
@@ -719,14 +733,16 @@ class Trainer:
                       "device": self.device_name}
             val_split = config.dataset_spec.val
             if val_split in self.splits:
-                # Accuracy only: the epoch's record keeps nothing else.
+                # Accuracy (and an OccamNet's exits) only: the early-exit pass, no other.
                 val = self.evaluate(val_split, per_factor=False, diagnostics=False,
                                     per_group=False, per_exit=False)
-                record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s)
+                record.update(val_accuracy=val.accuracy, val_images_per_s=val.images_per_s,
+                              **exit_record("val", val))
             if VAL_MIXED in self.splits:
                 mixed = self.evaluate(VAL_MIXED, per_factor=False, diagnostics=False,
                                       per_group=False, per_exit=False)
                 record[f"{VAL_MIXED}_accuracy"] = mixed.accuracy
+                record.update(exit_record(VAL_MIXED, mixed))
             self._append_metrics(record)
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0

@@ -1,5 +1,7 @@
 """Pictures: CAM heatmaps of every exit, the exit distribution of early-exit inference,
-reliability diagrams (calibration) per exit, and the accuracy chart of a comparison grid."""
+reliability diagrams (calibration) per exit, the accuracy chart of a comparison grid, and an
+OccamNet's exit gates over training."""
+import os
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -8,6 +10,7 @@ import torch
 from .evaluate import CamPictureData, ExitDiagnostics
 from .files import atomic_path
 from .metrics import Reliability
+from .training_log import ExitHistory
 
 
 def _pyplot():
@@ -219,10 +222,69 @@ def save_comparison_chart(path: str, labels: Sequence[str], means: Sequence[floa
     return _save(fig, path, dpi=100)
 
 
+def save_gate_history(path: str, exits: Sequence[ExitHistory], epoch_ends: Sequence[int],
+                      title: str = "OccamResNet-18's exits over training") -> str:
+    """Six panels, one colour per exit: over the logged training steps, the running training
+    accuracy against its tau (dashed), the share of exit targets (solid) and of open gates
+    (dotted), the main and gate losses, and whether the gate targets were refreshed; per
+    epoch, the share of the validation images leaving at each exit (p_bias 0.5 solid, biased
+    dashed) and their accuracy at p_bias 0.5, with chance (10%) dotted. `epoch_ends`: the
+    global step at each epoch's end, drawn as grey lines."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
+    colours = [plt.get_cmap("tab10")(t) for t in range(len(exits))]
+    for e, colour in zip(exits, colours):
+        label = f"E{e.exit_index}"
+        axes[0, 0].plot(e.steps, 100 * np.asarray(e.train_accuracy), color=colour, label=label)
+        axes[0, 0].axhline(100 * e.tau, color=colour, linestyle="--", linewidth=0.8)
+        axes[0, 1].plot(e.steps, 100 * np.asarray(e.exit_targets), color=colour, label=label)
+        axes[0, 1].plot(e.steps, 100 * np.asarray(e.gate_open), color=colour, linestyle=":")
+        axes[0, 2].plot(e.steps, e.main_loss, color=colour, label=f"{label} main")
+        axes[0, 2].plot(e.steps, e.gate_loss, color=colour, linestyle="--")
+        axes[1, 0].plot(e.epochs, _percent_or_nan(e.mixed_share), color=colour, marker="o",
+                        label=label)
+        axes[1, 0].plot(e.epochs, _percent_or_nan(e.val_share), color=colour, linestyle="--")
+        axes[1, 1].plot(e.epochs, _percent_or_nan(e.mixed_accuracy), color=colour, marker="o",
+                        label=label)
+    axes[1, 1].axhline(10, color="grey", linewidth=0.8, linestyle=":")
+    for axis in axes[0]:
+        for end in epoch_ends:
+            axis.axvline(end, color="0.85", linewidth=0.6, zorder=0)
+    axes[0, 2].set_yscale("log")
+    panels = [(axes[0, 0], "training accuracy % (mean per class;\ntau dashed)", "step"),
+              (axes[0, 1], "exit targets % (solid)\nopen gates % (dotted)", "step"),
+              (axes[0, 2], "main loss (solid), gate loss (dashed)", "step"),
+              (axes[1, 0], "images leaving here %\n(val p_bias 0.5 solid, val dashed)",
+               "epoch"),
+              (axes[1, 1], "their accuracy % (val p_bias 0.5;\nchance dotted)", "epoch")]
+    for axis, ylabel, xlabel in panels:
+        axis.set_ylabel(ylabel, fontsize=8), axis.set_xlabel(xlabel, fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.legend(fontsize=7, loc="best")
+    for e, colour in zip(exits, colours):
+        # One lane per exit: up while the targets come from the batch, down while stored.
+        axes[1, 2].step(e.steps, e.exit_index + 0.7 * np.asarray(e.refreshing), where="post",
+                        color=colour)
+    axes[1, 2].set_yticks([e.exit_index + 0.35 for e in exits],
+                          [f"E{e.exit_index}" for e in exits])
+    axes[1, 2].set_title("gate targets refreshed (up) or stored (down)", fontsize=8)
+    axes[1, 2].set_xlabel("step", fontsize=8), axes[1, 2].tick_params(labelsize=7)
+    for end in epoch_ends:
+        axes[1, 2].axvline(end, color="0.85", linewidth=0.6, zorder=0)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path, dpi=90)
+
+
+def _percent_or_nan(values: Sequence[Optional[float]]) -> np.ndarray:
+    return np.asarray([np.nan if v is None else 100 * v for v in values], dtype=float)
+
+
 def _save(fig, path: str, dpi: int) -> str:
     """The figure as a PNG at `path`, written whole or not at all; the figure is closed."""
     plt = _pyplot()
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format="png")
     finally:

@@ -3,6 +3,7 @@ its epoch plan (bench/repro_plan.py) and the results page it writes (occamnets.r
 a GPU window for issue 17 runs exactly this, at the repro preset's size."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,6 +72,8 @@ def test_the_window_trains_both_models_and_writes_the_page_from_their_reports(wi
     assert reports["resnet"].config.biased_mnist() == reports["occam"].config.biased_mnist()
     assert "(biased_mnist/cams.png)" in page and (files / "cams.png").stat().st_size > 5000
     assert (files / "exits.png").stat().st_size > 5000
+    assert "(biased_mnist/gates.png)" in page and (files / "gates.png").stat().st_size > 5000
+    check_gate_table(page, files / "occam" / "metrics.jsonl", plan["epochs"])
     # The plan measured both models, each run's fixed cost from its probe's wall time.
     assert [m["model"] for m in plan["models"]] == ["resnet", "occam"]
     assert all(m["fixed_seconds"] > 0 and m["checkpoint_seconds"] > 0 for m in plan["models"])
@@ -88,6 +91,24 @@ def test_the_window_trains_both_models_and_writes_the_page_from_their_reports(wi
     table = stdout.splitlines()
     assert table[-2].split()[:2] == ["resnet", f"{100 * reports['resnet'].test.accuracy:.1f}"]
     assert table[-1].split()[:2] == ["occam", f"{100 * reports['occam'].test.accuracy:.1f}"]
+
+
+def check_gate_table(page, metrics_path, epochs):
+    """The page's gate table holds the metrics' values: one row per epoch; the first epoch's
+    targets all refreshed (min_epochs 1); each epoch's training accuracy the last step
+    record's of that epoch; the p_bias 0.5 validation images' exits as the epoch record."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    ends = {r["epoch"]: r for r in records if r["kind"] == "epoch"}
+    section = page.split("## OccamResNet-18's exit gates, epoch by epoch")[1].split("\n## ")[0]
+    rows = [line.split(" | ") for line in section.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(row[0][2:]) for row in rows] == list(range(1, epochs + 1))
+    assert rows[0][3] == " / ".join(["100.0"] * 4)
+    for row in rows:
+        epoch = int(row[0][2:])
+        logged = [r for r in records if r["kind"] == "step" and r["epoch"] == epoch]
+        assert row[1] == " / ".join(percent(logged[-1][f"train_acc/E{t}"]) for t in range(4))
+        leaving = [ends[epoch][f"val-p0.5_exit_share/E{t}"] for t in range(4)]
+        assert row[4] == " / ".join(percent(v) for v in leaving)
 
 
 def test_a_second_call_continues_and_trains_nothing_twice(window):

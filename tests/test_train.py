@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from host_reads import HostReads
 from occamnets.config import RunConfig
+from occamnets.losses import GATE_STATE_PARTS, LOSS_PARTS
 from occamnets.data import DeviceSplit
 from occamnets.methods import METHODS
 from occamnets.train import CheckpointMismatch, RunReport, Trainer, batches, steps_per_epoch
@@ -134,13 +135,38 @@ def test_metrics_log_every_loss_component(tmp_path):
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["global_step"] for r in steps] == [2, 4, 6]   # 7 steps: 6 of 8, one of 2
     assert [r["batch"] for r in steps] == [8, 8, 8]
-    parts = [k for k in steps[0] if "/E" in k]
-    assert sorted(parts) == sorted(f"{p}/E{t}" for p in ("supp", "gate", "main") for t in range(4))
+    parts = [k for k in steps[0] if k.split("/")[0] in LOSS_PARTS]
+    assert sorted(parts) == sorted(f"{p}/E{t}" for p in LOSS_PARTS for t in range(4))
+    state = sorted(k for k in steps[0] if k.split("/")[0] in GATE_STATE_PARTS)
+    assert state == sorted(f"{p}/E{t}" for p in GATE_STATE_PARTS for t in range(4))
+    assert len(parts) + len(state) == len([k for k in steps[0] if "/E" in k])
     for r in steps:
         assert r["loss"] == pytest.approx(sum(r[k] for k in parts), rel=1e-5)
+        # The first epoch always refreshes (min_epochs 1); the rest are shares of a batch of 8.
+        assert all(r[f"refreshing/E{t}"] == 1.0 for t in range(4))
+        assert all(r[f"{p}/E{t}"] * 8 == round(r[f"{p}/E{t}"] * 8)
+                   for p in ("exit_targets", "gate_open") for t in range(4))
+        assert all(0 <= r[f"train_acc/E{t}"] <= 1 for t in range(4))
     seconds = [r["epoch_seconds"] for r in steps]
     assert 0 < seconds[0] < seconds[1] < seconds[2]   # the epoch's training time so far
-    assert [r["kind"] for r in records].count("epoch") == 1
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 1
+    # Where the validation images left, as the evaluation counts them.
+    val = trainer.evaluate("val", per_factor=False, diagnostics=False, per_group=False,
+                           per_exit=False)
+    for prefix in ("val", "val-p0.5"):
+        shares = [epochs[0][f"{prefix}_exit_share/E{t}"] for t in range(4)]
+        assert sum(shares) == pytest.approx(1.0) and shares[0] == 0.0   # E0: not at inference
+    assert [epochs[0][f"val_exit_share/E{t}"] for t in range(4)] == val.exit_share
+    assert [epochs[0][f"val_exit_accuracy/E{t}"] for t in range(4)] == val.exit_accuracy_taken
+
+
+def test_a_resnet_run_logs_no_gate_state(tmp_path):
+    trainer = Trainer(config(tmp_path, model="resnet", epochs=1, log_every=2),
+                      synthetic_splits(n=16))
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records and not any("/E" in key for r in records for key in r)
 
 
 def test_two_runs_with_the_same_settings_end_with_identical_weights(tmp_path):
