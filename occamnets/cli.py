@@ -633,10 +633,10 @@ def _run_results(args) -> int:
         if not exits:
             raise ValueError(f"--gates-plot: {args.occam}/metrics.jsonl logged no gate state "
                              f"(a run from before it was logged); leave --gates-plot out")
-        from .training_log import epoch_boundaries
+        from .training_log import epoch_ends
         from .viz import save_gate_history
-        gates_picture = os.path.abspath(save_gate_history(
-            args.gates_plot, exits, sorted(epoch_boundaries(occam.epochs).values())))
+        gates_picture = os.path.abspath(save_gate_history(args.gates_plot, exits,
+                                                          epoch_ends(occam.epochs)))
     text = biased_mnist_page(resnet, occam, page_dir,
                              args.cams and os.path.abspath(args.cams),
                              args.exits and os.path.abspath(args.exits), commands,

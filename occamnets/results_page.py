@@ -17,7 +17,7 @@ from .evaluate import Evaluation, percent
 from .config import RunConfig
 from .models import MODELS
 from .train import RunReport, read_metrics
-from .training_log import ExitHistory, epoch_boundaries, read_gate_history
+from .training_log import ExitHistory, read_gate_history
 
 # The paper's training and validation images are drawn from MNIST's 60,000 training digits.
 PAPER_TRAINING_DIGITS = 60000
@@ -211,11 +211,10 @@ def _gates(occam: RunFiles) -> List[str]:
              "leave at each exit, and their accuracy.", "",
              "| epoch | training accuracy % | exit targets % | refreshed % of steps | "
              "val p_bias 0.5 leaving % | their accuracy % |", "|---|---|---|---|---|---|"]
-    boundaries = epoch_boundaries(occam.epochs)
     for position, epoch in enumerate(exits[0].epochs):
-        accuracy = [_last(e.at_epoch(epoch, e.train_accuracy, boundaries)) for e in exits]
-        targets = [_mean(e.at_epoch(epoch, e.exit_targets, boundaries)) for e in exits]
-        refreshed = [_mean(e.at_epoch(epoch, e.refreshing, boundaries)) for e in exits]
+        accuracy = [_last(e.in_epoch(epoch, e.train_accuracy)) for e in exits]
+        targets = [_mean(e.in_epoch(epoch, e.exit_targets)) for e in exits]
+        refreshed = [_mean(e.in_epoch(epoch, e.refreshing)) for e in exits]
         lines.append(f"| {epoch} | {_joined(accuracy)} | {_joined(targets)} | "
                      f"{_joined(refreshed)} | {_joined(e.mixed_share[position] for e in exits)} "
                      f"| {_joined(e.mixed_accuracy[position] for e in exits)} |")

@@ -17,6 +17,7 @@ class ExitHistory:
     exit_index: int
     tau: float                        # the refresh rule's accuracy threshold for this exit
     steps: List[int]                  # global step of each step record
+    step_epochs: List[int]            # the epoch (1-based) each step record belongs to
     train_accuracy: List[float]       # the epoch's running mean per-class training accuracy
     exit_targets: List[float]         # share of the batch whose gate target says "exit"
     refreshing: List[float]           # 1: targets from this batch's predictions, 0: stored
@@ -28,13 +29,9 @@ class ExitHistory:
     mixed_share: List[Optional[float]]        # the same on the p_bias 0.5 validation split
     mixed_accuracy: List[Optional[float]]     # accuracy of the images that left here there
 
-    def at_epoch(self, epoch: int, series: List[float], boundaries: Dict[int, int]
-                 ) -> List[float]:
-        """The values of step `series` logged within `epoch` (1-based), given each epoch's
-        last global step in `boundaries`."""
-        first = boundaries.get(epoch - 1, 0)
-        last = boundaries.get(epoch, float("inf"))
-        return [v for s, v in zip(self.steps, series) if first < s <= last]
+    def in_epoch(self, epoch: int, series: List[float]) -> List[float]:
+        """The values of step `series` logged within `epoch` (1-based)."""
+        return [v for e, v in zip(self.step_epochs, series) if e == epoch]
 
 
 def read_gate_history(step_records: Sequence[Dict], epoch_records: Sequence[Dict],
@@ -55,6 +52,7 @@ def read_gate_history(step_records: Sequence[Dict], epoch_records: Sequence[Dict
 
         histories.append(ExitHistory(
             exit_index=t, tau=tau, steps=[r["global_step"] for r in logged],
+            step_epochs=[r["epoch"] for r in logged],
             train_accuracy=steps("train_acc"), exit_targets=steps("exit_targets"),
             refreshing=steps("refreshing"), gate_open=steps("gate_open"),
             main_loss=steps("main"), gate_loss=steps("gate"),
@@ -64,6 +62,6 @@ def read_gate_history(step_records: Sequence[Dict], epoch_records: Sequence[Dict
     return histories
 
 
-def epoch_boundaries(epoch_records: Sequence[Dict]) -> Dict[int, int]:
-    """Epoch (1-based) -> the global step at its end."""
-    return {r["epoch"]: r["global_step"] for r in epoch_records}
+def epoch_ends(epoch_records: Sequence[Dict]) -> List[int]:
+    """The global step at each epoch's end, in order."""
+    return sorted(r["global_step"] for r in epoch_records)
