@@ -9,9 +9,9 @@ Per exit t, each averaged over the batch:
 Beside the loss parts, forward reports the gate's state per exit for the training logs (device
 tensors, read every log_every steps with the parts): "train_acc/Et", the epoch's running mean
 per-class training accuracy that the refresh rule compares with tau_t; "exit_targets/Et",
-the share of the batch whose gate target says "exit"; "refreshing/Et", 1 when the targets were
-taken from this batch's predictions, 0 when stored ones were used; "gate_open/Et", the share
-of the batch whose gate is >= 0.5 (where inference would leave).
+the share of the batch whose gate target says "exit"; "refreshing/Et", true (1 in the logs)
+when the targets were taken from this batch's predictions, false (0) when stored ones were
+used; "gate_open/Et", the share of the batch whose gate is >= 0.5 (where inference leaves).
 A debiasing method (occamnets/methods) replaces CE by its per-sample loss and the mean by its
 reduction, as the official Occam trainers' `compute_main_loss`; the seed's ablation without
 the output predictor's weighting (exit_weighting=False) drops (w + 0.1): the plain method loss.
@@ -243,11 +243,12 @@ class OccamLoss(nn.Module):
             total = total + supp + gate + main
             parts[f"supp/E{t}"], parts[f"gate/E{t}"], parts[f"main/E{t}"] = (
                 supp.detach(), gate.detach(), main.detach())
-        with torch.no_grad():  # all exits at once: 5 small kernels a step, no host read
+        with torch.no_grad():  # all exits at once: 4 small kernels a step, no host read
             # 0.5 is exact in every float dtype: comparing in the gate's own dtype decides as
-            # inference's float64 comparison does.
+            # inference's float64 comparison does. `refresh` stays bool: a log step converts
+            # every part to float when it reads them, the other steps need no conversion.
             state = {"train_acc": mean_accuracy, "exit_targets": targets.mean(1),
-                     "refreshing": refresh.double(),
+                     "refreshing": refresh,
                      "gate_open": (torch.stack(out.gates) >= 0.5).mean(1, dtype=torch.float64)}
         for name in GATE_STATE_PARTS:
             parts.update((f"{name}/E{t}", value) for t, value in enumerate(state[name]))
