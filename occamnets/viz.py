@@ -158,8 +158,7 @@ def save_sample_grid(path: str, images: torch.Tensor, labels: torch.Tensor,
 def _reliability_panel(axis, reliability: Reliability, title: str) -> None:
     bins = len(reliability.counts)
     centres = (np.arange(bins) + 0.5) / bins
-    frequency = np.array([np.nan if f is None else f for f in reliability.frequency])
-    confidence = np.array([np.nan if c is None else c for c in reliability.confidence])
+    frequency, confidence = _floats(reliability.frequency), _floats(reliability.confidence)
     axis.bar(centres, np.nan_to_num(frequency), width=1 / bins, color="tab:blue",
              edgecolor="white", label="observed")
     # The gap to perfect calibration, from each bin's mean confidence.
@@ -206,7 +205,7 @@ def save_comparison_chart(path: str, labels: Sequence[str], means: Sequence[floa
     palette = {kind: plt.get_cmap("tab10")(i) for i, kind in enumerate(dict.fromkeys(kinds))}
     fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.38 * len(labels)))
     positions = np.arange(len(labels))[::-1]
-    errors = [np.nan if s is None else 100 * s for s in stds]   # NaN: no bar drawn
+    errors = 100 * _floats(stds)   # NaN: no bar drawn
     ax.barh(positions, [100 * m for m in means], xerr=errors, capsize=3,
             color=[palette[k] for k in kinds], edgecolor="black", linewidth=0.5)
     for y, mean in zip(positions, means):
@@ -241,13 +240,16 @@ def save_gate_history(path: str, exits: Sequence[ExitHistory], epoch_ends: Seque
         axes[0, 1].plot(e.steps, 100 * np.asarray(e.gate_open), color=colour, linestyle=":")
         axes[0, 2].plot(e.steps, e.main_loss, color=colour, label=f"{label} main")
         axes[0, 2].plot(e.steps, e.gate_loss, color=colour, linestyle="--")
-        axes[1, 0].plot(e.epochs, _percent_or_nan(e.mixed_share), color=colour, marker="o",
+        axes[1, 0].plot(e.epochs, 100 * _floats(e.mixed_share), color=colour, marker="o",
                         label=label)
-        axes[1, 0].plot(e.epochs, _percent_or_nan(e.val_share), color=colour, linestyle="--")
-        axes[1, 1].plot(e.epochs, _percent_or_nan(e.mixed_accuracy), color=colour, marker="o",
+        axes[1, 0].plot(e.epochs, 100 * _floats(e.val_share), color=colour, linestyle="--")
+        axes[1, 1].plot(e.epochs, 100 * _floats(e.mixed_accuracy), color=colour, marker="o",
                         label=label)
+        # One lane per exit: up while the targets come from the batch, down while stored.
+        axes[1, 2].step(e.steps, e.exit_index + 0.7 * np.asarray(e.refreshing), where="post",
+                        color=colour)
     axes[1, 1].axhline(10, color="grey", linewidth=0.8, linestyle=":")
-    for axis in axes[0]:
+    for axis in [*axes[0], axes[1, 2]]:   # the panels drawn over steps
         for end in epoch_ends:
             axis.axvline(end, color="0.85", linewidth=0.6, zorder=0)
     axes[0, 2].set_yscale("log")
@@ -261,23 +263,18 @@ def save_gate_history(path: str, exits: Sequence[ExitHistory], epoch_ends: Seque
         axis.set_ylabel(ylabel, fontsize=8), axis.set_xlabel(xlabel, fontsize=8)
         axis.tick_params(labelsize=7)
         axis.legend(fontsize=7, loc="best")
-    for e, colour in zip(exits, colours):
-        # One lane per exit: up while the targets come from the batch, down while stored.
-        axes[1, 2].step(e.steps, e.exit_index + 0.7 * np.asarray(e.refreshing), where="post",
-                        color=colour)
     axes[1, 2].set_yticks([e.exit_index + 0.35 for e in exits],
                           [f"E{e.exit_index}" for e in exits])
     axes[1, 2].set_title("gate targets refreshed (up) or stored (down)", fontsize=8)
     axes[1, 2].set_xlabel("step", fontsize=8), axes[1, 2].tick_params(labelsize=7)
-    for end in epoch_ends:
-        axes[1, 2].axvline(end, color="0.85", linewidth=0.6, zorder=0)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path, dpi=90)
 
 
-def _percent_or_nan(values: Sequence[Optional[float]]) -> np.ndarray:
-    return np.asarray([np.nan if v is None else 100 * v for v in values], dtype=float)
+def _floats(values: Sequence[Optional[float]]) -> np.ndarray:
+    """The values as floats, NaN where one is None (matplotlib leaves NaN undrawn)."""
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
 
 
 def _save(fig, path: str, dpi: int) -> str:
