@@ -115,6 +115,16 @@ run_step timings 120 "$PY" -m pytest bench "${bench_args[@]}" \
   --benchmark-json="$out/bench_main.json"
 run_step profile 60 "$PY" bench/gpu_check.py profile --out "$out" $smoke_flag
 
+# Our training against the official code's, step by step in lockstep, fp32 with TF32 off
+# (bench/official_training_parity.py): on a GPU with the fused Triton exit heads. Only with a
+# checkout of the official code (OCCAM_OFFICIAL), as the peer above.
+if [ -n "${OCCAM_OFFICIAL:-}" ]; then
+  if [ $smoke = 1 ]; then parity_args=(--device cpu --backend reference)
+  else parity_args=(--device cuda --backend triton); fi
+  run_step official_training 60 "$PY" bench/official_training_parity.py \
+    --official "$OCCAM_OFFICIAL" "${parity_args[@]}"
+fi
+
 # The inductor baselines compile for a while: apart, after the rest, so a timeout there
 # loses only them.
 run_step timings_compiled 120 "$PY" -m pytest bench "${bench_args[@]}" \
