@@ -13,10 +13,11 @@ make_optimizer). Both see the same batches, in the same order, with the same ite
 fp32 with TF32 off.
 
 In lockstep: after each step ours takes the official's new weights and BatchNorm statistics, so
-every step compares one step of each from the same point. (Run free, the two drift apart as the
-official code drifts from itself when its weights are nudged by one float32 rounding: bench/
-NOTES.md.) The loss and each exit gate's state are never synchronised: the per-item targets,
-the epoch's per-class accuracy and the running maxima are each side's own, over all epochs.
+every step compares one step of each from the same point. Everything else is each side's own
+over all epochs: the optimiser's moments, and each exit gate's state (the per-item targets, the
+epoch's per-class accuracy, the running maxima). Run free (--free-running, a picture and not a
+check), the two drift apart as the official code drifts from a copy of itself with every weight
+one float32 rounding away, which the table shows beside them.
 
 Printed per epoch, the largest differences: of every loss part (supp, gate, main per exit, and
 the total; relative), of each parameter's gradient and of the BatchNorm statistics after the
@@ -32,6 +33,7 @@ or the stored gate targets differ. `--set NAME=VALUE` changes our config only (t
 check fail).
 """
 import argparse
+import copy
 import dataclasses
 import os
 import sys
@@ -131,8 +133,45 @@ def statistics_difference(ours, theirs) -> float:
                for name, value in ours.named_buffers() if value.is_floating_point())
 
 
-def official_targets(driver, exit_index: int) -> Dict[int, float]:
-    return dict(getattr(driver, f"ExitGateLoss_{exit_index}").item_to_correctness)
+class OfficialSide:
+    """An official model trained by the official OccamTrainer's training_step and Adam (as
+    ours: make_optimizer), with the loss parts its step logs ("supp E=0", ..., and "total")."""
+
+    def __init__(self, checkout: str, model: torch.nn.Module, config: RunConfig):
+        self.driver = official_training_step(checkout, model)
+        self.parts: Dict[str, torch.Tensor] = {}
+        self.driver.log = lambda name, value, **kwargs: self.parts.__setitem__(
+            name, value.detach())
+        self.optimizer = make_optimizer(config, model.parameters())
+
+    def loss(self, x, y, rows, epoch: int, step: int) -> torch.Tensor:
+        self.parts.clear()
+        self.driver.current_epoch = epoch
+        loss = self.driver.training_step({"x": x, "y": y, "item_ix": rows}, step)
+        self.parts["total"] = loss.detach()
+        return loss
+
+    def targets(self, exit_index: int) -> Dict[int, float]:
+        """The stored gate targets of exit `exit_index`: item -> 0.0 or 1.0."""
+        return dict(getattr(self.driver, f"ExitGateLoss_{exit_index}").item_to_correctness)
+
+
+def nudged(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of `model` with every parameter element one float rounding up or down."""
+    copy_ = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for parameter in copy_.parameters():
+            up = torch.rand(parameter.shape, generator=generator) < 0.5
+            towards = torch.where(up, float("inf"), float("-inf")).to(parameter)
+            parameter.copy_(torch.nextafter(parameter, towards))
+    return copy_
+
+
+def largest_difference(parts: Dict[str, torch.Tensor],
+                       official: Dict[str, torch.Tensor]) -> float:
+    """Largest relative difference over the official's loss parts."""
+    return max(relative(parts[name], value) for name, value in official.items())
 
 
 def our_targets(loss, exit_index: int) -> Dict[int, float]:
@@ -158,6 +197,10 @@ def main() -> int:
     parser.add_argument("--gradient-tolerance", type=float, default=1e-3,
                         help="largest norm-relative difference of a gradient or a BatchNorm "
                              "statistic")
+    parser.add_argument("--free-running", action="store_true",
+                        help="no lockstep, and not a check: each side keeps its own weights, "
+                             "beside the official code's drift from itself nudged by one "
+                             "rounding")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="change one setting of our config, not the official's (a tuple "
                              "as comma-separated numbers): to see the check fail")
@@ -182,73 +225,86 @@ def main() -> int:
     ours = load_official_state_dict(
         occam_resnet18(args.classes, width=args.width, stem="3x3", backend=args.backend),
         theirs.state_dict()).to(device).train()
-    driver = official_training_step(args.official, theirs)
-    captured: Dict[str, torch.Tensor] = {}
-    driver.log = lambda name, value, **kwargs: captured.__setitem__(name, value.detach())
+    # Free-running, the official code beside itself with every weight one rounding away: how
+    # far float rounding alone carries a run from the official one.
+    sides = [OfficialSide(args.official, model, config) for model in
+             ([theirs, nudged(theirs, args.seed)] if args.free_running else [theirs])]
+    official_side = sides[0]
 
     num_items = args.batches * args.batch_size
     images, labels = synthetic_data(num_items, args.classes, args.size, args.seed)
     images, labels = images.to(device), labels.to(device)
     train = LabelledItems(labels, torch.zeros(num_items, 1), ["none"], device=device)
     objective = make_objective(config, ours, train, args.classes, device)
-    their_optimizer = make_optimizer(config, theirs.parameters())
     our_optimizer = make_optimizer(config, ours.parameters())
+    optimizers = [side.optimizer for side in sides] + [our_optimizer]
     order_generator = torch.Generator().manual_seed(args.seed + 1)
 
     worst_part, worst_gradient, worst_apart, same_targets = 0.0, 0.0, 0.0, True
+    worst_control = 0.0
     apart = biases_before_batchnorm(ours)
     print(f"{args.epochs} epochs x {args.batches} steps of {args.batch_size} images, "
           f"{args.size} px, width {args.width}, {args.classes} classes, {config.optimizer} "
-          f"lr {config.lr:g}, on {device}, our exit heads' backend {args.backend}")
+          f"lr {config.lr:g}, on {device}, our exit heads' backend {args.backend}, "
+          f"{'free-running' if args.free_running else 'in lockstep'}")
     print(f"largest differences per epoch: loss parts (relative), gradients and BatchNorm "
           f"statistics (norm-relative); apart: the {len(apart)} biases a BatchNorm follows, "
           f"their largest gradient norm over the others'")
     print("epoch | loss parts | gradients | BN statistics | apart | steps refreshed E0..E3 | "
-          "stored targets same | items stored E0..E3")
+          "stored targets same | items stored E0..E3"
+          + (" | official nudged: loss parts" if args.free_running else ""))
     for epoch in range(args.epochs):
-        driver.current_epoch = epoch
         objective.on_epoch_start(epoch)
         order = torch.randperm(num_items, generator=order_generator).to(device)
         epoch_parts, epoch_gradients, epoch_statistics, epoch_apart = 0.0, 0.0, 0.0, 0.0
-        refreshed = [0] * ours.num_exits
+        epoch_control, refreshed = 0.0, [0] * ours.num_exits
         for step in range(args.batches):
             rows = order[step * args.batch_size:(step + 1) * args.batch_size]
             x, y = images[rows], labels[rows]
-            captured.clear()
-            their_loss = driver.training_step({"x": x, "y": y, "item_ix": rows}, step)
+            losses = [side.loss(x, y, rows, epoch, step) for side in sides]
             out = objective(ours, x, y, rows, progress=0.0)
-            for optimizer, loss in ((their_optimizer, their_loss), (our_optimizer, out.loss)):
+            for optimizer, loss in zip(optimizers, losses + [out.loss]):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             gradients, gradients_apart = gradient_differences(ours, theirs, apart)
-            their_optimizer.step()
-            our_optimizer.step()
-            differences = [relative(out.loss.detach(), their_loss.detach())]
+            for optimizer in optimizers:
+                optimizer.step()
+            ours_parts = {"total": out.loss.detach()}
             for t in range(ours.num_exits):
-                differences += [relative(out.parts[f"{kind}/E{t}"], captured[f"{kind} E={t}"])
-                                for kind in PART_KINDS]
+                ours_parts.update((f"{kind} E={t}", out.parts[f"{kind}/E{t}"])
+                                  for kind in PART_KINDS)
                 refreshed[t] += int(out.parts[f"refreshing/E{t}"])
-            epoch_parts = max(epoch_parts, *differences)
+            epoch_parts = max(epoch_parts, largest_difference(ours_parts, official_side.parts))
+            if args.free_running:
+                epoch_control = max(epoch_control,
+                                    largest_difference(sides[1].parts, official_side.parts))
             epoch_gradients = max(epoch_gradients, gradients)
             epoch_apart = max(epoch_apart, gradients_apart)
             epoch_statistics = max(epoch_statistics, statistics_difference(ours, theirs))
-            # Lockstep: ours continues from the official's weights, so the next step compares
-            # one step of each from the same point (float rounding is not amplified over steps).
-            load_official_state_dict(ours, theirs.state_dict())
-        same = [our_targets(objective.loss, t) == official_targets(driver, t)
+            if not args.free_running:
+                # Lockstep: ours continues from the official's weights, so the next step
+                # compares one step of each from the same point.
+                load_official_state_dict(ours, theirs.state_dict())
+        same = [our_targets(objective.loss, t) == official_side.targets(t)
                 for t in range(ours.num_exits)]
         stored = [len(our_targets(objective.loss, t)) for t in range(ours.num_exits)]
         print(f"{epoch:5d} | {epoch_parts:.2e} | {epoch_gradients:.2e} | "
               f"{epoch_statistics:.2e} | {epoch_apart:.2e} | {refreshed} | {all(same)} | "
-              f"{stored}")
+              f"{stored}" + (f" | {epoch_control:.2e}" if args.free_running else ""))
         worst_part = max(worst_part, epoch_parts)
         worst_gradient = max(worst_gradient, epoch_gradients, epoch_statistics)
         worst_apart = max(worst_apart, epoch_apart)
         same_targets = same_targets and all(same)
+        worst_control = max(worst_control, epoch_control)
 
+    settings = "differ" if mismatches else "are the official trainer's"
+    if args.free_running:  # a picture of drift, not a check: the status says the settings
+        print(f"free-running (not a check): ours against the official, loss parts within "
+              f"{worst_part:.2e}; the official against itself nudged by one rounding, "
+              f"{worst_control:.2e}; settings {settings}")
+        return 1 if mismatches else 0
     ok = (not mismatches and worst_part <= args.tolerance and same_targets
           and worst_gradient <= args.gradient_tolerance)
-    settings = "differ" if mismatches else "are the official trainer's"
     print(f"{'PASS' if ok else 'FAIL'}: loss parts within {worst_part:.2e} (tolerance "
           f"{args.tolerance:.0e}), gradients and BN statistics within {worst_gradient:.2e} "
           f"(tolerance {args.gradient_tolerance:.0e}; the biases a BatchNorm follows: "
