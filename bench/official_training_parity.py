@@ -100,7 +100,7 @@ def biases_before_batchnorm(model: torch.nn.Module) -> List[str]:
             for index, (layer, following) in enumerate(zip(module, list(module)[1:])):
                 if (isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))
                         and layer.bias is not None
-                        and isinstance(following, torch.nn.modules.batchnorm._BatchNorm)):
+                        and isinstance(following, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))):
                     names.append(f"{prefix}.{index}.bias")
     return names
 
