@@ -44,14 +44,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from occamnets.config import RunConfig  # noqa: E402
 from occamnets.data.loaders import LabelledItems  # noqa: E402
+from occamnets.losses import LOSS_PARTS  # noqa: E402
 from occamnets.models import occam_resnet18  # noqa: E402
 from occamnets.models.official import (from_official_state_dict,  # noqa: E402
                                        load_official_state_dict)
 from occamnets.train import make_objective, make_optimizer  # noqa: E402
 
+from gpu_check import relative_error  # noqa: E402
 from official_code import OCCAM_TRAINER_SETTINGS, import_official, official_training_step  # noqa: E402,E501
-
-PART_KINDS = ("supp", "gate", "main")
 
 
 def settings_mismatches(config: RunConfig) -> List[str]:
@@ -83,11 +83,6 @@ def synthetic_data(items: int, classes: int, size: int, seed: int):
     labels = torch.arange(items) % classes
     noise = torch.rand(items, 3, size, size, generator=generator)
     return (0.5 * patterns[labels] + 0.5 * noise), labels
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def biases_before_batchnorm(model: torch.nn.Module) -> List[str]:
@@ -171,12 +166,14 @@ def nudged(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def largest_difference(parts: Dict[str, torch.Tensor],
                        official: Dict[str, torch.Tensor]) -> float:
     """Largest relative difference over the official's loss parts."""
-    return max(relative(parts[name], value) for name, value in official.items())
+    return max(relative_error(parts[name], value) for name, value in official.items())
 
 
 def our_targets(loss, exit_index: int) -> Dict[int, float]:
-    held = loss.has_target[exit_index].nonzero().flatten().tolist()
-    return {item: float(loss.gate_targets[exit_index, item]) for item in held}
+    """OccamLoss's stored gate targets of exit `exit_index`: item -> 0.0 or 1.0 (one copy to
+    the host, not one per item)."""
+    held = loss.has_target[exit_index].nonzero().flatten()
+    return dict(zip(held.tolist(), loss.gate_targets[exit_index, held].tolist()))
 
 
 def main() -> int:
@@ -272,7 +269,7 @@ def main() -> int:
             ours_parts = {"total": out.loss.detach()}
             for t in range(ours.num_exits):
                 ours_parts.update((f"{kind} E={t}", out.parts[f"{kind}/E{t}"])
-                                  for kind in PART_KINDS)
+                                  for kind in LOSS_PARTS)
                 refreshed[t] += int(out.parts[f"refreshing/E{t}"])
             epoch_parts = max(epoch_parts, largest_difference(ours_parts, official_side.parts))
             if args.free_running:
