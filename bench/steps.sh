@@ -7,8 +7,10 @@
 # A failed or timed-out step is recorded and the caller goes on. A step named in
 # OCCAM_SKIP_STEPS (names separated by spaces or commas) is recorded as "skipped" and not run:
 # a window that has already proven a step spends its minutes on the others.
+# $limit_scale (default 1) multiplies every LIMIT_SECONDS: a CPU smoke mode runs the GPU's
+# limits on a 2-core machine, whose speed varies from run to run.
 run_step() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * ${limit_scale:-1} )); shift 2
   local skip=${OCCAM_SKIP_STEPS:-}
   if [[ " ${skip//,/ } " == *" $name "* ]]; then
     printf '%s\tskipped\t0\t0\n' "$name" >> "$out/steps.tsv"

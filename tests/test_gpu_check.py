@@ -38,6 +38,10 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     assert set(summary["correctness"]) == {"exit_head", "one_pass", "cam", "compact", "predict",
                                            "large_index"}
     assert all(g["passed"] == g["total"] > 0 for g in summary["correctness"].values())
+    # The many-classes groups take the multi-block path (more than 64 classes) in the smoke too.
+    cases = json.loads((out / "correctness.json").read_text())
+    assert any(c["group"] == "exit_head" and int(re.search(r" K=(\d+) ", c["case"])[1]) > 64
+               for c in cases), [c["case"] for c in cases]
     assert summary["environment"]["smoke"] is True
     assert any(line.startswith("exit_head forward_backward 58x64x64") and "compiled" in line
                for line in summary["headlines"]), summary["headlines"]
@@ -88,6 +92,19 @@ def test_a_step_named_in_occam_skip_steps_is_recorded_and_not_run(tmp_path):
     assert rows == [["tests", "skipped"], ["tests_b", "pass"], ["test", "pass"],
                     ["other", "skipped"]]
     assert not (tmp_path / "tests_ran").exists() and not (tmp_path / "tests.log").exists()
+
+
+def test_limit_scale_multiplies_each_limit_within_the_budget(tmp_path):
+    """The smoke modes' limit_scale: a step's limit is scaled, then still clipped to what is
+    left of the budget."""
+    script = (f"set -u; out={tmp_path}; : > $out/steps.tsv; budget=100; start=$SECONDS; "
+              f"reserve=0; script_name=t; limit_scale=3; source {ROOT}/bench/steps.sh; "
+              "run_step short 5 true; run_step long 40 true")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("short", "pass"), ("long", "pass")]
+    assert int(rows[0][3]) == 15 and 95 <= int(rows[1][3]) <= 100, rows
 
 
 def test_every_test_file_the_gpu_check_names_exists():
