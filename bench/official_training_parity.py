@@ -282,9 +282,9 @@ def main() -> int:
                 # Lockstep: ours continues from the official's weights, so the next step
                 # compares one step of each from the same point.
                 load_official_state_dict(ours, theirs.state_dict())
-        same = [our_targets(objective.loss, t) == official_side.targets(t)
-                for t in range(ours.num_exits)]
-        stored = [len(our_targets(objective.loss, t)) for t in range(ours.num_exits)]
+        held = [our_targets(objective.loss, t) for t in range(ours.num_exits)]
+        same = [targets == official_side.targets(t) for t, targets in enumerate(held)]
+        stored = [len(targets) for targets in held]
         print(f"{epoch:5d} | {epoch_parts:.2e} | {epoch_gradients:.2e} | "
               f"{epoch_statistics:.2e} | {epoch_apart:.2e} | {refreshed} | {all(same)} | "
               f"{stored}" + (f" | {epoch_control:.2e}" if args.free_running else ""))
