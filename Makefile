@@ -8,8 +8,16 @@ PY        := $(VENV)/bin/python
 PIP       := $(PY) -m pip
 # CUDA 13.0 builds; on the CI machines they come from a local wheelhouse.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-DEPS      := triton numpy pillow tqdm matplotlib mlxtend scipy tensorboard h5py pytest pytest-benchmark
+DEPS      := triton numpy pillow tqdm matplotlib mlxtend scipy tensorboard h5py pytest pytest-benchmark \
+             pytest-xdist
 export MAX_JOBS ?= 2
+# pytest-xdist workers for the suites below, one test file per worker at a time (--dist
+# loadfile: a module's fixtures are built once), in the order conftest.py gives them (longest
+# files first; xdist would otherwise sort files by their number of tests). A single pytest
+# process kept one of CI's two cores busy (17m37s of CPU in 16m27s, 2026-11-28).
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST     := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 STAMP     := $(VENV)/.occam-installed
 
 # The GPU host's Triton (3.6; DEVELOPERS.md "The GPU"), layered over .venv: only triton and a
@@ -78,7 +86,7 @@ $(HOST_VENV)/.installed: $(HOST_VENV)/.pins $(VENV)/.deps-installed | $(STAMP)
 	touch $@
 
 test: install
-	$(PY) -m pytest --benchmark-disable
+	$(PY) -m pytest --benchmark-disable $(XDIST)
 	$(MAKE) --no-print-directory test-host-triton
 
 # Every Triton-marked test under the host's Triton (interpreter), then every kernel compiled
@@ -86,7 +94,7 @@ test: install
 # here, not in a GPU window. Its known spills are reported, not fatal (bench/NOTES.md; the
 # spill-free rule holds for CI's Triton).
 test-host-triton: install $(HOST_VENV)/.installed
-	$(HOST_PY) -m pytest --benchmark-disable -q -p no:cacheprovider -m triton tests \
+	$(HOST_PY) -m pytest --benchmark-disable -q -p no:cacheprovider $(XDIST) -m triton tests \
 	  $(TRITON36_WARNINGS)
 	$(HOST_PY) bench/codegen.py --quick --spills-ok --json $(HOST_VENV)/codegen.json \
 	  > $(HOST_VENV)/codegen.log
@@ -132,7 +140,7 @@ test-host-stack: $(STACK_VENV)/ext/.built
 	@echo "test-host-stack: leaving out $(STACK_LEFT_OUT) (triton 3.6 spills 4 bytes, bench/NOTES.md)"
 	cd $(STACK_TREE) && $(if $(wildcard .official),OCCAM_OFFICIAL=$(CURDIR)/.official) \
 	  PYTHONPATH=$$PWD $(CURDIR)/$(STACK_PY) -m pytest --benchmark-disable -q -p no:cacheprovider \
-	  --deselect $(STACK_LEFT_OUT) $(TRITON36_WARNINGS)
+	  $(XDIST) --deselect $(STACK_LEFT_OUT) $(TRITON36_WARNINGS)
 
 # The main job: Biased MNIST, the ResNet baseline and OccamResNet-18 side by side (a quick
 # preset on CPU, a larger one on GPU); pictures land in runs/demo and docs/.
