@@ -10,35 +10,16 @@ run on CPU under the interpreter without a GPU, and on CUDA natively with one, w
 CPU cases are deselected. The rule is checked at collection on every host, so a test that
 breaks it fails in CI rather than on the next GPU.
 
-Under pytest-xdist (`make test` runs two workers) it also shares the cores out and starts the
-longest files first; see `worker_threads` and `LONGEST_FILES`.
+Under pytest-xdist (`make test` runs two workers) it also starts the longest files first; see
+`LONGEST_FILES`.
 """
 import importlib
 import os
 import pkgutil
 
 
-def worker_threads() -> int | None:
-    """Threads per xdist worker: its share of the cores (None outside xdist). Each process would
-    otherwise start one thread per core, and two workers on CI's two cores spent 56% more CPU
-    time for the same suite (27m29s against 17m37s, 2026-11-28). Set in the environment before
-    torch and numpy load their thread pools, so the processes a test starts inherit it."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers < 1:
-        return None
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
-_threads = worker_threads()
-if _threads is not None:
-    for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_name, str(_threads))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-if _threads is not None:
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+import pytest
+import torch
 
 # The files that took longest alone (--durations, one process, 2026-11-28: the GPU-check smoke
 # 281 s, the repro-window tests 113 s, torchrun 72 s, the official-training parity 37 s, the

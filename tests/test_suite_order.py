@@ -1,5 +1,5 @@
-"""How `make test` spreads the suite over pytest-xdist workers (the root conftest.py): each
-worker's share of the cores, and the longest files first."""
+"""How `make test` spreads the suite over pytest-xdist workers (the root conftest.py): the
+longest files first."""
 import os
 
 import pytest
@@ -30,17 +30,3 @@ def test_the_longest_files_come_first_and_the_rest_keep_their_order(root_conftes
     assert ordered == [f"{first}::t1", f"{first}::t2", f"{second}::t", "tests/test_a.py::t1",
                        "bench/bench_b.py::t", "tests/test_a.py::t2"]
 
-
-@pytest.mark.parametrize("workers, cores, threads", [
-    (None, 2, None),   # one process: torch's own choice
-    ("2", 2, 1), ("2", 16, 8), ("8", 16, 2),
-    ("4", 2, 1),       # more workers than cores: still one thread each
-])
-def test_each_worker_gets_its_share_of_the_cores(root_conftest, monkeypatch, workers, cores,
-                                                 threads):
-    if workers is None:
-        monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
-    else:
-        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
-    monkeypatch.setattr(root_conftest.os, "cpu_count", lambda: cores)
-    assert root_conftest.worker_threads() == threads
