@@ -17,7 +17,6 @@ import importlib
 import os
 import pkgutil
 
-
 import pytest
 import torch
 
