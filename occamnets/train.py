@@ -397,6 +397,21 @@ STOP_SYNC_EVERY = 10
 PROGRESS_EVERY = 10
 
 
+def start_process_group(device: torch.device) -> None:
+    """The process group of a torchrun launch: NCCL on GPUs, gloo on CPU.
+
+    torch._dynamo is imported first, on purpose. Modules it imports (torch.distributed.nn's
+    functional collectives, FSDP's ShardedGradScaler) take `group.WORLD` as a default argument
+    value, evaluated at their import: imported after the group exists (DDP's constructor
+    imports torch._dynamo), they hold it for the life of the process. destroy_process_group
+    then cannot free it, and gloo's worker threads run on into the interpreter's teardown,
+    where one releasing a finished collective's tensor takes the GIL and aborts the process
+    (SIGABRT, "terminate called without an active exception"; measured in bench/NOTES.md).
+    Imported before, those defaults hold None."""
+    import torch._dynamo  # noqa: F401  (DDP imports it anyway: no extra cost)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
 class Trainer:
     """Trains one model; `run()` returns the final report (also written as JSON and Markdown).
 
@@ -413,7 +428,7 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.owns_process_group = self.world > 1 and not dist.is_initialized()
         if self.owns_process_group:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            start_process_group(self.device)
         self.rank = dist.get_rank() if self.world > 1 else 0
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -806,8 +821,11 @@ class Trainer:
         """End the process group this trainer started, once every process is done with it
         (after run(); never after an error, where a process still waiting would hang). Left to
         interpreter exit, gloo's threads can abort a finished process (SIGABRT, "terminate
-        called without an active exception": pytorch/pytorch#190489)."""
+        called without an active exception"; see start_process_group)."""
         if self.owns_process_group and dist.is_initialized():
+            # DDP holds the group too: dropped first, the group is freed (and gloo's threads
+            # joined) here, not whenever the trainer is collected.
+            self.forward = self.model
             dist.destroy_process_group()
         self.owns_process_group = False
 

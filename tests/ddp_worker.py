@@ -1,11 +1,13 @@
 """Run by tests/test_distributed.py under torchrun: a few DDP training steps on gloo, then
-each process saves its OccamLoss state (the method's included) and the items it trained on."""
+each process saves its OccamLoss state (the method's included), the items it trained on, and
+how many of gloo's threads are still running once Trainer.close has ended the group."""
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from process_threads import gloo_threads  # noqa: E402
 from test_train import config, synthetic_splits  # noqa: E402
 
 from occamnets.train import Trainer, batches, epoch_order  # noqa: E402
@@ -17,7 +19,8 @@ def main(out_dir, method):
     trainer = Trainer(config(out_dir, max_steps=5, batch_size=4, method=method, gdro_eta=0.5,
                              pgi_weight=1e4), synthetic_splits(n=48))
     trainer.train()
-    trainer.close()
+    trainer.close()  # the trainer lives on: close alone must free the group
+    threads_after_close = gloo_threads()
     seen = []
     for epoch in range(trainer.epoch + 1):
         order = epoch_order(48, trainer.config.seed, epoch, "cpu")
@@ -25,6 +28,7 @@ def main(out_dir, method):
             if epoch * 6 + step < 5:
                 seen.append(rows)
     torch.save({"loss": trainer.objective.state_dict(), "items": torch.cat(seen),
+                "gloo_threads_after_close": threads_after_close,
                 "params": {k: v.detach() for k, v in trainer.model.named_parameters()}},
                os.path.join(out_dir, f"rank{trainer.rank}.pt"))
 
