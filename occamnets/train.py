@@ -400,14 +400,13 @@ PROGRESS_EVERY = 10
 def start_process_group(device: torch.device) -> None:
     """The process group of a torchrun launch: NCCL on GPUs, gloo on CPU.
 
-    torch._dynamo is imported first, on purpose. Modules it imports (torch.distributed.nn's
-    functional collectives, FSDP's ShardedGradScaler) take `group.WORLD` as a default argument
-    value, evaluated at their import: imported after the group exists (DDP's constructor
-    imports torch._dynamo), they hold it for the life of the process. destroy_process_group
-    then cannot free it, and gloo's worker threads run on into the interpreter's teardown,
-    where one releasing a finished collective's tensor takes the GIL and aborts the process
+    torch._dynamo is imported first, on purpose. It imports torch.distributed.nn.functional,
+    whose collectives take `group.WORLD` as a default argument value, evaluated at import:
+    imported after the group exists (DDP's constructor imports torch._dynamo), those defaults
+    hold the group for the life of the process. destroy_process_group then cannot free it, and
+    gloo's worker threads run on into the interpreter's teardown, where the process can abort
     (SIGABRT, "terminate called without an active exception"; measured in bench/NOTES.md).
-    Imported before, those defaults hold None."""
+    Imported before, the defaults hold None."""
     import torch._dynamo  # noqa: F401  (DDP imports it anyway: no extra cost)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
