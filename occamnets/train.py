@@ -862,4 +862,3 @@ def _tensorboard_writer():
         raise ValueError(f"--tensorboard needs the tensorboard package ({error}): "
                          f"`pip install tensorboard`, or leave --tensorboard out") from error
     return SummaryWriter
-

@@ -29,4 +29,3 @@ def test_the_longest_files_come_first_and_the_rest_keep_their_order(root_conftes
     ordered = sorted(collected, key=root_conftest.file_rank)
     assert ordered == [f"{first}::t1", f"{first}::t2", f"{second}::t", "tests/test_a.py::t1",
                        "bench/bench_b.py::t", "tests/test_a.py::t2"]
-
