@@ -196,7 +196,8 @@ _HELP = {
     "lr": "Adam's learning rate",
     "milestones": "epochs after which the learning rate is multiplied by --lr-gamma",
     "cell_size": "pixels per cell of the 5x5 grid: images are 5 x this",
-    "p_bias": "probability that a bias factor takes its class's value",
+    "p_bias": "probability that a bias factor takes its tied value (its class's; the texture's "
+              "and the letters' for their colours)",
     "exit_threshold": "inference leaves at the first exit whose gate is at least this",
     "seed": "seed of the weights and the batch order",
     "data_seed": "seed of the dataset",

@@ -16,17 +16,82 @@ from dataset_fixtures import write_mnist
 SMALL = dict(cell_size=6, train_size=300, val_size=50, test_size=200)
 
 
+def tied_values(factors, labels, name):
+    """What factor `name` takes when it follows its bias: the class, or for the two colours
+    the value of their texture and letter set (DESIGN.md section 7)."""
+    parent = bm.TIED_TO.get(name)
+    return labels if parent is None else factors[:, bm.FACTOR_NAMES.index(parent)]
+
+
+def other_position_in_the_class_place(labels, scales):
+    """Per sample, the share of the nine positions other than its class's that put a digit of
+    its scale where its class's position does (clamping merges places at large scales)."""
+    places = np.stack([bm.digit_place(np.full_like(labels, v), scales) for v in range(10)], 1)
+    own = places[np.arange(len(labels)), labels]
+    same = np.all(places == own[:, None], axis=2).sum(1) - 1
+    return same / 9
+
+
 @pytest.mark.parametrize("p_bias", [0.95, 0.5])
 def test_tied_fraction_per_factor_is_p_bias(p_bias):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 5000)
     factors = bm.sample_factors(labels, {n: p_bias for n in bm.FACTOR_NAMES}, rng)
     for column, name in enumerate(bm.FACTOR_NAMES):
-        tied = (factors[:, column] == labels).mean()
-        assert abs(tied - p_bias) < 0.03, (name, tied)
+        expected = tied_values(factors, labels, name)
+        tied = (factors[:, column] == expected).mean()
+        if name == "digit_position":   # plus the draws that land in the class's place
+            merged = other_position_in_the_class_place(labels, factors[:, 1]).mean()
+            assert merged > 0.01
+            p = p_bias + (1 - p_bias) * merged
+        else:
+            p = p_bias
+        assert abs(tied - p) < 0.03, (name, tied, p)
         # The untied values spread over the nine others.
-        others = factors[factors[:, column] != labels, column] - labels[factors[:, column] != labels]
-        assert len(np.unique(others % 10)) == 9
+        untied = factors[:, column] != expected
+        assert len(np.unique((factors[untied, column] - expected[untied]) % 10)) == 9
+
+
+def test_colours_follow_their_texture_and_letters_not_the_class():
+    """The official generator ties texture colour to the texture and letter colour to the
+    letters: a bias-conflicting texture keeps its own colour (p_bias of the time), so colour
+    is no separate cue to the class."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 10, 20000)
+    factors = bm.sample_factors(labels, {n: 0.95 for n in bm.FACTOR_NAMES}, rng)
+    for name, colour in (("texture", "texture_color"), ("letters", "letter_color")):
+        parent, child = (factors[:, bm.FACTOR_NAMES.index(n)] for n in (name, colour))
+        conflicting = parent != labels
+        assert conflicting.sum() > 500
+        assert abs((child[conflicting] == parent[conflicting]).mean() - 0.95) < 0.03
+        assert (child[conflicting] == labels[conflicting]).mean() < 0.05
+
+
+def test_a_position_recorded_as_conflicting_is_drawn_elsewhere():
+    """At the larger scales clamping puts several positions in one place; a digit drawn where
+    its class's position would be is recorded as aligned, so the bias groups say what the
+    image shows."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, 20000)
+    factors = bm.sample_factors(labels, {n: bm.UNBIASED for n in bm.FACTOR_NAMES}, rng)
+    scales, positions = factors[:, 1], factors[:, 2]
+    same = np.all(bm.digit_place(positions, scales) == bm.digit_place(labels, scales), axis=1)
+    assert np.array_equal(same, positions == labels)
+
+
+@pytest.mark.parametrize("cell", [4, 5, 6, 7, 8, 11, 16, 32, 33])
+def test_digit_place_says_where_the_digit_is_drawn(cell):
+    positions, scales = (v.ravel() for v in np.meshgrid(np.arange(10), np.arange(10)))
+    factors = np.zeros((100, 7), dtype=np.int64)
+    factors[:, 1], factors[:, 2] = scales, positions
+    layout = bm._Layout(factors, cell)
+    pixels = np.stack([layout.top, layout.left], 1)
+    places = bm.digit_place(positions, scales)
+    same_scale = scales[:, None] == scales[None, :]
+    same_pixels = np.all(pixels[:, None] == pixels[None, :], axis=2)
+    same_place = np.all(places[:, None] == places[None, :], axis=2)
+    assert np.array_equal(same_pixels & same_scale, same_place & same_scale)
+    assert (same_place & same_scale).sum() > 100     # some positions do merge
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +103,11 @@ def test_generated_split_records_factors_and_follows_p_bias(splits):
     train = splits["train"]
     assert train.images.shape == (300, 3, 30, 30) and train.images.dtype == torch.uint8
     assert train.factors.shape == (300, 7) and train.factor_names == bm.FACTOR_NAMES
-    tied = (train.factors == train.labels[:, None]).float().mean().item()
-    assert abs(tied - 0.5) < 0.05      # 2,100 factor draws
+    factors, labels = train.factors.numpy(), train.labels.numpy()
+    for column, name in enumerate(bm.FACTOR_NAMES):
+        if name != "digit_position":   # which merges places (test above)
+            tied = (factors[:, column] == tied_values(factors, labels, name)).mean()
+            assert abs(tied - 0.5) < 0.1, name     # 300 draws: 3.5 standard deviations
 
 
 def test_test_set_is_uniform_over_every_factor():
@@ -51,7 +119,10 @@ def test_test_set_is_uniform_over_every_factor():
         assert chisquare(counts).pvalue > 1e-3, (name, counts)
         joint = np.bincount(factors[:, column] * 10 + labels, minlength=100).reshape(10, 10)
         tied_share = np.trace(joint) / joint.sum()
-        assert abs(tied_share - 0.1) < 0.02, name
+        expected = 0.1
+        if name == "digit_position":   # the other positions that share the class's place
+            expected += 0.9 * other_position_in_the_class_place(labels, factors[:, 1]).mean()
+        assert abs(tied_share - expected) < 0.02, (name, tied_share, expected)
 
 
 def test_generated_test_split_is_uniform(splits):

@@ -7,14 +7,18 @@ order of `factors`:
 
   digit_color     colour of the digit (palette of 10)
   digit_scale     digit size: 1 + 3 * v / 9 cells (1 to 4 cells)
-  digit_position  the grid cell the digit is anchored at (10 fixed cells; clamped to fit)
+  digit_position  the grid cell the digit is anchored at (10 fixed cells, clamped to fit the
+                  scale: a fixed place per value and scale)
   texture         background glyph pattern (dots, stripes, crosses, rings, ...)
-  texture_color   colour of the texture; value v is texture v's own colour, so it is tied
-                  to the texture (and through it to the class)
+  texture_color   colour of the texture, tied to the texture (as the official generator
+                  does): texture v's colour v with probability p_bias, else another
   letters         three distractor letters: value v is the letter set (3v, 3v+1, 3v+2) mod 26
-  letter_color    colour of the letters; value v is letter set v's colour
+  letter_color    colour of the letters, tied to the letter set as texture_color is to the
+                  texture
 
-Bias-aligned for a factor means its value equals the class. Train and validation come from
+Bias-aligned for a factor means its value equals the class. Clamping puts several positions
+in one place at the larger scales; a digit drawn where its class's position would put it is
+recorded with its class's position (aligned: the image cannot be told from an aligned one). Train and validation come from
 MNIST's train digits (disjoint digits), test from the test digits with every value equally
 likely (p_bias = 0.1 for every factor): the unbiased test set. A second validation split,
 "val-p0.5", renders the validation digits again with p_bias 0.5 for every factor (the
@@ -45,7 +49,8 @@ UNBIASED = 0.1  # p_bias at which the tied value is as likely as any other: unif
 VAL_MIXED = "val-p0.5"   # validation digits with p_bias 0.5 for every factor
 VAL_MIXED_P_BIAS = 0.5
 SPLITS = ("train", "val", VAL_MIXED, "test")
-CACHE_FORMAT = 2         # 2: digit masks and the val-p0.5 split
+CACHE_FORMAT = 3         # 2: digit masks and the val-p0.5 split; 3: colours tied to their
+                         # texture and letters, positions recorded by place
 GROUPS_FILE = "groups.jsonl"   # every split's bias groups and sizes, one JSON line per group
 # A pixel belongs to the digit where the resized MNIST intensity exceeds half of the digit's
 # brightest (relative: resized to a few pixels, thin strokes never reach half of 255).
@@ -124,15 +129,42 @@ class BiasedMNISTConfig:
         return cls(**values)
 
 
+# Each factor's tied value comes from this column: the class (None) or another factor's value.
+TIED_TO = {"texture_color": "texture", "letter_color": "letters"}
+
+
 def sample_factors(labels: np.ndarray, p_bias: Dict[str, float],
                    rng: np.random.Generator) -> np.ndarray:
-    """(N, 7) factor values: the class's value with probability p_bias, else another uniformly."""
+    """(N, 7) factor values: each factor takes its tied value (the class's, or for the two
+    colours their texture's and letter set's) with probability p_bias, else one of the other
+    nine uniformly. A position drawn into the place of the class's position at the sample's
+    scale is recorded as the class's (module docstring)."""
     factors = np.empty((labels.shape[0], len(FACTOR_NAMES)), dtype=np.int64)
-    for column, name in enumerate(FACTOR_NAMES):
+    for column, name in enumerate(FACTOR_NAMES):   # an order in which TIED_TO comes first
+        tied_value = (labels if name not in TIED_TO
+                      else factors[:, FACTOR_NAMES.index(TIED_TO[name])])
         tied = rng.random(labels.shape[0]) < p_bias[name]
-        other = (labels + rng.integers(1, NUM_VALUES, labels.shape[0])) % NUM_VALUES
-        factors[:, column] = np.where(tied, labels, other)
+        other = (tied_value + rng.integers(1, NUM_VALUES, labels.shape[0])) % NUM_VALUES
+        factors[:, column] = np.where(tied, tied_value, other)
+    scale, position = FACTOR_NAMES.index("digit_scale"), FACTOR_NAMES.index("digit_position")
+    same_place = np.all(digit_place(factors[:, position], factors[:, scale])
+                        == digit_place(labels, factors[:, scale]), axis=1)
+    factors[same_place, position] = labels[same_place]
     return factors
+
+
+def digit_scale_cells(scale_values: np.ndarray) -> np.ndarray:
+    """The digit's side in cells for each scale value: 1 to 4."""
+    return 1 + 3 * np.asarray(scale_values) / 9
+
+
+def digit_place(position_values: np.ndarray, scale_values: np.ndarray) -> np.ndarray:
+    """(N, 2) where each digit's top left corner lies, in thirds of a cell (the scales are
+    multiples of a third): its position's anchor cell, clamped so the digit fits. Two digits
+    share a place exactly when they are drawn at the same pixels, at any cell size (tested)."""
+    anchors = np.array(POSITIONS)[np.asarray(position_values)]
+    limit = GRID - digit_scale_cells(scale_values)
+    return np.round(np.minimum(anchors, limit[:, None]) * 3).astype(np.int64)
 
 
 def texture_masks(size: int, cell: int) -> np.ndarray:
@@ -242,7 +274,7 @@ class _Layout:
 
     def __init__(self, factors: np.ndarray, cell: int):
         size = GRID * cell
-        self.scales = np.round(cell * (1 + 3 * np.arange(NUM_VALUES) / 9)).astype(int)
+        self.scales = np.round(cell * digit_scale_cells(np.arange(NUM_VALUES))).astype(int)
         self.digit_size = self.scales[factors[:, 1]]
         anchor = np.array(POSITIONS)[factors[:, 2]] * cell
         self.top = np.minimum(anchor[:, 0], size - self.digit_size)
