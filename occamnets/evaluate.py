@@ -12,6 +12,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from occam_kernels import available_backends
+
 from .checkpoints import read_checkpoint
 from .config import RunConfig, resolve_device
 from .data import biased_mnist
@@ -55,10 +57,19 @@ def model_from_checkpoint(checkpoint: Dict, path: str, device: Optional[str] = N
     order (absent: a dataset without names, as Biased MNIST's digits, or a checkpoint from
     before they were stored)."""
     config = RunConfig.from_dict(checkpoint["config"])
+    device = resolve_device(device or "auto")
     model = build_model(config.model, checkpoint["num_classes"], config.width, config.stem,
-                        config.backend)
+                        inference_backend(config.backend, device))
     load_model_state(model, checkpoint["model"], path)
-    return model.to(resolve_device(device or "auto")).eval(), config
+    return model.to(device).eval(), config
+
+
+def inference_backend(trained_with: str, device: torch.device) -> str:
+    """The run's exit-head backend where it can run on `device`, else "auto": every backend
+    computes the same function, so a run trained with Triton on a GPU is evaluated on a CPU."""
+    if trained_with == "auto" or available_backends(device).get(trained_with, False):
+        return trained_with
+    return "auto"
 
 
 def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None,

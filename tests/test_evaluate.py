@@ -8,7 +8,7 @@ import torch
 
 from occamnets.config import RunConfig
 from occamnets.data import DeviceSplit
-from occamnets.evaluate import cam_picture_data, evaluate, load_model
+from occamnets.evaluate import cam_picture_data, evaluate, inference_backend, load_model
 from occamnets.models import occam_resnet18, resnet18
 from occamnets.train import Trainer
 
@@ -103,6 +103,29 @@ def test_cam_picture_data_and_load_model(tmp_path):
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="do not fit this version's OccamNet"):
         load_model(str(tmp_path / "old.pt"))
+
+
+def test_a_run_trained_on_a_gpu_backend_is_evaluated_on_the_cpu(tmp_path):
+    """A checkpoint keeps the backend it was trained with; where that one cannot run (the
+    CUDA kernels on a CPU), load_model falls back to "auto", which computes the same."""
+    splits = {name: synthetic_split() for name in ("train", "val", "test")}
+    config = RunConfig(epochs=1, batch_size=8, width=4, device="cpu", backend="reference",
+                       progress=False, out_dir=str(tmp_path))
+    Trainer(config, splits).run()
+    want, _ = load_model(config.checkpoint_path, device="cpu")
+    checkpoint = torch.load(config.checkpoint_path, weights_only=False)
+    checkpoint["config"]["backend"] = "cuda"
+    torch.save(checkpoint, tmp_path / "cuda.pt")
+    model, loaded = load_model(str(tmp_path / "cuda.pt"), device="cpu")
+    assert loaded.backend == "cuda"     # the run's config is reported as it was
+    images = splits["test"].batch(torch.arange(6))
+    with torch.no_grad():
+        got, expected = model(images).exits, want(images).exits
+    for a, b in zip(got, expected):
+        assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert inference_backend("cuda", torch.device("cpu")) == "auto"
+    assert inference_backend("reference", torch.device("cpu")) == "reference"
+    assert inference_backend("auto", torch.device("cpu")) == "auto"
 
 
 def ece(confidence, outcome, bins=10):
