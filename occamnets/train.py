@@ -161,7 +161,8 @@ def augmentation_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one step's augmentation in one process: a function of (seed, step) so a
     resumed run augments as the uninterrupted one, and of the rank so DDP processes draw
     different crops for their different images."""
-    return ((seed * 1_000_003) + step) * 65_537 + rank
+    # Below 2^63: a torch Generator refuses larger seeds (config seeds reach 2^32 - 1).
+    return (((seed * 1_000_003) + step) * 65_537 + rank) % (1 << 63)
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, device) -> torch.Tensor:
@@ -213,7 +214,9 @@ def set_rng_state(state: Dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Only the GPUs visible now: a run saved with more (CUDA_VISIBLE_DEVICES) resumes with
+        # fewer. Training draws nothing from the CUDA generators; they are kept for the user.
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 class CheckpointMismatch(ValueError):

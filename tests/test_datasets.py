@@ -387,3 +387,6 @@ def test_augmentation_differs_per_process_and_step_and_repeats_on_resume():
     seeds = {augmentation_seed(seed, step, rank)
              for seed in range(3) for step in range(100) for rank in range(8)}
     assert len(seeds) == 3 * 100 * 8 and augmentation_seed(1, 7, 2) == augmentation_seed(1, 7, 2)
+    # The largest seed the config takes seeds a torch Generator (it refuses 2^63 and more).
+    for step in (0, 10**7):
+        torch.Generator().manual_seed(augmentation_seed(2**32 - 1, step, 7))

@@ -218,3 +218,18 @@ def test_a_training_step_reads_nothing_from_the_device_on_the_host(tmp_path, mod
         with HostReads() as seen:
             trainer._train_step(rows, following=rows)
         assert seen.host_reads == [], (autocast, seen.host_reads)
+
+
+def test_a_run_saved_with_more_gpus_visible_resumes_with_fewer(monkeypatch):
+    """A checkpoint holds every visible GPU's generator; resumed under a narrower
+    CUDA_VISIBLE_DEVICES only the visible ones are set (torch raises IndexError past them).
+    No GPU here: torch.cuda's answers are stood in for."""
+    from occamnets import train
+    state = train.rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8) + i for i in range(2)]   # saved on 2
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    train.set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], state["cuda"][0])
