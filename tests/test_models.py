@@ -120,3 +120,18 @@ def test_generic_occamnet_on_torchvision_backbones():
         out = model(torch.randn(2, 3, 64, 64), torch.tensor([0, 4]))
         assert len(out.exits) == 4 and out.exits[3].logits.shape == (2, 5)
         assert all(e.supp.shape == (2,) for e in out.exits)
+
+
+def test_a_backbone_already_moved_or_cast_is_probed_where_it_is():
+    """from_torchvision and OccamNet probe the backbone with an image where its weights are
+    (fp64 here stands in for a GPU: a CPU fp32 probe fails on either) and put the exits
+    beside it."""
+    import torchvision
+    backbone = torchvision.models.resnet18(num_classes=3).double()
+    model = OccamNet.from_torchvision(backbone, num_classes=5, backend="reference")
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    out = model(torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([0, 4]))
+    assert out.exits[3].logits.dtype == torch.float64
+    features = torchvision.models.mobilenet_v3_small().double()
+    model = OccamNet.from_torchvision(features, num_classes=5, backend="reference")
+    assert [e.cam.in_channels for e in model.exits] == [16, 24, 48, 576]

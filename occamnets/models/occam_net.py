@@ -1,6 +1,6 @@
 """OccamNet: exits with CAM-based heads and gates attached to the stages of any backbone, and
 early-exit inference (DESIGN.md section 6)."""
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,7 @@ class OccamNet(nn.Module):
             raise ValueError(f"first_inference_exit must lie in [0, {len(self.stages)}), got "
                              f"{first_inference_exit}")
         self.exits = nn.ModuleList(OccamExit(c, num_classes, backend) for c in stage_channels)
+        self.exits.to(**_placement(self.stages))   # beside a backbone already moved or cast
         self.num_classes = num_classes
         self.detach_first_exit = detach_first_exit
         self.first_inference_exit = first_inference_exit
@@ -45,7 +46,7 @@ class OccamNet(nn.Module):
         # Run one small image through the backbone to learn each stage's output channels.
         training = self.training
         self.eval()
-        x = self.stem(torch.zeros(1, 3, size, size))
+        x = self.stem(torch.zeros(1, 3, size, size, **_placement(self.stem)))
         channels = []
         for stage in self.stages:
             x = stage(x)
@@ -168,7 +169,7 @@ class OccamNet(nn.Module):
         with torch.no_grad():
             training = model.training
             model.eval()
-            x, sizes = torch.zeros(1, 3, probe_size, probe_size), []
+            x, sizes = torch.zeros(1, 3, probe_size, probe_size, **_placement(model)), []
             for module in modules:
                 x = module(x)
                 sizes.append(x.shape[-1])
@@ -194,3 +195,12 @@ def occam_resnet18(num_classes: int, width: int = 58, stem: str = "7x7",
     model = OccamNet(stem, stages, num_classes, stage_channels=channels, backend=backend)
     init_weights(model)
     return model
+
+
+def _placement(module: nn.Module) -> Dict[str, object]:
+    """The device and floating dtype of a module's first parameter (CPU fp32 without one):
+    where a probe image must be, and where the exits go, for a backbone already on a GPU."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return {"device": parameter.device, "dtype": parameter.dtype}
+    return {"device": torch.device("cpu"), "dtype": torch.float32}
