@@ -127,3 +127,22 @@ def test_one_pixel_map_is_always_suppressed():
     cam = class_activation_maps_reference(h, weight, bias).flatten(1)          # (B, K)
     kl_to_uniform = torch.logsumexp(cam, dim=1) - cam.mean(dim=1) - math.log(10)
     assert torch.equal(supp, kl_to_uniform)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_constant_map_is_suppressed_everywhere(dtype):
+    """A stage whose ReLU is dead everywhere (h = 0) makes every CAM its bias: each pixel
+    equals the mean, so the mask keeps them all (DESIGN.md section 3: cam <= t). The rounded
+    mean of 25 copies of 0.03 fell one ulp below them in fp32 and dropped every pixel."""
+    torch.manual_seed(0)
+    bias = torch.tensor([0.03, 0.0, -1.0, 0.7])
+    weight = torch.randn(4, 8)
+    h = torch.zeros(4, 8, 5, 5)
+    labels = torch.arange(4)
+    h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)   # the same values in fp64
+    want = exit_head_reference(h.double(), weight.double(), bias.double(), labels)[2]
+    supp = exit_head_reference(h, weight, bias, labels)[2]
+    assert (want > 0.1).all() and (supp > 0.1).all()
+    # The reference computes in its input's dtype: bf16 rounds 1.48 (the logsumexp) by 0.008.
+    atol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(supp.double(), want, rtol=0, atol=atol)
