@@ -65,7 +65,7 @@ def exit_head_reference(h: torch.Tensor, weight: torch.Tensor,
         # W @ h + b), fp64 on CUDA once put that pixel 1 ulp above and dropped it. Kept within
         # the CAM's range, as the exact mean is: the rounded mean of a constant CAM (a dead
         # ReLU stage, h = 0, CAM = bias) fell 1 ulp below it and dropped every pixel.
-        threshold = cam_true.mean(dim=1).clamp(cam_true.amin(dim=1), cam_true.amax(dim=1))
+        threshold = cam_true.mean(dim=1).clamp(*torch.aminmax(cam_true, dim=1))
     threshold = threshold.detach().to(logits.dtype)[:, None]                 # (B, 1)
     mask = (cam_true <= threshold).detach().to(cam.dtype)                    # (B, P)
     kl_to_uniform = torch.logsumexp(cam, dim=1) - cam.mean(dim=1) - math.log(num_classes)

@@ -273,12 +273,12 @@ class _Layout:
     """Where each image's digit goes (from its scale and position factors)."""
 
     def __init__(self, factors: np.ndarray, cell: int):
-        size = GRID * cell
         self.scales = np.round(cell * digit_scale_cells(np.arange(NUM_VALUES))).astype(int)
         self.digit_size = self.scales[factors[:, 1]]
-        anchor = np.array(POSITIONS)[factors[:, 2]] * cell
-        self.top = np.minimum(anchor[:, 0], size - self.digit_size)
-        self.left = np.minimum(anchor[:, 1], size - self.digit_size)
+        # Places are whole thirds of a cell, so no pixel lands on a rounding tie and the
+        # clamped corner is exactly the image side less the rounded digit size: it fits.
+        corner = np.round(digit_place(factors[:, 2], factors[:, 1]) * cell / 3).astype(int)
+        self.top, self.left = corner[:, 0], corner[:, 1]
         self.cell = cell
 
 
