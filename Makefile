@@ -85,8 +85,9 @@ $(HOST_VENV)/.installed: $(HOST_VENV)/.pins $(VENV)/.deps-installed | $(STAMP)
 	$(HOST_PY) -c "import triton, torch, occam_kernels; print('host triton', triton.__version__, 'over torch', torch.__version__)"
 	touch $@
 
+# --durations: the slowest tests in every log (CI's included), to see where the 20 minutes go.
 test: install
-	$(PY) -m pytest --benchmark-disable $(XDIST)
+	$(PY) -m pytest --benchmark-disable $(XDIST) --durations=15
 	$(MAKE) --no-print-directory test-host-triton
 
 # Every Triton-marked test under the host's Triton (interpreter), then every kernel compiled
