@@ -18,12 +18,12 @@ order of `factors`:
 
 Bias-aligned for a factor means its value equals the class. Clamping puts several positions
 in one place at the larger scales; a digit drawn where its class's position would put it is
-recorded with its class's position (aligned: the image cannot be told from an aligned one). Train and validation come from
-MNIST's train digits (disjoint digits), test from the test digits with every value equally
-likely (p_bias = 0.1 for every factor): the unbiased test set. A second validation split,
-"val-p0.5", renders the validation digits again with p_bias 0.5 for every factor (the
-official code's second validation split). Every image carries its digit's mask (the pixels
-the digit covers), for measuring whether a CAM looks at the digit.
+recorded with its class's position (aligned: the image cannot be told from an aligned one).
+Train and validation come from MNIST's train digits (disjoint digits), test from the test
+digits with every value equally likely (p_bias = 0.1 for every factor): the unbiased test
+set. A second validation split, "val-p0.5", renders the validation digits again with p_bias
+0.5 for every factor (the official code's second validation split). Every image carries its
+digit's mask (the pixels the digit covers), for measuring whether a CAM looks at the digit.
 """
 import concurrent.futures
 import dataclasses
