@@ -33,6 +33,13 @@ def make_input(shape, dtype, device, layout, generator):
         wide[..., ::2] = x
         x = wide[..., ::2]
         assert not x.is_contiguous()
+    elif layout == "offset":
+        # Contiguous, but one element into its storage: the data pointer is aligned to the
+        # element only (a view into a larger buffer), not to the rows' widest integer.
+        flat = torch.zeros(x.numel() + 1, dtype=dtype, device=device)
+        flat[1:] = x.flatten()
+        x = flat[1:].view(shape)
+        assert x.is_contiguous() and x.storage_offset() == 1
     return x
 
 
@@ -63,6 +70,9 @@ def run_matrix(device, backends):
         cases.append(((9, 7), dtype, "strided", "random"))
         cases.append(((9,), dtype, "contiguous", "random"))
     cases.append(((5, 3, 1, 1), torch.float16, "contiguous", "random"))   # 6-byte rows
+    for dtype in (torch.float32, torch.float16, torch.int64):
+        cases.append(((9, 2), dtype, "offset", "random"))
+        cases.append(((9, 6, 5, 3), dtype, "offset", "random"))
     cases.append(((5, 0, 2), torch.float32, "contiguous", "random"))      # empty rows
     for shape, dtype, layout, pattern in cases:
         x = make_input(shape, dtype, device, layout, generator)

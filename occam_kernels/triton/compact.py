@@ -40,14 +40,20 @@ def _compact_kernel(x_ptr, keep_ptr, index_ptr, out_ptr, index_out_ptr, count_pt
         tl.store(count_ptr, kept_before)
 
 
-def _rows_as_integers(dense: torch.Tensor, rows: int) -> torch.Tensor:
-    """(rows, n) integer view of the rows of a row-dense tensor, widest integer first."""
-    flat = dense.reshape(rows, -1).view(torch.uint8)
+def _row_integer(dense: torch.Tensor) -> torch.dtype:
+    """The widest integer that divides a row of a row-dense tensor and its data pointer's
+    alignment (a view into a larger buffer may start at any element)."""
+    row_bytes = dense[:1].numel() * dense.element_size()
     for dtype in _INT_VIEWS:
         width = torch.empty((), dtype=dtype).element_size()
-        if flat.shape[1] % width == 0 and flat.data_ptr() % width == 0:
-            return flat.view(dtype)
-    return flat
+        if row_bytes % width == 0 and dense.data_ptr() % width == 0:
+            return dtype
+    return torch.uint8
+
+
+def _rows_as(dense: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, n) view of the rows of a row-dense tensor as the integer dtype."""
+    return dense.reshape(rows, -1).view(torch.uint8).view(dtype)
 
 
 def compact(x: torch.Tensor, keep: torch.Tensor, index: torch.Tensor):
@@ -63,8 +69,10 @@ def compact(x: torch.Tensor, keep: torch.Tensor, index: torch.Tensor):
     out_dense = torch.empty_like(dense, memory_format=torch.contiguous_format)
     index_out = torch.empty_like(index)
     if rows > 0 and dense.numel() > 0:
-        src = _rows_as_integers(dense, rows)
-        dst = _rows_as_integers(out_dense, rows)
+        # One integer for both sides, chosen by the source: the kernel indexes both with the
+        # source's row length (the fresh output is always aligned; the input need not be).
+        row_integer = _row_integer(dense)
+        src, dst = _rows_as(dense, rows, row_integer), _rows_as(out_dense, rows, row_integer)
         count = torch.zeros(1, dtype=torch.int64, device=x.device)
         row_elems = src.shape[1]
         # A tile of at most 4,096 integers (32 per thread at 4 warps): 16 x 1,024 int64 tiles
