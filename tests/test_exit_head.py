@@ -191,6 +191,7 @@ def test_bad_input_is_named(backend, device):
         ((h, weight, bias, labels[:1]), ValueError, r"labels must have shape \(2,\)"),
         ((h, weight.to("meta"), bias, labels), ValueError, "weight is on meta"),
         ((h.long(), weight, bias, labels), TypeError, "h must be float"),
+        ((h[:, :0], weight[:, :0], bias, labels), ValueError, r"at least one channel \(C >= 1\)"),
     ]
     if device.type == "cpu":
         # On CUDA the range check is a device-side assert (no host sync), which ends the

@@ -95,6 +95,11 @@ def _check_inputs(h, weight, bias, labels) -> None:
     num_classes = weight.shape[0]
     if num_classes < 1:
         raise ValueError("exit_head: weight must have at least one class (K >= 1)")
+    if h.shape[1] < 1:
+        # No channel to pool: the Triton launchers size their grids by C (and the CAM would
+        # be the bias alone, which no exit computes).
+        raise ValueError(f"exit_head: h must have at least one channel (C >= 1), got "
+                         f"{tuple(h.shape)}")
     if bias is not None and tuple(bias.shape) != (num_classes,):
         raise ValueError(f"exit_head: bias must have shape ({num_classes},), got "
                          f"{tuple(bias.shape)}")
