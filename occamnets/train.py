@@ -507,6 +507,8 @@ class Trainer:
         # The epoch so far (kept in checkpoints, so a resumed epoch's loss counts every step).
         self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
         self.stop_signal: Optional[int] = None
+        # The step whose state this run's checkpoint file holds (None: none written or read).
+        self.checkpoint_step: Optional[int] = None
         # What the stop message tells the user to do next (the demo says its own), and
         # whether reaching --max-steps is said (a grid of runs, where it is the budget, not).
         self.continue_hint = f"`occamnets train --out {config.run_dir} --resume`"
@@ -551,6 +553,7 @@ class Trainer:
             write_checkpoint(self.state_dict(), self.checkpoint_path)
         if self.world > 1:
             dist.barrier()
+        self.checkpoint_step = self.global_step
         return self.checkpoint_path
 
     def load_checkpoint(self, path: str) -> None:
@@ -572,6 +575,8 @@ class Trainer:
         set_rng_state(checkpoint["rng"])
         self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
         self.global_step = checkpoint["global_step"]
+        if os.path.abspath(path) == os.path.abspath(self.checkpoint_path):
+            self.checkpoint_step = self.global_step
         progress = checkpoint["epoch_progress"]
         self.epoch_loss_sum, self.epoch_images = progress["loss_sum"], progress["images"]
         self.epoch_seconds = progress["seconds"]
@@ -715,6 +720,7 @@ class Trainer:
                     self.global_step % config.checkpoint_every == 0)
                 if stop or periodic:
                     self.epoch_loss_sum = loss_sum.item()
+                    self._refuse_diverged(self.epoch_loss_sum / self.step_in_epoch)
                     self.epoch_images = self.epoch_images + seen
                     self.epoch_seconds += time.perf_counter() - started
                     started, seen = time.perf_counter(), 0
@@ -728,14 +734,7 @@ class Trainer:
             elapsed = self.epoch_seconds + time.perf_counter() - started
             images = self.epoch_images + seen
             train_loss = (loss_sum / max(1, steps)).item()
-            if not math.isfinite(train_loss):
-                # Diverged: the checkpoint of the last good epoch is kept, not overwritten.
-                kept = (f"{self.checkpoint_path} still holds the state before it"
-                        if os.path.exists(self.checkpoint_path) else "no checkpoint was written")
-                raise TrainingDiverged(
-                    f"training diverged: the loss was {train_loss} in epoch {self.epoch + 1}; "
-                    f"{kept} (lower --lr or the loss weights, or train in fp32 with "
-                    f"--no-bf16, in a new run)")
+            self._refuse_diverged(train_loss)
             with warnings.catch_warnings():
                 # Resumed right at an epoch's end, this process made no optimiser step yet:
                 # torch's warning about the call order does not apply.
@@ -768,6 +767,32 @@ class Trainer:
             if stop:
                 self._stop(stop, saved=True)
                 return
+
+    def _refuse_diverged(self, mean_loss: float) -> None:
+        """A TrainingDiverged when the epoch's mean loss so far (`mean_loss`, on the host
+        already) or the weights are NaN or infinite. Called before every checkpoint write, so
+        the checkpoint on disk is always the last finite state. The weights are checked too:
+        an update can break them while the loss it came from was finite."""
+        weights = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        flags = torch.stack([torch.tensor(not math.isfinite(mean_loss), device=self.device),
+                             ~torch.stack([t.isfinite().all() for t in weights]).all()]).int()
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every process stops, or none
+        loss_broken, weights_broken = flags.tolist()
+        if not (loss_broken or weights_broken):
+            return
+        if not math.isfinite(mean_loss):
+            what = f"the loss was {mean_loss}"
+        elif loss_broken:
+            what = "the loss was not finite on another process"
+        else:
+            what = "the weights became NaN or infinite"
+        kept = ("no checkpoint was written" if self.checkpoint_step is None else
+                f"{self.checkpoint_path} still holds the last finite state (step "
+                f"{self.checkpoint_step}), not overwritten")
+        raise TrainingDiverged(
+            f"training diverged: {what} in epoch {self.epoch + 1}; {kept} (lower --lr or the "
+            f"loss weights, or train in fp32 with --no-bf16, in a new run)")
 
     def _append_metrics(self, record: Dict) -> None:
         if self.rank != 0:

@@ -10,7 +10,9 @@ from occamnets.config import RunConfig
 from occamnets.losses import GATE_STATE_PARTS, LOSS_PARTS
 from occamnets.data import DeviceSplit
 from occamnets.methods import METHODS
-from occamnets.train import CheckpointMismatch, RunReport, Trainer, batches, steps_per_epoch
+from occamnets.checkpoints import read_checkpoint
+from occamnets.train import (CheckpointMismatch, RunReport, Trainer, TrainingDiverged, batches,
+                             steps_per_epoch)
 
 
 def synthetic_splits(n=48, size=16, classes=4, factors=2):
@@ -233,3 +235,43 @@ def test_a_run_saved_with_more_gpus_visible_resumes_with_fewer(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
     train.set_rng_state(state)
     assert len(restored) == 1 and torch.equal(restored[0], state["cuda"][0])
+
+
+def _weights_go_nan(monkeypatch, at_step: int, after: bool = False):
+    """From global step `at_step` on, the weights are NaN: before that step (its loss is NaN)
+    or, `after`, set after its update (its loss still finite), as an overflow would leave them."""
+    real_step = Trainer._train_step
+
+    def step(self, rows, following=None):
+        if self.global_step == at_step and not after:
+            with torch.no_grad():
+                for parameter in self.model.parameters():
+                    parameter.fill_(float("nan"))
+        result = real_step(self, rows, following)
+        if self.global_step == at_step and after:
+            with torch.no_grad():
+                for parameter in self.model.parameters():
+                    parameter.fill_(float("nan"))
+        return result
+    monkeypatch.setattr(Trainer, "_train_step", step)
+
+
+def test_a_periodic_checkpoint_is_not_written_over_by_a_diverged_state(tmp_path, monkeypatch):
+    _weights_go_nan(monkeypatch, at_step=8)       # epoch 2's third step (6 steps per epoch)
+    trainer = Trainer(config(tmp_path, checkpoint_every=2), synthetic_splits())
+    with pytest.raises(TrainingDiverged, match=r"the loss was nan in epoch 2; .*checkpoint.pt "
+                                               r"still holds the last finite state \(step 8\)"):
+        trainer.train()
+    kept = read_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert kept["global_step"] == 8
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_step_cap_writes_no_checkpoint_of_a_diverged_state(tmp_path, monkeypatch, after):
+    _weights_go_nan(monkeypatch, at_step=3 if after else 2, after=after)
+    trainer = Trainer(config(tmp_path, max_steps=4), synthetic_splits())
+    what = "the weights became NaN or infinite" if after else "the loss was nan"
+    with pytest.raises(TrainingDiverged, match=f"{what} in epoch 1; no checkpoint was written"):
+        trainer.train()
+    assert not (tmp_path / "checkpoint.pt").exists()
