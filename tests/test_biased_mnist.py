@@ -1,5 +1,6 @@
 """Biased MNIST (DESIGN.md section 7): factor statistics, the unbiased test set, determinism,
 the cache, the digit sources and the errors."""
+import json
 import os
 
 import numpy as np
@@ -201,6 +202,37 @@ def test_cache_loads_some_splits_and_never_replaces_another_dataset_unasked(tmp_
     with pytest.raises(ValueError, match="unknown splits"):
         bm.load(config, str(tmp_path), ["tset"])
     assert bm.read_cached_config(str(tmp_path / "nowhere")) is None
+
+
+def _set_cached_format(directory, cache_format):
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["format"] = cache_format
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_a_cache_of_an_older_format_with_the_same_settings_is_regenerated(tmp_path, capsys):
+    config = bm.BiasedMNISTConfig(cell_size=5, train_size=40, val_size=10, test_size=20)
+    first = bm.load(config, str(tmp_path), verbose=False)
+    _set_cached_format(tmp_path, bm.CACHE_FORMAT - 1)     # as the previous release wrote it
+    assert "older occamnets" in bm.cache_problem(config, str(tmp_path))
+    # Not refused as "another Biased MNIST ()" by train and evaluate (replace_other=False).
+    again = bm.load(config, str(tmp_path), replace_other=False)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"cache format {bm.CACHE_FORMAT - 1}" in out
+    assert "generating it" in out
+    assert bm.cache_problem(config, str(tmp_path)) is None
+    assert torch.equal(again["train"].images, first["train"].images)
+    # Another setting besides the format: refused, naming that setting.
+    _set_cached_format(tmp_path, bm.CACHE_FORMAT - 1)
+    other = bm.BiasedMNISTConfig(cell_size=5, train_size=30, val_size=10, test_size=20)
+    with pytest.raises(ValueError, match="train_size: cached 40 vs asked 30"):
+        bm.load(other, str(tmp_path), replace_other=False)
+    # A newer version's cache is refused, not overwritten, and the message says why.
+    _set_cached_format(tmp_path, bm.CACHE_FORMAT + 1)
+    with pytest.raises(ValueError, match="written by a newer occamnets"):
+        bm.load(config, str(tmp_path), replace_other=False)
+    assert bm.read_cached_config(str(tmp_path)) == config
 
 
 @pytest.mark.parametrize("compress", [False, True])

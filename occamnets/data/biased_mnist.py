@@ -512,6 +512,26 @@ def _read_meta(directory: str) -> Dict:
     return meta
 
 
+def _config_differences(cached, ours: Dict) -> Dict[str, Tuple]:
+    """{setting: (cached value, asked value)} for each setting, the cache format included, in
+    which the config in a meta.json (as read from JSON; anything unreadable counts as none)
+    differs from the identity `ours`. Compared as written, not through from_identity, which
+    would drop the format and fill in defaults."""
+    cached = cached if isinstance(cached, dict) else {}
+    return {name: (cached.get(name), ours.get(name)) for name in sorted(set(cached) | set(ours))
+            if cached.get(name) != ours.get(name)}
+
+
+def _older_format(cached, ours: Dict) -> Optional[int]:
+    """The cache format of a meta.json config that differs from `ours` only in being written
+    by an older version (same settings, an older format), else None."""
+    differences = _config_differences(cached, ours)
+    if set(differences) != {"format"}:
+        return None
+    written = differences["format"][0]
+    return written if isinstance(written, int) and written < CACHE_FORMAT else None
+
+
 def cache_problem(config: BiasedMNISTConfig, directory: str,
                   splits: Sequence[str] = SPLITS) -> Optional[str]:
     """None when `directory` holds a complete cache of `config` for `splits` (only their files
@@ -525,7 +545,12 @@ def cache_problem(config: BiasedMNISTConfig, directory: str,
         meta = _read_meta(directory)
     except (OSError, ValueError) as error:
         return f"unreadable meta.json ({error})"
-    if meta.get("config") != json.loads(json.dumps(config.identity())):
+    ours = json.loads(json.dumps(config.identity()))
+    if meta.get("config") != ours:
+        older = _older_format(meta.get("config"), ours)
+        if older is not None:
+            return (f"written by an older occamnets (cache format {older}, now {CACHE_FORMAT}) "
+                    f"with the same settings")
         return "the config changed"
     for split in splits:
         if split not in meta["sizes"]:
@@ -637,7 +662,9 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
     cache is missing, partial or corrupt. A complete cache of another config is regenerated
     when `replace_other`, else refused (a ValueError naming the differences); so is a cache
     whose checksums match but whose content is inconsistent (edited by hand: labels outside
-    0..9, lengths that disagree).
+    0..9, lengths that disagree). A cache of the same settings written by an older version
+    (an older CACHE_FORMAT) is regenerated either way, saying so: it is this config's data,
+    made by rules since changed.
 
     mmap: open the cached arrays memory-mapped (copy-on-write), so that only the rows a caller
     reads come into memory; the tensors are writable and writes never reach the cache (a
@@ -663,12 +690,14 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
                 f"or delete {directory}")
         problem = f"inconsistent content ({problem})"
     if problem == "the config changed" and not replace_other:
-        cached = read_cached_config(directory)
-        theirs = cached.identity() if cached is not None else {}
-        ours = json.loads(json.dumps(config.identity()))
-        differing = ", ".join(f"{k}: cached {theirs.get(k)!r} vs asked {ours.get(k)!r}"
-                              for k in sorted(set(theirs) | set(ours))
-                              if theirs.get(k) != ours.get(k))
+        differences = _config_differences(_read_meta(directory).get("config"),
+                                          json.loads(json.dumps(config.identity())))
+        if set(differences) == {"format"}:   # older formats are regenerated (cache_problem)
+            raise ValueError(f"{directory} holds a Biased MNIST written by a newer occamnets "
+                             f"(cache format {differences['format'][0]!r}; this version reads "
+                             f"{CACHE_FORMAT}): use that version, or another data directory")
+        differing = ", ".join(f"{name}: cached {theirs!r} vs asked {ours!r}"
+                              for name, (theirs, ours) in differences.items())
         raise ValueError(f"{directory} holds another Biased MNIST ({differing}); use its "
                          f"settings, or another data directory")
     if verbose and problem != "no cache":
