@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoints import read_checkpoint, write_checkpoint
-from .config import RunConfig, resolve_device
+from .config import RunConfig, plural, resolve_device
 from .data.augment import random_crop_flip
 from .data.biased_mnist import VAL_MIXED
 from .data.catalog import BIASED_MNIST
@@ -242,12 +242,16 @@ def check_resumable(saved: RunConfig, config: RunConfig) -> None:
 
 def check_continuable(checkpoint: Dict, config: RunConfig, world: int) -> None:
     """A ValueError when a checkpoint's run cannot go on as asked: fewer epochs than it has
-    trained, or another number of processes (the batches of an epoch are cut per process, so a
-    change would skip or repeat images)."""
-    trained = checkpoint.get("epoch", 0)
+    trained (an epoch begun counts: its steps cannot be undone), or another number of
+    processes (the batches of an epoch are cut per process, so a change would skip or repeat
+    images)."""
+    begun = checkpoint.get("step_in_epoch", 0) > 0
+    trained = checkpoint.get("epoch", 0) + begun
     if config.epochs < trained:
-        raise ValueError(f"this run has trained {trained} epochs already; --epochs "
-                         f"{config.epochs} cannot undo them: give --epochs {trained} or more")
+        what = (f"{plural(trained - 1, 'epoch')} and part of epoch {trained}" if begun
+                else plural(trained, "epoch"))
+        raise ValueError(f"this run has trained {what} already; --epochs {config.epochs} "
+                         f"cannot undo them: give --epochs {trained} or more")
     saved_world = checkpoint.get("world", 1)
     if saved_world != world:
         raise ValueError(f"this run was trained on {saved_world} process(es), now "

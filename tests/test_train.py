@@ -275,3 +275,13 @@ def test_a_step_cap_writes_no_checkpoint_of_a_diverged_state(tmp_path, monkeypat
     with pytest.raises(TrainingDiverged, match=f"{what} in epoch 1; no checkpoint was written"):
         trainer.train()
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_run_stopped_in_its_second_epoch_cannot_be_resumed_as_one_epoch(tmp_path):
+    splits = synthetic_splits()   # 6 steps per epoch
+    Trainer(config(tmp_path, epochs=2, max_steps=9), splits).train()
+    with pytest.raises(ValueError, match="has trained 1 epoch and part of epoch 2 already; "
+                                         "--epochs 1 cannot undo them: give --epochs 2 or more"):
+        Trainer(config(tmp_path, epochs=1), splits, resume=str(tmp_path / "checkpoint.pt"))
+    resumed = Trainer(config(tmp_path, epochs=2), splits, resume=str(tmp_path / "checkpoint.pt"))
+    assert (resumed.epoch, resumed.step_in_epoch) == (1, 3)
