@@ -35,8 +35,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from occamnets.config import scaled_milestones
-from occamnets.evaluate import checkpoint_config, evaluate, load_model, load_splits
+from occamnets.checkpoints import read_checkpoint
+from occamnets.config import RunConfig, scaled_milestones
+from occamnets.evaluate import evaluate, load_model, load_splits
 from occamnets.files import atomic_path
 from occamnets.train import RunReport, read_metrics, steps_per_epoch
 
@@ -138,6 +139,17 @@ def choose_epochs(budget: float, epoch_seconds: Sequence[float],
     return max(1, math.floor((budget - sum(fixed_seconds)) / per_epoch))
 
 
+def probe_images(global_step: int, train_images: int, batch_size: int, world: int = 1) -> int:
+    """Images one process trained in `global_step` steps from the start of a run (the unit of
+    `training_speed`'s rate): whole epochs (the ragged last batch included, `steps_per_epoch`)
+    and then whole batches. Counted from the step, not summed over the step records: those
+    are written only every --log-every steps."""
+    steps = steps_per_epoch(train_images, batch_size, world)
+    epochs, steps_into_epoch = divmod(global_step, steps)
+    per_epoch = train_images if world == 1 else steps * batch_size
+    return epochs * per_epoch + steps_into_epoch * batch_size
+
+
 def measure(runs: str, model: str, checkpoint_every: int) -> ModelSpeed:
     """One model's speeds, from its probe run in RUNS/probe-<model>."""
     probe = os.path.join(runs, f"probe-{model}")
@@ -148,12 +160,16 @@ def measure(runs: str, model: str, checkpoint_every: int) -> ModelSpeed:
                                 f"--max-steps 60` first")
     metrics = os.path.join(probe, "metrics.jsonl")
     rate = training_speed(metrics)
-    config = checkpoint_config(checkpoint)
+    state = read_checkpoint(checkpoint)
+    config = RunConfig.from_dict(state["config"])
     images = config.train_size
     if images is None:   # every digit's renders: count them (this hashes the train split)
         images = len(load_splits(config, torch.device("cpu"), ("train",))["train"])
     steps = steps_per_epoch(images, config.batch_size)
-    probed_images = sum(r["batch"] for r in read_metrics(metrics) if r.get("kind") == "step")
+    # The probe stops at --max-steps and saves: its checkpoint's step is every step it trained.
+    probed_images = probe_images(state["global_step"], images, config.batch_size,
+                                 state.get("world", 1))
+    del state
     wall_path = os.path.join(probe, "wall_seconds")
     fixed = 0.0
     if os.path.exists(wall_path):

@@ -202,3 +202,36 @@ def test_the_plan_takes_the_most_epochs_that_fit():
 def test_the_plan_needs_its_probes(tmp_path):
     with pytest.raises(FileNotFoundError, match="no probe run of occam"):
         repro_plan.make_plan(str(tmp_path), ["occam"], 480, checkpoint_every=200)
+
+
+def test_a_probe_run_counts_every_step_it_trained_not_only_the_logged_ones(tmp_path,
+                                                                             monkeypatch):
+    from occamnets.checkpoints import write_checkpoint
+    from occamnets.config import RunConfig
+    probe = tmp_path / "probe-resnet"
+    probe.mkdir()
+    # --log-every 20 --max-steps 60 at 128 images a batch: three records, 7,680 images.
+    config = RunConfig.from_preset("repro", train_size=10000, batch_size=128, log_every=20,
+                                   max_steps=60)
+    write_checkpoint({"config": config.to_dict(), "model": {}, "num_classes": 10,
+                      "global_step": 60, "world": 1}, str(probe / "checkpoint.pt"))
+    write_steps(probe / "metrics.jsonl",
+                [{"kind": "step", "epoch": 1, "global_step": s, "batch": 128, "epoch_seconds": t}
+                 for s, t in ((20, 1.0), (40, 2.0), (60, 3.0))])
+    (probe / "wall_seconds").write_text("20\n")
+    monkeypatch.setattr(repro_plan, "checkpoint_seconds", lambda path: 0.5)
+    monkeypatch.setattr(repro_plan, "evaluation_seconds", lambda path: (1.0, 2.0))
+    speed = repro_plan.measure(str(tmp_path), "resnet", checkpoint_every=0)
+    rate = 20 * 128 / 1.0
+    assert speed.train_images_per_s == pytest.approx(rate)
+    assert speed.fixed_seconds == pytest.approx(20 - 60 * 128 / rate)   # 17.0, not 18.5
+
+
+def test_probe_images_counts_whole_epochs_then_batches():
+    # 1,000 images at 128: 8 steps an epoch, the last of 104 images.
+    assert repro_plan.probe_images(60, 1000, 128) == 7 * 1000 + 4 * 128
+    assert repro_plan.probe_images(8, 1000, 128) == 1000
+    # 129 images: a single image left over joins the batch before it (one step an epoch).
+    assert repro_plan.probe_images(3, 129, 128) == 3 * 129
+    # One process of two (DDP): whole global batches only, 3 steps of 128 an epoch.
+    assert repro_plan.probe_images(7, 1000, 128, world=2) == 2 * 3 * 128 + 128
