@@ -739,6 +739,7 @@ class Trainer:
             images = self.epoch_images + seen
             train_loss = (loss_sum / max(1, steps)).item()
             self._refuse_diverged(train_loss)
+            lr = self.optimizer.param_groups[0]["lr"]  # this epoch's: read before the step
             with warnings.catch_warnings():
                 # Resumed right at an epoch's end, this process made no optimiser step yet:
                 # torch's warning about the call order does not apply.
@@ -748,7 +749,7 @@ class Trainer:
                       "train_loss": train_loss,
                       "train_images_per_s": images / max(elapsed, 1e-9),
                       "train_seconds": elapsed,
-                      "lr": self.optimizer.param_groups[0]["lr"],
+                      "lr": lr,
                       # A resumed run may continue on another card: each epoch names its own.
                       "device": self.device_name}
             val_split = config.dataset_spec.val

@@ -285,3 +285,18 @@ def test_a_run_stopped_in_its_second_epoch_cannot_be_resumed_as_one_epoch(tmp_pa
         Trainer(config(tmp_path, epochs=1), splits, resume=str(tmp_path / "checkpoint.pt"))
     resumed = Trainer(config(tmp_path, epochs=2), splits, resume=str(tmp_path / "checkpoint.pt"))
     assert (resumed.epoch, resumed.step_in_epoch) == (1, 3)
+
+
+def test_each_epoch_record_holds_the_learning_rate_it_trained_with(tmp_path, monkeypatch):
+    used = []
+    real_step = Trainer._train_step
+
+    def step(self, rows, following=None):
+        used.append((self.epoch + 1, self.optimizer.param_groups[0]["lr"]))
+        return real_step(self, rows, following)
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    Trainer(config(tmp_path, model="resnet", epochs=2, milestones=(1,), lr=1e-2),
+            synthetic_splits(n=16)).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["epoch"], r["lr"]) for r in records if r["kind"] == "epoch"]
+    assert logged == sorted(set(used)) == [(1, 1e-2), (2, pytest.approx(1e-3))]
