@@ -354,10 +354,29 @@ def exit_record(prefix: str, evaluation: Evaluation) -> Dict[str, Optional[float
 
 
 def read_metrics(metrics_path: str) -> List[Dict]:
+    """The records of a run's metrics.jsonl. Its last line, when it is not a whole record (a
+    crash while it was appended), is dropped with a warning: a resumed run writes it again.
+    Any other line that is not one is a ValueError naming the file and the line."""
     if not os.path.exists(metrics_path):
         return []
-    with open(metrics_path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    with open(metrics_path, errors="replace") as handle:  # a bad byte: that line's error
+        lines = [(number, line) for number, line in enumerate(handle, 1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == lines[-1][0]:
+            warnings.warn(f"{metrics_path}: its last line ({number}) is not a whole record "
+                          f"(cut short by a crash while it was written?); it is left out",
+                          stacklevel=2)
+        else:
+            raise ValueError(f"{metrics_path} line {number} is not a JSON record: repair or "
+                             f"delete that line")
+    return records
 
 
 def existing_checkpoint(config: RunConfig) -> Optional[str]:

@@ -300,3 +300,19 @@ def test_each_epoch_record_holds_the_learning_rate_it_trained_with(tmp_path, mon
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [(r["epoch"], r["lr"]) for r in records if r["kind"] == "epoch"]
     assert logged == sorted(set(used)) == [(1, 1e-2), (2, pytest.approx(1e-3))]
+
+
+def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path):
+    splits = synthetic_splits()   # 6 steps per epoch: epoch 1's record, then 1 step more
+    Trainer(config(tmp_path, model="resnet", max_steps=7), splits).train()
+    metrics = tmp_path / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"kind": "epoch", "epoch": 2, "glo')   # the crash
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: its last line \(2\) is not a whole "
+                                         r"record"):
+        Trainer(config(tmp_path, model="resnet"), splits, resume=str(tmp_path / "checkpoint.pt"))
+    assert metrics.read_text() == whole
+    metrics.write_text(whole + "{not json\n" + whole)
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON record: repair or "
+                                         r"delete that line"):
+        Trainer(config(tmp_path, model="resnet"), splits, resume=str(tmp_path / "checkpoint.pt"))
