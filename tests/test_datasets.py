@@ -390,3 +390,36 @@ def test_augmentation_differs_per_process_and_step_and_repeats_on_resume():
     # The largest seed the config takes seeds a torch Generator (it refuses 2^63 and more).
     for step in (0, 10**7):
         torch.Generator().manual_seed(augmentation_seed(2**32 - 1, step, 7))
+
+
+def _listed_twice(tmp_path, content):
+    """A split of a readable JPEG and a file (`content(path)` writes it) listed twice."""
+    from PIL import Image
+    from occamnets.data.index import DatasetIndex, SplitIndex, file_source
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "good.jpg", format="JPEG")
+    content(tmp_path / "twice.jpg", pixels)
+    paths = [str(tmp_path / n) for n in ("good.jpg", "twice.jpg", "good.jpg", "twice.jpg")]
+    split = SplitIndex(file_source(paths), np.arange(4) % 2, np.zeros((4, 0), dtype=np.int64))
+    return DatasetIndex("folder", str(tmp_path), ("a", "b"), (), {"train": split})
+
+
+def test_a_png_named_jpg_listed_twice_is_read_by_pillow_in_both_rows(tmp_path):
+    from PIL import Image
+    index = _listed_twice(tmp_path, lambda path, pixels: Image.fromarray(pixels).save(
+        path, format="PNG"))   # torchvision refuses it, Pillow reads it
+    split = index.split("train")
+    pil, _ = image_cache.decode_rows(split, range(4), 16, None, None, decoder="pil")
+    images, problems = image_cache.decode_rows(split, range(4), 16, None, None,
+                                               decoder="torchvision")
+    assert problems == [] and pil[3].any()
+    assert torch.equal(images[1], pil[1]) and torch.equal(images[3], pil[3])
+
+
+def test_a_preview_leaves_out_every_row_of_an_unreadable_image_listed_twice(tmp_path):
+    from occamnets.data.real_splits import first_images
+    index = _listed_twice(tmp_path, lambda path, pixels: path.write_bytes(b"not an image"))
+    with pytest.raises(DecodeErrors, match="2 image"):
+        first_images(index, "train", 16, None, 4, workers=1)
+    shown = first_images(index, "train", 16, None, 4, workers=1, skip_unreadable=True)
+    assert len(shown) == 2 and shown.labels.tolist() == [0, 0]   # the good.jpg rows only

@@ -27,7 +27,7 @@ import torch
 from ..files import atomic_path, file_problem, file_record, remove_stale_temporaries
 from ..progress import close, progress_bar
 from .index import DatasetIndex, ImageSource, SplitIndex
-from .jpeg_decode import decode_jpegs
+from .jpeg_decode import decode_jpeg_rows
 from .loaders import LabelledItems, prepare, read_rgb
 
 CACHE_FORMAT = 1
@@ -50,20 +50,30 @@ def decode(source: ImageSource, rows: Sequence[int], size: int, centre_crop: Opt
            pool: Optional[concurrent.futures.Executor] = None) -> Tuple[np.ndarray,
                                                                         List[Tuple[str, str]]]:
     """(images (len(rows), 3, size, size) uint8, [(name, why) of each unreadable image])."""
+    images, failed = decode_positions(source, rows, size, centre_crop, pool)
+    return images, [(source.names[rows[i]], why) for i, why in failed]
+
+
+def decode_positions(source: ImageSource, rows: Sequence[int], size: int,
+                     centre_crop: Optional[int],
+                     pool: Optional[concurrent.futures.Executor] = None
+                     ) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
+    """`decode`, with each unreadable image given by its position in `rows` (an image listed
+    twice is two positions; its name alone would tell only the first)."""
     def one(row: int):
         try:
             return prepare(source.read(row), size, centre_crop), None
         except (ValueError, OSError, KeyError) as error:
-            return None, (source.names[row], str(error))
+            return None, str(error)
     results = list(pool.map(one, rows)) if pool is not None else [one(r) for r in rows]
     out = np.zeros((len(rows), 3, size, size), dtype=np.uint8)
-    problems = []
-    for i, (image, problem) in enumerate(results):
-        if problem is not None:
-            problems.append(problem)
+    failed = []
+    for i, (image, why) in enumerate(results):
+        if why is not None:
+            failed.append((i, why))
         else:
             out[i] = image
-    return out, problems
+    return out, failed
 
 
 def uses_torchvision(split: SplitIndex, decoder: str) -> bool:
@@ -130,16 +140,17 @@ def decode_rows(split: SplitIndex, rows: Sequence[int], size: int, centre_crop: 
     `decode_device` with torchvision, on the CPU with Pillow."""
     if uses_torchvision(split, decoder):
         paths = [split.images.paths[r] for r in rows]
-        images, failed = decode_jpegs(paths, size, centre_crop, decode_device)
+        images, failed = decode_jpeg_rows(paths, size, centre_crop, decode_device)
         # What torchvision refuses (a PNG named .jpg, a JPEG nvJPEG does not take) Pillow may
         # read: only what neither reads is a problem, so the decoders accept the same files.
+        # Filled by row: a file listed twice fails, and is filled, in both of its rows.
         problems = []
-        for path, why in failed:
+        for row, why in failed:
             try:
-                image = torch.from_numpy(prepare(read_rgb(path), size, centre_crop))
-                images[paths.index(path)] = image.to(images.device)
+                image = torch.from_numpy(prepare(read_rgb(paths[row]), size, centre_crop))
+                images[row] = image.to(images.device)
             except ValueError:
-                problems.append((path, why))
+                problems.append((paths[row], why))
         return images, problems
     images, problems = decode(split.images, rows, size, centre_crop, pool)
     return torch.from_numpy(images), problems

@@ -55,19 +55,28 @@ def _place_squares(out: torch.Tensor, pairs: List[Tuple[int, torch.Tensor]],
 
 def decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
                  device) -> Tuple[torch.Tensor, List[Tuple[str, str]]]:
+    """(uint8 (N, 3, size, size) on `device`, [(path, why) of each file that failed]): see
+    `decode_jpeg_rows`, which names the failed rows instead (a file listed twice fails twice,
+    in two rows)."""
+    images, failed = decode_jpeg_rows(paths, size, centre_crop, device)
+    return images, [(paths[row], why) for row, why in failed]
+
+
+def decode_jpeg_rows(paths: Sequence[str], size: int, centre_crop: Optional[int],
+                     device) -> Tuple[torch.Tensor, List[Tuple[int, str]]]:
+    """(uint8 (N, 3, size, size) on `device`, [(row, why) of each row whose file failed]) for
+    JPEG files, decoded as one batch there. A failed batch is decoded one file at a time to
+    name the culprits (their rows stay zero)."""
     # torchvision 0.29 warns on every call that its image decoding is deprecated in favour of
     # TorchCodec; it still works, and the GPU machines' torchvision (0.26) has no successor.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The image decoding and encoding capabilities",
                                 DeprecationWarning)
-        return _decode_jpegs(paths, size, centre_crop, device)
+        return _decode_jpeg_rows(paths, size, centre_crop, device)
 
 
-def _decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
-                  device) -> Tuple[torch.Tensor, List[Tuple[str, str]]]:
-    """(uint8 (N, 3, size, size) on `device`, [(path, why) of each file that failed]) for
-    JPEG files, decoded as one batch there. A failed batch is decoded one file at a
-    time to name the culprits (their rows stay zero)."""
+def _decode_jpeg_rows(paths: Sequence[str], size: int, centre_crop: Optional[int],
+                      device) -> Tuple[torch.Tensor, List[Tuple[int, str]]]:
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
     out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8, device=device)
     problems, data, readable = [], [], []
@@ -76,7 +85,7 @@ def _decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
             data.append(read_file(path))
             readable.append(row)
         except (OSError, RuntimeError) as error:
-            problems.append((path, str(error)))
+            problems.append((row, str(error)))
     try:
         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
         pairs = list(zip(readable, images))
@@ -86,6 +95,6 @@ def _decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
             try:
                 pairs.append((row, decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)))
             except RuntimeError as error:
-                problems.append((paths[row], f"cannot be decoded as a JPEG: {error}"))
+                problems.append((row, f"cannot be decoded as a JPEG: {error}"))
     _place_squares(out, pairs, centre_crop)
     return out, problems

@@ -7,7 +7,8 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .catalog import find, spec
-from .image_cache import DecodeErrors, StreamingSplit, array_bytes, decode, load_cached
+from .image_cache import (DecodeErrors, StreamingSplit, array_bytes, decode_positions,
+                          load_cached)
 from .index import DatasetIndex, SplitIndex
 from .loaders import DeviceSplit, LabelledItems
 
@@ -28,10 +29,10 @@ def first_images(index: DatasetIndex, name: str, size: int, centre_crop: Optiona
     split = index.split(name)
     count = min(count, len(split))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        images, problems = decode(split.images, range(count), size, centre_crop, pool)
-    if problems and not skip_unreadable:
-        raise DecodeErrors(name, problems)
-    bad = {split.images.names.index(source) for source, _ in problems}
+        images, failed = decode_positions(split.images, range(count), size, centre_crop, pool)
+    if failed and not skip_unreadable:
+        raise DecodeErrors(name, [(split.images.names[row], why) for row, why in failed])
+    bad = {row for row, _ in failed}   # by row: an image listed twice is left out twice
     rows = [row for row in range(count) if row not in bad]
     labels, attributes, aligned = split.tensors(rows)
     return DeviceSplit(torch.from_numpy(images[rows]), labels, attributes,
