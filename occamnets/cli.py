@@ -218,7 +218,9 @@ _HELP = {
     "weight_offset": "OccamLoss: offset added to every CE weight",
     "balance_factor": "OccamLoss: exponent balancing the gate loss between exit and "
                       "continue targets",
-    "min_epochs": "OccamLoss: epochs before gate targets may be refreshed",
+    "min_epochs": "OccamLoss: the first epochs, in which the gate targets are always "
+                  "refreshed (after them, only while an exit's training accuracy is at or "
+                  "below its --taus value)",
     "method": "the debiasing method: erm (cross-entropy), upwt (group upweighting), gdro "
               "(GroupDRO), sd (spectral decoupling) or pgi (predictive group invariance); on "
               "OccamResNet it shapes every exit's main loss",

@@ -222,3 +222,24 @@ def test_every_setting_that_changes_results_is_an_option():
     assert (args.taus, args.milestones, args.bf16, args.stem, args.train_size) == (
         [0.1, 0.2, 0.3, 0.4], [3, 5], False, "7x7", 9)
     json.dumps(RunConfig().to_dict())  # saved in reports as JSON
+
+
+def test_min_epochs_help_says_what_the_loss_does(capsys):
+    """In the first --min-epochs epochs the gate targets are refreshed whatever the accuracy
+    (the official force_use); the help says so, not that refreshing waits for them."""
+    from occamnets.losses import OccamLoss
+    from occamnets.models import occam_resnet18
+    torch.manual_seed(0)
+    model = occam_resnet18(4, width=4, stem="3x3", backend="reference")
+    x, labels, items = torch.rand(8, 3, 16, 16), torch.arange(8) % 4, torch.arange(8)
+    loss = OccamLoss(8, 4, taus=(0.0,) * 4, min_epochs=2)   # taus 0: no refresh by accuracy
+    refreshing = []
+    for epoch in range(3):
+        loss.on_epoch_start(epoch)
+        _, parts = loss(model(x, labels), labels, items)
+        refreshing.append(bool(parts["refreshing/E1"]))
+    assert refreshing == [True, True, False]
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--min-epochs MIN_EPOCHS OccamLoss: the first epochs, in which the gate targets " \
+           "are always refreshed" in text
