@@ -22,6 +22,8 @@ from typing import List, Optional
 
 from inference_ceiling import active_counts
 
+from occamnets.files import atomic_path
+
 BASELINES = {"exit_head": "eager", "compact": "boolean_mask", "training": "reference",
              "inference": "full_depth", "peer": "official"}
 
@@ -637,7 +639,9 @@ def plot_ratios(device, suite, baseline, ratios, out_dir):
     ax.legend(fontsize=8)
     fig.tight_layout()
     name = f"results_{suite}_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}.png"
-    fig.savefig(os.path.join(out_dir, name), dpi=90)
+    # Written whole or not at all: the format named, as the temporary's name has no suffix.
+    with atomic_path(os.path.join(out_dir, name)) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return name
 
@@ -650,7 +654,9 @@ def trim(path: str) -> None:
         return
     for bench in data["benchmarks"]:
         bench["stats"].pop("data", None)
-    with open(path, "w") as handle:
+    # Rewritten in place: a write cut short (Ctrl-C, a full disk) must leave the old file,
+    # not destroy the only copy of a benchmark run.
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
         json.dump(data, handle, indent=1)
 
 
@@ -669,7 +675,7 @@ def main(argv=None):
             trim(path)
     os.makedirs(args.out, exist_ok=True)
     text = render(runs, args.out, device_records)
-    with open(os.path.join(args.out, "RESULTS.md"), "w") as handle:
+    with atomic_path(os.path.join(args.out, "RESULTS.md")) as tmp, open(tmp, "w") as handle:
         handle.write(text + "\n")
     print(f"wrote {os.path.join(args.out, 'RESULTS.md')}")
 

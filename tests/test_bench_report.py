@@ -150,3 +150,34 @@ def test_device_time_report_gives_ratios_bandwidth_and_the_issue_targets(tmp_pat
     assert "not capturable" not in text
     # --trim leaves a device-time record as it was (it has no per-round data).
     assert json.loads(path.read_text())["timings"][0]["graph_us"] == 50.0
+
+
+def test_trim_and_results_md_never_leave_a_half_written_file(tmp_path, monkeypatch):
+    import pytest
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import report
+    path = tmp_path / "run.json"
+    data = {"datetime": "x", "benchmarks": [dict(entry("copy", "copy", 0.001, floor_bytes=8))]}
+    data["benchmarks"][0]["stats"]["data"] = [0.001] * 100
+    path.write_text(json.dumps(data))
+
+    def interrupted_dump(obj, handle, **options):   # Ctrl-C halfway through the rewrite
+        handle.write(json.dumps(obj, **options)[:40])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report.json, "dump", interrupted_dump)
+    with pytest.raises(KeyboardInterrupt):
+        report.trim(str(path))
+    assert json.loads(path.read_text()) == data and os.listdir(tmp_path) == ["run.json"]
+    monkeypatch.undo()
+    report.trim(str(path))
+    assert "data" not in json.loads(path.read_text())["benchmarks"][0]["stats"]
+
+    class CutShort(str):   # the page's text fails while RESULTS.md is being written
+        def __add__(self, other):
+            raise KeyboardInterrupt
+    (tmp_path / "RESULTS.md").write_text("the last complete page\n")
+    monkeypatch.setattr(report, "render", lambda *args: CutShort("page"))
+    with pytest.raises(KeyboardInterrupt):
+        report.main([str(path), "--out", str(tmp_path)])
+    assert (tmp_path / "RESULTS.md").read_text() == "the last complete page\n"
+    assert sorted(os.listdir(tmp_path)) == ["RESULTS.md", "run.json"]
