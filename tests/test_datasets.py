@@ -423,3 +423,30 @@ def test_a_preview_leaves_out_every_row_of_an_unreadable_image_listed_twice(tmp_
         first_images(index, "train", 16, None, 4, workers=1)
     shown = first_images(index, "train", 16, None, 4, workers=1, skip_unreadable=True)
     assert len(shown) == 2 and shown.labels.tolist() == [0, 0]   # the good.jpg rows only
+
+
+def test_an_hdf5_group_or_an_oversized_csv_value_is_a_layout_error(roots, tmp_path):
+    import h5py
+    coco_root = str(tmp_path / "coco")
+    shutil.copytree(roots["coco-on-places"], coco_root)
+    for key in ("images", "g"):
+        path = os.path.join(coco_root, "train.h5py")
+        shutil.copyfile(os.path.join(roots["coco-on-places"], "train.h5py"), path)
+        with h5py.File(path, "a") as h5:
+            del h5[key]
+            h5.create_group(key)
+        with pytest.raises(DatasetLayoutError, match=f"train.h5py: {key} is an HDF5 group, "
+                                                     f"not a dataset"):
+            catalog.find("coco-on-places", coco_root)
+    folder_root = str(tmp_path / "folder")
+    shutil.copytree(roots["folder"], folder_root)
+    csv_path = os.path.join(folder_root, "metadata.csv")
+    lines = open(csv_path).read().splitlines()
+    lines[2] = lines[2] + "x" * 200_000   # over the csv module's field limit (131,072)
+    open(csv_path, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DatasetLayoutError, match="metadata.csv line 3 cannot be read as CSV "
+                                                 r"\(field larger than field limit"):
+        catalog.find("folder", folder_root)
+    open(csv_path, "wb").write(b"path,label\na\xe9.png,0\n")   # Latin-1, not UTF-8
+    with pytest.raises(DatasetLayoutError, match="metadata.csv is not UTF-8 text"):
+        catalog.find("folder", folder_root)

@@ -74,9 +74,17 @@ def _read_split(path: str, split: str) -> SplitIndex:
             if missing:
                 raise DatasetLayoutError(f"{path} has no {' or '.join(missing)} dataset "
                                          f"(it holds {', '.join(h5.keys()) or 'nothing'})")
+            for key in ("images", "y", "g"):   # a group has no shape and no rows to read
+                if key in h5 and not isinstance(h5[key], h5py.Dataset):
+                    raise DatasetLayoutError(f"{path}: {key} is an HDF5 "
+                                             f"{type(h5[key]).__name__.lower()}, not a "
+                                             f"dataset (an array); remake the file with "
+                                             f"COCO-on-Places' data maker")
             shape = h5["images"].shape
             labels = np.asarray(h5["y"][:], dtype=np.int64)
             g = np.asarray(h5["g"][:], dtype=np.int64) if "g" in h5 else None
+    except DatasetLayoutError:
+        raise   # already says what is wrong (it is an OSError too: not to be wrapped below)
     except OSError as error:
         raise DatasetLayoutError(f"{path} cannot be read as HDF5 ({error})") from error
     if len(shape) != 4 or shape[1] != 3:

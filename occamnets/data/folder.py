@@ -71,7 +71,15 @@ def _read_csv(path: str) -> Tuple[List[str], List[Dict[str, str]]]:
     """(header, rows) with names and values stripped; a UTF-8 byte-order mark (Excel's) is
     dropped."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        table = [[cell.strip() for cell in row] for row in csv.reader(handle) if row]
+        reader = csv.reader(handle)
+        try:
+            table = [[cell.strip() for cell in row] for row in reader if row]
+        except csv.Error as error:   # a value over the csv module's size limit, a NUL byte
+            raise DatasetLayoutError(f"{path} line {reader.line_num} cannot be read as CSV "
+                                     f"({error}): {GET_IT}") from error
+        except UnicodeDecodeError as error:
+            raise DatasetLayoutError(f"{path} is not UTF-8 text ({error}): save it as UTF-8 "
+                                     f"CSV") from error
     if not table:
         raise DatasetLayoutError(f"{path} is empty: {GET_IT}")
     header = table[0]
