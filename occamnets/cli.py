@@ -709,15 +709,23 @@ def _add_compare(subparsers) -> None:
 
 def _run_compare(args) -> int:
     from .compare import Interrupted, grid, run_comparison
-    from .config import default_preset
+    from .config import BIASED_MNIST, DATA_FIELDS, RunConfig, default_preset
     preset = args.preset or default_preset()
     cells = grid(args.models, args.methods, args.ablations, list(range(args.seeds)))
+    settings = _explicit_settings(args)
+    if settings.get("dataset", BIASED_MNIST) == BIASED_MNIST:
+        # One dataset for the whole grid: a cached one in --data-dir sets its data settings,
+        # as for `occamnets train` (no grid field is a data setting).
+        shared = RunConfig.from_preset(preset, **settings)
+        adopted = _with_cached_dataset(shared, settings)
+        if adopted is not shared:
+            settings.update((name, getattr(adopted, name)) for name in DATA_FIELDS)
     command = ["occamnets compare --preset", preset, "--models", ",".join(args.models),
                "--methods", ",".join(args.methods), "--ablations", ",".join(args.ablations),
                "--seeds", str(args.seeds), "--out", args.out]
     hint = f"the same `{' '.join(command)} ...` again"
     try:
-        comparison = run_comparison(cells, preset, args.out, _explicit_settings(args), hint)
+        comparison = run_comparison(cells, preset, args.out, settings, hint)
     except Interrupted as stop:   # the cell's checkpoint is written and the stop line said
         return 128 + stop.signum
     print(comparison.to_markdown())

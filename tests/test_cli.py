@@ -243,3 +243,17 @@ def test_min_epochs_help_says_what_the_loss_does(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--min-epochs MIN_EPOCHS OccamLoss: the first epochs, in which the gate targets " \
            "are always refreshed" in text
+
+
+def test_compare_trains_on_the_dataset_cached_in_data_dir(tmp_path, capsys):
+    data = tmp_path / "bm"
+    assert main(["data", "biased-mnist", "--out", str(data), "--p-bias", "0.5"] + TINY_DATA) == 0
+    capsys.readouterr()
+    out = tmp_path / "grid"
+    # No data options: the cached dataset's settings become the grid's, as for train.
+    assert main(["compare", "--data-dir", str(data), "--models", "resnet", "--out", str(out),
+                 "--milestones", "1"] + TINY_RUN) == 0
+    assert f"training on the Biased MNIST in {data}" in capsys.readouterr().out
+    saved = json.loads((out / "compare.json").read_text())
+    assert (saved["settings"]["cell_size"], saved["settings"]["p_bias"],
+            saved["settings"]["train_size"]) == (6, 0.5, 64)
