@@ -80,6 +80,32 @@ def test_a_position_recorded_as_conflicting_is_drawn_elsewhere():
     assert np.array_equal(same, positions == labels)
 
 
+def test_letter_sets_overlap_as_documented_unlike_the_official_one_letter_each():
+    """A deliberate departure (module docstring): value v draws letters (3v .. 3v+2) mod 26,
+    so the sets wrap and overlap; the official draws one of ten distinct letters three
+    times. Changing this changes every image: it must be a decision, with a new format."""
+    names = ["".join(chr(ord("A") + int(i)) for i in row) for row in bm.letter_sets(range(10))]
+    assert names == ["ABC", "DEF", "GHI", "JKL", "MNO", "PQR", "STU", "VWX", "YZA", "BCD"]
+    # Which letters values render: one letter's glyph filled, every other glyph blank.
+    cell, values = 4, np.arange(10)
+    factors = np.zeros((10, len(bm.FACTOR_NAMES)), dtype=np.int64)
+    factors[:, bm.FACTOR_NAMES.index("letters")] = values
+    digits = np.zeros((10, 28, 28), dtype=np.uint8)   # nothing drawn over the letters
+    white = bm.LETTER_COLORS[0].astype(np.uint8)       # letter_color 0 in every image
+    drawn_by = {}
+    for letter in range(26):
+        glyphs = np.zeros((26, 1, cell, cell), dtype=np.uint8)
+        glyphs[letter] = 255
+        images, _ = bm.render(digits, factors, cell, glyphs, np.random.default_rng(0),
+                              workers=1)
+        cells = images.reshape(10, 3, bm.GRID, cell, bm.GRID, cell)
+        full = (cells == white[None, :, None, None, None, None]).all(axis=(1, 3, 5))
+        drawn_by[chr(ord("A") + letter)] = tuple(int(v) for v in values[full.any(axis=(1, 2))])
+    shared = {letter: by for letter, by in drawn_by.items() if len(by) > 1}
+    assert shared == {"A": (0, 8), "B": (0, 9), "C": (0, 9), "D": (1, 9)}
+    assert all(len(by) == 1 for letter, by in drawn_by.items() if letter not in shared)
+
+
 @pytest.mark.parametrize("cell", [4, 5, 6, 7, 8, 11, 16, 32, 33])
 def test_digit_place_says_where_the_digit_is_drawn(cell):
     positions, scales = (v.ravel() for v in np.meshgrid(np.arange(10), np.arange(10)))

@@ -13,6 +13,7 @@ order of `factors`:
   texture_color   colour of the texture, tied to the texture (as the official generator
                   does): texture v's colour v with probability p_bias, else another
   letters         three distractor letters: value v is the letter set (3v, 3v+1, 3v+2) mod 26
+                  (A = 0), each letter in a cell of its own (see below: not the official's)
   letter_color    colour of the letters, tied to the letter set as texture_color is to the
                   texture
 
@@ -24,6 +25,17 @@ digits with every value equally likely (p_bias = 0.1 for every factor): the unbi
 set. A second validation split, "val-p0.5", renders the validation digits again with p_bias
 0.5 for every factor (the official code's second validation split). Every image carries its
 digit's mask (the pixels the digit covers), for measuring whether a CAM looks at the digit.
+
+Letters depart from the official generator (datasets/biased_mnist_generator.py with
+get_letters() of biased_mnist_generator_utils.py). There, value v is ONE letter of ten
+distinct ones, a c k m n p r u v w, drawn three times (an EMNIST image each time) in three
+cells the digit leaves free: every letter tells its value alone. Here value v draws three
+different letters, `letter_sets`: ABC DEF GHI JKL MNO PQR STU VWX AYZ BCD. The sets wrap
+around the 26 letters, so they overlap: A is in sets 0 and 8, B and C in 0 and 9, D in 1
+and 9 (tested). No two sets are equal, so the three letters together still tell the value,
+but each of A to D alone points to two values: the letter bias of classes 0, 1, 8 and 9 is
+carried by fewer letters than the official's. Kept as it is: changing it changes every
+generated image (a new CACHE_FORMAT) and the results measured on them.
 """
 import concurrent.futures
 import dataclasses
@@ -167,6 +179,12 @@ def digit_place(position_values: np.ndarray, scale_values: np.ndarray) -> np.nda
     return np.round(np.minimum(anchors, limit[:, None]) * 3).astype(np.int64)
 
 
+def letter_sets(letter_values: np.ndarray) -> np.ndarray:
+    """(N, 3) the letters (0 = A .. 25 = Z) drawn for each letters value: (3v, 3v+1, 3v+2)
+    mod 26, sets that overlap (module docstring)."""
+    return (3 * np.asarray(letter_values)[:, None] + np.arange(3)[None, :]) % 26
+
+
 def texture_masks(size: int, cell: int) -> np.ndarray:
     """(10, size, size) bool: ten glyph patterns tiled with a period of half a cell."""
     period = max(4, cell // 2)
@@ -228,7 +246,7 @@ def render(digits: np.ndarray, factors: np.ndarray, cell: int,
             for row, alpha in zip(rows, _resize_batch(digits[start + rows],
                                                       layout.scales[scale])):
                 alphas[row] = alpha
-        letter_ids = (3 * f[:, 5][:, None] + np.arange(3)[None, :]) % 26
+        letter_ids = letter_sets(f[:, 5])
         for i in range(stop - start):
             n = start + i
             top, left, digit_size = layout.top[n], layout.left[n], layout.digit_size[n]
