@@ -118,12 +118,13 @@ def _exit_head_case(shape, num_classes, dtype, layout):
         weight = torch.randn(num_classes, channels).to(dtype)
         bias = torch.zeros(num_classes, dtype=dtype)
         labels = torch.randint(0, num_classes, (BATCH,))
-        logits, pooled, _ = kernels.exit_head_forward(h, weight, bias, labels)
+        logits, pooled, _, threshold = kernels.exit_head_forward(h, weight, bias, labels)
         # the one-pass backward (an opt-in candidate) wherever it can run
         for one_pass in (False, True)[:1 + kernels.one_pass_fits(h, num_classes)]:
             kernels.exit_head_backward(h, weight, bias, labels, torch.ones_like(logits),
                                        torch.ones_like(pooled), torch.ones(BATCH, dtype=dtype),
-                                       logits=logits, pooled=pooled, one_pass=one_pass)
+                                       logits=logits, pooled=pooled, threshold=threshold,
+                                       one_pass=one_pass)
         kernels.class_activation_maps(h, weight, bias)
     name = str(dtype).split(".")[-1]
     return f"exit_head {'x'.join(map(str, shape))} K={num_classes} {name} {layout}", run

@@ -120,12 +120,11 @@ def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=
     first = _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass)
     second = _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass)
     bitwise = all(torch.equal(a, b) for a, b in zip(first, second))
-    # The kernels mask against their own logits rounded to h's dtype (+inf for one pixel): the
-    # reference is given that threshold, so a rounding-level difference cannot flip pixels.
-    pixels = shape[1] * shape[2]
-    threshold = first[0].gather(1, labels[:, None])[:, 0].double()
-    if pixels == 1:
-        threshold = torch.full_like(threshold, math.inf)
+    # The kernels mask against their own logits rounded to h's dtype (+inf for one pixel, and
+    # kept within the ground-truth CAM's range): the reference is given the threshold the op
+    # saves for backward, so a rounding-level difference cannot flip pixels.
+    saved_threshold = torch.ops.occam.exit_head_fused(h, weight, bias, labels)[3]
+    threshold = saved_threshold.double()
     leaves = [t.detach().double().requires_grad_(True) for t in (h, weight, bias)]
     want = exit_head_reference(*leaves, labels, threshold=threshold)
     torch.autograd.backward(list(want), [g.double() for g in upstream])
@@ -142,7 +141,7 @@ def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=
     errors = {name: relative_error(g, ref) for name, g, ref in zip(names, got, want)}
     # Autograd hands h.grad the strides of h whatever the op returns: ask the op itself.
     grad_h = first[3] if one_pass else torch.ops.occam.exit_head_fused_backward(
-        h, weight, bias, labels, first[0], first[1], *upstream)[0]
+        h, weight, bias, labels, first[0], first[1], saved_threshold, *upstream)[0]
     strides_kept = grad_h.stride() == h.stride()
     passed = bitwise and strides_kept and all(e <= TOLERANCE[dtype_name] for e in errors.values())
     notes = ("" if bitwise else "not bitwise repeatable; ") + \

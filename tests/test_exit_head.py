@@ -54,7 +54,14 @@ def forward_backward(h, weight, bias, labels, backend, seed=1):
 
 def compare_with_reference(shape, dtype, layout="contiguous", with_labels=True, device="cpu"):
     h, weight, bias, labels = make_inputs(*shape, dtype=dtype, layout=layout, device=device)
-    labels = labels if with_labels else None
+    check_against_reference(h, weight, bias, labels if with_labels else None,
+                            strides_kept=layout != "strided")
+
+
+def check_against_reference(h, weight, bias, labels, strides_kept=True):
+    """The fused op's outputs and gradients against the fp64 reference; returns the reference's
+    outputs."""
+    dtype = h.dtype
     outs, grads, upstream = forward_backward(h, weight, bias, labels, "triton")
     # The reference in fp64 on the same (rounded) inputs is the specification.
     h64, w64, b64 = (t.double() for t in (h, weight, bias))
@@ -69,7 +76,8 @@ def compare_with_reference(shape, dtype, layout="contiguous", with_labels=True, 
         assert got.dtype == dtype
         scale = max(1.0, ref.abs().max().item())  # low-precision sums: relative to magnitude
         torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol * scale)
-    assert grads[0].stride() == h.stride() or layout == "strided"
+    assert grads[0].stride() == h.stride() or not strides_kept
+    return want
 
 
 @pytest.mark.parametrize("shape", [
@@ -91,6 +99,28 @@ def test_fused_matches_reference_layouts(layout, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_fused_matches_reference_dtypes(dtype, device):
     compare_with_reference((3, 6, 3, 5, 4), dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("expanded", [False, True], ids=["dense", "expanded"])
+def test_a_constant_map_is_suppressed_everywhere(dtype, expanded, device):
+    """h constant over the pixels (a dead ReLU stage gives h = relu(bias)): the ground-truth
+    CAM ties every pixel with its mean, so every pixel counts. The kernels' threshold,
+    logits[b, y_b], is another rounding of that mean; it fell 1 ulp below the CAM for some
+    samples and dropped every pixel: supp and the CAM term of the gradients were 0 there."""
+    generator = torch.Generator().manual_seed(0)   # 2 of 16 samples lost their CAM term in fp32
+    batch, channels, height, width, num_classes = 16, 6, 5, 7, 5   # 35 pixels: 3 blocks
+    cast = dict(dtype=dtype, device=device)
+    h = (2 * torch.rand(batch, channels, 1, 1, generator=generator)).to(**cast)
+    h = h.expand(-1, -1, height, width)                 # stride 0 over the pixels
+    if not expanded:
+        h = h.contiguous()
+    # Weights large enough that supp is far above the fp16 and bf16 tolerances.
+    weight = (2 * torch.randn(num_classes, channels, generator=generator)).to(**cast)
+    bias = torch.randn(num_classes, generator=generator).to(**cast)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    want = check_against_reference(h, weight, bias, labels, strides_kept=not expanded)
+    assert (want[2] > 0.2).all(), want[2]   # every sample has a CAM term to lose
 
 
 def test_fused_without_labels(device):
@@ -152,10 +182,11 @@ def test_opcheck_fused_ops(device):
     weight.requires_grad_(True)
     torch.library.opcheck(torch.ops.occam.exit_head_fused, (h, weight, bias, labels))
     torch.library.opcheck(torch.ops.occam.exit_head_fused, (h, weight, bias, None))
-    logits, pooled, _ = exit_head(h, weight.detach(), bias, labels, backend="triton")
+    logits, pooled, _, threshold = torch.ops.occam.exit_head_fused(h, weight.detach(), bias,
+                                                                   labels)
     grads = (torch.randn_like(logits), torch.randn_like(pooled), torch.randn(2, device=device))
     torch.library.opcheck(torch.ops.occam.exit_head_fused_backward,
-                          (h, weight.detach(), bias, labels, logits, pooled, *grads))
+                          (h, weight.detach(), bias, labels, logits, pooled, threshold, *grads))
     torch.library.opcheck(torch.ops.occam.class_activation_maps_fused, (h, weight, bias))
 
 

@@ -110,7 +110,7 @@ def check_against_explicit(shape, dtype, device, layout="contiguous", give_saved
                                           seed=seed)
     h64, w64, b64 = (t.double() for t in (h, weight, bias))
     # forward
-    logits, pooled, supp = exit_head_forward(h, weight, bias, labels)
+    logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, labels)
     want_logits, want_pooled, want_supp = explicit_exit_head(h64, w64, b64, labels)
     for got, want in ((logits, want_logits), (pooled, want_pooled), (supp, want_supp)):
         assert got.dtype == dtype and got.shape == want.shape
@@ -121,7 +121,7 @@ def check_against_explicit(shape, dtype, device, layout="contiguous", give_saved
     for name in drop:
         grads[name] = None
     grads = {k: (None if g is None else g.to(device, dtype)) for k, g in grads.items()}
-    saved = dict(logits=logits, pooled=pooled) if give_saved else {}
+    saved = dict(logits=logits, pooled=pooled, threshold=threshold) if give_saved else {}
     dh, dw, db = exit_head_backward(h, weight, bias, labels, grads["logits"], grads["pooled"],
                                     grads["supp"], one_pass=one_pass, **saved)
     want = explicit_grads(h, weight, bias, labels, grads["logits"], grads["pooled"], grads["supp"])
@@ -180,7 +180,8 @@ def test_absent_gradients(drop, device):
 
 def test_without_labels(device):
     h, weight, bias, _ = make_inputs(2, 5, 3, 4, 6, torch.float32, device)
-    logits, pooled, supp = exit_head_forward(h, weight, bias, None)
+    logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, None)
+    assert supp is None and threshold is None
     assert supp is None
     want_logits, want_pooled, _ = explicit_exit_head(h.double(), weight.double(), bias.double(),
                                                      None)
@@ -198,16 +199,17 @@ class _KernelExitHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, one_pass):
-        logits, pooled, supp = exit_head_forward(h, weight, bias, labels)
-        ctx.save_for_backward(h, weight, bias, labels, logits, pooled)
+        logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, labels)
+        ctx.save_for_backward(h, weight, bias, labels, logits, pooled, threshold)
         ctx.one_pass = one_pass
         return logits, pooled, supp
 
     @staticmethod
     def backward(ctx, g_logits, g_pooled, g_supp):
-        h, weight, bias, labels, logits, pooled = ctx.saved_tensors
+        h, weight, bias, labels, logits, pooled, threshold = ctx.saved_tensors
         dh, dw, db = exit_head_backward(h, weight, bias, labels, g_logits, g_pooled, g_supp,
-                                        logits=logits, pooled=pooled, one_pass=ctx.one_pass)
+                                        logits=logits, pooled=pooled, threshold=threshold,
+                                        one_pass=ctx.one_pass)
         return dh, dw, db, None, None
 
 
@@ -227,10 +229,11 @@ def test_gradcheck_fp64(one_pass, device):
 
 def test_backward_is_bitwise_deterministic(device):
     h, weight, bias, labels = make_inputs(5, 6, 3, 4, 70, torch.float32, device, seed=2)
-    logits, pooled, _ = exit_head_forward(h, weight, bias, labels)
+    logits, pooled, _, threshold = exit_head_forward(h, weight, bias, labels)
     g_logits, g_pooled, g_supp = (g.to(device) for g in upstream(5, 6, 70))
     runs = [exit_head_backward(h, weight, bias, labels, g_logits, g_pooled, g_supp,
-                               logits=logits, pooled=pooled) for _ in range(2)]
+                               logits=logits, pooled=pooled, threshold=threshold)
+            for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
     forwards = [exit_head_forward(h, weight, bias, labels) for _ in range(2)]
@@ -278,8 +281,8 @@ def test_dw_splits_are_capped(device, monkeypatch):
     check_against_explicit((3, 5, 9, 11, 7), torch.float32, device)   # 3 x 4 units
 
 
-KERNELS = ("_pool_kernel", "_supp_kernel", "_grad_h_kernel", "_grad_weight_kernel",
-           "_grad_h_and_weight_kernel")
+KERNELS = ("_pool_kernel", "_supp_kernel", "_supp_finish_kernel", "_grad_h_kernel",
+           "_grad_weight_kernel", "_grad_h_and_weight_kernel")
 
 
 def record_launches(monkeypatch):
@@ -322,6 +325,7 @@ def test_design_shape_launches_enough_programs(device, monkeypatch):
     programs = {name: math.prod(grid) for name, grid in grids.items()}
     assert programs["_pool_kernel"] >= 512 and programs["_grad_weight_kernel"] >= 512, programs
     assert programs["_supp_kernel"] == programs["_grad_h_kernel"] == 128 * 50   # B x P blocks
+    assert programs["_supp_finish_kernel"] == 128   # one per sample
     assert all(len(grid) == 1 or max(grid[1:]) <= 65535 for grid in grids.values()), grids
 
 
@@ -360,12 +364,13 @@ def test_one_pass_splits_cover_every_unit_once(device, monkeypatch):
 
 def test_one_pass_agrees_with_two_kernels_and_repeats_bitwise(device):
     h, weight, bias, labels = make_inputs(3, 6, 7, 5, 9, torch.float32, device, seed=6)
-    logits, pooled, _ = exit_head_forward(h, weight, bias, labels)
+    logits, pooled, _, threshold = exit_head_forward(h, weight, bias, labels)
     g_logits, g_pooled, g_supp = (g.to(device) for g in upstream(3, 6, 9))
 
     def backward(one_pass):
         return exit_head_backward(h, weight, bias, labels, g_logits, g_pooled, g_supp,
-                                  logits=logits, pooled=pooled, one_pass=one_pass)
+                                  logits=logits, pooled=pooled, threshold=threshold,
+                                  one_pass=one_pass)
     first, second, two_kernels = backward(True), backward(True), backward(False)
     for a, b, c in zip(first, second, two_kernels):
         assert torch.equal(a, b)
@@ -386,8 +391,9 @@ def test_one_pass_is_one_launch_instead_of_two(device, monkeypatch):
     (915 splits of 7 of the 6,400 (sample, pixel block) units), not the two kernels."""
     kernels, grids = record_launches(monkeypatch)
     h, weight, bias, labels = design_exit_zeros(device)
-    saved = dict(logits=torch.zeros(128, 10, device=device),
-                 pooled=torch.zeros(128, 58, device=device))   # else the pool kernel runs
+    saved = dict(logits=torch.zeros(128, 10, device=device),    # else the pool and the
+                 pooled=torch.zeros(128, 58, device=device),    # suppression kernels run
+                 threshold=torch.zeros(128, device=device))
     kernels.exit_head_backward(h, weight, bias, labels, None, None,
                                torch.ones(128, device=device), one_pass=True, **saved)
     assert grids == {"_grad_h_and_weight_kernel": (915,)}, grids
@@ -399,3 +405,32 @@ def test_one_pass_fits_the_c58_design_exits(device):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert one_pass_fits(torch.empty(1, 58, 2, 2, dtype=dtype, device=device), 10)
         assert not one_pass_fits(torch.empty(1, 116, 2, 2, dtype=dtype, device=device), 10)
+
+
+def test_a_constant_map_masks_the_same_pixels_in_every_backward(device):
+    """h constant over the pixels: forward raises the threshold to the CAM's own value where
+    rounding put it below every pixel (tests/test_exit_head.py checks that against the
+    reference). The two-kernel and one-pass backwards mask with the threshold forward saved,
+    and a backward not given it recomputes the same one."""
+    generator = torch.Generator().manual_seed(0)
+    h = (2 * torch.rand(16, 6, 1, 1, generator=generator)).expand(-1, -1, 5, 7).contiguous()
+    weight = 2 * torch.randn(5, 6, generator=generator)
+    bias = torch.randn(5, generator=generator)
+    labels = torch.randint(0, 5, (16,), generator=generator)
+    h, weight, bias, labels = (t.to(device) for t in (h, weight, bias, labels))
+    logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, labels)
+    raw = logits.gather(1, labels[:, None])[:, 0].float()
+    assert (threshold > raw).any(), "no sample's threshold was raised: the case is not tested"
+    g_logits, g_pooled, g_supp = (g.to(device) for g in upstream(16, 6, 5))
+
+    def backward(**kwargs):
+        return exit_head_backward(h, weight, bias, labels, g_logits, g_pooled, g_supp,
+                                  logits=logits, pooled=pooled, **kwargs)
+    two_kernels = backward(threshold=threshold)
+    for a, b in zip(two_kernels, backward()):   # recomputed: the same threshold, bitwise
+        assert torch.equal(a, b)
+    for a, b in zip(two_kernels, backward(threshold=threshold, one_pass=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Without the raised threshold, the CAM term of dh would vanish for those samples.
+    dropped = backward(threshold=raw)[0]
+    assert not torch.allclose(dropped, two_kernels[0], rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@
 The fused path is two torch.library custom ops (forward, backward) around the Triton
 kernels, tied together with register_autograd; both have fake implementations so
 torch.compile(fullgraph=True) traces through them. Autograd saves h, the weights, labels,
-logits and pooled: never a (B, K, H, W) tensor.
+logits, pooled and the suppression mask's threshold (B,): never a (B, K, H, W) tensor.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -26,54 +26,64 @@ class ExitHeadOutput(NamedTuple):
     supp: Optional[Tensor]    # (B,): CAM-suppression KL per sample; None without labels
 
 
+def _accumulation_dtype(h: Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("occam::exit_head_fused", mutates_args=())
 def _exit_head_fused(h: Tensor, weight: Tensor, bias: Tensor,
-                     labels: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+                     labels: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logits, pooled, supp, threshold): the threshold (B,) is the suppression mask's, saved
+    for backward (the public API drops it)."""
     from ..triton.exit_head import exit_head_forward  # triton reads TRITON_INTERPRET at import
-    logits, pooled, supp = exit_head_forward(h, weight, bias, labels)
+    logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, labels)
     if supp is None:  # a custom op returns tensors only; the public API turns this into None
         supp = h.new_zeros(h.shape[0])
-    return logits, pooled, supp
+        threshold = h.new_zeros(h.shape[0], dtype=_accumulation_dtype(h))
+    return logits, pooled, supp, threshold
 
 
 @_exit_head_fused.register_fake
 def _(h, weight, bias, labels):
     batch, channels = h.shape[:2]
-    return h.new_empty(batch, weight.shape[0]), h.new_empty(batch, channels), h.new_empty(batch)
+    return (h.new_empty(batch, weight.shape[0]), h.new_empty(batch, channels),
+            h.new_empty(batch), h.new_empty(batch, dtype=_accumulation_dtype(h)))
 
 
 @torch.library.custom_op("occam::exit_head_fused_backward", mutates_args=())
 def _exit_head_fused_backward(
         h: Tensor, weight: Tensor, bias: Tensor, labels: Optional[Tensor], logits: Tensor,
-        pooled: Tensor, grad_logits: Optional[Tensor], grad_pooled: Optional[Tensor],
+        pooled: Tensor, threshold: Tensor, grad_logits: Optional[Tensor],
+        grad_pooled: Optional[Tensor],
         grad_supp: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     from ..triton.exit_head import exit_head_backward
     return exit_head_backward(h, weight, bias, labels, grad_logits, grad_pooled, grad_supp,
-                              logits=logits, pooled=pooled)
+                              logits=logits, pooled=pooled, threshold=threshold)
 
 
 @_exit_head_fused_backward.register_fake
-def _(h, weight, bias, labels, logits, pooled, grad_logits, grad_pooled, grad_supp):
+def _(h, weight, bias, labels, logits, pooled, threshold, grad_logits, grad_pooled, grad_supp):
     return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
     h, weight, bias, labels = inputs
-    logits, pooled, _ = output
+    logits, pooled, _, threshold = output
+    ctx.mark_non_differentiable(threshold)
     ctx.has_labels = labels is not None
     # An output the loss does not use gets None, not zeros: the CAM term of the backward then
     # is not run at all, as the reference does not differentiate supp when the loss ignores
     # it. With zeros it would run, and give 0 * NaN = NaN at a pixel whose CAM is not finite.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(h, weight, bias, labels, logits, pooled)
+    ctx.save_for_backward(h, weight, bias, labels, logits, pooled, threshold)
 
 
-def _backward(ctx, grad_logits, grad_pooled, grad_supp):
-    h, weight, bias, labels, logits, pooled = ctx.saved_tensors
+def _backward(ctx, grad_logits, grad_pooled, grad_supp, _grad_threshold):
+    h, weight, bias, labels, logits, pooled, threshold = ctx.saved_tensors
     if not ctx.has_labels:
         labels, grad_supp = None, None
     grad_h, grad_weight, grad_bias = _exit_head_fused_backward(
-        h, weight, bias, labels, logits, pooled, grad_logits, grad_pooled, grad_supp)
+        h, weight, bias, labels, logits, pooled, threshold, grad_logits, grad_pooled, grad_supp)
     return grad_h, grad_weight, grad_bias, None
 
 
@@ -154,7 +164,7 @@ def exit_head(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         return ExitHeadOutput(*reference.exit_head_reference(h, weight, bias, labels))
     weight2d = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
     bias_or_zero = bias if bias is not None else weight2d.new_zeros(weight2d.shape[0])
-    logits, pooled, supp = _exit_head_fused(h, weight2d, bias_or_zero.contiguous(), labels)
+    logits, pooled, supp, _ = _exit_head_fused(h, weight2d, bias_or_zero.contiguous(), labels)
     return ExitHeadOutput(logits, pooled, supp if labels is not None else None)
 
 

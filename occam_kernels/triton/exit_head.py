@@ -3,13 +3,16 @@
 Training never materialises the (B, K, H, W) CAM: every kernel recomputes the CAM tile it
 needs, cam[k, p] = W[k, :] @ h[:, p] + b[k], from a (C, BLOCK_P) slice of h.
 
-Forward, two launches:
+Forward, three launches:
   _pool_kernel      grid (B, C blocks, pixel splits): per split, the sum of h over a fixed
                     pixel range; the splits are summed in torch (reads h once)
   logits = pooled @ W.T + b and the threshold logits[b, y_b]: a (B, C) x (C, K) matmul in torch
   _supp_kernel      grid (B * P blocks,): per pixel block, the CAM over all K (online
                     logsumexp over K blocks), KL to uniform, the mask cam[y] <= threshold;
-                    writes one partial sum per (b, P block)                 (reads h once)
+                    writes the masked and unmasked sums and min cam[y] per (b, P block)
+                    (reads h once)
+  _supp_finish_kernel grid (B,): supp per sample, and the threshold kept within the
+                    ground-truth CAM's range (see there), which backward then masks with
 Backward, two launches (the terms without the CAM, W^T g_logits, g_logits^T pooled, are torch
 matmuls on (B, K) and (B, C) tensors):
   _grad_h_kernel    grid (B * P blocks,): recomputes the CAM tile, writes dh once and the
@@ -40,9 +43,11 @@ allows (bench/CODEGEN.md lists the widths per kernel and shape). Offsets that sc
 batch or the pixel count are int64: B * H * W and K * H * W may pass 2^31. Grids put every
 dimension that grows with B or P on axis 0 (axes 1 and 2 stop at 65,535).
 
-The mask threshold is logits[b, y_b] as rounded to h's dtype (what forward returns and the
-caller saves), so forward and backward mask the same pixels; with P = 1 the mask is all ones
-(the ground-truth CAM equals its own mean: a tie, decided exactly rather than by rounding).
+The mask threshold is logits[b, y_b] as rounded to h's dtype, raised to min_p cam[y, p] where
+rounding put it below every pixel (as the exact mean never is: a constant CAM ties every pixel
+with it); forward returns it and the caller saves it, so forward and backward mask the same
+pixels. With P = 1 the mask is all ones (the ground-truth CAM equals its own mean: a tie,
+decided exactly rather than by rounding).
 
 Block sizes (a heuristic, not autotuned, so the interpreter and the GPU run the same code):
 BLOCK_K = next power of two of K clamped to [16, 64] (K = 10 is one block); BLOCK_C likewise
@@ -63,7 +68,7 @@ the reference's two terms. On finite inputs these are the same operations as bef
 the rounding of that last product.
 """
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -257,14 +262,17 @@ def _pool_kernel(h_ptr, partial_ptr, C, P, width, blocks_per_split, num_splits,
 
 
 @triton.jit
-def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K, C, P, width,
+def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, masked_ptr, unmasked_ptr,
+                 min_true_ptr, K, C, P, width,
                  num_p_blocks, stride_hb, stride_hc, stride_hh, stride_hw,
                  LAYOUT: tl.constexpr, ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
                  P_ALIGN: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                  USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                  UPCAST: tl.constexpr):
-    """One partial sum per (sample, pixel block): sum_p m[p] (lse_k cam - mean_k cam - log K)."""
+    """Per (sample, pixel block): sum_p m[p] kl[p], sum_p kl[p] (kl = lse_k cam - mean_k cam -
+    log K) and min_p cam[y, p], for _supp_finish_kernel (the unmasked sum and the minimum
+    serve a threshold that rounding put below every pixel)."""
     pid = tl.program_id(0)
     pid_b, pid_p = pid // num_p_blocks, pid % num_p_blocks
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -280,9 +288,43 @@ def _supp_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, threshold_ptr, partial_ptr, K,
     # mask * kl, a product as in the reference, not a select: an unsuppressed pixel whose kl
     # is NaN or inf gives 0 * NaN = NaN, so a sample with a non-finite CAM (whose threshold
     # is then NaN, suppressing nothing) has supp NaN, not 0. Padding pixels add 0.
-    # partial is (B, P blocks) row-major: program pid owns element pid
-    partial = tl.sum(tl.where(p_ok, mask * kl_to_uniform, 0.0), axis=0)
-    tl.store(partial_ptr + pid.to(tl.int64), partial)
+    # The partial buffers are (B, P blocks) row-major: program pid owns element pid.
+    at = pid.to(tl.int64)
+    tl.store(masked_ptr + at, tl.sum(tl.where(p_ok, mask * kl_to_uniform, 0.0), axis=0))
+    tl.store(unmasked_ptr + at, tl.sum(tl.where(p_ok, kl_to_uniform, 0.0), axis=0))
+    tl.store(min_true_ptr + at, tl.min(tl.where(p_ok, cam_true, float("inf")), axis=0))
+
+
+@triton.jit
+def _supp_finish_kernel(masked_ptr, unmasked_ptr, min_true_ptr, threshold_ptr, supp_ptr,
+                        num_p_blocks, P, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Per sample: supp = (sum of its partials) / P in h's dtype, and the threshold kept within
+    the ground-truth CAM's range, as the exact mean is (the reference's clamp).
+
+    The threshold is logits[b, y_b], another rounding of the CAM's mean than the CAM's own
+    pixels: a constant CAM (a dead ReLU stage gives h = relu(bias), constant per channel) ties
+    every pixel with its mean, and a threshold 1 ulp below would drop them all. Where the
+    threshold is below every pixel it becomes the smallest, the unmasked sum is supp, and
+    the raised threshold (written in place) is what backward masks with. NaN compares false:
+    a NaN threshold stays NaN."""
+    b = tl.program_id(0)
+    row = b.to(tl.int64) * num_p_blocks
+    masked = tl.zeros((BLOCK,), dtype=ACC)
+    unmasked = tl.zeros((BLOCK,), dtype=ACC)
+    min_true = tl.full((BLOCK,), float("inf"), dtype=ACC)
+    for start in range(0, num_p_blocks, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < num_p_blocks
+        masked += tl.load(masked_ptr + row + offs, mask=ok, other=0.0)
+        unmasked += tl.load(unmasked_ptr + row + offs, mask=ok, other=0.0)
+        min_true = tl.minimum(min_true, tl.load(min_true_ptr + row + offs, mask=ok,
+                                                other=float("inf")))
+    smallest = tl.min(min_true, axis=0)
+    threshold = tl.load(threshold_ptr + b)
+    below = threshold < smallest
+    total = tl.where(below, tl.sum(unmasked, axis=0), tl.sum(masked, axis=0))
+    tl.store(threshold_ptr + b, tl.where(below, smallest, threshold))
+    tl.store(supp_ptr + b, (total / P).to(supp_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -642,12 +684,12 @@ def _pool(h: Tensor, cfg) -> Tensor:
 
 def _threshold(logits: Tensor, labels: Tensor, dtype: torch.dtype, pixels: int) -> Tensor:
     """The mask threshold logits[b, y_b] (the GAP of the ground-truth CAM) in the accumulation
-    dtype, contiguous.
+    dtype, a fresh contiguous tensor (_supp_finish_kernel raises it in place).
 
-    It is taken from the logits as rounded to h's dtype (the tensor forward returns and the
-    caller saves for backward), so forward and backward suppress exactly the same pixels. With
-    one pixel the ground-truth CAM equals its mean exactly, a tie the rounding of two different
-    summation orders would decide at random: the threshold is +inf there (every pixel counts).
+    It is taken from the logits as rounded to h's dtype (the tensor forward returns), so that
+    the kernels compare with what the caller sees. With one pixel the ground-truth CAM equals
+    its mean exactly, a tie the rounding of two different summation orders would decide at
+    random: the threshold is +inf there (every pixel counts).
     """
     threshold = logits.gather(1, labels[:, None])[:, 0].to(dtype).to(logits.dtype)
     if pixels == 1:
@@ -665,40 +707,68 @@ def one_pass_fits(h: Tensor, num_classes: int) -> bool:
     return _one_tile(_config(h, num_classes), num_classes, h.shape[1])
 
 
+class ForwardOutput(NamedTuple):
+    logits: Tensor                # (B, K) in h's dtype
+    pooled: Tensor                # (B, C) in h's dtype
+    supp: Optional[Tensor]        # (B,) in h's dtype; None without labels
+    threshold: Optional[Tensor]   # (B,) in the accumulation dtype: the mask's, for backward
+
+
+def _suppression(h: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, logits: Tensor,
+                 cfg) -> Tuple[Tensor, Tensor]:
+    """(supp (B,) in h's dtype, the mask threshold (B,) in ACC): two launches, h read once.
+    weight, bias and labels contiguous; logits (B, K) in ACC."""
+    batch, channels, height, width = h.shape
+    num_classes, pixels = weight.shape[0], height * width
+    num_p_blocks = triton.cdiv(pixels, cfg["block_p"])
+    masked, unmasked, min_true = torch.empty(3, batch, num_p_blocks, device=h.device,
+                                             dtype=cfg["acc_dtype"])
+    threshold = _threshold(logits, labels, h.dtype, pixels)
+    _supp_kernel[(batch * num_p_blocks,)](
+        h, weight, bias, labels, threshold, masked, unmasked, min_true,
+        num_classes, channels, pixels, width, num_p_blocks, *cfg["strides"], **_tile_args(cfg))
+    supp = torch.empty(batch, device=h.device, dtype=h.dtype)
+    _supp_finish_kernel[(batch,)](masked, unmasked, min_true, threshold, supp, num_p_blocks,
+                                  pixels, BLOCK=min(1024, triton.next_power_of_2(num_p_blocks)),
+                                  ACC=cfg["acc"])
+    return supp, threshold
+
+
 def exit_head_forward(h: Tensor, weight: Tensor, bias: Tensor,
-                      labels: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(logits (B,K), pooled (B,C), supp (B,) or None) in h's dtype; inputs checked by the caller.
+                      labels: Optional[Tensor]) -> ForwardOutput:
+    """(logits (B,K), pooled (B,C), supp (B,) or None, threshold (B,) or None); inputs checked
+    by the caller. The threshold is what backward masks with (exit_head_backward's).
 
     The kernels index weight, bias and labels as dense vectors, so those are made contiguous
     here (a no-op when they are); h may have any strides."""
     batch, channels, height, width = h.shape
-    num_classes, pixels = weight.shape[0], height * width
+    num_classes = weight.shape[0]
     if batch == 0:
         empty = h.new_empty
-        return empty(0, num_classes), empty(0, channels), (empty(0) if labels is not None else None)
+        with_labels = labels is not None
+        return ForwardOutput(empty(0, num_classes), empty(0, channels),
+                             empty(0) if with_labels else None,
+                             empty(0, dtype=_config(h, num_classes)["acc_dtype"])
+                             if with_labels else None)
     weight, bias = weight.contiguous(), bias.contiguous()
     cfg = _config(h, num_classes)
     pooled = _pool(h, cfg)
     logits = torch.addmm(bias.to(cfg["acc_dtype"]), pooled, weight.to(cfg["acc_dtype"]).t())
-    supp = None
+    supp = threshold = None
     if labels is not None:
-        labels = labels.contiguous()
-        num_p_blocks = triton.cdiv(pixels, cfg["block_p"])
-        partial = torch.empty(batch, num_p_blocks, device=h.device, dtype=cfg["acc_dtype"])
-        _supp_kernel[(batch * num_p_blocks,)](
-            h, weight, bias, labels, _threshold(logits, labels, h.dtype, pixels), partial,
-            num_classes, channels, pixels, width, num_p_blocks, *cfg["strides"],
-            **_tile_args(cfg))
-        supp = (partial.sum(dim=1) / pixels).to(h.dtype)
-    return logits.to(h.dtype), pooled.to(h.dtype), supp
+        supp, threshold = _suppression(h, weight, bias, labels.contiguous(), logits, cfg)
+    return ForwardOutput(logits.to(h.dtype), pooled.to(h.dtype), supp, threshold)
 
 
 def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional[Tensor],
                        grad_logits: Optional[Tensor], grad_pooled: Optional[Tensor],
                        grad_supp: Optional[Tensor], logits: Optional[Tensor] = None,
-                       pooled: Optional[Tensor] = None,
+                       pooled: Optional[Tensor] = None, threshold: Optional[Tensor] = None,
                        one_pass: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_h in h's layout, grad_weight (K,C), grad_bias (K,)); None gradients mean zero.
+
+    logits, pooled and threshold are exit_head_forward's outputs, saved; what is not given is
+    recomputed (the threshold by the forward's suppression pass: one more read of h).
 
     one_pass: the whole backward in one kernel (_grad_h_and_weight_kernel), h read once
     instead of twice; only where one_pass_fits. A candidate, off by default until a GPU
@@ -742,7 +812,9 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     labels = labels.contiguous()
     num_p_blocks = triton.cdiv(pixels, cfg["block_p"])
     num_units = batch * num_p_blocks  # (sample, pixel block) units
-    threshold = _threshold(logits32, labels, h.dtype, pixels)
+    if threshold is None:
+        _, threshold = _suppression(h, weight, bias, labels, logits32, cfg)
+    threshold = threshold.to(acc).contiguous()
     grad_supp = grad_supp.to(acc).contiguous()
     g_layout, g_align, g_strides = _layout(grad_h)
     # dW and db: each split is a fixed range of (sample, pixel block) units, summed in a fixed
