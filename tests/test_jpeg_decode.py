@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from occamnets.data.jpeg_decode import decode_jpegs
+from occamnets.data.jpeg_decode import decode_jpeg_rows
 
 
 @pytest.mark.parametrize("centre_crop", [None, 20])
@@ -19,12 +19,12 @@ def test_a_mixed_batch_equals_each_image_decoded_alone(tmp_path, centre_crop):
         paths.append(str(path))
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     paths.insert(2, str(tmp_path / "bad.jpg"))
-    batch, problems = decode_jpegs(paths, 16, centre_crop, "cpu")
-    assert [path for path, _ in problems] == [paths[2]]
+    batch, problems = decode_jpeg_rows(paths, 16, centre_crop, "cpu")
+    assert [row for row, _ in problems] == [2]
     assert batch.shape == (6, 3, 16, 16) and not batch[2].any()
     for row, path in enumerate(paths):
         if row == 2:
             continue
-        alone, _ = decode_jpegs([path], 16, centre_crop, "cpu")
+        alone, _ = decode_jpeg_rows([path], 16, centre_crop, "cpu")
         assert torch.equal(batch[row], alone[0]), row
     assert not torch.equal(batch[0], batch[1])

@@ -53,15 +53,6 @@ def _place_squares(out: torch.Tensor, pairs: List[Tuple[int, torch.Tensor]],
         out[rows] = _resize(torch.stack([crop for _, crop in members]), size)
 
 
-def decode_jpegs(paths: Sequence[str], size: int, centre_crop: Optional[int],
-                 device) -> Tuple[torch.Tensor, List[Tuple[str, str]]]:
-    """(uint8 (N, 3, size, size) on `device`, [(path, why) of each file that failed]): see
-    `decode_jpeg_rows`, which names the failed rows instead (a file listed twice fails twice,
-    in two rows)."""
-    images, failed = decode_jpeg_rows(paths, size, centre_crop, device)
-    return images, [(paths[row], why) for row, why in failed]
-
-
 def decode_jpeg_rows(paths: Sequence[str], size: int, centre_crop: Optional[int],
                      device) -> Tuple[torch.Tensor, List[Tuple[int, str]]]:
     """(uint8 (N, 3, size, size) on `device`, [(row, why) of each row whose file failed]) for
