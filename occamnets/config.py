@@ -355,18 +355,21 @@ def plural(count: int, noun: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Range:
     """The values a numeric setting may take: low <= value (< low when open_low) and
-    value <= high; never NaN or infinite. `describe()` says it in words for messages."""
+    value <= high; never NaN or infinite. `describe()` says it in words for messages;
+    `below_reason`, when given, says why a value below the range cannot be used."""
     low: Optional[float] = None
     high: Optional[float] = None
     open_low: bool = False
     unit: str = ""
+    below_reason: str = ""
 
     def problem(self, value) -> Optional[str]:
         if isinstance(value, float) and not math.isfinite(value):
             return f"must be a finite number, got {value}"
         below = self.low is not None and (value <= self.low if self.open_low else value < self.low)
         if below or (self.high is not None and value > self.high):
-            return f"must be {self.describe()}, got {value}"
+            why = f": {self.below_reason}" if below and self.below_reason else ""
+            return f"must be {self.describe()}, got {value}{why}"
         return None
 
     def check(self, name: str, value) -> None:
@@ -398,7 +401,10 @@ RANGES = {
     "p_bias": _SHARE,
     "train_size": _SIZE, "val_size": _SIZE, "test_size": _SIZE,
     "renders_per_digit": Range(1, 100_000), "data_seed": _SEED, "seed": _SEED,
-    "epochs": Range(1, 100_000), "batch_size": Range(1, 1_000_000),
+    "epochs": Range(1, 100_000),
+    "batch_size": Range(2, 1_000_000, unit="images",
+                        below_reason="BatchNorm (every model's, an OccamNet's gates too) cannot "
+                                     "train on one image per batch"),
     "lr": Range(0, 10, open_low=True), "weight_decay": Range(0, 10),
     "milestones": Range(1, 100_000, unit="epochs"), "lr_gamma": Range(0, 10, open_low=True),
     "taus": _SHARE, "supp_weight": _WEIGHT, "gate_weight": _WEIGHT, "gamma0": Range(0, 100),

@@ -34,7 +34,7 @@ def test_bad_settings_are_named():
         RunConfig(stem="5x5")
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         RunConfig.from_preset("fast")
-    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 1000000\], got 0"):
+    with pytest.raises(ValueError, match=r"batch_size must be in \[2, 1000000\], got 0"):
         RunConfig(batch_size=0)
     with pytest.raises(ValueError, match=r"p_bias must be in \[0, 1\], got 2.0"):
         RunConfig(p_bias=2.0)

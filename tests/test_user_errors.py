@@ -61,8 +61,8 @@ def trained(tmp_path_factory):
     (["train", "--train-size", "-5"], "argument --train-size: must be in [1, 10000000], got -5"),
     (["train", "--train-size", "0"], "argument --train-size: must be in [1, 10000000], got 0"),
     (["train", "--epochs", "-1"], "argument --epochs: must be in [1, 100000], got -1"),
-    (["train", "--batch-size", "0"], "argument --batch-size: must be in [1, 1000000], got 0"),
-    (["train", "--batch-size", "-4"], "argument --batch-size: must be in [1, 1000000], got -4"),
+    (["train", "--batch-size", "0"], "argument --batch-size: must be in [2, 1000000], got 0"),
+    (["train", "--batch-size", "-4"], "argument --batch-size: must be in [2, 1000000], got -4"),
     (["train", "--lr", "nan"], "argument --lr: must be a finite number, got nan"),
     (["train", "--lr", "0"], "argument --lr: must be in (0, 10], got 0.0"),
     (["train", "--p-bias", "1.5"], "argument --p-bias: must be in [0, 1], got 1.5"),
@@ -88,6 +88,22 @@ def trained(tmp_path_factory):
 def test_bad_numbers_are_refused_at_parse_time(argv, needle, capsys):
     assert main(argv) == 2
     one_line_error(capsys, needle, "--help")
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_a_batch_of_one_image_is_refused_before_any_directory(tmp_path, capsys, monkeypatch,
+                                                            command):
+    """BatchNorm (a ResNet's, an OccamNet's gates) cannot train on one image: refused with
+    the reason, not torch's error after a run directory was made."""
+    monkeypatch.setattr(biased_mnist, "generate", lambda *a, **k: pytest.fail("data made"))
+    out = tmp_path / "run"
+    assert main([command, "--batch-size", "1", "--out", str(out), "--device", "cpu",
+                 "--data-dir", str(tmp_path / "data")]) == 2
+    one_line_error(capsys, "argument --batch-size: must be in [2, 1000000], got 1: BatchNorm",
+                   "cannot train on one image per batch")
+    assert not out.exists()
+    with pytest.raises(ValueError, match="batch_size must be in .2, 1000000., got 1: BatchNorm"):
+        RunConfig(model="resnet", batch_size=1)
 
 
 def test_settings_that_cannot_train_are_refused_before_any_data(tmp_path, capsys, monkeypatch):
