@@ -4,10 +4,12 @@ it (accuracy, exits, bias groups, timed inference) and gather the data the pictu
 The trainer, the CLI and the demo all evaluate through `evaluate`; none of this builds an
 optimiser or reads more data than the split asked for.
 """
+import contextlib
 import dataclasses
+import functools
 import math
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -258,13 +260,42 @@ def check_images(x: Tensor) -> None:
                          f"{high:g}]: scale uint8 images with occamnets.data.normalise")
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode (BatchNorm on its running statistics, as inference runs) for the
+    block, and every module's mode as it was after: judging a model being trained leaves it
+    training."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _in_eval_mode(function):
+    """`function(model, ...)` run with the model in eval mode (`eval_mode`)."""
+    @functools.wraps(function)
+    def in_eval_mode(model: nn.Module, *args, **kwargs):
+        with eval_mode(model):
+            return function(model, *args, **kwargs)
+    return in_eval_mode
+
+
+@torch.no_grad()
 def classify(model: nn.Module, x: Tensor, threshold: float = 0.5,
              check: bool = True) -> Classified:
     """What inference runs: early exit for an OccamNet, the forward pass for a plain
-    classifier. check: refuse inputs that are not images in [0, 1] (a host read; the
-    evaluator, whose inputs are its own, skips it)."""
+    classifier; without autograd, and in eval mode: a model in train mode (which early exit
+    refuses, and in which a forward pass would move BatchNorm's running statistics) is
+    switched to it for the call and back after. check: refuse inputs that are not images in
+    [0, 1] (a host read; the evaluator, whose inputs are its own, skips it)."""
     if check:
         check_images(x)
+    if model.training:
+        with eval_mode(model):
+            return classify(model, x, threshold, check=False)
     if isinstance(model, OccamNet):
         result = model.early_exit(x, threshold)
         return Classified(result.logits, result.exit_index, result.nonfinite)
@@ -293,6 +324,7 @@ def _timed(step: Callable[[Tensor], object], chunks: List[Tensor],
 
 
 @torch.no_grad()
+@_in_eval_mode
 def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
              threshold: float = 0.5, batch_size: int = 256, channels_last: bool = False,
              bf16: bool = False, per_factor: bool = True, diagnostics: bool = True,
@@ -308,7 +340,8 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
     factors) are mostly single images (its per-factor accuracies say what they would).
     per_exit: an OccamNet's untimed every-exit pass (per-exit accuracy on all samples, and
     their diagnostics); off where only the accuracy and speed are kept (per-epoch validation),
-    which saves one full-depth pass over the split."""
+    which saves one full-depth pass over the split. The model runs in eval mode; its mode is
+    restored after."""
     if len(split) == 0:
         raise ValueError(f"the {split_name} split is empty")
     if batch_size < 1:
@@ -318,7 +351,6 @@ def evaluate(model: nn.Module, split: DeviceSplit, split_name: str = "test", *,
     if classes is not None and not 0 <= low <= high < classes:
         raise ValueError(f"the {split_name} split has labels in [{low}, {high}], the model "
                          f"predicts {classes} classes")
-    model.eval()
     on_gpu = split.device.type == "cuda"
     autocast = torch.autocast(split.device.type, dtype=torch.bfloat16, enabled=bf16 and on_gpu)
     chunks = [torch.arange(start, min(start + batch_size, len(split)), device=split.device)
@@ -487,15 +519,16 @@ class CamPictureData:
 
 
 @torch.no_grad()
+@_in_eval_mode
 def cam_picture_data(model: nn.Module, split: DeviceSplit, count: int = 6,
                      threshold: float = 0.5) -> CamPictureData:
     """The CAMs of the split's first `count` images: the same images for every model given
-    the same split, so that two models' pictures can be set side by side."""
+    the same split, so that two models' pictures can be set side by side. The model runs in
+    eval mode; its mode is restored after."""
     if not isinstance(model, (OccamNet, ResNet)):
         raise TypeError(f"CAM pictures need an OccamNet or a ResNet, got {type(model).__name__}")
     if count < 1 or len(split) == 0:
         raise ValueError(f"need at least one image to draw (count {count}, split of {len(split)})")
-    model.eval()
     rows = torch.arange(min(count, len(split)), device=split.device)
     images, labels = split.uint8(rows), split.labels[rows]   # fetched (or decoded) once
     x = normalise(images)

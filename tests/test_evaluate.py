@@ -273,3 +273,28 @@ def test_without_the_every_exit_pass_the_accuracy_and_exits_are_the_same(monkeyp
     assert full.exit_accuracy_all_samples is not None and full.diagnostics
     assert quick.exit_accuracy_all_samples is None and not quick.diagnostics
     assert "| E1 |" in quick.to_markdown()  # still renders, "-" for what was not measured
+
+
+@pytest.mark.parametrize("kind", ["occam", "resnet"])
+def test_judging_a_model_in_training_leaves_it_training_and_unchanged(kind):
+    """evaluate, cam_picture_data and classify run in eval mode without autograd and give the
+    model back in the mode it came in: a trainer's model keeps training, BatchNorm's running
+    statistics do not move."""
+    from occamnets.evaluate import classify
+    from occamnets.models import build_model
+    torch.manual_seed(0)
+    model = build_model(kind, 5, 4, "3x3", "reference")
+    split = synthetic_split(count=9)
+    x = split.batch(torch.arange(len(split)))
+    expected = classify(model.eval(), x)
+    model.train()
+    model.stages[0].eval()   # a module in its own mode keeps it too
+    modes = [m.training for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = classify(model, x)
+    assert not got.logits.requires_grad and torch.equal(got.logits, expected.logits)
+    evaluate(model, split, "test", batch_size=4)
+    cam_picture_data(model, split, count=3)
+    assert [m.training for m in model.modules()] == modes
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
