@@ -653,7 +653,8 @@ def _run_results(args) -> int:
 
 def _run_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(args.out, args.preset, args.docs)
+    return run_demo(args.out, args.preset, args.docs, mnist_dir=args.mnist_dir,
+                    emnist_dir=args.emnist_dir)
 
 
 # -- compare: a grid of runs ---------------------------------------------------------------------
@@ -820,6 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", choices=list(PRESETS), default=None,
                       help="default: gpu with a GPU, quick without")
     demo.add_argument("--docs", default=None, help="also copy the pictures here")
+    demo.add_argument("--mnist-dir", default=None, help=_HELP["mnist_dir"])
+    demo.add_argument("--emnist-dir", default=None, help=_HELP["emnist_dir"])
     demo.set_defaults(handler=_run_demo)
     _accept_debug_anywhere(parser)
     return parser

