@@ -18,18 +18,34 @@ def temporary_path(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}"
 
 
+def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yields the temporary path to write; renames it to `path` when the block succeeds,
-    removes it when the block fails."""
+    removes it when the block fails.
+
+    The data reaches the disk before the rename, and the rename after it (fsync of the file,
+    then of its directory): otherwise a power cut could leave `path` renamed but empty, the
+    previous version already gone."""
     tmp = temporary_path(path)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+    # Some filesystems refuse to open or sync a directory: the file itself is safe by now.
+    with contextlib.suppress(OSError):
+        _fsync(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
 
 
 def sha256_of_file(path: str) -> str:
