@@ -9,6 +9,7 @@ method and the ablations of the config).
 """
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -238,6 +239,31 @@ def check_resumable(saved: RunConfig, config: RunConfig) -> None:
         raise CheckpointMismatch(f"this checkpoint was written for another model or config "
                                  f"({details}); start a new run with another --out, or resume "
                                  f"with the same settings")
+
+
+def split_fingerprint(split: LabelledItems) -> Dict[str, object]:
+    """What a checkpoint keeps of its training split: the item count and a SHA-256 of the
+    labels and bias attributes. The run's identity leaves the data's location out (it may
+    move), and per-item state (OccamLoss's gate targets) must meet the same items again."""
+    digest = hashlib.sha256()
+    for values in (split.labels, split.factors):
+        digest.update(values.cpu().numpy().tobytes())
+    return {"items": len(split), "sha256": digest.hexdigest()}
+
+
+def check_same_training_split(checkpoint: Dict, fingerprint: Dict[str, object],
+                              path: str) -> None:
+    """A CheckpointMismatch when the checkpoint was trained on another training split
+    (checkpoints written before the fingerprint was kept are not checked)."""
+    saved = checkpoint.get("train_split")
+    if saved is None or saved == fingerprint:
+        return
+    what = (f"{saved['items']} items, now {fingerprint['items']}"
+            if saved["items"] != fingerprint["items"]
+            else f"{saved['items']} items, now as many with other labels or bias attributes")
+    raise CheckpointMismatch(f"{path} was trained on another training split ({what}): resume "
+                             f"with the data it was trained on, or start a new run with "
+                             f"another --out")
 
 
 def check_continuable(checkpoint: Dict, config: RunConfig, world: int) -> None:
@@ -523,6 +549,7 @@ class Trainer:
         self.crop_padding = None if padding is None else round(padding * config.input_size)
         self.objective = make_objective(config, self.model, self.splits["train"],
                                         self.num_classes, self.device)
+        self.train_split_fingerprint = split_fingerprint(self.splits["train"])
         self.feature_parameters = feature_parameters(self.model)
         self.total_steps = config.epochs * steps_per_epoch(len(self.splits["train"]),
                                                            config.batch_size, self.world)
@@ -564,6 +591,7 @@ class Trainer:
                 "objective": self.objective.state_dict(),
                 "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "config": self.config.to_dict(),
+                "train_split": self.train_split_fingerprint,
                 "num_classes": self.num_classes, "world": self.world,
                 "class_names": (list(self.splits["train"].class_names)
                                 if self.splits["train"].class_names else None),
@@ -591,10 +619,18 @@ class Trainer:
         if missing:
             raise ValueError(f"{path} holds a model but not the training state to resume "
                              f"({', '.join(missing)} missing)")
+        check_same_training_split(checkpoint, self.train_split_fingerprint, path)
         load_model_state(self.model, checkpoint["model"], path)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.objective.load_state_dict(checkpoint["objective"])
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.objective.load_state_dict(checkpoint["objective"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            # A checkpoint from before the split was fingerprinted, or edited: one line, not
+            # torch's state-dict traceback.
+            raise CheckpointMismatch(f"{path}: its training state does not fit this run "
+                                     f"({str(error).splitlines()[0]}); resume with the data "
+                                     f"and settings it was trained with") from error
         set_rng_state(checkpoint["rng"])
         self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
         self.global_step = checkpoint["global_step"]

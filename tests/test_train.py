@@ -10,7 +10,7 @@ from occamnets.config import RunConfig
 from occamnets.losses import GATE_STATE_PARTS, LOSS_PARTS
 from occamnets.data import DeviceSplit
 from occamnets.methods import METHODS
-from occamnets.checkpoints import read_checkpoint
+from occamnets.checkpoints import read_checkpoint, write_checkpoint
 from occamnets.train import (CheckpointMismatch, RunReport, Trainer, TrainingDiverged, batches,
                              steps_per_epoch)
 
@@ -316,3 +316,29 @@ def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path):
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON record: repair or "
                                          r"delete that line"):
         Trainer(config(tmp_path, model="resnet"), splits, resume=str(tmp_path / "checkpoint.pt"))
+
+
+@pytest.mark.parametrize("change", ["count", "labels"])
+def test_a_checkpoint_is_not_resumed_on_another_training_split(tmp_path, change):
+    """The run's identity leaves the data's location out, so a resume could meet other data:
+    OccamLoss's per-item gate targets once failed to load with torch's state-dict traceback
+    (another item count), or applied silently to other items (the same count)."""
+    Trainer(config(tmp_path, max_steps=2), synthetic_splits()).train()
+    path = str(tmp_path / "checkpoint.pt")
+    other = synthetic_splits(n=56) if change == "count" else synthetic_splits()
+    if change == "labels":
+        other["train"].labels[:2] = other["train"].labels[:2].flip(0)
+    expected = ("48 items, now 56" if change == "count"
+                else "48 items, now as many with other labels")
+    with pytest.raises(CheckpointMismatch, match=f"another training split \\({expected}"):
+        Trainer(config(tmp_path, max_steps=4), other).load_checkpoint(path)
+    if change == "count":
+        # A checkpoint from before the fingerprint: the gate targets' sizes, in one line.
+        old = read_checkpoint(path, mmap=False)
+        del old["train_split"]
+        write_checkpoint(old, path)
+        with pytest.raises(CheckpointMismatch, match="its training state does not fit"):
+            Trainer(config(tmp_path, max_steps=4), other).load_checkpoint(path)
+    same = Trainer(config(tmp_path, max_steps=4), synthetic_splits())
+    same.load_checkpoint(path)
+    assert same.global_step == 2
