@@ -81,19 +81,20 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass=False):
-    """[logits, pooled, supp, dh, dW, db] of the fused op; one_pass: its forward, then the
+    """([logits, pooled, supp, dh, dW, db], the mask threshold the op saved) of the fused op
+    (the op itself, as exit_head calls it, for its threshold); one_pass: its forward, then the
     backward launcher's one-pass candidate (not yet behind the op) with the same upstream."""
-    import occam_kernels
     poison(device)
     leaves = [t.detach().requires_grad_(True) for t in (h, weight, bias)]
-    out = occam_kernels.exit_head(*leaves, labels, backend="triton")
+    *out, threshold = torch.ops.occam.exit_head_fused(*leaves, labels)
     if one_pass:
         from occam_kernels.triton.exit_head import exit_head_backward
         out = [t.detach() for t in out]
         return out + list(exit_head_backward(h, weight, bias, labels, *upstream, logits=out[0],
-                                             pooled=out[1], one_pass=True))
+                                             pooled=out[1], threshold=threshold,
+                                             one_pass=True)), threshold
     torch.autograd.backward(list(out), upstream)
-    return [t.detach() for t in out] + [t.grad for t in leaves]
+    return [t.detach() for t in out] + [t.grad for t in leaves], threshold
 
 
 def _mask_ties(h64, weight64, bias64, labels, threshold):
@@ -117,13 +118,13 @@ def check_exit_head(batch, shape, num_classes, dtype_name, layout, device, seed=
     dtype = DTYPES[dtype_name]
     h, weight, bias, labels, upstream = exit_head_inputs(batch, shape, num_classes, dtype,
                                                          layout, device, seed)
-    first = _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass)
-    second = _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass)
+    first, saved_threshold = _fused_forward_backward(h, weight, bias, labels, upstream, device,
+                                                     one_pass)
+    second, _ = _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass)
     bitwise = all(torch.equal(a, b) for a, b in zip(first, second))
     # The kernels mask against their own logits rounded to h's dtype (+inf for one pixel, and
     # kept within the ground-truth CAM's range): the reference is given the threshold the op
     # saves for backward, so a rounding-level difference cannot flip pixels.
-    saved_threshold = torch.ops.occam.exit_head_fused(h, weight, bias, labels)[3]
     threshold = saved_threshold.double()
     leaves = [t.detach().double().requires_grad_(True) for t in (h, weight, bias)]
     want = exit_head_reference(*leaves, labels, threshold=threshold)
