@@ -413,15 +413,15 @@ def test_a_constant_map_masks_the_same_pixels_in_every_backward(device):
     reference). The two-kernel and one-pass backwards mask with the threshold forward saved,
     and a backward not given it recomputes the same one."""
     generator = torch.Generator().manual_seed(0)
-    h = (2 * torch.rand(16, 6, 1, 1, generator=generator)).expand(-1, -1, 5, 7).contiguous()
+    h = (2 * torch.rand(4, 6, 1, 1, generator=generator)).expand(-1, -1, 5, 7).contiguous()
     weight = 2 * torch.randn(5, 6, generator=generator)
     bias = torch.randn(5, generator=generator)
-    labels = torch.randint(0, 5, (16,), generator=generator)
+    labels = torch.randint(0, 5, (4,), generator=generator)
     h, weight, bias, labels = (t.to(device) for t in (h, weight, bias, labels))
     logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, labels)
     raw = logits.gather(1, labels[:, None])[:, 0].float()
     assert (threshold > raw).any(), "no sample's threshold was raised: the case is not tested"
-    g_logits, g_pooled, g_supp = (g.to(device) for g in upstream(16, 6, 5))
+    g_logits, g_pooled, g_supp = (g.to(device) for g in upstream(4, 6, 5))
 
     def backward(**kwargs):
         return exit_head_backward(h, weight, bias, labels, g_logits, g_pooled, g_supp,
