@@ -156,7 +156,7 @@ def test_cache_decodes_once_and_redecodes_a_damaged_split(roots, tmp_path, monke
     directory = str(tmp_path / "cache")
     first = load_cached(index, ["train", "test"], directory, 16, None)
     assert first["train"].shape == (36, 3, 16, 16) and first["train"].dtype == torch.uint8
-    expected, _ = image_cache.decode(index.split("test").images, range(12), 16, None)
+    expected, _ = image_cache.decode_positions(index.split("test").images, range(12), 16, None)
     assert torch.equal(first["test"], torch.from_numpy(expected))
 
     decoded = []

@@ -46,20 +46,13 @@ class DecodeErrors(ValueError):
                          f"check` lists them all")
 
 
-def decode(source: ImageSource, rows: Sequence[int], size: int, centre_crop: Optional[int],
-           pool: Optional[concurrent.futures.Executor] = None) -> Tuple[np.ndarray,
-                                                                        List[Tuple[str, str]]]:
-    """(images (len(rows), 3, size, size) uint8, [(name, why) of each unreadable image])."""
-    images, failed = decode_positions(source, rows, size, centre_crop, pool)
-    return images, [(source.names[rows[i]], why) for i, why in failed]
-
-
 def decode_positions(source: ImageSource, rows: Sequence[int], size: int,
                      centre_crop: Optional[int],
                      pool: Optional[concurrent.futures.Executor] = None
                      ) -> Tuple[np.ndarray, List[Tuple[int, str]]]:
-    """`decode`, with each unreadable image given by its position in `rows` (an image listed
-    twice is two positions; its name alone would tell only the first)."""
+    """(images (len(rows), 3, size, size) uint8, [(position in `rows`, why) of each unreadable
+    image]): by position, as an image listed twice is two positions (its name alone would
+    tell only the first)."""
     def one(row: int):
         try:
             return prepare(source.read(row), size, centre_crop), None
@@ -152,7 +145,8 @@ def decode_rows(split: SplitIndex, rows: Sequence[int], size: int, centre_crop: 
             except ValueError:
                 problems.append((paths[row], why))
         return images, problems
-    images, problems = decode(split.images, rows, size, centre_crop, pool)
+    images, failed = decode_positions(split.images, rows, size, centre_crop, pool)
+    problems = [(split.images.names[rows[i]], why) for i, why in failed]
     return torch.from_numpy(images), problems
 
 
