@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import typing
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -282,8 +282,8 @@ def _add_config_options(parser, names) -> None:
     for field in dataclasses.fields(RunConfig):
         if field.name not in names:
             continue
-        aliases = {"out_dir": ["--out"], "data_root": ["--root"]}
-        flags = ["--" + field.name.replace("_", "-")] + aliases.get(field.name, [])
+        flags = ["--" + field.name.replace("_", "-")] + (
+            [_SHORT_FLAGS[field.name]] if field.name in _SHORT_FLAGS else [])
         allowed = RANGES.get(field.name)
         details = ([allowed.describe()] if allowed else []) + (
             [allowed.unit] if allowed and allowed.unit else [])
@@ -352,17 +352,28 @@ def _checkpoint_settings(path: str):
         raise ValueError(f"{error}; {start_over_hint(path)}") from error
 
 
-def _check_method_options(config, explicit: dict) -> None:
-    """A ValueError for a method setting given for another method than the run's (it would
-    change nothing)."""
-    from .config import ALL_METHOD_FIELDS, METHOD_FIELDS
-    unused = sorted(name for name in explicit
-                    if name in ALL_METHOD_FIELDS and name not in METHOD_FIELDS[config.method])
-    if unused:
-        owners = ", ".join(f"--{n.replace('_', '-')} is for --method "
-                           f"{next(m for m, f in METHOD_FIELDS.items() if n in f)}"
-                           for n in unused)
-        raise ValueError(f"{owners}; this run's method is {config.method}")
+def _refuse_unused_settings(configs, explicit: dict) -> None:
+    """A ValueError naming each setting given that none of `configs` (one run's, or a grid's
+    cells') reads: it would change nothing, and the user believes it did."""
+    unused = [config.unused_settings(explicit) for config in configs]
+    by_reason: Dict[str, List[str]] = {}
+    for name in explicit:
+        if all(name in u for u in unused):
+            by_reason.setdefault(unused[0][name], []).append(_flag(name))
+    if by_reason:
+        raise ValueError("; ".join(
+            f"{flags[0]} {reason}" if len(flags) == 1 else
+            f"{', '.join(flags[:-1])} and {flags[-1]} are{reason.removeprefix('is')}"
+            for reason, flags in by_reason.items()))
+
+
+# RunConfig fields whose option has a shorter name too (the one the docs use).
+_SHORT_FLAGS = {"out_dir": "--out", "data_root": "--root"}
+
+
+def _flag(name: str) -> str:
+    """The option that sets RunConfig field `name`, as the docs write it."""
+    return _SHORT_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _run_train(args) -> int:
@@ -393,7 +404,7 @@ def _run_train(args) -> int:
                          f"another --out")
     elif config.dataset == BIASED_MNIST:
         config = _with_cached_dataset(config, explicit)
-    _check_method_options(config, explicit)
+    _refuse_unused_settings([config], explicit)
     resolve_device(config.device)  # a GPU that is not there: said before the summary
     first_process = os.environ.get("RANK", "0") == "0"
     if first_process:
@@ -709,11 +720,12 @@ def _add_compare(subparsers) -> None:
 
 
 def _run_compare(args) -> int:
-    from .compare import Interrupted, grid, run_comparison
+    from .compare import Interrupted, cell_config, grid, run_comparison
     from .config import BIASED_MNIST, DATA_FIELDS, RunConfig, default_preset
     preset = args.preset or default_preset()
     cells = grid(args.models, args.methods, args.ablations, list(range(args.seeds)))
     settings = _explicit_settings(args)
+    _refuse_unused_settings([cell_config(c, preset, args.out, settings) for c in cells], settings)
     if settings.get("dataset", BIASED_MNIST) == BIASED_MNIST:
         # One dataset for the whole grid: a cached one in --data-dir sets its data settings,
         # as for `occamnets train` (no grid field is a data setting).

@@ -9,7 +9,7 @@ import inspect
 import json
 import math
 import os
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
@@ -178,6 +178,37 @@ class RunConfig:
         """The settings the chosen method reads, defaults filled in ({} for erm)."""
         settings = self.method_settings
         return {name: settings[name] for name in METHOD_FIELDS[self.method]}
+
+    def unused_settings(self, names: Iterable[str]) -> Dict[str, str]:
+        """Of the settings `names` (those given explicitly), each one this run never reads,
+        with what it is for: --momentum with Adam, or --image-size on Biased MNIST (whose side
+        is 5 x cell_size), would otherwise train as if it had not been given."""
+        spec_ = self.dataset_spec
+        rules = [
+            (SGD_FIELDS, self.optimizer != "sgd",
+             f"is for --optimizer sgd; this run's optimizer is {self.optimizer}"),
+            (("warmup_start_lr",), not self.warmup_epochs,
+             "is for a warm-up (--warmup-epochs 1 or more); this run has none"),
+            (OCCAM_FIELDS, self.model != "occam",
+             f"is for --model occam (OccamResNet-18's exits and their losses); this run's model "
+             f"is {self.model}"),
+            (DATA_FIELDS, self.dataset != BIASED_MNIST,
+             f"is for --dataset {BIASED_MNIST}; this run's dataset is {self.dataset}"),
+            (REAL_DATA_FIELDS, self.dataset == BIASED_MNIST,
+             f"is for a dataset read from a directory; {spec_.title} is generated (its images "
+             f"are 5 x --cell-size px)"),
+            (("bias_columns",), not spec_.takes_bias_columns,
+             f"is for --dataset folder; {spec_.title}'s bias attributes are fixed"),
+        ]
+        unused = {}
+        for name in names:
+            if name in ALL_METHOD_FIELDS and name not in METHOD_FIELDS[self.method]:
+                owner = next(m for m, fields in METHOD_FIELDS.items() if name in fields)
+                unused[name] = f"is for --method {owner}; this run's method is {self.method}"
+            for fields, unread, reason in rules:
+                if name in fields and unread:
+                    unused[name] = reason
+        return unused
 
     def describe_method(self) -> str:
         """The method and ablations in words: "pgi (invariance weight 50), no early exit"."""
@@ -425,6 +456,12 @@ OPTIMIZERS = ("adam", "sgd")
 METHOD_FIELDS = {"erm": (), "upwt": ("upwt_gamma",), "gdro": ("gdro_eta",),
                  "sd": ("sd_lambdas", "sd_gammas"), "pgi": ("pgi_weight",)}
 ALL_METHOD_FIELDS = {name for names in METHOD_FIELDS.values() for name in names}
+# Settings that only some runs read (RunConfig.unused_settings).
+SGD_FIELDS = ("momentum", "nesterov")
+OCCAM_FIELDS = ("taus", "supp_weight", "gate_weight", "gamma0", "gamma", "weight_offset",
+                "balance_factor", "min_epochs", "exit_threshold", "early_exit", "cam_suppression",
+                "exit_weighting")
+REAL_DATA_FIELDS = ("data_root", "image_size", "cache_limit_gb", "workers", "decoder")
 
 # The fields `with_dataset` replaces: what a dataset directory decides.
 DATA_FIELDS = ("cell_size", "p_bias", "train_size", "val_size", "test_size",

@@ -118,6 +118,56 @@ def test_settings_that_cannot_train_are_refused_before_any_data(tmp_path, capsys
     assert not os.path.exists(tmp_path / "data")
 
 
+@pytest.mark.parametrize("argv,needle", [
+    # --image-size trained Biased MNIST at 5 x cell_size px all the same.
+    (["--image-size", "64"], "--image-size is for a dataset read from a directory; Biased "
+                             "MNIST is generated (its images are 5 x --cell-size px)"),
+    (["--momentum", "0.5", "--nesterov"],
+     "--momentum and --nesterov are for --optimizer sgd; this run's optimizer is adam"),
+    (["--model", "resnet", "--gate-weight", "2", "--taus", "0.1", "0.2", "0.3", "0.4"],
+     "--gate-weight and --taus are for --model occam (OccamResNet-18's exits and their "
+     "losses); this run's model is resnet"),
+    (["--warmup-start-lr", "1e-4"], "--warmup-start-lr is for a warm-up (--warmup-epochs 1 or "
+                                    "more); this run has none"),
+    (["--dataset", "bar", "--root", "r", "--cell-size", "6", "--bias-columns", "x"],
+     "--cell-size is for --dataset biased-mnist; this run's dataset is bar; --bias-columns is "
+     "for --dataset folder; BAR's bias attributes are fixed"),
+])
+def test_a_setting_the_run_never_reads_is_refused(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(biased_mnist, "generate", lambda *a, **k: pytest.fail("data made"))
+    # A fresh data directory and one step: without the check this fails at once.
+    assert main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"),
+                 "--max-steps", "1"] + argv) == 2
+    one_line_error(capsys, needle)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_grid_refuses_only_what_none_of_its_cells_reads(tmp_path, capsys, monkeypatch):
+    """--gate-weight with an OccamResNet row is read by those cells: the grid goes on (to its
+    training, stopped here); with ResNet rows only, nothing reads it."""
+    from occamnets import compare
+
+    def no_training(*args, **kwargs):
+        raise RuntimeError("the grid would train")
+    monkeypatch.setattr(compare, "run_comparison", no_training)
+    grid = ["compare", "--out", str(tmp_path / "grid"), "--gate-weight", "2"]
+    assert main(grid + ["--models", "resnet"]) == 2
+    one_line_error(capsys, "--gate-weight is for --model occam")
+    with pytest.raises(RuntimeError, match="the grid would train"):
+        main(grid + ["--models", "resnet,occam", "--debug"])
+
+
+def test_every_setting_is_read_by_some_run():
+    """Each of unused_settings' rules leaves a run that reads the setting (no option is
+    refused everywhere)."""
+    from occamnets.config import OCCAM_FIELDS, REAL_DATA_FIELDS, SGD_FIELDS, DATA_FIELDS
+    readers = [RunConfig(), RunConfig(optimizer="sgd", warmup_epochs=1, warmup_start_lr=1e-4),
+               RunConfig(dataset="folder", image_size=64)]
+    names = ["warmup_start_lr", "bias_columns", *SGD_FIELDS, *OCCAM_FIELDS, *DATA_FIELDS,
+             *REAL_DATA_FIELDS]
+    unused_everywhere = set(names).intersection(*(r.unused_settings(names) for r in readers))
+    assert not unused_everywhere
+
 def test_a_gpu_that_is_not_there(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["train", "--device", "cuda", "--out", str(tmp_path)] + TINY_DATA) == 2
