@@ -702,14 +702,15 @@ class Trainer:
     def _on_stop_signal(self, signum, frame):
         self.stop_signal = signum  # finish the step, write a checkpoint, then stop
 
-    def _should_stop(self) -> Optional[str]:
+    def _should_stop(self, sync: bool = False) -> Optional[str]:
         """Why training stops after this step, or None. Under DDP the processes agree (a
-        signal may reach them at different steps) every STOP_SYNC_EVERY steps."""
+        signal may reach them at different steps) every STOP_SYNC_EVERY steps, and where
+        `sync` (every process calls it there)."""
         config = self.config
         if config.max_steps and self.global_step >= config.max_steps:
             return f"reached --max-steps {config.max_steps}"
         if self.world > 1:
-            if self.global_step % STOP_SYNC_EVERY:
+            if self.global_step % STOP_SYNC_EVERY and not sync:
                 return None
             flag = torch.tensor([self.stop_signal or 0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -720,9 +721,12 @@ class Trainer:
         """Write the checkpoint (unless it was just `saved`) and say how to continue."""
         path = self.checkpoint_path if saved else self.save_checkpoint()
         if self.rank == 0 and (self.say_max_steps or self.interrupted):
-            print(f"{reason}: stopped at epoch {self.epoch + 1} step {self.step_in_epoch} "
-                  f"(step {self.global_step} in all); checkpoint written to {path}; continue "
-                  f"with {self.continue_hint}", flush=True)
+            if self.epoch >= self.config.epochs:   # stopped between the last epoch and the report
+                where, then = f"after the last epoch ({self.epoch})", "write the report"
+            else:
+                where, then = f"at epoch {self.epoch + 1} step {self.step_in_epoch}", "continue"
+            print(f"{reason}: stopped {where} (step {self.global_step} in all); checkpoint "
+                  f"written to {path}; {then} with {self.continue_hint}", flush=True)
 
     def train(self) -> None:
         """Train until the last epoch, --max-steps or a stop signal (a checkpoint is written
@@ -823,7 +827,11 @@ class Trainer:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
             self.save_checkpoint()
-            stop = self._should_stop() if self.epoch < config.epochs else None
+            stop = self._should_stop(sync=True)
+            if stop and self.epoch >= config.epochs:
+                # After the last epoch only a signal stops (before the report, which may take
+                # as long as an epoch): the step cap has nothing left to cut.
+                stop = STOP_SIGNALS[self.stop_signal] if self.interrupted else None
             if stop:
                 self._stop(stop, saved=True)
                 return
@@ -897,10 +905,10 @@ class Trainer:
                         per_exit=per_exit)
 
     def run(self) -> Optional[RunReport]:
-        """Train and evaluate; None if stopped before the last epoch (a stop signal, or
-        max_steps reached). Only the first process writes the report."""
+        """Train and evaluate; None if stopped before the report (a stop signal, or max_steps
+        reached before the last epoch). Only the first process writes the report."""
         self.train()
-        if self.epoch < self.config.epochs:
+        if self.epoch < self.config.epochs or self.interrupted:
             return None
         return self.report()
 

@@ -42,6 +42,17 @@ def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path, method)
     assert a["has_target"].sum(1).tolist() == [len(union)] * 4
 
 
+def test_a_signal_to_one_process_after_the_last_epoch_stops_every_process(tmp_path):
+    """The processes agree on a stop at every epoch's end too: the first one, interrupted
+    while validating the last epoch, stops before the report, and so does the other (which
+    would otherwise wait in the report's collectives until this test's timeout)."""
+    result = torchrun(os.path.join(HERE, "ddp_stop_worker.py"), str(tmp_path), timeout=150)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks == [{"reported": False, "stop_signal": 2, "epoch": 1}] * 2, ranks
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_torchrun_through_the_command_line_exits_0_with_one_report(tmp_path):
     """Only the first process writes files (data cache, metrics, checkpoint, report) and prints
     the report; the others wait at barriers and exit 0 too (rank 1 used to fail on report.md)."""

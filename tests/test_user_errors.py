@@ -426,6 +426,34 @@ def test_signals_write_a_checkpoint_and_stop_cleanly(tmp_path, capsys, monkeypat
     assert main(["train", "--out", out, "--resume"]) == 0
 
 
+def test_a_signal_during_the_last_validation_stops_before_the_report(tmp_path, capsys,
+                                                                     monkeypatch):
+    """Ctrl-C while the last epoch is validated: the epoch's checkpoint is written and the run
+    stops there (the report, another pass over the test split, was written regardless); the
+    report comes with --resume."""
+    out = str(tmp_path / "run")
+    argv = ["train", "--out", out, "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+            "--batch-size", "16"] + TINY_DATA + TINY_RUN[6:]
+    real_evaluate = Trainer.evaluate
+
+    def evaluate(self, split_name="test", **kwargs):
+        if split_name == "val" and not self.interrupted:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(self, split_name, **kwargs)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    assert main(argv) == 130
+    printed = capsys.readouterr()
+    assert "interrupted (Ctrl-C): stopped after the last epoch (1) (step 4 in all)" in printed.out
+    assert "write the report with `occamnets train --out" in printed.out
+    assert "Traceback" not in printed.err
+    assert not os.path.exists(os.path.join(out, "report.json"))
+    state = read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 4)
+    monkeypatch.undo()
+    assert main(["train", "--out", out, "--resume"]) == 0
+    assert os.path.exists(os.path.join(out, "report.json"))
+
+
 def test_periodic_checkpoints_and_one_consistent_metrics_file_across_a_crash(tmp_path):
     """A crash after the last checkpoint: the resumed run rewrites the steps since, and
     metrics.jsonl ends as the uninterrupted run's (no step or epoch twice, the same losses)."""
