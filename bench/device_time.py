@@ -694,16 +694,18 @@ def run(out: str, smoke: bool, jobs: int, parts: List[str]) -> int:
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("device_time: no CUDA device is visible; use --smoke on a CPU machine")
     os.makedirs(out, exist_ok=True)
-    settings = Settings(smoke=smoke, calls=2 if smoke else 50, profiled_calls=1 if smoke else 5,
+    # The smoke: one call per method (its times mean nothing; an interpreted training step
+    # takes about 5 s).
+    settings = Settings(smoke=smoke, calls=1 if smoke else 50, profiled_calls=1 if smoke else 5,
                         exit_head_batch=2 if smoke else EXIT_HEAD_BATCH,
                         compact_batch=8 if smoke else COMPACT_BATCH, classes=CLASSES,
-                        keep_ratio=KEEP_RATIO, training_calls=2 if smoke else 10)
+                        keep_ratio=KEEP_RATIO, training_calls=1 if smoke else 10)
     official = bool(os.environ.get("OCCAM_OFFICIAL"))
     if "training" in parts and not official:
         print("device_time: the official training step is left out: OCCAM_OFFICIAL names no "
               "checkout of erobic/occam-nets-v1 (bench/NOTES.md)")
     if smoke:  # one shape per part and dtype, one distribution: the code paths, not the numbers
-        # The training step: the first of ours (about 2 s a step interpreted) and the
+        # The training step: the first of ours (about 5 s a step interpreted) and the
         # official's; the probes differ from it only in their arguments.
         chosen = [c for c in cases(parts, ("trained",), official)
                   if c.part in ("inference", "segment")

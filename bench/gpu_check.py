@@ -309,9 +309,12 @@ def _exit_head_group(args):
     device = device_for(smoke)
     batch = 2 if smoke else 128
     shapes = EXIT_SHAPES if num_classes == 10 else [EXIT_SHAPES[0], EXIT_SHAPES[2]]
-    checks = []
+    checks, done = [], set()
     for shape in shapes:
         small = shrink(shape, smoke)
+        if small in done:  # the smoke shrinks two C=464 shapes to one: the same inputs again
+            continue
+        done.add(small)
         checks.append(check_exit_head(batch, small, num_classes, dtype_name, layout, device))
         checks.append(check_cams(batch, small, num_classes, dtype_name, layout, device))
         if shape in ONE_PASS_SHAPES and num_classes == 10:
