@@ -910,7 +910,16 @@ class Trainer:
         self.train()
         if self.epoch < self.config.epochs or self.interrupted:
             return None
-        return self.report()
+        try:
+            return self.report()
+        except BaseException as stop:
+            # Ctrl-C or SIGTERM (the command line's handlers, once training is over) while the
+            # test split is evaluated: the finished run is safe; say how to get its report.
+            if not isinstance(stop, Exception) and self.rank == 0:
+                print(f"stopped before the report was written; {self.checkpoint_path} holds "
+                      f"the finished run: write the report with {self.continue_hint}",
+                      flush=True)
+            raise
 
     def close(self) -> None:
         """End the process group this trainer started, once every process is done with it

@@ -430,7 +430,7 @@ def test_a_signal_during_the_last_validation_stops_before_the_report(tmp_path, c
                                                                      monkeypatch):
     """Ctrl-C while the last epoch is validated: the epoch's checkpoint is written and the run
     stops there (the report, another pass over the test split, was written regardless); the
-    report comes with --resume."""
+    report comes with --resume, and a Ctrl-C during it says so again."""
     out = str(tmp_path / "run")
     argv = ["train", "--out", out, "--data-dir", str(tmp_path / "data"), "--epochs", "1",
             "--batch-size", "16"] + TINY_DATA + TINY_RUN[6:]
@@ -449,6 +449,15 @@ def test_a_signal_during_the_last_validation_stops_before_the_report(tmp_path, c
     assert not os.path.exists(os.path.join(out, "report.json"))
     state = read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 4)
+    # Ctrl-C while the resumed run evaluates the test split for its report.
+    def interrupted_evaluate(self, split_name="test", **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "evaluate", interrupted_evaluate)
+    assert main(["train", "--out", out, "--resume"]) == 130
+    printed = capsys.readouterr()
+    assert "stopped before the report was written; " in printed.out
+    assert "holds the finished run: write the report with `occamnets train" in printed.out
+    assert "occamnets train: interrupted" in printed.err and "Traceback" not in printed.err
     monkeypatch.undo()
     assert main(["train", "--out", out, "--resume"]) == 0
     assert os.path.exists(os.path.join(out, "report.json"))
