@@ -327,6 +327,21 @@ def test_eval_json(trained, capsys):
     assert 0 <= result["accuracy"] <= 1 and len(result["exit_share"]) == 4
 
 
+def test_eval_json_stays_json_when_the_split_is_regenerated(trained, tmp_path, capsys):
+    """The regeneration note went to stdout, before the JSON; a directory holding other files
+    (here the run's own) had the dataset's dozens of files written among them."""
+    assert main(["eval", trained, "--json", "--data-dir", str(tmp_path / "fresh")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["images"] == 20
+    assert "generating it" in err
+    run_dir = os.path.dirname(trained)
+    before = sorted(os.listdir(run_dir))
+    assert main(["eval", trained, "--data-dir", run_dir]) == 2
+    one_line_error(capsys, f"{run_dir} holds other files (", "and no Biased MNIST: give the "
+                   "dataset a directory of its own")
+    assert sorted(os.listdir(run_dir)) == before
+
+
 def test_predict_folders_sizes_and_json(trained, tmp_path, capsys):
     from PIL import Image
     folder = tmp_path / "images"

@@ -41,6 +41,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import sys
 from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -718,6 +719,23 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
                               for name, (theirs, ours) in differences.items())
         raise ValueError(f"{directory} holds another Biased MNIST ({differing}); use its "
                          f"settings, or another data directory")
-    if verbose and problem != "no cache":
-        print(f"biased-mnist in {directory}: {problem}; generating it")
+    if problem == "no cache":
+        _refuse_foreign_files(directory)
+        problem = "no Biased MNIST there yet"
+    if verbose:  # on stderr: stdout may be a command's JSON
+        print(f"biased-mnist in {directory}: {problem}; generating it", file=sys.stderr)
     return _generate_and_save(config, directory, splits, progress, mmap)
+
+
+def _refuse_foreign_files(directory: str) -> None:
+    """A ValueError when `directory`, holding no cache, holds files a cache never has (a run
+    directory given as --data-dir, say): the dataset's dozens of files would land among them.
+    A cache cut short by an interruption holds only its own files, and is regenerated."""
+    ours = {"meta.json", GROUPS_FILE} | {f"{split}_{field}.npy" for split in SPLITS
+                                         for field in _ARRAYS}
+    foreign = sorted(name for name in os.listdir(directory)
+                     if name not in ours and ".tmp-" not in name)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"{directory} holds other files ({shown}) and no Biased MNIST: give "
+                         f"the dataset a directory of its own (a new or empty one)")
