@@ -632,7 +632,7 @@ def _run_viz(args) -> int:
 
 def _run_results(args) -> int:
     from .files import atomic_path
-    from .results_page import biased_mnist_page, read_run
+    from .results_page import NO_GATE_STATE, biased_mnist_page, read_run
     for path, flag in ((args.cams, "--cams"), (args.exits, "--exits"),
                        (args.commands, "--commands")):
         if path and not os.path.isfile(path):
@@ -647,8 +647,8 @@ def _run_results(args) -> int:
     if args.gates_plot:
         exits = occam.gate_history()
         if not exits:
-            raise ValueError(f"--gates-plot: {args.occam}/metrics.jsonl logged no gate state "
-                             f"(a run from before it was logged); leave --gates-plot out")
+            raise ValueError(f"--gates-plot: {args.occam}/metrics.jsonl logged no gate state: "
+                             f"{NO_GATE_STATE}; leave --gates-plot out")
         from .training_log import epoch_ends
         from .viz import save_gate_history
         gates_picture = os.path.abspath(save_gate_history(args.gates_plot, exits,

@@ -36,14 +36,25 @@ class RunFiles:
         return read_gate_history(self.steps, self.epochs, self.report.config.taus)
 
 
+# Why a run's metrics.jsonl can hold no gate state.
+NO_GATE_STATE = ("it has no step records (a run shorter than --log-every steps, or trained "
+                 "with --log-every 0, or written before the gate state was logged)")
+
+
 def read_run(directory: str) -> RunFiles:
     """A run directory's report and epoch records, or a ValueError saying what is missing."""
     path = os.path.join(directory, "report.json")
     if not os.path.exists(path):
         raise ValueError(f"{directory} has no report.json: the run has not finished (continue "
                          f"it with `occamnets train --out {directory} --resume`)")
-    with open(path) as handle:
-        report = RunReport.from_dict(json.load(handle))
+    try:
+        with open(path) as handle:
+            report = RunReport.from_dict(json.load(handle))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        # Cut short, edited, or not a report: say which file, not where the parser stopped.
+        raise ValueError(f"{path} is not a readable run report ({type(error).__name__}: "
+                         f"{error}); rerun `occamnets train --out {directory} --resume` to "
+                         f"write it again") from error
     records = read_metrics(os.path.join(directory, "metrics.jsonl"))
     return RunFiles(directory, report, [r for r in records if r.get("kind") == "epoch"],
                     [r for r in records if r.get("kind") == "step"])
@@ -200,7 +211,7 @@ def _joined(shares: Iterable[Optional[float]]) -> str:
 def _gates(occam: RunFiles) -> List[str]:
     exits = occam.gate_history()
     if not exits:
-        return ["Not in this run's metrics.jsonl (written before the gate state was logged)."]
+        return [f"Not in this run's metrics.jsonl: {NO_GATE_STATE}."]
     names = " / ".join(f"E{e.exit_index}" for e in exits)
     lines = ["Per epoch, each exit's value in the order " + names + ". Training accuracy: the "
              "mean per-class accuracy on the training images at the epoch's last logged step, "

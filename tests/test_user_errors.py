@@ -342,6 +342,21 @@ def test_eval_json_stays_json_when_the_split_is_regenerated(trained, tmp_path, c
     assert sorted(os.listdir(run_dir)) == before
 
 
+@pytest.mark.parametrize("content,needle", [
+    ("{}", "KeyError: 'config'"), ("[]", "KeyError"), ('{"model": "occam", "con', "JSONDecodeError")])
+def test_results_names_a_report_it_cannot_read(tmp_path, capsys, content, needle):
+    """An empty, foreign or cut-short report.json gave a KeyError traceback, or the parser's
+    position without the file's name."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(content)
+    assert main(["results", "--resnet", str(run), "--occam", str(run), "--out",
+                 str(tmp_path / "page.md")]) == 2
+    one_line_error(capsys, f"{run / 'report.json'} is not a readable run report", needle,
+                   f"occamnets train --out {run} --resume")
+    assert not (tmp_path / "page.md").exists()
+
+
 def test_predict_folders_sizes_and_json(trained, tmp_path, capsys):
     from PIL import Image
     folder = tmp_path / "images"
