@@ -441,6 +441,7 @@ def _add_checkpoint_command(subparsers, name, help_text, handler):
 def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None):
     """The checkpoint's model and the split asked for (only its first `count` images when
     given: the rest is never read)."""
+    from .config import BIASED_MNIST
     from .evaluate import load_model, load_splits
     model, config = load_model(args.checkpoint, args.device)
     if need_exits and not hasattr(model, "early_exit"):
@@ -449,6 +450,9 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
     if args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     if args.root:
+        if config.dataset == BIASED_MNIST:
+            raise ValueError(f"--root is a real dataset's directory; this run's Biased MNIST "
+                             f"is generated (--data-dir names where it is cached)")
         config = dataclasses.replace(config, data_root=args.root)
     args.split = args.split or config.dataset_spec.test
     device = next(model.parameters()).device
@@ -508,6 +512,9 @@ def _run_predict(args) -> int:
     paths = image_paths(args.images)
     checkpoint = read_checkpoint(args.checkpoint)   # once: the model and its class names
     model, config = model_from_checkpoint(checkpoint, args.checkpoint, args.device)
+    if args.threshold is not None and not hasattr(model, "early_exit"):
+        raise ValueError(f"--threshold chooses an OccamNet's exit; this checkpoint is a "
+                         f"{config.model} model, which has one output: leave it out")
     class_names = checkpoint.get("class_names")
     threshold = config.inference_threshold if args.threshold is None else args.threshold
     device = next(model.parameters()).device

@@ -135,6 +135,17 @@ def test_viz_draws_a_resnet_and_two_models_side_by_side(trained, tmp_path, capsy
     assert main(["viz", resnet, "--out", str(alone), "--exits-plot",
                  str(tmp_path / "exits.png")]) == 2
     assert "needs an OccamNet checkpoint" in capsys.readouterr().err
+    # Options that would change nothing: a ResNet has no exit to choose, and Biased MNIST no
+    # directory of its own (both were accepted silently).
+    image = tmp_path / "image.png"
+    from PIL import Image
+    Image.new("RGB", (30, 30), (200, 40, 90)).save(image)
+    assert main(["predict", resnet, str(image), "--threshold", "0.9"]) == 2
+    assert "--threshold chooses an OccamNet's exit; this checkpoint is a resnet model" in \
+        capsys.readouterr().err
+    assert main(["eval", checkpoint, "--root", str(tmp_path)]) == 2
+    assert "--root is a real dataset's directory; this run's Biased MNIST is generated" in \
+        capsys.readouterr().err
     # A model of other data (another image size) is refused: its CAMs would be of images it
     # never saw.
     other_out = str(tmp_path / "other")
