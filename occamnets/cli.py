@@ -140,6 +140,10 @@ def _run_data_check(args) -> int:
         size = args.image_size or chosen.default_image_size
         shown = first_images(index, chosen.train, size, chosen.centre_crop, 24,
                              workers=args.workers, skip_unreadable=True)
+        if not len(shown.images):
+            print(f"no preview: none of the {chosen.train} images could be read (listed "
+                  f"above)", file=sys.stderr)
+            return 0 if result.ok else 1
         save_sample_grid(args.preview, shown.images, shown.labels, shown.factors,
                          shown.factor_names, title=f"{chosen.title} {chosen.train}",
                          aligned=shown.aligned, class_names=shown.class_names)

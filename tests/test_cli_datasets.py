@@ -96,6 +96,16 @@ def test_data_check_counts_lists_problems_and_draws(roots, tmp_path, capsys):
     assert [os.path.basename(name) for name, _ in test["unreadable"]] == ["diving_7.jpg"]
     assert main(["data", "check", "bar", "--root", str(tmp_path / "none")]) == 2
     assert "alinlab/BAR" in capsys.readouterr().err
+    # No training image readable: the check's exit code 1 and a note, not matplotlib's error.
+    unreadable = fixtures.write_folder(tmp_path / "unreadable",
+                                       counts=(("train", 2), ("val", 2), ("test", 2)))
+    for n in (0, 1):
+        open(os.path.join(unreadable, "images", f"{n:04d}.png"), "wb").write(b"not a png")
+    assert main(["data", "check", "folder", "--root", unreadable, "--preview",
+                 str(tmp_path / "none.png")]) == 1
+    said = capsys.readouterr().err
+    assert "no preview: none of the train images could be read" in said, said
+    assert not (tmp_path / "none.png").exists()
     assert main(["train", "--dataset", "celeba", "--preset", "quick"]) == 2
     assert "needs its directory: --root DIR" in capsys.readouterr().err
 
