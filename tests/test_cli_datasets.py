@@ -160,7 +160,7 @@ def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, ca
     assert main(["compare", "--dataset", "folder", "--root", roots["folder"], "--bias-columns",
                  "place", "--models", "resnet", "--methods", "erm,upwt", "--preset", "quick",
                  "--epochs", "1", "--milestones", "1", "--out", out, "--device", "cpu",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--data-dir", str(tmp_path / "cache")]) == 0
     table = open(os.path.join(out, "compare.md")).read()
     assert "| test acc % | worst group % |" in table
     cells = json.loads(open(os.path.join(out, "compare.json")).read())["cells"]
