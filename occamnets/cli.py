@@ -460,9 +460,11 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
         config = dataclasses.replace(config, data_root=args.root)
     args.split = args.split or config.dataset_spec.test
     device = next(model.parameters()).device
-    # A split regenerated from the checkpoint's config shows its progress (not under --json).
-    split = load_splits(config, device, (args.split,), count=count,
-                        progress=not getattr(args, "json", False))[args.split]
+    # A split regenerated from the checkpoint's config says so and shows its progress, except
+    # under --json (stdout is the JSON).
+    said = not getattr(args, "json", False)
+    split = load_splits(config, device, (args.split,), count=count, progress=said,
+                        verbose=said)[args.split]
     return model, config, split
 
 

@@ -75,7 +75,7 @@ def inference_backend(trained_with: str, device: torch.device) -> str:
 
 
 def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None,
-                progress: bool = False, count: Optional[int] = None
+                progress: bool = False, count: Optional[int] = None, verbose: bool = True
                 ) -> Dict[str, LabelledItems]:
     """The splits `names` of the run's dataset (None: every split the run trains or reports
     on), on `device`; only their files are read and checked.
@@ -84,7 +84,8 @@ def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None
     the run's dataset directory (it is a function of its config, and one random stream makes
     all three splits, so the others are rendered too); a directory holding another dataset is
     never overwritten. A real dataset: read from its directory, its decoded images cached in
-    the run's dataset directory (or streamed when larger than the config's limit)."""
+    the run's dataset directory (or streamed when larger than the config's limit). verbose:
+    say on stdout when Biased MNIST is generated again."""
     if config.dataset != BIASED_MNIST:
         return load_real_splits(config.dataset, config.root, names, config.dataset_dir,
                                 config.input_size, device, config.bias_columns,
@@ -102,7 +103,7 @@ def load_splits(config: RunConfig, device, names: Optional[Sequence[str]] = None
         # a split sent to a GPU leaves no second whole copy in host memory, and on a CPU the
         # pages are the file cache's, which the system can reclaim.
         splits = biased_mnist.load(dataset, directory, names, progress=progress,
-                                   replace_other=False, mmap=True)
+                                   verbose=verbose, replace_other=False, mmap=True)
     except FileNotFoundError as error:
         problem = biased_mnist.cache_problem(dataset, directory, names)
         raise FileNotFoundError(f"the {', '.join(names)} split of this run's Biased MNIST is "

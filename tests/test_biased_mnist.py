@@ -191,7 +191,7 @@ def test_cache_reloads_regenerates_on_change_and_detects_truncation(tmp_path, ca
                                    p_bias=0.7)
     assert bm.cache_problem(changed, str(tmp_path)) == "the config changed"
     regenerated = bm.load(changed, str(tmp_path))
-    assert "the config changed; generating it" in capsys.readouterr().err
+    assert "the config changed; generating it" in capsys.readouterr().out
     assert bm.cache_problem(changed, str(tmp_path)) is None
     assert not torch.equal(regenerated["train"].factors, first["train"].factors)
 
@@ -244,7 +244,7 @@ def test_a_cache_of_an_older_format_with_the_same_settings_is_regenerated(tmp_pa
     assert "older occamnets" in bm.cache_problem(config, str(tmp_path))
     # Not refused as "another Biased MNIST ()" by train and evaluate (replace_other=False).
     again = bm.load(config, str(tmp_path), replace_other=False)
-    out = capsys.readouterr().err
+    out = capsys.readouterr().out
     assert out.count("\n") == 1 and f"cache format {bm.CACHE_FORMAT - 1}" in out
     assert "generating it" in out
     assert bm.cache_problem(config, str(tmp_path)) is None

@@ -41,7 +41,6 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import sys
 from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -722,8 +721,8 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
     if problem == "no cache":
         _refuse_foreign_files(directory)
         problem = "no Biased MNIST there yet"
-    if verbose:  # on stderr: stdout may be a command's JSON
-        print(f"biased-mnist in {directory}: {problem}; generating it", file=sys.stderr)
+    if verbose:
+        print(f"biased-mnist in {directory}: {problem}; generating it")
     return _generate_and_save(config, directory, splits, progress, mmap)
 
 
