@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Optional, Tuple, Union
 import torch
 
 from .data.biased_mnist import MIN_CELL_SIZE, BiasedMNISTConfig, renders_needed
-from .data.catalog import BIASED_MNIST, SPECS, DatasetSpec, spec
+from .data.catalog import BIASED_MNIST, SPECS, DatasetSpec, fixed_bias_reason, spec
 from .data.jpeg_decode import DECODERS
 from .losses import OccamLoss
 from .methods import GDRO_ETA, METHODS, SD_GAMMAS, UPWT_GAMMA, per_model_defaults
@@ -197,8 +197,7 @@ class RunConfig:
             (REAL_DATA_FIELDS, self.dataset == BIASED_MNIST,
              f"is for a dataset read from a directory; {spec_.title} is generated (its images "
              f"are 5 x --cell-size px)"),
-            (("bias_columns",), not spec_.takes_bias_columns,
-             f"is for --dataset folder; {spec_.title}'s bias attributes are fixed"),
+            (("bias_columns",), not spec_.takes_bias_columns, fixed_bias_reason(spec_)),
         ]
         unused = {}
         for name in names:

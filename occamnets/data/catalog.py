@@ -139,6 +139,11 @@ SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
 )}
 
 
+def fixed_bias_reason(chosen: DatasetSpec) -> str:
+    """Why --bias-columns does nothing for `chosen` (one that does not take them)."""
+    return f"is for --dataset folder; {chosen.title}'s bias attributes are fixed"
+
+
 def spec(name: str) -> DatasetSpec:
     if name not in SPECS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(SPECS)}")
@@ -153,6 +158,5 @@ def find(name: str, root: str, bias_columns: Optional[Sequence[str]] = None) -> 
     if chosen.takes_bias_columns:
         return chosen.index(root, bias_columns)
     if bias_columns is not None:
-        raise ValueError(f"--bias-columns is for --dataset folder; {chosen.title}'s bias "
-                         f"attributes are fixed")
+        raise ValueError(f"--bias-columns {fixed_bias_reason(chosen)}")
     return chosen.index(root)
