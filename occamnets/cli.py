@@ -496,21 +496,22 @@ def _run_eval(args) -> int:
 
 @dataclasses.dataclass
 class _Prediction:
-    """One image's prediction (None: non-finite logits or gate); --json prints these."""
+    """One image's prediction (None: unreadable, or non-finite logits or gate); --json prints
+    these."""
     path: str
     label: Optional[int]
     confidence: Optional[float]
     exit: Optional[int]                # the exit taken; None for a plain classifier
     class_name: Optional[str] = None   # when the checkpoint knows its classes' names
+    error: Optional[str] = None        # why the file could not be read
 
 
 def _run_predict(args) -> int:
     if not args.images:
         return _time_inference(args)
-    import torch
-    from .data.loaders import image_paths, normalise, read_image_files
+    from .data.loaders import image_paths, read_image_batches
     from .checkpoints import read_checkpoint
-    from .evaluate import classify, model_from_checkpoint
+    from .evaluate import model_from_checkpoint
     from .progress import close, progress_bar
     if args.data_dir or args.split or args.root:
         raise ValueError("--split, --data-dir and --root choose a split to time; with image "
@@ -526,43 +527,73 @@ def _run_predict(args) -> int:
     device = next(model.parameters()).device
     size = config.input_size
     crop = config.dataset_spec.centre_crop   # prepared as the training images were
-    files = read_image_files(paths, size, crop)
-    resized = sum(1 for width, height in files.sizes if (width, height) != (size, size))
+    predictions: List[_Prediction] = []
+    problems = []                            # (path, UnreadableImage): files not read
+    resized = 0
+    bar = progress_bar(len(paths), "classifying", True, unit="img")
+    # Read per batch, ahead of the model: the first predictions come after one batch's
+    # decoding, not the whole folder's, and an unreadable file costs only its own line.
+    for files in read_image_batches(paths, args.batch_size, size, crop):
+        read = [f for f in files if f.image is not None]
+        resized += sum(f.size != (size, size) for f in read)
+        problems += [(f.path, f.problem) for f in files if f.image is None]
+        results = iter(_classify_files(model, read, threshold, device, class_names))
+        predictions += [next(results) if f.image is not None
+                        else _Prediction(f.path, None, None, None, error=f.problem.reason)
+                        for f in files]
+        if bar is not None:
+            bar.update(len(files))
+    close(bar)
+    if len(problems) == len(paths):          # nothing to show: the first file's problem
+        path, problem = problems[0]
+        raise ValueError(str(problem) if len(paths) == 1 else
+                         f"none of the {len(paths)} files could be read; the first: {problem}")
     if resized:
         cut = f"cut to their centre {crop} px square and " if crop else ""
-        print(f"note: {resized} of {len(paths)} images were {cut}resized to {size}x{size} px, "
-              f"as this model's training images", file=sys.stderr)
-    predictions: List[_Prediction] = []
-    bar = progress_bar(len(paths), "classifying", True)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = files.images[start:start + args.batch_size].to(device)
-        with torch.no_grad():
-            out = classify(model, normalise(chunk), threshold)
-        confidence, predicted = torch.softmax(out.logits.float(), 1).max(1)
-        exits = [None] * len(chunk) if out.exit_index is None else out.exit_index.tolist()
-        for path, finite, label, p, exit_index in zip(
-                paths[start:start + args.batch_size], (~out.nonfinite).tolist(),
-                predicted.tolist(), confidence.tolist(), exits):  # one read per batch
-            name = class_names[label] if finite and class_names else None
-            predictions.append(_Prediction(path, label if finite else None,
-                                           p if finite else None, exit_index, name))
-        if bar is not None:
-            bar.update(len(chunk))
-    close(bar)
+        print(f"note: {resized} of {len(paths) - len(problems)} images were {cut}resized to "
+              f"{size}x{size} px, as this model's training images", file=sys.stderr)
     if args.json:
         print(json.dumps([dataclasses.asdict(p) for p in predictions], indent=1))
     for p in [] if args.json else predictions:
         exit_text = f"  exit E{p.exit}" if p.exit is not None else ""
-        if p.label is None:
+        if p.error is not None:
+            print(f"{p.path}: not read: {p.error}")
+        elif p.label is None:
             print(f"{p.path}: no prediction: non-finite logits or gate{exit_text}")
         else:
             named = f" ({p.class_name})" if p.class_name else ""
             print(f"{p.path}: class {p.label}{named} (p={p.confidence:.2f}){exit_text}")
-    nonfinite = sum(p.label is None for p in predictions)
+    nonfinite = sum(p.label is None and p.error is None for p in predictions)
     if nonfinite:
         print(f"warning: {nonfinite} of {len(paths)} images gave non-finite logits or gates",
               file=sys.stderr)
+    if problems:
+        print(f"warning: {len(problems)} of {len(paths)} files could not be read (their lines "
+              f"say why); exit code 1", file=sys.stderr)
+        return 1
     return 0
+
+
+def _classify_files(model, files, threshold: float, device, class_names) -> List[_Prediction]:
+    """The predictions for image files read whole, in their order."""
+    import torch
+    from .data.loaders import normalise
+    from .evaluate import classify
+    if not files:
+        return []
+    images = torch.stack([f.image for f in files]).to(device)
+    with torch.no_grad():
+        out = classify(model, normalise(images), threshold)
+    confidence, predicted = torch.softmax(out.logits.float(), 1).max(1)
+    exits = [None] * len(files) if out.exit_index is None else out.exit_index.tolist()
+    predictions = []
+    for f, finite, label, p, exit_index in zip(files, (~out.nonfinite).tolist(),
+                                               predicted.tolist(), confidence.tolist(),
+                                               exits):  # one device read per batch
+        name = class_names[label] if finite and class_names else None
+        predictions.append(_Prediction(f.path, label if finite else None,
+                                       p if finite else None, exit_index, name))
+    return predictions
 
 
 def _time_inference(args) -> int:
@@ -809,14 +840,17 @@ def build_parser() -> argparse.ArgumentParser:
         _run_predict)
     predict.add_argument("images", nargs="*",
                          help="image files or folders of them (PNG, JPEG, ...; resized to the "
-                              "training size); none: time inference on --split")
+                              "training size; a file that cannot be read is reported on its "
+                              "line and makes the exit code 1); none: time inference on "
+                              "--split")
     predict.add_argument("--batch-size", type=count, default=256, help="images per batch")
     predict.add_argument("--threshold", type=share, default=None,
                          help="leave at the first exit whose gate is at least this (default: "
                               "the run's exit_threshold; every sample to the last exit for a "
                               "run trained with --no-early-exit)")
     predict.add_argument("--json", action="store_true",
-                         help="print JSON: per image its path, label, confidence and exit")
+                         help="print JSON: per image its path, label, confidence, exit and "
+                              "error (why it could not be read; else null)")
     viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit (an "
                                   "OccamNet) or of the last stage (a ResNet)", _run_viz)
     viz.add_argument("--beside", action="append", default=[], metavar="CHECKPOINT",

@@ -2,6 +2,7 @@
 the cache, the digit sources and the errors."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from scipy.stats import chisquare
 
 from occamnets.data import biased_mnist as bm
-from occamnets.data.loaders import DeviceSplit, read_image_files
+from occamnets.data.loaders import DeviceSplit, read_image_file
 from occamnets.data.mnist_sources import load_digits, load_mnist_idx, read_idx
 
 from dataset_fixtures import write_mnist
@@ -312,12 +313,15 @@ def test_device_split_batches_and_image_files(splits, tmp_path):
     from PIL import Image
     path = tmp_path / "seven.png"
     Image.fromarray(train.images[7].permute(1, 2, 0).numpy()).save(path)
-    read = read_image_files([str(path)], 30).images
-    assert read.dtype == torch.uint8 and torch.equal(read[0], train.images[7])
-    assert read_image_files([str(path)], 12).images.shape == (1, 3, 12, 12)
+    read = read_image_file(str(path), 30)
+    assert read.image.dtype == torch.uint8 and torch.equal(read.image, train.images[7])
+    assert read.size == (30, 30) and read.problem is None
+    assert read_image_file(str(path), 12).image.shape == (3, 12, 12)
     (tmp_path / "not_an_image.png").write_text("hello")
-    with pytest.raises(ValueError, match="cannot read .*not_an_image.png as an image"):
-        read_image_files([str(tmp_path / "not_an_image.png")], 12)
+    unreadable = read_image_file(str(tmp_path / "not_an_image.png"), 12)
+    assert unreadable.image is None and unreadable.size is None
+    assert re.search("cannot read .*not_an_image.png as an image", str(unreadable.problem))
+    assert unreadable.problem.reason.startswith("not readable as an image")
 
 
 def test_default_val_size_fits_the_bundled_digits_and_sizes_fail_before_rendering(monkeypatch):

@@ -373,13 +373,15 @@ def test_groups_are_numbered_as_the_official_code_numbers_them(name, split, root
 
 def test_predict_prepares_image_files_as_the_training_images(roots, tmp_path):
     """CelebA's centre square, then the resize: the same pixels as the cached split."""
-    from occamnets.data.loaders import read_image_files
+    from occamnets.data.loaders import read_image_batches
     split = load_real_splits("celeba", roots["celeba"], ["test"], str(tmp_path / "c"), 32,
                              "cpu")["test"]
     paths = catalog.find("celeba", roots["celeba"]).split("test").images.paths[:3]
-    files = read_image_files(paths, 32, catalog.spec("celeba").centre_crop)
-    assert torch.equal(files.images, split.uint8(torch.arange(3)))
-    assert files.sizes == [(178, 218)] * 3
+    batches = list(read_image_batches(paths, 2, 32, catalog.spec("celeba").centre_crop))
+    assert [[f.path for f in files] for files in batches] == [paths[:2], paths[2:]]
+    files = batches[0] + batches[1]
+    assert torch.equal(torch.stack([f.image for f in files]), split.uint8(torch.arange(3)))
+    assert [f.size for f in files] == [(178, 218)] * 3
 
 
 def test_augmentation_differs_per_process_and_step_and_repeats_on_resume():

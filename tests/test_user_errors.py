@@ -380,6 +380,59 @@ def test_predict_folders_sizes_and_json(trained, tmp_path, capsys):
     one_line_error(capsys, "cannot read", "notes.txt")
 
 
+
+def test_predict_reports_unreadable_files_and_goes_on(trained, tmp_path, capsys):
+    """One damaged file among good ones costs only its own line: the others are classified,
+    in order, and the exit code (1) says that not every file was read."""
+    from PIL import Image
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (30, 30), (200, 30, 30)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)).save(folder / "c.png")
+    Image.new("RGB", (30, 30), (30, 30, 200)).save(folder / "d.png")
+    assert main(["predict", trained, str(folder), "--batch-size", "2"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(folder / f"{n}.png") for n in "abcd"]
+    assert "class" in lines[0] and "class" in lines[3]
+    assert lines[1].startswith(f"{folder / 'b.png'}: not read: not readable as an image")
+    assert lines[2] == (f"{folder / 'c.png'}: not read: has 16-bit pixels; the model reads "
+                        f"8-bit images: convert it to 8 bits per channel")
+    assert "Traceback" not in captured.err
+    assert "2 of 4 files could not be read" in captured.err
+    assert main(["predict", trained, str(folder), "--json"]) == 1
+    predictions = json.loads(capsys.readouterr().out)
+    assert [p["error"] is None for p in predictions] == [True, False, False, True]
+    assert predictions[1]["label"] is None and "not readable" in predictions[1]["error"]
+    assert all(0 <= predictions[i]["label"] < 10 for i in (0, 3))
+    # Nothing readable: one line (the first file's problem), as for a single file.
+    assert main(["predict", trained, str(folder / "b.png"), str(folder / "c.png")]) == 2
+    one_line_error(capsys, "none of the 2 files could be read", "b.png")
+
+
+def test_predict_classifies_while_it_reads(trained, tmp_path, capsys, monkeypatch):
+    """Files are read a batch ahead of the model, not all before it: the first batch is
+    classified before the third is read (a folder of photos is not held whole)."""
+    import occamnets.data.loaders as loaders
+    import occamnets.evaluate as evaluate_module
+    from PIL import Image
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (30, 30), (20 * i, 30, 200)).save(folder / f"{i}.png")
+    read, read_when_classified = [], []
+    real_read_rgb, real_classify = loaders.read_rgb, evaluate_module.classify
+    monkeypatch.setattr(loaders, "read_rgb", lambda path: read.append(path) or real_read_rgb(path))
+
+    def classify(*args, **kwargs):
+        read_when_classified.append(len(read))
+        return real_classify(*args, **kwargs)
+    monkeypatch.setattr(evaluate_module, "classify", classify)
+    assert main(["predict", trained, str(folder), "--batch-size", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 10 and len(read) == 10
+    assert len(read_when_classified) == 5 and read_when_classified[0] <= 4
+
 def test_classify_refuses_images_outside_the_training_range():
     model = occam_resnet18(10, width=4).eval()
     with torch.no_grad():

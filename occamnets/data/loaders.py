@@ -6,7 +6,7 @@ batches are gathered and converted to float there.
 """
 import functools
 import os
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -151,23 +151,29 @@ def image_paths(paths: Sequence[str]) -> List[str]:
     return found
 
 
-class ImageFiles(NamedTuple):
-    images: torch.Tensor               # (N, 3, size, size) uint8
-    sizes: List[Tuple[int, int]]       # each file's own (width, height)
+class UnreadableImage(ValueError):
+    """An image file the model cannot read; `reason` says why without naming the file (a
+    per-file line names it already)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """An image file as uint8 (H, W, 3) RGB; a ValueError naming the file if it cannot be
-    read (truncated, not an image, 16-bit or float pixels)."""
+    """An image file as uint8 (H, W, 3) RGB; an UnreadableImage naming the file if it cannot
+    be read (truncated, not an image, 16-bit or float pixels)."""
     from PIL import Image
     try:
         with Image.open(path) as image:
             if image.mode in WIDE_MODES:
-                raise ValueError(f"{path} has {WIDE_MODES[image.mode]} pixels; the model "
-                                 f"reads 8-bit images: convert it to 8 bits per channel")
+                reason = (f"has {WIDE_MODES[image.mode]} pixels; the model reads 8-bit "
+                          f"images: convert it to 8 bits per channel")
+                raise UnreadableImage(f"{path} {reason}", reason)
             return np.asarray(image.convert("RGB")).copy()
     except (OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read {path} as an image: {error}") from error
+        raise UnreadableImage(f"cannot read {path} as an image: {error}",
+                              f"not readable as an image: {error}") from error
 
 
 def centre_box(height: int, width: int, crop: int) -> Tuple[int, int, int]:
@@ -191,14 +197,46 @@ def prepare(image: np.ndarray, size: int, centre_crop: Optional[int] = None) -> 
     return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
-def read_image_files(paths: Sequence[str], size: int,
-                     centre_crop: Optional[int] = None) -> ImageFiles:
-    """Image files (anything Pillow reads) as uint8 RGB (N, 3, size, size), prepared as the
-    model's training images were (`prepare`), with their own sizes (to tell the user which
-    were resized)."""
-    images, sizes = [], []
-    for path in paths:
+class ImageFile(NamedTuple):
+    """One image file as predict reads it."""
+    path: str
+    image: Optional[torch.Tensor]          # uint8 (3, size, size); None: unreadable
+    size: Optional[Tuple[int, int]]        # the file's own (width, height)
+    problem: Optional[UnreadableImage]     # why it could not be read
+
+
+def read_image_file(path: str, size: int, centre_crop: Optional[int] = None) -> ImageFile:
+    """An image file (anything Pillow reads) as uint8 RGB (3, size, size), prepared as the
+    model's training images were (`prepare`), with its own size (to tell the user it was
+    resized); an unreadable file is returned with its problem, not raised."""
+    try:
         rgb = read_rgb(path)
-        sizes.append((rgb.shape[1], rgb.shape[0]))
-        images.append(torch.from_numpy(prepare(rgb, size, centre_crop)))
-    return ImageFiles(torch.stack(images), sizes)
+    except UnreadableImage as problem:
+        return ImageFile(path, None, None, problem)
+    return ImageFile(path, torch.from_numpy(prepare(rgb, size, centre_crop)),
+                     (rgb.shape[1], rgb.shape[0]), None)
+
+
+# Decoding threads: Pillow releases the GIL while it decodes and resizes, so they run in
+# parallel; at most 8, to leave cores for the model on a CPU.
+READ_THREADS = min(8, os.cpu_count() or 1)
+
+
+def read_image_batches(paths: Sequence[str], batch_size: int, size: int,
+                       centre_crop: Optional[int] = None,
+                       threads: int = READ_THREADS) -> Iterator[List[ImageFile]]:
+    """The files in batches of `batch_size`, in order, read by `threads` threads one batch
+    ahead of the caller, so decoding overlaps the model's work on the batch before and at
+    most two batches are held (a folder of photos need not fit in memory)."""
+    import concurrent.futures
+    read = functools.partial(read_image_file, size=size, centre_crop=centre_crop)
+    starts = range(0, len(paths), batch_size)
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    try:
+        ahead = pool.map(read, paths[:batch_size])
+        for start in starts:
+            batch = list(ahead)
+            ahead = pool.map(read, paths[start + batch_size:start + 2 * batch_size])
+            yield batch
+    finally:   # Ctrl-C or an error: files not started yet are not read
+        pool.shutdown(wait=True, cancel_futures=True)
