@@ -30,6 +30,13 @@ HOST_PY     := $(HOST_VENV)/bin/python
 HOST_TRITON := triton==3.6.0 numpy<2.4
 # A numpy deprecation that 3.6's interpreter triggers on every kernel launch: noise, not ours.
 TRITON36_WARNINGS := -W "ignore:Conversion of an array with ndim:DeprecationWarning"
+# Left out of this run (not of `make test-host-stack`): the fp64 gradchecks, which no GPU run's
+# dtype needs from 3.6 (its fp32/bf16/fp16 results are checked by the rest, against the same
+# references), and the graph-break check, a property of torch (the same torch as .venv's run,
+# which passed all four). They took 77 of the run's 191 CPU seconds (2026-11-29).
+HOST_TRITON_LEFT_OUT := tests/test_exit_head_triton_raw.py::test_gradcheck_fp64 \
+                        tests/test_exit_head.py::test_fused_gradcheck_fp64 \
+                        tests/test_models.py::test_training_step_compiles_without_graph_breaks
 
 # The GPU host's whole stack (torch 2.11.0+cu130, torchvision 0.26, triton 3.6), for
 # `make test-host-stack` before a GPU window: a venv of its own (5 GB), the extension built
@@ -95,8 +102,9 @@ test: install
 # here, not in a GPU window. Its known spills are reported, not fatal (bench/NOTES.md; the
 # spill-free rule holds for CI's Triton).
 test-host-triton: install $(HOST_VENV)/.installed
+	@echo "test-host-triton: leaving out $(HOST_TRITON_LEFT_OUT) (the main run checks them; see the Makefile)"
 	$(HOST_PY) -m pytest --benchmark-disable -q -p no:cacheprovider $(XDIST) -m triton tests \
-	  $(TRITON36_WARNINGS)
+	  $(foreach test,$(HOST_TRITON_LEFT_OUT),--deselect $(test)) $(TRITON36_WARNINGS)
 	$(HOST_PY) bench/codegen.py --quick --spills-ok --json $(HOST_VENV)/codegen.json \
 	  > $(HOST_VENV)/codegen.log
 
