@@ -494,7 +494,10 @@ def time_case(case: Case, settings: Settings, device: torch.device,
              "training": _training_step, "backward": _backward_step,
              "inference": _inference_step, "segment": _segment_step}[case.part]
     built = build(case, settings.smoke, device)
-    for _ in range(3):  # compiles and autotuning stay out of the timings
+    # Compiles and autotuning stay out of the timings. The smoke's one call per method needs
+    # one warm-up (aot_eager compiles in it; the interpreter has nothing to tune), and each of
+    # its interpreted training steps takes seconds.
+    for _ in range(1 if settings.smoke else 3):
         built.step()
     synchronize()
     timing = Timing(case.part, case.impl, built.shape, case.dtype, case.layout,
