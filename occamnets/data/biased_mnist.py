@@ -455,6 +455,11 @@ def _render_split(digits: np.ndarray, labels: np.ndarray, chosen: np.ndarray,
 _ARRAYS = ("images", "labels", "factors", "digit_ids", "digit_masks")
 
 
+def _array_file(split: str, field: str) -> str:
+    """The cache's file of one split's array (one of _ARRAYS)."""
+    return f"{split}_{field}.npy"
+
+
 def _start_save(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     remove_stale_temporaries(directory)
@@ -467,7 +472,7 @@ def _save_split(directory: str, split: str, data: BiasedMNISTSplit) -> Dict[str,
     """Writes the split's arrays; returns their meta.json entries (size and SHA-256)."""
     files = {}
     for field in _ARRAYS:
-        name = f"{split}_{field}.npy"
+        name = _array_file(split, field)
         path = os.path.join(directory, name)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
@@ -574,7 +579,7 @@ def cache_problem(config: BiasedMNISTConfig, directory: str,
         if split not in meta["sizes"]:
             return f"meta.json lists no {split} split"
         for field in _ARRAYS:
-            name = f"{split}_{field}.npy"
+            name = _array_file(split, field)
             expected = meta["files"].get(name)
             if not isinstance(expected, dict) or not {"bytes", "sha256"} <= set(expected):
                 return f"meta.json lists no {name}"
@@ -606,16 +611,16 @@ def _content_problem(config: BiasedMNISTConfig, split: str, size,
     for field, (shape, dtype) in layouts.items():
         array = arrays[field]
         if array.shape != shape or array.dtype != dtype:
-            return (f"{split}_{field}.npy holds {array.dtype} {array.shape} where "
-                    f"{np.dtype(dtype)} {shape} belongs")
+            return (f"{_array_file(split, field)} holds {array.dtype} {array.shape} "
+                    f"where {np.dtype(dtype)} {shape} belongs")
     if size:
         for field in ("labels", "factors"):
             low, high = int(arrays[field].min()), int(arrays[field].max())
             if low < 0 or high >= NUM_VALUES:
-                return (f"{split}_{field}.npy holds values {low}..{high}, outside "
-                        f"0..{NUM_VALUES - 1}")
+                return (f"{_array_file(split, field)} holds values {low}..{high}, "
+                        f"outside 0..{NUM_VALUES - 1}")
         if int(arrays["digit_ids"].min()) < 0:
-            return f"{split}_digit_ids.npy holds negative digit ids"
+            return f"{_array_file(split, 'digit_ids')} holds negative digit ids"
     return None
 
 
@@ -628,14 +633,15 @@ def _read_cache(config: BiasedMNISTConfig, directory: str, splits: Sequence[str]
     for split in splits:
         arrays = {}
         for field in _ARRAYS:
-            path = os.path.join(directory, f"{split}_{field}.npy")
+            path = os.path.join(directory, _array_file(split, field))
             try:
                 # Copy-on-write: only the rows read come into memory, the tensors are writable
                 # (no read-only warning from torch, no crash on an in-place op) and a write
                 # stays in this process, never reaching the cache.
                 arrays[field] = np.load(path, mmap_mode="c" if mmap else None)
             except (OSError, ValueError, EOFError) as error:
-                return {}, f"{split}_{field}.npy cannot be read as an array ({error})"
+                return {}, (f"{_array_file(split, field)} cannot be read as an array "
+                            f"({error})")
         problem = _content_problem(config, split, sizes[split], arrays)
         if problem is not None:
             return {}, problem
@@ -660,8 +666,9 @@ def _generate_and_save(config: BiasedMNISTConfig, directory: str, splits: Sequen
         if name in splits and not mmap:
             kept[name] = data
         del data   # a split not kept is freed before the next one is rendered
-    files = {f"{split}_{field}.npy": files[f"{split}_{field}.npy"]
-             for split in SPLITS for field in _ARRAYS}
+    # In a fixed order (splits, then arrays), whatever order they were rendered in.
+    files = {name: files[name] for name in (_array_file(split, field) for split in SPLITS
+                                            for field in _ARRAYS)}
     _write_meta(directory, config, files, {split: sizes[split] for split in SPLITS},
                 {split: groups[split] for split in SPLITS})
     if mmap:
@@ -730,7 +737,7 @@ def _refuse_foreign_files(directory: str) -> None:
     """A ValueError when `directory`, holding no cache, holds files a cache never has (a run
     directory given as --data-dir, say): the dataset's dozens of files would land among them.
     A cache cut short by an interruption holds only its own files, and is regenerated."""
-    ours = {"meta.json", GROUPS_FILE} | {f"{split}_{field}.npy" for split in SPLITS
+    ours = {"meta.json", GROUPS_FILE} | {_array_file(split, field) for split in SPLITS
                                          for field in _ARRAYS}
     foreign = sorted(name for name in os.listdir(directory)
                      if name not in ours and ".tmp-" not in name)
