@@ -622,13 +622,20 @@ def _time_inference(args) -> int:
 def _run_viz(args) -> int:
     from .checkpoints import read_checkpoint
     from .config import RunConfig
-    from .evaluate import cam_picture_data, checkpoint_config, evaluate, model_from_checkpoint
+    from .evaluate import (cam_picture_data, cams_of_images, checkpoint_config, evaluate,
+                           model_from_checkpoint)
     from .models import SHORT_NAMES
     from .viz import save_cam_comparison, save_cam_grid, save_exit_distribution
     _picture_path(args.out, "--out")
     _picture_path(args.exits_plot, "--exits-plot")
     if args.exits_plot and os.path.abspath(args.exits_plot) == os.path.abspath(args.out):
         raise ValueError("--out and --exits-plot name the same file: give two")
+    if args.images and (args.data_dir or args.split or args.root):
+        raise ValueError("--split, --data-dir and --root choose a split to draw; with image "
+                         "files they do nothing: leave them out, or give no images")
+    if args.images and args.exits_plot:
+        raise ValueError("--exits-plot draws the exits of a whole split; with image files "
+                         "leave it out (`occamnets predict` gives each file's exit)")
     # Check every other checkpoint before the first's data is read: the images are the first
     # run's, so each model must have trained on the same data.
     first_config = checkpoint_config(args.checkpoint) if args.beside else None
@@ -639,28 +646,42 @@ def _run_viz(args) -> int:
             raise ValueError(f"--beside {other} trained on other data than {args.checkpoint} "
                              f"({other_config.describe_data()}, against "
                              f"{first_config.describe_data()}): draw models of the same data")
-    # The exit plot evaluates the whole split; the CAM picture alone reads --count images.
-    model, config, split = _model_and_split(args, need_exits=bool(args.exits_plot),
-                                            count=None if args.exits_plot else args.count)
-    if len(split) < args.count:
-        print(f"note: the {args.split} split has {len(split)} images: drawing them all",
-              file=sys.stderr)
-    data = cam_picture_data(model, split, args.count, config.inference_threshold)
+    unread: List = []
+    if args.images:
+        checkpoint = read_checkpoint(args.checkpoint)
+        model, config = model_from_checkpoint(checkpoint, args.checkpoint, args.device)
+        device = next(model.parameters()).device
+        images, captions, unread = _picture_files(args.images, args.count, config)
+        images, class_names = images.to(device), checkpoint.get("class_names")
+        what = "image files"
+
+        def cams_of(drawn, drawn_config):
+            return cams_of_images(drawn, images, drawn_config.inference_threshold,
+                                  captions=captions)
+    else:
+        # The exit plot evaluates the whole split; the CAM picture alone reads --count images.
+        model, config, split = _model_and_split(args, need_exits=bool(args.exits_plot),
+                                                count=None if args.exits_plot else args.count)
+        if len(split) < args.count:
+            print(f"note: the {args.split} split has {len(split)} images: drawing them all",
+                  file=sys.stderr)
+        device, class_names, what = split.device, split.class_names, f"{args.split} images"
+
+        def cams_of(drawn, drawn_config):
+            return cam_picture_data(drawn, split, args.count, drawn_config.inference_threshold)
+    data = cams_of(model, config)
     if args.beside:
         pictures = [(SHORT_NAMES[config.model], data)]
         for other, checkpoint in others:
-            other_model, other_config = model_from_checkpoint(checkpoint, other,
-                                                              str(split.device))
+            other_model, other_config = model_from_checkpoint(checkpoint, other, str(device))
             if other_model.num_classes != model.num_classes:
                 raise ValueError(f"--beside {other} predicts {other_model.num_classes} classes, "
                                  f"{args.checkpoint} {model.num_classes}")
-            pictures.append((SHORT_NAMES[other_config.model],
-                             cam_picture_data(other_model, split, args.count,
-                                              other_config.inference_threshold)))
-        save_cam_comparison(args.out, pictures, split.class_names,
-                            f"CAMs for the predicted class on the same {args.split} images")
+            pictures.append((SHORT_NAMES[other_config.model], cams_of(other_model, other_config)))
+        save_cam_comparison(args.out, pictures, class_names,
+                            f"CAMs for the predicted class on the same {what}")
     else:
-        save_cam_grid(args.out, data, split.class_names)
+        save_cam_grid(args.out, data, class_names)
     if args.exits_plot:
         result = evaluate(model, split, args.split, threshold=config.inference_threshold,
                           channels_last=config.channels_last, bf16=config.bf16,
@@ -671,7 +692,40 @@ def _run_viz(args) -> int:
                                title=f"Exits on {args.split} ({len(split)} images)")
     print(f"CAM picture written to {args.out}" +
           (f", exit distribution to {args.exits_plot}" if args.exits_plot else ""))
-    return 0
+    for image_file in unread:
+        print(f"{image_file.path}: not drawn: {image_file.problem.reason}", file=sys.stderr)
+    if unread:
+        print(f"warning: {len(unread)} files could not be read; exit code 1", file=sys.stderr)
+    return 1 if unread else 0
+
+
+def _picture_files(given: List[str], count: int, config):
+    """(uint8 (N, 3, size, size) of the first `count` readable image files among `given`
+    (files, folders), prepared as the model's training images; their names for the rows;
+    the files passed over as unreadable). A ValueError when none can be read."""
+    import torch
+    from .data.loaders import image_paths, read_image_batches
+    paths = image_paths(given)
+    read, unread = [], []
+    for files in read_image_batches(paths, count, config.input_size,
+                                    config.dataset_spec.centre_crop):
+        for image_file in files:
+            if len(read) == count:
+                break
+            (read if image_file.image is not None else unread).append(image_file)
+        if len(read) == count:
+            break
+    if not read:
+        raise ValueError(str(unread[0].problem) if len(paths) == 1 else
+                         f"none of the {len(paths)} files could be read; the first: "
+                         f"{unread[0].problem}")
+    if len(paths) > len(read) + len(unread):
+        print(f"note: drawing the first {count} of {len(paths)} image files (--count)",
+              file=sys.stderr)
+    names = [os.path.basename(f.path) for f in read]
+    # A subplot's title is a few centimetres wide: a long name keeps its end (the extension).
+    names = [name if len(name) <= 24 else "..." + name[-21:] for name in names]
+    return torch.stack([f.image for f in read]), names, unread
 
 
 def _run_results(args) -> int:
@@ -853,6 +907,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "error (why it could not be read; else null)")
     viz = _add_checkpoint_command(subparsers, "viz", "CAM picture of every exit (an "
                                   "OccamNet) or of the last stage (a ResNet)", _run_viz)
+    viz.add_argument("images", nargs="*",
+                     help="image files or folders of them to draw (the first --count that "
+                          "can be read, prepared as the training images); none: the first "
+                          "images of --split")
     viz.add_argument("--beside", action="append", default=[], metavar="CHECKPOINT",
                      help="also draw this model's CAMs of the same images, in the same rows "
                           "(repeatable; the split and data are the first checkpoint's)")
@@ -914,10 +972,10 @@ def _on_sigterm(signum, frame):
 
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    """The arguments; predict's image files may also come after its options."""
+    """The arguments; predict's and viz's image files may also come after their options."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
+    if extra and args.command in ("predict", "viz") and not any(e.startswith("-") for e in extra):
         args.images = list(args.images) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -508,37 +508,50 @@ def _ratios(numerators: Tensor, denominators: Tensor) -> List[Optional[float]]:
 
 @dataclasses.dataclass
 class CamPictureData:
-    """The first images of a split and, for each exit used at inference (an OccamNet) or for
-    the output (a plain ResNet: the last stage's CAM), its CAMs and predictions, with the exit
-    each image took (viz.save_cam_grid draws it)."""
+    """Images (a split's first, or image files) and, for each exit used at inference (an
+    OccamNet) or for the output (a plain ResNet: the last stage's CAM), its CAMs and
+    predictions, with the exit each image took (viz.save_cam_grid draws it)."""
     images: Tensor              # (N, 3, H, W) uint8
-    labels: Tensor              # (N,)
+    labels: Optional[Tensor]    # (N,); None: image files, whose classes are not known
     column_names: List[str]     # per CAM column: "E1", "E2", ... or "output"
     cams: List[Tensor]          # per column: (N, K, h, w)
     predictions: List[Tensor]   # per column: (N,)
     exit_taken: Optional[List[int]]   # per image: the column index of its exit (OccamNets)
+    captions: Optional[List[str]] = None   # per image, shown in place of its label
 
 
-@torch.no_grad()
-@_in_eval_mode
 def cam_picture_data(model: nn.Module, split: DeviceSplit, count: int = 6,
                      threshold: float = 0.5) -> CamPictureData:
     """The CAMs of the split's first `count` images: the same images for every model given
     the same split, so that two models' pictures can be set side by side. The model runs in
     eval mode; its mode is restored after."""
-    if not isinstance(model, (OccamNet, ResNet)):
-        raise TypeError(f"CAM pictures need an OccamNet or a ResNet, got {type(model).__name__}")
     if count < 1 or len(split) == 0:
         raise ValueError(f"need at least one image to draw (count {count}, split of {len(split)})")
     rows = torch.arange(min(count, len(split)), device=split.device)
     images, labels = split.uint8(rows), split.labels[rows]   # fetched (or decoded) once
+    return cams_of_images(model, images, threshold, labels=labels)
+
+
+@torch.no_grad()
+@_in_eval_mode
+def cams_of_images(model: nn.Module, images: Tensor, threshold: float = 0.5,
+                   labels: Optional[Tensor] = None,
+                   captions: Optional[List[str]] = None) -> CamPictureData:
+    """The CAM picture data of uint8 images (N, 3, H, W) on the model's device, prepared as
+    its training images were: each exit's CAMs and predictions (a ResNet: its last stage's)
+    and the exit each image takes at `threshold`. `labels` (a split's) or `captions` (image
+    files' names) title the rows. The model runs in eval mode; its mode is restored after."""
+    if not isinstance(model, (OccamNet, ResNet)):
+        raise TypeError(f"CAM pictures need an OccamNet or a ResNet, got {type(model).__name__}")
     x = normalise(images)
     if isinstance(model, ResNet):
         logits, cams = model.forward_with_cams(x)
-        return CamPictureData(images, labels, ["output"], [cams], [logits.argmax(1)], None)
+        return CamPictureData(images, labels, ["output"], [cams], [logits.argmax(1)], None,
+                              captions)
     out = model(x, return_cams=True)
     first = model.first_inference_exit
     used = out.exits[first:]
     taken = (model.early_exit(x, threshold).exit_index - first).tolist()
     return CamPictureData(images, labels, [f"E{t}" for t in range(first, model.num_exits)],
-                          [e.cam for e in used], [e.logits.argmax(1) for e in used], taken)
+                          [e.cam for e in used], [e.logits.argmax(1) for e in used], taken,
+                          captions)

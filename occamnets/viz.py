@@ -46,14 +46,17 @@ def save_cam_comparison(path: str, models: Sequence[Tuple[str, CamPictureData]],
                         title: str = "Class activation maps for the predicted class") -> str:
     """One row per image, the image first, then each model's CAM columns (an OccamNet's exits,
     the exit taken framed in red; a ResNet's output), each column titled with the model's
-    short name (may be empty), the column and the class it predicted. Every model's data must
-    hold the same images (cam_picture_data of the same split)."""
+    short name (may be empty), the column and the class it predicted; the image is titled
+    with its label, or its caption (an image file's name). Every model's data must hold the
+    same images (cam_picture_data of the same split, or cams_of_images of the same files)."""
     if not models:
         raise ValueError("no model to draw")
     first = models[0][1]
     for name, data in models[1:]:
-        if not (torch.equal(data.images.cpu(), first.images.cpu())
-                and torch.equal(data.labels.cpu(), first.labels.cpu())):
+        same_labels = (data.labels is None) == (first.labels is None) and (
+            data.labels is None or torch.equal(data.labels.cpu(), first.labels.cpu()))
+        if not (torch.equal(data.images.cpu(), first.images.cpu()) and same_labels
+                and data.captions == first.captions):
             raise ValueError(f"the CAMs of {name or 'a model'} are of other images than the "
                              f"first model's: draw both from the same split and count")
     plt = _pyplot()
@@ -65,7 +68,8 @@ def save_cam_comparison(path: str, models: Sequence[Tuple[str, CamPictureData]],
     for row in range(count):
         picture = _to_image(first.images[row])
         axes[row, 0].imshow(picture)
-        axes[row, 0].set_title(f"label {name(int(first.labels[row]))}", fontsize=8)
+        axes[row, 0].set_title(first.captions[row] if first.captions is not None
+                               else f"label {name(int(first.labels[row]))}", fontsize=8)
         column = 1
         for model_name, data in models:
             for index, cam in enumerate(data.cams):

@@ -124,7 +124,8 @@ def trained(tmp_path_factory):
     return os.path.join(out, "checkpoint.pt"), data
 
 
-def test_viz_draws_a_resnet_and_two_models_side_by_side(trained, tmp_path, capsys):
+def test_viz_draws_a_resnet_and_two_models_side_by_side(trained, tmp_path, capsys,
+                                                         monkeypatch):
     checkpoint, data = trained
     resnet_out = str(tmp_path / "resnet")
     assert main(["train", "--model", "resnet", "--out", resnet_out, "--data-dir", data]
@@ -159,6 +160,46 @@ def test_viz_draws_a_resnet_and_two_models_side_by_side(trained, tmp_path, capsy
     assert main(["viz", checkpoint, "--beside", os.path.join(other_out, "checkpoint.pt"),
                  "--out", str(both)]) == 2
     assert "trained on other data" in capsys.readouterr().err
+    # The user's own image files, beside the ResNet: the first --count readable ones, each
+    # row titled with its file's name; an unreadable one is passed over, said, and exit 1.
+    import occamnets.viz as viz_module
+    from occamnets.data.loaders import read_image_file
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, colour in (("0.png", (200, 30, 30)), ("1.png", (30, 200, 30)),
+                         ("2.jpg", (30, 30, 200))):
+        Image.new("RGB", (48, 40), colour).save(folder / name)
+    (folder / "1b.png").write_bytes(b"not a png")           # sorted after 1.png
+    drawn = []
+    real_comparison = viz_module.save_cam_comparison
+    monkeypatch.setattr(viz_module, "save_cam_comparison",
+                        lambda path, pictures, *a: drawn.append(pictures)
+                        or real_comparison(path, pictures, *a))
+    files_out = tmp_path / "files.png"
+    assert main(["viz", checkpoint, str(folder), "--beside", resnet, "--count", "3",
+                 "--out", str(files_out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder / '1b.png'}: not drawn: not readable as an image" in err, err
+    assert files_out.stat().st_size > 10000
+    (_, occam_data), (_, resnet_data) = drawn[-1]
+    assert occam_data.captions == resnet_data.captions == ["0.png", "1.png", "2.jpg"]
+    assert occam_data.labels is None and occam_data.exit_taken is not None
+    size = load_model(checkpoint)[1].input_size
+    want = torch.stack([read_image_file(str(folder / n), size).image
+                        for n in ("0.png", "1.png", "2.jpg")])
+    assert torch.equal(occam_data.images.cpu(), want) and occam_data.images.shape[-1] == size
+    assert main(["viz", checkpoint, str(folder / "0.png"), "--count", "1",
+                 "--out", str(files_out)]) == 0
+    assert "drawing the first" not in capsys.readouterr().err
+    assert main(["viz", checkpoint, "--out", str(files_out), str(folder), "--count", "1"]) == 0
+    assert "drawing the first 1 of 4 image files (--count)" in capsys.readouterr().err
+    # What a picture of files cannot use, and files none of which can be read.
+    assert main(["viz", checkpoint, str(folder), "--exits-plot", str(tmp_path / "e.png")]) == 2
+    assert "--exits-plot draws the exits of a whole split" in capsys.readouterr().err
+    assert main(["viz", checkpoint, str(folder), "--split", "val"]) == 2
+    assert "with image files they do nothing" in capsys.readouterr().err
+    assert main(["viz", checkpoint, str(folder / "1b.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_eval_and_predict_work_after_the_data_directory_is_deleted(trained, capsys,
