@@ -528,7 +528,7 @@ def _run_predict(args) -> int:
     size = config.input_size
     crop = config.dataset_spec.centre_crop   # prepared as the training images were
     predictions: List[_Prediction] = []
-    problems = []                            # (path, UnreadableImage): files not read
+    problems = []                            # UnreadableImage, per file not read
     resized = 0
     bar = progress_bar(len(paths), "classifying", True, unit="img")
     # Read per batch, ahead of the model: the first predictions come after one batch's
@@ -536,7 +536,7 @@ def _run_predict(args) -> int:
     for files in read_image_batches(paths, args.batch_size, size, crop):
         read = [f for f in files if f.image is not None]
         resized += sum(f.size != (size, size) for f in read)
-        problems += [(f.path, f.problem) for f in files if f.image is None]
+        problems += [f.problem for f in files if f.image is None]
         results = iter(_classify_files(model, read, threshold, device, class_names))
         predictions += [next(results) if f.image is not None
                         else _Prediction(f.path, None, None, None, error=f.problem.reason)
@@ -545,9 +545,9 @@ def _run_predict(args) -> int:
             bar.update(len(files))
     close(bar)
     if len(problems) == len(paths):          # nothing to show: the first file's problem
-        path, problem = problems[0]
-        raise ValueError(str(problem) if len(paths) == 1 else
-                         f"none of the {len(paths)} files could be read; the first: {problem}")
+        raise ValueError(str(problems[0]) if len(paths) == 1 else
+                         f"none of the {len(paths)} files could be read; the first: "
+                         f"{problems[0]}")
     if resized:
         cut = f"cut to their centre {crop} px square and " if crop else ""
         print(f"note: {resized} of {len(paths) - len(problems)} images were {cut}resized to "
