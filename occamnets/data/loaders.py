@@ -198,7 +198,7 @@ def prepare(image: np.ndarray, size: int, centre_crop: Optional[int] = None) -> 
 
 
 class ImageFile(NamedTuple):
-    """One image file as predict reads it."""
+    """One image file as predict and viz read it."""
     path: str
     image: Optional[torch.Tensor]          # uint8 (3, size, size); None: unreadable
     size: Optional[Tuple[int, int]]        # the file's own (width, height)
