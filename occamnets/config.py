@@ -296,6 +296,15 @@ class RunConfig:
         values.update(full_mnist=self.mnist_dir is not None, emnist=self.emnist_dir is not None)
         # The image side the run trains at, whether given or the preset's default.
         values["image_size"] = None if self.dataset == BIASED_MNIST else self.input_size
+        if self.dataset == BIASED_MNIST:
+            # The data as generated: renders_per_digit None ("as many as the sizes need") and
+            # the number it comes to are the same images, as are one p_bias and the same
+            # value per factor (a cached dataset's settings, adopted, are the resolved ones).
+            data = self.biased_mnist()
+            per_factor = data.p_bias_per_factor()
+            values.update(renders_per_digit=data.renders_per_digit,
+                          p_bias=(per_factor if len(set(per_factor.values())) > 1
+                                  else next(iter(per_factor.values()))))
         # The method's own settings only, defaults filled in: another method's (unused)
         # settings, or None for the default written out, change nothing.
         values.update(self.used_method_settings())

@@ -81,6 +81,12 @@ def test_compare_writes_table_json_chart_and_reruns_no_finished_cell(tmp_path, c
     assert capsys.readouterr().out.count("finished before") == 8
     again = (tmp_path / "grid" / "compare.md").read_text()
     assert again.split("\n\n")[0] == table.split("\n\n")[0]
+    # The same data found through --data-dir alone (its settings adopted, renders_per_digit
+    # resolved where the first call left it None): the same cells, read.
+    (data_dir,) = (tmp_path / "data").iterdir()
+    without_data_options = argv[:argv.index("--cell-size")] + argv[argv.index("--batch-size"):]
+    assert main(without_data_options + ["--data-dir", str(data_dir)]) == 0
+    assert capsys.readouterr().out.count("finished before") == 8
 
 
 def test_an_interrupted_grid_continues_where_it_stopped(tmp_path, capsys, monkeypatch):

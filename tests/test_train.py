@@ -1,4 +1,5 @@
 """Trainer: a stopped and resumed run ends with exactly the parameters of an uninterrupted one."""
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from host_reads import HostReads
 from occamnets.config import RunConfig
+from occamnets.data.biased_mnist import FACTOR_NAMES
 from occamnets.losses import GATE_STATE_PARTS, LOSS_PARTS
 from occamnets.data import DeviceSplit
 from occamnets.methods import METHODS
@@ -73,6 +75,22 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     with pytest.raises(CheckpointMismatch, match="model: checkpoint 'occam' vs now 'resnet'"):
         resnet.load_checkpoint(str(tmp_path / "checkpoint.pt"))
 
+
+def test_the_same_data_written_two_ways_resumes():
+    """renders_per_digit None and the number it comes to, one p_bias and the same per factor:
+    the same images, so the same run (a cached dataset adopted through --data-dir gives the
+    resolved values; `compare` refused to continue or reuse its cells over it)."""
+    from occamnets.train import check_resumable
+    given = RunConfig.from_preset("quick", train_size=64, val_size=10, test_size=20)
+    resolved = given.with_dataset(given.biased_mnist())
+    assert given.renders_per_digit is None and resolved.renders_per_digit == 1
+    check_resumable(given, resolved)
+    check_resumable(given, dataclasses.replace(
+        given, p_bias={name: given.p_bias for name in FACTOR_NAMES}))
+    with pytest.raises(CheckpointMismatch, match="renders_per_digit: checkpoint 1 vs now 2"):
+        check_resumable(given, dataclasses.replace(given, renders_per_digit=2))
+    with pytest.raises(CheckpointMismatch, match="p_bias: checkpoint 0.9 vs now 0.8"):
+        check_resumable(given, dataclasses.replace(given, p_bias=0.8))
 
 def test_report_has_exits_and_bias_groups(tmp_path):
     trainer = Trainer(config(tmp_path, epochs=1), synthetic_splits())
