@@ -28,6 +28,8 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        # No abbreviations: `compare --seed 3` was taken as --seeds 3 (three runs, not seed 3).
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
@@ -977,9 +979,21 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command in ("predict", "viz") and not any(e.startswith("-") for e in extra):
         args.images = list(args.images) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:   # said by the command's own parser: its --help lists what it takes
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `args` were parsed for (`occamnets data biased-mnist`'s,
+    say)."""
+    while True:
+        commands = next((action for action in parser._actions
+                         if isinstance(action, argparse._SubParsersAction)), None)
+        chosen = getattr(args, commands.dest, None) if commands else None
+        if chosen not in (commands.choices if commands else {}):
+            return parser
+        parser = commands.choices[chosen]
 
 
 def _out_of_memory(error: BaseException) -> bool:

@@ -690,6 +690,21 @@ def test_predict_images_that_would_be_misread(trained, tmp_path, capsys, monkeyp
     one_line_error(capsys, "cannot read", "big.png")
 
 
+def test_options_are_never_abbreviated(tmp_path, capsys, monkeypatch):
+    """A prefix of an option is no option: `compare --seed 3` was taken as --seeds 3 (three
+    runs of seeds 0..2, not seed 3). The error names the command whose --help lists them."""
+    import occamnets.compare as compare_module
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare_module, "run_comparison",
+                        lambda *a, **k: pytest.fail("a grid ran"))
+    assert main(["compare", "--seed", "3"]) == 2
+    one_line_error(capsys, "occamnets compare: unrecognized arguments: --seed 3",
+                   "see `occamnets compare --help`")
+    assert main(["predict", "x.pt", "--thresh", "0.5"]) == 2
+    one_line_error(capsys, "occamnets predict: unrecognized arguments: --thresh 0.5")
+    assert main(["data", "biased-mnist", "--p-bia", "0.9"]) == 2
+    one_line_error(capsys, "see `occamnets data biased-mnist --help`")
+
 def test_predict_options_before_or_after_the_images(trained, tmp_path, capsys):
     from PIL import Image
     image = tmp_path / "a.png"
