@@ -825,6 +825,9 @@ def _run_compare(args) -> int:
     from .compare import Interrupted, cell_config, grid, run_comparison
     from .config import BIASED_MNIST, DATA_FIELDS, RunConfig, default_preset
     preset = args.preset or default_preset()
+    if "occam" not in args.models and args.ablations != ["none"]:
+        raise ValueError(f"--ablations are OccamResNet-18's (--models occam); this grid's "
+                         f"models are {','.join(args.models)}: add occam or leave them out")
     cells = grid(args.models, args.methods, args.ablations, list(range(args.seeds)))
     settings = _explicit_settings(args)
     _refuse_unused_settings([cell_config(c, preset, args.out, settings) for c in cells], settings)

@@ -189,6 +189,16 @@ class RunConfig:
              f"is for --optimizer sgd; this run's optimizer is {self.optimizer}"),
             (("warmup_start_lr",), not self.warmup_epochs,
              "is for a warm-up (--warmup-epochs 1 or more); this run has none"),
+            # The seed's ablations switch off what these settings tune (before the model's
+            # rule: on a ResNet, that one is the reason).
+            (("exit_threshold",), not self.early_exit,
+             "chooses where inference leaves early; this run has --no-early-exit (every "
+             "sample goes to the last exit)"),
+            (("supp_weight",), not self.cam_suppression,
+             "is the CAM suppression loss's weight; this run has --no-cam-suppression"),
+            (("gamma0", "gamma", "weight_offset"), not self.exit_weighting,
+             "is for the output predictor's weighting of the main loss; this run has "
+             "--no-exit-weighting"),
             (OCCAM_FIELDS, self.model != "occam",
              f"is for --model occam (OccamResNet-18's exits and their losses); this run's model "
              f"is {self.model}"),

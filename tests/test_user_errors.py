@@ -132,6 +132,16 @@ def test_settings_that_cannot_train_are_refused_before_any_data(tmp_path, capsys
     (["--dataset", "bar", "--root", "r", "--cell-size", "6", "--bias-columns", "x"],
      "--cell-size is for --dataset biased-mnist; this run's dataset is bar; --bias-columns is "
      "for --dataset folder; BAR's bias attributes are fixed"),
+    # What the seed's ablations switch off.
+    (["--no-early-exit", "--exit-threshold", "0.9"],
+     "--exit-threshold chooses where inference leaves early; this run has --no-early-exit"),
+    (["--no-cam-suppression", "--supp-weight", "0.3"],
+     "--supp-weight is the CAM suppression loss's weight; this run has --no-cam-suppression"),
+    (["--no-exit-weighting", "--gamma0", "2", "--weight-offset", "0.2"],
+     "--gamma0 and --weight-offset are for the output predictor's weighting of the main loss; "
+     "this run has --no-exit-weighting"),
+    (["--model", "resnet", "--exit-threshold", "0.9"],
+     "--exit-threshold is for --model occam"),
 ])
 def test_a_setting_the_run_never_reads_is_refused(argv, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(biased_mnist, "generate", lambda *a, **k: pytest.fail("data made"))
@@ -155,6 +165,18 @@ def test_a_grid_refuses_only_what_none_of_its_cells_reads(tmp_path, capsys, monk
     one_line_error(capsys, "--gate-weight is for --model occam")
     with pytest.raises(RuntimeError, match="the grid would train"):
         main(grid + ["--models", "resnet,occam", "--debug"])
+    # An ablation is a row of OccamResNet's: with ResNet rows only, nothing reads it.
+    ablation = ["compare", "--out", str(tmp_path / "grid"), "--ablations", "no-early-exit"]
+    assert main(ablation + ["--models", "resnet"]) == 2
+    one_line_error(capsys, "--ablations are OccamResNet-18's (--models occam); this grid's "
+                           "models are resnet")
+    # --exit-threshold: read by the grid's cell with early exit, not by one without.
+    threshold = ["compare", "--out", str(tmp_path / "grid"), "--models", "occam",
+                 "--exit-threshold", "0.9"]
+    assert main(threshold + ["--ablations", "no-early-exit"]) == 2
+    one_line_error(capsys, "--exit-threshold chooses where inference leaves early")
+    with pytest.raises(RuntimeError, match="the grid would train"):
+        main(threshold + ["--ablations", "none,no-early-exit", "--debug"])
 
 
 def test_every_setting_is_read_by_some_run():
