@@ -6,6 +6,7 @@ evaluated once, at the end of its run; the table and the exit plot read that eva
 Re-running resumes from the checkpoints, so an interrupted demo loses nothing.
 """
 import os
+import shlex
 import shutil
 import time
 from typing import Dict, Optional
@@ -55,11 +56,14 @@ def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None,
         raise ValueError(f"--docs {docs} is a file: give a directory")
     started = time.perf_counter()
     reports: Dict[str, RunReport] = {}
-    sources = "".join(f" {flag} {path}" for flag, path in (("--mnist-dir", mnist_dir),
-                                                           ("--emnist-dir", emnist_dir)) if path)
+    # The command that continues: every option that changes what the demo does (--docs too:
+    # without it the continued demo would not copy its pictures there).
+    options = "".join(f" {flag} {shlex.quote(path)}" for flag, path in (
+        ("--mnist-dir", mnist_dir), ("--emnist-dir", emnist_dir), ("--docs", docs)) if path)
     for model, config in demo_configs(out, preset, mnist_dir, emnist_dir).items():
         trainer = Trainer(config, resume=existing_checkpoint(config))
-        trainer.continue_hint = f"`occamnets demo --out {out} --preset {preset}{sources}` again"
+        trainer.continue_hint = (f"`occamnets demo --out {shlex.quote(out)} --preset {preset}"
+                                 f"{options}` again")
         print(f"== {model}: {preset} preset on {trainer.device}")
         report = trainer.run()
         if report is None:

@@ -327,9 +327,12 @@ def test_demo_trains_on_the_digits_and_letters_it_is_given(tmp_path, monkeypatch
         return started[-1]
     monkeypatch.setattr(demo_module, "Trainer", trainer)
     out, mnist, emnist = str(tmp_path / "demo"), str(tmp_path / "mnist"), str(tmp_path / "e")
+    docs = str(tmp_path / "my docs")
     assert main(["demo", "--out", out, "--preset", "quick", "--mnist-dir", mnist,
-                 "--emnist-dir", emnist]) == 130
+                 "--emnist-dir", emnist, "--docs", docs]) == 130
     config = started[0].config
     assert (config.model, config.mnist_dir, config.emnist_dir) == ("resnet", mnist, emnist)
+    # --docs too (the continued demo copies its pictures there), quoted for the shell.
     assert started[0].continue_hint == (f"`occamnets demo --out {out} --preset quick "
-                                        f"--mnist-dir {mnist} --emnist-dir {emnist}` again")
+                                        f"--mnist-dir {mnist} --emnist-dir {emnist} "
+                                        f"--docs '{docs}'` again")
