@@ -9,14 +9,17 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import _checks
+
 __all__ = ["compact_reference", "exit_head_reference", "class_activation_maps_reference"]
 
 
 def compact_reference(x: torch.Tensor, keep: torch.Tensor,
                       index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rows of x (and of index, default arange(B)) where keep is true, in their order."""
-    if index is None:
+    if index is None and isinstance(x, torch.Tensor) and x.dim():
         index = torch.arange(x.shape[0], device=x.device)
+    _checks.compact_inputs("compact_reference", x, keep, index)
     return x[keep], index[keep]
 
 
@@ -28,6 +31,8 @@ def _flat_weight(weight: torch.Tensor) -> torch.Tensor:
 def class_activation_maps_reference(h: torch.Tensor, weight: torch.Tensor,
                                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """cam[b,k,y,x] = sum_c W[k,c] h[b,c,y,x] + bias[k]: the 1x1 CAM convolution."""
+    _checks.exit_head_inputs("class_activation_maps_reference", h, weight, bias, None,
+                             pixels=False)
     cam = torch.einsum("kc,bchw->bkhw", _flat_weight(weight), h)
     if bias is not None:
         cam = cam + bias[None, :, None, None]
@@ -49,6 +54,11 @@ def exit_head_reference(h: torch.Tensor, weight: torch.Tensor,
     that compares against its logits rounded to a low-precision dtype is checked with that
     same threshold.
     """
+    op = "exit_head_reference"
+    _checks.exit_head_inputs(op, h, weight, bias, labels)
+    _checks.labels_in_range(op, labels, weight.shape[0])
+    if labels is not None and threshold is not None:
+        _checks.per_sample(op, h, weight, threshold=threshold)
     weight2d = _flat_weight(weight)
     pooled = h.mean(dim=(2, 3))
     logits = pooled @ weight2d.t()

@@ -163,6 +163,24 @@ def test_compact_names_unavailable_backends():
         compact(x, keep, backend="fast")
 
 
+def test_the_triton_op_and_the_reference_check_inputs_themselves():
+    """Reachable directly: the Triton op wrote index entries past a short index's end and
+    read past a short keep (a different row count per run); the reference took an int keep
+    as row numbers."""
+    x = torch.arange(6.0).reshape(3, 2)
+    with pytest.raises(ValueError, match=r"occam::compact_triton: index must be an int64 "
+                                         r"tensor of shape \(3,\)"):
+        torch.ops.occam.compact_triton(x, torch.tensor([True, False, True]), torch.arange(2))
+    with pytest.raises(ValueError, match=r"keep must have shape \(3,\)"):
+        torch.ops.occam.compact_triton(x, torch.tensor([True, False]), torch.arange(3))
+    with pytest.raises(TypeError, match="compact_reference: keep must be a bool tensor"):
+        compact_reference(x, torch.tensor([1, 0, 1]))
+    with pytest.raises(TypeError, match="compact: index must be a tensor, got list"):
+        compact(x, torch.ones(3, dtype=torch.bool), [0, 1, 2])
+    with pytest.raises(ValueError, match="x must be a tensor with a batch dimension, got list"):
+        compact([1, 2, 3], torch.ones(3, dtype=torch.bool))
+
+
 def test_native_op_checks_inputs_itself():
     # The C++ op is reachable through torch.ops directly: it must validate too.
     with pytest.raises(RuntimeError, match="keep must be a bool tensor"):

@@ -211,9 +211,22 @@ def test_class_activation_maps_match_reference(device):
                                    class_activation_maps_reference(h, weight, bias))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_bad_input_is_named(backend, device):
+# Every way in to the exit head: the public op on each backend, the reference (the
+# specification), and the custom op under the Triton backend, which anyone may call as
+# torch.ops.occam.exit_head_fused (it read labels and threshold past their buffers when given
+# a short labels tensor).
+EXIT_HEAD_ENTRIES = {
+    "exit_head-reference": lambda *args: exit_head(*args, backend="reference"),
+    "exit_head-triton": lambda *args: exit_head(*args, backend="triton"),
+    "exit_head_reference": exit_head_reference,
+    "occam::exit_head_fused": lambda *args: torch.ops.occam.exit_head_fused(*args),
+}
+
+
+@pytest.mark.parametrize("entry", list(EXIT_HEAD_ENTRIES))
+def test_bad_input_is_named(entry, device):
     h, weight, bias, labels = make_inputs(2, 3, 2, 2, 4, torch.float32, device=device)
+    python_api = entry != "occam::exit_head_fused"   # torch's schema refuses non-tensors there
     cases = [
         ((h[0], weight, bias, labels), ValueError, "4-D"),
         ((h, weight[:, :2], bias, labels), ValueError, "input channels"),
@@ -221,10 +234,13 @@ def test_bad_input_is_named(backend, device):
         ((h, weight.double(), bias, labels), TypeError, "weight is torch.float64"),
         ((h, weight, bias, labels.int()), TypeError, "labels must be int64"),
         ((h, weight, bias, labels[:1]), ValueError, r"labels must have shape \(2,\)"),
-        ((h, weight.to("meta"), bias, labels), ValueError, "weight is on meta"),
         ((h.long(), weight, bias, labels), TypeError, "h must be float"),
         ((h[:, :0], weight[:, :0], bias, labels), ValueError, r"at least one channel \(C >= 1\)"),
     ]
+    if python_api:
+        cases += [((h, weight.to("meta"), bias, labels), ValueError, "weight is on meta"),
+                  ((h, None, bias, labels), TypeError, "weight must be a tensor, got NoneType"),
+                  ((h, weight, bias, [1, 3]), TypeError, "labels must be a tensor, got list")]
     if device.type == "cpu":
         # On CUDA the range check is a device-side assert (no host sync), which ends the
         # process's CUDA context: it cannot be caught in-process, so it is checked on CPU.
@@ -232,7 +248,37 @@ def test_bad_input_is_named(backend, device):
                   for v in ([0, 4], [-1, 0])]
     for args, error, message in cases:
         with pytest.raises(error, match=message):
-            exit_head(*args, backend=backend)
+            EXIT_HEAD_ENTRIES[entry](*args)
+
+
+def test_the_custom_ops_check_what_their_kernels_index_by(device):
+    """The backward and CAM ops, called directly, refuse what their kernels would read past:
+    a short gradient or threshold, a weight of other channels, a short bias (each was taken,
+    broadcast or read beyond its buffer)."""
+    h, weight, bias, labels = make_inputs(2, 3, 2, 2, 4, torch.float32, device=device)
+    logits, pooled, _, threshold = torch.ops.occam.exit_head_fused(h, weight, bias, labels)
+    backward = torch.ops.occam.exit_head_fused_backward
+    ones = dict(device=device)
+    for grads, message in (((None, torch.ones(1, 3, **ones), None), r"grad_pooled must have shape \(2, 3\)"),
+                           ((None, None, torch.ones(1, **ones)), r"grad_supp must have shape \(2,\)"),
+                           ((torch.ones(2, 5, **ones), None, None), r"grad_logits must have shape \(2, 4\)")):
+        with pytest.raises(ValueError, match=message):
+            backward(h, weight, bias, labels, logits, pooled, threshold, *grads)
+    with pytest.raises(ValueError, match=r"threshold must have shape \(2,\)"):
+        backward(h, weight, bias, labels, logits, pooled, threshold[:1], None, None,
+                 torch.ones(2, **ones))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
+        backward(h, weight, bias, labels[:1], logits, pooled, threshold, None, None, None)
+    cams = torch.ops.occam.class_activation_maps_fused
+    with pytest.raises(ValueError, match="occam::class_activation_maps_fused: weight has 5 input"):
+        cams(h, torch.randn(4, 5, **ones), bias)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        cams(h, weight, bias[:2])
+    # The public CAM op names itself, not the exit head.
+    with pytest.raises(ValueError, match="^class_activation_maps: h must be a 4-D"):
+        class_activation_maps(h[0], weight)
+    with pytest.raises(ValueError, match="^class_activation_maps_reference: weight has"):
+        class_activation_maps_reference(h, weight[:, :2])
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "auto"])

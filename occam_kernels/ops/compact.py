@@ -10,6 +10,7 @@ import torch
 
 from .. import reference
 from .. import _backends
+from .. import _checks
 
 __all__ = ["compact"]
 
@@ -48,6 +49,9 @@ def _backward(ctx, grad_kept, grad_index):
 def _compact_triton(x: torch.Tensor, keep: torch.Tensor,
                     index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     from ..triton.compact import compact as triton_compact  # triton reads TRITON_INTERPRET at import
+    # Checked here, not only by compact: the kernel reads keep and writes index by x's rows
+    # (the C++ op occam::compact checks its own).
+    _checks.compact_inputs("occam::compact_triton", x, keep, index)
     return triton_compact(x, keep, index)
 
 
@@ -57,23 +61,6 @@ _compact_triton.register_autograd(_backward, setup_context=_setup_context)
 if _backends.load_extension()[0] is not None:
     torch.library.register_fake("occam::compact")(_fake_compact)
     torch.library.register_autograd("occam::compact", _backward, setup_context=_setup_context)
-
-
-def _check(x: torch.Tensor, keep: torch.Tensor, index: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError("compact: x must be a tensor with a batch dimension")
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-        raise TypeError(f"compact: keep must be a bool tensor, got "
-                        f"{getattr(keep, 'dtype', type(keep).__name__)}")
-    if keep.dim() != 1 or keep.shape[0] != x.shape[0]:
-        raise ValueError(f"compact: keep must have shape ({x.shape[0]},) to match x's batch "
-                         f"size, got {tuple(keep.shape)}")
-    if index.dtype != torch.int64 or index.dim() != 1 or index.shape[0] != x.shape[0]:
-        raise ValueError(f"compact: index must be an int64 tensor of shape ({x.shape[0]},), "
-                         f"got {index.dtype} {tuple(index.shape)}")
-    if keep.device != x.device or index.device != x.device:
-        raise ValueError(f"compact: x, keep and index must be on one device, got x on "
-                         f"{x.device}, keep on {keep.device}, index on {index.device}")
 
 
 def compact(x: torch.Tensor, keep: torch.Tensor, index: Optional[torch.Tensor] = None, *,
@@ -92,7 +79,7 @@ def compact(x: torch.Tensor, keep: torch.Tensor, index: Optional[torch.Tensor] =
     if index is None:
         index = torch.arange(x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0,
                              device=getattr(x, "device", None))
-    _check(x, keep, index)
+    _checks.compact_inputs("compact", x, keep, index)
     name = _backends.resolve(backend, x.device, _PREFERENCE.get(x.device.type, ()))
     if name == "reference":
         return reference.compact_reference(x, keep, index)

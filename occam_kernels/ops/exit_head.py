@@ -12,12 +12,12 @@ from torch import Tensor
 
 from .. import reference
 from .. import _backends
+from .. import _checks
 
 __all__ = ["ExitHeadOutput", "exit_head", "class_activation_maps"]
 
 # The interpreter is far slower than the reference on CPU, so "auto" picks Triton on GPU only.
 _PREFERENCE = {"cuda": ("triton",)}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class ExitHeadOutput(NamedTuple):
@@ -36,6 +36,10 @@ def _exit_head_fused(h: Tensor, weight: Tensor, bias: Tensor,
     """(logits, pooled, supp, threshold): the threshold (B,) is the suppression mask's, saved
     for backward (the public API drops it)."""
     from ..triton.exit_head import exit_head_forward  # triton reads TRITON_INTERPRET at import
+    # Checked here, not only by exit_head: the kernels index by these shapes and labels.
+    op = "occam::exit_head_fused"
+    _checks.exit_head_inputs(op, h, weight, bias, labels, flat_weight=True)
+    _checks.labels_in_range(op, labels, weight.shape[0])
     logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, labels)
     if supp is None:  # a custom op returns tensors only; the public API turns this into None
         supp = h.new_zeros(h.shape[0])
@@ -56,7 +60,13 @@ def _exit_head_fused_backward(
         pooled: Tensor, threshold: Tensor, grad_logits: Optional[Tensor],
         grad_pooled: Optional[Tensor],
         grad_supp: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_h, grad_weight, grad_bias). The labels' range is the forward op's check (autograd
+    passes the labels it saved): on a GPU a second one would add launches to every step."""
     from ..triton.exit_head import exit_head_backward
+    op = "occam::exit_head_fused_backward"
+    _checks.exit_head_inputs(op, h, weight, bias, labels, flat_weight=True)
+    _checks.per_sample(op, h, weight, logits=logits, pooled=pooled, threshold=threshold,
+                       grad_logits=grad_logits, grad_pooled=grad_pooled, grad_supp=grad_supp)
     return exit_head_backward(h, weight, bias, labels, grad_logits, grad_pooled, grad_supp,
                               logits=logits, pooled=pooled, threshold=threshold)
 
@@ -90,53 +100,6 @@ def _backward(ctx, grad_logits, grad_pooled, grad_supp, _grad_threshold):
 _exit_head_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(h, weight, bias, labels) -> None:
-    if not isinstance(h, Tensor) or h.dim() != 4:
-        raise ValueError(f"exit_head: h must be a 4-D (B, C, H, W) tensor, got "
-                         f"{tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__}")
-    if h.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"exit_head: h must be float16/bfloat16/float32/float64, got {h.dtype}")
-    if weight.dim() not in (2, 4) or (weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1)):
-        raise ValueError(f"exit_head: weight must be (K, C) or a 1x1 conv weight (K, C, 1, 1), "
-                         f"got {tuple(weight.shape)}")
-    if weight.shape[1] != h.shape[1]:
-        raise ValueError(f"exit_head: weight has {weight.shape[1]} input channels but h has "
-                         f"{h.shape[1]}")
-    num_classes = weight.shape[0]
-    if num_classes < 1:
-        raise ValueError("exit_head: weight must have at least one class (K >= 1)")
-    if h.shape[1] < 1:
-        # No channel to pool: the Triton launchers size their grids by C (and the CAM would
-        # be the bias alone, which no exit computes).
-        raise ValueError(f"exit_head: h must have at least one channel (C >= 1), got "
-                         f"{tuple(h.shape)}")
-    if bias is not None and tuple(bias.shape) != (num_classes,):
-        raise ValueError(f"exit_head: bias must have shape ({num_classes},), got "
-                         f"{tuple(bias.shape)}")
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is None:
-            continue
-        if tensor.device != h.device:
-            raise ValueError(f"exit_head: {name} is on {tensor.device} but h is on {h.device}")
-        if tensor.dtype != h.dtype:
-            raise TypeError(f"exit_head: {name} is {tensor.dtype} but h is {h.dtype}; cast "
-                            f"them to one dtype (under autocast, cast h to the weight's)")
-    if labels is None:
-        return
-    if labels.dtype != torch.int64:
-        raise TypeError(f"exit_head: labels must be int64 class indices, got {labels.dtype}")
-    if tuple(labels.shape) != (h.shape[0],):
-        raise ValueError(f"exit_head: labels must have shape ({h.shape[0]},), got "
-                         f"{tuple(labels.shape)}")
-    if labels.device != h.device:
-        raise ValueError(f"exit_head: labels are on {labels.device} but h is on {h.device}")
-    if labels.numel():
-        # Checked on the device without a host sync; a failure raises (CPU) or trips a
-        # device-side assert (CUDA) instead of reading out of bounds.
-        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
-                            f"exit_head: labels must lie in [0, {num_classes})")
-
-
 def exit_head(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
               labels: Optional[Tensor] = None, *, backend: str = "auto") -> ExitHeadOutput:
     """Fused exit head of an OccamNet exit: (logits, pooled, supp), DESIGN.md section 3.
@@ -153,14 +116,12 @@ def exit_head(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     gradients. Empty spatial dimensions (H or W = 0) are an error: the pooled mean and the
     suppression loss average over H * W pixels, which would be 0 / 0 = NaN.
     """
-    _check_inputs(h, weight, bias, labels)
-    if h.shape[2] < 1 or h.shape[3] < 1:
-        raise ValueError(f"exit_head: h must have H, W >= 1, got {tuple(h.shape)} (the pooled "
-                         f"mean and the suppression loss average over the H * W pixels)")
+    _checks.exit_head_inputs("exit_head", h, weight, bias, labels)
     name = _backends.resolve(backend, h.device, _PREFERENCE.get(h.device.type, ()))
     if name not in ("reference", "triton"):
         raise ValueError(f"exit_head has no {name!r} backend; use 'triton' or 'reference'")
-    if name == "reference":
+    if name == "reference":   # the fused op checks the labels' range itself
+        _checks.labels_in_range("exit_head", labels, weight.shape[0])
         return ExitHeadOutput(*reference.exit_head_reference(h, weight, bias, labels))
     weight2d = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
     bias_or_zero = bias if bias is not None else weight2d.new_zeros(weight2d.shape[0])
@@ -171,6 +132,8 @@ def exit_head(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 @torch.library.custom_op("occam::class_activation_maps_fused", mutates_args=())
 def _class_activation_maps_fused(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     from ..triton.exit_head import class_activation_maps as triton_cams
+    _checks.exit_head_inputs("occam::class_activation_maps_fused", h, weight, bias, None,
+                             pixels=False, flat_weight=True)
     return triton_cams(h, weight, bias)
 
 
@@ -198,7 +161,7 @@ _class_activation_maps_fused.register_autograd(_cam_backward, setup_context=_cam
 def class_activation_maps(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                           backend: str = "auto") -> Tensor:
     """The (B, K, H, W) class activation maps, for pictures and inference."""
-    _check_inputs(h, weight, bias, None)
+    _checks.exit_head_inputs("class_activation_maps", h, weight, bias, None, pixels=False)
     name = _backends.resolve(backend, h.device, _PREFERENCE.get(h.device.type, ()))
     if name not in ("reference", "triton"):
         raise ValueError(f"class_activation_maps has no {name!r} backend; use 'triton' or "
