@@ -154,12 +154,14 @@ def exit_head_implementation(name: str, smoke: bool = not ON_GPU):
     "compiled", a fresh torch.compile of the reference that raises rather than time eager
     (inductor on a GPU; aot_eager in a CPU smoke run, which only proves the path runs)."""
     import occam_kernels
-    from occam_kernels import exit_head_reference
+    # The reference's formula without its input checks (a labels pass on the device): the
+    # baselines are the math as a user writes it, as they were timed before the checks.
+    from occam_kernels.reference import exit_head_unchecked
     if name == "fused":
         return partial(occam_kernels.exit_head, backend="triton")
     if name == "eager":
-        return exit_head_reference
-    return CompiledForOneCase(exit_head_reference, "aot_eager" if smoke else "inductor")
+        return exit_head_unchecked
+    return CompiledForOneCase(exit_head_unchecked, "aot_eager" if smoke else "inductor")
 
 
 def _compact_occam(x, keep, index):

@@ -20,6 +20,14 @@ def compact_reference(x: torch.Tensor, keep: torch.Tensor,
     if index is None and isinstance(x, torch.Tensor) and x.dim():
         index = torch.arange(x.shape[0], device=x.device)
     _checks.compact_inputs("compact_reference", x, keep, index)
+    return compact_unchecked(x, keep, index)
+
+
+# The *_unchecked functions are the formulas alone, for callers that checked the inputs
+# already (the public ops): the check, a pass over the labels among it, is not done twice.
+
+def compact_unchecked(x: torch.Tensor, keep: torch.Tensor,
+                      index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x[keep], index[keep]
 
 
@@ -33,6 +41,11 @@ def class_activation_maps_reference(h: torch.Tensor, weight: torch.Tensor,
     """cam[b,k,y,x] = sum_c W[k,c] h[b,c,y,x] + bias[k]: the 1x1 CAM convolution."""
     _checks.exit_head_inputs("class_activation_maps_reference", h, weight, bias, None,
                              pixels=False)
+    return class_activation_maps_unchecked(h, weight, bias)
+
+
+def class_activation_maps_unchecked(h: torch.Tensor, weight: torch.Tensor,
+                                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     cam = torch.einsum("kc,bchw->bkhw", _flat_weight(weight), h)
     if bias is not None:
         cam = cam + bias[None, :, None, None]
@@ -59,6 +72,13 @@ def exit_head_reference(h: torch.Tensor, weight: torch.Tensor,
     _checks.labels_in_range(op, labels, weight.shape[0])
     if labels is not None and threshold is not None:
         _checks.per_sample(op, h, weight, threshold=threshold)
+    return exit_head_unchecked(h, weight, bias, labels, threshold)
+
+
+def exit_head_unchecked(h: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None,
+                        labels: Optional[torch.Tensor] = None,
+                        threshold: Optional[torch.Tensor] = None):
     weight2d = _flat_weight(weight)
     pooled = h.mean(dim=(2, 3))
     logits = pooled @ weight2d.t()
@@ -67,7 +87,7 @@ def exit_head_reference(h: torch.Tensor, weight: torch.Tensor,
     if labels is None:
         return logits, pooled, None
     num_classes = weight2d.shape[0]
-    cam = class_activation_maps_reference(h, weight, bias).flatten(2)       # (B, K, P)
+    cam = class_activation_maps_unchecked(h, weight, bias).flatten(2)       # (B, K, P)
     cam_true = cam.gather(1, labels[:, None, None].expand(-1, 1, cam.shape[2]))[:, 0]
     if threshold is None:
         # The CAM's own mean, which logits[b, y_b] equals in exact arithmetic. Taken from the

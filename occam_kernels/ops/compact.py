@@ -82,7 +82,7 @@ def compact(x: torch.Tensor, keep: torch.Tensor, index: Optional[torch.Tensor] =
     _checks.compact_inputs("compact", x, keep, index)
     name = _backends.resolve(backend, x.device, _PREFERENCE.get(x.device.type, ()))
     if name == "reference":
-        return reference.compact_reference(x, keep, index)
+        return reference.compact_unchecked(x, keep, index)
     if name == "triton":
         return _compact_triton(x, keep, index)
     return torch.ops.occam.compact(x, keep, index)

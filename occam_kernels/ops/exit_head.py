@@ -122,7 +122,7 @@ def exit_head(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"exit_head has no {name!r} backend; use 'triton' or 'reference'")
     if name == "reference":   # the fused op checks the labels' range itself
         _checks.labels_in_range("exit_head", labels, weight.shape[0])
-        return ExitHeadOutput(*reference.exit_head_reference(h, weight, bias, labels))
+        return ExitHeadOutput(*reference.exit_head_unchecked(h, weight, bias, labels))
     weight2d = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
     bias_or_zero = bias if bias is not None else weight2d.new_zeros(weight2d.shape[0])
     logits, pooled, supp, _ = _exit_head_fused(h, weight2d, bias_or_zero.contiguous(), labels)
@@ -167,7 +167,7 @@ def class_activation_maps(h: Tensor, weight: Tensor, bias: Optional[Tensor] = No
         raise ValueError(f"class_activation_maps has no {name!r} backend; use 'triton' or "
                          f"'reference'")
     if name == "reference":
-        return reference.class_activation_maps_reference(h, weight, bias)
+        return reference.class_activation_maps_unchecked(h, weight, bias)
     weight2d = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
     bias_or_zero = bias if bias is not None else weight2d.new_zeros(weight2d.shape[0])
     return _class_activation_maps_fused(h, weight2d, bias_or_zero.contiguous())
