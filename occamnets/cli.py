@@ -3,6 +3,7 @@ arguments and calls the library (config, train, evaluate, viz, compare, results_
 nothing imports it."""
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -546,10 +547,8 @@ def _run_predict(args) -> int:
         if bar is not None:
             bar.update(len(files))
     close(bar)
-    if len(problems) == len(paths):          # nothing to show: the first file's problem
-        raise ValueError(str(problems[0]) if len(paths) == 1 else
-                         f"none of the {len(paths)} files could be read; the first: "
-                         f"{problems[0]}")
+    if len(problems) == len(paths):
+        raise _none_readable(problems)
     if resized:
         cut = f"cut to their centre {crop} px square and " if crop else ""
         print(f"note: {resized} of {len(paths) - len(problems)} images were {cut}resized to "
@@ -701,6 +700,13 @@ def _run_viz(args) -> int:
     return 1 if unread else 0
 
 
+def _none_readable(problems: List[ValueError]) -> ValueError:
+    """The error when none of the files given could be read: the first one's problem."""
+    return ValueError(str(problems[0]) if len(problems) == 1 else
+                      f"none of the {len(problems)} files could be read; the first: "
+                      f"{problems[0]}")
+
+
 def _picture_files(given: List[str], count: int, config):
     """(uint8 (N, 3, size, size) of the first `count` readable image files among `given`
     (files, folders), prepared as the model's training images; their names for the rows;
@@ -709,18 +715,14 @@ def _picture_files(given: List[str], count: int, config):
     from .data.loaders import image_paths, read_image_batches
     paths = image_paths(given)
     read, unread = [], []
-    for files in read_image_batches(paths, count, config.input_size,
-                                    config.dataset_spec.centre_crop):
-        for image_file in files:
-            if len(read) == count:
-                break
-            (read if image_file.image is not None else unread).append(image_file)
+    batches = read_image_batches(paths, count, config.input_size, config.dataset_spec.centre_crop)
+    for image_file in itertools.chain.from_iterable(batches):
+        (read if image_file.image is not None else unread).append(image_file)
         if len(read) == count:
             break
+    batches.close()   # its threads end now; reads not yet started are cancelled
     if not read:
-        raise ValueError(str(unread[0].problem) if len(paths) == 1 else
-                         f"none of the {len(paths)} files could be read; the first: "
-                         f"{unread[0].problem}")
+        raise _none_readable([f.problem for f in unread])
     if len(paths) > len(read) + len(unread):
         print(f"note: drawing the first {count} of {len(paths)} image files (--count)",
               file=sys.stderr)
