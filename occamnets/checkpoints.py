@@ -8,6 +8,7 @@ those types, so a crafted file cannot run code (users share checkpoints). Format
 """
 import os
 import pickle
+import shlex
 import zipfile
 from typing import Dict
 
@@ -29,7 +30,13 @@ def write_checkpoint(state: Dict, path: str) -> None:
 
 
 def start_over_hint(path: str) -> str:
-    return (f"to start over, remove it (rm {path}) or train into another --out")
+    return (f"to start over, remove it (rm {shlex.quote(path)}) or train into another --out")
+
+
+def resume_command(run_dir: str) -> str:
+    """The command that continues the run in `run_dir`, quoted for the shell (a path with
+    spaces pasted back unquoted would name another directory)."""
+    return f"`occamnets train --out {shlex.quote(run_dir)} --resume`"
 
 
 def read_checkpoint(path: str, map_location="cpu", mmap: bool = True) -> Dict:

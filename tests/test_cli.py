@@ -1,6 +1,7 @@
 """The occamnets command end to end on tiny settings: data, train, resume, eval, predict, viz."""
 import json
 import os
+import shlex
 import shutil
 
 import pytest
@@ -80,7 +81,8 @@ def test_data_and_train_find_one_directory_and_data_never_overwrites(tmp_path, c
 
 
 def test_train_resume_eval_predict_viz(tmp_path, capsys):
-    out, data = str(tmp_path / "run"), str(tmp_path / "data")
+    # A space in the run's path: the printed commands must quote it to be pasted back.
+    out, data = str(tmp_path / "my runs" / "run"), str(tmp_path / "data")
     # The quick preset's model (width 12) and 40 px images, with smaller evaluation splits than
     # its 250 and 1,000 images: 22 s instead of 55 s on a 2-core CPU.
     common = ["train", "--preset", "quick", "--epochs", "2", "--train-size", "128",
@@ -88,7 +90,8 @@ def test_train_resume_eval_predict_viz(tmp_path, capsys):
               "--data-dir", data, "--device", "cpu"]
     assert main(common + ["--max-steps", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "reached --max-steps 3: stopped at epoch 1 step 3" in printed and "--resume`" in printed
+    assert "reached --max-steps 3: stopped at epoch 1 step 3" in printed
+    assert f"`occamnets train --out {shlex.quote(out)} --resume`" in printed
     assert main(common) == 2                       # refuses to overwrite the run
     assert "pass --resume" in capsys.readouterr().err
     # Resuming takes the run's settings from its checkpoint; a changed one is refused before

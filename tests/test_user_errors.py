@@ -282,13 +282,13 @@ def test_truncated_old_and_foreign_checkpoints(trained, tmp_path, capsys):
 
 
 def test_a_corrupt_checkpoint_in_a_run_says_how_to_start_over(trained, tmp_path, capsys):
-    run = tmp_path / "run"
+    run = tmp_path / "my run"   # the rm it suggests quotes the path for the shell
     run.mkdir()
     data = open(trained, "rb").read()
     (run / "checkpoint.pt").write_bytes(data[:1000])
     for argv in (TINY_DATA + TINY_RUN, ["--resume"]):
         assert main(["train", "--out", str(run)] + argv) == 2
-        one_line_error(capsys, "truncated", f"rm {run / 'checkpoint.pt'}",
+        one_line_error(capsys, "truncated", f"rm '{run / 'checkpoint.pt'}'",
                        "another --out")
     assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
     one_line_error(capsys, "--resume: no checkpoint at", "leave --resume out")
