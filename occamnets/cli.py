@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import typing
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -449,9 +449,11 @@ def _add_checkpoint_command(subparsers, name, help_text, handler):
 def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None):
     """The checkpoint's model and the split asked for (only its first `count` images when
     given: the rest is never read)."""
+    from .checkpoints import read_checkpoint
     from .config import BIASED_MNIST
-    from .evaluate import load_model, load_splits
-    model, config = load_model(args.checkpoint, args.device)
+    from .evaluate import load_splits, model_from_checkpoint
+    checkpoint = read_checkpoint(args.checkpoint)
+    model, config = model_from_checkpoint(checkpoint, args.checkpoint, args.device)
     if need_exits and not hasattr(model, "early_exit"):
         raise ValueError(f"{args.command} needs an OccamNet checkpoint; this one is a "
                          f"{config.model} model")
@@ -469,7 +471,22 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
     said = not getattr(args, "json", False)
     split = load_splits(config, device, (args.split,), count=count, progress=said,
                         verbose=said)[args.split]
+    _check_same_classes(checkpoint.get("class_names"), split.class_names, args)
     return model, config, split
+
+
+def _check_same_classes(trained: Optional[List[str]], now: Optional[Sequence[str]],
+                        args) -> None:
+    """A ValueError when the split numbers its classes otherwise than the model learned them
+    (a folder dataset's CSV with a class renamed or dropped since training: its labels
+    are the sorted names' positions, so every label past the change would shift)."""
+    if trained is None or now is None or list(trained) == list(now):
+        return
+    def shown(names):
+        return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    raise ValueError(f"the {args.split} split's classes ({shown(list(now))}) are not the ones "
+                     f"{args.checkpoint} was trained on ({shown(list(trained))}): evaluate on "
+                     f"the data it was trained on")
 
 
 def _run_eval(args) -> int:
