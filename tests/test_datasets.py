@@ -101,14 +101,83 @@ def test_folder_csv_from_excel_and_bad_rows(roots, tmp_path):
         catalog.find("folder", root, ["place"])
 
 
+def _split_of_each_image(index) -> dict:
+    return {name: split for split in ("train", "val", "test")
+            for name in index.split(split).images.names}
+
+
 def test_folder_without_split_column_is_split_the_same_every_time(tmp_path):
-    root = fixtures.write_folder(str(tmp_path / "f"), counts=(("all", 50),), with_split=False)
+    root = fixtures.write_folder(str(tmp_path / "f"), counts=(("all", 60),), with_split=False)
+    csv_path = os.path.join(root, "metadata.csv")
+    header, *rows = open(csv_path).read().splitlines()
+    # The first 50 rows, as the dataset was; then the same rows reversed; then 10 more.
+    open(csv_path, "w").write("\n".join([header] + rows[:50]) + "\n")
     first = catalog.find("folder", root, ["place"])
     again = catalog.find("folder", root, ["place"])
     assert [len(first.split(s)) for s in ("train", "val", "test")] == [40, 5, 5]
     assert all(first.split(s).images.names == again.split(s).images.names
                for s in ("train", "val", "test"))
     assert not set(first.split("train").images.names) & set(first.split("test").images.names)
+    split_of = _split_of_each_image(first)
+    open(csv_path, "w").write("\n".join([header] + rows[:50][::-1]) + "\n")
+    assert _split_of_each_image(catalog.find("folder", root, ["place"])) == split_of
+    open(csv_path, "w").write("\n".join([header] + rows) + "\n")
+    grown = _split_of_each_image(catalog.find("folder", root, ["place"]))
+    assert not [name for name, split in split_of.items()
+                if split == "test" and grown[name] == "train"]
+
+
+def test_folder_csv_refuses_an_image_in_two_splits_or_with_two_labels(roots, tmp_path):
+    root = str(tmp_path / "f")
+    shutil.copytree(roots["folder"], root)
+    csv_path = os.path.join(root, "metadata.csv")
+    header, *rows = open(csv_path).read().splitlines()   # img_id,path,label,place,split
+    test_row = next(r for r in rows if r.endswith(",test")).split(",")
+
+    def write(*extra):
+        open(csv_path, "w").write("\n".join([header] + rows + [",".join(e) for e in extra])
+                                  + "\n")
+    write(test_row)                       # twice in its split: allowed (drawn twice)
+    assert len(catalog.find("folder", root, ["place"]).split("test")) == 9
+    write(test_row[:4] + ["train"])       # the test image again, for training
+    with pytest.raises(DatasetLayoutError, match=f"lists {test_row[1]} in two splits "
+                       rf"\(test on line \d+, train on line {len(rows) + 2}\)"):
+        catalog.find("folder", root, ["place"])
+    relabelled = test_row[:2] + ["dog" if test_row[2] == "cat" else "cat"] + test_row[3:]
+    write(relabelled)
+    with pytest.raises(DatasetLayoutError, match="in two labels"):
+        catalog.find("folder", root, ["place"])
+    # A split's name is a cache file's name: no path in it (this one wrote outside the cache).
+    write(test_row[:1] + ["images/extra.png"] + test_row[2:4] + ["../escaped"])
+    with pytest.raises(DatasetLayoutError, match=f"line {len(rows) + 2}: split '../escaped' "
+                       "is not a name"):
+        catalog.find("folder", root, ["place"])
+
+
+def test_folder_csv_as_spreadsheets_and_celeba_write_it(roots, tmp_path):
+    """A comma ending every line (an unnamed empty column), blank lines (the errors still
+    name the file's line), a column with blanks (skipped, not refused) and -1/1 values."""
+    root = str(tmp_path / "f")
+    shutil.copytree(roots["folder"], root)
+    csv_path = os.path.join(root, "metadata.csv")
+    header, *rows = open(csv_path).read().splitlines()
+    notes = ["" if i % 3 else "blurry" for i in range(len(rows))]
+    sign = ["-1" if i % 2 else "1" for i in range(len(rows))]
+    lines = [header + ",notes,smiling,"] + [f"{r},{n},{s}," for r, n, s in
+                                            zip(rows, notes, sign)]
+    open(csv_path, "w").write("\n".join(lines[:3] + [""] + lines[3:]) + "\n")
+    index = catalog.find("folder", root)
+    assert index.attribute_names == ("place", "smiling")
+    assert index.skipped_columns == ("img_id", "notes")
+    smiling = np.concatenate([index.split(s).attributes[:, 1]
+                              for s in ("train", "val", "test")])
+    assert sorted(set(smiling.tolist())) == [0, 1]
+    assert (smiling == np.array([0 if v == "-1" else 1 for v in sign])).all()
+    broken = lines[:3] + [""] + lines[3:]
+    broken[5] = broken[5].replace(",cat,", ",,").replace(",dog,", ",,")   # the file's line 6
+    open(csv_path, "w").write("\n".join(broken) + "\n")
+    with pytest.raises(DatasetLayoutError, match="line 6: no value for label"):
+        catalog.find("folder", root)
 
 
 @pytest.mark.parametrize("name", list(fixtures.WRITERS))

@@ -46,8 +46,8 @@ class DatasetCheck:
         attributes = ", ".join(self.attribute_names) or "none (groups are the classes)"
         lines = [f"# {self.dataset} in {self.root}", "",
                  f"Classes: {', '.join(self.class_names)}. Bias attributes: {attributes}."
-                 + (f" Columns not taken as bias attributes (too many distinct values; name "
-                    f"them with --bias-columns to use them): {', '.join(self.skipped_columns)}."
+                 + (f" Columns not taken as bias attributes (too many distinct values, or "
+                    f"blanks; name them with --bias-columns to use them): {', '.join(self.skipped_columns)}."
                     if self.skipped_columns else ""), "",
                  "| split | images | bias groups | smallest group | missing | unreadable |",
                  "|---|---|---|---|---|---|"]

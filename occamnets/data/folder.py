@@ -4,17 +4,24 @@
 ROOT/metadata.csv, with a header row:
   path     the image file, relative to ROOT (also accepted: img_filename, filename, file)
   label    the class: integers 0..K-1, or names (sorted into 0..K-1) (also: y, target)
-  split    optional: train, val, test (or Waterbirds' 0, 1, 2), or further names, each an
-           extra evaluation split; without it every image is assigned train/val/test
-           80/10/10 by a fixed permutation
-  ...      bias attributes: those named by bias_columns, else every other column with at
-           most MAX_ATTRIBUTE_VALUES distinct values (an id or file-name column would make
-           every image its own group: such columns are listed as skipped); integer values as
-           they are, other values sorted into 0..V-1
-Groups are label x the attributes' values.
+  split    optional: train, val, test (or Waterbirds' 0, 1, 2), or further names (letters,
+           digits, '_', '-', '.'), each an extra evaluation split; without it the images are
+           assigned train/val/test 80/10/10 in the order of a hash of their paths, so a
+           path's split does not depend on the rows' order, and rows added later move
+           hardly any (an earlier test image does not become a training image)
+  ...      bias attributes: those named by bias_columns, else every other named column with
+           a value in every row and at most MAX_ATTRIBUTE_VALUES distinct values (an id or
+           file-name column would make every image its own group: such columns are listed
+           as skipped); integers 0.. as they are, other values (names, negative integers
+           such as CelebA's -1/1) sorted into 0..V-1
+Groups are label x the attributes' values. An image may be listed twice in one split (it is
+then drawn twice as often), never in two splits (a test image trained on) nor with two
+labels.
 """
 import csv
+import hashlib
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,6 +37,8 @@ NUMBERED_SPLITS = {"0": "train", "1": "val", "2": "test"}   # Waterbirds' conven
 REQUIRED_SPLITS = ("train", "val", "test")
 UNSPLIT_SHARES = (0.8, 0.1)   # train and val shares when the CSV has no split column
 MAX_ATTRIBUTE_VALUES = 32     # more distinct values: not a bias attribute unless named
+# A split's name becomes a cache file's name ({split}_images.npy): no path separators.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 GET_IT = (f"write {CSV_NAME} beside the images: a header with path, label, optional split and "
           f"any bias attribute columns")
 
@@ -43,37 +52,45 @@ def _column(header: Sequence[str], choices: Sequence[str], what: str, path: str)
 
 
 def _codes(values: Sequence[str]) -> Tuple[np.ndarray, Tuple[str, ...]]:
-    """Integer codes of a column and the names of the codes: integers as they are (names 0..max),
-    anything else sorted."""
+    """Integer codes of a column and the names of the codes: integers 0.. as they are (names
+    0..max); other integers (CelebA's -1/1) sorted by value; anything else sorted by name."""
     try:
         numbers = np.array([int(v) for v in values], dtype=np.int64)
     except ValueError:
         names = tuple(sorted(set(values)))
-        lookup = {name: code for code, name in enumerate(names)}
-        return np.array([lookup[v] for v in values], dtype=np.int64), names
-    if len(numbers) and numbers.min() < 0:
-        raise ValueError(f"negative value {numbers.min()}")
-    top = int(numbers.max()) + 1 if len(numbers) else 0
-    return numbers, tuple(str(n) for n in range(top))
+    else:
+        if not len(numbers) or numbers.min() >= 0:
+            top = int(numbers.max()) + 1 if len(numbers) else 0
+            return numbers, tuple(str(n) for n in range(top))
+        distinct = np.unique(numbers)
+        return np.searchsorted(distinct, numbers), tuple(str(n) for n in distinct.tolist())
+    lookup = {name: code for code, name in enumerate(names)}
+    return np.array([lookup[v] for v in values], dtype=np.int64), names
 
 
-def _assign_splits(count: int) -> List[str]:
-    order = np.random.default_rng(0).permutation(count)
-    train_end = int(round(UNSPLIT_SHARES[0] * count))
-    val_end = train_end + int(round(UNSPLIT_SHARES[1] * count))
-    names = np.empty(count, dtype=object)
-    names[order[:train_end]], names[order[train_end:val_end]] = "train", "val"
-    names[order[val_end:]] = "test"
-    return list(names)
+def _assign_splits(paths: Sequence[str]) -> List[str]:
+    """train/val/test for each row, 80/10/10 of the distinct paths in the order of their
+    SHA-256: the same whatever the rows' order; a path listed twice has one split."""
+    distinct = sorted(set(paths), key=lambda path: hashlib.sha256(path.encode()).digest())
+    train_end = int(round(UNSPLIT_SHARES[0] * len(distinct)))
+    val_end = train_end + int(round(UNSPLIT_SHARES[1] * len(distinct)))
+    split_of = {path: "train" if rank < train_end else "val" if rank < val_end else "test"
+                for rank, path in enumerate(distinct)}
+    return [split_of[path] for path in paths]
 
 
-def _read_csv(path: str) -> Tuple[List[str], List[Dict[str, str]]]:
-    """(header, rows) with names and values stripped; a UTF-8 byte-order mark (Excel's) is
-    dropped."""
+def _read_csv(path: str) -> Tuple[List[str], List[Dict[str, str]], List[int]]:
+    """(header, rows, each row's line number in the file) with names and values stripped; a
+    UTF-8 byte-order mark (Excel's) is dropped, and so are columns without a name (a comma
+    at the end of every line, as spreadsheets write)."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
+        table, lines = [], []
         try:
-            table = [[cell.strip() for cell in row] for row in reader if row]
+            for row in reader:
+                if row:   # blank lines skipped; their numbers still count
+                    table.append([cell.strip() for cell in row])
+                    lines.append(reader.line_num)
         except csv.Error as error:   # a value over the csv module's size limit, a NUL byte
             raise DatasetLayoutError(f"{path} line {reader.line_num} cannot be read as CSV "
                                      f"({error}): {GET_IT}") from error
@@ -83,24 +100,41 @@ def _read_csv(path: str) -> Tuple[List[str], List[Dict[str, str]]]:
     if not table:
         raise DatasetLayoutError(f"{path} is empty: {GET_IT}")
     header = table[0]
-    for number, row in enumerate(table[1:], start=2):
+    for number, row in zip(lines[1:], table[1:]):
         if len(row) != len(header):
             raise DatasetLayoutError(f"{path} line {number}: {len(row)} values for "
                                      f"{len(header)} columns")
-    return header, [dict(zip(header, row)) for row in table[1:]]
+    named = [i for i, name in enumerate(header) if name]
+    return ([header[i] for i in named],
+            [{header[i]: row[i] for i in named} for row in table[1:]], lines[1:])
+
+
+def _check_paths(csv_path: str, paths: Sequence[str], labels: Sequence[str],
+                 splits: Sequence[str], lines: Sequence[int]) -> None:
+    """A DatasetLayoutError for an image listed in two splits (a test image would be trained
+    on) or with two labels, naming both lines."""
+    first: Dict[str, int] = {}
+    for row, path in enumerate(paths):
+        seen = first.setdefault(os.path.normpath(path), row)
+        for what, values in (("splits", splits), ("labels", labels)):
+            if values[seen] != values[row]:
+                raise DatasetLayoutError(
+                    f"{csv_path} lists {path} in two {what} ({values[seen]} on line "
+                    f"{lines[seen]}, {values[row]} on line {lines[row]}): one image, one "
+                    f"{what[:-1]}")
 
 
 def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetIndex:
     (csv_path,) = require_files(root, [CSV_NAME], NAME, GET_IT)
-    header, rows = _read_csv(csv_path)
+    header, rows, lines = _read_csv(csv_path)
     if not rows:
         raise DatasetLayoutError(f"{csv_path} lists no images")
     path_column = _column(header, PATH_COLUMNS, "image path", csv_path)
     label_column = _column(header, LABEL_COLUMNS, "label", csv_path)
     others = [c for c in header if c not in (path_column, label_column, SPLIT_COLUMN)]
-    if bias_columns is None:
-        attributes = [c for c in others
-                      if len({row[c] for row in rows}) <= MAX_ATTRIBUTE_VALUES]
+    if bias_columns is None:   # a column with blanks (notes, say) is skipped, not refused
+        attributes = [c for c in others if all(row[c] for row in rows)
+                      and len({row[c] for row in rows}) <= MAX_ATTRIBUTE_VALUES]
     else:
         attributes = list(bias_columns)
     unknown = [c for c in attributes if c not in others]
@@ -109,7 +143,7 @@ def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetInd
                                  f"columns: {', '.join(header)})")
     required = [path_column, label_column] + attributes + (
         [SPLIT_COLUMN] if SPLIT_COLUMN in header else [])
-    for number, row in enumerate(rows, start=2):
+    for number, row in zip(lines, rows):
         empty = [c for c in required if not row[c]]
         if empty:
             raise DatasetLayoutError(f"{csv_path} line {number}: no value for {', '.join(empty)}")
@@ -122,8 +156,14 @@ def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetInd
                        else np.zeros((len(rows), 0), dtype=np.int64))
     if SPLIT_COLUMN in header:
         split_names = [NUMBERED_SPLITS.get(row[SPLIT_COLUMN], row[SPLIT_COLUMN]) for row in rows]
+        for number, name in zip(lines, split_names):
+            if not SPLIT_NAME.fullmatch(name):
+                raise DatasetLayoutError(f"{csv_path} line {number}: split {name!r} is not a "
+                                         f"name (letters, digits, '_', '-', '.')")
     else:
-        split_names = _assign_splits(len(rows))
+        split_names = _assign_splits([os.path.normpath(row[path_column]) for row in rows])
+    _check_paths(csv_path, [row[path_column] for row in rows],
+                 [row[label_column] for row in rows], split_names, lines)
     missing = [s for s in REQUIRED_SPLITS if s not in split_names]
     if missing:
         raise DatasetLayoutError(f"{csv_path} puts no image in the {', '.join(missing)} "

@@ -87,7 +87,8 @@ class SplitIndex:
 @dataclasses.dataclass(frozen=True)
 class DatasetIndex:
     """A dataset found in `root`: its classes, bias attribute names and splits;
-    `skipped_columns`: a CSV's columns not taken as bias attributes (too many values)."""
+    `skipped_columns`: a CSV's columns not taken as bias attributes (too many values, or
+    blanks)."""
     name: str
     root: str
     class_names: Tuple[str, ...]
