@@ -19,12 +19,13 @@ from occamnets import train as train_module
 from occamnets.checkpoints import read_checkpoint
 from occamnets.cli import main
 from occamnets.config import RunConfig
-from occamnets.data import biased_mnist
+from occamnets.data import biased_mnist, catalog
+from occamnets.data.image_cache import load_cached
 from occamnets.evaluate import classify
 from occamnets.models import occam_resnet18
 from occamnets.train import Trainer
 
-from dataset_fixtures import write_mnist
+from dataset_fixtures import write_folder, write_mnist
 from test_train import config as trainer_config, synthetic_splits
 
 TINY_DATA = ["--cell-size", "6", "--train-size", "64", "--val-size", "10", "--test-size", "20"]
@@ -361,6 +362,31 @@ def test_eval_json_stays_json_when_the_split_is_regenerated(trained, tmp_path, c
     one_line_error(capsys, f"{run_dir} holds other files (", "and no Biased MNIST: give the "
                    "dataset a directory of its own")
     assert sorted(os.listdir(run_dir)) == before
+
+
+def test_a_biased_mnist_and_a_real_datasets_cache_never_overwrite_each_other(trained, tmp_path,
+                                                                             capsys):
+    """Both write meta.json and {split}_images.npy: a folder run's eval given a Biased MNIST
+    directory as --data-dir replaced its test images and meta.json, and the next Biased
+    MNIST command regenerated over a real dataset's cache."""
+    bm_dir, cache_dir = tmp_path / "bm", tmp_path / "decoded"
+    assert main(["eval", trained, "--data-dir", str(bm_dir)]) == 0
+    capsys.readouterr()
+    before = {name: (bm_dir / name).read_bytes() for name in os.listdir(bm_dir)}
+    index = catalog.find("folder", write_folder(str(tmp_path / "folder")))
+    with pytest.raises(ValueError, match="holds another dataset .its meta.json is not a "
+                       "decoded-image cache's"):
+        load_cached(index, ["test"], str(bm_dir), 16, None)
+    assert {name: (bm_dir / name).read_bytes() for name in os.listdir(bm_dir)} == before
+    load_cached(index, ["test"], str(cache_dir), 16, None)
+    cached = sorted(os.listdir(cache_dir))
+    assert main(["eval", trained, "--data-dir", str(cache_dir)]) == 2
+    one_line_error(capsys, f"{cache_dir} holds the decoded images of folder, not a Biased "
+                   "MNIST")
+    assert sorted(os.listdir(cache_dir)) == cached
+    (bm_dir / "meta.json").unlink()   # a Biased MNIST cut short: its arrays are not ours either
+    with pytest.raises(ValueError, match="holds other files .groups.jsonl, test_digit_ids.npy"):
+        load_cached(index, ["test"], str(bm_dir), 16, None)
 
 
 @pytest.mark.parametrize("content,needle", [

@@ -702,6 +702,7 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
                          f"directory of its own")
     if os.path.isdir(directory):
         remove_stale_temporaries(directory)
+        _refuse_image_cache(directory)
     problem = cache_problem(config, directory, splits)
     if problem is None:
         loaded, problem = _read_cache(config, directory, splits, mmap)
@@ -731,6 +732,20 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
     if verbose:
         print(f"biased-mnist in {directory}: {problem}; generating it")
     return _generate_and_save(config, directory, splits, progress, mmap)
+
+
+def _refuse_image_cache(directory: str) -> None:
+    """A ValueError when `directory` holds a real dataset's decoded images (image_cache.py):
+    its meta.json and {split}_images.npy have our names, and would be overwritten."""
+    try:
+        with open(os.path.join(directory, "meta.json")) as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError):
+        return
+    if isinstance(meta, dict) and isinstance(meta.get("splits"), dict) and "config" not in meta:
+        raise ValueError(f"{directory} holds the decoded images of "
+                         f"{meta.get('dataset', 'a real dataset')}, not a Biased MNIST: give "
+                         f"the dataset a directory of its own")
 
 
 def _refuse_foreign_files(directory: str) -> None:

@@ -104,6 +104,32 @@ def _read_meta(directory: str) -> Dict:
         return {}
 
 
+def _is_json(path: str) -> bool:
+    try:
+        with open(path) as handle:
+            json.load(handle)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _refuse_other_contents(directory: str) -> None:
+    """A ValueError when `directory` holds anything but this cache's files: another
+    dataset (a Biased MNIST, whose meta.json and split arrays have the same names as
+    ours) would be overwritten, or its files mixed with ours."""
+    if os.path.isfile(os.path.join(directory, META)) and not _read_meta(directory) \
+            and _is_json(os.path.join(directory, META)):   # not JSON: ours, damaged
+        raise ValueError(f"{directory} holds another dataset (its {META} is not a "
+                         f"decoded-image cache's, a Biased MNIST's perhaps): give the "
+                         f"decoded images a directory of their own")
+    foreign = sorted(name for name in os.listdir(directory) if name != META
+                     and not name.endswith("_images.npy") and ".tmp-" not in name)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"{directory} holds other files ({shown}): give the decoded images "
+                         f"a directory of their own (a new or empty one)")
+
+
 def _write_meta(directory: str, meta: Dict) -> None:
     with atomic_path(os.path.join(directory, META)) as tmp, open(tmp, "w") as handle:
         json.dump(meta, handle, indent=1)
@@ -183,6 +209,7 @@ def load_cached(index: DatasetIndex, splits: Sequence[str], directory: str, size
     cache in `directory`; splits missing there (or stale, or damaged) are decoded first."""
     os.makedirs(directory, exist_ok=True)
     remove_stale_temporaries(directory)
+    _refuse_other_contents(directory)
     images = {}
     for name in splits:
         split = index.split(name)
