@@ -82,6 +82,18 @@ def test_group_dro_weights_follow_the_exponentiated_gradient_update():
     assert torch.allclose(method.group_weights[0], torch.full((3,), 1 / 3))
 
 
+@pytest.mark.parametrize("eta", [40.0, 100.0])
+def test_group_dro_weights_stay_finite_at_a_large_eta(eta):
+    """exp(eta * 2.3) overflowed float32 from eta 39 (--gdro-eta allows 100): q was inf/inf =
+    NaN from the first step. The update is the same normalised product, in log space."""
+    method = GroupDRO(num_groups=2, eta=eta)
+    losses, groups = torch.tensor([2.3, 2.3, 2.4, 2.4]), torch.tensor([0, 0, 1, 1])
+    loss = method.reduce(losses, groups, 0)
+    q1 = 1 / (1 + math.exp(eta * 0.1))   # q_0 / (q_0 + q_1) with q uniform before
+    assert method.group_weights[0].tolist() == pytest.approx([q1, 1 - q1], rel=1e-4)
+    assert loss.item() == pytest.approx(2.3 * q1 + 2.4 * (1 - q1), rel=1e-5)
+
+
 def test_group_dro_gradient_is_the_weighted_group_means():
     method = GroupDRO(num_groups=2, eta=0.0)     # eta 0: q stays uniform
     losses = torch.tensor([1.0, 2.0, 5.0], requires_grad=True)
