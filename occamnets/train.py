@@ -554,7 +554,8 @@ class Trainer:
         self.total_steps = config.epochs * steps_per_epoch(len(self.splits["train"]),
                                                            config.batch_size, self.world)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        # The epoch so far (kept in checkpoints, so a resumed epoch's loss counts every step).
+        # The epoch so far (kept in checkpoints, so a resumed epoch's loss counts every step):
+        # the sum of each step's loss times its images, the images, the seconds.
         self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
         self.stop_signal: Optional[int] = None
         # The step whose state this run's checkpoint file holds (None: none written or read).
@@ -595,8 +596,8 @@ class Trainer:
                 "num_classes": self.num_classes, "world": self.world,
                 "class_names": (list(self.splits["train"].class_names)
                                 if self.splits["train"].class_names else None),
-                "epoch_progress": {"loss_sum": self.epoch_loss_sum, "images": self.epoch_images,
-                                   "seconds": self.epoch_seconds}}
+                "epoch_progress": {"image_loss_sum": self.epoch_loss_sum,
+                                   "images": self.epoch_images, "seconds": self.epoch_seconds}}
 
     def save_checkpoint(self) -> str:
         # Every process holds the same state (DDP, OccamLoss sync): the first one writes it.
@@ -637,7 +638,12 @@ class Trainer:
         if os.path.abspath(path) == os.path.abspath(self.checkpoint_path):
             self.checkpoint_step = self.global_step
         progress = checkpoint["epoch_progress"]
-        self.epoch_loss_sum, self.epoch_images = progress["loss_sum"], progress["images"]
+        self.epoch_images = progress["images"]
+        if "image_loss_sum" in progress:
+            self.epoch_loss_sum = progress["image_loss_sum"]
+        else:   # written before 2026-11-29, a sum per step: the steps so far were all full
+            self.epoch_loss_sum = (progress["loss_sum"] * self.epoch_images
+                                   / max(1, checkpoint.get("step_in_epoch", 0)))
         self.epoch_seconds = progress["seconds"]
         self._truncate_metrics()
 
@@ -767,8 +773,8 @@ class Trainer:
                 following = (epoch_batches[position + 1][1]
                              if position + 1 < len(epoch_batches) else None)
                 loss, parts = self._train_step(rows, following)
-                loss_sum += loss
-                seen += rows.numel()
+                loss_sum += loss * rows.numel()   # the epoch's loss is per image (a last,
+                seen += rows.numel()              # smaller batch weighs its images only)
                 self.step_in_epoch, self.global_step = step + 1, self.global_step + 1
                 if config.log_every and self.global_step % config.log_every == 0:
                     self._log_step(loss, parts, rows.numel(), started)
@@ -783,8 +789,8 @@ class Trainer:
                     self.global_step % config.checkpoint_every == 0)
                 if stop or periodic:
                     self.epoch_loss_sum = loss_sum.item()
-                    self._refuse_diverged(self.epoch_loss_sum / self.step_in_epoch)
                     self.epoch_images = self.epoch_images + seen
+                    self._refuse_diverged(self.epoch_loss_sum / max(1, self.epoch_images))
                     self.epoch_seconds += time.perf_counter() - started
                     started, seen = time.perf_counter(), 0
                 if stop:
@@ -796,7 +802,7 @@ class Trainer:
             close(bar)
             elapsed = self.epoch_seconds + time.perf_counter() - started
             images = self.epoch_images + seen
-            train_loss = (loss_sum / max(1, steps)).item()
+            train_loss = (loss_sum / max(1, images)).item()
             self._refuse_diverged(train_loss)
             lr = self.optimizer.param_groups[0]["lr"]  # this epoch's: read before the step
             with warnings.catch_warnings():

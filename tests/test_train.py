@@ -39,6 +39,33 @@ def config(tmp_path, model="occam", **overrides):
     return RunConfig(**values)
 
 
+def test_the_epochs_train_loss_is_the_mean_over_its_images(tmp_path):
+    """50 images in batches of 8: the last step has 2. The epoch's loss averaged the steps,
+    so those 2 images weighed as much as 8."""
+    trainer = Trainer(config(tmp_path, epochs=1, log_every=1), synthetic_splits(n=50))
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in records if r["kind"] == "step"]
+    (epoch,) = [r for r in records if r["kind"] == "epoch"]
+    assert [r["batch"] for r in steps] == [8] * 6 + [2]
+    assert epoch["train_loss"] == pytest.approx(
+        sum(r["loss"] * r["batch"] for r in steps) / 50, rel=1e-6)
+    assert epoch["train_loss"] != pytest.approx(sum(r["loss"] for r in steps) / 7, rel=1e-6)
+    # A checkpoint written before (a sum per step) resumes to the same epoch loss.
+    cut = config(tmp_path / "cut", epochs=1, max_steps=4)
+    Trainer(cut, synthetic_splits(n=50)).train()
+    path = str(tmp_path / "cut" / "checkpoint.pt")
+    saved = read_checkpoint(path)
+    progress = saved["epoch_progress"]
+    progress["loss_sum"] = progress.pop("image_loss_sum") / 8   # 4 steps of 8 images
+    write_checkpoint({k: v for k, v in saved.items() if k != "format"}, path)
+    Trainer(dataclasses.replace(cut, max_steps=None), synthetic_splits(n=50),
+            resume=path).train()
+    (resumed,) = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")
+                  if '"epoch"' in line and json.loads(line)["kind"] == "epoch"]
+    assert resumed["train_loss"] == pytest.approx(epoch["train_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("model", ["occam", "resnet"])
 def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path, model):
     splits = synthetic_splits()
