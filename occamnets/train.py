@@ -785,6 +785,10 @@ class Trainer:
                                         refresh=False)
                     bar.update(1)
                 stop = self._should_stop()
+                if stop and step == steps - 1 and not self.interrupted:
+                    # The step cap at an epoch's last step: the epoch's end (its record, and
+                    # after the last epoch the report) comes first; the cap stops after it.
+                    stop = None
                 periodic = config.checkpoint_every and (
                     self.global_step % config.checkpoint_every == 0)
                 if stop or periodic:

@@ -39,6 +39,19 @@ def config(tmp_path, model="occam", **overrides):
     return RunConfig(**values)
 
 
+def test_a_step_cap_at_the_last_step_finishes_the_run(tmp_path):
+    """--max-steps equal to the run's steps stopped after the last step, before the epoch's
+    end: no epoch record, no report, and a hint to continue a run that had nothing left."""
+    trainer = Trainer(config(tmp_path, epochs=1, max_steps=6), synthetic_splits())
+    assert trainer.run() is not None        # 48 images in batches of 8: 6 steps
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]
+    # At an earlier epoch's end the cap stops after that epoch's record and checkpoint.
+    capped = Trainer(config(tmp_path / "capped", epochs=2, max_steps=6), synthetic_splits())
+    assert capped.run() is None and (capped.epoch, capped.step_in_epoch) == (1, 0)
+    assert read_checkpoint(str(tmp_path / "capped" / "checkpoint.pt"))["epoch"] == 1
+
+
 def test_the_epochs_train_loss_is_the_mean_over_its_images(tmp_path):
     """50 images in batches of 8: the last step has 2. The epoch's loss averaged the steps,
     so those 2 images weighed as much as 8."""
