@@ -10,10 +10,11 @@ import os
 import pickle
 import shlex
 import zipfile
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
+from .config import RunConfig
 from .files import atomic_path, remove_stale_temporaries
 
 CHECKPOINT_FORMAT = 2
@@ -78,7 +79,32 @@ def read_checkpoint(path: str, map_location="cpu", mmap: bool = True) -> Dict:
     if checkpoint["format"] != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {checkpoint['format']!r}; this "
                          f"version of occamnets reads format {CHECKPOINT_FORMAT}")
+    problem = _structure_problem(checkpoint)
+    if problem is not None:
+        raise ValueError(f"{path} is not an occamnets checkpoint ({problem})")
+    try:
+        RunConfig.from_dict(checkpoint["config"])
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
     return checkpoint
+
+
+def _structure_problem(checkpoint: Dict) -> Optional[str]:
+    """What makes a checkpoint's parts the wrong kind (an edited or foreign file), else None:
+    found here, not as a TypeError deep in the model's construction."""
+    classes = checkpoint["num_classes"]
+    names = checkpoint.get("class_names")
+    if not isinstance(checkpoint["config"], dict):
+        return f"its config is a {type(checkpoint['config']).__name__}"
+    if not isinstance(checkpoint["model"], dict) or not all(
+            isinstance(t, torch.Tensor) for t in checkpoint["model"].values()):
+        return "its model is not a table of tensors"
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        return f"num_classes is {classes!r}"
+    if names is not None and (not isinstance(names, list) or len(names) != classes
+                              or not all(isinstance(n, str) for n in names)):
+        return f"class_names is not a list of {classes} names"
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -368,11 +368,16 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: Dict) -> "RunConfig":
         """A config from `to_dict` (a checkpoint's or a report's), JSON round trip included."""
+        if not isinstance(values, dict):
+            raise ValueError(f"the config is a {type(values).__name__}, not a table of settings")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"the config has settings this version of occamnets does not know: "
                              f"{', '.join(sorted(unknown))}")
-        return from_plain(cls, values)  # each field by its annotation: the tuples come back
+        try:
+            return from_plain(cls, values)  # each field by its annotation: the tuples come back
+        except (TypeError, AttributeError) as error:   # an edited file: taus 5, p_bias "x"
+            raise ValueError(f"the config has a setting of the wrong type ({error})") from error
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "RunConfig":

@@ -274,6 +274,16 @@ def test_truncated_old_and_foreign_checkpoints(trained, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "foreign.pt")]) == 2
     one_line_error(capsys, "is not an occamnets checkpoint (it has no format, config, model, "
                            "num_classes)")
+    # Edited parts: each was a TypeError traceback from deep in the model's construction.
+    for name, edit, needle in [
+            ("taus", dict(config=dict(state["config"], taus=5)), "wrong type"),
+            ("p_bias", dict(config=dict(state["config"], p_bias="x")), "wrong type"),
+            ("config", dict(config=[1, 2]), "its config is a list"),
+            ("model", dict(model=[1, 2]), "its model is not a table of tensors"),
+            ("classes", dict(num_classes="10"), "num_classes is '10'")]:
+        torch.save(dict(state, **edit), tmp_path / f"{name}.pt")
+        assert main(["eval", str(tmp_path / f"{name}.pt")]) == 2
+        one_line_error(capsys, f"{tmp_path / name}.pt", needle)
     model_only = {k: state[k] for k in ("format", "config", "model", "num_classes")}
     run = tmp_path / "model-only"
     run.mkdir()
