@@ -395,7 +395,7 @@ def test_a_biased_mnist_and_a_real_datasets_cache_never_overwrite_each_other(tra
                    "MNIST")
     assert sorted(os.listdir(cache_dir)) == cached
     (bm_dir / "meta.json").unlink()   # a Biased MNIST cut short: its arrays are not ours either
-    with pytest.raises(ValueError, match="holds other files .groups.jsonl, test_digit_ids.npy"):
+    with pytest.raises(ValueError, match="holds other arrays .test_digit_ids.npy, test_digit_masks.npy"):
         load_cached(index, ["test"], str(bm_dir), 16, None)
 
 

@@ -114,20 +114,21 @@ def _is_json(path: str) -> bool:
 
 
 def _refuse_other_contents(directory: str) -> None:
-    """A ValueError when `directory` holds anything but this cache's files: another
-    dataset (a Biased MNIST, whose meta.json and split arrays have the same names as
-    ours) would be overwritten, or its files mixed with ours."""
+    """A ValueError when `directory` holds another dataset: a Biased MNIST's meta.json and
+    split arrays have the same names as ours, and would be overwritten (its other arrays,
+    without its meta.json, are a Biased MNIST cut short). Files of other kinds (a run's, when
+    the run directory is the cache too) do not collide with ours."""
     if os.path.isfile(os.path.join(directory, META)) and not _read_meta(directory) \
             and _is_json(os.path.join(directory, META)):   # not JSON: ours, damaged
         raise ValueError(f"{directory} holds another dataset (its {META} is not a "
                          f"decoded-image cache's, a Biased MNIST's perhaps): give the "
                          f"decoded images a directory of their own")
-    foreign = sorted(name for name in os.listdir(directory) if name != META
-                     and not name.endswith("_images.npy") and ".tmp-" not in name)
+    foreign = sorted(name for name in os.listdir(directory) if name.endswith(".npy")
+                     and not name.endswith("_images.npy"))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ValueError(f"{directory} holds other files ({shown}): give the decoded images "
-                         f"a directory of their own (a new or empty one)")
+        raise ValueError(f"{directory} holds other arrays ({shown}), a Biased MNIST's "
+                         f"perhaps: give the decoded images a directory of their own")
 
 
 def _write_meta(directory: str, meta: Dict) -> None:
