@@ -154,6 +154,21 @@ def test_folder_csv_refuses_an_image_in_two_splits_or_with_two_labels(roots, tmp
         catalog.find("folder", root, ["place"])
 
 
+def test_folder_csv_refuses_integer_labels_that_look_like_ids(roots, tmp_path):
+    """Labels 17 and 4000 built a 4,001-class model for two classes, without a word."""
+    root = str(tmp_path / "f")
+    shutil.copytree(roots["folder"], root)
+    csv_path = os.path.join(root, "metadata.csv")
+    text = open(csv_path).read()
+    open(csv_path, "w").write(text.replace(",cat,", ",17,").replace(",dog,", ",4000,"))
+    with pytest.raises(DatasetLayoutError, match="integers up to 4000, and only 2 of those "
+                       "4001 classes have images"):
+        catalog.find("folder", root)
+    # One class of three without images is a dataset's subset, not ids: read as it is.
+    open(csv_path, "w").write(text.replace(",cat,", ",0,").replace(",dog,", ",2,"))
+    assert catalog.find("folder", root).class_names == ("0", "1", "2")
+
+
 def test_folder_csv_as_spreadsheets_and_celeba_write_it(roots, tmp_path):
     """A comma ending every line (an unnamed empty column), blank lines (the errors still
     name the file's line), a column with blanks (skipped, not refused) and -1/1 values."""

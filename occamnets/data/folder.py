@@ -3,7 +3,8 @@
 
 ROOT/metadata.csv, with a header row:
   path     the image file, relative to ROOT (also accepted: img_filename, filename, file)
-  label    the class: integers 0..K-1, or names (sorted into 0..K-1) (also: y, target)
+  label    the class: integers 0..K-1, or names (sorted into 0..K-1) (also: y, target);
+           integers leaving more than half of 0..K-1 without images are refused (ids)
   split    optional: train, val, test (or Waterbirds' 0, 1, 2), or further names (letters,
            digits, '_', '-', '.'), each an extra evaluation split; without it the images are
            assigned train/val/test 80/10/10 in the order of a hash of their paths, so a
@@ -152,6 +153,13 @@ def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetInd
         values = [_codes([row[c] for row in rows])[0] for c in attributes]
     except ValueError as error:
         raise DatasetLayoutError(f"{csv_path}: {error}") from error
+    present = len(np.unique(labels))
+    if present * 2 < len(class_names):   # only integer labels can leave classes without images
+        raise DatasetLayoutError(
+            f"{csv_path}: the labels are integers up to {len(class_names) - 1}, and only "
+            f"{present} of those {len(class_names)} classes have images (the model would "
+            f"predict them all): they look like ids, not 0..K-1; number the classes 0..K-1, "
+            f"or write them as names (a letter in front)")
     attribute_array = (np.stack(values, 1) if values
                        else np.zeros((len(rows), 0), dtype=np.int64))
     if SPLIT_COLUMN in header:
