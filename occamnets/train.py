@@ -713,14 +713,17 @@ class Trainer:
         signal may reach them at different steps) every STOP_SYNC_EVERY steps, and where
         `sync` (every process calls it there)."""
         config = self.config
-        if config.max_steps and self.global_step >= config.max_steps:
-            return f"reached --max-steps {config.max_steps}"
-        if self.world > 1:
-            if self.global_step % STOP_SYNC_EVERY and not sync:
-                return None
+        # Whether to agree is decided by the step alone, the same on every process; agreeing
+        # comes before the step cap, so that `interrupted` is the same everywhere after it.
+        agree = self.world > 1 and (sync or self.global_step % STOP_SYNC_EVERY == 0)
+        if agree:
             flag = torch.tensor([self.stop_signal or 0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.stop_signal = int(flag) or None
+        if config.max_steps and self.global_step >= config.max_steps:
+            return f"reached --max-steps {config.max_steps}"
+        if self.world > 1 and not agree:
+            return None
         return STOP_SIGNALS.get(self.stop_signal) if self.stop_signal else None
 
     def _stop(self, reason: str, saved: bool = False) -> None:
@@ -785,9 +788,10 @@ class Trainer:
                                         refresh=False)
                     bar.update(1)
                 stop = self._should_stop()
-                if stop and step == steps - 1 and not self.interrupted:
+                if step == steps - 1 and config.max_steps and self.global_step >= config.max_steps:
                     # The step cap at an epoch's last step: the epoch's end (its record, and
-                    # after the last epoch the report) comes first; the cap stops after it.
+                    # after the last epoch the report) comes first, then the cap (or a signal)
+                    # stops. Decided by the step alone: every process goes on alike.
                     stop = None
                 periodic = config.checkpoint_every and (
                     self.global_step % config.checkpoint_every == 0)
