@@ -47,8 +47,8 @@ class DatasetCheck:
         lines = [f"# {self.dataset} in {self.root}", "",
                  f"Classes: {', '.join(self.class_names)}. Bias attributes: {attributes}."
                  + (f" Columns not taken as bias attributes (too many distinct values, or "
-                    f"blanks; name them with --bias-columns to use them): {', '.join(self.skipped_columns)}."
-                    if self.skipped_columns else ""), "",
+                    f"blanks; name them with --bias-columns to use them): "
+                    f"{', '.join(self.skipped_columns)}." if self.skipped_columns else ""), "",
                  "| split | images | bias groups | smallest group | missing | unreadable |",
                  "|---|---|---|---|---|---|"]
         for s in self.splits:

@@ -148,11 +148,8 @@ def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetInd
         empty = [c for c in required if not row[c]]
         if empty:
             raise DatasetLayoutError(f"{csv_path} line {number}: no value for {', '.join(empty)}")
-    try:
-        labels, class_names = _codes([row[label_column] for row in rows])
-        values = [_codes([row[c] for row in rows])[0] for c in attributes]
-    except ValueError as error:
-        raise DatasetLayoutError(f"{csv_path}: {error}") from error
+    labels, class_names = _codes([row[label_column] for row in rows])
+    values = [_codes([row[c] for row in rows])[0] for c in attributes]
     present = len(np.unique(labels))
     if present * 2 < len(class_names):   # only integer labels can leave classes without images
         raise DatasetLayoutError(
