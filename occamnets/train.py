@@ -641,9 +641,10 @@ class Trainer:
         self.epoch_images = progress["images"]
         if "image_loss_sum" in progress:
             self.epoch_loss_sum = progress["image_loss_sum"]
-        else:   # written before 2026-11-29, a sum per step: the steps so far were all full
+        else:   # written before 2026-11-29, a sum per step: exact when the steps so far were
+            # all full (one cut at an epoch's last, smaller batch is close, not exact)
             self.epoch_loss_sum = (progress["loss_sum"] * self.epoch_images
-                                   / max(1, checkpoint.get("step_in_epoch", 0)))
+                                   / max(1, checkpoint["step_in_epoch"]))
         self.epoch_seconds = progress["seconds"]
         self._truncate_metrics()
 
@@ -712,19 +713,22 @@ class Trainer:
         """Why training stops after this step, or None. Under DDP the processes agree (a
         signal may reach them at different steps) every STOP_SYNC_EVERY steps, and where
         `sync` (every process calls it there)."""
-        config = self.config
-        # Whether to agree is decided by the step alone, the same on every process; agreeing
-        # comes before the step cap, so that `interrupted` is the same everywhere after it.
-        agree = self.world > 1 and (sync or self.global_step % STOP_SYNC_EVERY == 0)
+        # Whether to agree is decided by the step alone, the same on every process; at the
+        # step cap too, so that wherever training stops `interrupted` is the same everywhere.
+        capped = self._at_step_cap()
+        agree = self.world > 1 and (sync or capped or self.global_step % STOP_SYNC_EVERY == 0)
         if agree:
             flag = torch.tensor([self.stop_signal or 0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.stop_signal = int(flag) or None
-        if config.max_steps and self.global_step >= config.max_steps:
-            return f"reached --max-steps {config.max_steps}"
+        if capped:
+            return f"reached --max-steps {self.config.max_steps}"
         if self.world > 1 and not agree:
             return None
         return STOP_SIGNALS.get(self.stop_signal) if self.stop_signal else None
+
+    def _at_step_cap(self) -> bool:
+        return bool(self.config.max_steps) and self.global_step >= self.config.max_steps
 
     def _stop(self, reason: str, saved: bool = False) -> None:
         """Write the checkpoint (unless it was just `saved`) and say how to continue."""
@@ -732,6 +736,8 @@ class Trainer:
         if self.rank == 0 and (self.say_max_steps or self.interrupted):
             if self.epoch >= self.config.epochs:   # stopped between the last epoch and the report
                 where, then = f"after the last epoch ({self.epoch})", "write the report"
+            elif self.step_in_epoch == 0 and self.epoch > 0:   # at an epoch's end
+                where, then = f"after epoch {self.epoch}", "continue"
             else:
                 where, then = f"at epoch {self.epoch + 1} step {self.step_in_epoch}", "continue"
             print(f"{reason}: stopped {where} (step {self.global_step} in all); checkpoint "
@@ -756,7 +762,7 @@ class Trainer:
         train = self.splits["train"]
         if self.global_step == 0 and self.rank == 0 and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a new run: nothing from an earlier one
-        if config.max_steps and self.global_step >= config.max_steps:
+        if self._at_step_cap():
             # Resumed at the cap already: no step past it (the checkpoint is this state).
             self._stop(f"reached --max-steps {config.max_steps}", saved=True)
             return
@@ -788,10 +794,10 @@ class Trainer:
                                         refresh=False)
                     bar.update(1)
                 stop = self._should_stop()
-                if step == steps - 1 and config.max_steps and self.global_step >= config.max_steps:
+                if step == steps - 1 and self._at_step_cap() and not self.interrupted:
                     # The step cap at an epoch's last step: the epoch's end (its record, and
-                    # after the last epoch the report) comes first, then the cap (or a signal)
-                    # stops. Decided by the step alone: every process goes on alike.
+                    # after the last epoch the report) comes first, then the cap stops. The
+                    # processes agreed on `interrupted` at the cap: they go on alike.
                     stop = None
                 periodic = config.checkpoint_every and (
                     self.global_step % config.checkpoint_every == 0)

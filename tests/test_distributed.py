@@ -46,14 +46,15 @@ def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path, method)
 def test_a_signal_to_one_process_after_the_last_epoch_stops_every_process(tmp_path, when):
     """The processes agree on a stop at every epoch's end too: the first one, interrupted
     while validating the last epoch, stops before the report, and so does the other (which
-    would otherwise wait in the report's collectives until this test's timeout). The same
-    when the signal comes during the last step and --max-steps caps it: the cap defers to
-    the epoch's end on every process alike, where they agree on the signal."""
+    would otherwise wait in the report's collectives until this test's timeout). When the
+    signal comes during the last step and --max-steps caps it, the processes agree there
+    (at the cap, whatever the step) and stop at once, before the epoch's end."""
     result = torchrun(os.path.join(HERE, "ddp_stop_worker.py"), str(tmp_path),
                       *([when] if when == "at_the_step_cap" else []), timeout=150)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks == [{"reported": False, "stop_signal": 2, "epoch": 1}] * 2, ranks
+    epoch = 0 if when == "at_the_step_cap" else 1
+    assert ranks == [{"reported": False, "stop_signal": 2, "epoch": epoch}] * 2, ranks
     assert not (tmp_path / "report.json").exists()
 
 

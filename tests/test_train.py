@@ -39,7 +39,7 @@ def config(tmp_path, model="occam", **overrides):
     return RunConfig(**values)
 
 
-def test_a_step_cap_at_the_last_step_finishes_the_run(tmp_path):
+def test_a_step_cap_at_the_last_step_finishes_the_run(tmp_path, capsys):
     """--max-steps equal to the run's steps stopped after the last step, before the epoch's
     end: no epoch record, no report, and a hint to continue a run that had nothing left."""
     trainer = Trainer(config(tmp_path, epochs=1, max_steps=6), synthetic_splits())
@@ -49,6 +49,7 @@ def test_a_step_cap_at_the_last_step_finishes_the_run(tmp_path):
     # At an earlier epoch's end the cap stops after that epoch's record and checkpoint.
     capped = Trainer(config(tmp_path / "capped", epochs=2, max_steps=6), synthetic_splits())
     assert capped.run() is None and (capped.epoch, capped.step_in_epoch) == (1, 0)
+    assert "reached --max-steps 6: stopped after epoch 1 (step 6 in all)" in capsys.readouterr().out
     assert read_checkpoint(str(tmp_path / "capped" / "checkpoint.pt"))["epoch"] == 1
 
 
