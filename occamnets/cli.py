@@ -452,6 +452,7 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
     from .checkpoints import read_checkpoint
     from .config import BIASED_MNIST
     from .evaluate import load_splits, model_from_checkpoint
+    from .train import check_same_split_rule
     checkpoint = read_checkpoint(args.checkpoint)
     model, config = model_from_checkpoint(checkpoint, args.checkpoint, args.device)
     if need_exits and not hasattr(model, "early_exit"):
@@ -472,6 +473,7 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
     split = load_splits(config, device, (args.split,), count=count, progress=said,
                         verbose=said)[args.split]
     _check_same_classes(checkpoint.get("class_names"), split.class_names, args)
+    check_same_split_rule(checkpoint, split, args.checkpoint)
     return model, config, split
 
 

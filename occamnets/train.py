@@ -266,6 +266,21 @@ def check_same_training_split(checkpoint: Dict, fingerprint: Dict[str, object],
                              f"another --out")
 
 
+def check_same_split_rule(checkpoint: Dict, split: LabelledItems, path: str) -> None:
+    """A CheckpointMismatch when the dataset's splits are now assigned by another rule than
+    the one the checkpoint's run saw (a folder CSV without a split column: by a permutation
+    of the rows before 2026-11-29, by a hash of the paths since): most of its evaluation
+    images would be images it trained on."""
+    if split.split_rule is None or checkpoint.get("split_rule") == split.split_rule:
+        return
+    then = ("the CSV's split column" if "split_rule" in checkpoint and
+            checkpoint["split_rule"] is None else checkpoint.get(
+                "split_rule", "a permutation of the CSV's rows, before 2026-11-29"))
+    raise CheckpointMismatch(f"{path} was trained on splits assigned otherwise ({then}; now "
+                             f"{split.split_rule}): its evaluation splits would hold images it "
+                             f"trained on; train a new run, or give the CSV a split column")
+
+
 def check_continuable(checkpoint: Dict, config: RunConfig, world: int) -> None:
     """A ValueError when a checkpoint's run cannot go on as asked: fewer epochs than it has
     trained (an epoch begun counts: its steps cannot be undone), or another number of
@@ -596,6 +611,7 @@ class Trainer:
                 "num_classes": self.num_classes, "world": self.world,
                 "class_names": (list(self.splits["train"].class_names)
                                 if self.splits["train"].class_names else None),
+                "split_rule": self.splits["train"].split_rule,
                 "epoch_progress": {"image_loss_sum": self.epoch_loss_sum,
                                    "images": self.epoch_images, "seconds": self.epoch_seconds}}
 
@@ -620,6 +636,7 @@ class Trainer:
         if missing:
             raise ValueError(f"{path} holds a model but not the training state to resume "
                              f"({', '.join(missing)} missing)")
+        check_same_split_rule(checkpoint, self.splits["train"], path)
         check_same_training_split(checkpoint, self.train_split_fingerprint, path)
         load_model_state(self.model, checkpoint["model"], path)
         try:

@@ -46,6 +46,28 @@ def test_train_five_steps_then_eval_each_dataset(name, roots, tmp_path, capsys, 
         assert "trained on (cat, dog)" in error
 
 
+def test_a_run_on_splits_assigned_by_another_rule_is_not_evaluated(roots, tmp_path, capsys):
+    """A CSV without a split column was split by a permutation of its rows before
+    2026-11-29, by a hash of the paths since: a run of the old rule evaluated on the new
+    splits would be judged mostly on images it trained on."""
+    root = fixtures.write_folder(str(tmp_path / "f"), counts=(("all", 50),), with_split=False)
+    out = str(tmp_path / "run")
+    assert main(["train", "--dataset", "folder", "--root", root, "--preset", "quick",
+                 "--max-steps", "2", "--device", "cpu", "--no-progress", "--out", out,
+                 "--data-dir", str(tmp_path / "cache")]) == 0
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    assert main(["eval", checkpoint]) == 0
+    capsys.readouterr()
+    state = torch.load(checkpoint, weights_only=True)
+    del state["split_rule"]                        # as the previous version wrote it
+    torch.save(state, checkpoint)
+    for argv in (["eval", checkpoint], ["train", "--out", out, "--resume"]):
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1, error
+        assert "trained on splits assigned otherwise (a permutation of the CSV's rows" in error
+
+
 def test_a_whole_coco_on_places_run_reports_every_split(roots, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--dataset", "coco-on-places", "--root", roots["coco-on-places"],

@@ -127,7 +127,8 @@ def test_folder_without_split_column_is_split_the_same_every_time(tmp_path):
                 if split == "test" and grown[name] == "train"]
 
 
-def test_folder_csv_refuses_an_image_in_two_splits_or_with_two_labels(roots, tmp_path):
+def test_folder_csv_refuses_an_image_in_train_and_another_split_or_with_two_labels(
+        roots, tmp_path):
     root = str(tmp_path / "f")
     shutil.copytree(roots["folder"], root)
     csv_path = os.path.join(root, "metadata.csv")
@@ -137,15 +138,18 @@ def test_folder_csv_refuses_an_image_in_two_splits_or_with_two_labels(roots, tmp
     def write(*extra):
         open(csv_path, "w").write("\n".join([header] + rows + [",".join(e) for e in extra])
                                   + "\n")
-    write(test_row)                       # twice in its split: allowed (drawn twice)
-    assert len(catalog.find("folder", root, ["place"]).split("test")) == 9
+    # Twice in its split (drawn twice), and in a further evaluation split (a hard subset of
+    # test, named with a space): allowed.
+    write(test_row, test_row[:4] + ["hard test"])
+    index = catalog.find("folder", root, ["place"])
+    assert len(index.split("test")) == 9 and len(index.split("hard test")) == 1
     write(test_row[:4] + ["train"])       # the test image again, for training
-    with pytest.raises(DatasetLayoutError, match=f"lists {test_row[1]} in two splits "
-                       rf"\(test on line \d+, train on line {len(rows) + 2}\)"):
+    with pytest.raises(DatasetLayoutError, match=f"lists {test_row[1]} in train "
+                       rf"\(line {len(rows) + 2}\) and in test \(line \d+\)"):
         catalog.find("folder", root, ["place"])
     relabelled = test_row[:2] + ["dog" if test_row[2] == "cat" else "cat"] + test_row[3:]
     write(relabelled)
-    with pytest.raises(DatasetLayoutError, match="in two labels"):
+    with pytest.raises(DatasetLayoutError, match="with two labels"):
         catalog.find("folder", root, ["place"])
     # A split's name is a cache file's name: no path in it (this one wrote outside the cache).
     write(test_row[:1] + ["images/extra.png"] + test_row[2:4] + ["../escaped"])

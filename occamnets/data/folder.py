@@ -5,19 +5,21 @@ ROOT/metadata.csv, with a header row:
   path     the image file, relative to ROOT (also accepted: img_filename, filename, file)
   label    the class: integers 0..K-1, or names (sorted into 0..K-1) (also: y, target);
            integers leaving more than half of 0..K-1 without images are refused (ids)
-  split    optional: train, val, test (or Waterbirds' 0, 1, 2), or further names (letters,
-           digits, '_', '-', '.'), each an extra evaluation split; without it the images are
-           assigned train/val/test 80/10/10 in the order of a hash of their paths, so a
-           path's split does not depend on the rows' order, and rows added later move
-           hardly any (an earlier test image does not become a training image)
+  split    optional: train, val, test (or Waterbirds' 0, 1, 2), or further names (no '/'
+           or '\\', not starting with '.': a split's name names its cache file), each an
+           extra evaluation split; without it the images are assigned train/val/test
+           80/10/10 in the order of a hash of their paths (SPLIT_RULE), so a path's split
+           does not depend on the rows' order, and rows added later move only images near
+           the cuts (a test image can become a training image only when the rows added
+           number about an eighth of those before, or more)
   ...      bias attributes: those named by bias_columns, else every other named column with
            a value in every row and at most MAX_ATTRIBUTE_VALUES distinct values (an id or
            file-name column would make every image its own group: such columns are listed
            as skipped); integers 0.. as they are, other values (names, negative integers
            such as CelebA's -1/1) sorted into 0..V-1
 Groups are label x the attributes' values. An image may be listed twice in one split (it is
-then drawn twice as often), never in two splits (a test image trained on) nor with two
-labels.
+then drawn twice as often) or in two evaluation splits, never in train and another split (an
+image evaluated on would be trained on) nor with two labels.
 """
 import csv
 import hashlib
@@ -38,8 +40,12 @@ NUMBERED_SPLITS = {"0": "train", "1": "val", "2": "test"}   # Waterbirds' conven
 REQUIRED_SPLITS = ("train", "val", "test")
 UNSPLIT_SHARES = (0.8, 0.1)   # train and val shares when the CSV has no split column
 MAX_ATTRIBUTE_VALUES = 32     # more distinct values: not a bias attribute unless named
-# A split's name becomes a cache file's name ({split}_images.npy): no path separators.
-SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A split's name becomes a cache file's name ({split}_images.npy): no path in it.
+NOT_A_SPLIT_NAME = re.compile(r"^\.|[/\\\0]")
+# How splits are assigned without a split column; a checkpoint keeps it, so a run split by
+# another rule (a permutation of the rows' positions, before 2026-11-29) is not evaluated
+# on images it trained on.
+SPLIT_RULE = "sha256-of-path-rank-80-10-10"
 GET_IT = (f"write {CSV_NAME} beside the images: a header with path, label, optional split and "
           f"any bias attribute columns")
 
@@ -112,17 +118,25 @@ def _read_csv(path: str) -> Tuple[List[str], List[Dict[str, str]], List[int]]:
 
 def _check_paths(csv_path: str, paths: Sequence[str], labels: Sequence[str],
                  splits: Sequence[str], lines: Sequence[int]) -> None:
-    """A DatasetLayoutError for an image listed in two splits (a test image would be trained
-    on) or with two labels, naming both lines."""
-    first: Dict[str, int] = {}
+    """A DatasetLayoutError for an image listed in train and another split (it would be
+    evaluated on after training on it) or with two labels, naming both lines."""
+    first: Dict[str, int] = {}       # each path's first row
+    in_train: Dict[str, int] = {}    # and its first training row
     for row, path in enumerate(paths):
-        seen = first.setdefault(os.path.normpath(path), row)
-        for what, values in (("splits", splits), ("labels", labels)):
-            if values[seen] != values[row]:
-                raise DatasetLayoutError(
-                    f"{csv_path} lists {path} in two {what} ({values[seen]} on line "
-                    f"{lines[seen]}, {values[row]} on line {lines[row]}): one image, one "
-                    f"{what[:-1]}")
+        key = os.path.normpath(path)
+        seen = first.setdefault(key, row)
+        if labels[seen] != labels[row]:
+            raise DatasetLayoutError(f"{csv_path} lists {path} with two labels ({labels[seen]} "
+                                     f"on line {lines[seen]}, {labels[row]} on line "
+                                     f"{lines[row]}): one image, one label")
+        if splits[row] == "train":
+            in_train.setdefault(key, row)
+    for row, path in enumerate(paths):
+        trained = in_train.get(os.path.normpath(path))
+        if trained is not None and splits[row] != "train":
+            raise DatasetLayoutError(f"{csv_path} lists {path} in train (line {lines[trained]}) "
+                                     f"and in {splits[row]} (line {lines[row]}): an image "
+                                     f"evaluated on must not be trained on")
 
 
 def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetIndex:
@@ -162,11 +176,14 @@ def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetInd
     if SPLIT_COLUMN in header:
         split_names = [NUMBERED_SPLITS.get(row[SPLIT_COLUMN], row[SPLIT_COLUMN]) for row in rows]
         for number, name in zip(lines, split_names):
-            if not SPLIT_NAME.fullmatch(name):
+            if NOT_A_SPLIT_NAME.search(name):
                 raise DatasetLayoutError(f"{csv_path} line {number}: split {name!r} is not a "
-                                         f"name (letters, digits, '_', '-', '.')")
+                                         f"name (it names a file: no '/' or '\\', no leading "
+                                         f"'.')")
+        rule = None
     else:
         split_names = _assign_splits([os.path.normpath(row[path_column]) for row in rows])
+        rule = SPLIT_RULE
     _check_paths(csv_path, [row[path_column] for row in rows],
                  [row[label_column] for row in rows], split_names, lines)
     missing = [s for s in REQUIRED_SPLITS if s not in split_names]
@@ -181,4 +198,4 @@ def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetInd
         splits[split] = SplitIndex(file_source(list(paths[rows_of])), labels[rows_of],
                                    attribute_array[rows_of])
     skipped = tuple(c for c in others if c not in attributes) if bias_columns is None else ()
-    return DatasetIndex("folder", root, class_names, tuple(attributes), splits, skipped)
+    return DatasetIndex("folder", root, class_names, tuple(attributes), splits, skipped, rule)

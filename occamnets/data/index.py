@@ -88,13 +88,15 @@ class SplitIndex:
 class DatasetIndex:
     """A dataset found in `root`: its classes, bias attribute names and splits;
     `skipped_columns`: a CSV's columns not taken as bias attributes (too many values, or
-    blanks)."""
+    blanks); `split_rule`: how the splits were assigned when the dataset does not say (None:
+    it says)."""
     name: str
     root: str
     class_names: Tuple[str, ...]
     attribute_names: Tuple[str, ...]
     splits: Dict[str, SplitIndex]
     skipped_columns: Tuple[str, ...] = ()
+    split_rule: Optional[str] = None
 
     def __post_init__(self):
         for split, index in self.splits.items():

@@ -40,14 +40,16 @@ class LabelledItems:
     """What every split holds on its device: labels (N,), bias attributes `factors` (N, F)
     named `factor_names`, `aligned` (N, F) bool where an attribute takes the value tied to the
     label (None when the attributes are not tied to classes), the bias groups (label x the
-    attributes' values, each item's group index) and, when known, the classes' names."""
+    attributes' values, each item's group index) and, when known, the classes' names and
+    the rule that assigned the dataset's splits (DatasetIndex.split_rule)."""
 
     masks: Optional[torch.Tensor] = None
 
     def __init__(self, labels: torch.Tensor, factors: torch.Tensor,
                  factor_names: Sequence[str], device="cpu",
                  aligned: Optional[torch.Tensor] = None,
-                 class_names: Optional[Sequence[str]] = None):
+                 class_names: Optional[Sequence[str]] = None,
+                 split_rule: Optional[str] = None):
         if labels.shape[0] != factors.shape[0] or factors.dim() != 2:
             raise ValueError(f"labels (N,) and factors (N, F) must have one length, got "
                              f"{tuple(labels.shape)} and {tuple(factors.shape)}")
@@ -59,6 +61,7 @@ class LabelledItems:
         self.factor_names = list(factor_names)
         self.aligned = None if aligned is None else aligned.bool().to(device)
         self.class_names = None if class_names is None else tuple(class_names)
+        self.split_rule = split_rule
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -95,7 +98,7 @@ class DeviceSplit(LabelledItems):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, factors: torch.Tensor,
                  factor_names: Sequence[str], device="cpu",
                  masks: Optional[torch.Tensor] = None, aligned: Optional[torch.Tensor] = None,
-                 class_names: Optional[Sequence[str]] = None):
+                 class_names: Optional[Sequence[str]] = None, split_rule: Optional[str] = None):
         if not images.shape[0] == labels.shape[0] == factors.shape[0]:
             raise ValueError(f"images, labels and factors must have one length, got "
                              f"{images.shape[0]}, {labels.shape[0]} and {factors.shape[0]}")
@@ -106,7 +109,8 @@ class DeviceSplit(LabelledItems):
                 images.shape[0], images.shape[2]) or masks.shape[2] != -(-images.shape[3] // 8)):
             raise ValueError(f"masks must be bit-packed uint8 (N, H, ceil(W/8)) for images "
                              f"{tuple(images.shape)}, got {masks.dtype} {tuple(masks.shape)}")
-        super().__init__(labels, factors, factor_names, device, aligned, class_names)
+        super().__init__(labels, factors, factor_names, device, aligned, class_names,
+                         split_rule)
         self.images = images.to(device)
         self.masks = None if masks is None else masks.to(device)
 
