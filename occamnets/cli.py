@@ -120,7 +120,7 @@ def _run_data(args) -> int:
     print(f"Biased MNIST in {out}: {sizes} images of {config.image_size} px "
           f"({time.perf_counter() - started:.1f} s; {groups} bias groups in train, listed in "
           f"{biased_mnist.GROUPS_FILE}); train on it with "
-          f"`occamnets train --data-dir {out}`")
+          f"`occamnets train --data-dir {shlex.quote(out)}`")
     if args.preview:
         train = splits["train"]
         save_sample_grid(args.preview, train.images[:24], train.labels, train.factors,

@@ -394,8 +394,10 @@ def test_a_biased_mnist_and_a_real_datasets_cache_never_overwrite_each_other(tra
     one_line_error(capsys, f"{cache_dir} holds the decoded images of folder, not a Biased "
                    "MNIST")
     assert sorted(os.listdir(cache_dir)) == cached
+    (cache_dir / "features.npy").write_bytes(b"")   # a user's own array: no collision
+    load_cached(index, ["test"], str(cache_dir), 16, None)
     (bm_dir / "meta.json").unlink()   # a Biased MNIST cut short: its arrays are not ours either
-    with pytest.raises(ValueError, match="holds other arrays .test_digit_ids.npy, test_digit_masks.npy"):
+    with pytest.raises(ValueError, match="holds a Biased MNIST.s arrays .test_digit_ids.npy, test_digit_masks.npy"):
         load_cached(index, ["test"], str(bm_dir), 16, None)
 
 

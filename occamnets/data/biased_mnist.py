@@ -41,6 +41,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import shlex
 from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -452,11 +453,11 @@ def _render_split(digits: np.ndarray, labels: np.ndarray, chosen: np.ndarray,
 # is written to a temporary name and renamed; meta.json goes last, so an interrupted write
 # leaves no cache that passes the check.
 
-_ARRAYS = ("images", "labels", "factors", "digit_ids", "digit_masks")
+ARRAY_FIELDS = ("images", "labels", "factors", "digit_ids", "digit_masks")
 
 
 def _array_file(split: str, field: str) -> str:
-    """The cache's file of one split's array (one of _ARRAYS)."""
+    """The cache's file of one split's array (one of ARRAY_FIELDS)."""
     return f"{split}_{field}.npy"
 
 
@@ -471,7 +472,7 @@ def _start_save(directory: str) -> None:
 def _save_split(directory: str, split: str, data: BiasedMNISTSplit) -> Dict[str, Dict]:
     """Writes the split's arrays; returns their meta.json entries (size and SHA-256)."""
     files = {}
-    for field in _ARRAYS:
+    for field in ARRAY_FIELDS:
         name = _array_file(split, field)
         path = os.path.join(directory, name)
         with atomic_path(path) as tmp:
@@ -578,7 +579,7 @@ def cache_problem(config: BiasedMNISTConfig, directory: str,
     for split in splits:
         if split not in meta["sizes"]:
             return f"meta.json lists no {split} split"
-        for field in _ARRAYS:
+        for field in ARRAY_FIELDS:
             name = _array_file(split, field)
             expected = meta["files"].get(name)
             if not isinstance(expected, dict) or not {"bytes", "sha256"} <= set(expected):
@@ -632,7 +633,7 @@ def _read_cache(config: BiasedMNISTConfig, directory: str, splits: Sequence[str]
     loaded = {}
     for split in splits:
         arrays = {}
-        for field in _ARRAYS:
+        for field in ARRAY_FIELDS:
             path = os.path.join(directory, _array_file(split, field))
             try:
                 # Copy-on-write: only the rows read come into memory, the tensors are writable
@@ -645,7 +646,7 @@ def _read_cache(config: BiasedMNISTConfig, directory: str, splits: Sequence[str]
         problem = _content_problem(config, split, sizes[split], arrays)
         if problem is not None:
             return {}, problem
-        loaded[split] = BiasedMNISTSplit(*(torch.from_numpy(arrays[f]) for f in _ARRAYS))
+        loaded[split] = BiasedMNISTSplit(*(torch.from_numpy(arrays[f]) for f in ARRAY_FIELDS))
     return loaded, None
 
 
@@ -668,7 +669,7 @@ def _generate_and_save(config: BiasedMNISTConfig, directory: str, splits: Sequen
         del data   # a split not kept is freed before the next one is rendered
     # In a fixed order (splits, then arrays), whatever order they were rendered in.
     files = {name: files[name] for name in (_array_file(split, field) for split in SPLITS
-                                            for field in _ARRAYS)}
+                                            for field in ARRAY_FIELDS)}
     _write_meta(directory, config, files, {split: sizes[split] for split in SPLITS},
                 {split: groups[split] for split in SPLITS})
     if mmap:
@@ -712,8 +713,8 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
             raise ValueError(
                 f"the Biased MNIST cache in {directory} is inconsistent although its checksums "
                 f"match (edited by hand?): {problem}; regenerate it with `occamnets data "
-                f"biased-mnist --force --out {directory}` and the settings it was made with, "
-                f"or delete {directory}")
+                f"biased-mnist --force --out {shlex.quote(directory)}` and the settings it was "
+                f"made with, or delete {directory}")
         problem = f"inconsistent content ({problem})"
     if problem == "the config changed" and not replace_other:
         differences = _config_differences(_read_meta(directory).get("config"),
@@ -753,7 +754,7 @@ def _refuse_foreign_files(directory: str) -> None:
     directory given as --data-dir, say): the dataset's dozens of files would land among them.
     A cache cut short by an interruption holds only its own files, and is regenerated."""
     ours = {"meta.json", GROUPS_FILE} | {_array_file(split, field) for split in SPLITS
-                                         for field in _ARRAYS}
+                                         for field in ARRAY_FIELDS}
     foreign = sorted(name for name in os.listdir(directory)
                      if name not in ours and ".tmp-" not in name)
     if foreign:

@@ -26,6 +26,7 @@ import torch
 
 from ..files import atomic_path, file_problem, file_record, remove_stale_temporaries
 from ..progress import close, progress_bar
+from .biased_mnist import ARRAY_FIELDS
 from .index import DatasetIndex, ImageSource, SplitIndex
 from .jpeg_decode import decode_jpeg_rows
 from .loaders import LabelledItems, prepare, read_rgb
@@ -114,21 +115,21 @@ def _is_json(path: str) -> bool:
 
 
 def _refuse_other_contents(directory: str) -> None:
-    """A ValueError when `directory` holds another dataset: a Biased MNIST's meta.json and
-    split arrays have the same names as ours, and would be overwritten (its other arrays,
-    without its meta.json, are a Biased MNIST cut short). Files of other kinds (a run's, when
-    the run directory is the cache too) do not collide with ours."""
+    """A ValueError when `directory` holds a Biased MNIST: its meta.json and split images
+    have the same names as ours, and would be overwritten (its other arrays without its
+    meta.json are one cut short). Other files (a run's, when the run directory is the cache
+    too; a user's own) do not collide with ours."""
     if os.path.isfile(os.path.join(directory, META)) and not _read_meta(directory) \
             and _is_json(os.path.join(directory, META)):   # not JSON: ours, damaged
         raise ValueError(f"{directory} holds another dataset (its {META} is not a "
                          f"decoded-image cache's, a Biased MNIST's perhaps): give the "
                          f"decoded images a directory of their own")
-    foreign = sorted(name for name in os.listdir(directory) if name.endswith(".npy")
-                     and not name.endswith("_images.npy"))
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ValueError(f"{directory} holds other arrays ({shown}), a Biased MNIST's "
-                         f"perhaps: give the decoded images a directory of their own")
+    theirs = tuple(f"_{field}.npy" for field in ARRAY_FIELDS if field != "images")
+    found = sorted(name for name in os.listdir(directory) if name.endswith(theirs))
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(f"{directory} holds a Biased MNIST's arrays ({shown}): give the "
+                         f"decoded images a directory of their own")
 
 
 def _write_meta(directory: str, meta: Dict) -> None:
