@@ -14,12 +14,17 @@ from typing import Dict, Optional
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, UnknownSettings
 from .files import atomic_path, remove_stale_temporaries
 
 CHECKPOINT_FORMAT = 2
 # What every occamnets checkpoint holds; a training checkpoint holds more (train.py).
 REQUIRED_KEYS = ("format", "config", "model", "num_classes")
+
+
+class NewerCheckpoint(ValueError):
+    """A whole checkpoint this version cannot read (a newer format or settings): not damaged,
+    so not to be deleted."""
 
 
 def write_checkpoint(state: Dict, path: str) -> None:
@@ -76,17 +81,23 @@ def read_checkpoint(path: str, map_location="cpu", mmap: bool = True) -> Dict:
     if missing:
         raise ValueError(f"{path} is not an occamnets checkpoint (it has no "
                          f"{', '.join(missing)})")
-    if checkpoint["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {checkpoint['format']!r}; this "
-                         f"version of occamnets reads format {CHECKPOINT_FORMAT}")
+    written = checkpoint["format"]
+    if written != CHECKPOINT_FORMAT:
+        newer = isinstance(written, int) and written > CHECKPOINT_FORMAT
+        raise (NewerCheckpoint if newer else ValueError)(
+            f"{path} has checkpoint format {written!r}; this version of occamnets reads "
+            f"format {CHECKPOINT_FORMAT}")
     problem = _structure_problem(checkpoint)
     if problem is not None:
         raise ValueError(f"{path} is not an occamnets checkpoint ({problem})")
     try:
         RunConfig.from_dict(checkpoint["config"])
+    except UnknownSettings as error:
+        raise NewerCheckpoint(f"{path}: {error} (written by a newer occamnets?)") from error
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
     return checkpoint
+
 
 
 def _structure_problem(checkpoint: Dict) -> Optional[str]:
@@ -94,8 +105,6 @@ def _structure_problem(checkpoint: Dict) -> Optional[str]:
     found here, not as a TypeError deep in the model's construction."""
     classes = checkpoint["num_classes"]
     names = checkpoint.get("class_names")
-    if not isinstance(checkpoint["config"], dict):
-        return f"its config is a {type(checkpoint['config']).__name__}"
     if not isinstance(checkpoint["model"], dict) or not all(
             isinstance(t, torch.Tensor) for t in checkpoint["model"].values()):
         return "its model is not a table of tensors"

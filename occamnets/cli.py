@@ -351,11 +351,14 @@ def _with_cached_dataset(config, explicit: dict):
 
 
 def _checkpoint_settings(path: str):
-    """The config in the run's checkpoint; a corrupt one is named, with how to start over."""
-    from .checkpoints import start_over_hint
+    """The config in the run's checkpoint; a corrupt one is named, with how to start over (a
+    newer version's is not damaged: it is named alone)."""
+    from .checkpoints import NewerCheckpoint, start_over_hint
     from .evaluate import checkpoint_config
     try:
         return checkpoint_config(path)
+    except NewerCheckpoint:
+        raise
     except ValueError as error:
         raise ValueError(f"{error}; {start_over_hint(path)}") from error
 

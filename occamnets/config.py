@@ -28,6 +28,11 @@ _LOSS_DEFAULTS = {name: parameter.default
                   for name, parameter in inspect.signature(OccamLoss).parameters.items()}
 
 
+class UnknownSettings(ValueError):
+    """A config (a checkpoint's or a report's) with settings this version does not know:
+    written by a newer occamnets."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     # -- the model -------------------------------------------------------------------------------
@@ -372,8 +377,8 @@ class RunConfig:
             raise ValueError(f"the config is a {type(values).__name__}, not a table of settings")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"the config has settings this version of occamnets does not know: "
-                             f"{', '.join(sorted(unknown))}")
+            raise UnknownSettings(f"the config has settings this version of occamnets does not "
+                                  f"know: {', '.join(sorted(unknown))}")
         try:
             return from_plain(cls, values)  # each field by its annotation: the tuples come back
         except (TypeError, AttributeError) as error:   # an edited file: taus 5, p_bias "x"

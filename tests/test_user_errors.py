@@ -278,12 +278,21 @@ def test_truncated_old_and_foreign_checkpoints(trained, tmp_path, capsys):
     for name, edit, needle in [
             ("taus", dict(config=dict(state["config"], taus=5)), "wrong type"),
             ("p_bias", dict(config=dict(state["config"], p_bias="x")), "wrong type"),
-            ("config", dict(config=[1, 2]), "its config is a list"),
+            ("config", dict(config=[1, 2]), "the config is a list, not a table of settings"),
             ("model", dict(model=[1, 2]), "its model is not a table of tensors"),
             ("classes", dict(num_classes="10"), "num_classes is '10'")]:
         torch.save(dict(state, **edit), tmp_path / f"{name}.pt")
         assert main(["eval", str(tmp_path / f"{name}.pt")]) == 2
         one_line_error(capsys, f"{tmp_path / name}.pt", needle)
+    # A newer version's checkpoint is not damaged: no advice to delete it.
+    newer_run = tmp_path / "newer"
+    newer_run.mkdir()
+    for edit, needle in [(dict(format=3), "has checkpoint format 3"),
+                         (dict(config=dict(state["config"], sharpness=2)),
+                          "settings this version of occamnets does not know: sharpness")]:
+        torch.save(dict(state, **edit), newer_run / "checkpoint.pt")
+        assert main(["train", "--out", str(newer_run), "--resume"]) == 2
+        assert "rm " not in one_line_error(capsys, needle)
     model_only = {k: state[k] for k in ("format", "config", "model", "num_classes")}
     run = tmp_path / "model-only"
     run.mkdir()
