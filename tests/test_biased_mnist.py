@@ -457,7 +457,7 @@ def test_loading_the_test_split_hashes_only_its_files(tmp_path, monkeypatch):
     monkeypatch.setattr(occamnets.files, "sha256_of_file",
                         lambda path: hashed.append(os.path.basename(path)) or real(path))
     bm.load(config, str(tmp_path), ["test"])
-    assert sorted(hashed) == sorted(f"test_{field}.npy" for field in bm._ARRAYS)
+    assert sorted(hashed) == sorted(f"test_{field}.npy" for field in bm.ARRAY_FIELDS)
 
 
 def not_running_pid():
@@ -571,7 +571,7 @@ def test_load_memory_mapped(tmp_path):
         mapped = bm.load(config, str(tmp_path), ["test", "val"], mmap=True)
     assert list(mapped) == ["test", "val"]
     for name in mapped:
-        for field in bm._ARRAYS:
+        for field in bm.ARRAY_FIELDS:
             assert torch.equal(getattr(mapped[name], field), getattr(full[name], field))
     if os.path.exists("/proc/self/maps"):
         with open("/proc/self/maps") as handle:
