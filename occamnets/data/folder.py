@@ -116,27 +116,27 @@ def _read_csv(path: str) -> Tuple[List[str], List[Dict[str, str]], List[int]]:
             [{header[i]: row[i] for i in named} for row in table[1:]], lines[1:])
 
 
-def _check_paths(csv_path: str, paths: Sequence[str], labels: Sequence[str],
+def _check_paths(csv_path: str, keys: Sequence[str], labels: Sequence[str],
                  splits: Sequence[str], lines: Sequence[int]) -> None:
-    """A DatasetLayoutError for an image listed in train and another split (it would be
-    evaluated on after training on it) or with two labels, naming both lines."""
-    first: Dict[str, int] = {}       # each path's first row
-    in_train: Dict[str, int] = {}    # and its first training row
-    for row, path in enumerate(paths):
-        key = os.path.normpath(path)
+    """A DatasetLayoutError for an image (`keys`: its normalised path) listed in train and
+    another split (it would be evaluated on after training on it) or with two labels, naming
+    both lines."""
+    first: Dict[str, int] = {}                                   # each image's first row,
+    trained: Dict[str, int] = {}                                 # first training row,
+    evaluated: Dict[str, int] = {}                               # first row elsewhere
+    for row, key in enumerate(keys):
         seen = first.setdefault(key, row)
         if labels[seen] != labels[row]:
-            raise DatasetLayoutError(f"{csv_path} lists {path} with two labels ({labels[seen]} "
+            raise DatasetLayoutError(f"{csv_path} lists {key} with two labels ({labels[seen]} "
                                      f"on line {lines[seen]}, {labels[row]} on line "
                                      f"{lines[row]}): one image, one label")
-        if splits[row] == "train":
-            in_train.setdefault(key, row)
-    for row, path in enumerate(paths):
-        trained = in_train.get(os.path.normpath(path))
-        if trained is not None and splits[row] != "train":
-            raise DatasetLayoutError(f"{csv_path} lists {path} in train (line {lines[trained]}) "
-                                     f"and in {splits[row]} (line {lines[row]}): an image "
-                                     f"evaluated on must not be trained on")
+        (trained if splits[row] == "train" else evaluated).setdefault(key, row)
+    for key, row in evaluated.items():
+        if key in trained:
+            raise DatasetLayoutError(f"{csv_path} lists {key} in train (line "
+                                     f"{lines[trained[key]]}) and in {splits[row]} (line "
+                                     f"{lines[row]}): an image evaluated on must not be "
+                                     f"trained on")
 
 
 def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetIndex:
@@ -173,19 +173,19 @@ def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetInd
             f"or write them as names (a letter in front)")
     attribute_array = (np.stack(values, 1) if values
                        else np.zeros((len(rows), 0), dtype=np.int64))
+    keys = [os.path.normpath(row[path_column]) for row in rows]   # a.png and ./a.png: one image
     if SPLIT_COLUMN in header:
         split_names = [NUMBERED_SPLITS.get(row[SPLIT_COLUMN], row[SPLIT_COLUMN]) for row in rows]
-        for number, name in zip(lines, split_names):
+        for name in set(split_names):   # each name once, its first line named
             if NOT_A_SPLIT_NAME.search(name):
+                number = lines[split_names.index(name)]
                 raise DatasetLayoutError(f"{csv_path} line {number}: split {name!r} is not a "
                                          f"name (it names a file: no '/' or '\\', no leading "
                                          f"'.')")
         rule = None
     else:
-        split_names = _assign_splits([os.path.normpath(row[path_column]) for row in rows])
-        rule = SPLIT_RULE
-    _check_paths(csv_path, [row[path_column] for row in rows],
-                 [row[label_column] for row in rows], split_names, lines)
+        split_names, rule = _assign_splits(keys), SPLIT_RULE
+    _check_paths(csv_path, keys, [row[label_column] for row in rows], split_names, lines)
     missing = [s for s in REQUIRED_SPLITS if s not in split_names]
     if missing:
         raise DatasetLayoutError(f"{csv_path} puts no image in the {', '.join(missing)} "
