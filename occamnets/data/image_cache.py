@@ -105,22 +105,17 @@ def _read_meta(directory: str) -> Dict:
         return {}
 
 
-def _is_json(path: str) -> bool:
-    try:
-        with open(path) as handle:
-            json.load(handle)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def _refuse_other_contents(directory: str) -> None:
     """A ValueError when `directory` holds a Biased MNIST: its meta.json and split images
     have the same names as ours, and would be overwritten (its other arrays without its
     meta.json are one cut short). Other files (a run's, when the run directory is the cache
     too; a user's own) do not collide with ours."""
-    if os.path.isfile(os.path.join(directory, META)) and not _read_meta(directory) \
-            and _is_json(os.path.join(directory, META)):   # not JSON: ours, damaged
+    try:
+        with open(os.path.join(directory, META)) as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError):
+        meta = None   # none, or not JSON: ours, damaged (the arrays' checksums decide)
+    if meta is not None and not (isinstance(meta, dict) and isinstance(meta.get("splits"), dict)):
         raise ValueError(f"{directory} holds another dataset (its {META} is not a "
                          f"decoded-image cache's, a Biased MNIST's perhaps): give the "
                          f"decoded images a directory of their own")
