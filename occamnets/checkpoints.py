@@ -99,7 +99,6 @@ def read_checkpoint(path: str, map_location="cpu", mmap: bool = True) -> Dict:
     return checkpoint
 
 
-
 def _structure_problem(checkpoint: Dict) -> Optional[str]:
     """What makes a checkpoint's parts the wrong kind (an edited or foreign file), else None:
     found here, not as a TypeError deep in the model's construction."""

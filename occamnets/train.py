@@ -273,9 +273,10 @@ def check_same_split_rule(checkpoint: Dict, split: LabelledItems, path: str) -> 
     images would be images it trained on."""
     if split.split_rule is None or checkpoint.get("split_rule") == split.split_rule:
         return
-    then = ("the CSV's split column" if "split_rule" in checkpoint and
-            checkpoint["split_rule"] is None else checkpoint.get(
-                "split_rule", "a permutation of the CSV's rows, before 2026-11-29"))
+    if "split_rule" not in checkpoint:   # written before the rule was kept
+        then = "a permutation of the CSV's rows, before 2026-11-29"
+    else:
+        then = checkpoint["split_rule"] or "the CSV's split column"
     raise CheckpointMismatch(f"{path} was trained on splits assigned otherwise ({then}; now "
                              f"{split.split_rule}): its evaluation splits would hold images it "
                              f"trained on; train a new run, or give the CSV a split column")
@@ -799,8 +800,10 @@ class Trainer:
                 following = (epoch_batches[position + 1][1]
                              if position + 1 < len(epoch_batches) else None)
                 loss, parts = self._train_step(rows, following)
-                loss_sum += loss * rows.numel()   # the epoch's loss is per image (a last,
-                seen += rows.numel()              # smaller batch weighs its images only)
+                # The epoch's loss is per image (a last, smaller batch weighs its images
+                # only); one fused kernel, as the plain sum was.
+                loss_sum.add_(loss, alpha=rows.numel())
+                seen += rows.numel()
                 self.step_in_epoch, self.global_step = step + 1, self.global_step + 1
                 if config.log_every and self.global_step % config.log_every == 0:
                     self._log_step(loss, parts, rows.numel(), started)
