@@ -12,9 +12,11 @@ std::tuple<at::Tensor, at::Tensor> compact_cpu(const at::Tensor& x, const at::Te
   const RowLayout layout = row_layout(x);
   const at::Tensor keep_c = keep.contiguous();
   const at::Tensor index_c = index.contiguous();
-  const bool* keep_ptr = keep_c.data_ptr<bool>();
+  // Read as bytes: a mask viewed as bool (mask_bytes.view(torch.bool)) may hold any nonzero
+  // byte, which x[keep] takes as true; added as a bool it counted 2 for a byte 2.
+  const uint8_t* keep_ptr = reinterpret_cast<const uint8_t*>(keep_c.data_ptr<bool>());
   int64_t kept = 0;
-  for (int64_t i = 0; i < layout.rows; ++i) kept += keep_ptr[i];
+  for (int64_t i = 0; i < layout.rows; ++i) kept += keep_ptr[i] != 0;
 
   at::Tensor out = empty_rows(layout, kept);
   at::Tensor index_out = at::empty({kept}, index.options());
@@ -24,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> compact_cpu(const at::Tensor& x, const at::Te
   int64_t* index_dst = index_out.data_ptr<int64_t>();
   int64_t next = 0;
   for (int64_t i = 0; i < layout.rows; ++i) {
-    if (!keep_ptr[i]) continue;
+    if (keep_ptr[i] == 0) continue;
     if (layout.row_bytes > 0) {
       std::memcpy(dst + next * layout.row_bytes, src + i * layout.row_bytes, layout.row_bytes);
     }

@@ -19,8 +19,10 @@ constexpr int kThreads = 256;
 constexpr int kMaxRowsPerBlock = 64;
 constexpr int64_t kMaxRowBlocks = 1024;
 
+// keep is read as bytes, any nonzero one kept (as x[keep]): a mask viewed as bool may hold
+// bytes other than 0 and 1, which read as bool are undefined.
 template <typename Vec>
-__global__ void compact_rows_kernel(const bool* __restrict__ keep, int64_t rows,
+__global__ void compact_rows_kernel(const uint8_t* __restrict__ keep, int64_t rows,
                                     int rows_per_block, const Vec* __restrict__ x,
                                     Vec* __restrict__ out, int64_t row_vecs,
                                     int64_t vecs_per_slice, const int64_t* __restrict__ index,
@@ -35,12 +37,12 @@ __global__ void compact_rows_kernel(const bool* __restrict__ keep, int64_t rows,
   int64_t before = 0;
   for (int64_t start = 0; start < first_row; start += kThreads) {
     const int64_t i = start + threadIdx.x;
-    before += __syncthreads_count(i < first_row && keep[i]);
+    before += __syncthreads_count(i < first_row && keep[i] != 0);
   }
   if (threadIdx.x == 0) {
     int64_t next = before;
     for (int64_t i = first_row; i < last_row; ++i) {
-      destination[i - first_row] = keep[i] ? next++ : -1;
+      destination[i - first_row] = keep[i] != 0 ? next++ : -1;
     }
     block_kept = next - before;
   }
@@ -82,7 +84,8 @@ void launch(const at::Tensor& keep, int64_t rows, const void* x, void* out, int6
   TORCH_CHECK(row_blocks <= 2147483647LL, "compact: too many rows for one launch");
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(slices));
   compact_rows_kernel<Vec><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      keep.data_ptr<bool>(), rows, rows_per_block, static_cast<const Vec*>(x),
+      reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>()), rows, rows_per_block,
+      static_cast<const Vec*>(x),
       static_cast<Vec*>(out), row_vecs, vecs_per_slice, index.data_ptr<int64_t>(),
       index_out.data_ptr<int64_t>(), count.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -88,6 +88,23 @@ def test_compact_matches_reference(backend, device):
     run_matrix(device, ["reference", resolve(backend, device)])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_keeps_rows_whose_keep_byte_is_any_nonzero(backend, device):
+    """A 0/255 (or any byte) mask viewed as bool: x[keep] keeps every nonzero byte. The CPU
+    extension added the bytes, counted 3 rows for [2, 0, 1, 0] and returned an unwritten one."""
+    generator = torch.Generator().manual_seed(2)
+    for batch in (4, 70):   # 70: more rows than one CUDA block's run
+        bytes_ = torch.randint(0, 4, (batch,), generator=generator, dtype=torch.uint8) * 85
+        bytes_[:4] = torch.tensor([2, 0, 1, 0], dtype=torch.uint8)
+        keep = bytes_.to(device).view(torch.bool)
+        x = torch.randn(batch, 3, generator=generator).to(device)
+        index = torch.arange(batch, device=device)
+        got_x, got_index = compact(x, keep, backend=resolve(backend, device))
+        want = bytes_ != 0
+        assert torch.equal(got_index.cpu(), index.cpu()[want])
+        assert torch.equal(got_x.cpu(), x.cpu()[want])
+
+
 @pytest.mark.cuda
 @pytest.mark.triton
 def test_compact_cuda_large_batch_and_row(device):
