@@ -154,7 +154,7 @@ def test_conv_weight_and_no_bias(device):
 
 
 def test_training_saves_no_cam_sized_tensor(device):
-    """Autograd keeps h, weights, labels, logits and pooled: nothing of shape (B, K, H, W)."""
+    """Autograd keeps h, weights, labels and pooled: nothing of shape (B, K, H, W)."""
     batch, channels, height, width, num_classes = 3, 4, 5, 6, 7
     h, weight, bias, labels = make_inputs(batch, channels, height, width, num_classes,
                                           torch.float32, device=device)
@@ -178,6 +178,20 @@ def test_training_saves_no_cam_sized_tensor(device):
     assert any(torch.Size(s).numel() >= cam_numel and s != tuple(h.shape) for s in saved)
 
 
+def test_logits_may_be_edited_in_place_as_the_reference_allows(device):
+    """Temperature scaling in place (`logits /= T`) then backward: the fused op saved its own
+    logits, which backward never reads, and refused it; the reference took it."""
+    h, weight, bias, labels = make_inputs(3, 5, 3, 4, 6, torch.float64, device=device)
+    grads = {}
+    for backend in ("reference", "triton"):
+        leaf = h.clone().requires_grad_(True)
+        out = exit_head(leaf, weight, bias, labels, backend=backend)
+        out.logits.div_(2.0)
+        (out.logits.logsumexp(1).sum() + out.supp.sum()).backward()
+        grads[backend] = leaf.grad
+    torch.testing.assert_close(grads["triton"], grads["reference"])
+
+
 def test_opcheck_fused_ops(device):
     h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32, device=device)
     weight.requires_grad_(True)
@@ -187,7 +201,7 @@ def test_opcheck_fused_ops(device):
                                                                    labels)
     grads = (torch.randn_like(logits), torch.randn_like(pooled), torch.randn(2, device=device))
     torch.library.opcheck(torch.ops.occam.exit_head_fused_backward,
-                          (h, weight.detach(), bias, labels, logits, pooled, threshold, *grads))
+                          (h, weight.detach(), bias, labels, pooled, threshold, *grads))
     torch.library.opcheck(torch.ops.occam.class_activation_maps_fused, (h, weight, bias))
 
 
@@ -256,19 +270,19 @@ def test_the_custom_ops_check_what_their_kernels_index_by(device):
     a short gradient or threshold, a weight of other channels, a short bias (each was taken,
     broadcast or read beyond its buffer)."""
     h, weight, bias, labels = make_inputs(2, 3, 2, 2, 4, torch.float32, device=device)
-    logits, pooled, _, threshold = torch.ops.occam.exit_head_fused(h, weight, bias, labels)
+    _, pooled, _, threshold = torch.ops.occam.exit_head_fused(h, weight, bias, labels)
     backward = torch.ops.occam.exit_head_fused_backward
     ones = dict(device=device)
     for grads, message in (((None, torch.ones(1, 3, **ones), None), r"grad_pooled must have shape \(2, 3\)"),
                            ((None, None, torch.ones(1, **ones)), r"grad_supp must have shape \(2,\)"),
                            ((torch.ones(2, 5, **ones), None, None), r"grad_logits must have shape \(2, 4\)")):
         with pytest.raises(ValueError, match=message):
-            backward(h, weight, bias, labels, logits, pooled, threshold, *grads)
+            backward(h, weight, bias, labels, pooled, threshold, *grads)
     with pytest.raises(ValueError, match=r"threshold must have shape \(2,\)"):
-        backward(h, weight, bias, labels, logits, pooled, threshold[:1], None, None,
+        backward(h, weight, bias, labels, pooled, threshold[:1], None, None,
                  torch.ones(2, **ones))
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
-        backward(h, weight, bias, labels[:1], logits, pooled, threshold, None, None, None)
+        backward(h, weight, bias, labels[:1], pooled, threshold, None, None, None)
     cams = torch.ops.occam.class_activation_maps_fused
     with pytest.raises(ValueError, match="occam::class_activation_maps_fused: weight has 5 input"):
         cams(h, torch.randn(4, 5, **ones), bias)

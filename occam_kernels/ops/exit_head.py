@@ -3,7 +3,10 @@
 The fused path is two torch.library custom ops (forward, backward) around the Triton
 kernels, tied together with register_autograd; both have fake implementations so
 torch.compile(fullgraph=True) traces through them. Autograd saves h, the weights, labels,
-logits, pooled and the suppression mask's threshold (B,): never a (B, K, H, W) tensor.
+pooled and the suppression mask's threshold (B,): never a (B, K, H, W) tensor. Not the
+logits, which backward does not read, so that they may be edited in place (`logits /= T`) as
+the reference's may; pooled is saved for the weight's gradient, as the reference's matmul
+saves it, so an in-place edit of pooled is refused by both (edit a copy).
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -56,7 +59,7 @@ def _(h, weight, bias, labels):
 
 @torch.library.custom_op("occam::exit_head_fused_backward", mutates_args=())
 def _exit_head_fused_backward(
-        h: Tensor, weight: Tensor, bias: Tensor, labels: Optional[Tensor], logits: Tensor,
+        h: Tensor, weight: Tensor, bias: Tensor, labels: Optional[Tensor],
         pooled: Tensor, threshold: Tensor, grad_logits: Optional[Tensor],
         grad_pooled: Optional[Tensor],
         grad_supp: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -65,35 +68,35 @@ def _exit_head_fused_backward(
     from ..triton.exit_head import exit_head_backward
     op = "occam::exit_head_fused_backward"
     _checks.exit_head_inputs(op, h, weight, bias, labels, flat_weight=True)
-    _checks.per_sample(op, h, weight, logits=logits, pooled=pooled, threshold=threshold,
+    _checks.per_sample(op, h, weight, pooled=pooled, threshold=threshold,
                        grad_logits=grad_logits, grad_pooled=grad_pooled, grad_supp=grad_supp)
     return exit_head_backward(h, weight, bias, labels, grad_logits, grad_pooled, grad_supp,
-                              logits=logits, pooled=pooled, threshold=threshold)
+                              pooled=pooled, threshold=threshold)
 
 
 @_exit_head_fused_backward.register_fake
-def _(h, weight, bias, labels, logits, pooled, threshold, grad_logits, grad_pooled, grad_supp):
+def _(h, weight, bias, labels, pooled, threshold, grad_logits, grad_pooled, grad_supp):
     return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
     h, weight, bias, labels = inputs
-    logits, pooled, _, threshold = output
+    _, pooled, _, threshold = output
     ctx.mark_non_differentiable(threshold)
     ctx.has_labels = labels is not None
     # An output the loss does not use gets None, not zeros: the CAM term of the backward then
     # is not run at all, as the reference does not differentiate supp when the loss ignores
     # it. With zeros it would run, and give 0 * NaN = NaN at a pixel whose CAM is not finite.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(h, weight, bias, labels, logits, pooled, threshold)
+    ctx.save_for_backward(h, weight, bias, labels, pooled, threshold)
 
 
 def _backward(ctx, grad_logits, grad_pooled, grad_supp, _grad_threshold):
-    h, weight, bias, labels, logits, pooled, threshold = ctx.saved_tensors
+    h, weight, bias, labels, pooled, threshold = ctx.saved_tensors
     if not ctx.has_labels:
         labels, grad_supp = None, None
     grad_h, grad_weight, grad_bias = _exit_head_fused_backward(
-        h, weight, bias, labels, logits, pooled, threshold, grad_logits, grad_pooled, grad_supp)
+        h, weight, bias, labels, pooled, threshold, grad_logits, grad_pooled, grad_supp)
     return grad_h, grad_weight, grad_bias, None
 
 

@@ -767,8 +767,9 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
                        one_pass: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_h in h's layout, grad_weight (K,C), grad_bias (K,)); None gradients mean zero.
 
-    logits, pooled and threshold are exit_head_forward's outputs, saved; what is not given is
-    recomputed (the threshold by the forward's suppression pass: one more read of h).
+    pooled and threshold are exit_head_forward's outputs, saved; what is not given is
+    recomputed (the threshold by the forward's suppression pass: one more read of h). logits
+    serve only that recomputation (computed from pooled when not given).
 
     one_pass: the whole backward in one kernel (_grad_h_and_weight_kernel), h read once
     instead of twice; only where one_pass_fits. A candidate, off by default until a GPU
@@ -784,11 +785,10 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
             f"C={channels}")
     acc = cfg["acc_dtype"]
     w32 = weight.to(acc)
-    if pooled is None or logits is None or batch == 0:
+    if pooled is None or batch == 0:
         pooled32 = _pool(h, cfg) if batch else h.new_zeros(0, channels, dtype=acc)
-        logits32 = torch.addmm(bias.to(acc), pooled32, w32.t())
     else:
-        pooled32, logits32 = pooled.to(acc), logits.to(acc)
+        pooled32 = pooled.to(acc)
     # The parts that do not involve the CAM: d(logits) and d(pooled) reach h uniformly.
     dense = torch.zeros(batch, channels, device=h.device, dtype=acc)
     grad_weight = torch.zeros(num_classes, channels, device=h.device, dtype=acc)
@@ -813,6 +813,8 @@ def exit_head_backward(h: Tensor, weight: Tensor, bias: Tensor, labels: Optional
     num_p_blocks = triton.cdiv(pixels, cfg["block_p"])
     num_units = batch * num_p_blocks  # (sample, pixel block) units
     if threshold is None:
+        logits32 = (logits.to(acc) if logits is not None
+                    else torch.addmm(bias.to(acc), pooled32, w32.t()))
         _, threshold = _suppression(h, weight, bias, labels, logits32, cfg)
     threshold = threshold.to(acc).contiguous()
     grad_supp = grad_supp.to(acc).contiguous()
