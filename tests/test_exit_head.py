@@ -192,6 +192,23 @@ def test_logits_may_be_edited_in_place_as_the_reference_allows(device):
     torch.testing.assert_close(grads["triton"], grads["reference"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_enclosing_autocast_does_not_lower_the_fused_ops_precision(dtype, device):
+    """The fused op accumulates in fp32 (DESIGN.md section 3): under autocast its logits were
+    the product of a bf16-rounded pooled, and its weight gradient a bf16 matmul."""
+    h, weight, bias, labels = make_inputs(4, 40, 3, 3, 6, dtype, device=device)
+
+    def run(autocast):
+        leaves = [t.clone().requires_grad_(True) for t in (h, weight, bias)]
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            out = exit_head(*leaves, labels, backend="triton")
+            (out.logits.float().logsumexp(1).sum() + out.supp.float().sum()).backward()
+        return [out.logits, out.pooled, out.supp] + [t.grad for t in leaves]
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
+
+
 def test_opcheck_fused_ops(device):
     h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32, device=device)
     weight.requires_grad_(True)

@@ -7,6 +7,10 @@ pooled and the suppression mask's threshold (B,): never a (B, K, H, W) tensor. N
 logits, which backward does not read, so that they may be edited in place (`logits /= T`) as
 the reference's may; pooled is saved for the weight's gradient, as the reference's matmul
 saves it, so an in-place edit of pooled is refused by both (edit a copy).
+
+The ops run with autocast off: the kernels accumulate in fp32 for bf16/fp16 inputs
+(DESIGN.md section 3), and the torch matmuls among them would otherwise follow an enclosing
+autocast down to bf16.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -33,6 +37,10 @@ def _accumulation_dtype(h: Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
+def _no_autocast(h: Tensor):
+    return torch.autocast(h.device.type, enabled=False)
+
+
 @torch.library.custom_op("occam::exit_head_fused", mutates_args=())
 def _exit_head_fused(h: Tensor, weight: Tensor, bias: Tensor,
                      labels: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -43,7 +51,8 @@ def _exit_head_fused(h: Tensor, weight: Tensor, bias: Tensor,
     op = "occam::exit_head_fused"
     _checks.exit_head_inputs(op, h, weight, bias, labels, flat_weight=True)
     _checks.labels_in_range(op, labels, weight.shape[0])
-    logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, labels)
+    with _no_autocast(h):
+        logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, labels)
     if supp is None:  # a custom op returns tensors only; the public API turns this into None
         supp = h.new_zeros(h.shape[0])
         threshold = h.new_zeros(h.shape[0], dtype=_accumulation_dtype(h))
@@ -70,8 +79,9 @@ def _exit_head_fused_backward(
     _checks.exit_head_inputs(op, h, weight, bias, labels, flat_weight=True)
     _checks.per_sample(op, h, weight, pooled=pooled, threshold=threshold,
                        grad_logits=grad_logits, grad_pooled=grad_pooled, grad_supp=grad_supp)
-    return exit_head_backward(h, weight, bias, labels, grad_logits, grad_pooled, grad_supp,
-                              pooled=pooled, threshold=threshold)
+    with _no_autocast(h):
+        return exit_head_backward(h, weight, bias, labels, grad_logits, grad_pooled,
+                                  grad_supp, pooled=pooled, threshold=threshold)
 
 
 @_exit_head_fused_backward.register_fake
