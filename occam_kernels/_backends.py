@@ -68,8 +68,18 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
 
 
 def available_backends(device) -> Dict[str, bool]:
+    """Which backends can run on `device`: none on a CUDA device this machine does not have
+    (why_unavailable, asked about tensors, knows their device exists)."""
     device = torch.device(device)
+    if device.type == "cuda" and not _cuda_device_exists(device):
+        return {name: False for name in BACKENDS}
     return {name: why_unavailable(name, device) is None for name in BACKENDS}
+
+
+def _cuda_device_exists(device: torch.device) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    return device.index is None or device.index < torch.cuda.device_count()
 
 
 def resolve(requested: str, device: torch.device, preference) -> str:

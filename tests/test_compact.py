@@ -180,6 +180,13 @@ def test_compact_names_unavailable_backends():
         compact(x, keep, backend="fast")
 
 
+def test_available_backends_says_none_run_on_a_missing_cuda_device():
+    """It reported cuda and triton as available for "cuda" on a machine without a GPU."""
+    missing = f"cuda:{torch.cuda.device_count()}"   # one past the last device, or cuda:0
+    assert not any(occam_kernels.available_backends(missing).values())
+    assert occam_kernels.available_backends("cpu")["reference"]
+
+
 def test_the_triton_op_and_the_reference_check_inputs_themselves():
     """Reachable directly: the Triton op wrote index entries past a short index's end and
     read past a short keep (a different row count per run); the reference took an int keep
