@@ -455,7 +455,7 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
     from .checkpoints import read_checkpoint
     from .config import BIASED_MNIST
     from .evaluate import load_splits, model_from_checkpoint
-    from .train import check_same_split_rule
+    from .train import check_same_classes, check_same_split_rule
     checkpoint = read_checkpoint(args.checkpoint)
     model, config = model_from_checkpoint(checkpoint, args.checkpoint, args.device)
     if need_exits and not hasattr(model, "early_exit"):
@@ -475,23 +475,10 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
     said = not getattr(args, "json", False)
     split = load_splits(config, device, (args.split,), count=count, progress=said,
                         verbose=said)[args.split]
-    _check_same_classes(checkpoint.get("class_names"), split.class_names, args)
+    check_same_classes(checkpoint, split, args.checkpoint, args.split,
+                       "evaluate on the data it was trained on")
     check_same_split_rule(checkpoint, split, args.checkpoint)
     return model, config, split
-
-
-def _check_same_classes(trained: Optional[List[str]], now: Optional[Sequence[str]],
-                        args) -> None:
-    """A ValueError when the split numbers its classes otherwise than the model learned them
-    (a folder dataset's CSV with a class renamed or dropped since training: its labels
-    are the sorted names' positions, so every label past the change would shift)."""
-    if trained is None or now is None or list(trained) == list(now):
-        return
-    def shown(names):
-        return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-    raise ValueError(f"the {args.split} split's classes ({shown(list(now))}) are not the ones "
-                     f"{args.checkpoint} was trained on ({shown(list(trained))}): evaluate on "
-                     f"the data it was trained on")
 
 
 def _run_eval(args) -> int:

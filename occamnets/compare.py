@@ -180,6 +180,11 @@ def _finished_report(config: RunConfig) -> Optional[Dict]:
         check_resumable(RunConfig.from_dict(saved["config"]), config)
     except (ValueError, KeyError, TypeError):
         return None
+    if _absolute(saved["config"].get("data_root")) != _absolute(config.data_root):
+        # Another real dataset's directory (the identity leaves where the data lives out, as
+        # a dataset may move): the cell resumes, and its checkpoint's checks of the classes
+        # and the training split refuse other data, or re-evaluate moved data.
+        return None
     if saved["config"].get("epochs") != config.epochs:
         return None   # more epochs asked for now: the cell continues (fewer are refused)
     wanted_steps = config.max_steps
@@ -187,6 +192,10 @@ def _finished_report(config: RunConfig) -> Optional[Dict]:
                                                   or saved.get("steps", 0) < wanted_steps):
         return None   # cut before the steps asked for now: the cell continues
     return saved
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return None if path is None else os.path.abspath(path)
 
 
 def _result(cell: Cell, report: Dict, reused: bool) -> CellResult:

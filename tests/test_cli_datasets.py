@@ -201,6 +201,31 @@ def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, ca
     assert [c["worst_group_accuracy"] for c in cells] == [
         r["test"]["worst_group"]["accuracy"] for r in reports]
 
+    # Another dataset under the same --out: its finished cells were read as this one's (the
+    # identity leaves the data's location out). "dog" renamed "emu" keeps every label (cat,
+    # emu sort as cat, dog did), so only the class names tell the two apart.
+    def compare_on(root):
+        argv = ["compare", "--dataset", "folder", "--root", str(root), "--bias-columns",
+                "place", "--models", "resnet", "--methods", "erm,upwt", "--preset", "quick",
+                "--epochs", "1", "--milestones", "1", "--out", out, "--device", "cpu",
+                "--no-progress", "--data-dir", str(tmp_path / "cache")]
+        return main(argv)
+    other = shutil.copytree(roots["folder"], tmp_path / "other")
+    csv = other / "metadata.csv"
+    csv.write_text(csv.read_text().replace(",dog,", ",emu,"))
+    capsys.readouterr()
+    assert compare_on(other) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "classes (cat, emu) are not the ones" in error
+    # The same dataset moved: each cell is evaluated again where it is now, not retrained.
+    moved = shutil.copytree(roots["folder"], tmp_path / "moved")
+    assert compare_on(moved) == 0
+    assert "finished before" not in capsys.readouterr().out
+    for m in ("erm", "upwt"):
+        report = json.loads(open(os.path.join(out, f"resnet-{m}", "seed-0", "report.json")).read())
+        assert report["config"]["data_root"] == str(moved)
+        assert report["steps"] == reports[0]["steps"]
+
 
 def test_the_model_predicts_every_class_of_the_dataset(roots, tmp_path):
     """BAR without any throwing image still has six classes: the head is sized by the
