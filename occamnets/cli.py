@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import typing
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -475,7 +475,8 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
     said = not getattr(args, "json", False)
     split = load_splits(config, device, (args.split,), count=count, progress=said,
                         verbose=said)[args.split]
-    check_same_classes(checkpoint, split, args.checkpoint, args.split,
+    check_same_classes(checkpoint.get("class_names"), split.class_names,
+                       f"the {args.split} split's", args.checkpoint,
                        "evaluate on the data it was trained on")
     check_same_split_rule(checkpoint, split, args.checkpoint)
     return model, config, split
@@ -633,9 +634,9 @@ def _time_inference(args) -> int:
 def _run_viz(args) -> int:
     from .checkpoints import read_checkpoint
     from .config import RunConfig
-    from .evaluate import (cam_picture_data, cams_of_images, checkpoint_config, evaluate,
-                           model_from_checkpoint)
+    from .evaluate import cam_picture_data, cams_of_images, evaluate, model_from_checkpoint
     from .models import SHORT_NAMES
+    from .train import check_same_classes
     from .viz import save_cam_comparison, save_cam_grid, save_exit_distribution
     _picture_path(args.out, "--out")
     _picture_path(args.exits_plot, "--exits-plot")
@@ -648,15 +649,20 @@ def _run_viz(args) -> int:
         raise ValueError("--exits-plot draws the exits of a whole split; with image files "
                          "leave it out (`occamnets predict` gives each file's exit)")
     # Check every other checkpoint before the first's data is read: the images are the first
-    # run's, so each model must have trained on the same data.
-    first_config = checkpoint_config(args.checkpoint) if args.beside else None
+    # run's, and its class names label every column, so each model must have trained on the
+    # same images and classes.
+    first = read_checkpoint(args.checkpoint) if args.beside else None
     others = [(other, read_checkpoint(other)) for other in args.beside]  # each read once
     for other, checkpoint in others:
         other_config = RunConfig.from_dict(checkpoint["config"])
-        if other_config.data_identity() != first_config.data_identity():
+        first_config = RunConfig.from_dict(first["config"])
+        if other_config.image_identity() != first_config.image_identity():
             raise ValueError(f"--beside {other} trained on other data than {args.checkpoint} "
                              f"({other_config.describe_data()}, against "
                              f"{first_config.describe_data()}): draw models of the same data")
+        check_same_classes(first.get("class_names"), checkpoint.get("class_names"),
+                           f"--beside {other}'s", args.checkpoint,
+                           "draw models of the same classes")
     unread: List = []
     if args.images:
         checkpoint = read_checkpoint(args.checkpoint)
@@ -682,14 +688,18 @@ def _run_viz(args) -> int:
             return cam_picture_data(drawn, split, args.count, drawn_config.inference_threshold)
     data = cams_of(model, config)
     if args.beside:
-        pictures = [(SHORT_NAMES[config.model], data)]
+        pictures = [data]
+        models = [config.model]
         for other, checkpoint in others:
             other_model, other_config = model_from_checkpoint(checkpoint, other, str(device))
             if other_model.num_classes != model.num_classes:
                 raise ValueError(f"--beside {other} predicts {other_model.num_classes} classes, "
                                  f"{args.checkpoint} {model.num_classes}")
-            pictures.append((SHORT_NAMES[other_config.model], cams_of(other_model, other_config)))
-        save_cam_comparison(args.out, pictures, class_names,
+            pictures.append(cams_of(other_model, other_config))
+            models.append(other_config.model)
+        titles = _column_titles([SHORT_NAMES[m] for m in models],
+                                [args.checkpoint] + list(args.beside))
+        save_cam_comparison(args.out, list(zip(titles, pictures)), class_names,
                             f"CAMs for the predicted class on the same {what}")
     else:
         save_cam_grid(args.out, data, class_names)
@@ -708,6 +718,22 @@ def _run_viz(args) -> int:
     if unread:
         print(f"warning: {len(unread)} files could not be read; exit code 1", file=sys.stderr)
     return 1 if unread else 0
+
+
+def _column_titles(names: List[str], paths: List[str]) -> List[str]:
+    """The models' short names, each followed on a second line by as many of its
+    checkpoint's directories (innermost last) as tell it apart from the others of its name:
+    two OccamNets of a compare grid are 'OccamResNet' over 'occam-erm/seed-0' and over
+    'occam-sd/seed-0'."""
+    if len(set(names)) == len(names):
+        return names
+    parts = [os.path.abspath(p).split(os.sep)[:-1] for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        titles = [name if names.count(name) == 1 else f"{name}\n{'/'.join(p[-depth:])}"
+                  for name, p in zip(names, parts)]
+        if len(set(titles)) == len(titles):
+            return titles
+    return titles   # the same checkpoint given twice: nothing tells them apart
 
 
 def _none_readable(problems: List[ValueError]) -> ValueError:

@@ -300,6 +300,11 @@ class RunConfig:
         return {"dataset": self.dataset, "image_size": self.input_size,
                 "bias_columns": self.bias_columns}
 
+    def image_identity(self) -> Dict:
+        """What makes two runs' images the same, as data_identity without a real dataset's
+        bias columns (they group the images, they do not change them)."""
+        return {k: v for k, v in self.data_identity().items() if k != "bias_columns"}
+
     def identity(self) -> Dict:
         """What a checkpoint must agree on to be resumed (not paths, devices or step caps)."""
         skip = {"device", "out_dir", "data_dir", "mnist_dir", "emnist_dir", "max_steps",

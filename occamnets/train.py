@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import warnings
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -266,20 +266,18 @@ def check_same_training_split(checkpoint: Dict, fingerprint: Dict[str, object],
                              f"another --out")
 
 
-def check_same_classes(checkpoint: Dict, split: LabelledItems, path: str, split_name: str,
-                       advice: str) -> None:
-    """A CheckpointMismatch when the split numbers its classes otherwise than the model
-    learned them (a folder dataset's CSV with a class renamed or dropped since training, or
-    another dataset: its labels are the sorted names' positions, so every label past the
-    change would shift)."""
-    trained, now = checkpoint.get("class_names"), split.class_names
+def check_same_classes(trained: Optional[Sequence[str]], now: Optional[Sequence[str]],
+                       whose: str, path: str, advice: str) -> None:
+    """A CheckpointMismatch when `now` (`whose` classes: a split's, another model's) numbers
+    the classes otherwise than the checkpoint at `path` learned them (`trained`): a folder
+    dataset's CSV with a class renamed or dropped since training, or another dataset; its
+    labels are the sorted names' positions, so every label past the change would shift."""
     if trained is None or now is None or list(trained) == list(now):
         return
     def shown(names):
         return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-    raise CheckpointMismatch(f"the {split_name} split's classes ({shown(list(now))}) are not "
-                             f"the ones {path} was trained on ({shown(list(trained))}): "
-                             f"{advice}")
+    raise CheckpointMismatch(f"{whose} classes ({shown(list(now))}) are not the ones {path} "
+                             f"was trained on ({shown(list(trained))}): {advice}")
 
 
 def check_same_split_rule(checkpoint: Dict, split: LabelledItems, path: str) -> None:
@@ -653,9 +651,9 @@ class Trainer:
         if missing:
             raise ValueError(f"{path} holds a model but not the training state to resume "
                              f"({', '.join(missing)} missing)")
-        check_same_classes(checkpoint, self.splits["train"], path, "training",
-                           "resume with the data it was trained on, or start a new run with "
-                           "another --out")
+        check_same_classes(checkpoint.get("class_names"), self.splits["train"].class_names,
+                           "the training split's", path, "resume with the data it was trained "
+                           "on, or start a new run with another --out")
         check_same_split_rule(checkpoint, self.splits["train"], path)
         check_same_training_split(checkpoint, self.train_split_fingerprint, path)
         load_model_state(self.model, checkpoint["model"], path)

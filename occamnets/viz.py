@@ -46,7 +46,8 @@ def save_cam_comparison(path: str, models: Sequence[Tuple[str, CamPictureData]],
                         title: str = "Class activation maps for the predicted class") -> str:
     """One row per image, the image first, then each model's CAM columns (an OccamNet's exits,
     the exit taken framed in red; a ResNet's output), each column titled with the model's
-    short name (may be empty), the column and the class it predicted; the image is titled
+    short name (may be empty; a second line may name its run), the column and the class it
+    predicted; the image is titled
     with its label, or its caption (an image file's name). Every model's data must hold the
     same images (cam_picture_data of the same split, or cams_of_images of the same files)."""
     if not models:
@@ -75,7 +76,9 @@ def save_cam_comparison(path: str, models: Sequence[Tuple[str, CamPictureData]],
             for index, cam in enumerate(data.cams):
                 predicted = int(data.predictions[index][row])
                 taken = data.exit_taken is not None and data.exit_taken[row] == index
-                label = " ".join(filter(None, [model_name, data.column_names[index]]))
+                # A name of several lines (the model and its run) keeps the column apart.
+                joint = "\n" if "\n" in model_name else " "
+                label = joint.join(filter(None, [model_name, data.column_names[index]]))
                 _draw_cam(axes[row, column], picture, cam[row, predicted],
                           f"{label}: {name(predicted)}" + (" (exit)" if taken else ""), taken)
                 column += 1

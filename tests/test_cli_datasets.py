@@ -227,6 +227,38 @@ def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, ca
         assert report["steps"] == reports[0]["steps"]
 
 
+def test_viz_beside_wants_the_same_images_and_classes_and_titles_each_model(roots, tmp_path,
+                                                                             capsys,
+                                                                             monkeypatch):
+    """Another dataset's model with as many classes was drawn under the first's class names;
+    a model whose bias columns were given rather than found (the same images) was refused;
+    two OccamNets had the same column title."""
+    import occamnets.viz as viz_module
+
+    def train(name, root, *extra):
+        out = str(tmp_path / name)
+        assert main(["train", "--dataset", "folder", "--root", str(root), "--preset", "quick",
+                     "--max-steps", "1", "--device", "cpu", "--no-progress", "--out", out,
+                     "--data-dir", str(tmp_path / f"cache-{name}"), *extra]) == 0
+        return os.path.join(out, "checkpoint.pt")
+    first = train("occam-erm", roots["folder"])
+    given = train("occam-sd", roots["folder"], "--bias-columns", "place", "--method", "sd")
+    other = shutil.copytree(roots["folder"], tmp_path / "other")
+    csv = other / "metadata.csv"
+    csv.write_text(csv.read_text().replace(",dog,", ",emu,"))
+    renamed = train("renamed", other)
+    capsys.readouterr()
+    picture = str(tmp_path / "beside.png")
+    assert main(["viz", first, "--beside", renamed, "--out", picture, "--count", "2"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--beside" in error and "(cat, emu) are not the ones" in error
+    drawn = []
+    monkeypatch.setattr(viz_module, "save_cam_comparison",
+                        lambda path, pictures, *a: drawn.append([t for t, _ in pictures]))
+    assert main(["viz", first, "--beside", given, "--out", picture, "--count", "2"]) == 0
+    assert drawn == [["OccamResNet\noccam-erm", "OccamResNet\noccam-sd"]]
+
+
 def test_the_model_predicts_every_class_of_the_dataset(roots, tmp_path):
     """BAR without any throwing image still has six classes: the head is sized by the
     dataset's class list, not by the largest label seen."""
