@@ -121,6 +121,26 @@ def _environment(run: RunFiles) -> str:
     return text
 
 
+def _bf16(runs: Sequence[RunFiles]) -> str:
+    """Whether the runs trained under bf16 autocast: asked for (the config) and where it
+    applies (a GPU; a run on the CPU trains in fp32 whatever the config says)."""
+    def used(run: RunFiles) -> str:
+        env = run.report.environment
+        kind = None if env is None else env.device_type
+        if not run.report.config.bf16:
+            return "off"
+        if kind == "cuda":
+            return "on"
+        if kind is None:
+            return "on if it trained on a GPU (its report does not say)"
+        return f"off (autocast applies on a GPU only; it trained on the {kind.upper()})"
+    said = [used(run) for run in runs]
+    if len(set(said)) == 1:
+        return f"bf16 autocast {said[0]}"
+    return "bf16 autocast " + ", ".join(f"{MODELS[run.report.model]} {text}"
+                                        for run, text in zip(runs, said))
+
+
 def _accuracy(evaluation: Optional[Evaluation]) -> str:
     return "-" if evaluation is None else percent(evaluation.accuracy)
 
@@ -250,8 +270,8 @@ def biased_mnist_page(resnet: RunFiles, occam: RunFiles, page_dir: str,
              f"- Data: {_data_note(occam.report)}.",
              f"- Models: width {config.width}, {config.stem} stem; "
              f"{config.describe_optimiser()}; batch {config.batch_size}; "
-             f"{config.epochs} epochs (the paper: 90); bf16 autocast "
-             f"{'on' if config.bf16 else 'off'}; seed {config.seed}.", "",
+             f"{config.epochs} epochs (the paper: 90); {_bf16(runs)}; seed {config.seed}.",
+             "",
              f"On the unbiased test split OccamResNet-18 is {100 * gap:+.1f} points from "
              f"ResNet-18 ({percent(test.accuracy)}% against "
              f"{percent(resnet.report.test.accuracy)}%; chance is 10%).", "",

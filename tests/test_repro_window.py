@@ -172,6 +172,25 @@ def test_the_page_names_every_card_a_run_trained_on(window):
     assert f"its epochs trained on NVIDIA H100 80GB HBM3 and {here}" in page
 
 
+def test_the_page_says_bf16_autocast_only_where_a_gpu_trained(window):
+    """The page said "bf16 autocast on" for runs on the CPU, which train in fp32."""
+    import dataclasses
+    from occamnets.results_page import biased_mnist_page
+    root, _, _ = window
+    files = root / "out" / "docs" / "results" / "biased_mnist"
+    resnet, occam = read_run(str(files / "resnet")), read_run(str(files / "occam"))
+    assert occam.report.config.bf16 and occam.report.environment.device_type == "cpu"
+    page = biased_mnist_page(resnet, occam, str(root))
+    assert "bf16 autocast off (autocast applies on a GPU only; it trained on the CPU)" in page
+    on_gpu = dataclasses.replace(occam.report.environment, device_type="cuda")
+    for run in (resnet, occam):
+        run.report = dataclasses.replace(run.report, environment=on_gpu)
+    assert "; bf16 autocast on; seed" in biased_mnist_page(resnet, occam, str(root))
+    occam.report = dataclasses.replace(occam.report, environment=None)   # an older report
+    assert ("bf16 autocast ResNet-18 baseline on, OccamResNet-18 on if it trained on a GPU "
+            "(its report does not say)") in biased_mnist_page(resnet, occam, str(root))
+
+
 def write_steps(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
