@@ -544,6 +544,7 @@ def _run_predict(args) -> int:
     predictions: List[_Prediction] = []
     problems = []                            # UnreadableImage, per file not read
     resized = 0
+    unsaid: List[str] = []                   # lines not printed yet
     bar = progress_bar(len(paths), "classifying", True, unit="img")
     # Read per batch, ahead of the model: the first predictions come after one batch's
     # decoding, not the whole folder's, and an unreadable file costs only its own line.
@@ -552,11 +553,17 @@ def _run_predict(args) -> int:
         resized += sum(f.size != (size, size) for f in read)
         problems += [f.problem for f in files if f.image is None]
         results = iter(_classify_files(model, read, threshold, device, class_names))
-        predictions += [next(results) if f.image is not None
-                        else _Prediction(f.path, None, None, None, error=f.problem.reason)
-                        for f in files]
+        batch = [next(results) if f.image is not None
+                 else _Prediction(f.path, None, None, None, error=f.problem.reason)
+                 for f in files]
+        predictions += batch
         if bar is not None:
             bar.update(len(files))
+        if not args.json:   # printed per batch (Ctrl-C keeps what was said), once a file
+            unsaid += [_prediction_line(p) for p in batch]  # was read: none read is one error
+            if len(problems) < len(predictions):
+                _print_lines(unsaid, bar)
+                unsaid = []
     close(bar)
     if len(problems) == len(paths):
         raise _none_readable(problems)
@@ -566,15 +573,6 @@ def _run_predict(args) -> int:
               f"{size}x{size} px, as this model's training images", file=sys.stderr)
     if args.json:
         print(json.dumps([dataclasses.asdict(p) for p in predictions], indent=1))
-    for p in [] if args.json else predictions:
-        exit_text = f"  exit E{p.exit}" if p.exit is not None else ""
-        if p.error is not None:
-            print(f"{p.path}: not read: {p.error}")
-        elif p.label is None:
-            print(f"{p.path}: no prediction: non-finite logits or gate{exit_text}")
-        else:
-            named = f" ({p.class_name})" if p.class_name else ""
-            print(f"{p.path}: class {p.label}{named} (p={p.confidence:.2f}){exit_text}")
     nonfinite = sum(p.label is None and p.error is None for p in predictions)
     if nonfinite:
         print(f"warning: {nonfinite} of {len(paths)} images gave non-finite logits or gates",
@@ -584,6 +582,26 @@ def _run_predict(args) -> int:
               f"say why); exit code 1", file=sys.stderr)
         return 1
     return 0
+
+
+def _prediction_line(p: _Prediction) -> str:
+    exit_text = f"  exit E{p.exit}" if p.exit is not None else ""
+    if p.error is not None:
+        return f"{p.path}: not read: {p.error}"
+    if p.label is None:
+        return f"{p.path}: no prediction: non-finite logits or gate{exit_text}"
+    named = f" ({p.class_name})" if p.class_name else ""
+    return f"{p.path}: class {p.label}{named} (p={p.confidence:.2f}){exit_text}"
+
+
+def _print_lines(lines: List[str], bar) -> None:
+    """Lines on stdout now, above the progress bar (which tqdm redraws below them)."""
+    if bar is not None:
+        for line in lines:
+            bar.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    elif lines:
+        print("\n".join(lines), flush=True)
 
 
 def _classify_files(model, files, threshold: float, device, class_names) -> List[_Prediction]:

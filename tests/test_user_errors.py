@@ -482,7 +482,9 @@ def test_predict_reports_unreadable_files_and_goes_on(trained, tmp_path, capsys)
 
 def test_predict_classifies_while_it_reads(trained, tmp_path, capsys, monkeypatch):
     """Files are read a batch ahead of the model, not all before it: the first batch is
-    classified before the third is read (a folder of photos is not held whole)."""
+    classified before the third is read (a folder of photos is not held whole), and its
+    lines are printed before the next batch is classified (they came all at the end: a
+    Ctrl-C lost every prediction made)."""
     import occamnets.data.loaders as loaders
     import occamnets.evaluate as evaluate_module
     from PIL import Image
@@ -490,17 +492,22 @@ def test_predict_classifies_while_it_reads(trained, tmp_path, capsys, monkeypatc
     folder.mkdir()
     for i in range(10):
         Image.new("RGB", (30, 30), (20 * i, 30, 200)).save(folder / f"{i}.png")
-    read, read_when_classified = [], []
+    read, read_when_classified, printed, printed_when_classified = [], [], [], []
     real_read_rgb, real_classify = loaders.read_rgb, evaluate_module.classify
     monkeypatch.setattr(loaders, "read_rgb", lambda path: read.append(path) or real_read_rgb(path))
 
     def classify(*args, **kwargs):
         read_when_classified.append(len(read))
+        printed.extend(capsys.readouterr().out.splitlines())
+        printed_when_classified.append(len(printed))
         return real_classify(*args, **kwargs)
     monkeypatch.setattr(evaluate_module, "classify", classify)
     assert main(["predict", trained, str(folder), "--batch-size", "2"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 10 and len(read) == 10
+    printed.extend(capsys.readouterr().out.splitlines())
+    assert len(printed) == 10 and len(read) == 10
     assert len(read_when_classified) == 5 and read_when_classified[0] <= 4
+    assert printed_when_classified == [0, 2, 4, 6, 8]   # each batch said before the next
+    assert printed[0].startswith(f"{folder / '0.png'}: class ")
 
 def test_classify_refuses_images_outside_the_training_range():
     model = occam_resnet18(10, width=4).eval()
