@@ -788,7 +788,9 @@ def _picture_files(given: List[str], count: int, config):
 
 def _run_results(args) -> int:
     from .files import atomic_path
-    from .results_page import NO_GATE_STATE, biased_mnist_page, read_run
+    from .results_page import NO_GATE_STATE, biased_mnist_page, check_comparable, read_run
+    _output_file(args.out, "--out")
+    _picture_path(args.gates_plot, "--gates-plot")
     for path, flag in ((args.cams, "--cams"), (args.exits, "--exits"),
                        (args.commands, "--commands")):
         if path and not os.path.isfile(path):
@@ -799,6 +801,7 @@ def _run_results(args) -> int:
             commands = [line.rstrip("\n") for line in handle if line.strip()]
     page_dir = os.path.dirname(os.path.abspath(args.out))
     resnet, occam = read_run(args.resnet), read_run(args.occam)
+    check_comparable(resnet.report, occam.report)   # before anything is drawn
     gates_picture = None
     if args.gates_plot:
         exits = occam.gate_history()
@@ -909,14 +912,21 @@ def _run_compare(args) -> int:
 
 def _picture_path(path: Optional[str], option: str) -> None:
     """A ValueError unless `path` can take a PNG (checked before the work that draws it)."""
+    if path is not None and not path.lower().endswith(".png"):
+        raise ValueError(f"{option} {path}: give a file name ending in .png")
+    _output_file(path, option)
+
+
+def _output_file(path: Optional[str], option: str) -> None:
+    """A ValueError unless a file can be written at `path` (not a directory; its directory
+    writable or creatable), checked before the work; no directory is created yet."""
     if path is None:
         return
-    if os.path.isdir(path) or not path.lower().endswith(".png"):
-        raise ValueError(f"{option} {path}: give a file name ending in .png")
-    from .files import make_writable_dir
-    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory: give a file name")
+    from .files import check_can_write_in
     try:
-        make_writable_dir(parent)
+        check_can_write_in(os.path.dirname(os.path.abspath(path)))
     except OSError as error:
         raise ValueError(f"{option} {path}: cannot write there ({error.strerror})") from error
 

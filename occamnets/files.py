@@ -4,6 +4,7 @@ failure (an exception, Ctrl-C, a full disk) the temporary file is removed. A pro
 outright cannot clean up, so `remove_stale_temporaries` removes the temporaries of processes
 that no longer run (every writer calls it on the directory it writes to)."""
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -73,6 +74,19 @@ def file_problem(path: str, record: Dict[str, object]) -> Optional[str]:
     if sha256_of_file(path) != record.get("sha256"):
         return "checksum"
     return None
+
+
+def check_can_write_in(directory: str) -> None:
+    """An OSError unless a file could be written in `directory`, which is not created: its
+    nearest existing ancestor must be a directory that takes a file (tried, and removed), so
+    that a command refused later leaves no empty directories behind."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+    with tempfile.TemporaryFile(dir=existing):
+        pass
 
 
 def make_writable_dir(directory: str) -> None:

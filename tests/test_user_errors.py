@@ -410,6 +410,23 @@ def test_a_biased_mnist_and_a_real_datasets_cache_never_overwrite_each_other(tra
         load_cached(index, ["test"], str(bm_dir), 16, None)
 
 
+def test_results_checks_its_outputs_and_the_runs_before_it_draws(trained, tmp_path, capsys):
+    """--gates-plot took any suffix (PNG data in gates.jpg); runs that cannot be compared got
+    their gates plot written, then exit 2; --out naming a directory was refused naming a
+    temporary file the user never gave."""
+    run = os.path.dirname(trained)
+    argv = ["results", "--resnet", run, "--occam", run]
+    assert main(argv + ["--out", str(tmp_path / "page.md"), "--gates-plot",
+                        str(tmp_path / "gates.jpg")]) == 2
+    one_line_error(capsys, "--gates-plot", "ending in .png")
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    one_line_error(capsys, f"--out {tmp_path} is a directory: give a file name")
+    assert main(argv + ["--out", str(tmp_path / "page.md"), "--gates-plot",
+                        str(tmp_path / "gates.png")]) == 2
+    one_line_error(capsys, "give a resnet and an occam run")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("content,needle", [
     ("{}", "KeyError: 'config'"), ("[]", "KeyError"), ('{"model": "occam", "con', "JSONDecodeError")])
 def test_results_names_a_report_it_cannot_read(tmp_path, capsys, content, needle):
@@ -807,6 +824,11 @@ def test_picture_paths_are_checked_before_the_work(trained, tmp_path, capsys, mo
     a_file.write_text("x")
     assert main(["viz", trained, "--out", str(a_file / "c.png")]) == 2
     one_line_error(capsys, "cannot write there")
+    # Refused after the picture's path was checked: no directory of it is left behind.
+    assert main(["viz", str(tmp_path / "missing.pt"), "--out",
+                 str(tmp_path / "new" / "sub" / "c.png")]) == 2
+    one_line_error(capsys, "missing.pt")
+    assert not (tmp_path / "new").exists()
     monkeypatch.undo()
     assert main(["viz", trained, "--out", str(tmp_path / "all.png"), "--count", "500"]) == 0
     assert "the test split has 20 images: drawing them all" in capsys.readouterr().err
