@@ -2,6 +2,7 @@
 written in each one's own layout: what they find, the errors for a wrong directory, the
 decoded-image cache, streaming, the augmentation, and the learning-rate schedule of the
 official COCO-on-Places config."""
+import csv
 import os
 import shutil
 
@@ -80,6 +81,32 @@ def test_folder_csv_labels_attributes_and_splits(roots):
     assert "img_id" in check_dataset(default).to_markdown()
     assert catalog.find("folder", roots["folder"], ["img_id", "place"]).attribute_names == (
         "img_id", "place")
+
+
+def test_folder_groups_are_named_by_the_csvs_values(roots, tmp_path):
+    """A bias column of words (land, water) was reported by the codes it was given
+    ("cat, place=0"): the names are kept and every report of groups uses them."""
+    root = str(tmp_path / "f")
+    shutil.copytree(roots["folder"], root)
+    csv_path = os.path.join(root, "metadata.csv")
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["place"] = ["land", "water"][int(row["place"])]
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    index = catalog.find("folder", root)
+    assert index.attribute_values == (("land", "water"),)
+    want = {"cat, place=land", "cat, place=water", "dog, place=land", "dog, place=water"}
+    for streamed in (False, True):
+        split = load_real_splits("folder", root, ["test"], str(tmp_path / "cache"), 16, "cpu",
+                                 limit_bytes=0 if streamed else 8e9)["test"]
+        assert isinstance(split, StreamingSplit) == streamed
+        names = set(split.groups.names(split.class_names))
+        assert names <= want and len(names) == split.groups.count > 1
+    assert "cat, place=water" in check_dataset(index).to_markdown()
 
 
 def test_folder_csv_from_excel_and_bad_rows(roots, tmp_path):

@@ -77,7 +77,7 @@ class DatasetCheck:
 def _check_split(name: str, split: SplitIndex, index: DatasetIndex, workers: int,
                  bar) -> SplitCheck:
     labels, attributes, aligned = split.tensors()
-    groups = bias_groups(labels, attributes, index.attribute_names, aligned)
+    groups = bias_groups(labels, attributes, index.attribute_names, aligned, index.value_names)
     paths = split.images.paths
     missing = [] if paths is None else [p for p in paths if not os.path.isfile(p)]
     gone = set(missing)

@@ -163,7 +163,8 @@ def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetInd
         if empty:
             raise DatasetLayoutError(f"{csv_path} line {number}: no value for {', '.join(empty)}")
     labels, class_names = _codes([row[label_column] for row in rows])
-    values = [_codes([row[c] for row in rows])[0] for c in attributes]
+    coded = [_codes([row[c] for row in rows]) for c in attributes]
+    values = [codes for codes, _ in coded]
     present = len(np.unique(labels))
     if present * 2 < len(class_names):   # only integer labels can leave classes without images
         raise DatasetLayoutError(
@@ -198,4 +199,5 @@ def index(root: str, bias_columns: Optional[Sequence[str]] = None) -> DatasetInd
         splits[split] = SplitIndex(file_source(list(paths[rows_of])), labels[rows_of],
                                    attribute_array[rows_of])
     skipped = tuple(c for c in others if c not in attributes) if bias_columns is None else ()
-    return DatasetIndex("folder", root, class_names, tuple(attributes), splits, skipped, rule)
+    return DatasetIndex("folder", root, class_names, tuple(attributes), splits, skipped, rule,
+                        tuple(names for _, names in coded))

@@ -235,7 +235,7 @@ class StreamingSplit(LabelledItems):
         split = index.split(name)
         labels, attributes, aligned = split.tensors()
         super().__init__(labels, attributes, index.attribute_names, device, aligned,
-                         index.class_names, index.split_rule)
+                         index.class_names, index.split_rule, index.value_names)
         self.name, self.split, self.size, self.centre_crop = name, split, size, centre_crop
         self.decoder = decoder
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)

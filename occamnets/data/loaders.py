@@ -40,8 +40,9 @@ class LabelledItems:
     """What every split holds on its device: labels (N,), bias attributes `factors` (N, F)
     named `factor_names`, `aligned` (N, F) bool where an attribute takes the value tied to the
     label (None when the attributes are not tied to classes), the bias groups (label x the
-    attributes' values, each item's group index) and, when known, the classes' names and
-    the rule that assigned the dataset's splits (DatasetIndex.split_rule)."""
+    attributes' values, each item's group index) and, when known, the classes' names, the
+    rule that assigned the dataset's splits (DatasetIndex.split_rule) and the names of the
+    attributes' values (DatasetIndex.value_names)."""
 
     masks: Optional[torch.Tensor] = None
 
@@ -49,7 +50,8 @@ class LabelledItems:
                  factor_names: Sequence[str], device="cpu",
                  aligned: Optional[torch.Tensor] = None,
                  class_names: Optional[Sequence[str]] = None,
-                 split_rule: Optional[str] = None):
+                 split_rule: Optional[str] = None,
+                 factor_values: Optional[Sequence[Sequence[str]]] = None):
         if labels.shape[0] != factors.shape[0] or factors.dim() != 2:
             raise ValueError(f"labels (N,) and factors (N, F) must have one length, got "
                              f"{tuple(labels.shape)} and {tuple(factors.shape)}")
@@ -62,6 +64,7 @@ class LabelledItems:
         self.aligned = None if aligned is None else aligned.bool().to(device)
         self.class_names = None if class_names is None else tuple(class_names)
         self.split_rule = split_rule
+        self.factor_values = factor_values
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -74,7 +77,8 @@ class LabelledItems:
     def groups(self) -> BiasGroups:
         """The split's bias groups (label x the factors' values), on its device; computed
         when first asked for."""
-        return bias_groups(self.labels, self.factors, self.factor_names, self.aligned)
+        return bias_groups(self.labels, self.factors, self.factor_names, self.aligned,
+                           self.factor_values)
 
     def uint8(self, rows: torch.Tensor) -> torch.Tensor:
         """The images of `rows` as uint8 (B, 3, H, W) on the device."""
@@ -98,7 +102,8 @@ class DeviceSplit(LabelledItems):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, factors: torch.Tensor,
                  factor_names: Sequence[str], device="cpu",
                  masks: Optional[torch.Tensor] = None, aligned: Optional[torch.Tensor] = None,
-                 class_names: Optional[Sequence[str]] = None, split_rule: Optional[str] = None):
+                 class_names: Optional[Sequence[str]] = None, split_rule: Optional[str] = None,
+                 factor_values: Optional[Sequence[Sequence[str]]] = None):
         if not images.shape[0] == labels.shape[0] == factors.shape[0]:
             raise ValueError(f"images, labels and factors must have one length, got "
                              f"{images.shape[0]}, {labels.shape[0]} and {factors.shape[0]}")
@@ -110,7 +115,7 @@ class DeviceSplit(LabelledItems):
             raise ValueError(f"masks must be bit-packed uint8 (N, H, ceil(W/8)) for images "
                              f"{tuple(images.shape)}, got {masks.dtype} {tuple(masks.shape)}")
         super().__init__(labels, factors, factor_names, device, aligned, class_names,
-                         split_rule)
+                         split_rule, factor_values)
         self.images = images.to(device)
         self.masks = None if masks is None else masks.to(device)
 
