@@ -462,6 +462,10 @@ def test_predict_folders_sizes_and_json(trained, tmp_path, capsys):
     empty.mkdir()
     assert main(["predict", trained, str(empty)]) == 2
     one_line_error(capsys, "holds no image files")
+    (empty / "cat").mkdir()   # a folder per class: said, as they are not searched
+    assert main(["predict", trained, str(empty)]) == 2
+    one_line_error(capsys, "holds no image files", "subfolders are not searched: give them "
+                   f"({empty / 'cat'})")
     assert main(["predict", trained, str(folder / "notes.txt")]) == 2
     one_line_error(capsys, "cannot read", "notes.txt")
 

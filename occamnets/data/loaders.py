@@ -142,8 +142,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def image_paths(paths: Sequence[str]) -> List[str]:
-    """Files as given, and the image files (by suffix, sorted) of any directory given; a
-    FileNotFoundError names a path that does not exist or a directory without images."""
+    """Files as given, and the image files (by suffix, sorted) of any directory given (not of
+    its subfolders); a FileNotFoundError names a path that does not exist or a directory
+    without images (and its subfolders, where the images may be: one per class, say)."""
     found = []
     for path in paths:
         if os.path.isdir(path):
@@ -151,7 +152,14 @@ def image_paths(paths: Sequence[str]) -> List[str]:
                             if name.lower().endswith(IMAGE_SUFFIXES)
                             and os.path.isfile(os.path.join(path, name)))
             if not inside:
-                raise FileNotFoundError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+                folders = sorted(name for name in os.listdir(path)
+                                 if os.path.isdir(os.path.join(path, name)))
+                shown = ", ".join(os.path.join(path, f) for f in folders[:3]) + (
+                    ", ..." if len(folders) > 3 else "")
+                raise FileNotFoundError(
+                    f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})" +
+                    (f"; its subfolders are not searched: give them ({shown})"
+                     if folders else ""))
             found.extend(inside)
         elif os.path.isfile(path):
             found.append(path)
