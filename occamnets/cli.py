@@ -905,6 +905,13 @@ def _run_compare(args) -> int:
         comparison = run_comparison(cells, preset, args.out, settings, hint)
     except Interrupted as stop:   # the cell's checkpoint is written and the stop line said
         return 128 + stop.signum
+    except (KeyboardInterrupt, _Terminated) as stop:   # outside a cell's training (its data)
+        if args.debug:
+            raise
+        terminated = isinstance(stop, _Terminated)
+        print(f"occamnets compare: {'stopped by SIGTERM' if terminated else 'interrupted'}; "
+              f"the finished cells are kept: run {hint} to continue", file=sys.stderr)
+        return 143 if terminated else 130
     print(comparison.to_markdown())
     print(f"written: {os.path.join(args.out, 'compare.md')}, compare.json, compare.png")
     return 0

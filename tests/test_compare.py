@@ -116,6 +116,21 @@ def test_an_interrupted_grid_continues_where_it_stopped(tmp_path, capsys, monkey
     assert all(c["complete"] and c["steps"] == 3 for c in saved["cells"])
 
 
+def test_an_interruption_outside_training_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while a cell's data was read (before its training could catch it) said only
+    'interrupted'."""
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare_module, "Trainer", interrupted)
+    assert main(["compare", "--models", "occam", "--out", "grid"] + SMALL) == 130
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "interrupted; the finished cells are kept: run the same `occamnets compare" in error
+    assert "--out grid ...` again to continue" in error
+
+
 def test_compare_refuses_bad_lists(capsys):
     assert main(["compare", "--methods", "erm,jtt"]) == 2
     assert "'jtt' is not one of erm, upwt, gdro, sd, pgi" in capsys.readouterr().err
