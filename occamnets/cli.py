@@ -670,10 +670,10 @@ def _run_viz(args) -> int:
     # run's, and its class names label every column, so each model must have trained on the
     # same images and classes.
     first = read_checkpoint(args.checkpoint) if args.beside else None
+    first_config = RunConfig.from_dict(first["config"]) if first else None
     others = [(other, read_checkpoint(other)) for other in args.beside]  # each read once
     for other, checkpoint in others:
         other_config = RunConfig.from_dict(checkpoint["config"])
-        first_config = RunConfig.from_dict(first["config"])
         if other_config.image_identity() != first_config.image_identity():
             raise ValueError(f"--beside {other} trained on other data than {args.checkpoint} "
                              f"({other_config.describe_data()}, against "
@@ -683,7 +683,7 @@ def _run_viz(args) -> int:
                            "draw models of the same classes")
     unread: List = []
     if args.images:
-        checkpoint = read_checkpoint(args.checkpoint)
+        checkpoint = first or read_checkpoint(args.checkpoint)
         model, config = model_from_checkpoint(checkpoint, args.checkpoint, args.device)
         device = next(model.parameters()).device
         images, captions, unread = _picture_files(args.images, args.count, config)
