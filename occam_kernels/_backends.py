@@ -1,4 +1,5 @@
 """Which implementations of an op can run on a device, and why the others cannot."""
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -65,6 +66,13 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
         return ("Triton kernels run on CPU tensors only under its interpreter: set "
                 "TRITON_INTERPRET=1 before the first import of triton (slow; for testing)")
     return f"no Triton backend for {device.type} tensors"
+
+
+def on_device_of(tensor: torch.Tensor):
+    """The context a Triton launch needs: the tensor's GPU as the current device. Triton
+    launches on the current device's current stream; with the tensors on cuda:1 and cuda:0
+    current, the kernel would fault, or (peer access) run unordered with cuda:1's work."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def available_backends(device) -> Dict[str, bool]:

@@ -187,6 +187,16 @@ def test_available_backends_says_none_run_on_a_missing_cuda_device():
     assert occam_kernels.available_backends("cpu")["reference"]
 
 
+def test_on_device_of_makes_the_tensors_gpu_current():
+    """What the Triton ops enter around their launches (test_exit_head.py checks they do)."""
+    from occam_kernels._backends import on_device_of
+
+    class OnSecondGpu:
+        is_cuda, device = True, torch.device("cuda", 1)
+    assert on_device_of(OnSecondGpu()).idx == 1      # entered only on a GPU host
+    assert not hasattr(on_device_of(torch.zeros(1)), "idx")   # CPU: a null context
+
+
 def test_the_triton_op_and_the_reference_check_inputs_themselves():
     """Reachable directly: the Triton op wrote index entries past a short index's end and
     read past a short keep (a different row count per run); the reference took an int keep

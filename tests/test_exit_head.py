@@ -209,6 +209,24 @@ def test_an_enclosing_autocast_does_not_lower_the_fused_ops_precision(dtype, dev
         assert torch.equal(got, want)
 
 
+def test_every_launch_runs_with_the_inputs_gpu_current(device, monkeypatch):
+    """Triton launches on the current device: with h on cuda:1 and cuda:0 current, the
+    kernels faulted or ran unordered with cuda:1's stream. Each custom op enters
+    on_device_of(h) (a CUDA device guard on a GPU) around its launches."""
+    from occam_kernels import _backends, compact
+    entered = []
+    real = _backends.on_device_of
+    monkeypatch.setattr(_backends, "on_device_of",
+                        lambda tensor: entered.append(tensor.shape) or real(tensor))
+    h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32, device=device)
+    h.requires_grad_(True)
+    out = exit_head(h, weight, bias, labels, backend="triton")
+    (out.logits.sum() + out.supp.sum()).backward()
+    class_activation_maps(h.detach(), weight, bias, backend="triton")
+    compact(h.detach(), labels > 1, backend="triton")
+    assert entered == [h.shape] * 4   # forward, backward, CAMs, compaction
+
+
 def test_opcheck_fused_ops(device):
     h, weight, bias, labels = make_inputs(2, 3, 2, 3, 4, torch.float32, device=device)
     weight.requires_grad_(True)

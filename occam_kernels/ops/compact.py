@@ -52,7 +52,8 @@ def _compact_triton(x: torch.Tensor, keep: torch.Tensor,
     # Checked here, not only by compact: the kernel reads keep and writes index by x's rows
     # (the C++ op occam::compact checks its own).
     _checks.compact_inputs("occam::compact_triton", x, keep, index)
-    return triton_compact(x, keep, index)
+    with _backends.on_device_of(x):   # Triton launches on the current device
+        return triton_compact(x, keep, index)
 
 
 _compact_triton.register_fake(_fake_compact)

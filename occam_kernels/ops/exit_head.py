@@ -10,8 +10,9 @@ saves it, so an in-place edit of pooled is refused by both (edit a copy).
 
 The ops run with autocast off: the kernels accumulate in fp32 for bf16/fp16 inputs
 (DESIGN.md section 3), and the torch matmuls among them would otherwise follow an enclosing
-autocast down to bf16.
+autocast down to bf16. They run with h's GPU current (_backends.on_device_of).
 """
+import contextlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -37,8 +38,11 @@ def _accumulation_dtype(h: Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
-def _no_autocast(h: Tensor):
-    return torch.autocast(h.device.type, enabled=False)
+@contextlib.contextmanager
+def _launching_on(h: Tensor):
+    """Autocast off, and h's GPU the current device (where Triton launches)."""
+    with torch.autocast(h.device.type, enabled=False), _backends.on_device_of(h):
+        yield
 
 
 @torch.library.custom_op("occam::exit_head_fused", mutates_args=())
@@ -51,7 +55,7 @@ def _exit_head_fused(h: Tensor, weight: Tensor, bias: Tensor,
     op = "occam::exit_head_fused"
     _checks.exit_head_inputs(op, h, weight, bias, labels, flat_weight=True)
     _checks.labels_in_range(op, labels, weight.shape[0])
-    with _no_autocast(h):
+    with _launching_on(h):
         logits, pooled, supp, threshold = exit_head_forward(h, weight, bias, labels)
     if supp is None:  # a custom op returns tensors only; the public API turns this into None
         supp = h.new_zeros(h.shape[0])
@@ -79,7 +83,7 @@ def _exit_head_fused_backward(
     _checks.exit_head_inputs(op, h, weight, bias, labels, flat_weight=True)
     _checks.per_sample(op, h, weight, pooled=pooled, threshold=threshold,
                        grad_logits=grad_logits, grad_pooled=grad_pooled, grad_supp=grad_supp)
-    with _no_autocast(h):
+    with _launching_on(h):
         return exit_head_backward(h, weight, bias, labels, grad_logits, grad_pooled,
                                   grad_supp, pooled=pooled, threshold=threshold)
 
@@ -147,7 +151,8 @@ def _class_activation_maps_fused(h: Tensor, weight: Tensor, bias: Tensor) -> Ten
     from ..triton.exit_head import class_activation_maps as triton_cams
     _checks.exit_head_inputs("occam::class_activation_maps_fused", h, weight, bias, None,
                              pixels=False, flat_weight=True)
-    return triton_cams(h, weight, bias)
+    with _launching_on(h):
+        return triton_cams(h, weight, bias)
 
 
 @_class_activation_maps_fused.register_fake
