@@ -32,7 +32,13 @@ matmuls on (B, K) and (B, C) tensors):
 No float atomics anywhere and every reduction has a fixed order, so equal inputs give bitwise
 equal outputs. Accumulation is fp32 (fp64 for fp64 inputs; that path uses
 broadcast-multiply-sum instead of tl.dot, which has no fp64 form on every GPU, so gradcheck
-can run on the kernels). fp32 dots use input_precision="ieee" (no TF32).
+can run on the kernels). fp32 dots use input_precision="ieee" (no TF32). For bf16/fp16 inputs
+the backward's dots with fp32 operands (dcam against W and h) use TF32, whose rounding is
+below the inputs' own; the interpreter computes them exactly, so only a GPU shows it. The
+launchers' torch matmuls (logits = pooled W^T + b, the backward's dense terms) follow torch's
+TF32 setting for fp32 inputs: with torch.backends.cuda.matmul.allow_tf32 (or
+set_float32_matmul_precision("high")) the logits, and so the suppression mask's threshold,
+are TF32-rounded too.
 
 Memory access: the launcher classifies h (and dh) per sample as PIXELS_DENSE (NCHW: the
 pixels of a channel are one run), CHANNELS_DENSE (NHWC, channels_last: the channels of a pixel
