@@ -345,9 +345,15 @@ def _with_cached_dataset(config, explicit: dict):
         raise ValueError(f"{explicit['data_dir']} holds another Biased MNIST than asked for: "
                          f"{'; '.join(conflicts)}; drop those options to train on it, or "
                          f"choose another --data-dir")
-    print(f"training on the Biased MNIST in {explicit['data_dir']}: "
-          f"{', '.join(f'{n}={getattr(adopted, n)}' for n in DATA_FIELDS)}")
+    if _first_process():
+        print(f"training on the Biased MNIST in {explicit['data_dir']}: "
+              f"{', '.join(f'{n}={getattr(adopted, n)}' for n in DATA_FIELDS)}")
     return adopted
+
+
+def _first_process() -> bool:
+    """Whether this is torchrun's first process (or no torchrun): the one that prints."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _checkpoint_settings(path: str):
@@ -417,7 +423,7 @@ def _run_train(args) -> int:
         config = _with_cached_dataset(config, explicit)
     _refuse_unused_settings([config], explicit)
     resolve_device(config.device)  # a GPU that is not there: said before the summary
-    first_process = os.environ.get("RANK", "0") == "0"
+    first_process = _first_process()
     if first_process:
         print(("resuming " if args.resume else "training ") + config.summary(), flush=True)
     trainer = Trainer(config, resume=checkpoint if args.resume else None)

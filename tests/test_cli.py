@@ -127,6 +127,18 @@ def trained(tmp_path_factory):
     return os.path.join(out, "checkpoint.pt"), data
 
 
+def test_only_the_first_process_says_it_adopts_a_cached_dataset(trained, capsys, monkeypatch):
+    """Under torchrun every process printed 'training on the Biased MNIST in ...'."""
+    from occamnets import cli
+    _, data = trained
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        adopted = cli._with_cached_dataset(RunConfig.from_preset("quick", data_dir=data),
+                                           {"data_dir": data})
+        assert adopted.cell_size != RunConfig.from_preset("quick").cell_size   # adopted
+        assert ("training on the Biased MNIST in" in capsys.readouterr().out) == said
+
+
 def test_viz_draws_a_resnet_and_two_models_side_by_side(trained, tmp_path, capsys,
                                                          monkeypatch):
     checkpoint, data = trained
