@@ -465,7 +465,9 @@ def _model_and_split(args, need_exits: bool = False, count: Optional[int] = None
     checkpoint = read_checkpoint(args.checkpoint)
     model, config = model_from_checkpoint(checkpoint, args.checkpoint, args.device)
     if need_exits and not hasattr(model, "early_exit"):
-        raise ValueError(f"{args.command} needs an OccamNet checkpoint; this one is a "
+        # viz draws any model's CAMs; only its exit plot needs exits
+        what = "viz --exits-plot" if args.command == "viz" else args.command
+        raise ValueError(f"{what} needs an OccamNet checkpoint; this one is a "
                          f"{config.model} model")
     if args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
@@ -878,8 +880,9 @@ def _add_compare(subparsers) -> None:
     compare.add_argument("--ablations", type=_comma_list(list(ABLATIONS)), default=["none"],
                          help=f"OccamResNet's, comma-separated, from {', '.join(ABLATIONS)} "
                               f"(none: the full model)")
-    compare.add_argument("--seeds", type=_in_range(int, Range(1, 1000)), default=1,
-                         help="seeds per row: 0, 1, ..., N-1")
+    seeds = Range(1, 1000)
+    compare.add_argument("--seeds", type=_in_range(int, seeds), default=1,
+                         help=f"seeds per row: 0, 1, ..., N-1 ({seeds.describe()})")
     compare.add_argument("--out", default="runs/compare", help="the grid's directory")
     _add_config_options(compare, [f.name for f in dataclasses.fields(RunConfig)
                                   if f.name not in _GRID_FIELDS])
@@ -954,7 +957,8 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS, Range
-    count, share = _in_range(int, Range(1, 10**9)), _in_range(float, Range(0, 1))
+    counts, shares = Range(1, 10**9), Range(0, 1)
+    count, share = _in_range(int, counts), _in_range(float, shares)
     parser = _Parser(prog="occamnets", description=__doc__)
     parser.add_argument("--version", action="version", version=f"occamnets {_version()}")
     parser.add_argument("--debug", action="store_true",
@@ -968,7 +972,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     train.set_defaults(handler=_run_train)
     evaluation = _add_checkpoint_command(subparsers, "eval", "evaluate a checkpoint", _run_eval)
-    evaluation.add_argument("--batch-size", type=count, default=256, help="images per batch")
+    evaluation.add_argument("--batch-size", type=count, default=256,
+                            help=f"images per batch ({counts.describe()})")
     evaluation.add_argument("--reliability", default=None, metavar="PNG",
                             help="also draw each exit's reliability diagrams (class softmax "
                                  "and gate) to this file")
@@ -981,11 +986,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "training size; a file that cannot be read is reported on its "
                               "line and makes the exit code 1); none: time inference on "
                               "--split")
-    predict.add_argument("--batch-size", type=count, default=256, help="images per batch")
+    predict.add_argument("--batch-size", type=count, default=256,
+                         help=f"images per batch ({counts.describe()})")
     predict.add_argument("--threshold", type=share, default=None,
-                         help="leave at the first exit whose gate is at least this (default: "
-                              "the run's exit_threshold; every sample to the last exit for a "
-                              "run trained with --no-early-exit)")
+                         help=f"leave at the first exit whose gate is at least this "
+                              f"({shares.describe()}; default: the run's exit_threshold; every "
+                              f"sample to the last exit for a run trained with --no-early-exit)")
     predict.add_argument("--json", action="store_true",
                          help="print JSON: per image its path, label, confidence, exit and "
                               "error (why it could not be read; else null)")
@@ -1001,7 +1007,8 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--out", default="cams.png", help="the CAM picture (PNG)")
     viz.add_argument("--exits-plot", default=None,
                      help="also save the exit distribution (an OccamNet checkpoint)")
-    viz.add_argument("--count", type=count, default=6, help="images in the picture")
+    viz.add_argument("--count", type=count, default=6,
+                     help=f"images in the picture ({counts.describe()})")
     _add_compare(subparsers)
     results = subparsers.add_parser(
         "results", help="the Biased MNIST results page of a ResNet and an OccamResNet run",

@@ -153,7 +153,7 @@ def test_viz_draws_a_resnet_and_two_models_side_by_side(trained, tmp_path, capsy
     capsys.readouterr()
     assert main(["viz", resnet, "--out", str(alone), "--exits-plot",
                  str(tmp_path / "exits.png")]) == 2
-    assert "needs an OccamNet checkpoint" in capsys.readouterr().err
+    assert "viz --exits-plot needs an OccamNet checkpoint" in capsys.readouterr().err
     # Options that would change nothing: a ResNet has no exit to choose, and Biased MNIST no
     # directory of its own (both were accepted silently).
     image = tmp_path / "image.png"

@@ -553,7 +553,12 @@ def test_version_help_and_debug(capsys, tmp_path):
     assert "quick preset: 64" in text and "images per step" in text
     assert "in [2, 1000000]" in text and "Adam's learning rate (in (0, 10]" in text
     assert main(["eval", "--help"]) == 0
-    assert "(default: 256)" in capsys.readouterr().out
+    assert "images per batch (in [1, 1000000000]) (default: 256)" in " ".join(
+        capsys.readouterr().out.split())
+    for command, needle in (("viz", "images in the picture (in [1, 1000000000])"),
+                            ("compare", "N-1 (in [1, 1000])"), ("predict", "this (in [0, 1];")):
+        assert main([command, "--help"]) == 0   # each option's range, as the train options'
+        assert needle in " ".join(capsys.readouterr().out.split()), command
     with pytest.raises(FileNotFoundError):
         main(["eval", str(tmp_path / "nowhere.pt"), "--debug"])
     with pytest.raises(FileNotFoundError):
