@@ -16,7 +16,6 @@ class RunEnvironment:
     cuda: Optional[str]         # the CUDA version torch was built with (None: a CPU build)
     extension: str              # the occam_kernels native build: "cuda", "cpu" or "none"
     date: str                   # ISO date the report was written (UTC)
-    device_type: Optional[str] = None   # "cuda" or "cpu"; None: a report from before it was kept
 
     def describe(self) -> str:
         return (f"{self.device} (torch {self.torch}, triton {self.triton}, CUDA {self.cuda}, "
@@ -39,4 +38,4 @@ def collect_environment(device: torch.device) -> RunEnvironment:
                  "cpu" if info["extension_built"] else "none")
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     return RunEnvironment(name, torch.__version__, info["triton"], torch.version.cuda,
-                          extension, today, device.type)
+                          extension, today)

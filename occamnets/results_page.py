@@ -122,18 +122,20 @@ def _environment(run: RunFiles) -> str:
 
 
 def _bf16(runs: Sequence[RunFiles]) -> str:
-    """Whether the runs trained under bf16 autocast: asked for (the config) and where it
-    applies (a GPU; a run on the CPU trains in fp32 whatever the config says)."""
+    """Whether the runs trained under bf16 autocast: asked for (the config) and applied (on
+    a GPU; on the CPU a run trains in fp32 whatever the config says), per epoch as its record
+    says (a resumed run may have changed device)."""
     def used(run: RunFiles) -> str:
-        env = run.report.environment
-        kind = None if env is None else env.device_type
         if not run.report.config.bf16:
             return "off"
-        if kind == "cuda":
+        applied = [r["bf16_autocast"] for r in run.epochs if "bf16_autocast" in r]
+        if not applied:
+            return "on if it trained on a GPU (its metrics do not say)"
+        if all(applied):
             return "on"
-        if kind is None:
-            return "on if it trained on a GPU (its report does not say)"
-        return f"off (autocast applies on a GPU only; it trained on the {kind.upper()})"
+        if not any(applied):
+            return "off (autocast applies on a GPU only; it trained on the CPU)"
+        return f"on in the {sum(applied)} of its {len(applied)} epochs trained on a GPU"
     said = [used(run) for run in runs]
     if len(set(said)) == 1:
         return f"bf16 autocast {said[0]}"

@@ -564,8 +564,9 @@ class Trainer:
         self.channels_last = config.channels_last and on_gpu
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.bf16_autocast = config.bf16 and on_gpu   # the config asks; a GPU applies it
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                       enabled=config.bf16 and on_gpu)
+                                       enabled=self.bf16_autocast)
         self.forward = self.model
         if self.world > 1:
             self.forward = torch.nn.parallel.DistributedDataParallel(
@@ -866,8 +867,9 @@ class Trainer:
                       "train_images_per_s": images / max(elapsed, 1e-9),
                       "train_seconds": elapsed,
                       "lr": lr,
-                      # A resumed run may continue on another card: each epoch names its own.
-                      "device": self.device_name}
+                      # A resumed run may continue on another card: each epoch names its
+                      # own, and whether bf16 autocast applied there.
+                      "device": self.device_name, "bf16_autocast": self.bf16_autocast}
             val_split = config.dataset_spec.val
             if val_split in self.splits:
                 # Accuracy (and an OccamNet's exits) only: the early-exit pass, no other.
