@@ -123,7 +123,7 @@ def _exit_head_case(shape, num_classes, dtype, layout):
         for one_pass in (False, True)[:1 + kernels.one_pass_fits(h, num_classes)]:
             kernels.exit_head_backward(h, weight, bias, labels, torch.ones_like(logits),
                                        torch.ones_like(pooled), torch.ones(BATCH, dtype=dtype),
-                                       logits=logits, pooled=pooled, threshold=threshold,
+                                       pooled=pooled, threshold=threshold,
                                        one_pass=one_pass)
         kernels.class_activation_maps(h, weight, bias)
     name = str(dtype).split(".")[-1]

@@ -365,11 +365,11 @@ def _exit_head_step(case: Case, smoke: bool, device: torch.device):
 def _backward_step(case: Case, smoke: bool, device: torch.device):
     from occam_kernels.triton.exit_head import exit_head_backward, exit_head_forward
     h, weight, bias, labels, upstream = _exit_head_case_inputs(case, smoke, device)
-    logits, pooled, _, threshold = exit_head_forward(h, weight, bias, labels)
+    _, pooled, _, threshold = exit_head_forward(h, weight, bias, labels)
     one_pass = BACKWARD_VARIANTS[case.impl]
 
     def step():
-        exit_head_backward(h, weight, bias, labels, *upstream, logits=logits, pooled=pooled,
+        exit_head_backward(h, weight, bias, labels, *upstream, pooled=pooled,
                            threshold=threshold, one_pass=one_pass)
     # h read once, dh written once
     return Built(step, list(h.shape), 2 * h.numel() * h.element_size())

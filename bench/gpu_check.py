@@ -90,7 +90,7 @@ def _fused_forward_backward(h, weight, bias, labels, upstream, device, one_pass=
     if one_pass:
         from occam_kernels.triton.exit_head import exit_head_backward
         out = [t.detach() for t in out]
-        return out + list(exit_head_backward(h, weight, bias, labels, *upstream, logits=out[0],
+        return out + list(exit_head_backward(h, weight, bias, labels, *upstream,
                                              pooled=out[1], threshold=threshold,
                                              one_pass=True)), threshold
     torch.autograd.backward(list(out), upstream)

@@ -257,8 +257,8 @@ def backward_variants(index, copy_gb_per_s):
     if not tables:
         return []
     lines = ["### Backward alone: two kernels against one pass (a candidate)", "",
-             "Device (graph) time of the whole `exit_head_backward` call with its saved logits "
-             "and pooled (the small torch ops around the kernels included), and the profiler's "
+             "Device (graph) time of the whole `exit_head_backward` call with its saved pooled "
+             "and threshold (the small torch ops around the kernels included), and the profiler's "
              "device busy time. The floor is 2 x bytes(h); one pass reads h once, two kernels "
              "read it twice.", "",
              "| shape | dtype | layout | graph two kernels | graph one pass | two / one | "

@@ -748,18 +748,22 @@ def _run_viz(args) -> int:
 
 def _column_titles(names: List[str], paths: List[str]) -> List[str]:
     """The models' short names, each followed on a second line by as many of its
-    checkpoint's directories (innermost last) as tell it apart from the others of its name:
-    two OccamNets of a compare grid are 'OccamResNet' over 'occam-erm/seed-0' and over
-    'occam-sd/seed-0'."""
+    checkpoint's directories (innermost last) as tell it apart from the others of its name,
+    or its directory and file name where the directories are alike: two OccamNets of a
+    compare grid are 'OccamResNet' over 'occam-erm/seed-0' and over 'occam-sd/seed-0', two
+    checkpoints of one run over 'a/epoch10.pt' and 'a/epoch20.pt'."""
     if len(set(names)) == len(names):
         return names
-    parts = [os.path.abspath(p).split(os.sep)[:-1] for p in paths]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        titles = [name if names.count(name) == 1 else f"{name}\n{'/'.join(p[-depth:])}"
-                  for name, p in zip(names, parts)]
+    parts = [os.path.abspath(p).split(os.sep) for p in paths]
+
+    def titled(shown):
+        return [name if names.count(name) == 1 else f"{name}\n{'/'.join(shown(p))}"
+                for name, p in zip(names, parts)]
+    for depth in range(1, max(len(p) for p in parts)):
+        titles = titled(lambda p: p[:-1][-depth:])
         if len(set(titles)) == len(titles):
             return titles
-    return titles   # the same checkpoint given twice: nothing tells them apart
+    return titled(lambda p: p[-2:])   # the same directories: the file names tell them apart
 
 
 def _none_readable(problems: List[ValueError]) -> ValueError:
@@ -910,17 +914,12 @@ def _run_compare(args) -> int:
                "--methods", ",".join(args.methods), "--ablations", ",".join(args.ablations),
                "--seeds", str(args.seeds), "--out", args.out]
     hint = f"the same `{shlex.join(command)} ...` again"
+    # Said by main() if a signal stops the grid outside a cell's training (reading its data)
+    args.interrupted_hint = f"the finished cells are kept: run {hint} to continue"
     try:
         comparison = run_comparison(cells, preset, args.out, settings, hint)
     except Interrupted as stop:   # the cell's checkpoint is written and the stop line said
         return 128 + stop.signum
-    except (KeyboardInterrupt, _Terminated) as stop:   # outside a cell's training (its data)
-        if args.debug:
-            raise
-        terminated = isinstance(stop, _Terminated)
-        print(f"occamnets compare: {'stopped by SIGTERM' if terminated else 'interrupted'}; "
-              f"the finished cells are kept: run {hint} to continue", file=sys.stderr)
-        return 143 if terminated else 130
     print(comparison.to_markdown())
     print(f"written: {os.path.join(args.out, 'compare.md')}, compare.json, compare.png")
     return 0
@@ -1106,8 +1105,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             raise
         terminated = isinstance(stop, _Terminated)
-        print(f"occamnets {args.command}: {'stopped by SIGTERM' if terminated else 'interrupted'}",
-              file=sys.stderr)
+        hint = getattr(args, "interrupted_hint", None)   # what a command says to continue
+        print(f"occamnets {args.command}: {'stopped by SIGTERM' if terminated else 'interrupted'}"
+              + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 143 if terminated else 130
     except (ValueError, OSError, MemoryError, RuntimeError) as error:
         # ValueError: our messages; OSError: FileNotFoundError, PermissionError, disk full.

@@ -215,8 +215,8 @@ def run_cell(config: RunConfig, hint: str) -> Dict:
     try:
         trainer = Trainer(config, resume=existing_checkpoint(config))   # reads and checks the checkpoint first
     except CheckpointMismatch as error:
-        raise ValueError(f"{config.run_dir} holds a run of other settings ({error}); "
-                         f"choose another --out for this grid") from error
+        # Its message names what differs (settings, classes, training split) and the advice.
+        raise ValueError(f"{config.run_dir}: {error}") from error
     trainer.continue_hint, trainer.say_max_steps = hint, False
     trainer.train()
     if trainer.interrupted:

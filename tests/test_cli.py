@@ -139,6 +139,15 @@ def test_only_the_first_process_says_it_adopts_a_cached_dataset(trained, capsys,
         assert ("training on the Biased MNIST in" in capsys.readouterr().out) == said
 
 
+def test_beside_titles_tell_checkpoints_of_one_directory_apart():
+    """Two checkpoints of one run had one title: only directories were compared."""
+    from occamnets.cli import _column_titles
+    assert _column_titles(["OccamResNet"] * 2, ["runs/a/epoch10.pt", "runs/a/epoch20.pt"]) == [
+        "OccamResNet\na/epoch10.pt", "OccamResNet\na/epoch20.pt"]
+    assert _column_titles(["OccamResNet", "ResNet"], ["a/c.pt", "b/c.pt"]) == [
+        "OccamResNet", "ResNet"]
+
+
 def test_viz_draws_a_resnet_and_two_models_side_by_side(trained, tmp_path, capsys,
                                                          monkeypatch):
     checkpoint, data = trained

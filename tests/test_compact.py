@@ -93,7 +93,7 @@ def test_compact_keeps_rows_whose_keep_byte_is_any_nonzero(backend, device):
     """A 0/255 (or any byte) mask viewed as bool: x[keep] keeps every nonzero byte. The CPU
     extension added the bytes, counted 3 rows for [2, 0, 1, 0] and returned an unwritten one."""
     generator = torch.Generator().manual_seed(2)
-    for batch in (4, 70):   # 70: more rows than one CUDA block's run
+    for batch in (4, 70):   # 70: past Triton's 16-row blocks
         bytes_ = torch.randint(0, 4, (batch,), generator=generator, dtype=torch.uint8) * 85
         bytes_[:4] = torch.tensor([2, 0, 1, 0], dtype=torch.uint8)
         keep = bytes_.to(device).view(torch.bool)
