@@ -539,6 +539,7 @@ def _run_predict(args) -> int:
         raise ValueError("--split, --data-dir and --root choose a split to time; with image "
                          "files they do nothing: leave them out, or give no images")
     paths = image_paths(args.images)
+    _say_unsearched_folders(args.images)
     checkpoint = read_checkpoint(args.checkpoint)   # once: the model and its class names
     model, config = model_from_checkpoint(checkpoint, args.checkpoint, args.device)
     if args.threshold is not None and not hasattr(model, "early_exit"):
@@ -766,6 +767,15 @@ def _column_titles(names: List[str], paths: List[str]) -> List[str]:
     return titled(lambda p: p[-2:])   # the same directories: the file names tell them apart
 
 
+def _say_unsearched_folders(given: List[str]) -> None:
+    from .data.loaders import unsearched_image_folders
+    folders = unsearched_image_folders(given)
+    if folders:
+        shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
+        print(f"note: {len(folders)} subfolder(s) with images are not searched ({shown}): "
+              f"give them too to read their images", file=sys.stderr)
+
+
 def _none_readable(problems: List[ValueError]) -> ValueError:
     """The error when none of the files given could be read: the first one's problem."""
     return ValueError(str(problems[0]) if len(problems) == 1 else
@@ -780,6 +790,7 @@ def _picture_files(given: List[str], count: int, config):
     import torch
     from .data.loaders import image_paths, read_image_batches
     paths = image_paths(given)
+    _say_unsearched_folders(given)
     read, unread = [], []
     batches = read_image_batches(paths, count, config.input_size, config.dataset_spec.centre_crop)
     for image_file in itertools.chain.from_iterable(batches):

@@ -466,6 +466,18 @@ def test_predict_folders_sizes_and_json(trained, tmp_path, capsys):
     assert main(["predict", trained, str(empty)]) == 2
     one_line_error(capsys, "holds no image files", "subfolders are not searched: give them "
                    f"({empty / 'cat'})")
+    # Images beside such subfolders: the subfolders' images were passed over silently.
+    Image.new("RGB", (30, 30), (20, 30, 200)).save(empty / "cat" / "c.png")
+    (empty / "notes").mkdir()                      # no images in it: not worth a word
+    assert main(["predict", trained, str(folder), str(empty / "cat")]) == 0
+    assert "not searched" not in capsys.readouterr().err
+    (folder / "cat").mkdir()
+    Image.new("RGB", (30, 30), (20, 30, 200)).save(folder / "cat" / "c.png")
+    assert main(["predict", trained, str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    assert (f"note: 1 subfolder(s) with images are not searched ({folder / 'cat'}): give them "
+            "too to read their images") in captured.err
     assert main(["predict", trained, str(folder / "notes.txt")]) == 2
     one_line_error(capsys, "cannot read", "notes.txt")
 

@@ -148,9 +148,7 @@ def image_paths(paths: Sequence[str]) -> List[str]:
     found = []
     for path in paths:
         if os.path.isdir(path):
-            inside = sorted(os.path.join(path, name) for name in os.listdir(path)
-                            if name.lower().endswith(IMAGE_SUFFIXES)
-                            and os.path.isfile(os.path.join(path, name)))
+            inside = _images_in(path)
             if not inside:
                 folders = sorted(name for name in os.listdir(path)
                                  if os.path.isdir(os.path.join(path, name)))
@@ -166,6 +164,26 @@ def image_paths(paths: Sequence[str]) -> List[str]:
         else:
             raise FileNotFoundError(f"no such image file or directory: {path}")
     return found
+
+
+def _images_in(directory: str) -> List[str]:
+    """The image files (by suffix) directly in `directory`, sorted."""
+    return sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                  if name.lower().endswith(IMAGE_SUFFIXES)
+                  and os.path.isfile(os.path.join(directory, name)))
+
+
+def unsearched_image_folders(paths: Sequence[str]) -> List[str]:
+    """The subfolders holding image files of the directories among `paths` that image_paths
+    took images from: their images are not read (one folder per class, say), which the user
+    should be told."""
+    folders = []
+    for path in paths:
+        if os.path.isdir(path) and _images_in(path):
+            folders += [os.path.join(path, name) for name in sorted(os.listdir(path))
+                        if os.path.isdir(os.path.join(path, name))
+                        and _images_in(os.path.join(path, name))]
+    return folders
 
 
 class UnreadableImage(ValueError):
