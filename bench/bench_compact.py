@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchutils import (COMPACT_IMPLEMENTATIONS, ON_GPU, STAGE_SHAPES, count_host_syncs, device,
-                        run_case, shrink, synchronize)
+                        group_name, run_case, shrink, synchronize)
 
 BATCH = 256
 
@@ -34,7 +34,8 @@ def test_compact(benchmark, impl, shape, keep_ratio, dtype):
         fn(x, keep, index)
         synchronize()
 
-    benchmark.group = f"compact {'x'.join(map(str, shape))} keep={keep_ratio} {dtype}"
+    benchmark.group = group_name(f"compact {'x'.join(map(str, shape))} keep={keep_ratio} {dtype}",
+                                 "x".join(map(str, full)))
     syncs = count_host_syncs(lambda: fn(x, keep, index))
     kept = int(keep.sum())
     run_case(benchmark, step, {

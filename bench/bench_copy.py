@@ -1,7 +1,7 @@
 """Device copy bandwidth, the yardstick bench/report.py divides achieved bandwidths by."""
 import torch
 
-from benchutils import ON_GPU, device, run_case, synchronize
+from benchutils import ON_GPU, device, group_name, run_case, synchronize
 
 
 def test_copy_bandwidth(benchmark):
@@ -13,5 +13,5 @@ def test_copy_bandwidth(benchmark):
         target.copy_(source)
         synchronize()
 
-    benchmark.group = "copy"
+    benchmark.group = group_name("copy", f"{elements * 4 // 2 ** 20} MiB")
     run_case(benchmark, step, {"impl": "copy", "floor_bytes": 2 * source.numel() * 4})

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from benchutils import (BATCH, BENCH_DIR, DISTRIBUTIONS, SIZE, WIDTH, distribution_shares,
-                        inference_work, occam_inference_step, occam_training_step, run_case)
+                        group_name, inference_work, occam_inference_step, occam_training_step,
+                        run_case)
 from inference_ceiling import early_exit_work
 
 
@@ -16,7 +17,7 @@ from inference_ceiling import early_exit_work
 @pytest.mark.parametrize("backend", ["triton", "reference"], ids=["fused", "reference"])
 def test_training_step(benchmark, backend, precision):
     step = occam_training_step(backend, precision)
-    benchmark.group = f"training step {precision}"
+    benchmark.group = group_name(f"training step {precision}", f"width {WIDTH}, {SIZE} px")
     run_case(benchmark, step, {"impl": "fused" if backend == "triton" else "reference",
                                "images": BATCH, "precision": precision,
                                "model": f"occam_resnet18 width={WIDTH} {SIZE}px"})
@@ -28,7 +29,7 @@ def test_inference(benchmark, compaction, distribution):
     shares, source = distribution_shares(distribution)
     step, counts = occam_inference_step(compaction, shares)
     work = inference_work()
-    benchmark.group = f"inference {distribution}"
+    benchmark.group = group_name(f"inference {distribution}", f"width {WIDTH}, {SIZE} px")
     run_case(benchmark, step, {"impl": "compaction" if compaction else "full_depth",
                                "images": BATCH, "exit_counts": counts,
                                "flops": early_exit_work(work, BATCH, counts) if compaction

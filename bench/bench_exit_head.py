@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from benchutils import (EXIT_SHAPES, ON_GPU, device, exit_head_implementation,
-                        exit_head_inputs, exit_head_step, run_case, shrink, synchronize)
+                        exit_head_inputs, exit_head_step, group_name, run_case, shrink,
+                        synchronize)
 
 BATCH, CLASSES = 128, 10
 
@@ -32,8 +33,9 @@ def test_exit_head(benchmark, impl, shape, dtype, mode):
         run()
         synchronize()
 
-    group = f"exit_head {mode} {'x'.join(map(str, shape))} {str(dtype).split('.')[-1]}"
-    benchmark.group = group
+    benchmark.group = group_name(
+        f"exit_head {mode} {'x'.join(map(str, shape))} {str(dtype).split('.')[-1]}",
+        "x".join(map(str, (batch, channels, height, width))))
     run_case(benchmark, step, {"impl": impl, "shape": [batch, channels, height, width],
                                "classes": CLASSES, "dtype": str(dtype), "mode": mode,
                                # the floor of bytes moved: h read twice forward; backward reads

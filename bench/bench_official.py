@@ -21,9 +21,10 @@ import os
 import pytest
 import torch
 
-from benchutils import (BATCH, ON_GPU, SIZE, WIDTH, images_and_labels, occam_inference_step,
-                        occam_training_step, official_model, official_training_call, run_case,
-                        synchronised, synchronize, trained_distribution)
+from benchutils import (BATCH, ON_GPU, SIZE, WIDTH, group_name, images_and_labels,
+                        occam_inference_step, occam_training_step, official_model,
+                        official_training_call, run_case, synchronised, synchronize,
+                        trained_distribution)
 
 CHECKOUT = os.environ.get("OCCAM_OFFICIAL")
 pytestmark = pytest.mark.skipif(
@@ -37,7 +38,7 @@ MODEL = f"occam_resnet18 width={WIDTH} {SIZE}px"
 def test_peer_training_step(benchmark, impl, precision):
     step = (synchronised(official_training_call(CHECKOUT, precision)) if impl == "official"
             else occam_training_step("triton", precision))
-    benchmark.group = f"peer training_step {precision}"
+    benchmark.group = group_name(f"peer training_step {precision}", MODEL)
     run_case(benchmark, step, {"impl": impl, "images": BATCH, "precision": precision,
                                "model": MODEL, "layout": "channels_last" if ON_GPU and
                                impl == "ours" else "contiguous"})
@@ -57,7 +58,7 @@ def test_peer_inference(benchmark, impl):
             synchronize()
     else:
         step, counts = occam_inference_step(True, shares)
-    benchmark.group = "peer inference trained"
+    benchmark.group = group_name("peer inference trained", MODEL)
     run_case(benchmark, step, {"impl": impl, "images": BATCH, "model": MODEL,
                                "exit_counts": counts, "target_shares": list(shares),
                                "distribution_source": os.path.basename(source)})

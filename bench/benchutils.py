@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 from functools import lru_cache, partial
+from typing import Optional
 
 import torch
 
@@ -104,6 +105,15 @@ def run_case(benchmark, fn, extra: dict) -> None:
     benchmark.extra_info["peak_memory_bytes"] = peak
     benchmark.extra_info["smoke"] = not ON_GPU
     benchmark(fn)
+
+
+def group_name(case: str, ran: Optional[str] = None) -> str:
+    """A benchmark's group: the design case on a GPU; on the CPU the case marked as a smoke
+    run, with the shape that ran, so that `pytest-benchmark compare` of a CPU and a GPU file
+    never ranks a tiny CPU case beside the GPU's as the same one."""
+    if ON_GPU:
+        return case
+    return f"{case} (CPU smoke{': ' + ran if ran else ''})"
 
 
 def shrink(shape, smoke: bool):
