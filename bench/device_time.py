@@ -696,6 +696,11 @@ def run(out: str, smoke: bool, jobs: int, parts: List[str]) -> int:
     device = torch.device("cpu" if smoke else "cuda")
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("device_time: no CUDA device is visible; use --smoke on a CPU machine")
+    if smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        # Without it every Triton case fails, some with "0 active drivers" (gpu_check.sh sets it)
+        raise SystemExit("device_time: --smoke runs the Triton kernels on the CPU under their "
+                         "interpreter: run it as TRITON_INTERPRET=1 python bench/device_time.py "
+                         "--smoke ...")
     os.makedirs(out, exist_ok=True)
     # The smoke: one call per method (its times mean nothing; an interpreted training step
     # takes about 5 s).

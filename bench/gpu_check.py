@@ -607,6 +607,8 @@ def _device_time_lines(record) -> List[str]:
               f"{fmt_us(t.get('host_syncs_profiler'))}"
               for t in record["timings"] if t["part"] == "training"]
     lines += [f"  early exit {early_exit_summary(row)}" for row in early_exit_rows(record)]
+    if record["settings"].get("smoke"):   # tiny shapes on the CPU: the targets are the GPU's
+        lines.append("  issue 16's targets below: computed from a CPU smoke run, not verdicts")
     return lines + exit_head_targets(record) + compact_targets(record) \
         + training_targets(record) + early_exit_targets(record)
 

@@ -104,6 +104,19 @@ def _device_time_record(tmp_path):
     return path
 
 
+def test_a_smoke_runs_targets_are_marked_as_no_verdict(tmp_path):
+    """A CPU smoke run's report said '(missed)' of GPU targets from tiny CPU shapes."""
+    path = _device_time_record(tmp_path)
+    record = json.loads(path.read_text())
+    record["settings"]["smoke"] = True
+    path.write_text(json.dumps(record))
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), str(path),
+                    "--out", str(tmp_path)], check=True)
+    targets = (tmp_path / "RESULTS.md").read_text().split("### Issue 16's targets on this run")[1]
+    assert targets.lstrip().startswith("Computed from a CPU smoke run (tiny shapes, one call "
+                                       "per method) to show the computation works: not verdicts")
+
+
 def test_device_time_report_gives_ratios_bandwidth_and_the_issue_targets(tmp_path):
     path = _device_time_record(tmp_path)
     subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), str(path),

@@ -76,6 +76,8 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     # Our training step, and the target line (with the official step's number or the reason
     # it has none).
     assert any(line.startswith("  training bf16 fused width ") for line in summary["device_time"])
+    assert ("  issue 16's targets below: computed from a CPU smoke run, not verdicts"
+            in summary["device_time"])
     assert any(line.startswith("- training step >= 5x the official code's (bf16")
                for line in summary["device_time"]), summary["device_time"]
     # Early exit against both ceilings: the segments were timed at the batch sizes the forced
