@@ -59,6 +59,8 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     # The timings JSON comes back trimmed (no per-round data) and the profile names the op.
     bench = json.loads((out / "bench_main.json").read_text())
     assert bench["benchmarks"] and all("data" not in b["stats"] for b in bench["benchmarks"])
+    # Named as what ran: pytest-benchmark compare must not rank them beside a GPU's cases.
+    assert all("(CPU smoke" in b["group"] for b in bench["benchmarks"]), bench["benchmarks"][0]
     # Every device-time case got a number by the methods a CPU has, and the report shows them.
     device_time = json.loads((out / "device_time.json").read_text())
     assert device_time["kind"] == "device_time" and device_time["settings"]["smoke"] is True
