@@ -33,15 +33,30 @@ def suite_of(group: str) -> str:
 
 
 def read_all(paths):
-    """(pytest-benchmark runs, device-time records) from a mix of both kinds of file."""
+    """(pytest-benchmark runs, device-time records) from a mix of both kinds of file; a file
+    that is neither is a one-line SystemExit naming it."""
     runs, records = [], []
     for path in paths:
-        with open(path) as handle:
-            data = json.load(handle)
-        if data.get("kind") == "device_time":
-            records.append(data)
-        else:
-            runs += _runs_of(data, path)
+        try:
+            with open(path) as handle:
+                data = json.load(handle)
+        except (OSError, ValueError) as error:   # missing, unreadable, not JSON, cut short
+            raise SystemExit(f"report.py: cannot read {path}: {error}") from error
+        try:
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            if data.get("kind") == "device_time":
+                missing = [part for part in ("environment", "settings", "baselines", "timings")
+                           if part not in data]
+                if missing:
+                    raise KeyError(missing[0])
+                records.append(data)
+            else:
+                runs += _runs_of(data, path)
+        except (KeyError, TypeError) as error:
+            raise SystemExit(f"report.py: {path} is neither pytest-benchmark's JSON nor "
+                             f"bench/device_time.py's ({type(error).__name__}: {error})"
+                             ) from error
     return runs, records
 
 
@@ -674,6 +689,9 @@ def main(argv=None):
                         help="rewrite the result files without per-round timings")
     args = parser.parse_args(argv)
     runs, device_records = read_all(args.results)
+    if not runs and not device_records:   # an empty RESULTS.md would replace the last one
+        raise SystemExit(f"report.py: no result in {', '.join(args.results)}: RESULTS.md is "
+                         f"left as it is")
     if args.trim:
         for path in args.results:
             trim(path)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -102,6 +104,27 @@ def _device_time_record(tmp_path):
     path = tmp_path / "device_time.json"
     path.write_text(json.dumps(asdict(record)))
     return path
+
+
+@pytest.mark.parametrize("content,said", [
+    (None, "cannot read"), ("", "cannot read"), ('{"benchmarks": [', "cannot read"),
+    ("{}", "is neither pytest-benchmark's JSON nor bench/device_time.py's (KeyError: "
+           "'benchmarks')"),
+    ("[1, 2]", "(TypeError: a JSON list, not an object)"),
+    ('{"kind": "device_time"}', "(KeyError: 'environment')"),
+    ('{"benchmarks": []}', "no result in")])
+def test_a_file_that_holds_no_result_is_one_line_and_keeps_results_md(tmp_path, content, said):
+    """Missing, cut-short or foreign files gave tracebacks; an empty one replaced RESULTS.md
+    with its title alone."""
+    path = tmp_path / "run.json"
+    if content is not None:
+        path.write_text(content)
+    (tmp_path / "RESULTS.md").write_text("the last results\n")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), str(path),
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and said in done.stderr, \
+        done.stderr
+    assert (tmp_path / "RESULTS.md").read_text() == "the last results\n"
 
 
 def test_a_smoke_runs_targets_are_marked_as_no_verdict(tmp_path):
