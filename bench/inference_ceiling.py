@@ -108,14 +108,25 @@ def counts_from_shares(batch: int, shares: Sequence[float], first: int,
     return counts + [active]
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1 (0 divided by zero or broke a convolution)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+_positive.__name__ = "int"   # argparse's "invalid int value: 'abc'"
+
+
 def main(argv=None) -> None:
     from occamnets.models import occam_resnet18
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=58)
-    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--width", type=_positive, default=58)
+    parser.add_argument("--size", type=_positive, default=160)
     parser.add_argument("--stem", default="7x7", choices=["7x7", "3x3"])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=_positive, default=128)
+    parser.add_argument("--classes", type=_positive, default=10)
     parser.add_argument("--first-inference-exit", type=int, default=1,
                         help="the first exit early exit may leave at (the paper's: 1)")
     args = parser.parse_args(argv)

@@ -45,6 +45,16 @@ def test_segment_work_is_what_early_exit_runs(shares):
         batch * work.full_depth, rel=1e-12)
 
 
+@pytest.mark.parametrize("option", ["--batch", "--classes", "--size", "--width"])
+def test_sizes_below_one_are_refused_in_one_line(option, capsys):
+    """0 gave a ZeroDivisionError or a convolution's traceback."""
+    import inference_ceiling
+    with pytest.raises(SystemExit) as stop:
+        inference_ceiling.main([option, "0"])
+    assert stop.value.code == 2
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_ceiling_arithmetic_and_bad_counts():
     work = SegmentWork(1, before=5.0, exits=[3.0, 2.0, 1.0])
     assert active_counts(10, [0, 4, 3, 3], 1) == [10, 6, 3]
