@@ -94,10 +94,19 @@ def render(runs, out_dir, device_records=()):
         first = device_runs[0]
         copy = [r for r in device_runs if r["impl"] == "copy"]
         copy_bw = (copy[0]["extra"]["floor_bytes"] / copy[0]["median"]) if copy else None
+        # Several files of one device (a main and a compiled run, or two days) are merged:
+        # each is named, and each row says which it came from.
+        sources = {}
+        for run in device_runs:
+            sources.setdefault(run["source"], f"torch {run['torch']}, triton {run['triton']}, "
+                                              f"run {run['date']}")
+        merged = len(sources) > 1
+        where = ("; ".join(f"{source}: {what}" for source, what in sources.items()) if merged
+                 else f"{sources[first['source']]} ({first['source']})")
         lines += [f"## {device}", "",
-                  f"torch {first['torch']}, triton {first['triton']}, run {first['date']} "
-                  f"({first['source']})" + (f"; measured copy bandwidth "
-                                            f"{copy_bw / 1e9:.1f} GB/s" if copy_bw else ""), ""]
+                  (f"Merged from {len(sources)} files: " if merged else "") + where
+                  + (f"; measured copy bandwidth {copy_bw / 1e9:.1f} GB/s" if copy_bw else ""),
+                  ""]
         if first["extra"].get("smoke"):
             lines += ["No GPU: every case ran at scaled-down smoke shapes, Triton under its "
                       "interpreter. These timings show that the suites run; they are not "
@@ -112,8 +121,9 @@ def render(runs, out_dir, device_records=()):
         for suite, suite_groups in suites.items():
             baseline = BASELINES.get(suite)
             lines += [f"### {suite}", "",
-                      "| case | impl | median | speed-up | GB/s | % of copy | peak MiB | images/s |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| case | impl | median | speed-up | GB/s | % of copy | peak MiB | images/s |"
+                      + (" file |" if merged else ""),
+                      "|---|---|---|---|---|---|---|---|" + ("---|" if merged else "")]
             ratios = defaultdict(dict)
             for group in suite_groups:
                 base = next((r for r in groups[group] if r["impl"] == baseline), None)
@@ -132,7 +142,8 @@ def render(runs, out_dir, device_records=()):
                         f"{bandwidth / 1e9:.1f}" if bandwidth else "-",
                         f"{100 * bandwidth / copy_bw:.0f}%" if bandwidth and copy_bw else "-",
                         f"{peak / 2 ** 20:.1f}" if peak is not None else "-",
-                        f"{images / run['median']:.0f}" if images else "-"]) + " |")
+                        f"{images / run['median']:.0f}" if images else "-"]
+                        + ([run["source"]] if merged else [])) + " |")
             lines.append("")
             if suite == "inference":
                 lines += inference_ceiling_lines(groups, suite_groups)

@@ -127,6 +127,26 @@ def test_a_file_that_holds_no_result_is_one_line_and_keeps_results_md(tmp_path, 
     assert (tmp_path / "RESULTS.md").read_text() == "the last results\n"
 
 
+def test_files_of_one_device_are_named_when_merged(tmp_path):
+    """Two files of one device (a main and a compiled run) were merged under the first file's
+    name and date, their rows alike."""
+    paths = []
+    for name, impl, day in (("main.json", "fused", "2026-11-27"), ("compiled.json", "compiled",
+                                                                   "2026-11-28")):
+        path = tmp_path / name
+        path.write_text(json.dumps({"datetime": day, "benchmarks": [
+            entry("exit_head fwd 58x40x40 bf16", "eager", 0.004),
+            entry("exit_head fwd 58x40x40 bf16", impl, 0.002)]}))
+        paths.append(str(path))
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), *paths,
+                    "--out", str(tmp_path)], check=True)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert ("Merged from 2 files: main.json: torch 2.x, triton 3.x, run 2026-11-27; "
+            "compiled.json: torch 2.x, triton 3.x, run 2026-11-28") in text
+    assert "| exit_head fwd 58x40x40 bf16 | compiled | 2.000 ms | 2.00x | - | - | - | - | " \
+        "compiled.json |" in text
+
+
 def test_a_smoke_runs_targets_are_marked_as_no_verdict(tmp_path):
     """A CPU smoke run's report said '(missed)' of GPU targets from tiny CPU shapes."""
     path = _device_time_record(tmp_path)
