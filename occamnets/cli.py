@@ -604,13 +604,11 @@ def _prediction_line(p: _Prediction) -> str:
 
 
 def _print_lines(lines: List[str], bar) -> None:
-    """Lines on stdout now, above the progress bar (which tqdm redraws below them)."""
-    if bar is not None:
-        for line in lines:
-            bar.write(line, file=sys.stdout)
-        sys.stdout.flush()
-    elif lines:
-        print("\n".join(lines), flush=True)
+    """Lines on stdout now, above the progress bar (tqdm redraws it below them; a bar
+    disabled off a terminal writes them plainly)."""
+    for line in lines:
+        bar.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _classify_files(model, files, threshold: float, device, class_names) -> List[_Prediction]:
@@ -769,11 +767,11 @@ def _column_titles(names: List[str], paths: List[str]) -> List[str]:
 
 def _say_unsearched_folders(given: List[str]) -> None:
     from .data.loaders import unsearched_image_folders
+    from .text import first_few
     folders = unsearched_image_folders(given)
     if folders:
-        shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
-        print(f"note: {len(folders)} subfolder(s) with images are not searched ({shown}): "
-              f"give them too to read their images", file=sys.stderr)
+        print(f"note: {len(folders)} subfolder(s) with images are not searched "
+              f"({first_few(folders)}): give them too to read their images", file=sys.stderr)
 
 
 def _none_readable(problems: List[ValueError]) -> ValueError:

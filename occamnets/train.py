@@ -42,6 +42,7 @@ from .methods import Method, build_method, feature_parameters
 from .models import MODELS, build_model
 from .plain_data import from_plain
 from .progress import close, progress_bar
+from .text import first_few
 
 # -- what is trained: one objective per model kind ---------------------------------------------
 
@@ -274,10 +275,8 @@ def check_same_classes(trained: Optional[Sequence[str]], now: Optional[Sequence[
     labels are the sorted names' positions, so every label past the change would shift."""
     if trained is None or now is None or list(trained) == list(now):
         return
-    def shown(names):
-        return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-    raise CheckpointMismatch(f"{whose} classes ({shown(list(now))}) are not the ones {path} "
-                             f"was trained on ({shown(list(trained))}): {advice}")
+    raise CheckpointMismatch(f"{whose} classes ({first_few(list(now), 6)}) are not the ones "
+                             f"{path} was trained on ({first_few(list(trained), 6)}): {advice}")
 
 
 def check_same_split_rule(checkpoint: Dict, split: LabelledItems, path: str) -> None:

@@ -47,8 +47,8 @@ def save_cam_comparison(path: str, models: Sequence[Tuple[str, CamPictureData]],
     """One row per image, the image first, then each model's CAM columns (an OccamNet's exits,
     the exit taken framed in red; a ResNet's output), each column titled with the model's
     short name (may be empty; a second line may name its run), the column and the class it
-    predicted; the image is titled
-    with its label, or its caption (an image file's name). Every model's data must hold the
+    predicted; the image is titled with its label, or its caption (an image file's name).
+    Every model's data must hold the
     same images (cam_picture_data of the same split, or cams_of_images of the same files)."""
     if not models:
         raise ValueError("no model to draw")

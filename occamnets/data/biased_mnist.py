@@ -49,6 +49,7 @@ import torch
 
 from ..files import atomic_path, file_problem, file_record, remove_stale_temporaries
 from ..progress import close, progress_bar
+from ..text import first_few
 from .groups import BiasGroups, bias_groups
 from .mnist_sources import load_digits, load_emnist_letters, render_letters
 
@@ -758,6 +759,5 @@ def _refuse_foreign_files(directory: str) -> None:
     foreign = sorted(name for name in os.listdir(directory)
                      if name not in ours and ".tmp-" not in name)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ValueError(f"{directory} holds other files ({shown}) and no Biased MNIST: give "
-                         f"the dataset a directory of its own (a new or empty one)")
+        raise ValueError(f"{directory} holds other files ({first_few(foreign)}) and no Biased "
+                         f"MNIST: give the dataset a directory of its own (a new or empty one)")

@@ -77,7 +77,8 @@ class DatasetCheck:
 def _check_split(name: str, split: SplitIndex, index: DatasetIndex, workers: int,
                  bar) -> SplitCheck:
     labels, attributes, aligned = split.tensors()
-    groups = bias_groups(labels, attributes, index.attribute_names, aligned, index.value_names)
+    groups = bias_groups(labels, attributes, index.attribute_names, aligned,
+                         index.attribute_values)
     paths = split.images.paths
     missing = [] if paths is None else [p for p in paths if not os.path.isfile(p)]
     gone = set(missing)

@@ -26,6 +26,7 @@ import torch
 
 from ..files import atomic_path, file_problem, file_record, remove_stale_temporaries
 from ..progress import close, progress_bar
+from ..text import first_few
 from .biased_mnist import ARRAY_FIELDS
 from .index import DatasetIndex, ImageSource, SplitIndex
 from .jpeg_decode import decode_jpeg_rows
@@ -122,9 +123,8 @@ def _refuse_other_contents(directory: str) -> None:
     theirs = tuple(f"_{field}.npy" for field in ARRAY_FIELDS if field != "images")
     found = sorted(name for name in os.listdir(directory) if name.endswith(theirs))
     if found:
-        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-        raise ValueError(f"{directory} holds a Biased MNIST's arrays ({shown}): give the "
-                         f"decoded images a directory of their own")
+        raise ValueError(f"{directory} holds a Biased MNIST's arrays ({first_few(found)}): give "
+                         f"the decoded images a directory of their own")
 
 
 def _write_meta(directory: str, meta: Dict) -> None:
@@ -235,7 +235,7 @@ class StreamingSplit(LabelledItems):
         split = index.split(name)
         labels, attributes, aligned = split.tensors()
         super().__init__(labels, attributes, index.attribute_names, device, aligned,
-                         index.class_names, index.split_rule, index.value_names)
+                         index.class_names, index.split_rule, index.attribute_values)
         self.name, self.split, self.size, self.centre_crop = name, split, size, centre_crop
         self.decoder = decoder
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)

@@ -90,7 +90,7 @@ class DatasetIndex:
     `skipped_columns`: a CSV's columns not taken as bias attributes (too many values, or
     blanks); `split_rule`: how the splits were assigned when the dataset does not say (None:
     it says); `attribute_values`: per attribute, the names of its integer values where the
-    dataset names them (a CSV's 'land', 'water'; empty: the numbers are the names)."""
+    dataset names them (a CSV's 'land', 'water'; None: the numbers are the names)."""
     name: str
     root: str
     class_names: Tuple[str, ...]
@@ -98,7 +98,7 @@ class DatasetIndex:
     splits: Dict[str, SplitIndex]
     skipped_columns: Tuple[str, ...] = ()
     split_rule: Optional[str] = None
-    attribute_values: Tuple[Tuple[str, ...], ...] = ()
+    attribute_values: Optional[Tuple[Tuple[str, ...], ...]] = None
 
     def __post_init__(self):
         for split, index in self.splits.items():
@@ -108,11 +108,6 @@ class DatasetIndex:
             if len(index) and (index.labels.min() < 0
                                or index.labels.max() >= len(self.class_names)):
                 raise ValueError(f"{split}: labels outside 0..{len(self.class_names) - 1}")
-
-    @property
-    def value_names(self) -> Optional[Tuple[Tuple[str, ...], ...]]:
-        """attribute_values as LabelledItems and bias_groups take them (None: not named)."""
-        return self.attribute_values or None
 
     def split(self, name: str) -> SplitIndex:
         if name not in self.splits:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..text import first_few
 from .groups import BiasGroups, bias_groups
 
 
@@ -42,7 +43,7 @@ class LabelledItems:
     label (None when the attributes are not tied to classes), the bias groups (label x the
     attributes' values, each item's group index) and, when known, the classes' names, the
     rule that assigned the dataset's splits (DatasetIndex.split_rule) and the names of the
-    attributes' values (DatasetIndex.value_names)."""
+    attributes' values (DatasetIndex.attribute_values)."""
 
     masks: Optional[torch.Tensor] = None
 
@@ -152,11 +153,10 @@ def image_paths(paths: Sequence[str]) -> List[str]:
             if not inside:
                 folders = sorted(name for name in os.listdir(path)
                                  if os.path.isdir(os.path.join(path, name)))
-                shown = ", ".join(os.path.join(path, f) for f in folders[:3]) + (
-                    ", ..." if len(folders) > 3 else "")
                 raise FileNotFoundError(
                     f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})" +
-                    (f"; its subfolders are not searched: give them ({shown})"
+                    (f"; its subfolders are not searched: give them "
+                     f"({first_few([os.path.join(path, f) for f in folders])})"
                      if folders else ""))
             found.extend(inside)
         elif os.path.isfile(path):
@@ -173,16 +173,23 @@ def _images_in(directory: str) -> List[str]:
                   and os.path.isfile(os.path.join(directory, name)))
 
 
+def _holds_images(directory: str) -> bool:
+    """Whether an image file lies directly in `directory` (the listing stops at the first)."""
+    with os.scandir(directory) as entries:
+        return any(entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file()
+                   for entry in entries)
+
+
 def unsearched_image_folders(paths: Sequence[str]) -> List[str]:
     """The subfolders holding image files of the directories among `paths` that image_paths
     took images from: their images are not read (one folder per class, say), which the user
     should be told."""
     folders = []
     for path in paths:
-        if os.path.isdir(path) and _images_in(path):
+        if os.path.isdir(path) and _holds_images(path):
             folders += [os.path.join(path, name) for name in sorted(os.listdir(path))
                         if os.path.isdir(os.path.join(path, name))
-                        and _images_in(os.path.join(path, name))]
+                        and _holds_images(os.path.join(path, name))]
     return folders
 
 

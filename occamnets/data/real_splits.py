@@ -18,7 +18,7 @@ def _device_split(split: SplitIndex, images: torch.Tensor, index: DatasetIndex,
     labels, attributes, aligned = split.tensors()
     return DeviceSplit(images, labels, attributes, index.attribute_names, device,
                        aligned=aligned, class_names=index.class_names,
-                       split_rule=index.split_rule, factor_values=index.value_names)
+                       split_rule=index.split_rule, factor_values=index.attribute_values)
 
 
 def first_images(index: DatasetIndex, name: str, size: int, centre_crop: Optional[int],
@@ -39,7 +39,7 @@ def first_images(index: DatasetIndex, name: str, size: int, centre_crop: Optiona
     return DeviceSplit(torch.from_numpy(images[rows]), labels, attributes,
                        index.attribute_names, device, aligned=aligned,
                        class_names=index.class_names, split_rule=index.split_rule,
-                       factor_values=index.value_names)
+                       factor_values=index.attribute_values)
 
 
 def load_real_splits(dataset: str, root: str, names: Optional[Sequence[str]], cache_dir: str,
