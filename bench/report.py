@@ -125,31 +125,43 @@ def render(runs, out_dir, device_records=()):
                       + (" file |" if merged else ""),
                       "|---|---|---|---|---|---|---|---|" + ("---|" if merged else "")]
             ratios = defaultdict(dict)
+            borrowed = set()   # files whose rows took the baseline from another file
+            in_files = defaultdict(set)
             for group in suite_groups:
-                base = next((r for r in groups[group] if r["impl"] == baseline), None)
+                for run in groups[group]:
+                    in_files[run["impl"]].add(run["source"])
+            for group in suite_groups:
                 for run in sorted(groups[group], key=lambda r: r["impl"]):
                     extra = run["extra"]
+                    base = _baseline_run(run, groups[group], baseline)
                     speedup = base["median"] / run["median"] if base else None
-                    if speedup is not None and run is not base:
-                        ratios[run["impl"]][group] = speedup
+                    cross = base is not None and base["source"] != run["source"]
+                    if cross:
+                        borrowed.add((run["source"], base["source"]))
+                    if speedup is not None and run["impl"] != baseline:
+                        ratios[_series_name(run, base, in_files)][group] = speedup
                     bandwidth = (extra["floor_bytes"] / run["median"]
                                  if extra.get("floor_bytes") else None)
                     peak = extra.get("peak_memory_bytes")
                     images = extra.get("images")
                     lines.append("| " + " | ".join([
                         group, run["impl"], fmt_time(run["median"]),
-                        f"{speedup:.2f}x" if speedup else "-",
+                        (f"{speedup:.2f}x" + ("*" if cross else "")) if speedup else "-",
                         f"{bandwidth / 1e9:.1f}" if bandwidth else "-",
                         f"{100 * bandwidth / copy_bw:.0f}%" if bandwidth and copy_bw else "-",
                         f"{peak / 2 ** 20:.1f}" if peak is not None else "-",
                         f"{images / run['median']:.0f}" if images else "-"]
                         + ([run["source"]] if merged else [])) + " |")
             lines.append("")
+            lines += [f"\\* {source}'s rows are over {baseline} of {base_source} (another "
+                      f"run of this device)." for source, base_source in sorted(borrowed)]
+            lines += [""] if borrowed else []
             if suite == "inference":
                 lines += inference_ceiling_lines(groups, suite_groups)
             if ratios and _HAS_MATPLOTLIB:
                 plots.append((device, suite, ratios))
-                name = plot_ratios(device, suite, baseline, ratios, out_dir)
+                name = plot_ratios(device, suite, baseline, ratios, out_dir,
+                                   smoke=bool(first["extra"].get("smoke")))
                 lines += [f"![{suite} speed-ups on {device}]({name})", ""]
             elif ratios:
                 lines += ["(No plot: matplotlib is not installed here; the table has the "
@@ -157,6 +169,21 @@ def render(runs, out_dir, device_records=()):
     for record in device_records:
         lines += render_device_time(record, out_dir)
     return "\n".join(lines)
+
+
+def _baseline_run(run, group_runs, baseline):
+    """The baseline that `run` is compared with: the one from its own file, else (a file of
+    one implementation, such as gpu_check's compiled run) the first file's that has one."""
+    bases = [r for r in group_runs if r["impl"] == baseline]
+    return next((r for r in bases if r["source"] == run["source"]), bases[0] if bases else None)
+
+
+def _series_name(run, base, in_files) -> str:
+    """A plotted series' name: the implementation, with its file where several merged files
+    hold it (else one file's ratios would overwrite another's), and the baseline's file where
+    that is another."""
+    name = run["impl"] + (f" [{run['source']}]" if len(in_files[run["impl"]]) > 1 else "")
+    return name + (f" (over {base['source']})" if base["source"] != run["source"] else "")
 
 
 def inference_ceiling_lines(groups, suite_groups):
@@ -591,7 +618,8 @@ def render_device_time(record, out_dir):
                 for method in ("graph_us", "stream_us"):
                     base_time, time_ = eager.get(method), impls.get(impl, {}).get(method)
                     if base_time and time_:
-                        ratios.setdefault(impl, {})[f"{shape} {dtype}"] = base_time / time_
+                        case = f"{shape} {dtype}" + (" (stream)" if method == "stream_us" else "")
+                        ratios.setdefault(impl, {})[case] = base_time / time_
                         break
         lines.append("")
     layouts = [(key, table) for key, table in index.items()
@@ -642,7 +670,9 @@ def render_device_time(record, out_dir):
         lines += [f"- {t['part']} {_shape_key(t)} {t['dtype']} {t['layout']} {t['impl']}, "
                   f"{method}: {why}" for t, method, why in gaps] + [""]
     if ratios and _HAS_MATPLOTLIB:
-        name = plot_ratios(device, "exit_head_device_time", "eager", ratios, out_dir)
+        name = plot_ratios(device, "exit_head_device_time", "eager", ratios, out_dir,
+                           smoke=smoke, measured="CUDA-graph device time; '(stream)': per-call "
+                                                 "time between CUDA events")
         lines += [f"![exit head device-time speed-ups on {device}]({name})", ""]
     return lines
 
@@ -651,29 +681,51 @@ def render_device_time(record, out_dir):
 _HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-def plot_ratios(device, suite, baseline, ratios, out_dir):
+def plot_ratios(device, suite, baseline, ratios, out_dir, smoke=False, measured=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    fig = ratio_figure(device, suite, baseline, ratios, smoke, measured)
+    name = f"results_{suite}_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}.png"
+    # Written whole or not at all: the format named, as the temporary's name has no suffix.
+    with atomic_path(os.path.join(out_dir, name)) as tmp:
+        fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight")  # the legend outside
+    plt.close(fig)
+    return name
+
+
+def ratio_figure(device, suite, baseline, ratios, smoke=False, measured=None):
+    """Speed-ups as bars from 1x on a log axis: 0.005x and 250x both stay visible, and a
+    slower implementation points left. A case an implementation has no number for is written
+    "n/a", not drawn as a zero bar."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
     cases = sorted({case for per_impl in ratios.values() for case in per_impl})
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(cases) * len(ratios) + 1.5))
     height = 0.8 / len(ratios)
     for i, (impl, per_case) in enumerate(sorted(ratios.items())):
-        ax.barh([c + i * height for c in range(len(cases))],
-                [per_case.get(case, 0) for case in cases], height=height, label=impl)
+        where = [c + i * height for c in range(len(cases))]
+        value = [per_case.get(case) for case in cases]
+        ax.barh([y for y, v in zip(where, value) if v is not None],
+                [v - 1 for v in value if v is not None], left=1, height=height, label=impl)
+        for y, v in zip(where, value):   # the number itself: log ticks can be sparse
+            ax.text(1 if v is None else v, y, f" n/a ({impl}) " if v is None else f" {v:.2f}x ",
+                    va="center", ha="left" if v is None or v >= 1 else "right", fontsize=6)
+    ax.set_xscale("log")
+    # Powers of ten only (minor labels overlap on a narrow range); each bar has its number.
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks([c + 0.4 - height / 2 for c in range(len(cases))])
     ax.set_yticklabels(cases, fontsize=7)
-    ax.set_xlabel(f"speed-up over {baseline}")
-    ax.set_title(f"{suite} on {device}")
-    ax.legend(fontsize=8)
+    ax.set_xlabel(f"speed-up over {baseline} (log scale; left of 1: slower)"
+                  + (f"\n{measured}" if measured else ""))
+    ax.set_title(f"{suite} on {device}" + (" - CPU smoke run, shrunken shapes: not speed "
+                                           "claims" if smoke else ""))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.margins(x=0.15)   # room for the numbers at the bars' ends
     fig.tight_layout()
-    name = f"results_{suite}_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}.png"
-    # Written whole or not at all: the format named, as the temporary's name has no suffix.
-    with atomic_path(os.path.join(out_dir, name)) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return name
+    return fig
 
 
 def trim(path: str) -> None:

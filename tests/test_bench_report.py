@@ -237,3 +237,61 @@ def test_trim_and_results_md_never_leave_a_half_written_file(tmp_path, monkeypat
         report.main([str(path), "--out", str(tmp_path)])
     assert (tmp_path / "RESULTS.md").read_text() == "the last complete page\n"
     assert sorted(os.listdir(tmp_path)) == ["RESULTS.md", "run.json"]
+
+
+def _report_module():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import report
+    return report
+
+
+def test_merged_files_each_take_their_own_baseline_and_keep_their_series(tmp_path,
+                                                                          monkeypatch):
+    """Rows of a second file were compared with the first file's baseline, and in the plot the
+    second file's ratios overwrote the first's under one name, its baseline drawn as a series."""
+    report = _report_module()
+    paths = []
+    for name, eager in (("day1.json", 0.004), ("day2.json", 0.002)):
+        path = tmp_path / name
+        path.write_text(json.dumps({"datetime": name, "benchmarks": [
+            entry("exit_head fwd 58x40x40 bf16", "eager", eager),
+            entry("exit_head fwd 58x40x40 bf16", "fused", 0.001)]}))
+        paths.append(str(path))
+    compiled = tmp_path / "compiled.json"   # gpu_check's compiled run holds no eager of its own
+    compiled.write_text(json.dumps({"datetime": "c", "benchmarks": [
+        entry("exit_head fwd 58x40x40 bf16", "compiled", 0.0005)]}))
+    plotted = {}
+    monkeypatch.setattr(report, "plot_ratios",
+                        lambda device, suite, baseline, ratios, out, **_: plotted.update(ratios))
+    monkeypatch.setattr(report, "_HAS_MATPLOTLIB", True)
+    text = report.render(report.load(paths + [str(compiled)]), str(tmp_path))
+    assert "| exit_head fwd 58x40x40 bf16 | fused | 1.000 ms | 4.00x | - | - | - | - | day1.json |" \
+        in text
+    assert "| exit_head fwd 58x40x40 bf16 | fused | 1.000 ms | 2.00x | - | - | - | - | day2.json |" \
+        in text
+    assert "| compiled | 0.500 ms | 8.00x* |" in text
+    assert "\\* compiled.json's rows are over eager of day1.json (another run of this device)." \
+        in text
+    assert plotted == {"fused [day1.json]": {"exit_head fwd 58x40x40 bf16": 4.0},
+                       "fused [day2.json]": {"exit_head fwd 58x40x40 bf16": 2.0},
+                       "compiled (over day1.json)": {"exit_head fwd 58x40x40 bf16": 8.0}}
+
+
+def test_ratio_plot_marks_smoke_writes_missing_cases_and_keeps_tiny_ratios_visible():
+    """A CPU smoke plot's title claimed nothing about its shapes, a missing case was a zero bar,
+    and 0.005x beside 250x drew no visible bar on a linear axis."""
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    report = _report_module()
+    ratios = {"fused": {"a": 0.005, "b": 250.0}, "compiled": {"a": 2.0}}
+    fig = report.ratio_figure("cpu", "exit_head", "eager", ratios, smoke=True)
+    ax = fig.axes[0]
+    assert "CPU smoke run" in ax.get_title() and ax.get_xscale() == "log"
+    ends = sorted(round(bar.get_x() + bar.get_width(), 6) for bar in ax.patches)
+    starts = {round(bar.get_x(), 6) for bar in ax.patches if bar.get_width() > 0}
+    assert ends == [0.005, 2.0, 250.0] and starts == {1.0}   # three bars from 1x, none for b
+    words = [t.get_text().strip() for t in ax.texts]
+    assert "n/a (compiled)" in words and "0.01x" in words and "250.00x" in words
+    plt.close(fig)
