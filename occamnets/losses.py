@@ -30,11 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .methods import Method
+from .methods.method import in_process_group
 from .models.outputs import OccamOutput
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_gather(tensor: Tensor) -> Tensor:
@@ -150,12 +147,12 @@ class OccamLoss(nn.Module):
             0, labels, torch.ones_like(correct[0]))
         # A class's first position: the samples before this batch in the epoch, then its
         # first index within the batch (the global batch under DDP, process by process).
-        rank = dist.get_rank() if _distributed() else 0
+        rank = dist.get_rank() if in_process_group() else 0
         position = (self.class_seen[0].sum() + rank * batch
                     + torch.arange(batch, device=labels.device, dtype=torch.float64))
         first = torch.full_like(self.class_first_seen, float("inf")).scatter_reduce_(
             0, labels, position, "amin")
-        if _distributed():
+        if in_process_group():
             counts = torch.cat([batch_correct, batch_seen[None]])
             dist.all_reduce(counts)
             batch_correct, batch_seen = counts[:-1], counts[-1]
@@ -183,13 +180,14 @@ class OccamLoss(nn.Module):
         use_current = refresh[:, None] | ~self.has_target[:, items]
         targets = torch.where(use_current, correct.float(), self.gate_targets[:, items])
         all_items, all_targets = ((_all_gather(items), _all_gather(targets.t()).t())
-                                  if _distributed() else (items, targets))
+                                  if in_process_group() else (items, targets))
         self.gate_targets[:, all_items] = all_targets
         self.has_target[:, all_items] = True
         return targets, refresh, mean_accuracy
 
-    def _gate_loss(self, gate_logit: Tensor, targets: Tensor) -> Tensor:
-        exit_count, continue_count = targets.sum(), (1 - targets).sum()
+    def _gate_loss(self, gate_logit: Tensor, targets: Tensor, exit_count: Tensor,
+                   continue_count: Tensor) -> Tensor:
+        """Exit and continue samples balanced by their counts in the whole (global) batch."""
         largest = torch.maximum(exit_count, continue_count)
         exit_weight = (1.0 / (exit_count / largest + self.eps)) ** self.balance_factor
         continue_weight = (1.0 / (continue_count / largest + self.eps)) ** self.balance_factor
@@ -209,7 +207,7 @@ class OccamLoss(nn.Module):
         else:
             weight = (1 - previous_gate.detach().float()) ** self.gamma
         batch_max = weight.max()
-        if _distributed():
+        if in_process_group():
             dist.all_reduce(batch_max, op=dist.ReduceOp.MAX)
         self.max_weight[exit_index] = torch.maximum(self.max_weight[exit_index], batch_max)
         weight = weight / (self.max_weight[exit_index] + self.eps)
@@ -234,10 +232,16 @@ class OccamLoss(nn.Module):
         with torch.no_grad():
             correct = torch.stack([e.logits.argmax(dim=1) == labels for e in out.exits]).double()
             targets, refresh, mean_accuracy = self._gate_targets(correct, labels, items)
+            # (2, E) exit and continue counts of the global batch: under DDP the balance of a
+            # process's own few samples would differ from one process holding them all.
+            counts = torch.stack([targets.sum(1), (1 - targets).sum(1)])
+            if in_process_group():
+                dist.all_reduce(counts)
         for t, exit_out in enumerate(out.exits):
             logits = exit_out.logits.float()
             supp = self.supp_weight * exit_out.supp.float().mean()
-            gate = self.gate_weight * self._gate_loss(exit_out.gate_logit, targets[t])
+            gate = self.gate_weight * self._gate_loss(exit_out.gate_logit, targets[t],
+                                                      counts[0, t], counts[1, t])
             main = self._main_loss(t, logits, out.exits[t - 1].gate if t else None, labels,
                                    groups)
             total = total + supp + gate + main
@@ -247,7 +251,7 @@ class OccamLoss(nn.Module):
             # 0.5 is exact in every float dtype: comparing in the gate's own dtype decides as
             # inference's float64 comparison does. `refresh` stays bool: a log step converts
             # every part to float when it reads them, the other steps need no conversion.
-            state = {"train_acc": mean_accuracy, "exit_targets": targets.mean(1),
+            state = {"train_acc": mean_accuracy, "exit_targets": counts[0] / counts.sum(0),
                      "refreshing": refresh,
                      "gate_open": (torch.stack(out.gates) >= 0.5).mean(1, dtype=torch.float64)}
         for name in GATE_STATE_PARTS:

@@ -103,3 +103,12 @@ def test_group_dro_under_two_processes_is_the_whole_batch_robust_loss():
     batch (not 1 / processes of it): loss, per-sample gradients and group weights agree."""
     result = torchrun(os.path.join(HERE, "ddp_group_dro.py"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_occam_loss_and_methods_under_two_processes_are_the_whole_batch_loss():
+    """The gate loss balanced exit and continue samples by each process's own counts, and PGI
+    split each class's groups per process: two processes trained another loss than one
+    process with their whole batch."""
+    result = torchrun(os.path.join(HERE, "ddp_loss_equivalence.py"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("the whole batch's loss, gradients and state") == 2

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .method import Method
+from .method import Method, in_process_group
 
 
 class GroupDRO(Method):
@@ -39,7 +39,7 @@ class GroupDRO(Method):
         world = 1
         with torch.no_grad():
             global_sums, global_counts = sums.detach(), counts
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if in_process_group():
                 world = dist.get_world_size()
                 both = torch.stack([global_sums, global_counts])
                 dist.all_reduce(both)

@@ -14,8 +14,15 @@ so it is checkpointed with the objective.
 """
 from typing import Optional
 
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def in_process_group() -> bool:
+    """Whether this process trains with others (torch.distributed, more than one process):
+    then the methods and OccamLoss compute their batch statistics over the global batch."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class Method(nn.Module):

@@ -13,13 +13,21 @@ as the official's iteration ramp). Its gradient reaches only the feature extract
 official backpropagates it with `inputs=` the non-exit, non-fc parameters); on an OccamNet it
 is summed over the exits (all exits in one pass). Vectorised: presence and ranks of groups
 from a (K, G) table.
+
+Under torch.distributed the halves and their means are the global batch's (the presence
+table, the sums and the counts summed over the processes), so every process computes the
+penalty one process holding the whole batch would. The sums are summed differentiably: each
+process's backward then carries (processes x) its own samples' share, and averaging the
+penalty's gradients over the processes (as the trainer does) gives the whole batch's.
 """
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as differentiable
 from torch import Tensor, nn
 
-from .method import Method
+from .method import Method, in_process_group
 
 # The parameters of the heads: an OccamNet's exits, a ResNet's classifier (the official's
 # get_non_exit_layers leaves these out).
@@ -47,6 +55,8 @@ class PredictiveGroupInvariance(Method):
         """(side (B,) long: 0 or 1 per sample, valid (K,) bool: the class has both halves)."""
         present = torch.zeros(self.num_classes, self.num_groups, device=labels.device)
         present[labels, groups] = 1.0
+        if in_process_group():   # a class's groups across the processes: the same halves on all
+            dist.all_reduce(present, op=dist.ReduceOp.MAX)
         rank = present.cumsum(1)[labels, groups] - 1          # the group's rank in its class
         count = present.sum(1)                                 # groups per class in the batch
         cut = torch.where(count == 2, torch.zeros_like(count), torch.div(
@@ -66,6 +76,9 @@ class PredictiveGroupInvariance(Method):
             (labels, side), probabilities, accumulate=True)              # (K, 2, H, K)
         counts = torch.zeros(classes, 2, device=logits.device).index_put(
             (labels, side), torch.ones_like(labels, dtype=torch.float32), accumulate=True)
+        if in_process_group():
+            dist.all_reduce(counts)
+            sums = differentiable.all_reduce(sums)
         means = (sums / counts.clamp_min(1)[..., None, None]).clamp(self.eps, 1 - self.eps)
         p0, p1 = means[:, 0], means[:, 1]
         per_class = (p1 * torch.log(p1 / p0)).mean(2) / classes           # (K, H)
