@@ -42,6 +42,9 @@ def _all_gather(tensor: Tensor) -> Tensor:
 DEFAULT_TAUS = (0.5, 0.6, 0.7, 0.8)
 LOSS_PARTS = ("supp", "gate", "main")  # summed into the loss, per exit
 GATE_STATE_PARTS = ("train_acc", "exit_targets", "refreshing", "gate_open")  # logged only
+# Under torch.distributed these are means over a process's own samples; the other parts (the
+# rest of the gate state, a method's penalty) are the global batch's on every process.
+PER_PROCESS_PARTS = LOSS_PARTS + ("gate_open",)
 
 
 class OccamLoss(nn.Module):

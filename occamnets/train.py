@@ -37,7 +37,7 @@ from .environment import RunEnvironment, collect_environment, device_name
 from .evaluate import (Evaluation, evaluate, load_model_state, load_splits,
                        reports_groups, split_description)
 from .files import atomic_path, make_writable_dir, remove_stale_temporaries
-from .losses import OccamLoss
+from .losses import PER_PROCESS_PARTS, OccamLoss
 from .methods import Method, build_method, feature_parameters
 from .models import MODELS, build_model
 from .plain_data import from_plain
@@ -809,8 +809,10 @@ class Trainer:
             steps = steps_per_epoch(len(train), config.batch_size, self.world)
             bar = progress_bar(steps, f"epoch {self.epoch + 1}/{config.epochs}",
                                config.progress and self.rank == 0, initial=self.step_in_epoch)
-            started, seen = time.perf_counter(), 0
-            loss_sum = torch.full((), self.epoch_loss_sum, device=self.device)
+            started, seen = time.perf_counter(), 0   # seen: this process's, since a fold
+            # The sum over the processes is the epoch's: the first process starts from it.
+            loss_sum = torch.full((), self.epoch_loss_sum if self.rank == 0 else 0.0,
+                                  device=self.device)
             epoch_batches = list(batches(order, config.batch_size, self.step_in_epoch,
                                          self.rank, self.world))
             for position, (step, rows) in enumerate(epoch_batches):
@@ -839,8 +841,8 @@ class Trainer:
                 periodic = config.checkpoint_every and (
                     self.global_step % config.checkpoint_every == 0)
                 if stop or periodic:
-                    self.epoch_loss_sum = loss_sum.item()
-                    self.epoch_images = self.epoch_images + seen
+                    self.epoch_loss_sum, images = self._fold_epoch_sums(loss_sum, seen)
+                    self.epoch_images = self.epoch_images + images
                     self._refuse_diverged(self.epoch_loss_sum / max(1, self.epoch_images))
                     self.epoch_seconds += time.perf_counter() - started
                     started, seen = time.perf_counter(), 0
@@ -851,9 +853,10 @@ class Trainer:
                 if periodic:
                     self.save_checkpoint()
             close(bar)
+            loss_total, images = self._fold_epoch_sums(loss_sum, seen)
             elapsed = self.epoch_seconds + time.perf_counter() - started
-            images = self.epoch_images + seen
-            train_loss = (loss_sum / max(1, images)).item()
+            images = self.epoch_images + images
+            train_loss = loss_total / max(1, images)
             self._refuse_diverged(train_loss)
             lr = self.optimizer.param_groups[0]["lr"]  # this epoch's: read before the step
             with warnings.catch_warnings():
@@ -933,6 +936,20 @@ class Trainer:
                     self.events.add_scalar(f"{record['kind']}/{name}", value,
                                            record["global_step"])
 
+    def _fold_epoch_sums(self, loss_sum: Tensor, seen: int) -> Tuple[float, int]:
+        """(the epoch's image-weighted loss sum, the images since the last fold), over every
+        process: train_loss and images/s are the global batch's, and a checkpoint (the first
+        process writes it) holds every process's share. Every process calls it at the same
+        step; after it the first process's `loss_sum` holds the total, the others' zero."""
+        if self.world == 1:
+            return loss_sum.item(), seen
+        both = torch.stack([loss_sum.double(), torch.tensor(
+            float(seen), dtype=torch.float64, device=loss_sum.device)])
+        dist.all_reduce(both)
+        total, images = both.tolist()
+        loss_sum.fill_(total if self.rank == 0 else 0.0)
+        return total, int(images)
+
     def _log_step(self, loss: Tensor, parts: Dict[str, Tensor], batch: int,
                   started: float) -> None:
         """A "step" record: the loss and every component (per exit for OccamNets), read from
@@ -941,11 +958,18 @@ class Trainer:
         taken after that transfer, so after the device finished the step: two records of an
         epoch give the training speed between them, without the start-up of the first."""
         names = ["loss"] + list(parts)
-        values = torch.stack([loss.float()] + [parts[n].float() for n in names[1:]]).tolist()
+        values = torch.stack([loss.float()] + [parts[n].float() for n in names[1:]])
+        if self.world > 1:   # the global batch's means (the gate state is global already)
+            own = torch.tensor([n == "loss" or n.split("/")[0] in PER_PROCESS_PARTS
+                                for n in names], device=values.device)
+            summed = values.clone()
+            dist.all_reduce(summed)
+            values = torch.where(own, summed / self.world, values)
+        values = values.tolist()
         seconds = self.epoch_seconds + time.perf_counter() - started
         self._append_metrics({"kind": "step", "epoch": self.epoch + 1,
                               "step": self.step_in_epoch, "global_step": self.global_step,
-                              "batch": batch, "epoch_seconds": seconds,
+                              "batch": batch * self.world, "epoch_seconds": seconds,
                               **dict(zip(names, values))})
 
     # -- evaluation --------------------------------------------------------------------------
