@@ -383,6 +383,29 @@ def test_eval_json_stays_json_when_the_split_is_regenerated(trained, tmp_path, c
     assert sorted(os.listdir(run_dir)) == before
 
 
+def test_another_programs_meta_json_is_never_overwritten(trained, tmp_path, capsys):
+    """A directory holding another program's meta.json (and its files) was taken for a broken
+    cache: its meta.json and train_images.npy were replaced without --force."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "meta.json").write_text('{"name": "my project"}')
+    (theirs / "test_images.npy").write_bytes(b"their array")
+    before = {name: (theirs / name).read_bytes() for name in os.listdir(theirs)}
+    assert main(["eval", trained, "--data-dir", str(theirs)]) == 2
+    one_line_error(capsys, f"{theirs} holds a meta.json that no Biased MNIST wrote: give the "
+                   "dataset a directory of its own, or replace it with `occamnets data "
+                   "biased-mnist --force --out")
+    assert {name: (theirs / name).read_bytes() for name in os.listdir(theirs)} == before
+    # A meta.json of ours gone bad (no JSON at all), among our files only, is regenerated.
+    ours = tmp_path / "ours"
+    assert main(["eval", trained, "--data-dir", str(ours)]) == 0
+    (ours / "meta.json").write_text('{"config": {"seed"')
+    capsys.readouterr()
+    assert main(["eval", trained, "--data-dir", str(ours)]) == 0
+    assert "unreadable meta.json" in capsys.readouterr().out
+    assert json.loads((ours / "meta.json").read_text())["config"]
+
+
 def test_a_biased_mnist_and_a_real_datasets_cache_never_overwrite_each_other(trained, tmp_path,
                                                                              capsys):
     """Both write meta.json and {split}_images.npy: a folder run's eval given a Biased MNIST

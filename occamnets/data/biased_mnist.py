@@ -727,10 +727,14 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
         differing = ", ".join(f"{name}: cached {theirs!r} vs asked {ours!r}"
                               for name, (theirs, ours) in differences.items())
         raise ValueError(f"{directory} holds another Biased MNIST ({differing}); use its "
-                         f"settings, or another data directory")
+                         f"settings, another data directory, or replace it with `occamnets "
+                         f"data biased-mnist --force --out {shlex.quote(directory)}`")
     if problem == "no cache":
         _refuse_foreign_files(directory)
         problem = "no Biased MNIST there yet"
+    elif problem.startswith("unreadable meta.json") and not replace_other:
+        _refuse_foreign_meta(directory)
+        _refuse_foreign_files(directory)
     if verbose:
         print(f"biased-mnist in {directory}: {problem}; generating it")
     return _generate_and_save(config, directory, splits, progress, mmap)
@@ -748,6 +752,21 @@ def _refuse_image_cache(directory: str) -> None:
         raise ValueError(f"{directory} holds the decoded images of "
                          f"{meta.get('dataset', 'a real dataset')}, not a Biased MNIST: give "
                          f"the dataset a directory of its own")
+
+
+def _refuse_foreign_meta(directory: str) -> None:
+    """A ValueError when `directory`'s meta.json is another program's: readable JSON that no
+    Biased MNIST wrote (ours, even of an older format, holds a config). A meta.json that is no
+    JSON at all is a cache of ours gone bad, and is regenerated."""
+    try:
+        with open(os.path.join(directory, "meta.json")) as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError):
+        return
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{directory} holds a meta.json that no Biased MNIST wrote: give the "
+                         f"dataset a directory of its own, or replace it with `occamnets data "
+                         f"biased-mnist --force --out {shlex.quote(directory)}`")
 
 
 def _refuse_foreign_files(directory: str) -> None:
