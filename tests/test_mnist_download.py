@@ -137,3 +137,11 @@ def test_the_command_writes_the_directory_then_biased_mnist_draws_from_it(tmp_pa
     assert main(["data", "mnist", "--out", str(tmp_path / "x"), "--tarball",
                  str(tmp_path / "absent.tgz")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_download(tmp_path, monkeypatch):
+    """`--out` naming a file was found only after the 11 MB download."""
+    monkeypatch.setattr(mnist_download, "_download", lambda *args: pytest.fail("downloaded"))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        mnist_download.fetch_mnist(str(tmp_path / "a_file" / "mnist"))

