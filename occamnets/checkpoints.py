@@ -39,10 +39,14 @@ def start_over_hint(path: str) -> str:
     return (f"to start over, remove it (rm {shlex.quote(path)}) or train into another --out")
 
 
-def resume_command(run_dir: str) -> str:
+def resume_command(run_dir: str, processes: int = 1) -> str:
     """The command that continues the run in `run_dir`, quoted for the shell (a path with
-    spaces pasted back unquoted would name another directory)."""
-    return f"`occamnets train --out {shlex.quote(run_dir)} --resume`"
+    spaces pasted back unquoted would name another directory); a run of several processes
+    continues under torchrun with as many (another number is refused)."""
+    if processes == 1:
+        return f"`occamnets train --out {shlex.quote(run_dir)} --resume`"
+    return (f"`torchrun --nproc_per_node={processes} -m occamnets.cli train --out "
+            f"{shlex.quote(run_dir)} --resume` ({processes} processes in all, as before)")
 
 
 def read_checkpoint(path: str, map_location="cpu", mmap: bool = True) -> Dict:

@@ -472,8 +472,11 @@ def lock_run_dir(path: str):
 
 # Signals that stop training with a checkpoint: Ctrl-C, and what schedulers send before a kill.
 STOP_SIGNALS = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "SIGTERM received"}
-# Under DDP the processes agree on stopping every this many steps (one small all-reduce).
+# Under DDP the processes agree on stopping (one small all-reduce, a host sync) every this many
+# steps at most, and at least every STOP_SYNC_SECONDS where steps are slow: torchrun kills its
+# processes 30 s (--shutdown-timeout) after passing a signal on, checkpoint written or not.
 STOP_SYNC_EVERY = 10
+STOP_SYNC_SECONDS = 10.0
 # A batch's loss is read from the device for the progress bar every this many steps.
 PROGRESS_EVERY = 10
 
@@ -588,11 +591,15 @@ class Trainer:
         # the sum of each step's loss times its images, the images, the seconds.
         self.epoch_loss_sum, self.epoch_images, self.epoch_seconds = 0.0, 0, 0.0
         self.stop_signal: Optional[int] = None
+        # Under DDP: the step after which the processes next agree on stopping (the first
+        # step, then as often as their slowest step time allows), and when they last did.
+        self.next_agreement = 1
+        self.last_agreement: Optional[Tuple[int, float]] = None   # (step, time)
         # The step whose state this run's checkpoint file holds (None: none written or read).
         self.checkpoint_step: Optional[int] = None
         # What the stop message tells the user to do next (the demo says its own), and
         # whether reaching --max-steps is said (a grid of runs, where it is the budget, not).
-        self.continue_hint = resume_command(config.run_dir)
+        self.continue_hint = resume_command(config.run_dir, self.world)
         self.say_max_steps = True
         if resumed is not None:
             self._load_state(resumed, resume)
@@ -746,16 +753,28 @@ class Trainer:
 
     def _should_stop(self, sync: bool = False) -> Optional[str]:
         """Why training stops after this step, or None. Under DDP the processes agree (a
-        signal may reach them at different steps) every STOP_SYNC_EVERY steps, and where
+        signal may reach them at different steps) after the first step, then every
+        STOP_SYNC_EVERY steps or every STOP_SYNC_SECONDS if that is fewer steps, and where
         `sync` (every process calls it there)."""
         # Whether to agree is decided by the step alone, the same on every process; at the
         # step cap too, so that wherever training stops `interrupted` is the same everywhere.
         capped = self._at_step_cap()
-        agree = self.world > 1 and (sync or capped or self.global_step % STOP_SYNC_EVERY == 0)
+        agree = self.world > 1 and (sync or capped or self.global_step >= self.next_agreement)
         if agree:
-            flag = torch.tensor([self.stop_signal or 0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            now = time.perf_counter()
+            # None at a (re)start, on every process alike: agree again after one step, timed.
+            seconds_per_step = 0.0 if self.last_agreement is None else (
+                (now - self.last_agreement[1]) / max(1, self.global_step - self.last_agreement[0]))
+            both = torch.tensor([float(self.stop_signal or 0), seconds_per_step],
+                                dtype=torch.float64, device=self.device)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            flag, slowest = both.tolist()
             self.stop_signal = int(flag) or None
+            # Decided from the reduced (common) value: every process agrees at the same steps.
+            every = 1 if self.last_agreement is None else min(
+                STOP_SYNC_EVERY, max(1, int(STOP_SYNC_SECONDS / max(slowest, 1e-9))))
+            self.next_agreement = self.global_step + every
+            self.last_agreement = (self.global_step, now)
         if capped:
             return f"reached --max-steps {self.config.max_steps}"
         if self.world > 1 and not agree:

@@ -56,6 +56,9 @@ def test_a_signal_to_one_process_after_the_last_epoch_stops_every_process(tmp_pa
     epoch = 0 if when == "at_the_step_cap" else 1
     assert ranks == [{"reported": False, "stop_signal": 2, "epoch": epoch}] * 2, ranks
     assert not (tmp_path / "report.json").exists()
+    # The hint to continue names torchrun: the plain command is refused (2 processes, now 1).
+    assert f"with `torchrun --nproc_per_node=2 -m occamnets.cli train --out {tmp_path} " \
+           "--resume` (2 processes in all, as before)" in result.stdout, result.stdout[-2000:]
 
 
 def test_torchrun_through_the_command_line_exits_0_with_one_report(tmp_path):
@@ -130,3 +133,47 @@ def test_two_processes_log_the_global_batchs_loss_and_images(tmp_path):
     everything = [loss * images for rank in own for loss, images in rank]
     assert epoch["train_loss"] == pytest.approx(sum(everything) / 48, rel=1e-6)
     assert epoch["train_images_per_s"] * epoch["train_seconds"] == pytest.approx(48, rel=1e-6)
+
+
+@pytest.mark.parametrize("seconds_per_step, agreed_at", [
+    (0.01, [1, 2, 12, 22, 32]),    # fast steps: every 10 steps, a host sync at most that often
+    (4.0, [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32]),   # every 10 s
+    (30.0, list(range(1, 33)))])   # slower than the whole budget: every step
+def test_processes_agree_on_stopping_often_enough_for_torchrun(tmp_path, monkeypatch,
+                                                               seconds_per_step, agreed_at):
+    """Agreeing every 10 steps alone, at 4 s a step a signal waited up to 40 s for the
+    agreement, and torchrun kills its processes 30 s after passing a signal on: the run was
+    lost without a checkpoint. The schedule follows the slowest process's step time."""
+    import signal
+
+    import torch.distributed as dist
+
+    import occamnets.train as train_module
+    from test_train import config, synthetic_splits
+    trainer = train_module.Trainer(config(tmp_path / "run"), synthetic_splits())
+    clock = [100.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    agreements = []
+    real_all_reduce = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        agreements.append(trainer.global_step)
+        return real_all_reduce(tensor, *args, **kwargs)
+    monkeypatch.setattr(train_module.dist, "all_reduce", recording)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        trainer.world = 2   # a group of one stands for two: only the schedule is checked here
+        for step in range(1, 33):
+            trainer.global_step = step
+            clock[0] += seconds_per_step
+            if step == agreed_at[-2] + 1:
+                trainer.stop_signal = signal.SIGTERM   # to this process, between agreements
+            stopped = trainer._should_stop()
+            assert (stopped is not None) == (step == agreed_at[-1]), step
+            if stopped:
+                break
+    finally:
+        trainer.world = 1
+        dist.destroy_process_group()
+    assert agreements == agreed_at
