@@ -425,7 +425,8 @@ def _run_train(args) -> int:
     resolve_device(config.device)  # a GPU that is not there: said before the summary
     first_process = _first_process()
     if first_process:
-        print(("resuming " if args.resume else "training ") + config.summary(), flush=True)
+        print(("resuming " if args.resume else "training ")
+              + config.summary(int(os.environ.get("WORLD_SIZE", "1"))), flush=True)
     trainer = Trainer(config, resume=checkpoint if args.resume else None)
     report = trainer.run()
     trainer.close()

@@ -362,13 +362,17 @@ class RunConfig:
                 f"{list(self.milestones)}{' after the warm-up' if self.warmup_epochs else ''})"
                 f", weight decay {self.weight_decay:g}")
 
-    def summary(self) -> str:
-        """What a run will do, in a few lines (printed when training starts)."""
+    def summary(self, processes: int = 1) -> str:
+        """What a run will do, in a few lines (printed when training starts); `processes`:
+        torchrun's, each taking a batch of batch_size."""
+        batches = f"batches of {self.batch_size}" + (
+            f" per process on {processes} processes ({self.batch_size * processes} in all)"
+            if processes > 1 else "")
         return (f"{MODELS[self.model]} (width {self.width}, {self.stem} stem), {self.preset} "
                 f"preset\n"
                 f"  data: {self.describe_data()}\n"
                 f"  method: {self.describe_method()}\n"
-                f"  optimisation: {plural(self.epochs, 'epoch')} of batches of {self.batch_size}, "
+                f"  optimisation: {plural(self.epochs, 'epoch')} of {batches}, "
                 f"{self.describe_optimiser()}, seed {self.seed}\n"
                 f"  device {self.device}{', bf16 autocast on a GPU' if self.bf16 else ''}; "
                 f"run directory {self.run_dir}"

@@ -71,6 +71,8 @@ def test_torchrun_through_the_command_line_exits_0_with_one_report(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("# OccamResNet-18 on Biased MNIST") == 1
     assert result.stdout.count("training OccamResNet-18") == 1
+    # --batch-size is each process's: the summary says so, with the global batch.
+    assert "batches of 64 per process on 2 processes (128 in all)" in result.stdout
     assert {"checkpoint.pt", "metrics.jsonl", "report.md", "report.json"} <= set(
         os.listdir(tmp_path / "run"))
     assert not [name for name in os.listdir(tmp_path / "data") if ".tmp-" in name]
