@@ -102,6 +102,19 @@ class Comparison:
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
 
+    def save_chart(self, path: str) -> str:
+        """The headline accuracy per row as bars; like the table's notes, it names the rows
+        cut by --max-steps and the settings changed from the preset."""
+        from .viz import save_comparison_chart   # matplotlib, only when drawing
+        rows = self.rows
+        changed = sorted(k for k in self.settings if k not in DISPLAY_ONLY)
+        return save_comparison_chart(
+            path, [r.name + ("" if r.complete else " (cut)") for r in rows],
+            [r.test_accuracy_mean for r in rows], [r.test_accuracy_std for r in rows],
+            [MODELS[r.model] for r in rows],
+            title=f"{self.dataset.headline_name.capitalize()} accuracy ({self.preset} preset"
+                  + (f"; also set: {', '.join(changed)}" if changed else "") + ")")
+
     def to_markdown(self) -> str:
         occam = [r for r in self.rows if r.exit_share_mean]
         # Exits before the first inference exit take no samples: no column.
@@ -252,7 +265,6 @@ def run_comparison(cells: Sequence[Cell], preset: str, out: str, settings: Dict,
                    hint: str, say: Callable[[str], None] = print) -> Comparison:
     """Run every cell not finished before; write compare.md, compare.json and compare.png
     into `out`. Interrupted when a stop signal ended a cell (its checkpoint is written)."""
-    from .viz import save_comparison_chart
     started = time.perf_counter()
     configs = [cell_config(cell, preset, out, settings) for cell in cells]  # checked first
     test_name = dataset_of(settings).headline_name
@@ -278,9 +290,5 @@ def run_comparison(cells: Sequence[Cell], preset: str, out: str, settings: Dict,
         handle.write(comparison.to_markdown())
     with atomic_path(os.path.join(out, JSON_NAME)) as tmp, open(tmp, "w") as handle:
         json.dump(comparison.to_dict(), handle, indent=1)
-    rows = comparison.rows
-    save_comparison_chart(os.path.join(out, CHART), [r.name for r in rows],
-                          [r.test_accuracy_mean for r in rows],
-                          [r.test_accuracy_std for r in rows], [MODELS[r.model] for r in rows],
-                          title=f"{test_name.capitalize()} accuracy ({preset} preset)")
+    comparison.save_chart(os.path.join(out, CHART))
     return comparison

@@ -215,14 +215,17 @@ def save_comparison_chart(path: str, labels: Sequence[str], means: Sequence[floa
     errors = 100 * _floats(stds)   # NaN: no bar drawn
     ax.barh(positions, [100 * m for m in means], xerr=errors, capsize=3,
             color=[palette[k] for k in kinds], edgecolor="black", linewidth=0.5)
-    for y, mean in zip(positions, means):
-        ax.annotate(f"{100 * mean:.1f}", (100 * mean, y), xytext=(4, 0),
-                    textcoords="offset points", va="center", fontsize=8)
+    for y, mean, error in zip(positions, means, errors):   # past the error bar, not on it
+        ax.annotate(f"{100 * mean:.1f}", (100 * mean + np.nan_to_num(error), y),
+                    xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
     ax.set_yticks(positions, labels, fontsize=8)
-    ax.set_xlabel("accuracy % (error bars: std over seeds)")
-    ax.set_xlim(0, min(100, 100 * max(list(means) + [0.01]) * 1.25 + 5))
+    ax.set_xlabel("accuracy % (" + ("one seed: no error bars" if np.isnan(errors).all()
+                                    else "error bars: std over seeds") + ")")
+    ax.set_xlim(0, min(100, 100 * max(list(means) + [0.01]) * 1.25 + 5) + np.nanmax(
+        np.append(errors, 0)))
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
-    ax.legend(handles, list(palette), fontsize=8, loc="best")
+    # Outside the axes: at high accuracies "best" had no free corner and covered bars.
+    ax.legend(handles, list(palette), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi=100)
@@ -290,7 +293,9 @@ def _save(fig, path: str, dpi: int) -> str:
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
+            # "tight": a legend outside the axes, or a title wider than a narrow figure,
+            # is kept whole, not cut at the canvas's edge.
+            fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

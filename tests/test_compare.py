@@ -1,6 +1,7 @@
 """`occamnets compare`: the grid, its table, JSON and chart, and resuming without rerunning
 finished cells (an interrupted cell continues from its checkpoint)."""
 import json
+import os
 import signal
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from occamnets import compare as compare_module
 from occamnets import train as train_module
 from occamnets.cli import main
-from occamnets.compare import Cell, CellResult, Comparison, grid, summarise
+from occamnets.compare import Cell, CellResult, Comparison, Row, grid, summarise
 
 SMALL = ["--preset", "quick", "--cell-size", "6", "--train-size", "48", "--val-size", "10",
          "--test-size", "20", "--batch-size", "16", "--width", "4", "--device", "cpu",
@@ -134,3 +135,38 @@ def test_an_interruption_outside_training_says_how_to_continue(tmp_path, capsys,
 def test_compare_refuses_bad_lists(capsys):
     assert main(["compare", "--methods", "erm,jtt"]) == 2
     assert "'jtt' is not one of erm, upwt, gdro, sd, pgi" in capsys.readouterr().err
+
+
+def test_the_chart_names_cut_rows_and_changed_settings_and_clears_its_error_bars(tmp_path,
+                                                                              monkeypatch):
+    """The chart said only "(quick preset)" for a grid run with other epochs and a step cap,
+    drew cut rows like finished ones, printed each mean on its error bar, and promised error
+    bars where one seed has none."""
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib")
+    import occamnets.viz as viz
+    drawn = {}
+    real_save = viz._save
+
+    def keep(fig, path, dpi):
+        drawn["ax"] = fig.axes[0]
+        drawn["texts"] = [(t.get_text(), t.xy[0]) for t in fig.axes[0].texts]
+        drawn["title"], drawn["xlabel"] = fig.axes[0].get_title(), fig.axes[0].get_xlabel()
+        drawn["labels"] = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        return real_save(fig, path, dpi)
+    monkeypatch.setattr(viz, "_save", keep)
+
+    def row(name, mean, std, complete):
+        return Row(name, "occam", "erm", "none", [0, 1], mean, std, None, None, 1.0, 40, complete)
+    comparison = Comparison("quick", {"epochs": 2, "max_steps": 40, "progress": False},
+                            [row("occam erm", 0.3, 0.1, False), row("occam gdro", 0.5, 0.02, True)],
+                            [], 1.0)
+    comparison.save_chart(str(tmp_path / "chart.png"))
+    assert os.path.getsize(tmp_path / "chart.png") > 0
+    assert drawn["title"] == "Unbiased test accuracy (quick preset; also set: epochs, max_steps)"
+    assert drawn["labels"] == ["occam erm (cut)", "occam gdro"]
+    assert drawn["texts"] == [("30.0", pytest.approx(40.0)), ("50.0", pytest.approx(52.0))]
+    assert "error bars: std over seeds" in drawn["xlabel"]
+    one_seed = Comparison("quick", {}, [row("occam erm", 0.3, None, True)], [], 1.0)
+    one_seed.save_chart(str(tmp_path / "one.png"))
+    assert drawn["xlabel"] == "accuracy % (one seed: no error bars)"
+    assert drawn["title"] == "Unbiased test accuracy (quick preset)"
