@@ -736,7 +736,8 @@ def _run_viz(args) -> int:
                           # the plot needs the early-exit pass alone
                           per_exit=False, diagnostics=False, per_group=False)
         save_exit_distribution(args.exits_plot, result.exit_counts, result.exit_accuracy_taken,
-                               title=f"Exits on {args.split} ({len(split)} images)")
+                               title=f"Exits on {args.split} ({len(split)} images)",
+                               first_inference_exit=result.first_inference_exit or 0)
     print(f"CAM picture written to {args.out}" +
           (f", exit distribution to {args.exits_plot}" if args.exits_plot else ""))
     for image_file in unread:

@@ -75,7 +75,8 @@ def run_demo(out: str, preset: Optional[str] = None, docs: Optional[str] = None,
                                                  threshold=config.inference_threshold))
             test = report.test
             save_exit_distribution(exits, test.exit_counts, test.exit_accuracy_taken,
-                                   title=f"Exits on test ({test.images} images)")
+                                   title=f"Exits on test ({test.images} images)",
+                                   first_inference_exit=test.first_inference_exit or 0)
             if docs:
                 os.makedirs(docs, exist_ok=True)
                 reliability = os.path.join(config.run_dir, RELIABILITY_PICTURE)

@@ -84,7 +84,8 @@ def save_cam_comparison(path: str, models: Sequence[Tuple[str, CamPictureData]],
                 column += 1
         for axis in axes[row]:
             axis.set_xticks([]), axis.set_yticks([])
-    fig.suptitle(title, fontsize=10)
+    # Each CAM is scaled to its own range: side by side they compare where, not how strongly.
+    fig.suptitle(f"{title}\n(each CAM min-max scaled on its own)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi=100)
 
@@ -94,14 +95,17 @@ def _draw_cam(axis, picture: np.ndarray, cam: torch.Tensor, title: str, framed: 
     A constant CAM (a 1x1 last stage on small images) is drawn flat: scaling its rounding
     differences after upsampling would paint noise."""
     cam = cam.detach().float()
+    finite = bool(torch.isfinite(cam).all())
     spread = cam.max() - cam.min()
     flat = spread <= 1e-6 * cam.abs().max().clamp_min(1.0)
     scaled = torch.zeros_like(cam) if flat else (cam - cam.min()) / spread
     heat = torch.nn.functional.interpolate(scaled[None, None], size=picture.shape[:2],
                                            mode="bilinear", align_corners=False)[0, 0]
     axis.imshow(picture)
-    axis.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5)
-    axis.set_title(title, fontsize=8, color="red" if framed else "black")
+    # 0..1 fixed: the min-max scaling above is the only one (imshow would stretch again).
+    axis.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    axis.set_title(title + ("" if finite else "\n(non-finite CAM: not drawn)"), fontsize=8,
+                   color="red" if framed else "black")
     if framed:
         for spine in axis.spines.values():
             spine.set_edgecolor("red"), spine.set_linewidth(3)
@@ -109,14 +113,20 @@ def _draw_cam(axis, picture: np.ndarray, cam: torch.Tensor, title: str, framed: 
 
 def save_exit_distribution(path: str, exit_counts: Sequence[int],
                            exit_accuracy: Optional[Sequence[float]] = None,
-                           title: str = "Where samples exit") -> str:
-    """Bar chart of the share of samples per exit, with each exit's accuracy on its samples."""
+                           title: str = "Where samples exit",
+                           first_inference_exit: int = 0) -> str:
+    """Bar chart of the share of samples per exit, with each exit's accuracy on its samples;
+    exits before `first_inference_exit` (E0 of an OccamNet) are marked unused, not 0%."""
     plt = _pyplot()
     counts = np.asarray(exit_counts, dtype=float)
     shares = counts / max(counts.sum(), 1)
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    bars = ax.bar([f"E{t}" for t in range(len(counts))], 100 * shares, color="tab:blue")
+    names = [f"E{t}" + ("\n(not used at\ninference)" if t < first_inference_exit else "")
+             for t in range(len(counts))]
+    bars = ax.bar(names, 100 * shares, color="tab:blue")
     for t, bar in enumerate(bars):
+        if t < first_inference_exit:
+            continue
         text = f"{100 * shares[t]:.0f}%"
         if exit_accuracy is not None and counts[t] > 0:
             text += f"\nacc {100 * exit_accuracy[t]:.0f}%"
@@ -173,7 +183,9 @@ def _reliability_panel(axis, reliability: Reliability, title: str) -> None:
              width=1 / bins, color="tab:red", alpha=0.3, label="gap")
     axis.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
     axis.set_xlim(0, 1), axis.set_ylim(0, 1)
-    axis.set_title(f"{title}\nECE {100 * reliability.ece:.1f}%", fontsize=8)
+    ece = ("no samples" if not np.isfinite(reliability.ece)
+           else f"ECE {100 * reliability.ece:.1f}%")
+    axis.set_title(f"{title}\n{ece}", fontsize=8)
     axis.tick_params(labelsize=7)
 
 
@@ -270,6 +282,8 @@ def save_gate_history(path: str, exits: Sequence[ExitHistory], epoch_ends: Seque
                "epoch"),
               (axes[1, 1], "their accuracy % (val p_bias 0.5;\nchance dotted)", "epoch")]
     for axis, ylabel, xlabel in panels:
+        if xlabel == "epoch":   # whole epochs: no 1.2, 1.4 ticks on a two-epoch run
+            axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         axis.set_ylabel(ylabel, fontsize=8), axis.set_xlabel(xlabel, fontsize=8)
         axis.tick_params(labelsize=7)
         axis.legend(fontsize=7, loc="best")

@@ -298,3 +298,47 @@ def test_judging_a_model_in_training_leaves_it_training_and_unchanged(kind):
     assert [m.training for m in model.modules()] == modes
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_pictures_say_what_a_reader_cannot_see(tmp_path, monkeypatch):
+    """A non-finite CAM drew the bare image unremarked, the overlay stretched each CAM again
+    (no fixed 0..1 scale) and nothing said each CAM is scaled on its own; E0, never used at
+    inference, was labelled 0% like an exit no sample took; an exit with no samples had
+    "ECE nan%"."""
+    pytest.importorskip("matplotlib", reason="the pictures need matplotlib")
+    import occamnets.viz as viz
+    from occamnets.evaluate import CamPictureData
+    from occamnets.metrics import Reliability
+    figures = []
+    real_save = viz._save
+    monkeypatch.setattr(viz, "_save", lambda fig, path, dpi: (figures.append(fig),
+                                                             real_save(fig, path, dpi))[1])
+    images = torch.rand(1, 3, 16, 16)
+    cams = [torch.rand(1, 3, 4, 4), torch.full((1, 3, 4, 4), float("nan"))]
+    data = CamPictureData(images, torch.tensor([1]), ["E1", "E2"], cams,
+                          [torch.tensor([1])] * 2, [0])
+    viz.save_cam_grid(str(tmp_path / "cams.png"), data)
+    cam_figure = figures[-1]
+    assert "each CAM min-max scaled on its own" in cam_figure._suptitle.get_text()
+    finite_panel, nonfinite_panel = cam_figure.axes[1], cam_figure.axes[2]
+    assert finite_panel.images[1].get_clim() == (0.0, 1.0)
+    assert "non-finite CAM" in nonfinite_panel.get_title()
+    assert "non-finite" not in finite_panel.get_title()
+
+    viz.save_exit_distribution(str(tmp_path / "exits.png"), [0, 3, 0, 7], [None, 0.5, None, 0.1],
+                               first_inference_exit=1)
+    axis = figures[-1].axes[0]
+    assert "not used at" in axis.get_xticklabels()[0].get_text()
+    assert [t.get_text() for t in axis.texts] == ["30%\nacc 50%", "0%", "70%\nacc 10%"]
+
+    empty = Reliability(float("nan"), [0] * 10, [None] * 10, [None] * 10)
+    assert "no samples" in _reliability_title(viz, empty, tmp_path)
+
+
+def _reliability_title(viz, reliability, tmp_path):
+    import matplotlib.pyplot as plt
+    fig, axis = plt.subplots()
+    viz._reliability_panel(axis, reliability, "E0 class softmax")
+    title = axis.get_title()
+    plt.close(fig)
+    return title
