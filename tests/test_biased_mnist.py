@@ -584,10 +584,13 @@ def test_load_memory_mapped(tmp_path):
                        full["test"].labels)
 
 
-def test_generation_errors_leave_the_directory_as_it_was(tmp_path):
+def test_generation_errors_leave_the_directory_as_it_was(tmp_path, capsys):
+    """A mistake in the settings or the sources leaves the directory as it was, and nothing
+    is said of generating ("generating it" used to come before the error)."""
     config = bm.BiasedMNISTConfig(**TINY)
     bm.load(config, str(tmp_path))
     before = sorted(os.listdir(tmp_path))
+    capsys.readouterr()
     too_big = bm.BiasedMNISTConfig(cell_size=5, train_size=10 ** 5, val_size=10)
     with pytest.raises(ValueError, match="images asked for"):
         bm.load(too_big, str(tmp_path))              # replace_other: would replace it
@@ -596,3 +599,4 @@ def test_generation_errors_leave_the_directory_as_it_was(tmp_path):
                 str(tmp_path / "new"))
     assert sorted(os.listdir(tmp_path)) == before and not (tmp_path / "new").exists()
     assert bm.cache_problem(config, str(tmp_path)) is None
+    assert "generating" not in capsys.readouterr().out

@@ -653,12 +653,16 @@ def _read_cache(config: BiasedMNISTConfig, directory: str, splits: Sequence[str]
 
 
 def _generate_and_save(config: BiasedMNISTConfig, directory: str, splits: Sequence[str],
-                       progress: bool, mmap: bool) -> Dict[str, BiasedMNISTSplit]:
+                       progress: bool, mmap: bool,
+                       announce: Optional[str] = None) -> Dict[str, BiasedMNISTSplit]:
     """Generates every split and caches it, one split at a time; keeps only `splits` (mmap:
     none, they are mapped from the written cache instead). The directory is first touched
     once the first split is rendered: a mistake in the settings, or an interruption while
-    the first split renders, leaves what it held as it was."""
+    the first split renders, leaves what it held as it was. `announce` is printed once the
+    sources are read and the sizes checked (not before an error about them)."""
     generated = _generate_splits(config, progress)
+    if announce:
+        print(announce)
     files, sizes, groups, kept = {}, {}, {}, {}
     for name, data in generated:
         if not files:
@@ -736,9 +740,9 @@ def load(config: BiasedMNISTConfig, directory: str, splits: Sequence[str] = SPLI
     elif problem.startswith("unreadable meta.json") and not replace_other:
         _refuse_foreign_meta(directory)
         _refuse_foreign_files(directory)
-    if verbose:
-        print(f"biased-mnist in {directory}: {problem}; generating it")
-    return _generate_and_save(config, directory, splits, progress, mmap)
+    return _generate_and_save(config, directory, splits, progress, mmap,
+                              f"biased-mnist in {directory}: {problem}; generating it"
+                              if verbose else None)
 
 
 def _refuse_image_cache(directory: str) -> None:
