@@ -709,7 +709,7 @@ def ratio_figure(device, suite, baseline, ratios, smoke=False, measured=None):
         ax.barh([y for y, v in zip(where, value) if v is not None],
                 [v - 1 for v in value if v is not None], left=1, height=height, label=impl)
         for y, v in zip(where, value):   # the number itself: log ticks can be sparse
-            ax.text(1 if v is None else v, y, f" n/a ({impl}) " if v is None else f" {v:.2f}x ",
+            ax.text(1 if v is None else v, y, f" n/a ({impl}) " if v is None else f" {v:.3g}x ",
                     va="center", ha="left" if v is None or v >= 1 else "right", fontsize=6)
     ax.set_xscale("log")
     # Powers of ten only (minor labels overlap on a narrow range); each bar has its number.
