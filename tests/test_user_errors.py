@@ -957,3 +957,24 @@ def test_demo_docs_that_is_a_file_is_refused_before_training(tmp_path, capsys, m
     a_file.write_text("x")
     assert main(["demo", "--out", str(tmp_path / "demo"), "--docs", str(a_file)]) == 2
     one_line_error(capsys, "--docs", "is a file: give a directory")
+
+
+def test_the_hint_to_continue_a_torchrun_run_names_torchrun(trained, tmp_path):
+    """`results` on an unfinished run trained by two processes told the user to run plain
+    `occamnets train --resume`, which that run refuses (trained on 2 processes, now 1)."""
+    import torch
+
+    from occamnets.checkpoints import resume_command
+    from occamnets.results_page import read_run
+    run = tmp_path / "ddp run"
+    run.mkdir()
+    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint["world"] = 2
+    torch.save(checkpoint, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"continue it with `torchrun --nproc_per_node=2 -m "
+                                         r"occamnets.cli train --out '.*ddp run' --resume`"):
+        read_run(str(run))
+    assert resume_command("r", 8, per_node=4) == (
+        "`torchrun --nnodes=2 --nproc_per_node=4 -m occamnets.cli train --out r --resume` "
+        "(8 processes in all, as before, with the same rendezvous options)")
+    assert resume_command("r") == "`occamnets train --out r --resume`"
