@@ -1,6 +1,8 @@
-"""Run by tests/test_distributed.py under torchrun: one epoch on two processes, a periodic
-checkpoint part-way, every step logged. Each process saves the losses of its own steps; the
-test compares them with what the first process wrote to metrics.jsonl."""
+"""Run by tests/test_distributed.py under torchrun: one epoch on two processes, every step
+logged; either whole with a periodic checkpoint part-way, or (`resumed`) stopped by
+--max-steps after 3 of its 6 steps and resumed from the checkpoint by a new Trainer. Each
+process saves the losses of its own steps; the test compares them with what the first
+process wrote to metrics.jsonl."""
 import os
 import sys
 
@@ -12,10 +14,7 @@ from test_train import config, synthetic_splits  # noqa: E402
 from occamnets.train import Trainer  # noqa: E402
 
 
-def main(out_dir):
-    trainer = Trainer(config(out_dir, epochs=1, batch_size=4, log_every=1, checkpoint_every=4),
-                      synthetic_splits(n=48))
-    own = []
+def train(trainer, own):
     train_step = trainer._train_step
 
     def recording(rows, following):
@@ -25,8 +24,21 @@ def main(out_dir):
     trainer._train_step = recording
     trainer.train()
     trainer.close()
+
+
+def main(out_dir, mode):
+    own = []
+    settings = dict(epochs=1, batch_size=4, log_every=1)
+    if mode == "resumed":
+        first = Trainer(config(out_dir, max_steps=3, **settings), synthetic_splits(n=48))
+        train(first, own)
+        trainer = Trainer(config(out_dir, **settings), synthetic_splits(n=48),
+                          resume=os.path.join(out_dir, "checkpoint.pt"))
+    else:
+        trainer = Trainer(config(out_dir, checkpoint_every=4, **settings), synthetic_splits(n=48))
+    train(trainer, own)
     torch.save(own, os.path.join(out_dir, f"own{trainer.rank}.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

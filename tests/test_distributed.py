@@ -119,10 +119,12 @@ def test_occam_loss_and_methods_under_two_processes_are_the_whole_batch_loss():
     assert result.stdout.count("the whole batch's loss, gradients and state") == 2
 
 
-def test_two_processes_log_the_global_batchs_loss_and_images(tmp_path):
+@pytest.mark.parametrize("mode", ["whole", "resumed"])
+def test_two_processes_log_the_global_batchs_loss_and_images(tmp_path, mode):
     """The epoch's train_loss and images/s, and each step record's loss, were the first
-    process's own (half the images): a folded checkpoint part-way must not change that."""
-    result = torchrun(os.path.join(HERE, "ddp_epoch_loss.py"), str(tmp_path))
+    process's own (half the images). Neither a checkpoint folded part-way nor a resume from
+    it (the global sum so far, counted once, not once per process) may change that."""
+    result = torchrun(os.path.join(HERE, "ddp_epoch_loss.py"), str(tmp_path), mode)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     own = [torch.load(tmp_path / f"own{rank}.pt") for rank in range(2)]
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -134,6 +136,7 @@ def test_two_processes_log_the_global_batchs_loss_and_images(tmp_path):
         assert record["loss"] == pytest.approx((mine[0] + theirs[0]) / 2, rel=1e-6)
     everything = [loss * images for rank in own for loss, images in rank]
     assert epoch["train_loss"] == pytest.approx(sum(everything) / 48, rel=1e-6)
+    # The rate counts the global 48 images (the first process alone took 24).
     assert epoch["train_images_per_s"] * epoch["train_seconds"] == pytest.approx(48, rel=1e-6)
 
 
