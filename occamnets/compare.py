@@ -17,10 +17,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .config import RunConfig
 from .data.catalog import BIASED_MNIST, DatasetSpec, spec
-from .evaluate import percent
+from .checkpoints import read_checkpoint
+from .evaluate import load_splits, percent
 from .files import atomic_path
 from .models import MODELS
-from .train import CheckpointMismatch, Trainer, check_resumable, existing_checkpoint
+from .train import (CheckpointMismatch, Trainer, check_resumable, existing_checkpoint,
+                    split_fingerprint)
 
 # The seed's ablations by the name the grid gives them, and the settings each switches off.
 ABLATIONS = {"none": {}, "no-early-exit": {"early_exit": False},
@@ -207,6 +209,28 @@ def _finished_report(config: RunConfig) -> Optional[Dict]:
     return saved
 
 
+class TrainingSplits:
+    """Whether a finished cell was trained on the training split the grid's data holds now
+    (a folder dataset's CSV may have been edited since): its checkpoint's fingerprint against
+    the current split's, the split read once per dataset however many cells ask."""
+
+    def __init__(self):
+        self.fingerprints: Dict[tuple, Dict] = {}
+
+    def unchanged_for(self, config: RunConfig) -> bool:
+        try:
+            trained = read_checkpoint(config.checkpoint_path).get("train_split")
+        except (OSError, ValueError):
+            return False   # no readable checkpoint: the cell resumes, which says what is wrong
+        if trained is None:
+            return True    # written before fingerprints were kept: nothing to compare
+        key = (config.dataset, config.data_root, config.dataset_dir, str(config.bias_columns))
+        if key not in self.fingerprints:
+            split = load_splits(config, "cpu", ["train"], verbose=False)["train"]
+            self.fingerprints[key] = split_fingerprint(split)
+        return trained == self.fingerprints[key]
+
+
 def _absolute(path: Optional[str]) -> Optional[str]:
     return None if path is None else os.path.abspath(path)
 
@@ -269,9 +293,12 @@ def run_comparison(cells: Sequence[Cell], preset: str, out: str, settings: Dict,
     configs = [cell_config(cell, preset, out, settings) for cell in cells]  # checked first
     test_name = dataset_of(settings).headline_name
     results = []
+    training_splits = TrainingSplits()
     for number, (cell, config) in enumerate(zip(cells, configs), 1):
         label = f"[{number}/{len(cells)}] {cell.row} seed {cell.seed}"
         report = _finished_report(config)
+        if report is not None and not training_splits.unchanged_for(config):
+            report = None   # it resumes: its checkpoint's check names what changed
         reused = report is not None
         if reused:
             say(f"{label}: finished before, read from {config.run_dir}")

@@ -225,6 +225,23 @@ def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, ca
         report = json.loads(open(os.path.join(out, f"resnet-{m}", "seed-0", "report.json")).read())
         assert report["config"]["data_root"] == str(moved)
         assert report["steps"] == reports[0]["steps"]
+    # Its CSV edited since (training rows' place flipped): the finished cells were read and
+    # their stale accuracies printed. They resume now, and the checkpoint names the change.
+    lines = (moved / "metadata.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    place, split = header.index("place"), header.index("split")
+    flipped = 0
+    for i, line in enumerate(lines[1:], 1):
+        values = line.split(",")
+        if values[split] == "train" and flipped < 5:
+            values[place] = str(1 - int(values[place]))
+            lines[i], flipped = ",".join(values), flipped + 1
+    (moved / "metadata.csv").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert compare_on(moved) == 2
+    printed = capsys.readouterr()
+    assert "finished before" not in printed.out
+    assert printed.err.count("\n") == 1 and "trained on another training split" in printed.err
 
 
 def test_viz_beside_wants_the_same_images_and_classes_and_titles_each_model(roots, tmp_path,
