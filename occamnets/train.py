@@ -90,6 +90,10 @@ class OccamObjective:
     def __init__(self, loss: OccamLoss, groups: Tensor):
         self.loss, self.groups = loss, groups
 
+    @property
+    def method(self) -> Method:
+        return self.loss.method
+
     def on_epoch_start(self, epoch: int) -> None:
         self.loss.on_epoch_start(epoch)
 
@@ -130,6 +134,31 @@ def make_objective(config: RunConfig, model: nn.Module, train: LabelledItems,
                      min_epochs=config.min_epochs, method=method,
                      exit_weighting=config.exit_weighting)
     return OccamObjective(loss.to(device), groups.index)
+
+
+# What a method that reads bias groups does where every class is one group (no attributes).
+_CLASSES_ALONE = {"pgi": "its penalty is 0 on every batch: this run trains as ERM does",
+                  "upwt": "it balances the classes", "gdro": "it weighs the classes",
+                  "sd": "its per-group lambdas are per-class lambdas"}
+
+
+def training_groups_line(method: Method, train: LabelledItems) -> Optional[str]:
+    """The line a run prints about the bias groups its method reads (None: it reads none):
+    what they are made of, how many, the smallest; and what the method does where every
+    class is one group (a dataset without bias attributes)."""
+    if not method.uses_groups:
+        return None
+    groups = train.groups
+    sizes = groups.sizes.tolist()
+    smallest = min(range(len(sizes)), key=sizes.__getitem__)
+    line = (f"bias groups ({method.name} reads them): {' x '.join(groups.columns)}, "
+            f"{groups.count} in the training split ({sizes[smallest]} to {max(sizes)} images "
+            f"each; the smallest: {groups.name(smallest, train.class_names)})")
+    per_class = torch.bincount(groups.keys[:, 0])
+    if bool((per_class[per_class > 0] == 1).all()):
+        line += (f"; every class is one group (no bias attributes), so "
+                 f"{_CLASSES_ALONE.get(method.name, 'it sees the classes alone')}")
+    return line
 
 
 def make_optimizer(config: RunConfig, parameters) -> torch.optim.Optimizer:
@@ -582,6 +611,9 @@ class Trainer:
         self.crop_padding = None if padding is None else round(padding * config.input_size)
         self.objective = make_objective(config, self.model, self.splits["train"],
                                         self.num_classes, self.device)
+        groups_line = training_groups_line(self.objective.method, self.splits["train"])
+        if groups_line and self.rank == 0:
+            print(groups_line, flush=True)
         self.train_split_fingerprint = split_fingerprint(self.splits["train"])
         self.feature_parameters = feature_parameters(self.model)
         self.total_steps = config.epochs * steps_per_epoch(len(self.splits["train"]),

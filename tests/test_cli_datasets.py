@@ -193,6 +193,8 @@ def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, ca
                  "place", "--models", "resnet", "--methods", "erm,upwt", "--preset", "quick",
                  "--epochs", "1", "--milestones", "1", "--out", out, "--device", "cpu",
                  "--no-progress", "--data-dir", str(tmp_path / "cache")]) == 0
+    # The upweighting cell says which groups it weighs (the ERM cell reads none).
+    assert capsys.readouterr().out.count("bias groups (upwt reads them): label x place, ") == 1
     table = open(os.path.join(out, "compare.md")).read()
     assert "| test acc % | worst group % |" in table
     cells = json.loads(open(os.path.join(out, "compare.json")).read())["cells"]

@@ -147,3 +147,31 @@ def test_a_setting_of_another_method_is_refused(tmp_path, capsys):
     assert main(["train", "--method", "erm", "--pgi-weight", "3", "--out",
                  str(tmp_path / "r")] + TINY) == 2
     assert "--pgi-weight is for --method pgi; this run's method is erm" in capsys.readouterr().err
+
+
+def test_a_run_says_which_bias_groups_its_method_reads():
+    """Nothing said which groups a method read; on data without bias attributes PGI trained
+    as ERM under its own name, and upweighting and GroupDRO weighed the classes, silently."""
+    from test_train import synthetic_splits
+
+    from occamnets.data import DeviceSplit
+    from occamnets.methods import build_method
+    from occamnets.train import training_groups_line
+    with_attributes = synthetic_splits(factors=2)["train"]
+    without = DeviceSplit(with_attributes.images, with_attributes.labels,
+                          with_attributes.factors[:, :0], [], "cpu")
+    def method(name, split):
+        return build_method(name, model="resnet", group_sizes=split.groups.sizes,
+                            num_classes=4, num_heads=1)
+    assert training_groups_line(method("erm", with_attributes), with_attributes) is None
+    line = training_groups_line(method("pgi", with_attributes), with_attributes)
+    groups = with_attributes.groups
+    assert line.startswith(f"bias groups (pgi reads them): {' x '.join(groups.columns)}, "
+                           f"{groups.count} in the training split ({int(groups.sizes.min())} to "
+                           f"{int(groups.sizes.max())} images each; the smallest: ")
+    assert "every class is one group" not in line
+    alone = training_groups_line(method("pgi", without), without)
+    assert alone.endswith("every class is one group (no bias attributes), so its penalty is 0 "
+                          "on every batch: this run trains as ERM does")
+    assert training_groups_line(method("upwt", without), without).endswith(
+        "so it balances the classes")

@@ -7,7 +7,8 @@ attributes are bias-conflicting (when the data says which values are aligned wit
 the bias-aligned group of a class first), then by the values. Without that (CelebA's gender, a
 user's CSV) the order is label, then values: CelebA's official 2 * blond + male. Only PGI's
 split of a class's groups into two halves reads the numbering (see occamnets/methods/pgi.py):
-this order puts the majority-like half first.
+where aligned values are known this order puts the majority-like half first; without them
+the halves follow the values' order, not the groups' sizes.
 """
 import dataclasses
 from typing import List, Optional, Sequence
