@@ -881,7 +881,8 @@ def _add_compare(subparsers) -> None:
         "compare", help="train a grid of models x methods x ablations x seeds and tabulate",
         description="Train every cell of the grid one after the other (each in "
                     "OUT/<model>-<method>[-<ablation>]/seed-N), then write OUT/compare.md, "
-                    "compare.json and compare.png: unbiased test accuracy mean ± std over the "
+                    "compare.json and compare.png: test accuracy (Biased MNIST's unbiased "
+                    "test split; a real dataset's headline split) mean ± std over the "
                     "seeds, OccamResNet's exit shares, time per run. Cells finished by an "
                     "earlier invocation are read, not rerun; Ctrl-C stops with a checkpoint "
                     "and the same command continues.")
@@ -977,7 +978,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(subparsers)
     train = subparsers.add_parser(
         "train", help="train OccamResNet-18 or the ResNet baseline",
-        description="Train on Biased MNIST. Options left out take the preset's values; Ctrl-C "
+        description="Train a model on Biased MNIST (the default) or a real dataset "
+                    "(--dataset). Options left out take the preset's values; Ctrl-C "
                     "or SIGTERM writes a checkpoint and stops, --resume continues.")
     _add_train_options(train)
     train.set_defaults(handler=_run_train)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from occam_kernels import available_backends
 
 from .checkpoints import read_checkpoint
-from .config import RunConfig, resolve_device
+from .config import RunConfig, plural, resolve_device
 from .data import biased_mnist
 from .data.catalog import BIASED_MNIST
 from .data.loaders import DeviceSplit, LabelledItems, cell_fraction, normalise
@@ -197,8 +197,8 @@ class Evaluation:
         if self.worst_group is not None:
             worst = self.worst_group
             lines += [f"Worst-group accuracy **{percent(worst.accuracy)}%** ({worst.name}; "
-                      f"{worst.images} images); mean over the {self.group_count} bias groups "
-                      f"{percent(self.mean_group_accuracy)}%", ""]
+                      f"{plural(worst.images, 'image')}); mean over the {self.group_count} "
+                      f"bias groups {percent(self.mean_group_accuracy)}%", ""]
         if self.groups:
             lines += ["| bias group | images | accuracy % |", "|---|---|---|"]
             lines += [f"| {g.name} | {g.images} | {percent(g.accuracy)} |" for g in self.groups]
@@ -217,15 +217,18 @@ class Evaluation:
                              f"{percent(all_samples[t])} |")
             lines.append("")
         if self.diagnostics:
-            lines += ["| exit | ECE of the class softmax % | ECE of the gate % | CAM mass on "
-                      "the digit % (digit area %) | CAM IoU % (threshold) |",
-                      "|---|---|---|---|---|"]
+            # The CAM columns only where the data has object masks (Biased MNIST's digits).
+            masks = any(d.cam for d in self.diagnostics)
+            lines += ["| exit | ECE of the class softmax % | ECE of the gate % |"
+                      + (" CAM mass on the digit % (digit area %) | CAM IoU % (threshold) |"
+                         if masks else ""),
+                      "|---|---|---|" + ("---|---|" if masks else "")]
             for d in self.diagnostics:
                 gate = percent(d.gate_calibration.ece) if d.gate_calibration else "-"
                 cam = (f"{percent(d.cam.mass_in_object)} ({percent(d.cam.object_area)})",
                        f"{percent(d.cam.iou)} ({d.cam.iou_threshold:.1f})") if d.cam else ("-", "-")
-                lines.append(f"| {d.name} | {percent(d.class_calibration.ece)} | {gate} | "
-                             f"{cam[0]} | {cam[1]} |")
+                lines.append(f"| {d.name} | {percent(d.class_calibration.ece)} | {gate} |"
+                             + (f" {cam[0]} | {cam[1]} |" if masks else ""))
             lines.append("")
         if self.factors:
             lines += ["| factor | bias-aligned % | bias-conflicting % |", "|---|---|---|"]

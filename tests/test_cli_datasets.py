@@ -34,6 +34,8 @@ def test_train_five_steps_then_eval_each_dataset(name, roots, tmp_path, capsys, 
     assert main(["eval", "runs/occam/checkpoint.pt"]) == 0
     printed = capsys.readouterr().out
     assert f"Accuracy on {HEADLINE[name]}" in printed and "Worst-group accuracy" in printed
+    # No digit masks here: no CAM-on-the-digit columns (they were headed, and all "-").
+    assert "ECE of the gate %" in printed and "digit" not in printed
     if name == "folder":
         # A class renamed in the CSV since training renumbers the sorted names (cat, dog ->
         # dog, tabby): every label would shift under the model, so eval refuses.
