@@ -20,7 +20,7 @@ TEST_WORKERS ?= 2
 XDIST     := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 STAMP     := $(VENV)/.occam-installed
 
-# The GPU host's Triton (3.6; DEVELOPERS.md "The GPU"), layered over .venv: only triton and a
+# The GPU host's Triton (3.6, what the lent GPU machines have), layered over .venv: only triton and a
 # numpy its interpreter runs with are installed here, everything else (torch, this package)
 # comes from .venv through a .pth file: cheap enough for every `make test`.
 # numpy<2.4: triton 3.6's interpreter takes int() of one-element arrays, which 2.4 refuses
