@@ -259,6 +259,7 @@ def run_cell(config: RunConfig, hint: str) -> Dict:
     if trainer.interrupted:
         raise Interrupted(trainer.stop_signal)
     report = trainer.report()   # after the last epoch, or at --max-steps (marked cut)
+    trainer.close()   # its TensorBoard writer's thread and any process group, cell by cell
     return json.loads(json.dumps(report.to_dict(), default=str))
 
 

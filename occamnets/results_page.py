@@ -7,6 +7,7 @@ runs it after training both models on a GPU.
 """
 import dataclasses
 import json
+import math
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -42,6 +43,22 @@ NO_GATE_STATE = ("it has no step records (a run shorter than --log-every steps, 
                  "with --log-every 0, or written before the gate state was logged)")
 
 
+def _divergence(metrics_path: str) -> Optional[str]:
+    """How the run's training diverged, if its log says it did: the trainer's "diverged"
+    record, or a logged step whose loss was not finite."""
+    try:
+        records = read_metrics(metrics_path)
+    except (OSError, ValueError):
+        return None
+    for r in records:
+        if r.get("kind") == "diverged":
+            return f"{r.get('what')} in epoch {r.get('epoch')}"
+        if r.get("kind") == "step" and isinstance(r.get("loss"), float) \
+                and not math.isfinite(r["loss"]):
+            return f"the loss was {r['loss']} at step {r.get('global_step')}"
+    return None
+
+
 def _continue_command(directory: str) -> str:
     """The command that continues the run in `directory`: under torchrun with the number of
     processes its checkpoint was trained on (the plain command would be refused)."""
@@ -56,6 +73,10 @@ def read_run(directory: str) -> RunFiles:
     """A run directory's report and epoch records, or a ValueError saying what is missing."""
     path = os.path.join(directory, "report.json")
     if not os.path.exists(path):
+        diverged = _divergence(os.path.join(directory, "metrics.jsonl"))
+        if diverged is not None:   # resuming would replay the same steps into the same NaN
+            raise ValueError(f"{directory} has no report.json: its training diverged "
+                             f"({diverged}); start a new run with a lower --lr or loss weights")
         raise ValueError(f"{directory} has no report.json: the run has not finished (continue "
                          f"it with {_continue_command(directory)})")
     try:

@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -439,8 +440,9 @@ def exit_record(prefix: str, evaluation: Evaluation) -> Dict[str, Optional[float
 
 def read_metrics(metrics_path: str) -> List[Dict]:
     """The records of a run's metrics.jsonl. Its last line, when it is not a whole record (a
-    crash while it was appended), is dropped with a warning: a resumed run writes it again.
-    Any other line that is not one is a ValueError naming the file and the line."""
+    crash while it was appended), is dropped, said in one line on stderr (a run resumed from
+    before it writes it again). Any other line that is not one is a ValueError naming the
+    file and the line."""
     if not os.path.exists(metrics_path):
         return []
     with open(metrics_path, errors="replace") as handle:  # a bad byte: that line's error
@@ -454,9 +456,9 @@ def read_metrics(metrics_path: str) -> List[Dict]:
         if isinstance(record, dict):
             records.append(record)
         elif number == lines[-1][0]:
-            warnings.warn(f"{metrics_path}: its last line ({number}) is not a whole record "
-                          f"(cut short by a crash while it was written?); it is left out",
-                          stacklevel=2)
+            print(f"occamnets: {metrics_path}: its last line ({number}) is not a whole record "
+                  f"(cut short by a crash while it was written?); it is left out",
+                  file=sys.stderr)
         else:
             raise ValueError(f"{metrics_path} line {number} is not a JSON record: repair or "
                              f"delete that line")
@@ -890,7 +892,9 @@ class Trainer:
                     # after the last epoch the report) comes first, then the cap stops. The
                     # processes agreed on `interrupted` at the cap: they go on alike.
                     stop = None
-                periodic = config.checkpoint_every and (
+                # Not at the epoch's last step: the epoch's own checkpoint follows its record,
+                # and one between them would resume before a record TensorBoard already holds.
+                periodic = config.checkpoint_every and step != steps - 1 and (
                     self.global_step % config.checkpoint_every == 0)
                 if stop or periodic:
                     self.epoch_loss_sum, images = self._fold_epoch_sums(loss_sum, seen)
@@ -971,9 +975,14 @@ class Trainer:
         kept = ("no checkpoint was written" if self.checkpoint_step is None else
                 f"{self.checkpoint_path} still holds the last finite state (step "
                 f"{self.checkpoint_step}), not overwritten")
+        fp32 = ", or train in fp32 with --no-bf16" if self.bf16_autocast else ""
+        # Said in the log too: a reader of the run (`occamnets results`) must not suggest
+        # resuming, which replays the same steps into the same NaN.
+        self._append_metrics({"kind": "diverged", "epoch": self.epoch + 1,
+                              "global_step": self.global_step, "what": what})
         raise TrainingDiverged(
             f"training diverged: {what} in epoch {self.epoch + 1}; {kept} (lower --lr or the "
-            f"loss weights, or train in fp32 with --no-bf16, in a new run)")
+            f"loss weights{fp32}, in a new run)")
 
     def _append_metrics(self, record: Dict) -> None:
         if self.rank != 0:
@@ -1060,6 +1069,9 @@ class Trainer:
         (after run(); never after an error, where a process still waiting would hang). Left to
         interpreter exit, gloo's threads can abort a finished process (SIGABRT, "terminate
         called without an active exception"; see start_process_group)."""
+        if self.events is not None:   # its writer thread, not left running per run
+            self.events.close()
+            self.events = None
         if self.owns_process_group and dist.is_initialized():
             # DDP holds the group too: dropped first, the group is freed (and gloo's threads
             # joined) here, not whenever the trainer is collected.

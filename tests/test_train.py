@@ -361,15 +361,18 @@ def test_each_epoch_record_holds_the_learning_rate_it_trained_with(tmp_path, mon
     assert logged == sorted(set(used)) == [(1, 1e-2), (2, pytest.approx(1e-3))]
 
 
-def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path):
+def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, capsys):
+    """... said in one line (a Python warning took two, the second a line of our source)."""
     splits = synthetic_splits()   # 6 steps per epoch: epoch 1's record, then 1 step more
     Trainer(config(tmp_path, model="resnet", max_steps=7), splits).train()
     metrics = tmp_path / "metrics.jsonl"
     whole = metrics.read_text()
     metrics.write_text(whole + '{"kind": "epoch", "epoch": 2, "glo')   # the crash
-    with pytest.warns(UserWarning, match=r"metrics.jsonl: its last line \(2\) is not a whole "
-                                         r"record"):
-        Trainer(config(tmp_path, model="resnet"), splits, resume=str(tmp_path / "checkpoint.pt"))
+    capsys.readouterr()
+    Trainer(config(tmp_path, model="resnet"), splits, resume=str(tmp_path / "checkpoint.pt"))
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "metrics.jsonl: its last line (2) is not a whole " \
+        "record" in said, said
     assert metrics.read_text() == whole
     metrics.write_text(whole + "{not json\n" + whole)
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON record: repair or "
@@ -401,3 +404,21 @@ def test_a_checkpoint_is_not_resumed_on_another_training_split(tmp_path, change)
     same = Trainer(config(tmp_path, max_steps=4), synthetic_splits())
     same.load_checkpoint(path)
     assert same.global_step == 2
+
+
+def test_no_periodic_checkpoint_between_an_epochs_last_step_and_its_record(tmp_path,
+                                                                          monkeypatch):
+    """--checkpoint-every landing on an epoch's last step wrote a checkpoint before the
+    epoch's record: a crash right after the record resumed before it, and TensorBoard (which
+    keeps events up to the checkpoint's step) held that epoch twice."""
+    saved = []
+    real_save = Trainer.save_checkpoint
+
+    def recording(self):
+        saved.append((self.epoch, self.step_in_epoch))
+        return real_save(self)
+    monkeypatch.setattr(Trainer, "save_checkpoint", recording)
+    # 48 images in batches of 8: 6 steps per epoch; every 3 steps: steps 3 and 6 of each.
+    Trainer(config(tmp_path, epochs=2, checkpoint_every=3), synthetic_splits()).train()
+    assert saved == [(0, 3), (1, 0), (1, 3), (2, 0)]
+

@@ -766,8 +766,12 @@ def test_tensorboard_events(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (make test "
                                               "installs it)")
     events = tmp_path / "tb"
-    Trainer(trainer_config(tmp_path / "run", epochs=1, log_every=2,
-                           tensorboard=str(events)), synthetic_splits()).train()
+    trainer = Trainer(trainer_config(tmp_path / "run", epochs=1, log_every=2,
+                                     tensorboard=str(events)), synthetic_splits())
+    trainer.train()
+    writer = trainer.events
+    trainer.close()   # the writer's thread ends with the run (compare ran one per cell)
+    assert trainer.events is None and writer.file_writer is None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
@@ -789,9 +793,15 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsy
         return loss * float("nan"), parts
     monkeypatch.setattr(Trainer, "_train_step", diverging)
     assert main(["train", "--out", out, "--resume"]) == 2
-    one_line_error(capsys, "training diverged: the loss was nan in epoch 2", "lower --lr")
+    error = one_line_error(capsys, "training diverged: the loss was nan in epoch 2", "lower --lr")
+    assert "--no-bf16" not in error   # bf16 autocast never applies on the CPU
     kept = read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert (kept["epoch"], kept["step_in_epoch"], kept["global_step"]) == (1, 0, 2)
+    # The results page said to resume it, which replays the same steps into the same NaN.
+    from occamnets.results_page import read_run
+    with pytest.raises(ValueError, match="its training diverged .the loss was nan in epoch "
+                                         "2.; start a new run with a lower --lr"):
+        read_run(out)
 
 
 def test_cache_directories_are_keyed_by_every_data_setting():
