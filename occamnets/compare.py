@@ -15,14 +15,14 @@ import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .config import RunConfig
-from .data.catalog import BIASED_MNIST, DatasetSpec, spec
 from .checkpoints import read_checkpoint
-from .evaluate import load_splits, percent
+from .config import RunConfig
+from .data.catalog import BIASED_MNIST, DatasetSpec, find, spec
+from .evaluate import percent
 from .files import atomic_path
 from .models import MODELS
 from .train import (CheckpointMismatch, Trainer, check_resumable, existing_checkpoint,
-                    split_fingerprint)
+                    fingerprint)
 
 # The seed's ablations by the name the grid gives them, and the settings each switches off.
 ABLATIONS = {"none": {}, "no-early-exit": {"early_exit": False},
@@ -210,25 +210,37 @@ def _finished_report(config: RunConfig) -> Optional[Dict]:
 
 
 class TrainingSplits:
-    """Whether a finished cell was trained on the training split the grid's data holds now
-    (a folder dataset's CSV may have been edited since): its checkpoint's fingerprint against
-    the current split's, the split read once per dataset however many cells ask."""
+    """Whether a finished cell was trained on the training split a real dataset holds now (a
+    folder dataset's CSV may have been edited since): its checkpoint's fingerprint against the
+    labels and bias attributes of the dataset's index (no image is read), once per dataset
+    however many cells ask. A Biased MNIST is a function of its settings, which the report's
+    config already matched."""
 
     def __init__(self):
-        self.fingerprints: Dict[tuple, Dict] = {}
+        self.fingerprints: Dict[tuple, Optional[Dict]] = {}
 
     def unchanged_for(self, config: RunConfig) -> bool:
+        if config.dataset == BIASED_MNIST:
+            return True
+        key = (config.dataset, config.data_root, str(config.bias_columns))
+        if key not in self.fingerprints:
+            try:
+                index = find(config.dataset, config.root, config.bias_columns)
+                labels, attributes, _ = index.split(config.dataset_spec.train).tensors()
+            except (OSError, ValueError):
+                # The data is gone or unreadable: nothing to compare with; the reports stand.
+                self.fingerprints[key] = None
+            else:
+                self.fingerprints[key] = fingerprint(labels, attributes)
+        if self.fingerprints[key] is None:
+            return True
         try:
             trained = read_checkpoint(config.checkpoint_path).get("train_split")
+        except FileNotFoundError:
+            return True    # the checkpoint deleted: the report stands (retraining would not)
         except (OSError, ValueError):
-            return False   # no readable checkpoint: the cell resumes, which says what is wrong
-        if trained is None:
-            return True    # written before fingerprints were kept: nothing to compare
-        key = (config.dataset, config.data_root, config.dataset_dir, str(config.bias_columns))
-        if key not in self.fingerprints:
-            split = load_splits(config, "cpu", ["train"], verbose=False)["train"]
-            self.fingerprints[key] = split_fingerprint(split)
-        return trained == self.fingerprints[key]
+            return False   # a damaged checkpoint: the cell resumes, which says what is wrong
+        return trained is None or trained == self.fingerprints[key]
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -259,7 +271,9 @@ def run_cell(config: RunConfig, hint: str) -> Dict:
     if trainer.interrupted:
         raise Interrupted(trainer.stop_signal)
     report = trainer.report()   # after the last epoch, or at --max-steps (marked cut)
-    trainer.close()   # its TensorBoard writer's thread and any process group, cell by cell
+    # Its TensorBoard writer's thread, cell by cell; a process group (torchrun) stays for the
+    # next cell: a second group on torchrun's store could read the first one's addresses.
+    trainer.close_events()
     return json.loads(json.dumps(report.to_dict(), default=str))
 
 

@@ -63,10 +63,10 @@ def _continue_command(directory: str) -> str:
     """The command that continues the run in `directory`: under torchrun with the number of
     processes its checkpoint was trained on (the plain command would be refused)."""
     try:
-        processes = read_checkpoint(os.path.join(directory, "checkpoint.pt")).get("world", 1)
+        checkpoint = read_checkpoint(os.path.join(directory, "checkpoint.pt"))
     except (OSError, ValueError):   # no checkpoint, or a broken one: the plain command says
-        processes = 1
-    return resume_command(directory, processes)
+        return resume_command(directory)
+    return resume_command(directory, checkpoint.get("world", 1), checkpoint.get("local_world"))
 
 
 def read_run(directory: str) -> RunFiles:

@@ -151,6 +151,8 @@ def training_groups_line(method: Method, train: LabelledItems) -> Optional[str]:
         return None
     groups = train.groups
     sizes = groups.sizes.tolist()
+    if not sizes:   # an empty split (refused before training; said here without a crash)
+        return f"bias groups ({method.name} reads them): none in the training split"
     smallest = min(range(len(sizes)), key=sizes.__getitem__)
     line = (f"bias groups ({method.name} reads them): {' x '.join(groups.columns)}, "
             f"{groups.count} in the training split ({sizes[smallest]} to {max(sizes)} images "
@@ -276,10 +278,16 @@ def split_fingerprint(split: LabelledItems) -> Dict[str, object]:
     """What a checkpoint keeps of its training split: the item count and a SHA-256 of the
     labels and bias attributes. The run's identity leaves the data's location out (it may
     move), and per-item state (OccamLoss's gate targets) must meet the same items again."""
+    return fingerprint(split.labels, split.factors)
+
+
+def fingerprint(labels: Tensor, attributes: Tensor) -> Dict[str, object]:
+    """split_fingerprint of items with these labels (N,) and bias attributes (N, F), as a
+    split holds them (int64)."""
     digest = hashlib.sha256()
-    for values in (split.labels, split.factors):
-        digest.update(values.cpu().numpy().tobytes())
-    return {"items": len(split), "sha256": digest.hexdigest()}
+    for values in (labels, attributes):
+        digest.update(values.long().cpu().contiguous().numpy().tobytes())
+    return {"items": int(labels.shape[0]), "sha256": digest.hexdigest()}
 
 
 def check_same_training_split(checkpoint: Dict, fingerprint: Dict[str, object],
@@ -666,6 +674,8 @@ class Trainer:
                 "global_step": self.global_step, "config": self.config.to_dict(),
                 "train_split": self.train_split_fingerprint,
                 "num_classes": self.num_classes, "world": self.world,
+                # for the hint to continue: torchrun's layout (processes on each node)
+                "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", self.world)),
                 "class_names": (list(self.splits["train"].class_names)
                                 if self.splits["train"].class_names else None),
                 "split_rule": self.splits["train"].split_rule,
@@ -1064,14 +1074,20 @@ class Trainer:
                       flush=True)
             raise
 
-    def close(self) -> None:
-        """End the process group this trainer started, once every process is done with it
-        (after run(); never after an error, where a process still waiting would hang). Left to
-        interpreter exit, gloo's threads can abort a finished process (SIGABRT, "terminate
-        called without an active exception"; see start_process_group)."""
-        if self.events is not None:   # its writer thread, not left running per run
+    def close_events(self) -> None:
+        """Close the TensorBoard writer (its thread), if the run has one."""
+        if self.events is not None:
             self.events.close()
             self.events = None
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, and end the process group this trainer started, once
+        every process is done with it (after run(); never after an error, where a process
+        still waiting would hang). Left to interpreter exit, gloo's threads can abort a
+        finished process (SIGABRT, "terminate called without an active exception"; see
+        start_process_group). A group is started once per process: torchrun's store keeps
+        the first one's keys, and a second group on it can read stale addresses."""
+        self.close_events()
         if self.owns_process_group and dist.is_initialized():
             # DDP holds the group too: dropped first, the group is freed (and gloo's threads
             # joined) here, not whenever the trainer is collected.

@@ -7,6 +7,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import config, synthetic_splits  # noqa: E402
@@ -24,9 +25,15 @@ def train(trainer, own):
     trainer._train_step = recording
     trainer.train()
     trainer.close()
+    # DDP holds the group: dropped before the group is destroyed (as Trainer.close does for a
+    # group it owns), else gloo's threads may abort the process at exit.
+    trainer.forward = trainer.model
 
 
 def main(out_dir, mode):
+    # One group for both trainers (neither owns it): a second group on torchrun's store can
+    # read the first one's stale addresses.
+    dist.init_process_group("gloo")
     own = []
     settings = dict(epochs=1, batch_size=4, log_every=1)
     if mode == "resumed":
@@ -38,6 +45,7 @@ def main(out_dir, mode):
         trainer = Trainer(config(out_dir, checkpoint_every=4, **settings), synthetic_splits(n=48))
     train(trainer, own)
     torch.save(own, os.path.join(out_dir, f"own{trainer.rank}.pt"))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -189,7 +189,8 @@ def test_a_streamed_run_trains_as_a_cached_one(roots, tmp_path, monkeypatch):
         assert torch.equal(value, streamed.model.state_dict()[name]), name
 
 
-def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, capsys):
+def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, capsys,
+                                                             monkeypatch):
     out = str(tmp_path / "grid")
     assert main(["compare", "--dataset", "folder", "--root", roots["folder"], "--bias-columns",
                  "place", "--models", "resnet", "--methods", "erm,upwt", "--preset", "quick",
@@ -204,6 +205,20 @@ def test_compare_on_a_real_dataset_tabulates_the_worst_group(roots, tmp_path, ca
                for m in ("erm", "upwt")]
     assert [c["worst_group_accuracy"] for c in cells] == [
         r["test"]["worst_group"]["accuracy"] for r in reports]
+
+    # Read again: the check of the training split reads the CSV alone, no image (it decoded
+    # the whole split into the cache, with the CPU's decoder); a cell whose checkpoint was
+    # deleted keeps its report (it was trained again from scratch).
+    import occamnets.data.real_splits as real_splits
+    monkeypatch.setattr(real_splits, "load_cached", lambda *a, **k: pytest.fail("decoded"))
+    os.remove(os.path.join(out, "resnet-upwt", "seed-0", "checkpoint.pt"))
+    capsys.readouterr()
+    assert main(["compare", "--dataset", "folder", "--root", roots["folder"], "--bias-columns",
+                 "place", "--models", "resnet", "--methods", "erm,upwt", "--preset", "quick",
+                 "--epochs", "1", "--milestones", "1", "--out", out, "--device", "cpu",
+                 "--no-progress", "--data-dir", str(tmp_path / "cache")]) == 0
+    assert capsys.readouterr().out.count("finished before") == 2
+    monkeypatch.undo()
 
     # Another dataset under the same --out: its finished cells were read as this one's (the
     # identity leaves the data's location out). "dog" renamed "emu" keeps every label (cat,

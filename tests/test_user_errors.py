@@ -979,10 +979,14 @@ def test_the_hint_to_continue_a_torchrun_run_names_torchrun(trained, tmp_path):
     run = tmp_path / "ddp run"
     run.mkdir()
     checkpoint = torch.load(trained, weights_only=True)
-    checkpoint["world"] = 2
+    checkpoint["world"] = checkpoint["local_world"] = 2
     torch.save(checkpoint, run / "checkpoint.pt")
     with pytest.raises(ValueError, match=r"continue it with `torchrun --nproc_per_node=2 -m "
                                          r"occamnets.cli train --out '.*ddp run' --resume`"):
+        read_run(str(run))
+    checkpoint["world"], checkpoint["local_world"] = 8, 4   # two nodes of four
+    torch.save(checkpoint, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"`torchrun --nnodes=2 --nproc_per_node=4 -m"):
         read_run(str(run))
     assert resume_command("r", 8, per_node=4) == (
         "`torchrun --nnodes=2 --nproc_per_node=4 -m occamnets.cli train --out r --resume` "
