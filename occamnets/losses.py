@@ -175,10 +175,12 @@ class OccamLoss(nn.Module):
         return (mean_accuracy <= self.taus) | (self.epoch < self.min_epochs), mean_accuracy
 
     def _gate_targets(self, correct: Tensor, labels: Tensor, items: Tensor
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(E, B) float gate targets: this batch's correctness where the exit refreshes (and
         for items never given one), else the stored ones; stored back per item. With them
-        _refresh's two (E,) results, for the logs."""
+        _refresh's two (E,) results, for the logs, and the (2, E) exit and continue counts of
+        the global batch (from the targets every process gathers under DDP: the balance of a
+        process's own few samples would differ from one process holding them all)."""
         refresh, mean_accuracy = self._refresh(correct, labels)
         use_current = refresh[:, None] | ~self.has_target[:, items]
         targets = torch.where(use_current, correct.float(), self.gate_targets[:, items])
@@ -186,7 +188,8 @@ class OccamLoss(nn.Module):
                                   if in_process_group() else (items, targets))
         self.gate_targets[:, all_items] = all_targets
         self.has_target[:, all_items] = True
-        return targets, refresh, mean_accuracy
+        counts = torch.stack([all_targets.sum(1), (1 - all_targets).sum(1)])
+        return targets, refresh, mean_accuracy, counts
 
     def _gate_loss(self, gate_logit: Tensor, targets: Tensor, exit_count: Tensor,
                    continue_count: Tensor) -> Tensor:
@@ -234,12 +237,8 @@ class OccamLoss(nn.Module):
         parts: Dict[str, Tensor] = {}
         with torch.no_grad():
             correct = torch.stack([e.logits.argmax(dim=1) == labels for e in out.exits]).double()
-            targets, refresh, mean_accuracy = self._gate_targets(correct, labels, items)
-            # (2, E) exit and continue counts of the global batch: under DDP the balance of a
-            # process's own few samples would differ from one process holding them all.
-            counts = torch.stack([targets.sum(1), (1 - targets).sum(1)])
-            if in_process_group():
-                dist.all_reduce(counts)
+            targets, refresh, mean_accuracy, counts = self._gate_targets(correct, labels,
+                                                                         items)
         for t, exit_out in enumerate(out.exits):
             logits = exit_out.logits.float()
             supp = self.supp_weight * exit_out.supp.float().mean()

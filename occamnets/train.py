@@ -150,9 +150,7 @@ def training_groups_line(method: Method, train: LabelledItems) -> Optional[str]:
     if not method.uses_groups:
         return None
     groups = train.groups
-    sizes = groups.sizes.tolist()
-    if not sizes:   # an empty split (refused before training; said here without a crash)
-        return f"bias groups ({method.name} reads them): none in the training split"
+    sizes = groups.sizes.tolist()   # never empty: a split under one batch is refused first
     smallest = min(range(len(sizes)), key=sizes.__getitem__)
     line = (f"bias groups ({method.name} reads them): {' x '.join(groups.columns)}, "
             f"{groups.count} in the training split ({sizes[smallest]} to {max(sizes)} images "
@@ -548,6 +546,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (NCCL), or gloo on CPU.
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        # torchrun's processes on this node (its layout, for the hint to continue a run)
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         self.owns_process_group = self.world > 1 and not dist.is_initialized()
         if self.owns_process_group:
             start_process_group(self.device)
@@ -641,8 +641,7 @@ class Trainer:
         self.checkpoint_step: Optional[int] = None
         # What the stop message tells the user to do next (the demo says its own), and
         # whether reaching --max-steps is said (a grid of runs, where it is the budget, not).
-        self.continue_hint = resume_command(
-            config.run_dir, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
+        self.continue_hint = resume_command(config.run_dir, self.world, self.local_world)
         self.say_max_steps = True
         if resumed is not None:
             self._load_state(resumed, resume)
@@ -674,8 +673,7 @@ class Trainer:
                 "global_step": self.global_step, "config": self.config.to_dict(),
                 "train_split": self.train_split_fingerprint,
                 "num_classes": self.num_classes, "world": self.world,
-                # for the hint to continue: torchrun's layout (processes on each node)
-                "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", self.world)),
+                "local_world": self.local_world,   # for the hint to continue
                 "class_names": (list(self.splits["train"].class_names)
                                 if self.splits["train"].class_names else None),
                 "split_rule": self.splits["train"].split_rule,
