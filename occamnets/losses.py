@@ -39,6 +39,26 @@ def _all_gather(tensor: Tensor) -> Tensor:
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
+
+def _last_copy(items: Tensor) -> Tensor:
+    """(B,) long: for each position of `items` (B,), the position of its item's last copy
+    (itself for an item there once). Balanced sampling draws with replacement, so a batch may
+    hold an item twice; the official stores the last copy's gate target (a dict written in
+    batch order), while a scatter of every copy would keep whichever write the device did
+    last. Writing the last copy's value at every copy's position is the same on any device."""
+    count = items.shape[0]
+    order = torch.argsort(items, stable=True)    # copies of an item: together, in batch order
+    ordered = items[order]
+    positions = torch.arange(count, device=items.device)
+    run_last = torch.ones_like(ordered, dtype=torch.bool)
+    run_last[:-1] = ordered[1:] != ordered[:-1]
+    # Each sorted position's run end: the first run-last position at or after it.
+    run_end = torch.where(run_last, positions, count).flip(0).cummin(0).values.flip(0)
+    source = torch.empty_like(order)
+    source[order] = order[run_end]
+    return source
+
+
 DEFAULT_TAUS = (0.5, 0.6, 0.7, 0.8)
 LOSS_PARTS = ("supp", "gate", "main")  # summed into the loss, per exit
 GATE_STATE_PARTS = ("train_acc", "exit_targets", "refreshing", "gate_open")  # logged only
@@ -131,12 +151,6 @@ class OccamLoss(nn.Module):
         torch._assert_async(((items >= 0) & (items < self.num_items)).all(),
                             f"OccamLoss: item indices must lie in [0, {self.num_items}), the "
                             f"dataset size given to OccamLoss")
-        # Each item's gate target is stored per item: one item twice in a batch would leave
-        # whichever write came last. Refused (sorted, neighbours differ; still no host sync).
-        ordered = items.sort().values
-        torch._assert_async((ordered[1:] != ordered[:-1]).all(),
-                            "OccamLoss: item indices must be distinct within a batch (each "
-                            "item's gate target is stored per item)")
 
     def _refresh(self, correct: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         """(E,) bool: refresh each exit's gate targets from this batch?, and (E,) float64: the
@@ -177,7 +191,8 @@ class OccamLoss(nn.Module):
     def _gate_targets(self, correct: Tensor, labels: Tensor, items: Tensor
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(E, B) float gate targets: this batch's correctness where the exit refreshes (and
-        for items never given one), else the stored ones; stored back per item. With them
+        for items never given one), else the stored ones; stored back per item (an item twice in
+        the batch keeps its last copy's, as the official). With them
         _refresh's two (E,) results, for the logs, and the (2, E) exit and continue counts of
         the global batch (from the targets every process gathers under DDP: the balance of a
         process's own few samples would differ from one process holding them all)."""
@@ -186,7 +201,7 @@ class OccamLoss(nn.Module):
         targets = torch.where(use_current, correct.float(), self.gate_targets[:, items])
         all_items, all_targets = ((_all_gather(items), _all_gather(targets.t()).t())
                                   if in_process_group() else (items, targets))
-        self.gate_targets[:, all_items] = all_targets
+        self.gate_targets[:, all_items] = all_targets[:, _last_copy(all_items)]
         self.has_target[:, all_items] = True
         counts = torch.stack([all_targets.sum(1), (1 - all_targets).sum(1)])
         return targets, refresh, mean_accuracy, counts

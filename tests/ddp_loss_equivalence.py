@@ -1,8 +1,10 @@
 """Run by tests/test_distributed.py under torchrun: OccamLoss (and each method's loss and
 penalty) on each process's half of a batch, gradients averaged as DDP averages them, must equal
 one process holding the whole batch. The halves differ on purpose: every exit right on the
-first process, mostly wrong on the second (the gate's exit/continue balance), and a class whose
-groups lie on different processes (PGI's halves)."""
+first process, mostly wrong on the second (the gate's exit/continue balance), a class whose
+groups lie on different processes (PGI's halves), and two items drawn on both processes (as
+balanced sampling draws with replacement): the stored gate target is the second process's
+copy, the last in the global batch."""
 import sys
 
 import torch
@@ -13,6 +15,7 @@ from occamnets.methods import GroupDRO, PredictiveGroupInvariance
 from occamnets.models.outputs import ExitOutput, OccamOutput
 
 BATCH, CLASSES, EXITS, GROUPS = 8, 3, 2, 6
+ITEMS = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])   # items 0 and 1 on both processes
 
 
 def inputs():
@@ -37,7 +40,7 @@ def step(method_name, rows):
     objective.on_epoch_start(0)
     exits = tuple(ExitOutput(logits[t], torch.sigmoid(gate_logits[t]), gate_logits[t], None,
                              torch.zeros(len(rows)), None) for t in range(EXITS))
-    loss, parts = objective(OccamOutput(exits), labels, torch.arange(BATCH)[rows], groups)
+    loss, parts = objective(OccamOutput(exits), labels, ITEMS[rows], groups)
     if method_name == "pgi":
         loss = loss + method.penalty(logits, labels, groups, 1.0).sum()
     loss.backward()
@@ -75,6 +78,11 @@ def main() -> None:
                 name, part, parts[part], whole_parts[part])
         for key in whole_state:
             assert torch.allclose(state[key].double(), whole_state[key].double()), (name, key)
+        # Items 0 and 1 keep their last copies' targets: positions 6 and 7's correctness.
+        labels, logits, _, _ = inputs()
+        last = (logits[:, 6:8].argmax(-1) == labels[6:8]).float()
+        assert torch.equal(state["gate_targets"][:, :2], last), (name, state["gate_targets"])
+        assert not torch.equal(last, torch.ones_like(last))   # the first copies' (right) differ
     print(f"process {rank}: the whole batch's loss, gradients and state")
 
 

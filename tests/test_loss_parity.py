@@ -18,7 +18,9 @@ Checked, at every step of a seeded 4-epoch scenario (24 items, 3 classes, 4 exit
   * an exact tie (mean per-class accuracy == tau in float64: refresh) and a case where float32
     and float64 decide `acc <= tau` differently (OccamLoss must follow float64);
   * that the stored targets survive a state_dict round trip into a fresh OccamLoss (and that
-    without it the following epochs differ, so the check can fail).
+    without it the following epochs differ, so the check can fail);
+  * batches drawn with replacement (balanced sampling), an item twice in a batch, right on
+    one copy and wrong on the other: the official's dict keeps the last copy's target.
 
 The official sums the per-class accuracies in the order the classes were first seen in the
 epoch; in float64 that sum can round differently from one in class-index order, which flips
@@ -122,8 +124,14 @@ class OfficialStyleReference:
                 targets = [self.item_to_correctness[t][item] for item in batch.items]
                 path = "stored"
             index_order_mpc = self.index_order_mean_per_class_accuracy(t)
+            copies = {}
+            for item, is_correct in zip(batch.items, correct):
+                copies.setdefault(item, set()).add(is_correct)
             self.events.append(dict(
                 epoch=self.epoch, exit=t, path=path, mpc=mpc,
+                # An item twice in the batch, right once and wrong once: the stored target
+                # is the last copy's.
+                copies_disagree=any(len(values) > 1 for values in copies.values()),
                 counts=copy.deepcopy(self.class_counts[t]),
                 # The refresh/stored decision changes this batch's targets.
                 decision_matters=previous != correct,
@@ -382,3 +390,28 @@ def test_class_order_scenario_hits_the_order_dependent_rounding():
 
 def test_occam_loss_follows_the_official_class_order_at_tau():
     run(new_loss(), OfficialStyleReference(), class_order_scenario())
+
+
+def replacement_scenario(seed=2) -> List[List[Batch]]:
+    """Balanced sampling's batches: after a first epoch over a permutation (the official reads
+    stored targets of items it has met only), three epochs of 4 batches of 6 drawn with
+    replacement, one item in four weighted 20 times the others, so that batches hold items
+    twice."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(NUM_ITEMS, generator=gen).tolist()
+    epochs = [[random_batch(gen, order[i:i + 6], CORRECT_PROBABILITY[0])
+               for i in range(0, NUM_ITEMS, 6)]]
+    weights = torch.tensor([20.0 if item % 4 == 0 else 1.0 for item in range(NUM_ITEMS)])
+    for epoch in range(1, NUM_EPOCHS):
+        draws = torch.multinomial(weights, NUM_ITEMS, replacement=True, generator=gen).tolist()
+        epochs.append([random_batch(gen, draws[i:i + 6], CORRECT_PROBABILITY[epoch])
+                       for i in range(0, NUM_ITEMS, 6)])
+    return epochs
+
+
+def test_batches_drawn_with_replacement_match_the_official_style_reference():
+    ref = OfficialStyleReference()
+    run(new_loss(), ref, replacement_scenario())
+    refreshed = [e for e in ref.events if e["path"] != "stored"]
+    assert sum(e["copies_disagree"] for e in refreshed if e["epoch"] > 0) >= 3
+    assert sum(e["path"] == "stored" and e["decision_matters"] for e in ref.events) >= 3

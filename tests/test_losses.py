@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from occamnets.losses import OccamLoss
+from occamnets.losses import OccamLoss, _last_copy
 from occamnets.models import ExitOutput, OccamOutput, occam_resnet18
 
 
@@ -138,6 +138,42 @@ def test_state_round_trips_through_state_dict():
     assert restored.epoch.item() == 3
 
 
+def test_an_item_twice_in_a_batch_stores_its_last_copys_target():
+    """Balanced sampling draws with replacement: item 3 comes three times, right, wrong, right
+    (its last copy), item 5 twice, right then wrong. Each copy trains on its own correctness
+    and counts in the gate's balance; the stored target is the last copy's, as the official's
+    dict written in batch order keeps (a scatter of every copy leaves the device's choice)."""
+    loss = OccamLoss(num_items=8, num_classes=2, num_exits=1, taus=(0.5,))
+    loss.on_epoch_start(0)
+    items = torch.tensor([5, 3, 3, 1, 5, 3])
+    labels = torch.zeros(6, dtype=torch.long)
+    right, wrong = [2.0, 0.0], [0.0, 2.0]
+    out = output(logits=[[right, right, wrong, right, wrong, right]], gates=[[0.5] * 6],
+                 supp=[[0.0] * 6])
+    _, parts = loss(out, labels, items)
+    assert parts["exit_targets/E0"].item() == pytest.approx(4 / 6)   # every copy counted
+    assert loss.has_target[0].tolist() == [i in (1, 3, 5) for i in range(8)]
+    assert loss.gate_targets[0, [1, 3, 5]].tolist() == [1.0, 1.0, 0.0]
+    # After the first epoch, with accuracy above tau: every copy reads the stored target.
+    loss.on_epoch_start(1)
+    out = output(logits=[[right, right, right]], gates=[[0.5] * 3], supp=[[0.0] * 3])
+    _, parts = loss(out, torch.zeros(3, dtype=torch.long), torch.tensor([5, 5, 3]))
+    assert parts["refreshing/E0"].item() == 0
+    assert parts["exit_targets/E0"].item() == pytest.approx(1 / 3)   # 5's stored 0, twice
+    assert loss.gate_targets[0, [3, 5]].tolist() == [1.0, 0.0]
+
+
+def test_every_copy_of_an_item_is_written_with_its_last_copys_value():
+    """The stored targets must not depend on which of several writes to one index a device
+    does last (CUDA's scatter does not say): every copy's position gets the last copy's."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        size = int(torch.randint(1, 24, (), generator=generator))
+        items = torch.randint(0, 8, (size,), generator=generator).tolist()
+        want = [max(j for j, other in enumerate(items) if other == item) for item in items]
+        assert _last_copy(torch.tensor(items)).tolist() == want, items
+
+
 def test_errors_are_named():
     loss = OccamLoss(num_items=4, num_classes=2, num_exits=1, taus=(0.5,))
     out = output(logits=[[[1.0, 0.0]] * 2], gates=[[0.5] * 2], supp=[[0.0] * 2])
@@ -145,9 +181,6 @@ def test_errors_are_named():
         loss(out, torch.tensor([0, 1]), torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 2\)"):
         loss(out, torch.tensor([0, 2]), torch.tensor([0, 1]))
-    # One item twice in a batch: its stored gate target would be whichever write came last.
-    with pytest.raises(RuntimeError, match="item indices must be distinct within a batch"):
-        loss(out, torch.tensor([0, 1]), torch.tensor([3, 3]))
     assert not loss.has_target.any()  # refused before any state changed
     with pytest.raises(ValueError, match="predicts 2 classes, the loss expects 3"):
         OccamLoss(num_items=4, num_classes=3, num_exits=1, taus=(0.5,))(
