@@ -239,6 +239,13 @@ _HELP = {
     "sd_gammas": "SD: the target the true-class logit is pulled to, one or one per bias group",
     "pgi_weight": "PGI: weight of the invariance loss, warmed up linearly over the run "
                   "(default: 100 for resnet, 50 for occam, as the official scripts)",
+    "sampling": "how an epoch draws its training images: uniform (a permutation, each once), "
+                "groups or classes (the official balanced sampling: as many draws, with "
+                "replacement, each image weighted 1 / (its bias group's or class's size) ** "
+                "--sampling-gamma)",
+    "sampling_gamma": "balanced sampling's exponent: 1 draws every group (or class) equally "
+                      "often, 0 every image (with replacement); the official default 0.5 lies "
+                      "between",
     "early_exit": "OccamResNet inference leaves at the first confident exit; --no-early-exit "
                   "(ablation) takes every sample to the last exit, gates still trained",
     "cam_suppression": "OccamResNet's CAM suppression loss; --no-cam-suppression (ablation) "
@@ -283,9 +290,10 @@ def _add_config_options(parser, names) -> None:
     from .config import OPTIMIZERS
     from .data.catalog import SPECS
     from .data.jpeg_decode import DECODERS
+    from .sampling import SAMPLINGS
     choices = {"model": list(MODELS), "stem": list(STEMS), "backend": _EXIT_HEAD_BACKENDS,
                "method": list(METHODS), "dataset": list(SPECS), "optimizer": list(OPTIMIZERS),
-               "decoder": ["auto", *DECODERS]}
+               "decoder": ["auto", *DECODERS], "sampling": list(SAMPLINGS)}
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         if field.name not in names:

@@ -20,6 +20,7 @@ from .losses import OccamLoss
 from .methods import GDRO_ETA, METHODS, SD_GAMMAS, UPWT_GAMMA, per_model_defaults
 from .models import MODELS, STEMS
 from .plain_data import from_plain
+from .sampling import SAMPLING_GAMMA, SAMPLINGS
 
 DEFAULT_DATA_ROOT = "data"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -90,6 +91,10 @@ class RunConfig:
     sd_lambdas: Optional[Tuple[float, ...]] = None  # SD: one, or one per group; None: per model
     sd_gammas: Tuple[float, ...] = SD_GAMMAS        # SD: one, or one per group
     pgi_weight: Optional[float] = None  # PGI: invariance weight; None: per model (100 / 50)
+    # How an epoch draws its items (occamnets/sampling.py): uniform (a permutation), or by bias
+    # group or class with replacement, each item weighted 1 / size ** sampling_gamma.
+    sampling: str = "uniform"
+    sampling_gamma: float = SAMPLING_GAMMA   # 0.5, the official default
     # -- the seed's ablations (OccamResNet only) -------------------------------------------------
     early_exit: bool = True            # False: inference takes every sample to the last exit
     cam_suppression: bool = True       # False: the CAM suppression loss's weight is 0
@@ -137,6 +142,9 @@ class RunConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of "
                              f"{', '.join(METHODS)}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {self.sampling!r}; choose one of "
+                             f"{', '.join(SAMPLINGS)}")
         if self.model != "occam" and self.ablations:
             raise ValueError(f"the ablations ({', '.join(self.ablations)}) change OccamResNet's "
                              f"exits and losses; the {MODELS[self.model]} has none")
@@ -196,6 +204,9 @@ class RunConfig:
              "is for a warm-up (--warmup-epochs 1 or more); this run has none"),
             # The seed's ablations switch off what these settings tune (before the model's
             # rule: on a ResNet, that one is the reason).
+            (("sampling_gamma",), self.sampling == "uniform",
+             "weighs balanced draws (--sampling groups or classes); this run draws a "
+             "permutation (--sampling uniform)"),
             (("exit_threshold",), not self.early_exit,
              "chooses where inference leaves early; this run has --no-early-exit (every "
              "sample goes to the last exit)"),
@@ -225,14 +236,18 @@ class RunConfig:
         return unused
 
     def describe_method(self) -> str:
-        """The method and ablations in words: "pgi (invariance weight 50), no early exit"."""
+        """The method, balanced sampling and the ablations in words: "pgi (invariance weight
+        50), group-balanced sampling (gamma 0.5), no early exit"."""
         settings = self.method_settings
         details = {"erm": "", "upwt": f" (gamma {settings['upwt_gamma']:g})",
                    "gdro": f" (eta {settings['gdro_eta']:g})",
                    "sd": f" (lambdas {list(settings['sd_lambdas'])}, gammas "
                          f"{list(settings['sd_gammas'])})",
                    "pgi": f" (invariance weight {settings['pgi_weight']:g})"}[self.method]
-        return ", ".join((self.method + details,) + self.ablations)
+        sampling = (() if self.sampling == "uniform" else
+                    (f"{'group' if self.sampling == 'groups' else 'class'}-balanced sampling "
+                     f"(gamma {self.sampling_gamma:g})",))
+        return ", ".join((self.method + details,) + sampling + self.ablations)
 
     @property
     def dataset_spec(self) -> DatasetSpec:
@@ -328,6 +343,8 @@ class RunConfig:
         # The method's own settings only, defaults filled in: another method's (unused)
         # settings, or None for the default written out, change nothing.
         values.update(self.used_method_settings())
+        if self.sampling == "uniform":
+            del values["sampling_gamma"]   # not read: a permutation has no weights
         return values
 
     def to_dict(self) -> Dict:
@@ -481,6 +498,7 @@ RANGES = {
     "log_every": Range(0, 10**12, unit="steps; 0: never"),
     "checkpoint_every": Range(0, 10**12, unit="steps; 0: at epoch ends only"),
     "upwt_gamma": Range(0, 10), "gdro_eta": Range(0, 100), "sd_lambdas": _WEIGHT,
+    "sampling_gamma": Range(0, 10),
     "sd_gammas": Range(-1e6, 1e6), "pgi_weight": _WEIGHT,
     "image_size": Range(8, 4096, unit="px"), "momentum": Range(0, 1),
     "warmup_epochs": Range(0, 100_000), "warmup_start_lr": Range(0, 10),

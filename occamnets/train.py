@@ -2,7 +2,8 @@
 
 Resumable exactly: a checkpoint holds the model, optimiser, scheduler, the objective's state
 (OccamLoss's), RNG states, the epoch and the batch within it; the batch order of an epoch is
-a function of (seed, epoch), so a resumed run sees the same batches. Ctrl-C and SIGTERM
+a function of (seed, epoch) (and of the training split's groups under balanced sampling), so
+a resumed run sees the same batches. Ctrl-C and SIGTERM
 write a checkpoint before stopping, and `checkpoint_every` writes one every N steps. What is
 trained is decided once, by the objective (`make_objective`: the model's loss, the debiasing
 method and the ablations of the config).
@@ -43,6 +44,7 @@ from .methods import Method, build_method, feature_parameters
 from .models import MODELS, build_model
 from .plain_data import from_plain
 from .progress import close, progress_bar
+from .sampling import epoch_order, sampling_line, sampling_weights
 from .text import first_few
 
 # -- what is trained: one objective per model kind ---------------------------------------------
@@ -197,15 +199,10 @@ def augmentation_seed(seed: int, step: int, rank: int) -> int:
     return (((seed * 1_000_003) + step) * 65_537 + rank) % (1 << 63)
 
 
-def epoch_order(num_items: int, seed: int, epoch: int, device) -> torch.Tensor:
-    """The permutation of an epoch: a function of (seed, epoch) only, so resuming repeats it."""
-    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    return torch.randperm(num_items, generator=generator).to(device)
-
-
 def steps_per_epoch(num_items: int, batch_size: int, world: int = 1) -> int:
-    """One process: every item once, the last batch ragged as the official trainer's (a
-    single item left over joins the batch before it: BatchNorm cannot train on one sample).
+    """One process: every item once (as many draws under balanced sampling), the last batch
+    ragged as the official trainer's (a single item left over joins the batch before it:
+    BatchNorm cannot train on one sample).
     Several processes (DDP): whole global batches only, the tail of the epoch's permutation
     dropped (fewer than world * batch_size items, different ones every epoch), because
     OccamLoss's all_gather and DDP's gradient averaging want one batch size everywhere."""
@@ -624,6 +621,12 @@ class Trainer:
         groups_line = training_groups_line(self.objective.method, self.splits["train"])
         if groups_line and self.rank == 0:
             print(groups_line, flush=True)
+        # Each item's draw weight (None: a permutation), once: the split does not change.
+        self.sampling_weights = sampling_weights(config.sampling, config.sampling_gamma,
+                                                 self.splits["train"])
+        if self.sampling_weights is not None and self.rank == 0:
+            print(sampling_line(config.sampling, config.sampling_gamma, self.splits["train"]),
+                  flush=True)
         self.train_split_fingerprint = split_fingerprint(self.splits["train"])
         self.feature_parameters = feature_parameters(self.model)
         self.total_steps = config.epochs * steps_per_epoch(len(self.splits["train"]),
@@ -867,7 +870,8 @@ class Trainer:
             if self.step_in_epoch == 0:  # the epoch's progress is zero here (reset at its end)
                 self.objective.on_epoch_start(self.epoch)
             self.model.train()
-            order = epoch_order(len(train), config.seed, self.epoch, self.device)
+            order = epoch_order(len(train), config.seed, self.epoch, self.device,
+                                self.sampling_weights)
             steps = steps_per_epoch(len(train), config.batch_size, self.world)
             bar = progress_bar(steps, f"epoch {self.epoch + 1}/{config.epochs}",
                                config.progress and self.rank == 0, initial=self.step_in_epoch)
