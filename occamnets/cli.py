@@ -240,12 +240,12 @@ _HELP = {
     "pgi_weight": "PGI: weight of the invariance loss, warmed up linearly over the run "
                   "(default: 100 for resnet, 50 for occam, as the official scripts)",
     "sampling": "how an epoch draws its training images: uniform (a permutation, each once), "
-                "groups or classes (the official balanced sampling: as many draws, with "
-                "replacement, each image weighted 1 / (its bias group's or class's size) ** "
-                "--sampling-gamma)",
+                "groups or classes (the official balanced sampling: as many draws per epoch "
+                "as the split has images, with replacement, each image weighted 1 / (its bias "
+                "group's or class's size) ^ --sampling-gamma)",
     "sampling_gamma": "balanced sampling's exponent: 1 draws every group (or class) equally "
-                      "often, 0 every image (with replacement); the official default 0.5 lies "
-                      "between",
+                      "often, 0 every image equally often (with replacement); the official "
+                      "default 0.5 lies between",
     "early_exit": "OccamResNet inference leaves at the first confident exit; --no-early-exit "
                   "(ablation) takes every sample to the last exit, gates still trained",
     "cam_suppression": "OccamResNet's CAM suppression loss; --no-cam-suppression (ablation) "

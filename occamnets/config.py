@@ -202,11 +202,11 @@ class RunConfig:
              f"is for --optimizer sgd; this run's optimizer is {self.optimizer}"),
             (("warmup_start_lr",), not self.warmup_epochs,
              "is for a warm-up (--warmup-epochs 1 or more); this run has none"),
-            # The seed's ablations switch off what these settings tune (before the model's
-            # rule: on a ResNet, that one is the reason).
             (("sampling_gamma",), self.sampling == "uniform",
              "weighs balanced draws (--sampling groups or classes); this run draws a "
              "permutation (--sampling uniform)"),
+            # The seed's ablations switch off what these settings tune (before the model's
+            # rule: on a ResNet, that one is the reason).
             (("exit_threshold",), not self.early_exit,
              "chooses where inference leaves early; this run has --no-early-exit (every "
              "sample goes to the last exit)"),

@@ -54,15 +54,19 @@ def epoch_order(num_items: int, seed: int, epoch: int, device,
         return torch.randperm(num_items, generator=generator).to(device)
     if weights.shape != (num_items,):
         raise ValueError(f"{tuple(weights.shape)} sampling weights for {num_items} items")
-    return torch.multinomial(weights, num_items, replacement=True,
-                             generator=generator).to(device)
+    # Inverse CDF, as torch.multinomial draws with replacement, without its limit of 2^24
+    # categories (a folder dataset may hold more images).
+    bounds = weights.double().cumsum(0)
+    points = torch.rand(num_items, generator=generator, dtype=torch.float64) * bounds[-1]
+    drawn = torch.searchsorted(bounds, points, right=True).clamp_max_(num_items - 1)
+    return drawn.to(device)
 
 
 def sampling_line(sampling: str, gamma: float, train: LabelledItems) -> Optional[str]:
     """What balanced sampling does to this training split, in a line printed when a run
     starts (None for uniform sampling): how often an epoch draws its largest and smallest
-    group (or class) against a permutation's once per image, and the share of the images an
-    epoch draws at least once."""
+    group (or class), where a permutation draws each as often as it has images, and the
+    share of the images an epoch draws at least once."""
     weights = sampling_weights(sampling, gamma, train)
     if weights is None:
         return None
@@ -77,9 +81,9 @@ def sampling_line(sampling: str, gamma: float, train: LabelledItems) -> Optional
     drawn = float((1 - (1 - chance).pow(num_items)).mean())
     unit = "group" if sampling == "groups" else "class"
     return (f"sampling by {'bias group' if unit == 'group' else 'class'} (each image weighted "
-            f"1 / {unit} size ** {gamma:g}, "
+            f"1 / {unit} size ^ {gamma:g}, "
             f"{num_items:,} draws per epoch with replacement): the largest {unit} "
-            f"({int(sizes[largest]):,} images) expects {float(expected[largest]):.1f} draws "
-            f"per epoch, the smallest ({int(sizes[smallest]):,}) "
-            f"{float(expected[smallest]):.1f}; an epoch draws about {100 * drawn:.0f}% of the "
-            f"images at least once")
+            f"({int(sizes[largest]):,} images, so {int(sizes[largest]):,} draws of a "
+            f"permutation) expects {float(expected[largest]):.1f} draws per epoch, the smallest "
+            f"({int(sizes[smallest]):,}) {float(expected[smallest]):.1f}; an epoch draws about "
+            f"{100 * drawn:.0f}% of the images at least once")

@@ -2,8 +2,8 @@
 
 Resumable exactly: a checkpoint holds the model, optimiser, scheduler, the objective's state
 (OccamLoss's), RNG states, the epoch and the batch within it; the batch order of an epoch is
-a function of (seed, epoch) (and of the training split's groups under balanced sampling), so
-a resumed run sees the same batches. Ctrl-C and SIGTERM
+a function of (seed, epoch) (and, under balanced sampling, of the training split's groups or
+classes and the sampling's gamma), so a resumed run sees the same batches. Ctrl-C and SIGTERM
 write a checkpoint before stopping, and `checkpoint_every` writes one every N steps. What is
 trained is decided once, by the objective (`make_objective`: the model's loss, the debiasing
 method and the ablations of the config).

@@ -10,20 +10,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from process_threads import gloo_threads  # noqa: E402
 from test_train import config, synthetic_splits  # noqa: E402
 
-from occamnets.train import Trainer, batches, epoch_order  # noqa: E402
+from occamnets.sampling import epoch_order, sampling_weights  # noqa: E402
+from occamnets.train import Trainer, batches  # noqa: E402
 
 
-def main(out_dir, method):
+def main(out_dir, method, sampling="uniform"):
     # pgi_weight large: its gradient, averaged by hand over the processes, must keep the
     # weights identical.
     trainer = Trainer(config(out_dir, max_steps=5, batch_size=4, method=method, gdro_eta=0.5,
-                             pgi_weight=1e4), synthetic_splits(n=48))
+                             pgi_weight=1e4, sampling=sampling, sampling_gamma=1.0),
+                      synthetic_splits(n=48))
     trainer.train()
     trainer.close()  # the trainer lives on: close alone must free the group
     threads_after_close = gloo_threads()
     seen = []
+    weights = sampling_weights(sampling, 1.0, trainer.splits["train"])
     for epoch in range(trainer.epoch + 1):
-        order = epoch_order(48, trainer.config.seed, epoch, "cpu")
+        order = epoch_order(48, trainer.config.seed, epoch, "cpu", weights)
         for step, rows in batches(order, 4, 0, trainer.rank, trainer.world):
             if epoch * 6 + step < 5:
                 seen.append(rows)
@@ -34,4 +37,4 @@ def main(out_dir, method):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -19,11 +19,14 @@ def torchrun(*arguments: str, timeout: int = 300, cwd=None) -> subprocess.Comple
          *arguments], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-@pytest.mark.parametrize("method", ["erm", "gdro", "pgi"])
-def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path, method):
+@pytest.mark.parametrize("method,sampling", [("erm", "uniform"), ("gdro", "uniform"),
+                                             ("pgi", "uniform"), ("erm", "groups")])
+def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path, method, sampling):
     """GroupDRO's group weights and PGI's feature-only gradient are synchronised by hand:
-    every process must end with the same state and parameters."""
-    result = torchrun(os.path.join(HERE, "ddp_worker.py"), str(tmp_path), method)
+    every process must end with the same state and parameters. Balanced sampling: both
+    processes draw one epoch order (with replacement: an item on both, or twice in one
+    batch) and take their own slices."""
+    result = torchrun(os.path.join(HERE, "ddp_worker.py"), str(tmp_path), method, sampling)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     # -1: no /proc to count them by (not Linux).
@@ -34,12 +37,14 @@ def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path, method)
         assert torch.equal(a[name], b[name]), name
     for name in states[0]["params"]:  # BN running stats are per process, as in any DDP run
         assert torch.equal(states[0]["params"][name], states[1]["params"][name]), name
-    # Each process saw different items; both hold targets for the union.
+    # Each process saw different items (drawn with replacement, some twice); both hold
+    # targets for the union.
     items0, items1 = states[0]["items"], states[1]["items"]
-    assert not set(items0.tolist()) & set(items1.tolist())
     union = torch.cat([items0, items1])
+    distinct = len(set(union.tolist()))
+    assert (distinct == len(union)) == (sampling == "uniform")
     assert a["has_target"][:, union].all()
-    assert a["has_target"].sum(1).tolist() == [len(union)] * 4
+    assert a["has_target"].sum(1).tolist() == [distinct] * 4
 
 
 @pytest.mark.parametrize("when", ["validating", "at_the_step_cap"])

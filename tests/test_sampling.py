@@ -71,12 +71,23 @@ def test_the_order_is_a_function_of_the_seed_and_epoch_and_repeats_items():
         epoch_order(64, 0, 1, "cpu", weights[:63])
 
 
+def test_more_items_than_torch_multinomial_takes_are_drawn():
+    """torch.multinomial refuses more than 2^24 categories: a folder dataset may hold more."""
+    count = 2**24 + 8
+    weights = torch.ones(count, dtype=torch.float64)
+    weights[-1] = 1e6       # the last item: about 6% of the draws
+    order = epoch_order(count, 0, 0, "cpu", weights)
+    assert order.shape == (count,) and 0 <= int(order.min()) and int(order.max()) < count
+    share = float((order == count - 1).double().mean())
+    assert share == pytest.approx(1e6 / (count - 1 + 1e6), rel=0.02)
+
+
 def test_the_line_says_how_often_the_largest_and_smallest_groups_are_drawn():
     line = sampling_line("classes", 1.0, skewed_split())
     # gamma 1: each of the 4 classes expects a quarter of the 64 draws.
-    assert ("sampling by class (each image weighted 1 / class size ** 1, 64 draws per epoch "
-            "with replacement): the largest class (48 images) expects 16.0 draws per epoch, "
-            "the smallest (1) 16.0") in line
+    assert ("sampling by class (each image weighted 1 / class size ^ 1, 64 draws per epoch "
+            "with replacement): the largest class (48 images, so 48 draws of a permutation) "
+            "expects 16.0 draws per epoch, the smallest (1) 16.0") in line
     # The one image of the smallest class: drawn with chance 1 - (1 - 1/4) ** 64; each of the
     # 48 of the largest with 1 - (1 - 1/192) ** 64.
     drawn = (1 + 3 * (1 - (1 - 1 / 12) ** 64) + 12 * (1 - (1 - 1 / 48) ** 64)
@@ -132,7 +143,7 @@ def test_balanced_sampling_from_the_command_line(tmp_path, data_dir, capsys):  #
                  "--sampling", "groups", "--sampling-gamma", "1"] + TINY) == 0
     printed = capsys.readouterr().out
     assert "method: gdro (eta 0.01), group-balanced sampling (gamma 1)" in printed
-    assert "sampling by bias group (each image weighted 1 / group size ** 1, 48 draws" in printed
+    assert "sampling by bias group (each image weighted 1 / group size ^ 1, 48 draws" in printed
     assert "group-balanced sampling (gamma 1)" in (tmp_path / "run" / "report.md").read_text()
     assert main(["train", "--out", out, "--resume", "--sampling-gamma", "0.5"]) == 2
     assert "sampling_gamma: checkpoint 1.0 vs now 0.5" in capsys.readouterr().err
