@@ -83,7 +83,7 @@ def sampling_line(sampling: str, gamma: float, train: LabelledItems) -> Optional
     return (f"sampling by {'bias group' if unit == 'group' else 'class'} (each image weighted "
             f"1 / {unit} size ^ {gamma:g}, "
             f"{num_items:,} draws per epoch with replacement): the largest {unit} "
-            f"({int(sizes[largest]):,} images, so {int(sizes[largest]):,} draws of a "
+            f"({int(sizes[largest]):,} images, drawn {int(sizes[largest]):,} times by a "
             f"permutation) expects {float(expected[largest]):.1f} draws per epoch, the smallest "
             f"({int(sizes[smallest]):,}) {float(expected[smallest]):.1f}; an epoch draws about "
             f"{100 * drawn:.0f}% of the images at least once")

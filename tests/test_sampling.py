@@ -86,7 +86,7 @@ def test_the_line_says_how_often_the_largest_and_smallest_groups_are_drawn():
     line = sampling_line("classes", 1.0, skewed_split())
     # gamma 1: each of the 4 classes expects a quarter of the 64 draws.
     assert ("sampling by class (each image weighted 1 / class size ^ 1, 64 draws per epoch "
-            "with replacement): the largest class (48 images, so 48 draws of a permutation) "
+            "with replacement): the largest class (48 images, drawn 48 times by a permutation) "
             "expects 16.0 draws per epoch, the smallest (1) 16.0") in line
     # The one image of the smallest class: drawn with chance 1 - (1 - 1/4) ** 64; each of the
     # 48 of the largest with 1 - (1 - 1/192) ** 64.
