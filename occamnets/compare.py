@@ -115,7 +115,8 @@ class Comparison:
             [r.test_accuracy_mean for r in rows], [r.test_accuracy_std for r in rows],
             [MODELS[r.model] for r in rows],
             title=f"{self.dataset.headline_name.capitalize()} accuracy ({self.preset} preset"
-                  + (f"; also set: {', '.join(changed)}" if changed else "") + ")")
+                  + (f"; also set: {', '.join(changed)}" if changed else "") + ")",
+            every_kind=list(MODELS.values()))   # a model's colour, whichever rows are drawn
 
     def to_markdown(self) -> str:
         occam = [r for r in self.rows if r.exit_share_mean]

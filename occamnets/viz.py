@@ -217,11 +217,15 @@ def save_reliability_diagrams(path: str, diagnostics: Sequence[ExitDiagnostics],
 
 def save_comparison_chart(path: str, labels: Sequence[str], means: Sequence[float],
                           stds: Sequence[Optional[float]], kinds: Sequence[str],
-                          title: str = "Unbiased test accuracy") -> str:
+                          title: str = "Unbiased test accuracy",
+                          every_kind: Sequence[str] = ()) -> str:
     """Horizontal bars of accuracy (shares, drawn in %) with +- std error bars (none where
-    std is None: one seed), coloured by `kinds` (the model of each bar)."""
+    std is None: one seed), coloured by `kinds` (the model of each bar). `every_kind`: the
+    kinds any chart may show, in colour order, so that a kind has one colour in every chart
+    (kinds missing from it follow)."""
     plt = _pyplot()
-    palette = {kind: plt.get_cmap("tab10")(i) for i, kind in enumerate(dict.fromkeys(kinds))}
+    order = list(dict.fromkeys([*every_kind, *kinds]))
+    palette = {kind: plt.get_cmap("tab10")(order.index(kind)) for kind in dict.fromkeys(kinds)}
     fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.38 * len(labels)))
     positions = np.arange(len(labels))[::-1]
     errors = 100 * _floats(stds)   # NaN: no bar drawn

@@ -170,3 +170,26 @@ def test_the_chart_names_cut_rows_and_changed_settings_and_clears_its_error_bars
     one_seed.save_chart(str(tmp_path / "one.png"))
     assert drawn["xlabel"] == "accuracy % (one seed: no error bars)"
     assert drawn["title"] == "Unbiased test accuracy (quick preset)"
+
+
+def test_a_model_has_one_colour_in_every_chart(tmp_path, monkeypatch):
+    """An ablation grid (OccamResNet rows only) drew OccamResNet in the colour a methods grid
+    gives the ResNet baseline: side by side in the README, the two charts disagreed."""
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib")
+    import occamnets.viz as viz
+    colours = []
+    real_save = viz._save
+
+    def keep(fig, path, dpi):
+        colours.append([tuple(bar.get_facecolor()) for bar in fig.axes[0].patches])
+        return real_save(fig, path, dpi)
+    monkeypatch.setattr(viz, "_save", keep)
+
+    def row(model):
+        return Row(model, model, "erm", "none", [0], 0.3, None, None, None, 1.0, 40, True)
+    Comparison("quick", {}, [row("resnet"), row("occam")], [], 1.0).save_chart(
+        str(tmp_path / "both.png"))
+    Comparison("quick", {}, [row("occam")], [], 1.0).save_chart(str(tmp_path / "occam.png"))
+    Comparison("quick", {}, [row("resnet")], [], 1.0).save_chart(str(tmp_path / "resnet.png"))
+    (resnet, occam), (occam_alone,), (resnet_alone,) = colours
+    assert resnet != occam and occam_alone == occam and resnet_alone == resnet
