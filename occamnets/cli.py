@@ -940,8 +940,9 @@ def _run_compare(args) -> int:
         comparison = run_comparison(cells, preset, args.out, settings, hint)
     except Interrupted as stop:   # the cell's checkpoint is written and the stop line said
         return 128 + stop.signum
-    print(comparison.to_markdown())
-    print(f"written: {os.path.join(args.out, 'compare.md')}, compare.json, compare.png")
+    if _first_process():          # under torchrun the first process writes and says
+        print(comparison.to_markdown())
+        print(f"written: {os.path.join(args.out, 'compare.md')}, compare.json, compare.png")
     return 0
 
 

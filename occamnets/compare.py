@@ -15,14 +15,16 @@ import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+import torch.distributed as dist
+
 from .checkpoints import read_checkpoint
 from .config import RunConfig
 from .data.catalog import BIASED_MNIST, DatasetSpec, find, spec
 from .evaluate import percent
 from .files import atomic_path
 from .models import MODELS
-from .train import (CheckpointMismatch, Trainer, check_resumable, existing_checkpoint,
-                    fingerprint)
+from .train import (CheckpointMismatch, Trainer, check_resumable, end_process_group,
+                    existing_checkpoint, fingerprint)
 
 # The seed's ablations by the name the grid gives them, and the settings each switches off.
 ABLATIONS = {"none": {}, "no-early-exit": {"early_exit": False},
@@ -272,9 +274,10 @@ def run_cell(config: RunConfig, hint: str) -> Dict:
     if trainer.interrupted:
         raise Interrupted(trainer.stop_signal)
     report = trainer.report()   # after the last epoch, or at --max-steps (marked cut)
-    # Its TensorBoard writer's thread, cell by cell; a process group (torchrun) stays for the
-    # next cell: a second group on torchrun's store could read the first one's addresses.
-    trainer.close_events()
+    # Its TensorBoard writer's thread and DDP wrapper, cell by cell; a process group
+    # (torchrun) stays for the next cell: a second group on torchrun's store could read the
+    # first one's addresses. run_comparison ends it after the last cell.
+    trainer.close(end_group=False)
     return json.loads(json.dumps(report.to_dict(), default=str))
 
 
@@ -304,8 +307,13 @@ def summarise(results: List[CellResult]) -> List[Row]:
 def run_comparison(cells: Sequence[Cell], preset: str, out: str, settings: Dict,
                    hint: str, say: Callable[[str], None] = print) -> Comparison:
     """Run every cell not finished before; write compare.md, compare.json and compare.png
-    into `out`. Interrupted when a stop signal ended a cell (its checkpoint is written)."""
+    into `out`. Interrupted when a stop signal ended a cell (its checkpoint is written).
+    Under torchrun every process trains every cell; the first one says and writes, and the
+    process group the first cell started ends after the last."""
     started = time.perf_counter()
+    first_process = os.environ.get("RANK", "0") == "0"
+    say = say if first_process else (lambda line: None)
+    had_group = dist.is_initialized()
     configs = [cell_config(cell, preset, out, settings) for cell in cells]  # checked first
     test_name = dataset_of(settings).headline_name
     results = []
@@ -326,8 +334,12 @@ def run_comparison(cells: Sequence[Cell], preset: str, out: str, settings: Dict,
         cut = "" if result.complete else f" (stopped at step {result.steps}: --max-steps)"
         say(f"{label}: {test_name} accuracy {percent(result.test_accuracy)}%, "
             f"{seconds(result.train_seconds)} s of training{cut}")
+    if not had_group:
+        end_process_group()   # every cell is done with it (none is after an error: see close)
     comparison = Comparison(preset, dict(settings), summarise(results), results,
                             time.perf_counter() - started)
+    if not first_process:
+        return comparison
     os.makedirs(out, exist_ok=True)
     with atomic_path(os.path.join(out, TABLE)) as tmp, open(tmp, "w") as handle:
         handle.write(comparison.to_markdown())

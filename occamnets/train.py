@@ -529,6 +529,13 @@ def start_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def end_process_group() -> None:
+    """End this process's group (torchrun's), if one is running; the DDP wrappers on it must
+    be dropped first (Trainer.close) or the group outlives this call."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Trainer:
     """Trains one model; `run()` returns the final report (also written as JSON and Markdown).
 
@@ -1082,19 +1089,21 @@ class Trainer:
             self.events.close()
             self.events = None
 
-    def close(self) -> None:
-        """Close the TensorBoard writer, and end the process group this trainer started, once
-        every process is done with it (after run(); never after an error, where a process
-        still waiting would hang). Left to interpreter exit, gloo's threads can abort a
-        finished process (SIGABRT, "terminate called without an active exception"; see
-        start_process_group). A group is started once per process: torchrun's store keeps
-        the first one's keys, and a second group on it can read stale addresses."""
+    def close(self, end_group: bool = True) -> None:
+        """Close the TensorBoard writer, drop the DDP wrapper, and end the process group this
+        trainer started, once every process is done with it (after run(); never after an
+        error, where a process still waiting would hang). Left to interpreter exit, gloo's
+        threads can abort a finished process (SIGABRT, "terminate called without an active
+        exception"; see start_process_group). A group is started once per process: torchrun's
+        store keeps the first one's keys, and a second group on it can read stale addresses,
+        so a process training several runs (compare's cells) passes end_group=False and ends
+        the group after the last one (end_process_group)."""
         self.close_events()
-        if self.owns_process_group and dist.is_initialized():
-            # DDP holds the group too: dropped first, the group is freed (and gloo's threads
-            # joined) here, not whenever the trainer is collected.
-            self.forward = self.model
-            dist.destroy_process_group()
+        # DDP holds the group too: dropped here, the group is freed (and gloo's threads
+        # joined) when it ends, not whenever this trainer is collected.
+        self.forward = self.model
+        if end_group and self.owns_process_group:
+            end_process_group()
         self.owns_process_group = False
 
     def report(self) -> RunReport:

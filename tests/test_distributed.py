@@ -47,6 +47,21 @@ def test_two_process_gloo_training_keeps_occam_state_identical(tmp_path, method,
     assert a["has_target"].sum(1).tolist() == [distinct] * 4
 
 
+def test_a_grid_under_torchrun_ends_its_process_group_and_speaks_once(tmp_path):
+    """compare under torchrun left the group its first cell started to interpreter exit,
+    where gloo's threads can abort a finished process, and every process said every line and
+    wrote the table."""
+    result = torchrun(os.path.join(HERE, "ddp_compare_worker.py"), str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):
+        assert f"process {rank}: gloo threads after the grid: " in result.stdout
+    assert result.stdout.count("gloo threads after the grid: 0") == 2 or (
+        result.stdout.count("gloo threads after the grid: -1") == 2)   # -1: no /proc
+    assert result.stdout.count("occam-erm seed 1: training in") == 1
+    assert result.stdout.count("unbiased test accuracy") == 2          # one line per cell
+    assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.png").exists()
+
+
 @pytest.mark.parametrize("when", ["validating", "at_the_step_cap"])
 def test_a_signal_to_one_process_after_the_last_epoch_stops_every_process(tmp_path, when):
     """The processes agree on a stop at every epoch's end too: the first one, interrupted
