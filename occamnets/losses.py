@@ -40,23 +40,17 @@ def _all_gather(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _last_copy(items: Tensor) -> Tensor:
-    """(B,) long: for each position of `items` (B,), the position of its item's last copy
-    (itself for an item there once). Balanced sampling draws with replacement, so a batch may
-    hold an item twice; the official stores the last copy's gate target (a dict written in
-    batch order), while a scatter of every copy would keep whichever write the device did
-    last. Writing the last copy's value at every copy's position is the same on any device."""
-    count = items.shape[0]
-    order = torch.argsort(items, stable=True)    # copies of an item: together, in batch order
-    ordered = items[order]
-    positions = torch.arange(count, device=items.device)
-    run_last = torch.ones_like(ordered, dtype=torch.bool)
-    run_last[:-1] = ordered[1:] != ordered[:-1]
-    # Each sorted position's run end: the first run-last position at or after it.
-    run_end = torch.where(run_last, positions, count).flip(0).cummin(0).values.flip(0)
-    source = torch.empty_like(order)
-    source[order] = order[run_end]
-    return source
+def _last_copy(items: Tensor, num_items: int) -> Tensor:
+    """(B,) long: for each position of `items` (B,), indices below num_items, the position of
+    its item's last copy (itself for an item there once). Balanced sampling draws with
+    replacement, so a batch may hold an item twice; the official stores the last copy's gate
+    target (a dict written in batch order), while a scatter of every copy would keep whichever
+    write the device did last. Writing the last copy's value at every copy's position is the
+    same on any device (a maximum does not depend on the order it is taken in)."""
+    positions = torch.arange(items.shape[0], device=items.device)
+    last = items.new_zeros(num_items).scatter_reduce_(0, items, positions, "amax",
+                                                      include_self=False)
+    return last[items]
 
 
 DEFAULT_TAUS = (0.5, 0.6, 0.7, 0.8)
@@ -201,7 +195,7 @@ class OccamLoss(nn.Module):
         targets = torch.where(use_current, correct.float(), self.gate_targets[:, items])
         all_items, all_targets = ((_all_gather(items), _all_gather(targets.t()).t())
                                   if in_process_group() else (items, targets))
-        self.gate_targets[:, all_items] = all_targets[:, _last_copy(all_items)]
+        self.gate_targets[:, all_items] = all_targets[:, _last_copy(all_items, self.num_items)]
         self.has_target[:, all_items] = True
         counts = torch.stack([all_targets.sum(1), (1 - all_targets).sum(1)])
         return targets, refresh, mean_accuracy, counts

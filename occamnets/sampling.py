@@ -62,12 +62,13 @@ def epoch_order(num_items: int, seed: int, epoch: int, device,
     return drawn.to(device)
 
 
-def sampling_line(sampling: str, gamma: float, train: LabelledItems) -> Optional[str]:
+def sampling_line(sampling: str, gamma: float, train: LabelledItems,
+                  weights: Optional[Tensor]) -> Optional[str]:
     """What balanced sampling does to this training split, in a line printed when a run
-    starts (None for uniform sampling): how often an epoch draws its largest and smallest
-    group (or class), where a permutation draws each as often as it has images, and the
-    share of the images an epoch draws at least once."""
-    weights = sampling_weights(sampling, gamma, train)
+    starts (None for uniform sampling, whose `weights` are None): how often an epoch draws its
+    largest and smallest group (or class), where a permutation draws each as often as it has
+    images, and the share of the images an epoch draws at least once. `weights`: the split's
+    sampling_weights, computed once by the caller that draws with them."""
     if weights is None:
         return None
     index, sizes = _units(sampling, train)

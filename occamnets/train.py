@@ -632,8 +632,8 @@ class Trainer:
         self.sampling_weights = sampling_weights(config.sampling, config.sampling_gamma,
                                                  self.splits["train"])
         if self.sampling_weights is not None and self.rank == 0:
-            print(sampling_line(config.sampling, config.sampling_gamma, self.splits["train"]),
-                  flush=True)
+            print(sampling_line(config.sampling, config.sampling_gamma, self.splits["train"],
+                                self.sampling_weights), flush=True)
         self.train_split_fingerprint = split_fingerprint(self.splits["train"])
         self.feature_parameters = feature_parameters(self.model)
         self.total_steps = config.epochs * steps_per_epoch(len(self.splits["train"]),
@@ -1083,12 +1083,6 @@ class Trainer:
                       flush=True)
             raise
 
-    def close_events(self) -> None:
-        """Close the TensorBoard writer (its thread), if the run has one."""
-        if self.events is not None:
-            self.events.close()
-            self.events = None
-
     def close(self, end_group: bool = True) -> None:
         """Close the TensorBoard writer, drop the DDP wrapper, and end the process group this
         trainer started, once every process is done with it (after run(); never after an
@@ -1098,7 +1092,9 @@ class Trainer:
         store keeps the first one's keys, and a second group on it can read stale addresses,
         so a process training several runs (compare's cells) passes end_group=False and ends
         the group after the last one (end_process_group)."""
-        self.close_events()
+        if self.events is not None:   # the TensorBoard writer's thread
+            self.events.close()
+            self.events = None
         # DDP holds the group too: dropped here, the group is freed (and gloo's threads
         # joined) when it ends, not whenever this trainer is collected.
         self.forward = self.model

@@ -171,7 +171,7 @@ def test_every_copy_of_an_item_is_written_with_its_last_copys_value():
         size = int(torch.randint(1, 24, (), generator=generator))
         items = torch.randint(0, 8, (size,), generator=generator).tolist()
         want = [max(j for j, other in enumerate(items) if other == item) for item in items]
-        assert _last_copy(torch.tensor(items)).tolist() == want, items
+        assert _last_copy(torch.tensor(items), 8).tolist() == want, items
 
 
 def test_errors_are_named():

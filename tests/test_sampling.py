@@ -83,7 +83,8 @@ def test_more_items_than_torch_multinomial_takes_are_drawn():
 
 
 def test_the_line_says_how_often_the_largest_and_smallest_groups_are_drawn():
-    line = sampling_line("classes", 1.0, skewed_split())
+    split = skewed_split()
+    line = sampling_line("classes", 1.0, split, sampling_weights("classes", 1.0, split))
     # gamma 1: each of the 4 classes expects a quarter of the 64 draws.
     assert ("sampling by class (each image weighted 1 / class size ^ 1, 64 draws per epoch "
             "with replacement): the largest class (48 images, drawn 48 times by a permutation) "
@@ -93,7 +94,7 @@ def test_the_line_says_how_often_the_largest_and_smallest_groups_are_drawn():
     drawn = (1 + 3 * (1 - (1 - 1 / 12) ** 64) + 12 * (1 - (1 - 1 / 48) ** 64)
              + 48 * (1 - (1 - 1 / 192) ** 64)) / 64
     assert f"about {100 * drawn:.0f}% of the images" in line
-    assert sampling_line("uniform", 1.0, skewed_split()) is None
+    assert sampling_line("uniform", 1.0, split, sampling_weights("uniform", 1.0, split)) is None
 
 
 def test_a_balanced_run_trains_on_the_drawn_batches_and_resumes_exactly(tmp_path, monkeypatch):
